@@ -1,0 +1,35 @@
+// CPU matrix products for the model: y[M, N] = x[M, K] · W[N, K]ᵀ with f32 activations and f32
+// accumulation, for the weight formats a checkpoint holds. M = 1 (decode) is a GEMV and is memory-bound;
+// these kernels stream W once per call and use every core (OpenMP over N).
+// AVX-512 (BF16 where present) with AVX2 and scalar fallbacks, chosen at run time; all agree with the
+// scalar reference within f32 summation-order rounding.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace mxlm::cpu {
+
+void gemm_f32(const float* x, size_t m, size_t k, const float* w, size_t n, float* y);
+// W as raw bf16 bits.
+void gemm_bf16(const float* x, size_t m, size_t k, const uint16_t* w, size_t n, float* y);
+// W as raw f16 bits.
+void gemm_f16(const float* x, size_t m, size_t k, const uint16_t* w, size_t n, float* y);
+// W in MXFP4: packed [N, K/2] (low nibble = even k) and E8M0 scales [N, K/32]; K % 32 == 0. The weights are
+// dequantized exactly; x is used as given (callers QDQ it first where the emulation semantics require it).
+void gemm_mxfp4(const float* x, size_t m, size_t k, const uint8_t* w_packed, const uint8_t* w_scales, size_t n,
+                float* y);
+
+// Which implementation the dispatched kernels use on this CPU ("avx512bf16", "avx512", "avx2", "scalar").
+const char* gemm_isa();
+
+namespace ref {
+// Straightforward scalar versions: the test oracle for the kernels above.
+void gemm_f32(const float* x, size_t m, size_t k, const float* w, size_t n, float* y);
+void gemm_bf16(const float* x, size_t m, size_t k, const uint16_t* w, size_t n, float* y);
+void gemm_f16(const float* x, size_t m, size_t k, const uint16_t* w, size_t n, float* y);
+void gemm_mxfp4(const float* x, size_t m, size_t k, const uint8_t* w_packed, const uint8_t* w_scales, size_t n,
+                float* y);
+}  // namespace ref
+
+}  // namespace mxlm::cpu
