@@ -1,8 +1,11 @@
 // CPU matrix products for the model: y[M, N] = x[M, K] · W[N, K]ᵀ with f32 activations and f32
 // accumulation, for the weight formats a checkpoint holds. M = 1 (decode) is a GEMV and is memory-bound;
 // these kernels stream W once per call and use every core (OpenMP over N).
-// AVX-512 (BF16 where present) with AVX2 and scalar fallbacks, chosen at run time; all agree with the
-// scalar reference within f32 summation-order rounding.
+// AVX-512 with AVX2 and scalar fallbacks, chosen at run time (gemm_isa.h can force one for tests); all
+// agree with the scalar reference within f32 summation-order rounding. Activations stay f32: bf16 weights
+// are widened to f32 in registers (no vdpbf16ps, which would round x to bf16), and MXFP4 weights are
+// dequantized exactly in registers, so every product is the reference product.
+// y must not alias x or W; its previous contents are ignored.
 #pragma once
 
 #include <cstddef>
@@ -20,7 +23,7 @@ void gemm_f16(const float* x, size_t m, size_t k, const uint16_t* w, size_t n, f
 void gemm_mxfp4(const float* x, size_t m, size_t k, const uint8_t* w_packed, const uint8_t* w_scales, size_t n,
                 float* y);
 
-// Which implementation the dispatched kernels use on this CPU ("avx512bf16", "avx512", "avx2", "scalar").
+// Which implementation the dispatched kernels use on this CPU ("avx512", "avx2", "scalar").
 const char* gemm_isa();
 
 namespace ref {

@@ -1,0 +1,55 @@
+// Scalar reference GEMMs: one output at a time, products summed in k order in f32. Deliberately plain;
+// the kernels in gemm.cpp and gemm_avx*.cpp are tested against these.
+#include <cmath>
+
+#include "backend/cpu/gemm.h"
+#include "core/dtype.h"
+
+namespace mxlm::cpu::ref {
+namespace {
+
+// E2M1 code -> value (spec mxfp4_numerics.md §1.1); code 8 is -0.0.
+float e2m1(uint8_t code) {
+  static constexpr float kMagnitude[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+  const float v = kMagnitude[code & 7];
+  return (code & 8) ? -v : v;
+}
+
+// E8M0 byte -> 2^(byte-127) (§1.2): byte 0 is the subnormal 2^-127, 255 is NaN.
+float e8m0(uint8_t byte) { return byte == 255 ? std::nanf("") : std::ldexp(1.0f, int{byte} - 127); }
+
+template <typename LoadW>
+void gemm(const float* x, size_t m, size_t k, size_t n, float* y, LoadW load_w) {
+  for (size_t i = 0; i < m; ++i) {
+    for (size_t j = 0; j < n; ++j) {
+      float acc = 0.0f;
+      for (size_t kk = 0; kk < k; ++kk) acc += x[i * k + kk] * load_w(j, kk);
+      y[i * n + j] = acc;
+    }
+  }
+}
+
+}  // namespace
+
+void gemm_f32(const float* x, size_t m, size_t k, const float* w, size_t n, float* y) {
+  gemm(x, m, k, n, y, [&](size_t j, size_t kk) { return w[j * k + kk]; });
+}
+
+void gemm_bf16(const float* x, size_t m, size_t k, const uint16_t* w, size_t n, float* y) {
+  gemm(x, m, k, n, y, [&](size_t j, size_t kk) { return bf16_to_f32(w[j * k + kk]); });
+}
+
+void gemm_f16(const float* x, size_t m, size_t k, const uint16_t* w, size_t n, float* y) {
+  gemm(x, m, k, n, y, [&](size_t j, size_t kk) { return f16_to_f32(w[j * k + kk]); });
+}
+
+void gemm_mxfp4(const float* x, size_t m, size_t k, const uint8_t* w_packed, const uint8_t* w_scales, size_t n,
+                float* y) {
+  gemm(x, m, k, n, y, [&](size_t j, size_t kk) {
+    const uint8_t byte = w_packed[j * (k / 2) + kk / 2];
+    const uint8_t code = (kk % 2 == 0) ? (byte & 0xf) : (byte >> 4);
+    return e2m1(code) * e8m0(w_scales[j * (k / 32) + kk / 32]);
+  });
+}
+
+}  // namespace mxlm::cpu::ref

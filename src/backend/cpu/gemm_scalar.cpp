@@ -1,0 +1,55 @@
+// Portable fallback: the reference loops (same per-output summation order, so bit-identical to cpu::ref)
+// spread over the cores with OpenMP.
+#include <cmath>
+
+#include "backend/cpu/gemm_kernels.h"
+#include "core/dtype.h"
+
+namespace mxlm::cpu::scalar {
+namespace {
+
+float e2m1(uint8_t code) {
+  static constexpr float kMagnitude[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+  const float v = kMagnitude[code & 7];
+  return (code & 8) ? -v : v;
+}
+
+float e8m0(uint8_t byte) { return byte == 255 ? std::nanf("") : std::ldexp(1.0f, int{byte} - 127); }
+
+template <typename LoadW>
+void gemm(const float* x, size_t m, size_t k, size_t n, float* y, LoadW load_w) {
+  const long long total = static_cast<long long>(m * n);
+#pragma omp parallel for schedule(static) if (total * static_cast<long long>(k) > 65536)
+  for (long long t = 0; t < total; ++t) {
+    const size_t i = static_cast<size_t>(t) / n;
+    const size_t j = static_cast<size_t>(t) % n;
+    float acc = 0.0f;
+    for (size_t kk = 0; kk < k; ++kk) acc += x[i * k + kk] * load_w(j, kk);
+    y[i * n + j] = acc;
+  }
+}
+
+}  // namespace
+
+void gemm_f32(const float* x, size_t m, size_t k, const float* w, size_t n, float* y) {
+  gemm(x, m, k, n, y, [&](size_t j, size_t kk) { return w[j * k + kk]; });
+}
+
+void gemm_bf16(const float* x, size_t m, size_t k, const uint16_t* w, size_t n, float* y) {
+  gemm(x, m, k, n, y, [&](size_t j, size_t kk) { return bf16_to_f32(w[j * k + kk]); });
+}
+
+void gemm_f16(const float* x, size_t m, size_t k, const uint16_t* w, size_t n, float* y) {
+  gemm(x, m, k, n, y, [&](size_t j, size_t kk) { return f16_to_f32(w[j * k + kk]); });
+}
+
+void gemm_mxfp4(const float* x, size_t m, size_t k, const uint8_t* w_packed, const uint8_t* w_scales, size_t n,
+                float* y) {
+  gemm(x, m, k, n, y, [&](size_t j, size_t kk) {
+    const uint8_t byte = w_packed[j * (k / 2) + kk / 2];
+    const uint8_t code = (kk % 2 == 0) ? (byte & 0xf) : (byte >> 4);
+    return e2m1(code) * e8m0(w_scales[j * (k / 32) + kk / 32]);
+  });
+}
+
+}  // namespace mxlm::cpu::scalar
