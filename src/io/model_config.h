@@ -46,6 +46,7 @@ struct TextConfig {
   int head_dim = 0;
   int rotary_dim = 0;
   double rope_theta = 10000.0;
+  std::optional<nlohmann::json> rope_scaling;  // rope_scaling / non-default rope_parameters, as written
   double rms_norm_eps = 1e-6;
   bool gemma_norm = true;
   bool qk_norm = true;
@@ -64,6 +65,7 @@ struct TextConfig {
   std::vector<int> eos_token_ids;
   std::vector<bool> layer_is_moe;     // per layer: MoE block (else dense MLP)
   std::vector<bool> layer_is_sparse;  // per layer: sparse attention with the indexer (else full)
+  int num_mtp_modules = 0;            // informational: no MTP weights are shipped or used
   SparseAttentionConfig sparse;
   bool tie_word_embeddings = false;
 };
@@ -80,7 +82,9 @@ struct ModelConfig {
   nlohmann::json raw;  // the whole config.json as read
 };
 
+// Missing fields take the transformers 5.17 defaults (the real MiniMax-M3 values), as transformers does.
 ModelConfig parse_model_config(const nlohmann::json& config, const std::string& origin = "config.json");
+// Reads MODEL_DIR/config.json.
 ModelConfig load_model_config(const std::filesystem::path& model_dir);
 
 }  // namespace mxlm::io

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
 #include <string_view>
@@ -55,8 +56,12 @@ class SafetensorsFile {
   std::map<std::string, std::string> metadata_;
 };
 
-// Parses and validates a header (the JSON after the 8-byte length) against a file of `file_size` bytes;
-// shared by the reader and the fuzz target. `origin` names the file in errors.
+// Header size limit, as in the Rust `safetensors` crate.
+inline constexpr uint64_t kMaxHeaderBytes = 100'000'000;
+
+// Parses and validates a header (the JSON after the 8-byte length) against a data section of `data_size`
+// bytes; shared by the reader and the fuzz target. `origin` names the file in errors. Like the Rust
+// crate, the tensors must tile the data section exactly: no overlap, no gap, no trailing bytes.
 std::vector<TensorInfo> parse_header(std::string_view header_json, uint64_t data_size, const std::string& origin,
                                      std::map<std::string, std::string>* metadata);
 
@@ -114,6 +119,7 @@ class SafetensorsWriter {
   std::vector<PlannedTensor> tensors_;
   std::map<std::string, std::pair<uint64_t, uint64_t>, std::less<>> ranges_;  // name -> [begin, end)
   std::map<std::string, uint64_t, std::less<>> written_;                       // name -> bytes written
+  std::mutex mutex_;  // guards written_ (the pwrites themselves go to disjoint ranges)
   bool committed_ = false;
 };
 
@@ -125,6 +131,15 @@ struct ShardPlan {
   uint64_t data_bytes = 0;
 };
 std::vector<ShardPlan> plan_shards(const std::vector<PlannedTensor>& tensors, uint64_t max_shard_bytes);
+
+// Reorders tensors as the Python `safetensors` package lays them out (larger element size first, then by
+// name), so every tensor's data starts at an offset aligned to its element size.
+void sort_for_alignment(std::vector<PlannedTensor>& tensors);
+
+// The header bytes (8-byte little-endian length + JSON padded with spaces to a multiple of 8) that
+// SafetensorsWriter writes for `tensors` in the given order; byte-identical to the Python package's.
+std::string serialize_header(const std::vector<PlannedTensor>& tensors,
+                             const std::map<std::string, std::string>& metadata);
 
 // Writes model.safetensors.index.json ({"metadata": {"total_size": N}, "weight_map": {...}}) atomically.
 void write_index(const std::filesystem::path& dir, const std::vector<ShardPlan>& shards);
