@@ -21,6 +21,21 @@ void check_args(const char* op, const void* x, size_t m, size_t k, const void* w
 
 }  // namespace
 
+void permute_even_odd(const float* x, size_t m, size_t k, float* out) {
+  const size_t full = k / 32 * 32;
+  for (size_t i = 0; i < m; ++i) {
+    const float* src = x + i * k;
+    float* dst = out + i * k;
+    for (size_t b = 0; b < full; b += 32) {
+      for (size_t e = 0; e < 16; ++e) {
+        dst[b + e] = src[b + 2 * e];
+        dst[b + 16 + e] = src[b + 2 * e + 1];
+      }
+    }
+    for (size_t kk = full; kk < k; ++kk) dst[kk] = src[kk];
+  }
+}
+
 bool gemm_isa_supported(GemmIsa isa) {
   switch (isa) {
     case GemmIsa::Scalar:

@@ -1,20 +1,270 @@
-// Placeholder while the avx512 kernels are written: forwards to the scalar implementation.
+// AVX-512 GEMM kernels. The build has no -m flags: only the functions marked MXLM_AVX512 use AVX-512, and
+// gemm.cpp calls them only on CPUs that have it. Products are f32 x f32 with FMA; weights are widened
+// (bf16, f16) or dequantized (MXFP4: E2M1 table scaled by the exact block scale) in registers, so each
+// product equals the reference one and only the summation order differs (16 lanes, then a tree).
+//
+// Two schedules, with the same summation order for every output (16 lane sums over the whole of K, then a
+// fixed tree), so a row of y does not depend on the other rows of x or on the thread count:
+// - small M (decode): each OpenMP thread takes tiles of 8 weight rows, decodes them once per 32-block in
+//   registers and multiplies them with every row of x; W is streamed from memory exactly once.
+// - large M (prefill): a few weight rows are decoded once into an f32 panel (whole K, sized for L2), then
+//   register tiles of 4 x rows x 4 weight rows run over all rows of x.
+// GCC 12 warns inside its own avx512fintrin.h (the self-initialised __Y of _mm512_undefined_*, GCC bug
+// 105593) wherever those intrinsics are inlined; the warning is about the header, not this code.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#include <omp.h>
+
+#include <type_traits>
+#include <vector>
+
 #include "backend/cpu/gemm_kernels.h"
 
+#define MXLM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+
 namespace mxlm::cpu::avx512 {
+namespace {
+
+constexpr size_t kSmallM = 4;  // up to this many rows of x use the streaming schedule
+
+inline size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
+
+// Weight rows per decoded panel: about 256 KiB of f32, a multiple of the 4-row tile, 4 to 32 rows.
+size_t panel_rows(size_t k) {
+  const size_t rows = (size_t{256} << 10) / (4 * (k > 0 ? k : 1)) / 4 * 4;
+  return rows < 4 ? 4 : rows > 32 ? 32 : rows;
+}
+
+// Weight sources. load32 gives the 32 weights of row r at column kk (a full block, kk % 32 == 0) as two
+// vectors in the order the matching x layout uses; tail16 gives up to 16 weights of the K tail in natural
+// order (masked lanes zero).
+struct F32Weights {
+  static constexpr bool kEvenOdd = false;
+  const float* w;
+  size_t ld;
+  MXLM_AVX512 void load32(size_t r, size_t kk, __m512& a, __m512& b) const {
+    const float* p = w + r * ld + kk;
+    a = _mm512_loadu_ps(p);
+    b = _mm512_loadu_ps(p + 16);
+  }
+  MXLM_AVX512 __m512 tail16(size_t r, size_t kk, __mmask16 mask) const {
+    return _mm512_maskz_loadu_ps(mask, w + r * ld + kk);
+  }
+};
+
+struct Bf16Weights {
+  static constexpr bool kEvenOdd = true;
+  const uint16_t* w;
+  size_t ld;
+  // A bf16 pair in a 32-bit lane: shifting left gives the even element as f32, masking the high half the odd.
+  MXLM_AVX512 void load32(size_t r, size_t kk, __m512& a, __m512& b) const {
+    const __m512i v = _mm512_loadu_si512(w + r * ld + kk);
+    a = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    b = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+  }
+  MXLM_AVX512 __m512 tail16(size_t r, size_t kk, __mmask16 mask) const {
+    const __m256i h = _mm256_maskz_loadu_epi16(mask, w + r * ld + kk);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+};
+
+struct F16Weights {
+  static constexpr bool kEvenOdd = false;
+  const uint16_t* w;
+  size_t ld;
+  MXLM_AVX512 void load32(size_t r, size_t kk, __m512& a, __m512& b) const {
+    const uint16_t* p = w + r * ld + kk;
+    a = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    b = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)));
+  }
+  MXLM_AVX512 __m512 tail16(size_t r, size_t kk, __mmask16 mask) const {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, w + r * ld + kk));
+  }
+};
+
+struct Mxfp4Weights {
+  static constexpr bool kEvenOdd = true;
+  const uint8_t* packed;  // [n, k/2]
+  const uint8_t* scales;  // [n, k/32]
+  size_t k;
+  // The 16-entry E2M1 table times the block scale (exact: a power of two times a 2-bit significand), then
+  // vpermps picks by the low 4 bits of each lane: the low nibble (even k) directly, the high one after a shift.
+  MXLM_AVX512 void load32(size_t r, size_t kk, __m512& a, __m512& b) const {
+    const __m512 scale =
+        _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(e8m0_bits(scales[r * (k / 32) + kk / 32]))));
+    const __m512 table = _mm512_mul_ps(_mm512_loadu_ps(kE2m1Values), scale);
+    const __m512i bytes =
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + r * (k / 2) + kk / 2)));
+    a = _mm512_permutexvar_ps(bytes, table);
+    b = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+  }
+  // K % 32 == 0 for MXFP4, so there is never a tail.
+  MXLM_AVX512 __m512 tail16(size_t, size_t, __mmask16) const { return _mm512_setzero_ps(); }
+};
+
+MXLM_AVX512 inline __mmask16 tail_mask(size_t count) { return static_cast<__mmask16>((1u << count) - 1u); }
+
+// y[MR, NR] (row stride ldy) = x[MR, k] (row stride ldx) . W rows r0..r0+NR over columns [0, k).
+template <int MR, int NR, class W>
+MXLM_AVX512 inline void tile(const float* x, size_t ldx, const W& w, size_t r0, size_t k, float* y, size_t ldy) {
+  __m512 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  size_t kk = 0;
+  for (; kk + 32 <= k; kk += 32) {
+    __m512 xa[MR], xb[MR];
+    for (int i = 0; i < MR; ++i) {
+      xa[i] = _mm512_loadu_ps(x + i * ldx + kk);
+      xb[i] = _mm512_loadu_ps(x + i * ldx + kk + 16);
+    }
+    for (int j = 0; j < NR; ++j) {
+      __m512 wa, wb;
+      w.load32(r0 + j, kk, wa, wb);
+      for (int i = 0; i < MR; ++i) {
+        acc[i][j] = _mm512_fmadd_ps(xa[i], wa, acc[i][j]);
+        acc[i][j] = _mm512_fmadd_ps(xb[i], wb, acc[i][j]);
+      }
+    }
+  }
+  for (; kk < k; kk += 16) {
+    const __mmask16 mask = tail_mask(min_size(16, k - kk));
+    __m512 xa[MR];
+    for (int i = 0; i < MR; ++i) xa[i] = _mm512_maskz_loadu_ps(mask, x + i * ldx + kk);
+    for (int j = 0; j < NR; ++j) {
+      const __m512 wa = w.tail16(r0 + j, kk, mask);
+      for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_fmadd_ps(xa[i], wa, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) {
+      const float sum = _mm512_reduce_add_ps(acc[i][j]);
+      y[i * ldy + j] = sum;
+    }
+  }
+}
+
+// Widest tile that keeps accumulators, x and the decoded weights in the 32 vector registers.
+template <int MR>
+constexpr int kTileRows = MR <= 2 ? 8 : 4;
+
+// Rows [r_begin, r_end) of W against MR rows of x.
+template <int MR, class W>
+MXLM_AVX512 void rows_for_mr(const float* x, size_t ldx, const W& w, size_t r_begin, size_t r_end, size_t k, float* y,
+                             size_t ldy) {
+  constexpr int NR = kTileRows<MR>;
+  size_t r = r_begin;
+  for (; r + NR <= r_end; r += NR) tile<MR, NR>(x, ldx, w, r, k, y + (r - r_begin), ldy);
+  for (; r < r_end; ++r) tile<MR, 1>(x, ldx, w, r, k, y + (r - r_begin), ldy);
+}
+
+// All m rows of x against W rows [r_begin, r_end); y points at the column r_begin of row 0.
+template <class W>
+MXLM_AVX512 void rows(const float* x, size_t m, size_t ldx, const W& w, size_t r_begin, size_t r_end, size_t k,
+                      float* y, size_t ldy) {
+  size_t i = 0;
+  for (; i + 4 <= m; i += 4) rows_for_mr<4>(x + i * ldx, ldx, w, r_begin, r_end, k, y + i * ldy, ldy);
+  const float* xr = x + i * ldx;
+  float* yr = y + i * ldy;
+  switch (m - i) {
+    case 3:
+      rows_for_mr<3>(xr, ldx, w, r_begin, r_end, k, yr, ldy);
+      break;
+    case 2:
+      rows_for_mr<2>(xr, ldx, w, r_begin, r_end, k, yr, ldy);
+      break;
+    case 1:
+      rows_for_mr<1>(xr, ldx, w, r_begin, r_end, k, yr, ldy);
+      break;
+    default:
+      break;
+  }
+}
+
+// Decodes W rows [r0, r0+rows_count) into panel (row stride k), in the order of x.
+template <class W>
+MXLM_AVX512 void decode_panel(const W& w, size_t r0, size_t rows_count, size_t k, float* panel) {
+  for (size_t j = 0; j < rows_count; ++j) {
+    float* out = panel + j * k;
+    size_t kk = 0;
+    for (; kk + 32 <= k; kk += 32) {
+      __m512 a, b;
+      w.load32(r0 + j, kk, a, b);
+      _mm512_storeu_ps(out + kk, a);
+      _mm512_storeu_ps(out + kk + 16, b);
+    }
+    for (; kk < k; kk += 16) {
+      const __mmask16 mask = tail_mask(min_size(16, k - kk));
+      _mm512_mask_storeu_ps(out + kk, mask, w.tail16(r0 + j, kk, mask));
+    }
+  }
+}
+
+// W rows [r0, r1) against all m rows of x, through a decoded panel (f32 weights are used in place).
+template <class W>
+MXLM_AVX512 void panel_block(const float* x, size_t m, size_t k, const W& w, size_t r0, size_t r1, float* y, size_t n,
+                             float* panel) {
+  if constexpr (std::is_same_v<W, F32Weights>) {
+    rows(x, m, k, w, r0, r1, k, y + r0, n);
+  } else {
+    decode_panel(w, r0, r1 - r0, k, panel);
+    rows(x, m, k, F32Weights{panel, k}, 0, r1 - r0, k, y + r0, n);
+  }
+}
+
+// Threads only when there is enough work to pay for waking them.
+bool worth_threading(size_t m, size_t k, size_t n) { return m * k * n >= (size_t{1} << 18); }
+
+template <class W>
+void run(const float* x, size_t m, size_t k, const W& w, size_t n, float* y) {
+  if constexpr (W::kEvenOdd) {
+    static thread_local std::vector<float> reordered;
+    reordered.resize(m * k);
+    permute_even_odd(x, m, k, reordered.data());
+    x = reordered.data();
+  }
+  const bool threaded = worth_threading(m, k, n);
+  if (m <= kSmallM) {
+    // Tiles of 8 rows keep each thread's W stream contiguous and the row tiles full.
+    const long long tiles = static_cast<long long>((n + 7) / 8);
+#pragma omp parallel for schedule(static) if (threaded)
+    for (long long t = 0; t < tiles; ++t) {
+      const size_t r0 = static_cast<size_t>(t) * 8;
+      const size_t r1 = min_size(n, r0 + 8);
+      rows(x, m, k, w, r0, r1, k, y + r0, n);
+    }
+    return;
+  }
+  const size_t block_rows = panel_rows(k);
+  const long long blocks = static_cast<long long>((n + block_rows - 1) / block_rows);
+  const int threads = threaded ? omp_get_max_threads() : 1;
+  const size_t panel_size = std::is_same_v<W, F32Weights> ? 0 : block_rows * k;
+  std::vector<float> panels(static_cast<size_t>(threads) * panel_size);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (long long b = 0; b < blocks; ++b) {
+    const size_t r0 = static_cast<size_t>(b) * block_rows;
+    float* panel = panels.data() + static_cast<size_t>(omp_get_thread_num()) * panel_size;
+    panel_block(x, m, k, w, r0, min_size(n, r0 + block_rows), y, n, panel);
+  }
+}
+
+}  // namespace
 
 void gemm_f32(const float* x, size_t m, size_t k, const float* w, size_t n, float* y) {
-  scalar::gemm_f32(x, m, k, w, n, y);
+  run(x, m, k, F32Weights{w, k}, n, y);
 }
+
 void gemm_bf16(const float* x, size_t m, size_t k, const uint16_t* w, size_t n, float* y) {
-  scalar::gemm_bf16(x, m, k, w, n, y);
+  run(x, m, k, Bf16Weights{w, k}, n, y);
 }
+
 void gemm_f16(const float* x, size_t m, size_t k, const uint16_t* w, size_t n, float* y) {
-  scalar::gemm_f16(x, m, k, w, n, y);
+  run(x, m, k, F16Weights{w, k}, n, y);
 }
+
 void gemm_mxfp4(const float* x, size_t m, size_t k, const uint8_t* w_packed, const uint8_t* w_scales, size_t n,
                 float* y) {
-  scalar::gemm_mxfp4(x, m, k, w_packed, w_scales, n, y);
+  run(x, m, k, Mxfp4Weights{w_packed, w_scales, k}, n, y);
 }
 
 }  // namespace mxlm::cpu::avx512

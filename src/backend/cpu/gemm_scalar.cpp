@@ -19,7 +19,7 @@ float e8m0(uint8_t byte) { return byte == 255 ? std::nanf("") : std::ldexp(1.0f,
 template <typename LoadW>
 void gemm(const float* x, size_t m, size_t k, size_t n, float* y, LoadW load_w) {
   const long long total = static_cast<long long>(m * n);
-#pragma omp parallel for schedule(static) if (total * static_cast<long long>(k) > 65536)
+#pragma omp parallel for schedule(static) if (total * static_cast <long long>(k) > 65536)
   for (long long t = 0; t < total; ++t) {
     const size_t i = static_cast<size_t>(t) / n;
     const size_t j = static_cast<size_t>(t) % n;
