@@ -16,6 +16,11 @@ namespace {
 
 using nlohmann::json;
 
+const json& empty_object() {
+  static const json empty = json::object();
+  return empty;
+}
+
 // Reads typed fields of one JSON object and names "<origin>: <section>.<field>" in every error.
 class Fields {
  public:
@@ -180,7 +185,7 @@ TextConfig parse_text(const json& text_json, const json& top_json, const std::st
   // RoPE: rotary_dim (upstream, transformers 5.17) or partial_rotary_factor x head_dim; the theta may also
   // sit in rope_parameters (the transformers 5 spelling).
   const json* rope_parameters = f.object("rope_parameters");
-  const Fields rope(rope_parameters ? *rope_parameters : json::object(), origin, section + ".rope_parameters");
+  const Fields rope(rope_parameters ? *rope_parameters : empty_object(), origin, section + ".rope_parameters");
   double factor = f.number("partial_rotary_factor", rope.number("partial_rotary_factor", 0.0));
   if (f.has("partial_rotary_factor") || rope.has("partial_rotary_factor")) {
     if (!(factor > 0.0 && factor <= 1.0))
@@ -234,7 +239,7 @@ TextConfig parse_text(const json& text_json, const json& top_json, const std::st
                              name_list(f, "mlp_layer_types", "sparse", "dense"), "mlp_layer_types", t.num_layers,
                              true, origin);
   const json* sparse_json = f.object("sparse_attention_config");
-  const Fields sparse(sparse_json ? *sparse_json : json::object(), origin, section + ".sparse_attention_config");
+  const Fields sparse(sparse_json ? *sparse_json : empty_object(), origin, section + ".sparse_attention_config");
   std::vector<bool> sparse_freq = flag_list(sparse, "sparse_attention_freq");
   if (sparse_json && !sparse.boolean("use_sparse_attention", true)) sparse_freq.assign(t.num_layers, false);
   t.layer_is_sparse = per_layer(sparse_freq, "sparse_attention_config.sparse_attention_freq",
@@ -318,7 +323,7 @@ VisionConfig parse_vision(const json& vision_json, const std::string& origin) {
   v.patch_size = f.positive("patch_size", 14);
   v.num_channels = f.positive("num_channels", 3);
   const json* compression = f.object("img_token_compression_config");
-  const Fields c(compression ? *compression : json::object(), origin, "vision_config.img_token_compression_config");
+  const Fields c(compression ? *compression : empty_object(), origin, "vision_config.img_token_compression_config");
   v.spatial_merge_size = c.has("spatial_merge_size") ? c.positive("spatial_merge_size", 2) : f.positive("spatial_merge_size", 2);
   v.temporal_patch_size =
       c.has("temporal_patch_size") ? c.positive("temporal_patch_size", 2) : f.positive("temporal_patch_size", 2);
