@@ -27,6 +27,9 @@ namespace mxlm::cpu::avx512 {
 namespace {
 
 constexpr size_t kSmallM = 4;  // up to this many rows of x use the streaming schedule
+// How far ahead of the current block each MXFP4 row is prefetched: the streaming schedule walks 8 rows at
+// once, more streams than the hardware prefetcher follows well (measured: ~10% on the dev VM).
+constexpr size_t kPrefetchBytes = 256;
 
 inline size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
 
@@ -41,66 +44,71 @@ size_t panel_rows(size_t k) {
 // order (masked lanes zero).
 struct F32Weights {
   static constexpr bool kEvenOdd = false;
+  using Row = const float*;
   const float* w;
   size_t ld;
-  MXLM_AVX512 void load32(size_t r, size_t kk, __m512& a, __m512& b) const {
-    const float* p = w + r * ld + kk;
-    a = _mm512_loadu_ps(p);
-    b = _mm512_loadu_ps(p + 16);
+  Row row(size_t r) const { return w + r * ld; }
+  MXLM_AVX512 void load32(Row p, size_t kk, __m512& a, __m512& b) const {
+    a = _mm512_loadu_ps(p + kk);
+    b = _mm512_loadu_ps(p + kk + 16);
   }
-  MXLM_AVX512 __m512 tail16(size_t r, size_t kk, __mmask16 mask) const {
-    return _mm512_maskz_loadu_ps(mask, w + r * ld + kk);
-  }
+  MXLM_AVX512 __m512 tail16(Row p, size_t kk, __mmask16 mask) const { return _mm512_maskz_loadu_ps(mask, p + kk); }
 };
 
 struct Bf16Weights {
   static constexpr bool kEvenOdd = true;
+  using Row = const uint16_t*;
   const uint16_t* w;
   size_t ld;
+  Row row(size_t r) const { return w + r * ld; }
   // A bf16 pair in a 32-bit lane: shifting left gives the even element as f32, masking the high half the odd.
-  MXLM_AVX512 void load32(size_t r, size_t kk, __m512& a, __m512& b) const {
-    const __m512i v = _mm512_loadu_si512(w + r * ld + kk);
+  MXLM_AVX512 void load32(Row p, size_t kk, __m512& a, __m512& b) const {
+    const __m512i v = _mm512_loadu_si512(p + kk);
     a = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
     b = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
   }
-  MXLM_AVX512 __m512 tail16(size_t r, size_t kk, __mmask16 mask) const {
-    const __m256i h = _mm256_maskz_loadu_epi16(mask, w + r * ld + kk);
+  MXLM_AVX512 __m512 tail16(Row p, size_t kk, __mmask16 mask) const {
+    const __m256i h = _mm256_maskz_loadu_epi16(mask, p + kk);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
 };
 
 struct F16Weights {
   static constexpr bool kEvenOdd = false;
+  using Row = const uint16_t*;
   const uint16_t* w;
   size_t ld;
-  MXLM_AVX512 void load32(size_t r, size_t kk, __m512& a, __m512& b) const {
-    const uint16_t* p = w + r * ld + kk;
-    a = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    b = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)));
+  Row row(size_t r) const { return w + r * ld; }
+  MXLM_AVX512 void load32(Row p, size_t kk, __m512& a, __m512& b) const {
+    a = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + kk)));
+    b = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + kk + 16)));
   }
-  MXLM_AVX512 __m512 tail16(size_t r, size_t kk, __mmask16 mask) const {
-    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, w + r * ld + kk));
+  MXLM_AVX512 __m512 tail16(Row p, size_t kk, __mmask16 mask) const {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p + kk));
   }
 };
 
 struct Mxfp4Weights {
   static constexpr bool kEvenOdd = true;
+  struct Row {
+    const uint8_t* packed;
+    const uint8_t* scales;
+  };
   const uint8_t* packed;  // [n, k/2]
   const uint8_t* scales;  // [n, k/32]
   size_t k;
+  Row row(size_t r) const { return {packed + r * (k / 2), scales + r * (k / 32)}; }
   // The 16-entry E2M1 table times the block scale (exact: a power of two times a 2-bit significand), then
   // vpermps picks by the low 4 bits of each lane: the low nibble (even k) directly, the high one after a shift.
-  MXLM_AVX512 void load32(size_t r, size_t kk, __m512& a, __m512& b) const {
-    const __m512 scale =
-        _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(e8m0_bits(scales[r * (k / 32) + kk / 32]))));
-    const __m512 table = _mm512_mul_ps(_mm512_loadu_ps(kE2m1Values), scale);
-    const __m512i bytes =
-        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + r * (k / 2) + kk / 2)));
+  MXLM_AVX512 void load32(const Row& p, size_t kk, __m512& a, __m512& b) const {
+    const __m512 table = _mm512_mul_ps(_mm512_loadu_ps(kE2m1Values), _mm512_set1_ps(kE8m0Values[p.scales[kk / 32]]));
+    _mm_prefetch(reinterpret_cast<const char*>(p.packed + kk / 2 + kPrefetchBytes), _MM_HINT_T0);
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.packed + kk / 2)));
     a = _mm512_permutexvar_ps(bytes, table);
     b = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
   }
   // K % 32 == 0 for MXFP4, so there is never a tail.
-  MXLM_AVX512 __m512 tail16(size_t, size_t, __mmask16) const { return _mm512_setzero_ps(); }
+  MXLM_AVX512 __m512 tail16(const Row&, size_t, __mmask16) const { return _mm512_setzero_ps(); }
 };
 
 MXLM_AVX512 inline __mmask16 tail_mask(size_t count) { return static_cast<__mmask16>((1u << count) - 1u); }
@@ -111,6 +119,8 @@ MXLM_AVX512 inline void tile(const float* x, size_t ldx, const W& w, size_t r0, 
   __m512 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  typename W::Row row[NR];
+  for (int j = 0; j < NR; ++j) row[j] = w.row(r0 + j);
   size_t kk = 0;
   for (; kk + 32 <= k; kk += 32) {
     __m512 xa[MR], xb[MR];
@@ -120,7 +130,7 @@ MXLM_AVX512 inline void tile(const float* x, size_t ldx, const W& w, size_t r0, 
     }
     for (int j = 0; j < NR; ++j) {
       __m512 wa, wb;
-      w.load32(r0 + j, kk, wa, wb);
+      w.load32(row[j], kk, wa, wb);
       for (int i = 0; i < MR; ++i) {
         acc[i][j] = _mm512_fmadd_ps(xa[i], wa, acc[i][j]);
         acc[i][j] = _mm512_fmadd_ps(xb[i], wb, acc[i][j]);
@@ -132,7 +142,7 @@ MXLM_AVX512 inline void tile(const float* x, size_t ldx, const W& w, size_t r0, 
     __m512 xa[MR];
     for (int i = 0; i < MR; ++i) xa[i] = _mm512_maskz_loadu_ps(mask, x + i * ldx + kk);
     for (int j = 0; j < NR; ++j) {
-      const __m512 wa = w.tail16(r0 + j, kk, mask);
+      const __m512 wa = w.tail16(row[j], kk, mask);
       for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_fmadd_ps(xa[i], wa, acc[i][j]);
     }
   }
@@ -186,16 +196,17 @@ template <class W>
 MXLM_AVX512 void decode_panel(const W& w, size_t r0, size_t rows_count, size_t k, float* panel) {
   for (size_t j = 0; j < rows_count; ++j) {
     float* out = panel + j * k;
+    const typename W::Row row = w.row(r0 + j);
     size_t kk = 0;
     for (; kk + 32 <= k; kk += 32) {
       __m512 a, b;
-      w.load32(r0 + j, kk, a, b);
+      w.load32(row, kk, a, b);
       _mm512_storeu_ps(out + kk, a);
       _mm512_storeu_ps(out + kk + 16, b);
     }
     for (; kk < k; kk += 16) {
       const __mmask16 mask = tail_mask(min_size(16, k - kk));
-      _mm512_mask_storeu_ps(out + kk, mask, w.tail16(r0 + j, kk, mask));
+      _mm512_mask_storeu_ps(out + kk, mask, w.tail16(row, kk, mask));
     }
   }
 }
@@ -225,9 +236,10 @@ void run(const float* x, size_t m, size_t k, const W& w, size_t n, float* y) {
   }
   const bool threaded = worth_threading(m, k, n);
   if (m <= kSmallM) {
-    // Tiles of 8 rows keep each thread's W stream contiguous and the row tiles full.
+    // Tiles of 8 rows keep the row tiles full; threads take 4 tiles at a time, dynamically, so a core that
+    // is busy with something else does not hold up the whole call.
     const long long tiles = static_cast<long long>((n + 7) / 8);
-#pragma omp parallel for schedule(static) if (threaded)
+#pragma omp parallel for schedule(dynamic, 4) if (threaded)
     for (long long t = 0; t < tiles; ++t) {
       const size_t r0 = static_cast<size_t>(t) * 8;
       const size_t r1 = min_size(n, r0 + 8);
@@ -240,7 +252,7 @@ void run(const float* x, size_t m, size_t k, const W& w, size_t n, float* y) {
   const int threads = threaded ? omp_get_max_threads() : 1;
   const size_t panel_size = std::is_same_v<W, F32Weights> ? 0 : block_rows * k;
   std::vector<float> panels(static_cast<size_t>(threads) * panel_size);
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(dynamic) num_threads(threads)
   for (long long b = 0; b < blocks; ++b) {
     const size_t r0 = static_cast<size_t>(b) * block_rows;
     float* panel = panels.data() + static_cast<size_t>(omp_get_thread_num()) * panel_size;

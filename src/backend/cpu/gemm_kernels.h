@@ -2,6 +2,8 @@
 // gemm.h. Arguments are already checked (m, n > 0; K % 32 == 0 for MXFP4).
 #pragma once
 
+#include <array>
+#include <bit>
 #include <cstddef>
 #include <cstdint>
 
@@ -33,10 +35,13 @@ MXLM_GEMM_KERNELS_DECLARE
 // Writes m rows of k into `out` (row stride k).
 void permute_even_odd(const float* x, size_t m, size_t k, float* out);
 
-// E8M0 byte -> float bits of 2^(byte-127), exact: byte 0 is the subnormal 2^-127, 255 a quiet NaN.
-inline constexpr uint32_t e8m0_bits(uint8_t byte) {
-  return byte == 255 ? 0x7fc00000u : byte == 0 ? 0x00400000u : uint32_t{byte} << 23;
-}
+// E8M0 byte -> 2^(byte-127) as f32, exact: byte 0 is the subnormal 2^-127, 255 a quiet NaN.
+inline constexpr std::array<float, 256> kE8m0Values = [] {
+  std::array<float, 256> values{};
+  for (uint32_t byte = 0; byte < 256; ++byte)
+    values[byte] = std::bit_cast<float>(byte == 255 ? 0x7fc00000u : byte == 0 ? 0x00400000u : byte << 23);
+  return values;
+}();
 // E2M1 codes 0..15 as f32.
 inline constexpr float kE2m1Values[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
                                           -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
