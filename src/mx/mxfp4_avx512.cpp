@@ -18,8 +18,10 @@
 
 // GCC 12's AVX-512 headers start some intrinsics from _mm512_undefined_*() and then warn about it
 // (GCC bug 105593); the warning is about the header, not this code.
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 #define MXLM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
