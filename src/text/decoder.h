@@ -1,0 +1,22 @@
+// Decoders of Hugging Face `tokenizer.json`: turn a list of token strings back into text.
+#pragma once
+
+#include <nlohmann/json_fwd.hpp>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace mxlm::text {
+
+class Decoder {
+ public:
+  virtual ~Decoder() = default;
+  // One step of HF's decode chain: tokens in, tokens out (joined by the caller).
+  virtual std::vector<std::string> decode_chain(std::vector<std::string> tokens) const = 0;
+};
+
+// Returns nullptr for a JSON null. Unknown or malformed types throw mxlm::Error.
+std::unique_ptr<Decoder> make_decoder(const nlohmann::json& config);
+
+}  // namespace mxlm::text
