@@ -87,9 +87,12 @@ void qdq_bf16_bench(benchmark::State& state, Isa isa) {
 int register_all() {
   for (Isa isa : supported_isas()) {
     const std::string name = isa_name(isa);
-    benchmark::RegisterBenchmark(("quantize_bf16/" + name).c_str(), quantize_bf16_bench, isa)->Unit(benchmark::kMillisecond);
-    benchmark::RegisterBenchmark(("dequantize_bf16/" + name).c_str(), dequantize_bf16_bench, isa)->Unit(benchmark::kMillisecond);
-    benchmark::RegisterBenchmark(("dequantize_f32/" + name).c_str(), dequantize_f32_bench, isa)->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark(("quantize_bf16/" + name).c_str(), quantize_bf16_bench, isa)
+        ->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark(("dequantize_bf16/" + name).c_str(), dequantize_bf16_bench, isa)
+        ->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark(("dequantize_f32/" + name).c_str(), dequantize_f32_bench, isa)
+        ->Unit(benchmark::kMillisecond);
     benchmark::RegisterBenchmark(("qdq_bf16/" + name).c_str(), qdq_bf16_bench, isa)->Unit(benchmark::kMicrosecond);
   }
   return 0;

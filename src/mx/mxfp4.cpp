@@ -62,14 +62,22 @@ uint8_t e2m1_encode(float y) {
   // (0, 1.0, 2.0, 4.0) and up otherwise. Everything past 5 (the 4/6 midpoint) is 6, including Inf and NaN.
   const float a = std::fabs(y);
   uint8_t code;
-  if (a <= 0.25f) code = 0;
-  else if (a < 0.75f) code = 1;
-  else if (a <= 1.25f) code = 2;
-  else if (a < 1.75f) code = 3;
-  else if (a <= 2.5f) code = 4;
-  else if (a < 3.5f) code = 5;
-  else if (a <= 5.0f) code = 6;
-  else code = 7;
+  if (a <= 0.25f)
+    code = 0;
+  else if (a < 0.75f)
+    code = 1;
+  else if (a <= 1.25f)
+    code = 2;
+  else if (a < 1.75f)
+    code = 3;
+  else if (a <= 2.5f)
+    code = 4;
+  else if (a < 3.5f)
+    code = 5;
+  else if (a <= 5.0f)
+    code = 6;
+  else
+    code = 7;
   if (code != 0 && std::signbit(y)) code |= 8;
   return code;
 }

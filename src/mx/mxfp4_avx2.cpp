@@ -115,8 +115,7 @@ float widen_f32(float v) { return v; }
 float widen_bf16(uint16_t v) { return mxlm::bf16_to_f32(v); }
 float widen_f16(uint16_t v) { return mxlm::f16_to_f32(v); }
 
-MXLM_AVX2 void quantize_f32(const float* x, size_t rows, size_t k, uint8_t* packed, uint8_t* scales,
-                            ScaleRule rule) {
+MXLM_AVX2 void quantize_f32(const float* x, size_t rows, size_t k, uint8_t* packed, uint8_t* scales, ScaleRule rule) {
   const size_t blocks = rows * (k / kBlockSize);
   for (size_t b = 0; b < blocks; ++b) {
     const float* src = x + b * kBlockSize;
@@ -255,8 +254,9 @@ MXLM_AVX2 void qdq_bf16(uint16_t* x, size_t n, ScaleRule rule) {
 
 namespace mxlm::mx::detail {
 namespace {
-const Kernels kAvx2 = {Isa::Avx2,          avx2::quantize_f32,   avx2::quantize_bf16, avx2::quantize_f16,
-                       avx2::dequantize_f32, avx2::dequantize_bf16, avx2::qdq_f32,       avx2::qdq_bf16};
+const Kernels kAvx2 = {Isa::Avx2,          avx2::quantize_f32,   avx2::quantize_bf16,
+                       avx2::quantize_f16, avx2::dequantize_f32, avx2::dequantize_bf16,
+                       avx2::qdq_f32,      avx2::qdq_bf16};
 }  // namespace
 const Kernels* const kAvx2Kernels = &kAvx2;
 }  // namespace mxlm::mx::detail

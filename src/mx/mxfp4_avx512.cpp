@@ -31,7 +31,7 @@ namespace {
 using detail::pow2;
 
 struct Rounded {
-  __m512i code;     // magnitude code 0..7
+  __m512i code;      // magnitude code 0..7
   __m512 magnitude;  // its value
 };
 
@@ -88,8 +88,8 @@ MXLM_AVX512 inline __m512 bf16_to_f32(__m256i v) {
 
 // The high halves (bf16, exact here) of two vectors of 16 f32, in order.
 MXLM_AVX512 inline __m512i f32_to_bf16_exact(__m512 lo, __m512 hi) {
-  const __m512i odd_words = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29,
-                                             27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  const __m512i odd_words = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27,
+                                             25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
   return _mm512_permutex2var_epi16(_mm512_castps_si512(lo), odd_words, _mm512_castps_si512(hi));
 }
 
@@ -97,7 +97,7 @@ MXLM_AVX512 inline __m512i f32_to_bf16_exact(__m512 lo, __m512 hi) {
 MXLM_AVX512 inline void store_packed(__m512i codes_lo, __m512i codes_hi, uint8_t* packed) {
   const __m256i bytes =
       _mm256_set_m128i(_mm512_cvtepi32_epi8(codes_hi), _mm512_cvtepi32_epi8(codes_lo));  // one code per byte
-  const __m256i pairs = _mm256_or_si256(bytes, _mm256_srli_epi16(bytes, 4));  // low byte: even | odd << 4
+  const __m256i pairs = _mm256_or_si256(bytes, _mm256_srli_epi16(bytes, 4));             // low byte: even | odd << 4
   _mm_storeu_si128(reinterpret_cast<__m128i*>(packed), _mm256_cvtepi16_epi8(pairs));
 }
 
@@ -119,8 +119,7 @@ float widen_f32(float v) { return v; }
 float widen_bf16(uint16_t v) { return mxlm::bf16_to_f32(v); }
 float widen_f16(uint16_t v) { return mxlm::f16_to_f32(v); }
 
-MXLM_AVX512 void quantize_f32(const float* x, size_t rows, size_t k, uint8_t* packed, uint8_t* scales,
-                              ScaleRule rule) {
+MXLM_AVX512 void quantize_f32(const float* x, size_t rows, size_t k, uint8_t* packed, uint8_t* scales, ScaleRule rule) {
   const size_t blocks = rows * (k / kBlockSize);
   for (size_t b = 0; b < blocks; ++b) {
     const float* src = x + b * kBlockSize;
@@ -158,16 +157,16 @@ MXLM_AVX512 void quantize_f16(const uint16_t* x, size_t rows, size_t k, uint8_t*
     if (amax >= 0x7c00u) fail_block("quantize_f16", src, b * kBlockSize, k, widen_f16);
     const uint32_t amax_f32 = std::bit_cast<uint32_t>(mxlm::f16_to_f32(static_cast<uint16_t>(amax)));
     const int e = detail::scale_exponent_from_bits(amax_f32, rule);
-    quantize_block(_mm512_cvtph_ps(_mm512_castsi512_si256(raw)), _mm512_cvtph_ps(_mm512_extracti64x4_epi64(raw, 1)),
-                   e, packed + b * (kBlockSize / 2));
+    quantize_block(_mm512_cvtph_ps(_mm512_castsi512_si256(raw)), _mm512_cvtph_ps(_mm512_extracti64x4_epi64(raw, 1)), e,
+                   packed + b * (kBlockSize / 2));
     scales[b] = export_scale_byte(e);
   }
 }
 
 // The 32 values of one packed block times its scale, as two vectors of 16 f32.
 MXLM_AVX512 inline void dequantize_block(const uint8_t* packed, uint8_t scale_byte, __m512* lo, __m512* hi) {
-  const __m512 table = _mm512_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f, -0.0f, -0.5f, -1.0f, -1.5f,
-                                      -2.0f, -3.0f, -4.0f, -6.0f);
+  const __m512 table = _mm512_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f, -0.0f, -0.5f, -1.0f, -1.5f, -2.0f,
+                                      -3.0f, -4.0f, -6.0f);
   const __m256i words = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed)));
   // Each 16-bit word becomes [low nibble, high nibble] as bytes: codes in element order.
   const __m256i codes = _mm256_or_si256(_mm256_and_si256(words, _mm256_set1_epi16(0x0f)),
@@ -187,8 +186,7 @@ MXLM_AVX512 void dequantize_f32(const uint8_t* packed, const uint8_t* scales, si
   }
 }
 
-MXLM_AVX512 void dequantize_bf16(const uint8_t* packed, const uint8_t* scales, size_t rows, size_t k,
-                                 uint16_t* out) {
+MXLM_AVX512 void dequantize_bf16(const uint8_t* packed, const uint8_t* scales, size_t rows, size_t k, uint16_t* out) {
   const size_t blocks = rows * (k / kBlockSize);
   for (size_t b = 0; b < blocks; ++b) {
     __m512 lo, hi;
@@ -235,8 +233,8 @@ MXLM_AVX512 void qdq_bf16(uint16_t* x, size_t n, ScaleRule rule) {
 
 namespace mxlm::mx::detail {
 namespace {
-const Kernels kAvx512 = {Isa::Avx512,          avx512::quantize_f32,    avx512::quantize_bf16,
-                         avx512::quantize_f16, avx512::dequantize_f32,  avx512::dequantize_bf16,
+const Kernels kAvx512 = {Isa::Avx512,          avx512::quantize_f32,   avx512::quantize_bf16,
+                         avx512::quantize_f16, avx512::dequantize_f32, avx512::dequantize_bf16,
                          avx512::qdq_f32,      avx512::qdq_bf16};
 }  // namespace
 const Kernels* const kAvx512Kernels = &kAvx512;

@@ -41,8 +41,8 @@ void quantize_rows(Load load, size_t rows, size_t k, uint8_t* packed, uint8_t* s
   const size_t blocks = rows * (k / kBlockSize);
   for (size_t b = 0; b < blocks; ++b) {
     const size_t first = b * kBlockSize;
-    scales[b] = quantize_block([&](size_t i) { return load(first + i); }, first, k, what,
-                               packed + b * (kBlockSize / 2), rule);
+    scales[b] =
+        quantize_block([&](size_t i) { return load(first + i); }, first, k, what, packed + b * (kBlockSize / 2), rule);
   }
 }
 
@@ -87,8 +87,7 @@ void dequantize_f32(const uint8_t* packed, const uint8_t* scales, size_t rows, s
     const uint8_t code = (i % 2 == 0) ? (byte & 0x0f) : (byte >> 4);
     const uint8_t scale_byte = scales[i / kBlockSize];
     // E8M0 NaN makes the whole block NaN (not +-Inf, not a NaN that depends on the code).
-    out[i] = scale_byte == 255 ? std::bit_cast<float>(detail::kF32QuietNan)
-                               : e2m1_value(code) * e8m0_value(scale_byte);
+    out[i] = scale_byte == 255 ? std::bit_cast<float>(detail::kF32QuietNan) : e2m1_value(code) * e8m0_value(scale_byte);
   }
 }
 
@@ -122,8 +121,7 @@ void qdq_bf16(uint16_t* x, size_t n, ScaleRule rule) {
 
 namespace mxlm::mx::detail {
 
-const Kernels kScalarKernels = {Isa::Scalar,         ref::quantize_f32,    ref::quantize_bf16,
-                                ref::quantize_f16,   ref::dequantize_f32,  ref::dequantize_bf16,
-                                ref::qdq_f32,        ref::qdq_bf16};
+const Kernels kScalarKernels = {Isa::Scalar,         ref::quantize_f32,    ref::quantize_bf16, ref::quantize_f16,
+                                ref::dequantize_f32, ref::dequantize_bf16, ref::qdq_f32,       ref::qdq_bf16};
 
 }  // namespace mxlm::mx::detail
