@@ -1,0 +1,168 @@
+// The op interface the model is written against. Model code never branches on the backend; a backend never
+// knows about models. Activations are f32 row-major [tokens, features] buffers that live wherever the backend
+// keeps its memory (host for the CPU backend, device memory for a GPU backend): the model only passes them
+// around and reads results back through download(). Host-side arguments (token ids, positions, block tables)
+// are plain host arrays described by AttentionBatch.
+//
+// Numerics contract (DESIGN.md): RMSNorm, router, softmax in f32; MXFP4 weights dequantized exactly; the
+// emulation's activation QDQ is an explicit op (qdq_mxfp4) that the model calls before MXFP4 GEMMs.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+
+namespace mxlm::backend {
+
+// Backend memory holding `count` f32 (or i32, same size) elements.
+class Buffer {
+ public:
+  virtual ~Buffer() = default;
+  virtual float* f32() = 0;
+  virtual int32_t* i32() = 0;
+  virtual size_t size() const = 0;  // elements
+};
+
+enum class WeightFormat : uint8_t { F32, BF16, F16, MXFP4 };
+const char* weight_format_name(WeightFormat format);
+
+// A [rows, cols] matrix (out x in for a linear layer) or an embedding table, in backend memory.
+class Weight {
+ public:
+  virtual ~Weight() = default;
+  virtual WeightFormat format() const = 0;
+  virtual int64_t rows() const = 0;
+  virtual int64_t cols() const = 0;
+  bool mxfp4() const { return format() == WeightFormat::MXFP4; }
+};
+
+// Host description of a matrix to upload. For MXFP4, `data` is packed [rows, cols/2] and `scales` [rows, cols/32].
+struct WeightData {
+  WeightFormat format = WeightFormat::F32;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  const void* data = nullptr;
+  const uint8_t* scales = nullptr;
+};
+
+// One sequence's slice of a batched step: tokens [begin, begin + count) of the step's rows are its new tokens,
+// at absolute positions start_pos .. start_pos + count - 1. Its cache pages are block_table[0..]: logical block b
+// (positions [b * block_size, (b + 1) * block_size)) lives in page block_table[b].
+struct SequenceSlice {
+  int32_t begin = 0;
+  int32_t count = 0;
+  int32_t start_pos = 0;
+  std::span<const int32_t> block_table;
+};
+
+struct AttentionBatch {
+  std::vector<SequenceSlice> sequences;
+  int32_t num_tokens = 0;
+  int32_t block_size = 0;
+  std::vector<int32_t> positions;  // per row, absolute position
+  std::vector<int64_t> slots;      // per row, page * block_size + offset: where its K/V/index-K go
+};
+
+struct AttentionShape {
+  int num_heads = 0;     // query heads (local to this rank)
+  int num_kv_heads = 0;  // KV heads (local)
+  int head_dim = 0;
+  float scale = 1.0f;
+};
+
+struct IndexerShape {
+  int num_heads = 0;  // index query heads
+  int head_dim = 0;
+  int topk_blocks = 0;
+  int local_blocks = 1;
+  int init_blocks = 0;
+};
+
+struct SwigluParams {
+  float alpha = 1.702f;
+  float limit = 7.0f;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+
+  // ---- memory
+  virtual std::unique_ptr<Buffer> alloc(size_t count) = 0;  // zero-initialised
+  virtual void upload(Buffer& dst, size_t offset, const float* src, size_t count) = 0;
+  virtual void download(const Buffer& src, size_t offset, float* dst, size_t count) = 0;
+  virtual void copy(const float* src, float* dst, size_t count) = 0;
+  virtual std::unique_ptr<Weight> upload_weight(const WeightData& data) = 0;
+  // A small f32 vector (norm weights, router bias).
+  virtual std::unique_ptr<Buffer> upload_vector(std::span<const float> values) = 0;
+
+  // ---- elementwise and normalisation
+  virtual void add(const float* a, const float* b, float* out, size_t n) = 0;
+  virtual void scale(float* x, float factor, size_t n) = 0;
+  // out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * (add_one ? 1 + w : w), rows of `dim`; in f32. In place allowed.
+  virtual void rms_norm(const float* x, const float* w, float* out, size_t rows, size_t dim, float eps,
+                        bool add_one) = 0;
+  // NeoX (rotate-half) RoPE on the first rotary_dim dims of each head of x [tokens, heads, head_dim], in place;
+  // inv_freq[j] = theta^(-2j / rotary_dim), angle = position * inv_freq in f32.
+  virtual void rope(float* x, std::span<const int32_t> positions, int heads, int head_dim, int rotary_dim,
+                    float theta) = 0;
+  // SwiGLU-OAI: out = (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit).
+  virtual void swiglu_oai(const float* gate, const float* up, float* out, size_t n, SwigluParams p) = 0;
+  // MX emulation: quantize-dequantize rows of `k` (k % 32 == 0) in groups of 32, in place.
+  virtual void qdq_mxfp4(float* x, size_t rows, size_t k) = 0;
+
+  // ---- matrix products
+  // y[m, w.rows] = x[m, w.cols] · wᵀ (f32 accumulation).
+  virtual void linear(const float* x, size_t m, const Weight& w, float* y) = 0;
+  // out[i] = table[ids[i] - row_offset] for ids inside [row_offset, row_offset + table.rows), else 0 (vocab-parallel).
+  virtual void embedding(const Weight& table, std::span<const int32_t> ids, int64_t row_offset, float* out) = 0;
+
+  // ---- mixture of experts
+  // Router: logits = x · wᵀ (f32), s = sigmoid(logits), choose top-k by s + bias (bias may be null), weights =
+  // the chosen s renormalised to sum 1, times `scale`. ids/weights are [tokens, k].
+  virtual void router(const float* x, size_t tokens, const Weight& w, const float* bias, int k, float scale,
+                      int32_t* ids, float* weights) = 0;
+  // Routed experts: out[t] = Σ_j weights[t, j] · down_e(act(gate_e(x_t), up_e(x_t))) with e = ids[t, j], for
+  // experts this rank holds (first_expert .. first_expert + gate.size() - 1; other ids are skipped). With
+  // qdq_inputs the inputs of both GEMMs are quantize-dequantized first (MXFP4 emulation).
+  virtual void moe_experts(const float* x, size_t tokens, const int32_t* ids, const float* weights, int k,
+                           std::span<const Weight* const> gate, std::span<const Weight* const> up,
+                           std::span<const Weight* const> down, int first_expert, SwigluParams p, bool qdq_inputs,
+                           float* out) = 0;
+
+  // ---- paged attention. A cache layer is [num_pages, block_size, width] f32 (width = kv_heads * head_dim for K
+  // and V, index_dim for index-K).
+  virtual void cache_write(const float* x, size_t width, std::span<const int64_t> slots, float* cache) = 0;
+  // Causal attention of every new token over its sequence's cached keys 0..position (GQA). q, out: [tokens,
+  // heads * head_dim].
+  virtual void attention(const float* q, const AttentionBatch& batch, const AttentionShape& shape,
+                         const float* k_cache, const float* v_cache, float* out) = 0;
+  // Lightning indexer (transformers 5.17 and vLLM agree): per index head h, block score = max over the block's
+  // visible tokens of iq_h · ik (no scale); the local block(s) (and init blocks) are forced; top-k. Index head h
+  // selects for KV head h, so shape.num_heads must equal the (local) KV heads. blocks: [tokens, heads, topk],
+  // block ids left-packed in descending score order, then -1.
+  virtual void index_select(const float* iq, const AttentionBatch& batch, const IndexerShape& shape,
+                            const float* index_k_cache, int32_t* blocks) = 0;
+  // Exact attention of each KV head's query group restricted to that head's selected blocks, causally masked.
+  virtual void sparse_attention(const float* q, const AttentionBatch& batch, const AttentionShape& shape,
+                                const float* k_cache, const float* v_cache, const int32_t* blocks, int topk,
+                                float* out) = 0;
+
+  // ---- tensor parallelism (no-ops at TP = 1)
+  virtual int tp_rank() const { return 0; }
+  virtual int tp_size() const { return 1; }
+  virtual void all_reduce_sum(float* x, size_t n) = 0;
+  // Concatenates each rank's [rows, cols_per_rank] along columns into out [rows, cols_per_rank * tp_size].
+  virtual void all_gather_cols(const float* x, size_t rows, size_t cols_per_rank, float* out) = 0;
+};
+
+// The CPU backend (f32 activations, OpenMP), the reference every other backend is tested against.
+std::unique_ptr<Backend> make_cpu_backend();
+
+}  // namespace mxlm::backend

@@ -1,0 +1,97 @@
+#include "engine/model_runner.h"
+
+#include "core/error.h"
+
+namespace mxlm::engine {
+
+std::span<const float> StepOutput::row(size_t item, int32_t i) const {
+  if (item >= first_row.size()) fail("step output has no item {}", item);
+  if (i < 0) i = num_rows[item] - 1;
+  if (i < 0 || i >= num_rows[item]) fail("step item {} has no logit row {}", item, i);
+  return {logits.data() + static_cast<size_t>(first_row[item] + i) * static_cast<size_t>(vocab),
+          static_cast<size_t>(vocab)};
+}
+
+ModelRunner::ModelRunner(model::M3Model& model, CacheConfig cache)
+    : model_(model), cache_(cache), blocks_(cache.num_pages, cache.block_size, cache.prefix_caching) {
+  if (model.has_sparse_layers() && cache.block_size != model.text().sparse.block_size)
+    fail("KV cache block size {} must equal the sparse attention block size {} (one sparse block is one page)",
+         cache.block_size, model.text().sparse.block_size);
+  auto& be = model.backend();
+  const size_t slots = static_cast<size_t>(cache.num_pages) * static_cast<size_t>(cache.block_size);
+  for (int i = 0; i < model.num_layers(); ++i) {
+    model::LayerCache lc;
+    storage_.push_back(be.alloc(slots * static_cast<size_t>(model.kv_width())));
+    lc.k = storage_.back()->f32();
+    storage_.push_back(be.alloc(slots * static_cast<size_t>(model.kv_width())));
+    lc.v = storage_.back()->f32();
+    if (model.layer_is_sparse(i)) {
+      storage_.push_back(be.alloc(slots * static_cast<size_t>(model.index_width())));
+      lc.index_k = storage_.back()->f32();
+    }
+    layers_.push_back(lc);
+  }
+}
+
+void ModelRunner::admit(Sequence& seq) {
+  if (seq.tokens.empty()) fail("sequence {} has no tokens", seq.id);
+  blocks_.match_prefix(seq);
+}
+
+StepOutput ModelRunner::step(std::span<const StepItem> items) {
+  // Reserve first, all or nothing, so a failed step leaves every sequence as it was.
+  std::vector<size_t> table_sizes;
+  for (const auto& it : items) {
+    if (!it.seq) fail("step item without a sequence");
+    if (it.num_tokens <= 0 || it.num_tokens > it.seq->num_uncomputed())
+      fail("sequence {}: cannot run {} tokens ({} uncomputed)", it.seq->id, it.num_tokens, it.seq->num_uncomputed());
+    table_sizes.push_back(it.seq->block_table.size());
+  }
+  for (size_t i = 0; i < items.size(); ++i) {
+    if (!blocks_.reserve(*items[i].seq, items[i].seq->num_computed + items[i].num_tokens)) {
+      for (size_t j = 0; j <= i; ++j) {
+        auto& table = items[j].seq->block_table;
+        Sequence tail;
+        tail.block_table.assign(table.begin() + static_cast<std::ptrdiff_t>(table_sizes[j]), table.end());
+        table.resize(table_sizes[j]);
+        blocks_.release(tail);
+      }
+      fail("KV cache full: {} pages available, the step needs more", blocks_.num_available());
+    }
+  }
+  model::ForwardBatch fb;
+  auto& ab = fb.attention;
+  ab.block_size = cache_.block_size;
+  StepOutput out;
+  out.vocab = model_.vocab_size();
+  int32_t row = 0;
+  for (const auto& it : items) {
+    Sequence& s = *it.seq;
+    backend::SequenceSlice slice;
+    slice.begin = row;
+    slice.count = it.num_tokens;
+    slice.start_pos = s.num_computed;
+    slice.block_table = s.block_table;
+    ab.sequences.push_back(slice);
+    out.first_row.push_back(static_cast<int32_t>(fb.logit_rows.size()));
+    out.num_rows.push_back(it.all_logits ? it.num_tokens : 1);
+    for (int32_t i = 0; i < it.num_tokens; ++i) {
+      const int32_t pos = s.num_computed + i;
+      fb.tokens.push_back(s.tokens[static_cast<size_t>(pos)]);
+      ab.positions.push_back(pos);
+      ab.slots.push_back(static_cast<int64_t>(s.block_table[static_cast<size_t>(pos / cache_.block_size)]) *
+                             cache_.block_size + pos % cache_.block_size);
+      if (it.all_logits || i == it.num_tokens - 1) fb.logit_rows.push_back(row + i);
+    }
+    row += it.num_tokens;
+  }
+  ab.num_tokens = row;
+  out.logits = model_.forward(fb, layers_);
+  for (const auto& it : items) {
+    it.seq->num_computed += it.num_tokens;
+    blocks_.commit(*it.seq);
+  }
+  return out;
+}
+
+}  // namespace mxlm::engine

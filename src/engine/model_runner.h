@@ -1,0 +1,64 @@
+// Runs batched forward steps of the model over the paged KV cache. The scheduler (or a CLI) owns the
+// Sequences, appends tokens to them and decides which run in a step; a step runs each chosen sequence's next
+// `num_tokens` uncomputed tokens (a whole prompt, a prefill chunk, or one decode token) in one batch and
+// returns logits.
+#pragma once
+
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "backend/backend.h"
+#include "engine/block_manager.h"
+#include "engine/sequence.h"
+#include "model/m3_model.h"
+
+namespace mxlm::engine {
+
+struct CacheConfig {
+  int32_t block_size = 128;  // tokens per page; must equal the sparse block size when the model has sparse layers
+  int32_t num_pages = 0;
+  bool prefix_caching = true;
+};
+
+struct StepItem {
+  Sequence* seq = nullptr;
+  int32_t num_tokens = 0;     // run seq->tokens[num_computed, num_computed + num_tokens)
+  bool all_logits = false;    // logits of every run token (else only of the last one)
+};
+
+struct StepOutput {
+  std::vector<float> logits;          // [rows, vocab]
+  std::vector<int32_t> first_row;     // per item, its first row in `logits`
+  std::vector<int32_t> num_rows;      // per item
+  int32_t vocab = 0;
+  std::span<const float> row(size_t item, int32_t i = -1) const;  // i = -1: the item's last row
+};
+
+class ModelRunner {
+ public:
+  ModelRunner(model::M3Model& model, CacheConfig cache);
+
+  BlockManager& blocks() { return blocks_; }
+  const CacheConfig& cache_config() const { return cache_; }
+  model::M3Model& model() { return model_; }
+
+  // Prepares a new sequence: reuses cached prefix pages (sets num_computed). Call once before its first step.
+  void admit(Sequence& seq);
+  // Reserves pages, runs the batch, advances num_computed and registers full blocks in the prefix cache. An
+  // Error when the cache has too few pages (nothing is changed then).
+  StepOutput step(std::span<const StepItem> items);
+  void release(Sequence& seq) { blocks_.release(seq); }
+
+ private:
+  model::M3Model& model_;
+  CacheConfig cache_;
+  BlockManager blocks_;
+  std::vector<std::unique_ptr<backend::Buffer>> storage_;
+  std::vector<model::LayerCache> layers_;
+};
+
+// Pages needed to hold `tokens` tokens.
+inline int32_t pages_for(int32_t tokens, int32_t block_size) { return (tokens + block_size - 1) / block_size; }
+
+}  // namespace mxlm::engine

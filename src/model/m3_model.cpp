@@ -1,0 +1,337 @@
+#include "model/m3_model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "core/error.h"
+#include "core/log.h"
+
+namespace mxlm::model {
+
+using backend::Buffer;
+using backend::Weight;
+
+struct M3Model::Mlp {
+  std::unique_ptr<Weight> gate, up, down;
+  explicit operator bool() const { return gate != nullptr; }
+};
+
+struct M3Model::Layer {
+  bool moe = false;
+  bool sparse = false;
+  std::unique_ptr<Buffer> input_norm, post_norm, q_norm, k_norm;
+  std::unique_ptr<Weight> q, k, v, o;
+  // Lightning indexer (sparse layers).
+  std::unique_ptr<Weight> index_q, index_k;
+  std::unique_ptr<Buffer> index_q_norm, index_k_norm;
+  // Dense MLP, or the shared expert of a MoE layer.
+  Mlp dense;
+  std::unique_ptr<Weight> router;
+  std::unique_ptr<Buffer> router_bias;
+  std::vector<std::unique_ptr<Weight>> w1, w3, w2;
+  std::vector<const Weight*> w1_ptr, w3_ptr, w2_ptr;
+};
+
+namespace {
+
+// Scratch buffer that lives for one forward call.
+class Scratch {
+ public:
+  explicit Scratch(backend::Backend& b) : backend_(b) {}
+  float* operator()(size_t n) {
+    buffers_.push_back(backend_.alloc(std::max<size_t>(n, 1)));
+    return buffers_.back()->f32();
+  }
+  int32_t* i32(size_t n) {
+    buffers_.push_back(backend_.alloc(std::max<size_t>(n, 1)));
+    return buffers_.back()->i32();
+  }
+
+ private:
+  backend::Backend& backend_;
+  std::vector<std::unique_ptr<Buffer>> buffers_;
+};
+
+}  // namespace
+
+M3Model::M3Model(const io::ModelConfig& config, const io::Checkpoint& ckpt, backend::Backend& backend,
+                 ModelOptions options)
+    : config_(config), backend_(backend), options_(options) {
+  const io::TextConfig& t = config_.text;
+  const TensorParallel& tp = options_.tp;
+  if (tp.size < 1 || tp.rank < 0 || tp.rank >= tp.size) fail("invalid tensor-parallel rank {} of {}", tp.rank, tp.size);
+  if (tp.size != backend.tp_size() || tp.rank != backend.tp_rank())
+    fail("model bound for TP rank {}/{} but the backend is rank {}/{}", tp.rank, tp.size, backend.tp_rank(),
+         backend.tp_size());
+  if (t.hidden_size <= 0 || t.num_layers <= 0 || t.num_heads <= 0 || t.num_kv_heads <= 0 || t.head_dim <= 0 ||
+      t.vocab_size <= 0)
+    fail("config: hidden_size, num_hidden_layers, heads, head_dim and vocab_size must be positive");
+  if (t.num_heads % t.num_kv_heads != 0) fail("config: {} heads is not a multiple of {} KV heads", t.num_heads, t.num_kv_heads);
+  if (static_cast<int>(t.layer_is_moe.size()) != t.num_layers || static_cast<int>(t.layer_is_sparse.size()) != t.num_layers)
+    fail("config: per-layer MoE/sparse flags do not cover {} layers", t.num_layers);
+  if (t.num_heads % tp.size != 0) fail("{} attention heads cannot be split over {} ranks", t.num_heads, tp.size);
+  local_heads_ = t.num_heads / tp.size;
+  int kv_begin = 0;
+  if (tp.size <= t.num_kv_heads) {
+    if (t.num_kv_heads % tp.size != 0) fail("{} KV heads cannot be split over {} ranks", t.num_kv_heads, tp.size);
+    local_kv_heads_ = t.num_kv_heads / tp.size;
+    kv_begin = tp.rank * local_kv_heads_;
+  } else {
+    local_kv_heads_ = 1;  // replicated: rank r serves the KV head of its query heads
+    kv_begin = tp.rank * t.num_kv_heads / tp.size;
+  }
+  const int64_t H = t.hidden_size, D = t.head_dim;
+  const std::string lm = "language_model.";
+  WeightLoader load(ckpt, backend, options_.float_format);
+
+  const Shard vocab = Shard::even_rows(t.vocab_size, tp);
+  vocab_begin_ = vocab.split == Shard::Split::None ? 0 : vocab.begin;
+  local_vocab_ = vocab.split == Shard::Split::None ? t.vocab_size : vocab.count;
+  embed_ = load.matrix(lm + "model.embed_tokens", t.vocab_size, H, vocab);
+  final_norm_ = load.vector(lm + "model.norm.weight", H);
+  if (load.has(lm + "lm_head.weight")) {
+    lm_head_ = load.matrix(lm + "lm_head", t.vocab_size, H, vocab);
+  } else if (t.tie_word_embeddings) {
+    lm_head_ = load.matrix(lm + "model.embed_tokens", t.vocab_size, H, vocab);
+  } else {
+    fail("checkpoint {} has no tensor {}lm_head.weight (and tie_word_embeddings is false)", ckpt.dir().string(), lm);
+  }
+
+  const Shard q_rows = Shard::even_rows(t.num_heads * D, tp);
+  const Shard o_cols = Shard::even_cols(t.num_heads * D, tp);
+  const Shard kv_rows = tp.size == 1 ? Shard::whole() : Shard::rows(kv_begin * D, local_kv_heads_ * D);
+  const auto& sp = t.sparse;
+  for (int i = 0; i < t.num_layers; ++i) {
+    auto layer = std::make_unique<Layer>();
+    const std::string p = lm + "model.layers." + std::to_string(i) + ".";
+    layer->moe = t.layer_is_moe[static_cast<size_t>(i)];
+    layer->sparse = t.layer_is_sparse[static_cast<size_t>(i)];
+    layer->input_norm = load.vector(p + "input_layernorm.weight", H);
+    layer->post_norm = load.vector(p + "post_attention_layernorm.weight", H);
+    layer->q = load.matrix(p + "self_attn.q_proj", t.num_heads * D, H, q_rows);
+    layer->k = load.matrix(p + "self_attn.k_proj", t.num_kv_heads * D, H, kv_rows);
+    layer->v = load.matrix(p + "self_attn.v_proj", t.num_kv_heads * D, H, kv_rows);
+    layer->o = load.matrix(p + "self_attn.o_proj", H, t.num_heads * D, o_cols);
+    if (t.qk_norm) {
+      layer->q_norm = load.vector(p + "self_attn.q_norm.weight", D);
+      layer->k_norm = load.vector(p + "self_attn.k_norm.weight", D);
+    }
+    if (layer->sparse) {
+      if (sp.num_index_heads != t.num_kv_heads)
+        fail("layer {}: the indexer has {} heads but there are {} KV heads; index head h selects the blocks of KV "
+             "head h, so they must match",
+             i, sp.num_index_heads, t.num_kv_heads);
+      const int64_t Di = sp.index_dim;
+      const Shard iq_rows = tp.size == 1 ? Shard::whole() : Shard::rows(kv_begin * Di, local_kv_heads_ * Di);
+      layer->index_q = load.matrix(p + "self_attn.index_q_proj", sp.num_index_heads * Di, H, iq_rows);
+      layer->index_k = load.matrix(p + "self_attn.index_k_proj", Di, H);
+      layer->index_q_norm = load.vector(p + "self_attn.index_q_norm.weight", Di);
+      layer->index_k_norm = load.vector(p + "self_attn.index_k_norm.weight", Di);
+    }
+    if (!layer->moe) {
+      const int64_t I = t.dense_intermediate_size;
+      layer->dense.gate = load.matrix(p + "mlp.gate_proj", I, H, Shard::even_rows(I, tp));
+      layer->dense.up = load.matrix(p + "mlp.up_proj", I, H, Shard::even_rows(I, tp));
+      layer->dense.down = load.matrix(p + "mlp.down_proj", H, I, Shard::even_cols(I, tp));
+    } else {
+      const std::string m = p + "block_sparse_moe.";
+      const int E = t.num_experts;
+      if (E <= 0 || t.experts_per_token <= 0 || t.experts_per_token > E)
+        fail("config: {} experts with {} per token", E, t.experts_per_token);
+      layer->router = load.matrix(m + "gate", E, H, Shard::whole(), /*force_f32=*/true);
+      if (t.use_routing_bias) layer->router_bias = load.vector(m + "e_score_correction_bias", E);
+      const int64_t I = t.intermediate_size;
+      for (int e = 0; e < E; ++e) {
+        const std::string x = m + "experts." + std::to_string(e) + ".";
+        layer->w1.push_back(load.matrix(x + "w1", I, H, Shard::even_rows(I, tp)));
+        layer->w3.push_back(load.matrix(x + "w3", I, H, Shard::even_rows(I, tp)));
+        layer->w2.push_back(load.matrix(x + "w2", H, I, Shard::even_cols(I, tp)));
+        if (layer->w1.back()->mxfp4() != layer->w1.front()->mxfp4() ||
+            layer->w2.back()->mxfp4() != layer->w1.front()->mxfp4() ||
+            layer->w3.back()->mxfp4() != layer->w1.front()->mxfp4())
+          fail("layer {}: experts mix MXFP4 and float weights", i);
+        layer->w1_ptr.push_back(layer->w1.back().get());
+        layer->w3_ptr.push_back(layer->w3.back().get());
+        layer->w2_ptr.push_back(layer->w2.back().get());
+      }
+      if (t.num_shared_experts > 0) {
+        const int64_t S = static_cast<int64_t>(t.shared_intermediate_size) * t.num_shared_experts;
+        layer->dense.gate = load.matrix(m + "shared_experts.gate_proj", S, H, Shard::even_rows(S, tp));
+        layer->dense.up = load.matrix(m + "shared_experts.up_proj", S, H, Shard::even_rows(S, tp));
+        layer->dense.down = load.matrix(m + "shared_experts.down_proj", H, S, Shard::even_cols(S, tp));
+      }
+    }
+    layers_.push_back(std::move(layer));
+  }
+  weight_bytes_ = load.bytes_loaded();
+}
+
+M3Model::~M3Model() = default;
+
+bool M3Model::layer_is_sparse(int layer) const { return layers_.at(static_cast<size_t>(layer))->sparse; }
+
+bool M3Model::has_sparse_layers() const {
+  return std::any_of(layers_.begin(), layers_.end(), [](const auto& l) { return l->sparse; });
+}
+
+int64_t M3Model::kv_width() const { return static_cast<int64_t>(local_kv_heads_) * config_.text.head_dim; }
+
+int64_t M3Model::index_width() const { return has_sparse_layers() ? config_.text.sparse.index_dim : 0; }
+
+void M3Model::linear(const float* x, size_t m, const Weight& w, float* y) {
+  if (!w.mxfp4()) {
+    backend_.linear(x, m, w, y);
+    return;
+  }
+  // MXFP4 emulation: the activations are quantize-dequantized per token in groups of 32 along K.
+  auto tmp = backend_.alloc(m * static_cast<size_t>(w.cols()));
+  backend_.copy(x, tmp->f32(), m * static_cast<size_t>(w.cols()));
+  backend_.qdq_mxfp4(tmp->f32(), m, static_cast<size_t>(w.cols()));
+  backend_.linear(tmp->f32(), m, w, y);
+}
+
+void M3Model::mlp(const Mlp& f, const float* x, size_t m, float* out) {
+  const size_t inter = static_cast<size_t>(f.gate->rows());
+  Scratch s(backend_);
+  float* g = s(m * inter);
+  float* u = s(m * inter);
+  linear(x, m, *f.gate, g);
+  linear(x, m, *f.up, u);
+  backend_.swiglu_oai(g, u, g, m * inter,
+                      {static_cast<float>(config_.text.swiglu_alpha), static_cast<float>(config_.text.swiglu_limit)});
+  linear(g, m, *f.down, out);
+}
+
+void M3Model::moe(const Layer& layer, const float* x, size_t m, float* out) {
+  const io::TextConfig& t = config_.text;
+  const int k = t.experts_per_token;
+  Scratch s(backend_);
+  int32_t* ids = s.i32(m * static_cast<size_t>(k));
+  float* weights = s(m * static_cast<size_t>(k));
+  backend_.router(x, m, *layer.router, layer.router_bias ? layer.router_bias->f32() : nullptr, k,
+                  static_cast<float>(t.routed_scaling_factor), ids, weights);
+  backend_.moe_experts(x, m, ids, weights, k, layer.w1_ptr, layer.w3_ptr, layer.w2_ptr, 0,
+                       {static_cast<float>(t.swiglu_alpha), static_cast<float>(t.swiglu_limit)},
+                       layer.w1.front()->mxfp4(), out);
+  if (layer.dense) {
+    const size_t h = static_cast<size_t>(t.hidden_size);
+    float* shared = s(m * h);
+    mlp(layer.dense, x, m, shared);
+    backend_.add(out, shared, out, m * h);
+  }
+}
+
+void M3Model::attention(const Layer& layer, const LayerCache& cache, const backend::AttentionBatch& batch,
+                        const float* x, float* out) {
+  const io::TextConfig& t = config_.text;
+  const size_t T = static_cast<size_t>(batch.num_tokens);
+  const int D = t.head_dim;
+  const float eps = static_cast<float>(t.rms_norm_eps);
+  const float theta = static_cast<float>(t.rope_theta);
+  Scratch s(backend_);
+  const size_t qw = static_cast<size_t>(local_heads_) * static_cast<size_t>(D);
+  const size_t kw = static_cast<size_t>(kv_width());
+  float* q = s(T * qw);
+  float* k = s(T * kw);
+  float* v = s(T * kw);
+  linear(x, T, *layer.q, q);
+  linear(x, T, *layer.k, k);
+  linear(x, T, *layer.v, v);
+  if (layer.q_norm) {
+    backend_.rms_norm(q, layer.q_norm->f32(), q, T * static_cast<size_t>(local_heads_), static_cast<size_t>(D), eps, t.gemma_norm);
+    backend_.rms_norm(k, layer.k_norm->f32(), k, T * static_cast<size_t>(local_kv_heads_), static_cast<size_t>(D), eps, t.gemma_norm);
+  }
+  backend_.rope(q, batch.positions, local_heads_, D, t.rotary_dim, theta);
+  backend_.rope(k, batch.positions, local_kv_heads_, D, t.rotary_dim, theta);
+  backend_.cache_write(k, kw, batch.slots, cache.k);
+  backend_.cache_write(v, kw, batch.slots, cache.v);
+  const backend::AttentionShape shape{local_heads_, local_kv_heads_, D, 1.0f / std::sqrt(static_cast<float>(D))};
+  float* attn = s(T * qw);
+  if (layer.sparse) {
+    const auto& sp = t.sparse;
+    const int Di = sp.index_dim;
+    if (!cache.index_k) fail("sparse layer without an index-K cache");
+    float* iq = s(T * static_cast<size_t>(local_kv_heads_) * static_cast<size_t>(Di));
+    float* ik = s(T * static_cast<size_t>(Di));
+    linear(x, T, *layer.index_q, iq);
+    linear(x, T, *layer.index_k, ik);
+    backend_.rms_norm(iq, layer.index_q_norm->f32(), iq, T * static_cast<size_t>(local_kv_heads_), static_cast<size_t>(Di), eps, t.gemma_norm);
+    backend_.rms_norm(ik, layer.index_k_norm->f32(), ik, T, static_cast<size_t>(Di), eps, t.gemma_norm);
+    // The indexer shares the main attention's partial RoPE (transformers slices cos/sin to the index dim).
+    const int index_rotary = std::min(t.rotary_dim, Di);
+    backend_.rope(iq, batch.positions, local_kv_heads_, Di, index_rotary, theta);
+    backend_.rope(ik, batch.positions, 1, Di, index_rotary, theta);
+    backend_.cache_write(ik, static_cast<size_t>(Di), batch.slots, cache.index_k);
+    const backend::IndexerShape ishape{local_kv_heads_, Di, sp.topk_blocks, sp.local_blocks, sp.init_blocks};
+    int32_t* blocks = s.i32(T * static_cast<size_t>(local_kv_heads_) * static_cast<size_t>(sp.topk_blocks));
+    backend_.index_select(iq, batch, ishape, cache.index_k, blocks);
+    backend_.sparse_attention(q, batch, shape, cache.k, cache.v, blocks, sp.topk_blocks, attn);
+  } else {
+    backend_.attention(q, batch, shape, cache.k, cache.v, attn);
+  }
+  linear(attn, T, *layer.o, out);
+  backend_.all_reduce_sum(out, T * static_cast<size_t>(t.hidden_size));
+}
+
+std::vector<float> M3Model::forward(const ForwardBatch& batch, std::span<const LayerCache> caches) {
+  const io::TextConfig& t = config_.text;
+  const auto& ab = batch.attention;
+  const size_t T = batch.tokens.size();
+  if (T == 0) return {};
+  if (static_cast<size_t>(ab.num_tokens) != T || ab.positions.size() != T || ab.slots.size() != T)
+    fail("forward batch: {} tokens but {} positions / {} slots / num_tokens {}", T, ab.positions.size(),
+         ab.slots.size(), ab.num_tokens);
+  if (caches.size() != layers_.size()) fail("forward: {} layer caches for {} layers", caches.size(), layers_.size());
+  if (has_sparse_layers() && ab.block_size != t.sparse.block_size)
+    fail("KV page size {} differs from the sparse attention block size {}", ab.block_size, t.sparse.block_size);
+  for (int32_t id : batch.tokens)
+    if (id < 0 || id >= t.vocab_size) fail("token id {} outside the vocabulary [0, {})", id, t.vocab_size);
+  for (int32_t r : batch.logit_rows)
+    if (r < 0 || static_cast<size_t>(r) >= T) fail("logit row {} outside the batch of {} tokens", r, T);
+
+  const size_t H = static_cast<size_t>(t.hidden_size);
+  const float eps = static_cast<float>(t.rms_norm_eps);
+  Scratch s(backend_);
+  float* h = s(T * H);
+  float* x = s(T * H);
+  float* y = s(T * H);
+  backend_.embedding(*embed_, batch.tokens, vocab_begin_, h);
+  if (backend_.tp_size() > 1) backend_.all_reduce_sum(h, T * H);
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const Layer& layer = *layers_[i];
+    backend_.rms_norm(h, layer.input_norm->f32(), x, T, H, eps, t.gemma_norm);
+    attention(layer, caches[i], ab, x, y);
+    backend_.add(h, y, h, T * H);
+    backend_.rms_norm(h, layer.post_norm->f32(), x, T, H, eps, t.gemma_norm);
+    if (layer.moe) {
+      moe(layer, x, T, y);
+    } else {
+      mlp(layer.dense, x, T, y);
+    }
+    backend_.all_reduce_sum(y, T * H);
+    backend_.add(h, y, h, T * H);
+  }
+
+  const size_t R = batch.logit_rows.size();
+  std::vector<float> logits(R * static_cast<size_t>(t.vocab_size));
+  if (R == 0) return logits;
+  float* rows = s(R * H);
+  for (size_t r = 0; r < R; ++r) backend_.copy(h + static_cast<size_t>(batch.logit_rows[r]) * H, rows + r * H, H);
+  backend_.rms_norm(rows, final_norm_->f32(), rows, R, H, eps, t.gemma_norm);
+  float* local = s(R * static_cast<size_t>(local_vocab_));
+  linear(rows, R, *lm_head_, local);
+  auto all = backend_.alloc(R * static_cast<size_t>(t.vocab_size));
+  backend_.all_gather_cols(local, R, static_cast<size_t>(local_vocab_), all->f32());
+  backend_.download(*all, 0, logits.data(), logits.size());
+  return logits;
+}
+
+std::unique_ptr<M3Model> load_m3_model(const std::filesystem::path& dir, backend::Backend& backend,
+                                       ModelOptions options) {
+  const io::ModelConfig config = io::load_model_config(dir);
+  const io::Checkpoint checkpoint(dir);
+  return std::make_unique<M3Model>(config, checkpoint, backend, options);
+}
+
+}  // namespace mxlm::model

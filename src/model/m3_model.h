@@ -1,0 +1,92 @@
+// The MiniMax-M3 text model (shared/spec/m3_checkpoint.md §4, §7 and m3_sparse_attention.md), written once
+// against backend::Backend and bound to the upstream checkpoint names through tensor-parallel sharding rules
+// (column-parallel q/k/v/gate/up/index-q, row-parallel o/down with an all-reduce, KV and index heads replicated
+// when TP exceeds their count, experts split on the intermediate dimension, vocab-parallel embedding and lm_head).
+// A single device is TP = 1.
+#pragma once
+
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <span>
+#include <vector>
+
+#include "backend/backend.h"
+#include "io/model_config.h"
+#include "io/safetensors.h"
+#include "model/weight_loader.h"
+
+namespace mxlm::model {
+
+struct ModelOptions {
+  // Store float weights in this format (F32 or BF16); nullopt keeps each tensor's checkpoint dtype. MXFP4 stays.
+  std::optional<backend::WeightFormat> float_format;
+  TensorParallel tp;
+};
+
+// One layer's cache pages: [num_pages, block_size, width] f32 in backend memory. index_k is null on
+// full-attention layers.
+struct LayerCache {
+  float* k = nullptr;
+  float* v = nullptr;
+  float* index_k = nullptr;
+};
+
+// One step over several sequences: rows are the new tokens of every sequence, laid out as `attention` says.
+struct ForwardBatch {
+  backend::AttentionBatch attention;
+  std::vector<int32_t> tokens;      // per row
+  std::vector<int32_t> logit_rows;  // rows whose logits to return, in this order
+};
+
+class M3Model {
+ public:
+  M3Model(const io::ModelConfig& config, const io::Checkpoint& checkpoint, backend::Backend& backend,
+          ModelOptions options = {});
+  ~M3Model();
+  M3Model(const M3Model&) = delete;
+  M3Model& operator=(const M3Model&) = delete;
+
+  const io::TextConfig& text() const { return config_.text; }
+  backend::Backend& backend() { return backend_; }
+  int num_layers() const { return config_.text.num_layers; }
+  int vocab_size() const { return config_.text.vocab_size; }
+  bool layer_is_sparse(int layer) const;
+  bool has_sparse_layers() const;
+  // Floats per token slot of this rank's K (and V) cache, and of the index-K cache of sparse layers.
+  int64_t kv_width() const;
+  int64_t index_width() const;
+  uint64_t weight_bytes() const { return weight_bytes_; }
+
+  // Writes the batch's K/V/index-K into `caches` (one per layer) at batch.attention.slots, runs every layer and
+  // returns the logits of batch.logit_rows as [logit_rows, vocab] f32 on the host.
+  std::vector<float> forward(const ForwardBatch& batch, std::span<const LayerCache> caches);
+
+ private:
+  struct Layer;
+  struct Mlp;
+  void linear(const float* x, size_t m, const backend::Weight& w, float* y);
+  void mlp(const Mlp& mlp, const float* x, size_t m, float* out);
+  void attention(const Layer& layer, const LayerCache& cache, const backend::AttentionBatch& batch, const float* x,
+                 float* out);
+  void moe(const Layer& layer, const float* x, size_t m, float* out);
+
+  io::ModelConfig config_;
+  backend::Backend& backend_;
+  ModelOptions options_;
+  int local_heads_ = 0;
+  int local_kv_heads_ = 0;
+  int64_t vocab_begin_ = 0;
+  int64_t local_vocab_ = 0;
+  std::unique_ptr<backend::Weight> embed_;
+  std::unique_ptr<backend::Weight> lm_head_;
+  std::unique_ptr<backend::Buffer> final_norm_;
+  std::vector<std::unique_ptr<Layer>> layers_;
+  uint64_t weight_bytes_ = 0;
+};
+
+// Loads config.json and the checkpoint of a model directory and binds the weights.
+std::unique_ptr<M3Model> load_m3_model(const std::filesystem::path& dir, backend::Backend& backend,
+                                       ModelOptions options = {});
+
+}  // namespace mxlm::model
