@@ -97,7 +97,7 @@ struct Quantized {
 };
 
 // The reference against the independent formulation: codes, export scale bytes and QDQ values.
-TEST(Reference, MatchesBruteForceOnRandomBlocks) {
+TEST(MxReference, MatchesBruteForceOnRandomBlocks) {
   BlockGenerator gen(1);
   const std::vector<float> x = gen.blocks(20000);
   for (ScaleRule rule : {ScaleRule::Even, ScaleRule::Floor}) {
@@ -123,7 +123,7 @@ TEST(Reference, MatchesBruteForceOnRandomBlocks) {
 }
 
 // Every ISA equals the reference on random row shapes, unaligned pointers included.
-TEST(Kernels, EveryIsaMatchesReferenceBitForBit) {
+TEST(MxKernels, EveryIsaMatchesReferenceBitForBit) {
   BlockGenerator gen(2);
   std::mt19937 rng(3);
   for (int trial = 0; trial < 60; ++trial) {
@@ -184,7 +184,7 @@ TEST(Kernels, EveryIsaMatchesReferenceBitForBit) {
 }
 
 // f16 and bf16 inputs widen exactly, so quantizing them equals quantizing their f32 values.
-TEST(Kernels, NarrowInputsEqualTheirWidenedValues) {
+TEST(MxKernels, NarrowInputsEqualTheirWidenedValues) {
   BlockGenerator gen(4);
   const std::vector<float> x = gen.blocks(2000);
   const std::vector<uint16_t> xb = to_bf16(x), xh = to_f16(x);
@@ -210,7 +210,7 @@ TEST(Kernels, NarrowInputsEqualTheirWidenedValues) {
 
 // QDQ == dequantize(quantize) except: QDQ keeps -0.0 where the code is 0 (export writes +0), and blocks
 // with e = -127 are written with scale byte 1, so their export dequantizes to exactly twice the QDQ value.
-TEST(Kernels, QdqEqualsDequantizeOfQuantizeUpToSignOfZero) {
+TEST(MxKernels, QdqEqualsDequantizeOfQuantizeUpToSignOfZero) {
   BlockGenerator gen(5);
   const std::vector<float> x = gen.blocks(20000);
   const size_t n = x.size();
@@ -256,7 +256,7 @@ TEST(Kernels, QdqEqualsDequantizeOfQuantizeUpToSignOfZero) {
   EXPECT_GT(raised_blocks, 100u);
 }
 
-TEST(NonFinite, QuantizeRejectsNanAndInfWithPosition) {
+TEST(MxNonFinite, QuantizeRejectsNanAndInfWithPosition) {
   for (float bad : {std::nanf(""), INFINITY, -INFINITY}) {
     std::vector<float> x(3 * 64, 1.0f);
     x[64 + 37] = bad;  // row 1, column 37
@@ -284,7 +284,7 @@ TEST(NonFinite, QuantizeRejectsNanAndInfWithPosition) {
 }
 
 // Quark float32 fake-quant semantics: NaN poisons its block; Inf passes through with scale 2^127.
-TEST(NonFinite, QdqNanBlockAndInfBlock) {
+TEST(MxNonFinite, QdqNanBlockAndInfBlock) {
   std::vector<float> x(96, 1.0f);
   x[5] = std::nanf("");
   x[32 + 3] = -INFINITY;
@@ -317,7 +317,7 @@ TEST(NonFinite, QdqNanBlockAndInfBlock) {
   }
 }
 
-TEST(NonFinite, DequantizeScaleBytes) {
+TEST(MxNonFinite, DequantizeScaleBytes) {
   std::vector<uint8_t> packed(16);
   for (int i = 0; i < 16; ++i) packed[i] = static_cast<uint8_t>(i | (15 - i) << 4);  // every code
   for (Isa isa : supported_isas()) {
@@ -340,7 +340,7 @@ TEST(NonFinite, DequantizeScaleBytes) {
   }
 }
 
-TEST(NonFinite, TopOfRangeEvenOvershootIsInf) {
+TEST(MxNonFinite, TopOfRangeEvenOvershootIsInf) {
   std::vector<uint16_t> x(32, 0);
   x[0] = 0x7f60;  // 1.75 * 2^127
   std::vector<uint8_t> packed(16), scale(1);
@@ -352,7 +352,7 @@ TEST(NonFinite, TopOfRangeEvenOvershootIsInf) {
   EXPECT_EQ(out[0], 0x7f80);
 }
 
-TEST(Packing, RoundTripsAndNibbleOrder) {
+TEST(MxPacking, RoundTripsAndNibbleOrder) {
   std::mt19937 rng(6);
   std::vector<uint8_t> codes(1000), back(1000), packed(500);
   for (auto& c : codes) c = rng() % 16;
@@ -376,7 +376,7 @@ TEST(Packing, RoundTripsAndNibbleOrder) {
   EXPECT_THROW(unpack_e2m1(packed.data(), 5, back.data()), Error);
 }
 
-TEST(Arguments, RowLengthsMustBeWholeBlocks) {
+TEST(MxArguments, RowLengthsMustBeWholeBlocks) {
   std::vector<float> x(64);
   std::vector<uint16_t> xb(64);
   std::vector<uint8_t> packed(32), scales(2);

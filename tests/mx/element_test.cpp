@@ -14,21 +14,21 @@ namespace {
 
 using namespace testing;
 
-TEST(E2M1, ValueTable) {
+TEST(MxE2M1, ValueTable) {
   const float expected[16] = {0, 0.5f, 1, 1.5f, 2, 3, 4, 6, -0.0f, -0.5f, -1, -1.5f, -2, -3, -4, -6};
   for (uint8_t c = 0; c < 16; ++c) EXPECT_EQ(bits_of(e2m1_value(c)), bits_of(expected[c])) << int(c);
   EXPECT_TRUE(std::signbit(e2m1_value(8)));
   EXPECT_THROW(e2m1_value(16), Error);
 }
 
-TEST(E2M1, EncodeDecodeRoundTripsEveryCode) {
+TEST(MxE2M1, EncodeDecodeRoundTripsEveryCode) {
   for (uint8_t c = 0; c < 16; ++c) {
     const uint8_t expected = c == 8 ? 0 : c;  // -0 encodes as code 0 (Quark never writes code 8)
     EXPECT_EQ(e2m1_encode(e2m1_value(c)), expected) << int(c);
   }
 }
 
-TEST(E2M1, TiesGoToEvenAndSaturate) {
+TEST(MxE2M1, TiesGoToEvenAndSaturate) {
   const float ties[] = {0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.0f, 7.0f};
   const uint8_t codes[] = {0, 2, 2, 4, 4, 6, 6, 7};
   for (int i = 0; i < 8; ++i) {
@@ -46,7 +46,7 @@ TEST(E2M1, TiesGoToEvenAndSaturate) {
 }
 
 // Every bf16 bit pattern (all finite values, both zeros, subnormals, Inf) against brute-force nearest.
-TEST(E2M1, EncodeMatchesBruteForceOnEveryBf16Pattern) {
+TEST(MxE2M1, EncodeMatchesBruteForceOnEveryBf16Pattern) {
   int checked = 0;
   for (uint32_t b = 0; b < 65536; ++b) {
     const float y = widen_bf16(static_cast<uint16_t>(b));
@@ -57,7 +57,7 @@ TEST(E2M1, EncodeMatchesBruteForceOnEveryBf16Pattern) {
   EXPECT_EQ(checked, 65536 - 254);
 }
 
-TEST(E8M0, DecodeEncode) {
+TEST(MxE8M0, DecodeEncode) {
   EXPECT_EQ(e8m0_value(127), 1.0f);
   EXPECT_EQ(e8m0_value(128), 2.0f);
   EXPECT_EQ(e8m0_value(125), 0.25f);
@@ -77,7 +77,7 @@ TEST(E8M0, DecodeEncode) {
   EXPECT_EQ(export_scale_byte(127), 254);
 }
 
-TEST(ScaleExponent, MatchesFrexpFormulationOnEveryBf16Magnitude) {
+TEST(MxScaleExponent, MatchesFrexpFormulationOnEveryBf16Magnitude) {
   for (ScaleRule rule : {ScaleRule::Even, ScaleRule::Floor}) {
     for (uint32_t b = 0; b <= 0x7f80; ++b) {  // +0 .. +Inf
       const float amax = widen_bf16(static_cast<uint16_t>(b));
@@ -86,7 +86,7 @@ TEST(ScaleExponent, MatchesFrexpFormulationOnEveryBf16Magnitude) {
   }
 }
 
-TEST(ScaleExponent, EdgeCases) {
+TEST(MxScaleExponent, EdgeCases) {
   EXPECT_EQ(scale_exponent(0.0f, ScaleRule::Even), -127);
   EXPECT_EQ(scale_exponent(6.0f, ScaleRule::Even), 0);
   EXPECT_EQ(scale_exponent(6.96875f, ScaleRule::Even), 0);
@@ -104,7 +104,7 @@ TEST(ScaleExponent, EdgeCases) {
 }
 
 // Random float32 magnitudes (not only bf16 ones) against the frexp formulation.
-TEST(ScaleExponent, MatchesFrexpFormulationOnRandomF32) {
+TEST(MxScaleExponent, MatchesFrexpFormulationOnRandomF32) {
   uint32_t state = 12345;
   for (int i = 0; i < 200000; ++i) {
     state = state * 1664525u + 1013904223u;
@@ -117,7 +117,7 @@ TEST(ScaleExponent, MatchesFrexpFormulationOnRandomF32) {
 
 // Every bf16 magnitude up to a companion that pins the scale to 2^0 goes through every ISA's block
 // kernels (quantize codes and QDQ values) and must match brute-force rounding.
-TEST(ElementRounding, EveryIsaMatchesBruteForceOnEveryBf16Value) {
+TEST(MxElementRounding, EveryIsaMatchesBruteForceOnEveryBf16Value) {
   struct Case {
     ScaleRule rule;
     uint16_t companion;  // largest |x| with e = 0 under the rule
@@ -165,7 +165,7 @@ TEST(ElementRounding, EveryIsaMatchesBruteForceOnEveryBf16Value) {
   }
 }
 
-TEST(Dispatch, AllIsasOfThisMachineAreTestable) {
+TEST(MxDispatch, AllIsasOfThisMachineAreTestable) {
   const auto isas = supported_isas();
   ASSERT_FALSE(isas.empty());
   EXPECT_EQ(isas.front(), Isa::Scalar);

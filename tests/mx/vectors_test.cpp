@@ -121,15 +121,15 @@ void check_column(const Vector& v, const Expected& ex, ScaleRule rule, const std
   }
 }
 
-TEST(SpecVectors, QuarkColumn) {
+TEST(MxSpecVectors, QuarkColumn) {
   for (const Vector& v : spec_vectors()) check_column(v, v.q, ScaleRule::Even, &v.q_packed);
 }
 
-TEST(SpecVectors, FloorColumn) {
+TEST(MxSpecVectors, FloorColumn) {
   for (const Vector& v : spec_vectors()) check_column(v, v.f, ScaleRule::Floor, nullptr);
 }
 
-TEST(SpecVectors, QdqKeepsNegativeZeroWhereExportDoesNot) {
+TEST(MxSpecVectors, QdqKeepsNegativeZeroWhereExportDoesNot) {
   std::vector<float> a = block_of(spec_vectors()[0].x);
   std::vector<float> g = block_of(spec_vectors().back().x);
   for (Isa isa : supported_isas()) {
@@ -143,7 +143,7 @@ TEST(SpecVectors, QdqKeepsNegativeZeroWhereExportDoesNot) {
   }
 }
 
-TEST(SpecVectors, DequantizationVectors) {
+TEST(MxSpecVectors, DequantizationVectors) {
   struct D {
     uint8_t byte, scale;
     float v0, v1;
