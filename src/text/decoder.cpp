@@ -204,7 +204,7 @@ char32_t single_char(const std::string& s, std::string_view owner) {
 
 size_t json_size(const nlohmann::json& config, const char* key) {
   const auto it = config.find(key);
-  if (it == config.end() || !it->is_number_unsigned()) fail("tokenizer.json: decoder Strip needs an unsigned {:?}", key);
+  if (it == config.end() || !it->is_number_integer() || it->get<int64_t>() < 0) fail("tokenizer.json: decoder Strip needs an unsigned {:?}", key);
   return it->get<size_t>();
 }
 
