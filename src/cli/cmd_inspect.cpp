@@ -31,7 +31,8 @@ void add_inspect(CLI::App& app) {
   auto* cmd = app.add_subcommand("inspect", "Show a model directory's config, tensors, dtypes and MXFP4 layers");
   cmd->add_option("model_dir", options->model_dir, "Hugging Face model directory (config.json + safetensors)")
       ->required();
-  cmd->add_flag("--json", options->json, "Machine-readable report (includes every tensor's dtype, shape, file, offsets)");
+  cmd->add_flag("--json", options->json,
+                "Machine-readable report (includes every tensor's dtype, shape, file, offsets)");
   // Hidden: re-writes the checkpoint through mxlm's safetensors writer (used by the interoperability tests).
   cmd->add_option("--resave-to", options->resave_to, "Write every tensor to this directory with mxlm's writer")
       ->group("");

@@ -59,8 +59,7 @@ Checkpoint::Checkpoint(const fs::path& dir) : dir_(dir) {
       shards.insert(name);
     }
     for (const auto& shard : shards) {
-      if (!fs::exists(dir / shard))
-        fail("{}: shard '{}' listed in {} does not exist", dir.string(), shard, kIndexName);
+      if (!fs::exists(dir / shard)) fail("{}: shard '{}' listed in {} does not exist", dir.string(), shard, kIndexName);
       file_names.push_back(shard);
     }
   } else if (fs::exists(dir / "model.safetensors")) {
@@ -102,7 +101,8 @@ Checkpoint::Checkpoint(const fs::path& dir) : dir_(dir) {
       fail("{}: tensor '{}' is listed in {} under '{}' but stored in '{}'", dir.string(), tensor, kIndexName, shard,
            actual);
   }
-  if (unlisted) spdlog::warn("{}: {} tensors in the shards are not listed in {}; ignored", dir.string(), unlisted, kIndexName);
+  if (unlisted)
+    spdlog::warn("{}: {} tensors in the shards are not listed in {}; ignored", dir.string(), unlisted, kIndexName);
 }
 
 std::vector<std::string> Checkpoint::tensor_names() const {

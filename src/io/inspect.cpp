@@ -33,7 +33,9 @@ std::string pattern_of(const std::string& name) {
     size_t j = name.find('.', i);
     if (j == std::string::npos) j = name.size();
     const std::string_view part(name.data() + i, j - i);
-    const bool numeric = !part.empty() && std::all_of(part.begin(), part.end(), [](char c) { return std::isdigit(static_cast<unsigned char>(c)); });
+    const bool numeric = !part.empty() && std::all_of(part.begin(), part.end(), [](char c) {
+      return std::isdigit(static_cast<unsigned char>(c));
+    });
     out += numeric ? "*" : std::string(part);
     if (j < name.size()) out += '.';
     i = j + 1;
@@ -127,13 +129,16 @@ json config_summary(const ModelConfig& c) {
   };
   json vision = nullptr;
   if (c.vision.present) {
-    vision = {{"hidden_size", c.vision.hidden_size},       {"intermediate_size", c.vision.intermediate_size},
-              {"num_layers", c.vision.num_layers},         {"num_heads", c.vision.num_heads},
-              {"patch_size", c.vision.patch_size},         {"spatial_merge_size", c.vision.spatial_merge_size},
+    vision = {{"hidden_size", c.vision.hidden_size},
+              {"intermediate_size", c.vision.intermediate_size},
+              {"num_layers", c.vision.num_layers},
+              {"num_heads", c.vision.num_heads},
+              {"patch_size", c.vision.patch_size},
+              {"spatial_merge_size", c.vision.spatial_merge_size},
               {"temporal_patch_size", c.vision.temporal_patch_size}};
   }
-  return {{"model_type", c.model_type}, {"architectures", c.architectures}, {"text", text}, {"vision", vision},
-          {"image_token_id", c.image_token_id}, {"video_token_id", c.video_token_id}};
+  return {{"model_type", c.model_type}, {"architectures", c.architectures},   {"text", text},
+          {"vision", vision},           {"image_token_id", c.image_token_id}, {"video_token_id", c.video_token_id}};
 }
 
 json quant_summary(const json& q) {
@@ -141,8 +146,8 @@ json quant_summary(const json& q) {
   auto scheme = [](const json& s) -> json {
     if (!s.is_object()) return nullptr;
     json r;
-    for (const char* key : {"dtype", "qscheme", "group_size", "scale_format", "scale_calculation_mode", "round_method",
-                            "is_dynamic"})
+    for (const char* key :
+         {"dtype", "qscheme", "group_size", "scale_format", "scale_calculation_mode", "round_method", "is_dynamic"})
       if (s.contains(key)) r[key] = s[key];
     return r;
   };
@@ -162,11 +167,14 @@ std::string scheme_text(const json& s) {
   if (!s.is_object()) return "none";
   std::string out = s.value("dtype", "?");
   if (s.contains("qscheme")) out += " " + s["qscheme"].get<std::string>();
-  if (s.contains("group_size") && s["group_size"].is_number()) out += fmt::format(" g{}", s["group_size"].get<int64_t>());
-  if (s.contains("scale_format") && s["scale_format"].is_string()) out += " scale " + s["scale_format"].get<std::string>();
+  if (s.contains("group_size") && s["group_size"].is_number())
+    out += fmt::format(" g{}", s["group_size"].get<int64_t>());
+  if (s.contains("scale_format") && s["scale_format"].is_string())
+    out += " scale " + s["scale_format"].get<std::string>();
   if (s.contains("scale_calculation_mode") && s["scale_calculation_mode"].is_string())
     out += " (" + s["scale_calculation_mode"].get<std::string>() + ")";
-  if (s.contains("is_dynamic") && s["is_dynamic"].is_boolean()) out += s["is_dynamic"].get<bool>() ? ", dynamic" : ", static";
+  if (s.contains("is_dynamic") && s["is_dynamic"].is_boolean())
+    out += s["is_dynamic"].get<bool>() ? ", dynamic" : ", static";
   return out;
 }
 
@@ -219,7 +227,8 @@ json inspect_model_dir(const fs::path& model_dir, bool with_tensors) {
     const TensorInfo& weight = checkpoint.info(weight_name);
     const TensorInfo& scale = checkpoint.info(name);
     if (weight.dtype != DType::U8) {
-      problems.push_back(fmt::format("{}: weight_scale next to a {} weight (not packed MXFP4)", module, dtype_name(weight.dtype)));
+      problems.push_back(
+          fmt::format("{}: weight_scale next to a {} weight (not packed MXFP4)", module, dtype_name(weight.dtype)));
       continue;
     }
     modules.push_back(module);
@@ -230,9 +239,9 @@ json inspect_model_dir(const fs::path& model_dir, bool with_tensors) {
                       std::equal(weight.shape.begin(), weight.shape.end() - 1, scale.shape.begin()) &&
                       weight.shape.back() * 2 == scale.shape.back() * 32;
     if (!fits)
-      problems.push_back(fmt::format("{}: weight {} [{}] and weight_scale {} [{}] do not fit MXFP4 (K/2 vs K/32)", module,
-                                     dtype_name(weight.dtype), fmt::join(weight.shape, ", "), dtype_name(scale.dtype),
-                                     fmt::join(scale.shape, ", ")));
+      problems.push_back(fmt::format("{}: weight {} [{}] and weight_scale {} [{}] do not fit MXFP4 (K/2 vs K/32)",
+                                     module, dtype_name(weight.dtype), fmt::join(weight.shape, ", "),
+                                     dtype_name(scale.dtype), fmt::join(scale.shape, ", ")));
   }
   report["mxfp4"] = {{"modules", modules.size()},
                      {"layers", std::vector<int>(layers.begin(), layers.end())},
@@ -263,11 +272,13 @@ std::string format_inspect_report(const json& r) {
     const json& t = c["text"];
     std::string archs;
     for (const auto& a : c["architectures"]) archs += (archs.empty() ? "" : ", ") + a.get<std::string>();
-    out += fmt::format("config: model_type {}{}\n", c["model_type"].get<std::string>(), archs.empty() ? "" : " (" + archs + ")");
-    out += fmt::format("  text: {} layers, hidden {}, vocab {}, {} heads ({} KV) x {}, rotary {} (theta {}), max positions {}\n",
-                       t["num_layers"].get<int>(), t["hidden_size"].get<int>(), t["vocab_size"].get<int>(),
-                       t["num_heads"].get<int>(), t["num_kv_heads"].get<int>(), t["head_dim"].get<int>(),
-                       t["rotary_dim"].get<int>(), t["rope_theta"].get<double>(), t["max_position_embeddings"].get<int>());
+    out += fmt::format("config: model_type {}{}\n", c["model_type"].get<std::string>(),
+                       archs.empty() ? "" : " (" + archs + ")");
+    out += fmt::format(
+        "  text: {} layers, hidden {}, vocab {}, {} heads ({} KV) x {}, rotary {} (theta {}), max positions {}\n",
+        t["num_layers"].get<int>(), t["hidden_size"].get<int>(), t["vocab_size"].get<int>(), t["num_heads"].get<int>(),
+        t["num_kv_heads"].get<int>(), t["head_dim"].get<int>(), t["rotary_dim"].get<int>(),
+        t["rope_theta"].get<double>(), t["max_position_embeddings"].get<int>());
     if (!t["rope_scaling"].is_null()) out += fmt::format("  rope scaling: {}\n", t["rope_scaling"].dump());
     out += fmt::format("  MoE layers: {} ({} experts, top-{}, {} shared, expert width {}, routed scale {})\n",
                        ranges(t["moe_layers"]), t["num_experts"].get<int>(), t["experts_per_token"].get<int>(),
@@ -276,9 +287,9 @@ std::string format_inspect_report(const json& r) {
     out += fmt::format("  dense MLP layers: {} (width {})\n", ranges(t["dense_mlp_layers"]),
                        t["dense_intermediate_size"].get<int>());
     out += fmt::format("  sparse attention layers: {} ({} index heads x {}, block {}, top-{} blocks, {} local)\n",
-                       ranges(t["sparse_attention_layers"]), t["index_heads"].get<int>(), t["index_head_dim"].get<int>(),
-                       t["index_block_size"].get<int>(), t["index_topk_blocks"].get<int>(),
-                       t["index_local_blocks"].get<int>());
+                       ranges(t["sparse_attention_layers"]), t["index_heads"].get<int>(),
+                       t["index_head_dim"].get<int>(), t["index_block_size"].get<int>(),
+                       t["index_topk_blocks"].get<int>(), t["index_local_blocks"].get<int>());
     if (!c["vision"].is_null()) {
       const json& v = c["vision"];
       out += fmt::format("  vision: {} layers, hidden {}, {} heads, patch {}, merge {}\n", v["num_layers"].get<int>(),
@@ -294,7 +305,8 @@ std::string format_inspect_report(const json& r) {
     out += "\n";
     if (q.contains("exclude")) {
       std::string excluded;
-      for (const auto& e : q["exclude"]) excluded += (excluded.empty() ? "" : " ") + (e.is_string() ? e.get<std::string>() : e.dump());
+      for (const auto& e : q["exclude"])
+        excluded += (excluded.empty() ? "" : " ") + (e.is_string() ? e.get<std::string>() : e.dump());
       out += fmt::format("  exclude: {}\n", excluded);
     }
   }

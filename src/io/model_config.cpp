@@ -188,14 +188,13 @@ TextConfig parse_text(const json& text_json, const json& top_json, const std::st
   const Fields rope(rope_parameters ? *rope_parameters : empty_object(), origin, section + ".rope_parameters");
   double factor = f.number("partial_rotary_factor", rope.number("partial_rotary_factor", 0.0));
   if (f.has("partial_rotary_factor") || rope.has("partial_rotary_factor")) {
-    if (!(factor > 0.0 && factor <= 1.0))
-      fail("{}: partial_rotary_factor must be in (0, 1], got {}", origin, factor);
+    if (!(factor > 0.0 && factor <= 1.0)) fail("{}: partial_rotary_factor must be in (0, 1], got {}", origin, factor);
   }
   if (f.has("rotary_dim")) {
     t.rotary_dim = f.positive("rotary_dim", 64);
     if (factor > 0.0 && std::lround(factor * t.head_dim) != t.rotary_dim)
-      spdlog::warn("{}: rotary_dim {} disagrees with partial_rotary_factor {} x head_dim {}; using rotary_dim",
-                   origin, t.rotary_dim, factor, t.head_dim);
+      spdlog::warn("{}: rotary_dim {} disagrees with partial_rotary_factor {} x head_dim {}; using rotary_dim", origin,
+                   t.rotary_dim, factor, t.head_dim);
   } else if (factor > 0.0) {
     const double dims = factor * t.head_dim;
     if (dims != std::floor(dims))
@@ -205,8 +204,7 @@ TextConfig parse_text(const json& text_json, const json& top_json, const std::st
   } else {
     t.rotary_dim = 64;  // transformers 5.17 default
   }
-  if (t.rotary_dim > t.head_dim)
-    fail("{}: rotary_dim {} is larger than head_dim {}", origin, t.rotary_dim, t.head_dim);
+  if (t.rotary_dim > t.head_dim) fail("{}: rotary_dim {} is larger than head_dim {}", origin, t.rotary_dim, t.head_dim);
   if (t.rotary_dim % 2 != 0) fail("{}: rotary_dim {} must be even (rotate-half pairs)", origin, t.rotary_dim);
   t.rope_theta = f.number("rope_theta", rope.number("rope_theta", 5000000.0));
   if (!(t.rope_theta > 0.0)) fail("{}: rope_theta must be positive", origin);
@@ -235,9 +233,9 @@ TextConfig parse_text(const json& text_json, const json& top_json, const std::st
     fail("{}: swiglu_beta other than 1.0 is not supported", origin);
 
   // Per-layer structure.
-  t.layer_is_moe = per_layer(flag_list(f, "moe_layer_freq"), "moe_layer_freq",
-                             name_list(f, "mlp_layer_types", "sparse", "dense"), "mlp_layer_types", t.num_layers,
-                             true, origin);
+  t.layer_is_moe =
+      per_layer(flag_list(f, "moe_layer_freq"), "moe_layer_freq", name_list(f, "mlp_layer_types", "sparse", "dense"),
+                "mlp_layer_types", t.num_layers, true, origin);
   const json* sparse_json = f.object("sparse_attention_config");
   const Fields sparse(sparse_json ? *sparse_json : empty_object(), origin, section + ".sparse_attention_config");
   std::vector<bool> sparse_freq = flag_list(sparse, "sparse_attention_freq");
@@ -277,7 +275,8 @@ TextConfig parse_text(const json& text_json, const json& top_json, const std::st
   s.local_blocks = static_cast<int>(pick("sparse_local_block", "index_local_blocks", 1));
   s.init_blocks = static_cast<int>(pick("sparse_init_block", "index_init_blocks", 0));
   if (s.enabled) {
-    if (s.num_index_heads <= 0) fail("{}: the number of index heads must be positive, got {}", origin, s.num_index_heads);
+    if (s.num_index_heads <= 0)
+      fail("{}: the number of index heads must be positive, got {}", origin, s.num_index_heads);
     if (s.index_dim <= 0) fail("{}: the index head dim must be positive, got {}", origin, s.index_dim);
     if (s.block_size <= 0) fail("{}: the sparse block size must be positive, got {}", origin, s.block_size);
     if (s.topk_blocks <= 0) fail("{}: the number of top-k blocks must be positive, got {}", origin, s.topk_blocks);
@@ -305,7 +304,8 @@ TextConfig parse_text(const json& text_json, const json& top_json, const std::st
   } else {
     t.bos_token_id = either("bos_token_id").non_negative("bos_token_id", 200034);
   }
-  t.eos_token_ids = explicitly_null("eos_token_id") ? std::vector<int>{} : token_ids(either("eos_token_id"), "eos_token_id", {200020});
+  t.eos_token_ids = explicitly_null("eos_token_id") ? std::vector<int>{}
+                                                    : token_ids(either("eos_token_id"), "eos_token_id", {200020});
   // transformers 5.17: the composite model ties when either level says so.
   t.tie_word_embeddings = top.boolean("tie_word_embeddings", false) || f.boolean("tie_word_embeddings", false);
   t.num_mtp_modules = f.non_negative("num_mtp_modules", 0);
@@ -324,7 +324,8 @@ VisionConfig parse_vision(const json& vision_json, const std::string& origin) {
   v.num_channels = f.positive("num_channels", 3);
   const json* compression = f.object("img_token_compression_config");
   const Fields c(compression ? *compression : empty_object(), origin, "vision_config.img_token_compression_config");
-  v.spatial_merge_size = c.has("spatial_merge_size") ? c.positive("spatial_merge_size", 2) : f.positive("spatial_merge_size", 2);
+  v.spatial_merge_size =
+      c.has("spatial_merge_size") ? c.positive("spatial_merge_size", 2) : f.positive("spatial_merge_size", 2);
   v.temporal_patch_size =
       c.has("temporal_patch_size") ? c.positive("temporal_patch_size", 2) : f.positive("temporal_patch_size", 2);
   v.layer_norm_eps = f.number("layer_norm_eps", 1e-5);

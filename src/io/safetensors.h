@@ -118,7 +118,7 @@ class SafetensorsWriter {
   uint64_t file_size_ = 0;
   std::vector<PlannedTensor> tensors_;
   std::map<std::string, std::pair<uint64_t, uint64_t>, std::less<>> ranges_;  // name -> [begin, end)
-  std::map<std::string, uint64_t, std::less<>> written_;                       // name -> bytes written
+  std::map<std::string, uint64_t, std::less<>> written_;                      // name -> bytes written
   std::mutex mutex_;  // guards written_ (the pwrites themselves go to disjoint ranges)
   bool committed_ = false;
 };

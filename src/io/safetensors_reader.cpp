@@ -35,7 +35,8 @@ uint64_t checked_numel(const std::vector<int64_t>& shape, const std::string& ori
 }
 
 uint64_t as_offset(const json& value, const std::string& origin, const std::string& name) {
-  if (!value.is_number_unsigned()) fail("{}: tensor '{}' has a data offset that is not a non-negative integer", origin, name);
+  if (!value.is_number_unsigned())
+    fail("{}: tensor '{}' has a data offset that is not a non-negative integer", origin, name);
   return value.get<uint64_t>();
 }
 
@@ -65,7 +66,8 @@ TensorInfo parse_tensor_entry(const std::string& name, const json& entry, const 
     fail("{}: tensor '{}' needs data_offsets [begin, end]", origin, name);
   info.begin = as_offset((*offsets_it)[0], origin, name);
   info.end = as_offset((*offsets_it)[1], origin, name);
-  if (info.end < info.begin) fail("{}: tensor '{}' has data_offsets [{}, {}] with end before begin", origin, name, info.begin, info.end);
+  if (info.end < info.begin)
+    fail("{}: tensor '{}' has data_offsets [{}, {}] with end before begin", origin, name, info.begin, info.end);
 
   const uint64_t numel = checked_numel(info.shape, origin, name);
   const uint64_t element = dtype_size(info.dtype);
@@ -138,8 +140,8 @@ std::vector<TensorInfo> parse_header(std::string_view header_json, uint64_t data
       fail("{}: tensor '{}' starts at {} but the previous tensor ends at {} (gap in the data section)", origin,
            tensor.name, tensor.begin, expected_begin);
     if (tensor.end > data_size)
-      fail("{}: tensor '{}' ends at byte {} of a data section of only {} bytes (file truncated?)", origin,
-           tensor.name, tensor.end, data_size);
+      fail("{}: tensor '{}' ends at byte {} of a data section of only {} bytes (file truncated?)", origin, tensor.name,
+           tensor.end, data_size);
     expected_begin = tensor.end;
   }
   if (expected_begin != data_size)

@@ -52,18 +52,30 @@ void fsync_directory(const fs::path& dir) {
 // the data in descending order, so wider types come first and every tensor stays aligned.
 int alignment_rank(DType dtype) {
   switch (dtype) {
-    case DType::BOOL: return 0;
-    case DType::U8: return 1;
-    case DType::I8: return 2;
-    case DType::F8_E5M2: return 3;
-    case DType::F8_E4M3: return 4;
-    case DType::I16: return 5;
-    case DType::F16: return 6;
-    case DType::BF16: return 7;
-    case DType::I32: return 8;
-    case DType::F32: return 9;
-    case DType::F64: return 10;
-    case DType::I64: return 11;
+    case DType::BOOL:
+      return 0;
+    case DType::U8:
+      return 1;
+    case DType::I8:
+      return 2;
+    case DType::F8_E5M2:
+      return 3;
+    case DType::F8_E4M3:
+      return 4;
+    case DType::I16:
+      return 5;
+    case DType::F16:
+      return 6;
+    case DType::BF16:
+      return 7;
+    case DType::I32:
+      return 8;
+    case DType::F32:
+      return 9;
+    case DType::F64:
+      return 10;
+    case DType::I64:
+      return 11;
   }
   return 0;
 }
@@ -248,7 +260,8 @@ uint64_t parse_size(std::string_view text) {
   while (!text.empty() && is_space(text.back())) text.remove_suffix(1);
 
   size_t number_end = 0;
-  while (number_end < text.size() && (std::isdigit(static_cast<unsigned char>(text[number_end])) || text[number_end] == '.'))
+  while (number_end < text.size() &&
+         (std::isdigit(static_cast<unsigned char>(text[number_end])) || text[number_end] == '.'))
     ++number_end;
   const std::string number(text.substr(0, number_end));
   std::string unit(text.substr(number_end));
@@ -273,7 +286,8 @@ uint64_t parse_size(std::string_view text) {
   }};
   const auto unit_it =
       std::find_if(kUnits.begin(), kUnits.end(), [&](const auto& entry) { return entry.first == unit; });
-  if (unit_it == kUnits.end()) fail("size '{}': unknown unit '{}' (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)", original, unit);
+  if (unit_it == kUnits.end())
+    fail("size '{}': unknown unit '{}' (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)", original, unit);
 
   uint64_t bytes;
   if (number.find('.') == std::string::npos && unit_it->second == std::floor(unit_it->second)) {

@@ -35,10 +35,10 @@ std::vector<PlannedTensor> model_tensors() {
   tensors.push_back({"model.embed_tokens.weight", DType::BF16, {64, 16}});  // 2048 bytes
   for (int layer = 0; layer < 3; ++layer) {
     const std::string p = "model.layers." + std::to_string(layer) + ".";
-    tensors.push_back({p + "mlp.experts.0.w1.weight", DType::U8, {32, 8}});         // 256
-    tensors.push_back({p + "mlp.experts.0.w1.weight_scale", DType::U8, {32, 1}});   // 32
-    tensors.push_back({p + "input_layernorm.weight", DType::BF16, {16}});           // 32
-    tensors.push_back({p + "mlp.gate.weight", DType::F32, {4, 16}});                // 256
+    tensors.push_back({p + "mlp.experts.0.w1.weight", DType::U8, {32, 8}});        // 256
+    tensors.push_back({p + "mlp.experts.0.w1.weight_scale", DType::U8, {32, 1}});  // 32
+    tensors.push_back({p + "input_layernorm.weight", DType::BF16, {16}});          // 32
+    tensors.push_back({p + "mlp.gate.weight", DType::F32, {4, 16}});               // 256
   }
   tensors.push_back({"lm_head.weight", DType::BF16, {64, 16}});  // 2048
   return tensors;
@@ -116,8 +116,9 @@ TEST(Checkpoint, DuplicateTensorAcrossFiles) {
   expect_error([&] { Checkpoint c(dir.path()); }, {"tensor 'y' is stored twice", "a.safetensors", "b.safetensors"});
 
   // With an index that lists y once, the second copy is still a conflict.
-  write_bytes(dir / "model.safetensors.index.json",
-              R"({"metadata":{"total_size":24},"weight_map":{"x":"a.safetensors","y":"a.safetensors","z":"b.safetensors"}})");
+  write_bytes(
+      dir / "model.safetensors.index.json",
+      R"({"metadata":{"total_size":24},"weight_map":{"x":"a.safetensors","y":"a.safetensors","z":"b.safetensors"}})");
   write_file(dir / "b.safetensors", {{"y", DType::F32, {2}}, {"z", DType::F32, {2}}});
   expect_error([&] { Checkpoint c(dir.path()); }, {"tensor 'y' is stored twice"});
 }
@@ -135,15 +136,15 @@ TEST(Checkpoint, TensorListedButAbsent) {
   write_file(dir / "s1.safetensors", {{"x", DType::F32, {2}}});
   write_bytes(dir / "model.safetensors.index.json",
               R"({"weight_map":{"x":"s1.safetensors","ghost":"s1.safetensors"}})");
-  expect_error([&] { Checkpoint c(dir.path()); }, {"tensor 'ghost' is listed", "'s1.safetensors'", "does not contain it"});
+  expect_error([&] { Checkpoint c(dir.path()); },
+               {"tensor 'ghost' is listed", "'s1.safetensors'", "does not contain it"});
 }
 
 TEST(Checkpoint, TensorListedUnderTheWrongShard) {
   ScratchDir dir;
   write_file(dir / "s1.safetensors", {{"x", DType::F32, {2}}});
   write_file(dir / "s2.safetensors", {{"y", DType::F32, {2}}});
-  write_bytes(dir / "model.safetensors.index.json",
-              R"({"weight_map":{"x":"s2.safetensors","y":"s1.safetensors"}})");
+  write_bytes(dir / "model.safetensors.index.json", R"({"weight_map":{"x":"s2.safetensors","y":"s1.safetensors"}})");
   expect_error([&] { Checkpoint c(dir.path()); }, {"listed in model.safetensors.index.json under", "but stored in"});
 }
 
@@ -187,8 +188,11 @@ TEST(Checkpoint, EmptyOrMissingDirectory) {
 }
 
 TEST(PlanShards, SplitsInOrderAndGivesHugeTensorsTheirOwnShard) {
-  const std::vector<PlannedTensor> tensors = {{"a", DType::U8, {40}}, {"b", DType::U8, {50}}, {"c", DType::U8, {20}},
-                                              {"huge", DType::U8, {500}}, {"d", DType::U8, {10}}};
+  const std::vector<PlannedTensor> tensors = {{"a", DType::U8, {40}},
+                                              {"b", DType::U8, {50}},
+                                              {"c", DType::U8, {20}},
+                                              {"huge", DType::U8, {500}},
+                                              {"d", DType::U8, {10}}};
   const auto shards = plan_shards(tensors, 100);
   ASSERT_EQ(shards.size(), 4u);
   EXPECT_EQ(shards[0].file_name, "model-00001-of-00004.safetensors");

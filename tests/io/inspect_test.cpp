@@ -11,8 +11,8 @@
 namespace mxlm::io {
 namespace {
 
-using ::testing::HasSubstr;
 using nlohmann::json;
+using ::testing::HasSubstr;
 using testing::read_bytes;
 using testing::ScratchDir;
 using testing::write_bytes;
@@ -26,12 +26,17 @@ std::vector<uint8_t> pattern_bytes(uint64_t n, int salt) {
 // A tiny quantized-looking checkpoint: layer 1 has MXFP4 experts (K = 64: weight [8, 32], scale [8, 2]),
 // layer 0 a BF16 dense MLP, plus one broken module whose scale does not fit.
 void write_tiny(const std::filesystem::path& dir, bool with_problem) {
-  json config = json::parse(std::ifstream(std::string(MXLM_SOURCE_DIR) + "/tests/fixtures/configs/tiny_text_only.json"));
+  json config =
+      json::parse(std::ifstream(std::string(MXLM_SOURCE_DIR) + "/tests/fixtures/configs/tiny_text_only.json"));
   config["quantization_config"] = {{"quant_method", "quark"},
                                    {"global_quant_config",
-                                    {{"weight", {{"dtype", "fp4"}, {"qscheme", "per_group"}, {"group_size", 32},
-                                                 {"scale_format", "e8m0"}, {"scale_calculation_mode", "even"},
-                                                 {"is_dynamic", false}}},
+                                    {{"weight",
+                                      {{"dtype", "fp4"},
+                                       {"qscheme", "per_group"},
+                                       {"group_size", 32},
+                                       {"scale_format", "e8m0"},
+                                       {"scale_calculation_mode", "even"},
+                                       {"is_dynamic", false}}},
                                      {"input_tensors", {{"dtype", "fp4"}, {"is_dynamic", true}}}}},
                                    {"exclude", {"*lm_head", "*self_attn*"}},
                                    {"export", {{"weight_format", "real_quantized"}}}};
@@ -93,7 +98,8 @@ TEST(Inspect, ReportsDtypesConfigAndMxfp4Modules) {
   EXPECT_THAT(text, HasSubstr("text: 4 layers, hidden 64, vocab 512, 4 heads (2 KV) x 16, rotary 8"));
   EXPECT_THAT(text, HasSubstr("MoE layers: 1-2 (8 experts, top-2, 1 shared"));
   EXPECT_THAT(text, HasSubstr("dense MLP layers: 0, 3 (width 96)"));
-  EXPECT_THAT(text, HasSubstr("quantization: quark, weight fp4 per_group g32 scale e8m0 (even), static, input fp4, dynamic"));
+  EXPECT_THAT(text,
+              HasSubstr("quantization: quark, weight fp4 per_group g32 scale e8m0 (even), static, input fp4, dynamic"));
   EXPECT_THAT(text, HasSubstr("exclude: *lm_head *self_attn*"));
   EXPECT_THAT(text, HasSubstr("tensors: 11 in 1 file(s)"));
   EXPECT_THAT(text, HasSubstr("MXFP4: 4 modules in layers 1"));
@@ -107,8 +113,10 @@ TEST(Inspect, FlagsScalesThatDoNotFit) {
   const json r = inspect_model_dir(dir.path(), false);
   EXPECT_FALSE(r.contains("tensors"));
   ASSERT_EQ(r["mxfp4"]["problems"].size(), 2u);
-  EXPECT_THAT(r["mxfp4"]["problems"][0].get<std::string>(), HasSubstr("model.layers.2.mlp.up_proj: weight_scale next to a BF16 weight"));
-  EXPECT_THAT(r["mxfp4"]["problems"][1].get<std::string>(), HasSubstr("model.layers.3.mlp.down_proj: weight U8 [8, 16] and weight_scale U8 [8, 3] do not fit"));
+  EXPECT_THAT(r["mxfp4"]["problems"][0].get<std::string>(),
+              HasSubstr("model.layers.2.mlp.up_proj: weight_scale next to a BF16 weight"));
+  EXPECT_THAT(r["mxfp4"]["problems"][1].get<std::string>(),
+              HasSubstr("model.layers.3.mlp.down_proj: weight U8 [8, 16] and weight_scale U8 [8, 3] do not fit"));
   EXPECT_EQ(r["mxfp4"]["layers"], json::array({1, 3}));
   EXPECT_THAT(format_inspect_report(r), HasSubstr("MXFP4 problems: 2"));
 }

@@ -19,7 +19,8 @@ class ScratchDir {
   ScratchDir() {
     const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
     path_ = std::filesystem::temp_directory_path() /
-            ("mxlm_io_" + std::to_string(::getpid()) + "_" + (info ? std::string(info->test_suite_name()) + "_" + info->name() : "x"));
+            ("mxlm_io_" + std::to_string(::getpid()) + "_" +
+             (info ? std::string(info->test_suite_name()) + "_" + info->name() : "x"));
     std::filesystem::remove_all(path_);
     std::filesystem::create_directories(path_);
   }

@@ -12,8 +12,8 @@
 namespace mxlm::io {
 namespace {
 
-using ::testing::HasSubstr;
 using nlohmann::json;
+using ::testing::HasSubstr;
 using testing::ScratchDir;
 using testing::write_bytes;
 
@@ -137,8 +137,8 @@ TEST(ModelConfig, DefaultsAreTransformers517s) {
   const auto c = parse_model_config(json{{"model_type", "minimax_m3_vl"}, {"text_config", json::object()}});
   EXPECT_EQ(c.text.hidden_size, 6144);
   EXPECT_EQ(c.text.rotary_dim, 64);
-  EXPECT_EQ(c.text.layer_is_moe, std::vector<bool>(60, true));       // mlp_layer_types default: all sparse
-  EXPECT_EQ(c.text.layer_is_sparse, std::vector<bool>(60, false));   // layer_types default: all full
+  EXPECT_EQ(c.text.layer_is_moe, std::vector<bool>(60, true));      // mlp_layer_types default: all sparse
+  EXPECT_EQ(c.text.layer_is_sparse, std::vector<bool>(60, false));  // layer_types default: all full
   EXPECT_FALSE(c.text.sparse.enabled);
 }
 
@@ -146,7 +146,8 @@ TEST(ModelConfig, RopeParametersAndScaling) {
   json config = fixture("tiny_text_only.json");
   config.erase("rope_theta");
   config.erase("partial_rotary_factor");
-  config["rope_parameters"] = {{"rope_theta", 123.0}, {"rope_type", "yarn"}, {"factor", 2.0}, {"partial_rotary_factor", 0.25}};
+  config["rope_parameters"] = {
+      {"rope_theta", 123.0}, {"rope_type", "yarn"}, {"factor", 2.0}, {"partial_rotary_factor", 0.25}};
   const auto c = parse_model_config(config);
   EXPECT_EQ(c.text.rope_theta, 123.0);
   EXPECT_EQ(c.text.rotary_dim, 4);

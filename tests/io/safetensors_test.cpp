@@ -7,8 +7,8 @@
 #include <thread>
 
 #include "core/error.h"
-#include "io_test_util.h"
 #include "io/safetensors.h"
+#include "io_test_util.h"
 
 namespace mxlm::io {
 namespace {
@@ -26,9 +26,8 @@ std::vector<uint8_t> random_bytes(size_t n, uint32_t seed) {
   return bytes;
 }
 
-const std::vector<DType> kAllDTypes = {DType::F64, DType::F32,     DType::F16,     DType::BF16,
-                                       DType::F8_E4M3, DType::F8_E5M2, DType::I64,  DType::I32,
-                                       DType::I16, DType::I8,      DType::U8,      DType::BOOL};
+const std::vector<DType> kAllDTypes = {DType::F64, DType::F32, DType::F16, DType::BF16, DType::F8_E4M3, DType::F8_E5M2,
+                                       DType::I64, DType::I32, DType::I16, DType::I8,   DType::U8,      DType::BOOL};
 
 TEST(SafetensorsWriter, RoundTripsEveryDtypeAndShape) {
   ScratchDir dir;
@@ -83,9 +82,8 @@ TEST(SafetensorsWriter, HeaderLayoutMatchesTheRustCrate) {
   // Expected bytes written out by hand from the format: compact JSON, __metadata__ first, tensors in data
   // order with fields dtype, shape, data_offsets; padded with spaces to a multiple of 8.
   const std::vector<PlannedTensor> tensors = {{"b", DType::F32, {2, 2}}, {"a", DType::U8, {3}}};
-  const std::string json =
-      R"({"__metadata__":{"format":"pt"},"b":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},)"
-      R"("a":{"dtype":"U8","shape":[3],"data_offsets":[16,19]}})";
+  const std::string json = R"({"__metadata__":{"format":"pt"},"b":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},)"
+                           R"("a":{"dtype":"U8","shape":[3],"data_offsets":[16,19]}})";
   std::string padded = json + std::string((8 - json.size() % 8) % 8, ' ');
   const std::string header = serialize_header(tensors, {{"format", "pt"}});
   ASSERT_EQ(header.size(), 8 + padded.size());
@@ -101,7 +99,7 @@ TEST(SafetensorsWriter, HeaderLayoutMatchesTheRustCrate) {
 }
 
 TEST(SafetensorsWriter, SortForAlignmentPutsWideTypesFirstThenNames) {
-  std::vector<PlannedTensor> tensors = {{"z", DType::U8, {1}},  {"b", DType::F32, {1}}, {"a", DType::F32, {1}},
+  std::vector<PlannedTensor> tensors = {{"z", DType::U8, {1}},   {"b", DType::F32, {1}}, {"a", DType::F32, {1}},
                                         {"c", DType::BF16, {1}}, {"d", DType::F64, {1}}, {"e", DType::BOOL, {1}}};
   sort_for_alignment(tensors);
   std::vector<std::string> names;
@@ -240,7 +238,9 @@ TEST_F(MalformedFile, HeaderLengthOverLimit) {
 TEST_F(MalformedFile, HeaderNotJson) { expect_error(raw_safetensors("{\"w\": [1, 2", ""), "not valid JSON"); }
 TEST_F(MalformedFile, EmptyHeader) { expect_error(raw_safetensors("", ""), "not valid JSON"); }
 TEST_F(MalformedFile, HeaderNotAnObject) { expect_error(raw_safetensors("[1,2,3] ", ""), "not a JSON object"); }
-TEST_F(MalformedFile, BinaryGarbage) { expect_error(raw_safetensors(std::string("\xff\xfe\x00\x01", 4), ""), "not valid JSON"); }
+TEST_F(MalformedFile, BinaryGarbage) {
+  expect_error(raw_safetensors(std::string("\xff\xfe\x00\x01", 4), ""), "not valid JSON");
+}
 
 TEST_F(MalformedFile, UnknownDtype) {
   expect_error(raw_safetensors(R"({"w":{"dtype":"Q4_K","shape":[2],"data_offsets":[0,8]}})", std::string(8, 'x')),
@@ -249,7 +249,8 @@ TEST_F(MalformedFile, UnknownDtype) {
 
 TEST_F(MalformedFile, MissingFields) {
   expect_error(raw_safetensors(R"({"w":{"shape":[2],"data_offsets":[0,8]}})", std::string(8, 'x')), "'w' has no dtype");
-  expect_error(raw_safetensors(R"({"w":{"dtype":"F32","data_offsets":[0,8]}})", std::string(8, 'x')), "'w' has no shape");
+  expect_error(raw_safetensors(R"({"w":{"dtype":"F32","data_offsets":[0,8]}})", std::string(8, 'x')),
+               "'w' has no shape");
   expect_error(raw_safetensors(R"({"w":{"dtype":"F32","shape":[2]}})", std::string(8, 'x')), "'w' needs data_offsets");
   expect_error(raw_safetensors(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8,9]}})", std::string(8, 'x')),
                "'w' needs data_offsets");
@@ -314,8 +315,8 @@ TEST_F(MalformedFile, BadMetadata) {
 
 TEST(ParseHeader, ToleratesPaddingAndNestedDuplicatesAreNotTopLevel) {
   std::map<std::string, std::string> metadata;
-  const auto tensors = parse_header(R"({"__metadata__":{"a":"1"},"x":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}   )",
-                                    8, "mem", &metadata);
+  const auto tensors = parse_header(
+      R"({"__metadata__":{"a":"1"},"x":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}   )", 8, "mem", &metadata);
   ASSERT_EQ(tensors.size(), 1u);
   EXPECT_EQ(tensors[0].dtype, DType::I64);
   EXPECT_EQ(metadata.at("a"), "1");
@@ -336,9 +337,15 @@ TEST(ParseHeader, RandomMutationsNeverCrash) {
     for (int e = 0; e < edits; ++e) {
       const size_t pos = rng() % header.size();
       switch (rng() % 3) {
-        case 0: header[pos] = alphabet[rng() % alphabet.size()]; break;
-        case 1: header.erase(pos, 1 + rng() % 3); break;
-        default: header.insert(pos, 1, alphabet[rng() % alphabet.size()]); break;
+        case 0:
+          header[pos] = alphabet[rng() % alphabet.size()];
+          break;
+        case 1:
+          header.erase(pos, 1 + rng() % 3);
+          break;
+        default:
+          header.insert(pos, 1, alphabet[rng() % alphabet.size()]);
+          break;
       }
       if (header.empty()) header = "{";
     }
