@@ -3,6 +3,7 @@
 // replaces the template's exclude list exactly as `template.get_config(scheme, exclude_layers=...)` does
 // (give it with no value to exclude nothing).
 #include <CLI/CLI.hpp>
+#include <unistd.h>
 
 #include <fmt/format.h>
 
@@ -36,7 +37,7 @@ void run(Flags& f, const CLI::App& cmd) {
   o.output_dir = f.output;
   if (cmd.count("--exclude-layers")) o.exclude_layers = f.exclude;
   o.max_shard_bytes = io::parse_size(f.max_shard_size);
-  o.progress = !f.no_progress;
+  o.progress = !f.no_progress && ::isatty(STDERR_FILENO);  // a bar only where someone watches it
   if (o.output_dir.empty() && !o.dry_run) fail("--output is required (or use --dry-run)");
 
   if (f.verify_only) {
