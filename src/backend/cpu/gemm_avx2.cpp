@@ -1,4 +1,4 @@
-// AVX2 + FMA + F16C GEMM kernels: the same two schedules and summation structure as gemm_avx512.cpp with
+// AVX2 + FMA + F16C GEMM kernels: the same schedule and summation structure as gemm_avx512.cpp with
 // 8 lanes (each output: 8 lane sums over the whole of K, then a fixed tree), so rows of y are independent of
 // the other rows of x and of the thread count. MXFP4 decode: the 8 E2M1 magnitudes times the block scale
 // are picked with vpermps by the low 3 bits of each code, the sign bit is moved to bit 31 and xored in.
@@ -6,7 +6,6 @@
 #include <immintrin.h>
 #include <omp.h>
 
-#include <type_traits>
 #include <vector>
 
 #include "backend/cpu/gemm_kernels.h"
@@ -16,7 +15,6 @@
 namespace mxlm::cpu::avx2 {
 namespace {
 
-constexpr size_t kSmallM = 4;  // up to this many rows of x use the streaming schedule
 // How far ahead of the current block each MXFP4 row is prefetched: the streaming schedule walks 8 rows at
 // once, more streams than the hardware prefetcher follows well (measured: ~10% on the dev VM).
 constexpr size_t kPrefetchBytes = 256;
@@ -29,12 +27,6 @@ MXLM_AVX2 inline __m256 load_partial(const float* p, size_t count) {
   alignas(32) float lanes[8] = {};
   for (size_t e = 0; e < count; ++e) lanes[e] = p[e];
   return _mm256_load_ps(lanes);
-}
-
-// Weight rows per decoded panel: about 256 KiB of f32, a multiple of the 4-row tile, 4 to 32 rows.
-size_t panel_rows(size_t k) {
-  const size_t rows = (size_t{256} << 10) / (4 * (k > 0 ? k : 1)) / 4 * 4;
-  return rows < 4 ? 4 : rows > 32 ? 32 : rows;
 }
 
 // Weight sources. load32 gives the 32 weights of a row at column kk (a full block, kk % 32 == 0) as four
@@ -195,39 +187,6 @@ MXLM_AVX2 void rows(const float* x, size_t m, size_t ldx, const W& w, size_t r_b
   }
 }
 
-// Decodes W rows [r0, r0+rows_count) into panel (row stride k), in the order of x.
-template <class W>
-MXLM_AVX2 void decode_panel(const W& w, size_t r0, size_t rows_count, size_t k, float* panel) {
-  for (size_t j = 0; j < rows_count; ++j) {
-    float* out = panel + j * k;
-    const typename W::Row row = w.row(r0 + j);
-    size_t kk = 0;
-    for (; kk + 32 <= k; kk += 32) {
-      __m256 v[4];
-      w.load32(row, kk, v);
-      for (int q = 0; q < 4; ++q) _mm256_storeu_ps(out + kk + 8 * q, v[q]);
-    }
-    for (; kk < k; kk += 8) {  // the tail, in natural order
-      const size_t count = min_size(8, k - kk);
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, w.tail8(row, kk, count));
-      for (size_t e = 0; e < count; ++e) out[kk + e] = lanes[e];
-    }
-  }
-}
-
-// W rows [r0, r1) against all m rows of x, through a decoded panel (f32 weights are used in place).
-template <class W>
-MXLM_AVX2 void panel_block(const float* x, size_t m, size_t k, const W& w, size_t r0, size_t r1, float* y, size_t n,
-                           float* panel) {
-  if constexpr (std::is_same_v<W, F32Weights>) {
-    rows(x, m, k, w, r0, r1, k, y + r0, n);
-  } else {
-    decode_panel(w, r0, r1 - r0, k, panel);
-    rows(x, m, k, F32Weights{panel, k}, 0, r1 - r0, k, y + r0, n);
-  }
-}
-
 // Threads only when there is enough work to pay for waking them.
 bool worth_threading(size_t m, size_t k, size_t n) { return m * k * n >= (size_t{1} << 18); }
 
@@ -239,29 +198,13 @@ void run(const float* x, size_t m, size_t k, const W& w, size_t n, float* y) {
     permute_even_odd(x, m, k, reordered.data());
     x = reordered.data();
   }
-  const bool threaded = worth_threading(m, k, n);
-  if (m <= kSmallM) {
-    // Tiles of 8 rows keep the row tiles full; threads take 4 tiles at a time, dynamically, so a core that
-    // is busy with something else does not hold up the whole call.
-    const long long tiles = static_cast<long long>((n + 7) / 8);
-#pragma omp parallel for schedule(dynamic, 4) if (threaded)
-    for (long long t = 0; t < tiles; ++t) {
-      const size_t r0 = static_cast<size_t>(t) * 8;
-      const size_t r1 = min_size(n, r0 + 8);
-      rows(x, m, k, w, r0, r1, k, y + r0, n);
-    }
-    return;
-  }
-  const size_t block_rows = panel_rows(k);
-  const long long blocks = static_cast<long long>((n + block_rows - 1) / block_rows);
-  const int threads = threaded ? omp_get_max_threads() : 1;
-  const size_t panel_size = std::is_same_v<W, F32Weights> ? 0 : block_rows * k;
-  std::vector<float> panels(static_cast<size_t>(threads) * panel_size);
-#pragma omp parallel for schedule(dynamic) num_threads(threads)
-  for (long long b = 0; b < blocks; ++b) {
-    const size_t r0 = static_cast<size_t>(b) * block_rows;
-    float* panel = panels.data() + static_cast<size_t>(omp_get_thread_num()) * panel_size;
-    panel_block(x, m, k, w, r0, min_size(n, r0 + block_rows), y, n, panel);
+  // Tiles of 8 weight rows keep the register tiles full; threads take 4 tiles at a time, dynamically, so a
+  // core that is busy with something else does not hold up the whole call.
+  const long long tiles = static_cast<long long>((n + 7) / 8);
+#pragma omp parallel for schedule(dynamic, 4) if (worth_threading(m, k, n))
+  for (long long t = 0; t < tiles; ++t) {
+    const size_t r0 = static_cast<size_t>(t) * 8;
+    rows(x, m, k, w, r0, min_size(n, r0 + 8), k, y + r0, n);
   }
 }
 

@@ -3,12 +3,13 @@
 // (bf16, f16) or dequantized (MXFP4: E2M1 table scaled by the exact block scale) in registers, so each
 // product equals the reference one and only the summation order differs (16 lanes, then a tree).
 //
-// Two schedules, with the same summation order for every output (16 lane sums over the whole of K, then a
-// fixed tree), so a row of y does not depend on the other rows of x or on the thread count:
-// - small M (decode): each OpenMP thread takes tiles of 8 weight rows, decodes them once per 32-block in
-//   registers and multiplies them with every row of x; W is streamed from memory exactly once.
-// - large M (prefill): a few weight rows are decoded once into an f32 panel (whole K, sized for L2), then
-//   register tiles of 4 x rows x 4 weight rows run over all rows of x.
+// Schedule: OpenMP threads take tiles of 8 weight rows; each tile is decoded in registers once per 32-block
+// per group of up to 4 rows of x, and multiplied with them (register tiles of 1-2 x rows x 8 weight rows or
+// 3-4 x 4). W is streamed from memory once; for large M the re-decoding per 4 rows of x measured faster
+// than decoding into an f32 panel (the decode is cheaper than the panel's extra L2 traffic). Every output
+// is summed the same way (16 lane sums over the whole of K, then a fixed tree), so a row of y does not
+// depend on the other rows of x or on the thread count.
+//
 // GCC 12 warns inside its own avx512fintrin.h (the self-initialised __Y of _mm512_undefined_*, GCC bug
 // 105593) wherever those intrinsics are inlined; the warning is about the header, not this code.
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -16,7 +17,6 @@
 #include <immintrin.h>
 #include <omp.h>
 
-#include <type_traits>
 #include <vector>
 
 #include "backend/cpu/gemm_kernels.h"
@@ -26,18 +26,11 @@
 namespace mxlm::cpu::avx512 {
 namespace {
 
-constexpr size_t kSmallM = 4;  // up to this many rows of x use the streaming schedule
 // How far ahead of the current block each MXFP4 row is prefetched: the streaming schedule walks 8 rows at
 // once, more streams than the hardware prefetcher follows well (measured: ~10% on the dev VM).
 constexpr size_t kPrefetchBytes = 256;
 
 inline size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
-
-// Weight rows per decoded panel: about 256 KiB of f32, a multiple of the 4-row tile, 4 to 32 rows.
-size_t panel_rows(size_t k) {
-  const size_t rows = (size_t{256} << 10) / (4 * (k > 0 ? k : 1)) / 4 * 4;
-  return rows < 4 ? 4 : rows > 32 ? 32 : rows;
-}
 
 // Weight sources. load32 gives the 32 weights of row r at column kk (a full block, kk % 32 == 0) as two
 // vectors in the order the matching x layout uses; tail16 gives up to 16 weights of the K tail in natural
@@ -191,38 +184,6 @@ MXLM_AVX512 void rows(const float* x, size_t m, size_t ldx, const W& w, size_t r
   }
 }
 
-// Decodes W rows [r0, r0+rows_count) into panel (row stride k), in the order of x.
-template <class W>
-MXLM_AVX512 void decode_panel(const W& w, size_t r0, size_t rows_count, size_t k, float* panel) {
-  for (size_t j = 0; j < rows_count; ++j) {
-    float* out = panel + j * k;
-    const typename W::Row row = w.row(r0 + j);
-    size_t kk = 0;
-    for (; kk + 32 <= k; kk += 32) {
-      __m512 a, b;
-      w.load32(row, kk, a, b);
-      _mm512_storeu_ps(out + kk, a);
-      _mm512_storeu_ps(out + kk + 16, b);
-    }
-    for (; kk < k; kk += 16) {
-      const __mmask16 mask = tail_mask(min_size(16, k - kk));
-      _mm512_mask_storeu_ps(out + kk, mask, w.tail16(row, kk, mask));
-    }
-  }
-}
-
-// W rows [r0, r1) against all m rows of x, through a decoded panel (f32 weights are used in place).
-template <class W>
-MXLM_AVX512 void panel_block(const float* x, size_t m, size_t k, const W& w, size_t r0, size_t r1, float* y, size_t n,
-                             float* panel) {
-  if constexpr (std::is_same_v<W, F32Weights>) {
-    rows(x, m, k, w, r0, r1, k, y + r0, n);
-  } else {
-    decode_panel(w, r0, r1 - r0, k, panel);
-    rows(x, m, k, F32Weights{panel, k}, 0, r1 - r0, k, y + r0, n);
-  }
-}
-
 // Threads only when there is enough work to pay for waking them.
 bool worth_threading(size_t m, size_t k, size_t n) { return m * k * n >= (size_t{1} << 18); }
 
@@ -234,29 +195,13 @@ void run(const float* x, size_t m, size_t k, const W& w, size_t n, float* y) {
     permute_even_odd(x, m, k, reordered.data());
     x = reordered.data();
   }
-  const bool threaded = worth_threading(m, k, n);
-  if (m <= kSmallM) {
-    // Tiles of 8 rows keep the row tiles full; threads take 4 tiles at a time, dynamically, so a core that
-    // is busy with something else does not hold up the whole call.
-    const long long tiles = static_cast<long long>((n + 7) / 8);
-#pragma omp parallel for schedule(dynamic, 4) if (threaded)
-    for (long long t = 0; t < tiles; ++t) {
-      const size_t r0 = static_cast<size_t>(t) * 8;
-      const size_t r1 = min_size(n, r0 + 8);
-      rows(x, m, k, w, r0, r1, k, y + r0, n);
-    }
-    return;
-  }
-  const size_t block_rows = panel_rows(k);
-  const long long blocks = static_cast<long long>((n + block_rows - 1) / block_rows);
-  const int threads = threaded ? omp_get_max_threads() : 1;
-  const size_t panel_size = std::is_same_v<W, F32Weights> ? 0 : block_rows * k;
-  std::vector<float> panels(static_cast<size_t>(threads) * panel_size);
-#pragma omp parallel for schedule(dynamic) num_threads(threads)
-  for (long long b = 0; b < blocks; ++b) {
-    const size_t r0 = static_cast<size_t>(b) * block_rows;
-    float* panel = panels.data() + static_cast<size_t>(omp_get_thread_num()) * panel_size;
-    panel_block(x, m, k, w, r0, min_size(n, r0 + block_rows), y, n, panel);
+  // Tiles of 8 weight rows keep the register tiles full; threads take 4 tiles at a time, dynamically, so a
+  // core that is busy with something else does not hold up the whole call.
+  const long long tiles = static_cast<long long>((n + 7) / 8);
+#pragma omp parallel for schedule(dynamic, 4) if (worth_threading(m, k, n))
+  for (long long t = 0; t < tiles; ++t) {
+    const size_t r0 = static_cast<size_t>(t) * 8;
+    rows(x, m, k, w, r0, min_size(n, r0 + 8), k, y + r0, n);
   }
 }
 
