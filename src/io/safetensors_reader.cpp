@@ -78,24 +78,47 @@ TensorInfo parse_tensor_entry(const std::string& name, const json& entry, const 
   return info;
 }
 
-// Top-level keys must be unique: nlohmann would silently keep the last duplicate.
-json parse_json_rejecting_duplicates(std::string_view text, const std::string& origin) {
-  std::set<std::string> top_level_keys;
+// Finds a repeated top-level key (nlohmann's DOM silently keeps the last one). A SAX pass, because
+// nlohmann's parser callbacks are quadratic in the number of keys (minutes for a 23k-tensor header).
+class TopLevelKeys : public nlohmann::json_sax<json> {
+ public:
   std::string duplicate;
-  json::parser_callback_t callback = [&](int depth, json::parse_event_t event, json& parsed) {
-    if (event == json::parse_event_t::key && depth == 1 && duplicate.empty()) {
-      const auto& key = parsed.get_ref<const std::string&>();
-      if (!top_level_keys.insert(key).second) duplicate = key;
+
+  bool null() override { return true; }
+  bool boolean(bool) override { return true; }
+  bool number_integer(number_integer_t) override { return true; }
+  bool number_unsigned(number_unsigned_t) override { return true; }
+  bool number_float(number_float_t, const string_t&) override { return true; }
+  bool string(string_t&) override { return true; }
+  bool binary(binary_t&) override { return true; }
+  bool start_object(std::size_t) override { return ++depth_, true; }
+  bool end_object() override { return --depth_, true; }
+  bool start_array(std::size_t) override { return ++depth_, true; }
+  bool end_array() override { return --depth_, true; }
+  bool key(string_t& key) override {
+    if (depth_ == 1 && !keys_.insert(key).second) {
+      duplicate = key;
+      return false;  // stop: one is enough to report
     }
     return true;
-  };
+  }
+  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception&) override { return false; }
+
+ private:
+  int depth_ = 0;
+  std::set<std::string> keys_;
+};
+
+json parse_json_rejecting_duplicates(std::string_view text, const std::string& origin) {
   json header;
   try {
-    header = json::parse(text.begin(), text.end(), callback);
+    header = json::parse(text.begin(), text.end());
   } catch (const json::exception& e) {
     fail("{}: safetensors header is not valid JSON ({})", origin, e.what());
   }
-  if (!duplicate.empty()) fail("{}: safetensors header lists '{}' twice", origin, duplicate);
+  TopLevelKeys keys;
+  json::sax_parse(text.begin(), text.end(), &keys);
+  if (!keys.duplicate.empty()) fail("{}: safetensors header lists '{}' twice", origin, keys.duplicate);
   return header;
 }
 

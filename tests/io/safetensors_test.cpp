@@ -3,8 +3,11 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <random>
 #include <thread>
+
+#include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "io/safetensors.h"
@@ -320,6 +323,27 @@ TEST(ParseHeader, ToleratesPaddingAndNestedDuplicatesAreNotTopLevel) {
   ASSERT_EQ(tensors.size(), 1u);
   EXPECT_EQ(tensors[0].dtype, DType::I64);
   EXPECT_EQ(metadata.at("a"), "1");
+}
+
+TEST(ParseHeader, LargeHeadersParseInLinearTime) {
+  // The real checkpoint has 23k tensors. nlohmann's parser callbacks are quadratic (minutes here); ours must
+  // stay within a small factor of a plain JSON parse of the same text, whatever the machine and sanitizer.
+  std::vector<PlannedTensor> tensors;
+  for (int i = 0; i < 20000; ++i)
+    tensors.push_back(
+        {"model.layers." + std::to_string(i % 60) + ".experts." + std::to_string(i) + ".w1.weight", DType::U8, {2, 2}});
+  const std::string header = serialize_header(tensors, {{"format", "pt"}}).substr(8);
+  using clock = std::chrono::steady_clock;
+  const auto t0 = clock::now();
+  const auto plain = nlohmann::json::parse(header);
+  const auto t1 = clock::now();
+  const auto parsed = parse_header(header, 20000 * 4, "big", nullptr);
+  const auto t2 = clock::now();
+  EXPECT_EQ(plain.size(), 20001u);
+  EXPECT_EQ(parsed.size(), 20000u);
+  const double baseline = std::chrono::duration<double>(t1 - t0).count();
+  const double ours = std::chrono::duration<double>(t2 - t1).count();
+  EXPECT_LT(ours, 10 * baseline + 0.5) << "plain parse " << baseline << " s, parse_header " << ours << " s";
 }
 
 TEST(ParseHeader, RandomMutationsNeverCrash) {
