@@ -73,10 +73,12 @@ ChatClient::ChatClient(const Endpoint& endpoint, std::string api_key, double tim
     : endpoint_(endpoint), api_key_(std::move(api_key)), timeout_seconds_(timeout_seconds) {
   client_ = std::make_unique<httplib::Client>(endpoint_.origin);
   if (!client_->is_valid()) fail("cannot create an HTTP client for {}", endpoint_.origin);
+  // The total limit is enforced by abort_if_overdue (a watchdog); httplib's per-read limits only back it up,
+  // so they are set a little longer and the watchdog's clearer error wins.
   const auto seconds = static_cast<time_t>(std::ceil(timeout_seconds_));
   client_->set_connection_timeout(seconds, 0);
-  client_->set_read_timeout(seconds, 0);
-  client_->set_write_timeout(seconds, 0);
+  client_->set_read_timeout(seconds + 5, 0);
+  client_->set_write_timeout(seconds + 5, 0);
   client_->set_keep_alive(true);
 }
 

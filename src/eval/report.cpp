@@ -305,7 +305,7 @@ void write_atomically(const fs::path& path, const std::string& contents) {
 void write_outputs(const std::string& dir, const ojson& results, const std::vector<SampleRecord>& samples) {
   fs::create_directories(dir);
   std::string lines;
-  for (const auto& r : samples) lines += r.to_json().dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+  for (const auto& r : samples) lines += r.to_line();
   write_atomically(fs::path(dir) / "samples_gsm8k.jsonl", lines);
   write_atomically(fs::path(dir) / "results.json",
                    results.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");

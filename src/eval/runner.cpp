@@ -140,8 +140,7 @@ EvalRun run_gsm8k(const EvalOptions& options) {
     // Start the file over with what is kept; new documents are appended as they finish.
     shared.samples_file.open(samples_path, std::ios::binary | std::ios::trunc);
     if (!shared.samples_file) fail("cannot write {}", samples_path);
-    for (const auto& r : shared.finished) shared.samples_file << r.to_json().dump(-1, ' ', false,
-                                                                                   nlohmann::json::error_handler_t::replace) << '\n';
+    for (const auto& r : shared.finished) shared.samples_file << r.to_line();
     shared.samples_file.flush();
   }
   for (const auto& r : shared.finished) {
@@ -213,8 +212,7 @@ EvalRun run_gsm8k(const EvalOptions& options) {
       {
         std::lock_guard lock(shared.mutex);
         if (shared.samples_file.is_open()) {
-          shared.samples_file << record.to_json().dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)
-                              << '\n';
+          shared.samples_file << record.to_line();
           shared.samples_file.flush();
         }
         if (record.failed && options.fail_fast && !shared.stop) {

@@ -40,12 +40,16 @@ nlohmann::ordered_json SampleRecord::to_json() const {
   return j;
 }
 
-SampleRecord SampleRecord::from_json(const nlohmann::json& j, const std::string& what) {
+std::string SampleRecord::to_line() const {
+  return to_json().dump(-1, ' ', true, nlohmann::json::error_handler_t::replace) + "\n";
+}
+
+SampleRecord SampleRecord::from_json(const nlohmann::ordered_json& j, const std::string& what) {
   try {
     SampleRecord r;
     r.doc_id = j.at("doc_id").get<size_t>();
     r.fewshot_ids = j.at("fewshot_ids").get<std::vector<size_t>>();
-    r.request = nlohmann::ordered_json::parse(j.at("request").dump());
+    r.request = j.at("request");  // ordered: key order is part of what was sent
     r.target = j.at("target").get<std::string>();
     r.response = j.at("response").get<std::string>();
     r.failed = j.at("failed").get<bool>();
@@ -80,9 +84,9 @@ void for_each_json_line(const std::string& path, F on_line) {
   for (size_t i = 0; i < lines.size(); ++i) {
     if (lines[i].find_first_not_of(" \t\r") == std::string::npos) continue;
     const std::string what = fmt::format("{} line {}", path, i + 1);
-    nlohmann::json j;
+    nlohmann::ordered_json j;
     try {
-      j = nlohmann::json::parse(lines[i]);
+      j = nlohmann::ordered_json::parse(lines[i]);
     } catch (const nlohmann::json::exception&) {
       if (i + 1 == lines.size()) break;  // written when the run was killed
       fail("{}: not valid JSON", what);
@@ -95,7 +99,7 @@ void for_each_json_line(const std::string& path, F on_line) {
 
 std::vector<SampleRecord> read_samples(const std::string& path) {
   std::vector<SampleRecord> records;
-  for_each_json_line(path, [&](const nlohmann::json& j, const std::string& what) {
+  for_each_json_line(path, [&](const nlohmann::ordered_json& j, const std::string& what) {
     records.push_back(SampleRecord::from_json(j, what));
   });
   return records;
@@ -104,12 +108,12 @@ std::vector<SampleRecord> read_samples(const std::string& path) {
 std::vector<DocScores> read_doc_scores(const std::string& path) {
   constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
   std::map<size_t, DocScores> by_doc;
-  for_each_json_line(path, [&](const nlohmann::json& j, const std::string& what) {
+  for_each_json_line(path, [&](const nlohmann::ordered_json& j, const std::string& what) {
     if (!j.is_object() || !j.contains("doc_id")) fail("{}: no doc_id", what);
     const size_t doc_id = j["doc_id"].get<size_t>();
     auto [it, inserted] = by_doc.try_emplace(doc_id, DocScores{doc_id, kNaN, kNaN});
     (void)inserted;
-    const auto& em = j.contains("exact_match") ? j["exact_match"] : nlohmann::json();
+    const auto& em = j.contains("exact_match") ? j["exact_match"] : nlohmann::ordered_json();
     if (em.is_object()) {  // mxlm: both filters on one line
       if (em.contains(std::string(kStrictMatch))) it->second.strict = em[std::string(kStrictMatch)].get<double>();
       if (em.contains(std::string(kFlexibleExtract))) it->second.flexible = em[std::string(kFlexibleExtract)].get<double>();

@@ -36,8 +36,11 @@ struct SampleRecord {
   // Filters and scores `response` against `target`.
   void score();
   nlohmann::ordered_json to_json() const;
+  // One line of the samples file, "\n" included. Non-ASCII is escaped so that no reader splitting on
+  // Unicode line separators (Python's str.splitlines) can tear a record.
+  std::string to_line() const;
   // Throws mxlm::Error naming `what` on a malformed record.
-  static SampleRecord from_json(const nlohmann::json& json, const std::string& what);
+  static SampleRecord from_json(const nlohmann::ordered_json& json, const std::string& what);
 };
 
 // Reads a samples file; a torn last line (a run killed mid-write) is skipped, other bad lines are errors.
