@@ -57,12 +57,31 @@ std::string read_text_file(const fs::path& path) {
   return buffer.str();
 }
 
-// Drops the pages of an input range from this process (they stay in the page cache): without this, RSS would
-// grow with every mmapped byte read, up to the whole model.
-void release_pages(const uint8_t* begin, size_t size) {
+// The address range the reader mapped for a file (the whole file, from a page-aligned start), derived from its
+// tensors: they tile the data section, which ends the file.
+struct Mapping {
+  uintptr_t begin = 0, end = 0;
+};
+
+Mapping mapping_of(const io::SafetensorsFile& file) {
+  if (file.tensors().empty()) return {};
   static const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-  const uintptr_t b = (reinterpret_cast<uintptr_t>(begin) + page - 1) / page * page;
-  const uintptr_t e = (reinterpret_cast<uintptr_t>(begin) + size) / page * page;
+  const auto& first = file.tensors().front();
+  const uint64_t data_offset = file.file_size() - file.tensors().back().end;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(file.data(first).data()) - first.begin - data_offset;
+  return {begin, (begin + file.file_size() + page - 1) / page * page};
+}
+
+// Drops the pages of an input range from this process (they stay in the page cache): without this, RSS would
+// grow with every mmapped byte read, up to the whole model. The range is widened to whole 2 MiB blocks (within
+// the file's mapping) because the kernel may map file pages as transparent huge pages, and a partly covered huge
+// mapping stays resident. Widening is safe: the mapping is read-only and file-backed, so a neighbouring chunk
+// still being read by another thread just faults its pages back in from the page cache.
+void release_pages(const Mapping& mapping, const uint8_t* begin, size_t size) {
+  constexpr uintptr_t kBlock = uintptr_t{2} << 20;
+  if (size == 0 || mapping.end == 0) return;
+  const uintptr_t b = std::max(mapping.begin, reinterpret_cast<uintptr_t>(begin) / kBlock * kBlock);
+  const uintptr_t e = std::min(mapping.end, (reinterpret_cast<uintptr_t>(begin) + size + kBlock - 1) / kBlock * kBlock);
   if (e > b) ::madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);
 }
 
@@ -253,9 +272,9 @@ QuantizeResult quantize_checkpoint(const QuantizeOptions& options) {
   if (!is_supported_scheme(options.scheme)) fail("unsupported quantization scheme '{}' (supported: mxfp4)", options.scheme);
   if (!fs::is_directory(options.model_dir)) fail("model directory '{}' does not exist", options.model_dir.string());
   const fs::path in = fs::weakly_canonical(fs::absolute(options.model_dir));
-  const fs::path out = fs::weakly_canonical(fs::absolute(options.output_dir));
+  if (options.output_dir.empty() && !options.dry_run) fail("no output directory given");
+  const fs::path out = options.output_dir.empty() ? fs::path() : fs::weakly_canonical(fs::absolute(options.output_dir));
   if (!options.dry_run) {
-    if (options.output_dir.empty()) fail("no output directory given");
     if (out == in) fail("output directory '{}' is the input directory; refusing to write into the input", out.string());
     if (is_inside(out, in)) fail("output directory '{}' is inside the input directory '{}'", out.string(), in.string());
   }
@@ -416,7 +435,7 @@ QuantizeResult quantize_checkpoint(const QuantizeOptions& options) {
       const size_t n = item.end - item.begin;
       prefetch_pages(p, n);
       if (main.pending) writer_for(main.shard).write_part(t.name, item.begin, {p, n});
-      release_pages(p, n);
+      release_pages(mapping_of(checkpoint.file_of(t.name)), p, n);
       progress.advance(n);
       if (main.pending) finish_target(main.shard);
       return;
@@ -428,7 +447,7 @@ QuantizeResult quantize_checkpoint(const QuantizeOptions& options) {
     packed.resize(rows * k_dim / 2);
     scales.resize(rows * (k_dim / mx::kBlockSize));
     quantize_rows(t.name, t.dtype, p, item.begin, rows, k_dim, packed.data(), scales.data());
-    release_pages(p, rows * row_bytes);
+    release_pages(mapping_of(checkpoint.file_of(t.name)), p, rows * row_bytes);
     const OutputLocation& scale = location.at(t.name + "_scale");
     if (main.pending) writer_for(main.shard).write_part(t.name, item.begin * (k_dim / 2), packed);
     if (scale.pending)
@@ -540,8 +559,8 @@ VerifyResult verify_quantized(const fs::path& model_dir, const fs::path& output_
         while (src[item.begin + j] == dst[item.begin + j]) ++j;
         fail("tensor '{}' differs from the input at byte {}", t.name, item.begin + j);
       }
-      release_pages(src.data() + item.begin, n);
-      release_pages(dst.data() + item.begin, n);
+      release_pages(mapping_of(input.file_of(t.name)), src.data() + item.begin, n);
+      release_pages(mapping_of(output.file_of(t.name)), dst.data() + item.begin, n);
       progress.advance(n);
       return;
     }
@@ -558,7 +577,9 @@ VerifyResult verify_quantized(const fs::path& model_dir, const fs::path& output_
            item.end);
     if (std::memcmp(s, scales.data(), scales.size()) != 0)
       fail("scales of '{}' differ from a re-quantization of the input (rows {}..{})", t.name, item.begin, item.end);
-    release_pages(src.data() + item.begin * row_bytes, rows * row_bytes);
+    release_pages(mapping_of(input.file_of(t.name)), src.data() + item.begin * row_bytes, rows * row_bytes);
+    release_pages(mapping_of(output.file_of(t.name)), w, packed.size());
+    release_pages(mapping_of(output.file_of(t.name + "_scale")), s, scales.size());
     progress.advance(rows * row_bytes);
   });
   progress.finish();

@@ -447,6 +447,8 @@ TEST_F(QuantizerTest, DryRunWritesNothing) {
   EXPECT_GT(r.plan.bytes_in, r.plan.bytes_out);
   EXPECT_FALSE(fs::exists(root_ / "out"));
   EXPECT_NE(describe_plan(r.plan).find("model.layers.*.mlp.experts.*.w1"), std::string::npos);
+  o.output_dir.clear();  // a plan needs no output directory
+  EXPECT_EQ(quantize_checkpoint(o).plan.quantized_count, 4u);
 }
 
 }  // namespace
