@@ -39,6 +39,7 @@ class ByteLevel final : public Decoder {
 
 class ByteFallback final : public Decoder {
  public:
+  bool merges_byte_tokens() const override { return true; }
   std::vector<std::string> decode_chain(std::vector<std::string> tokens) const override {
     std::vector<std::string> out;
     std::string pending;
@@ -185,6 +186,12 @@ class BpeSuffix final : public Decoder {
 class Sequence final : public Decoder {
  public:
   explicit Sequence(std::vector<std::unique_ptr<Decoder>> steps) : steps_(std::move(steps)) {}
+  bool merges_byte_tokens() const override {
+    for (const auto& step : steps_) {
+      if (step->merges_byte_tokens()) return true;
+    }
+    return false;
+  }
   std::vector<std::string> decode_chain(std::vector<std::string> tokens) const override {
     for (const auto& step : steps_) tokens = step->decode_chain(std::move(tokens));
     return tokens;

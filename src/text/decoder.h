@@ -14,6 +14,9 @@ class Decoder {
   virtual ~Decoder() = default;
   // One step of HF's decode chain: tokens in, tokens out (joined by the caller).
   virtual std::vector<std::string> decode_chain(std::vector<std::string> tokens) const = 0;
+  // Whether this decoder (or one in its sequence) is ByteFallback, which decodes a whole run of
+  // "<0xXX>" tokens at once: text before the run ends is not final.
+  virtual bool merges_byte_tokens() const { return false; }
 };
 
 // Returns nullptr for a JSON null. Unknown or malformed types throw mxlm::Error.

@@ -21,6 +21,10 @@ std::string IncrementalDetokenizer::decode_range(size_t begin, size_t end) const
 
 std::string IncrementalDetokenizer::add(uint32_t id) {
   ids_.push_back(id);
+  // Byte tokens under ByteFallback wait for the end of their run; ids that decode to nothing (a
+  // skipped special token, an unknown id) cannot end such a run, so they wait too.
+  const bool silent = (skip_special_tokens_ && tokenizer_.is_special(id)) || !tokenizer_.id_to_token(id);
+  if (tokenizer_.is_pending_byte(id) || silent) return {};
   const std::string prefix_text = decode_range(prefix_offset_, read_offset_);
   const std::string new_text = decode_range(prefix_offset_, ids_.size());
   // A trailing U+FFFD means the last token ended inside a character: wait for the rest.

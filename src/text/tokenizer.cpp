@@ -395,6 +395,12 @@ bool Tokenizer::is_special(uint32_t id) const {
   return it != impl_->added_by_id.end() && impl_->added[it->second].special;
 }
 
+bool Tokenizer::is_pending_byte(uint32_t id) const {
+  if (!impl_->decoder || !impl_->decoder->merges_byte_tokens() || impl_->added_by_id.count(id)) return false;
+  const std::string* token = impl_->model->id_to_token(id);
+  return token && token->size() == 6 && token->compare(0, 3, "<0x") == 0 && token->back() == '>';
+}
+
 uint32_t Tokenizer::vocab_size() const { return impl_->vocab_size; }
 
 const std::vector<AddedToken>& Tokenizer::added_tokens() const { return impl_->added; }

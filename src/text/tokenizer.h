@@ -64,6 +64,9 @@ class Tokenizer {
   std::optional<uint32_t> token_to_id(std::string_view token) const;
   std::optional<std::string> id_to_token(uint32_t id) const;
   bool is_special(uint32_t id) const;
+  // Whether decoding `id` may still change once later ids arrive: a "<0xXX>" byte token under a
+  // ByteFallback decoder (a run of them is decoded as one byte string).
+  bool is_pending_byte(uint32_t id) const;
   // One past the largest id (model vocabulary and added tokens).
   uint32_t vocab_size() const;
   const std::vector<AddedToken>& added_tokens() const;
