@@ -12,6 +12,15 @@ std::span<const float> StepOutput::row(size_t item, int32_t i) const {
           static_cast<size_t>(vocab)};
 }
 
+CacheConfig cache_config_for(const model::M3Model& model, int32_t max_tokens, int32_t num_seqs,
+                             int32_t dense_block_size) {
+  if (max_tokens <= 0 || num_seqs <= 0) fail("cache for {} sequences of {} tokens", num_seqs, max_tokens);
+  CacheConfig c;
+  c.block_size = model.has_sparse_layers() ? model.text().sparse.block_size : dense_block_size;
+  c.num_pages = pages_for(max_tokens, c.block_size) * num_seqs;
+  return c;
+}
+
 ModelRunner::ModelRunner(model::M3Model& model, CacheConfig cache)
     : model_(model), cache_(cache), blocks_(cache.num_pages, cache.block_size, cache.prefix_caching) {
   if (model.has_sparse_layers() && cache.block_size != model.text().sparse.block_size)

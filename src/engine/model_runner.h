@@ -61,4 +61,9 @@ class ModelRunner {
 // Pages needed to hold `tokens` tokens.
 inline int32_t pages_for(int32_t tokens, int32_t block_size) { return (tokens + block_size - 1) / block_size; }
 
+// A cache for `num_seqs` sequences of up to `max_tokens` tokens each: pages of the model's sparse block size
+// (or `dense_block_size` for a model without sparse layers).
+CacheConfig cache_config_for(const model::M3Model& model, int32_t max_tokens, int32_t num_seqs = 1,
+                             int32_t dense_block_size = 128);
+
 }  // namespace mxlm::engine

@@ -33,6 +33,13 @@ std::vector<Row> rows_of(const AttentionBatch& batch) {
   return rows;
 }
 
+// Enough multiply-adds to be worth waking the OpenMP team (small decode steps run on the calling thread).
+bool worth_threads(const std::vector<Row>& rows, int heads, int dim) {
+  int64_t work = 0;
+  for (const Row& r : rows) work += static_cast<int64_t>(r.pos + 1) * heads * dim;
+  return rows.size() > 1 && work > (1 << 16);
+}
+
 inline size_t slot_of(const SequenceSlice& s, int32_t pos, int32_t block_size) {
   return static_cast<size_t>(s.block_table[static_cast<size_t>(pos / block_size)]) * static_cast<size_t>(block_size) +
          static_cast<size_t>(pos % block_size);
@@ -87,7 +94,7 @@ void CpuBackend::attention(const float* q, const AttentionBatch& batch, const At
   const auto rows = rows_of(batch);
   const int group = shape.num_heads / shape.num_kv_heads;
   const size_t qwidth = static_cast<size_t>(shape.num_heads) * static_cast<size_t>(shape.head_dim);
-#pragma omp parallel
+#pragma omp parallel if (worth_threads(rows, shape.num_heads, shape.head_dim))
   {
     std::vector<float> scores;
     std::vector<int32_t> keys;
@@ -110,7 +117,7 @@ void CpuBackend::index_select(const float* iq, const AttentionBatch& batch, cons
   const int32_t bs = batch.block_size;
   const auto rows = rows_of(batch);
   const float inf = std::numeric_limits<float>::infinity();
-#pragma omp parallel
+#pragma omp parallel if (worth_threads(rows, shape.num_heads, shape.head_dim))
   {
     std::vector<float> score;
     std::vector<int32_t> order;
@@ -156,7 +163,7 @@ void CpuBackend::sparse_attention(const float* q, const AttentionBatch& batch, c
   const int selections = shape.num_kv_heads;
   const int32_t bs = batch.block_size;
   const size_t qwidth = static_cast<size_t>(shape.num_heads) * static_cast<size_t>(shape.head_dim);
-#pragma omp parallel
+#pragma omp parallel if (worth_threads(rows, shape.num_heads, shape.head_dim))
   {
     std::vector<float> scores;
     std::vector<int32_t> keys, chosen;

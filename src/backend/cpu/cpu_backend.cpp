@@ -118,7 +118,7 @@ void CpuBackend::rope(float* x, std::span<const int32_t> positions, int heads, i
     inv_freq[static_cast<size_t>(j)] =
         1.0f / std::pow(theta, static_cast<float>(2 * j) / static_cast<float>(rotary_dim));
   const size_t tokens = positions.size();
-#pragma omp parallel for schedule(static) if (tokens * static_cast<size_t>(heads) > 256)
+#pragma omp parallel for schedule(static) if (tokens * static_cast<size_t>(heads) > 4096)
   for (size_t t = 0; t < tokens; ++t) {
     const float pos = static_cast<float>(positions[t]);
     for (int j = 0; j < half; ++j) {
