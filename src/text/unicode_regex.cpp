@@ -40,6 +40,56 @@ ThreadScratch& scratch() {
   return s;
 }
 
+// Oniguruma's Unicode classes, spelled out. PCRE2's \s also matches U+180E (MONGOLIAN VOWEL
+// SEPARATOR, no longer a space since Unicode 6.3); its \w lacks marks and includes Nl/No digits.
+constexpr const char* kSpace = R"(\t-\r \x{85}\x{A0}\x{1680}\x{2000}-\x{200A}\x{2028}\x{2029}\x{202F}\x{205F}\x{3000})";
+constexpr const char* kWord = R"(\p{Alphabetic}\p{M}\p{Nd}\p{Pc}\x{200C}\x{200D})";
+
+// Rewrites \s, \S, \w, \W so PCRE2 matches what Oniguruma (HF's regex engine) matches.
+std::string oniguruma_classes(const std::string& pattern) {
+  std::string out;
+  out.reserve(pattern.size() + 64);
+  bool in_class = false;
+  for (size_t i = 0; i < pattern.size(); ++i) {
+    const char c = pattern[i];
+    if (c == '\\' && i + 1 < pattern.size()) {
+      const char e = pattern[++i];
+      if (e == 's') {
+        out += in_class ? fmt::format("{}", kSpace) : fmt::format("[{}]", kSpace);
+      } else if (e == 'S') {
+        out += in_class ? std::string(R"(\S\x{180E})") : fmt::format("[^{}]", kSpace);
+      } else if (e == 'w') {
+        out += in_class ? fmt::format("{}", kWord) : fmt::format("[{}]", kWord);
+      } else if (e == 'W' && !in_class) {
+        out += fmt::format("[^{}]", kWord);
+      } else {
+        out.push_back(c);
+        out.push_back(e);
+      }
+      continue;
+    }
+    if (!in_class && c == '[') {
+      in_class = true;
+      out.push_back(c);
+      // A ']' right after '[' or '[^' is a literal member, not the end of the class.
+      if (i + 1 < pattern.size() && pattern[i + 1] == '^') out.push_back(pattern[++i]);
+      if (i + 1 < pattern.size() && pattern[i + 1] == ']') out.push_back(pattern[++i]);
+      continue;
+    }
+    if (in_class && c == '[' && i + 1 < pattern.size() && pattern[i + 1] == ':') {
+      const size_t close = pattern.find(":]", i + 2);
+      if (close != std::string::npos) {
+        out.append(pattern, i, close + 2 - i);
+        i = close + 1;
+        continue;
+      }
+    }
+    if (in_class && c == ']') in_class = false;
+    out.push_back(c);
+  }
+  return out;
+}
+
 }  // namespace
 
 struct UnicodeRegex::Impl {
@@ -50,7 +100,8 @@ struct UnicodeRegex::Impl {
 UnicodeRegex::UnicodeRegex(const std::string& pattern) : pattern_(pattern), impl_(std::make_unique<Impl>()) {
   int error = 0;
   PCRE2_SIZE offset = 0;
-  impl_->code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(), PCRE2_UTF | PCRE2_UCP,
+  const std::string translated = oniguruma_classes(pattern);
+  impl_->code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(translated.data()), translated.size(), PCRE2_UTF | PCRE2_UCP,
                               &error, &offset, nullptr);
   if (impl_->code == nullptr) fail("invalid regex {:?} at offset {}: {}", pattern, offset, pcre2_message(error));
   impl_->jit = pcre2_jit_compile(impl_->code, PCRE2_JIT_COMPLETE) == 0;

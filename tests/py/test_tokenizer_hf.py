@@ -37,14 +37,25 @@ def gsm8k_corpus():
     return out
 
 
+# Characters where tokenizers tend to disagree: Unicode spaces (U+180E is \s in PCRE2 but not in
+# Oniguruma), contractions, combining marks, NFC/NFKC-sensitive letters, digits of other scripts,
+# emoji sequences and special-token strings.
+POOL = list(" \t\n\r\u00a0\u3000\u2028\u0085\u180e\u200b\u200d\ufeff\x0b\x0c\x1c") + list("aAzZ09'’\"!?.,;:-_/\\()[]{}<>|@#$%^&*+=~`") + \
+    list("éÉñßİıΣσςĲǅ") + ["e\u0301", "\u0301", "\u0308", "\u0dca"] + list("中文日本語カタカナひらがな한국어") + \
+    list("مرحبا שלום नमस्ते ภาษาไทย Привет Ελληνικά") + ["😀", "👍🏽", "👨‍👩‍👧", "🇺🇸", "❤️", "1️⃣"] + list("٠١٢३४५½²①Ⅳ") + \
+    ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<｜User｜>", "<｜end▁of▁sentence｜>", "<|return|>", "'s", "'LL", "\r\n",
+     "  ", "ﬁ", "㎏", "Ｈ"]
+
+
 def corpus():
     hand = hand_corpus()
     rng = random.Random(1234)
+    pooled = ["".join(rng.choice(POOL) for _ in range(rng.randint(1, 30))) for _ in range(1500)]
     # Pieces glued together meet across boundaries that no single line has (special tokens next to
     # spaces, digits next to CJK, emoji next to newlines, ...).
     glued = ["".join(rng.choice(hand) for _ in range(rng.randint(2, 6))) for _ in range(600)]
     spaced = [" " + s for s in hand] + [s + " " for s in hand] + ["\n" + s + "\n" for s in hand]
-    return hand + spaced + glued + gsm8k_corpus()
+    return hand + spaced + glued + pooled + gsm8k_corpus()
 
 
 @pytest.fixture(scope="module", params=NAMES)

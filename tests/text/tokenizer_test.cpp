@@ -12,6 +12,7 @@
 #include "text/pre_tokenizer.h"
 #include "text/tokenizer.h"
 #include "text/unicode.h"
+#include "text/unicode_regex.h"
 
 namespace mxlm::text {
 namespace {
@@ -68,6 +69,18 @@ TEST(Utf8, LossyReplacesMaximalSubparts) {
   EXPECT_TRUE(is_valid_utf8("\xEF\xBF\xBD ok \xF0\x9F\x98\x80"));
   EXPECT_EQ(complete_utf8_prefix("a\xE4\xB8"), 1u);
   EXPECT_EQ(complete_utf8_prefix("a\xE4\xB8\xAD"), 4u);
+}
+
+TEST(UnicodeRegex, ClassesFollowOniguruma) {
+  using Matches = std::vector<std::pair<size_t, size_t>>;
+  // U+180E (3 bytes) is not White_Space: Oniguruma's \s skips it, PCRE2's own \s would not.
+  EXPECT_EQ(UnicodeRegex("\\s+").find_all("a \u180e\u3000b"), (Matches{{1, 2}, {5, 8}}));
+  EXPECT_EQ(UnicodeRegex("[^\\s]+").find_all("a \u180e"), (Matches{{0, 1}, {2, 5}}));
+  EXPECT_EQ(UnicodeRegex("\\S+").find_all("\u180e x"), (Matches{{0, 3}, {4, 5}}));
+  EXPECT_EQ(UnicodeRegex("\\w+").find_all("e\u0301t\u00b2"), (Matches{{0, 4}}));  // marks are word chars, ² is not
+  EXPECT_EQ(UnicodeRegex("\\s+(?!\\S)|\\s+").find_all("a   b"), (Matches{{1, 3}, {3, 4}}));
+  EXPECT_EQ(UnicodeRegex("x*").find_all("ab"), (Matches{{0, 0}, {1, 1}, {2, 2}}));  // empty matches advance
+  EXPECT_EQ(UnicodeRegex(UnicodeRegex::escape("a.b*(c)")).find_all("xa.b*(c)"), (Matches{{1, 8}}));
 }
 
 TEST(Bpe, MergesByRank) {
