@@ -2,9 +2,11 @@
 """mxlm quantize vs AMD Quark (amd-quark from PyPI) on the same checkpoint.
 
 Two steps, so the Quark run can happen on another machine (it needs torch):
-  quark_compare.py run-quark IN OUT [--device cpu]   runs the seed's own script (shared/seed/model-card-amd-
+  quark_compare.py run-quark IN OUT [--device cpu] [--template-excludes]
+                                                     runs the seed's own script (shared/seed/model-card-amd-
                                                      minimax-m3-mxfp4.txt): template registration, get_config,
-                                                     ModelQuantizer.direct_quantize_checkpoint; prints time + peak RSS
+                                                     ModelQuantizer.direct_quantize_checkpoint; prints time + peak RSS;
+                                                     --template-excludes: get_config without exclude_layers
   quark_compare.py compare QUARK_OUT MXLM_OUT        every tensor byte for byte (the scale byte of an all-zero block
                                                      excepted: Quark writes 1, older versions 0), and the
                                                      quantization_config (equal as JSON; key order reported)
@@ -19,7 +21,7 @@ import time
 import numpy as np
 
 
-def run_quark(model_dir, output_dir, device):
+def run_quark(model_dir, output_dir, device, template_excludes=False):
     from quark.torch import LLMTemplate, ModelQuantizer
 
     # --- the seed's script, verbatim apart from the paths and `device` ---
@@ -50,7 +52,10 @@ def run_quark(model_dir, output_dir, device):
         "*mlp.down_proj",
     ]
     template = LLMTemplate.get("minimax_m3_vl")
-    quant_config = template.get_config(scheme=quant_scheme, exclude_layers=exclude_layers)
+    if template_excludes:  # the template's own list: what `mxlm quantize` does without --exclude-layers
+        quant_config = template.get_config(scheme=quant_scheme)
+    else:
+        quant_config = template.get_config(scheme=quant_scheme, exclude_layers=exclude_layers)
     quantizer = ModelQuantizer(quant_config)
     start = time.perf_counter()
     quantizer.direct_quantize_checkpoint(pretrained_model_path=model_dir, save_path=output_dir, device=device)
@@ -146,8 +151,9 @@ def compare(quark_dir, mxlm_dir):
 
 def main():
     if len(sys.argv) >= 4 and sys.argv[1] == "run-quark":
-        device = sys.argv[5] if len(sys.argv) >= 6 and sys.argv[4] == "--device" else "cpu"
-        run_quark(sys.argv[2], sys.argv[3], device)
+        rest = sys.argv[4:]
+        device = rest[rest.index("--device") + 1] if "--device" in rest else "cpu"
+        run_quark(sys.argv[2], sys.argv[3], device, template_excludes="--template-excludes" in rest)
         return 0
     if len(sys.argv) == 4 and sys.argv[1] == "compare":
         return compare(sys.argv[2], sys.argv[3])

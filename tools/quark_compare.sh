@@ -5,6 +5,7 @@
 #   3. the seed's own script (template registration, get_config, direct_quantize_checkpoint) on device="cpu",
 #   4. mxlm quantize with the seed's template and exclude list,
 #   5. byte-for-byte tensor comparison + quantization_config comparison (tools/quark_compare.py compare),
+#      once with the seed's exclude list and once with the template's own list,
 #   6. wall time and peak RSS of both (/usr/bin/time -v).
 # usage: tools/quark_compare.sh [MXLM_BIN] [checkpoint args for make_tiny_m3_checkpoint.py ...]
 # env: QUARK_VENV (default /tmp/quark-venv), WORK (default /tmp/quark-compare)
@@ -40,3 +41,9 @@ grep -E "Elapsed|Maximum resident" "$work/mxlm.time"
 
 echo "== comparison"
 "$venv/bin/python" "$here/quark_compare.py" compare "$work/quark" "$work/mxlm"
+
+echo "== the template's own exclude list (Quark get_config without exclude_layers; mxlm without --exclude-layers)"
+"$venv/bin/python" "$here/quark_compare.py" run-quark "$work/in" "$work/quark-template" --device cpu --template-excludes \
+  > "$work/quark-template.log" 2>&1 || { tail -30 "$work/quark-template.log"; exit 1; }
+"$mxlm" quantize --model "$work/in" --output "$work/mxlm-template" --template minimax_m3_vl > /dev/null 2>&1
+"$venv/bin/python" "$here/quark_compare.py" compare "$work/quark-template" "$work/mxlm-template"
