@@ -10,8 +10,8 @@ lm-eval runs the seed's command
             --apply_chat_template --fewshot_as_multiturn
 plus --limit, --output_path/--log_samples (to read its per-document results) and --include_path with a copy
 of its own gsm8k.yaml whose dataset points at the repository's GSM8K jsonl files (`dataset_path: json`),
-so nothing is fetched from the Hugging Face hub. The single-turn variant (no --fewshot_as_multiturn) is
-compared too. Exit status 0 only if every check matches. Needs network access to PyPI the first time
+so nothing is fetched from the Hugging Face hub. The single-turn variant (`--fewshot_as_multiturn false`;
+lm-eval 0.4.13 turns multi-turn on by default with --apply_chat_template) is compared too. Exit status 0 only if every check matches. Needs network access to PyPI the first time
 (the venv is reused afterwards); lm-eval 0.4.13's base install does not pull torch.
 """
 
@@ -77,8 +77,7 @@ def run_lm_eval(lm_eval: Path, tasks: Path, url: str, limit: int, out: Path, mul
     cmd = [str(lm_eval), "--model", "local-chat-completions", "--model_args",
            f"model=scripted-model,base_url={url},num_concurrent=32,max_gen_toks=16384",
            "--tasks", "gsm8k", "--num_fewshot", "5", "--batch_size", "1", "--apply_chat_template"]
-    if multiturn:
-        cmd.append("--fewshot_as_multiturn")
+    cmd += ["--fewshot_as_multiturn"] if multiturn else ["--fewshot_as_multiturn", "false"]
     cmd += ["--include_path", str(tasks), "--limit", str(limit), "--output_path", str(out), "--log_samples"]
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", OPENAI_API_KEY="sk-compare")
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -94,8 +93,7 @@ def run_lm_eval(lm_eval: Path, tasks: Path, url: str, limit: int, out: Path, mul
 def run_mxlm(mxlm: str, url: str, limit: int, out: Path, multiturn: bool) -> tuple[list, dict, list]:
     cmd = [mxlm, "eval", "--base-url", url, "--model", "scripted-model", "--num-concurrent", "32",
            "--max-gen-toks", "16384", "--tasks", "gsm8k", "--num-fewshot", "5", "--apply-chat-template"]
-    if multiturn:
-        cmd.append("--fewshot-as-multiturn")
+    cmd += ["--fewshot-as-multiturn"] if multiturn else ["--fewshot-as-multiturn", "false"]
     cmd += ["--limit", str(limit), "--output-path", str(out), "--no-progress"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OPENAI_API_KEY="sk-compare"))
     if p.returncode != 0:
@@ -181,7 +179,7 @@ def main() -> int:
         tasks = prepare_task(venv, work)
         report = {"lm_eval_version": LM_EVAL_VERSION, "limit": args.limit, "runs": []}
         for multiturn in (True, False):
-            label = "multi-turn (--fewshot_as_multiturn)" if multiturn else "single-turn (no --fewshot_as_multiturn)"
+            label = "multi-turn (--fewshot_as_multiturn)" if multiturn else "single-turn (--fewshot_as_multiturn false)"
             with ScriptedServer(mode="mixed") as server:
                 lm_cmd, lm, lm_samples = run_lm_eval(lm_eval, tasks, server.url, args.limit, work / f"lm-{multiturn}",
                                                      multiturn)

@@ -8,11 +8,14 @@
 #include <fmt/format.h>
 
 #include <atomic>
+#include <cctype>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
 #include <string>
+#include <vector>
+
 #include <unistd.h>
 
 #include "cli/registry.h"
@@ -37,7 +40,7 @@ struct Flags {
   std::string tasks = "gsm8k";
   double limit = 0;
   bool apply_chat_template = false;
-  bool fewshot_as_multiturn = false;
+  std::vector<std::string> fewshot_as_multiturn;  // bare flag: {""}
   bool no_progress = false;
   std::string compare;
 };
@@ -45,11 +48,20 @@ struct Flags {
 void run(Flags& f, const CLI::App& cmd) {
   auto& o = f.options;
   if (f.tasks != "gsm8k") fail("--tasks {}: only gsm8k is implemented", f.tasks);
+  // lm-eval 0.4.13: --fewshot_as_multiturn defaults to on with --apply_chat_template; a value other than
+  // true/1/yes turns it off; on without --apply_chat_template is an error.
+  bool multiturn = true;
+  if (cmd.count("--fewshot-as-multiturn")) {
+    std::string v = f.fewshot_as_multiturn.empty() ? "" : f.fewshot_as_multiturn[0];
+    for (char& c : v) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    multiturn = v.empty() || v == "true" || v == "1" || v == "yes";
+    if (multiturn && !f.apply_chat_template)
+      fail("--fewshot-as-multiturn needs --apply-chat-template (as in lm-eval)");
+  }
   if (!f.apply_chat_template)
     fail("--apply-chat-template is required: mxlm eval sends chat-completions requests, which lm-eval's "
-         "local-chat-completions only builds with --apply_chat_template (add --fewshot-as-multiturn for the "
-         "usual multi-turn few-shot layout)");
-  o.fewshot_as_multiturn = f.fewshot_as_multiturn;
+         "local-chat-completions only builds with --apply_chat_template");
+  o.fewshot_as_multiturn = multiturn;
   if (cmd.count("--limit")) o.limit = f.limit;
   if (!cmd.count("--api-key")) {
     const char* key = std::getenv("OPENAI_API_KEY");
@@ -128,8 +140,10 @@ void add_eval(CLI::App& app) {
   cmd->add_option("--max-gen-toks", o.max_gen_toks, "max_tokens of each request (lm-eval's default 256)")
       ->capture_default_str();
   cmd->add_flag("--apply-chat-template", flags->apply_chat_template, "send chat messages (required)");
-  cmd->add_flag("--fewshot-as-multiturn", flags->fewshot_as_multiturn,
-                "few-shot examples as user/assistant turns instead of one user message");
+  cmd->add_option("--fewshot-as-multiturn", flags->fewshot_as_multiturn,
+                  "few-shot examples as user/assistant turns (default with --apply-chat-template, as in lm-eval "
+                  "0.4.13); 'false' puts them in one user message")
+      ->expected(0, 1);
   cmd->add_option("--limit", flags->limit, "only the first N documents (a fraction if < 1)");
   cmd->add_option("--output-path", o.output_path, "directory for results.json and samples_gsm8k.jsonl");
   cmd->add_option("--compare", flags->compare,

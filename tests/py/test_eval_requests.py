@@ -87,17 +87,31 @@ def test_all_documents_byte_exact_bodies_and_gold_accuracy(tmp_path):
 
 def test_single_turn_layout_limit_and_base_url_forms(tmp_path):
     draws = python_draws(7)
+    env = dict(os.environ, OPENAI_API_KEY="")
     with ScriptedServer(mode="gold") as server:
+        # "--fewshot-as-multiturn false" puts the shots in one user message (lm-eval 0.4.13 syntax).
         base = server.url.removesuffix("/chat/completions")  # ".../v1"
-        cmd = [MXLM, "eval", "--base-url", base, "--model", "m2", "--apply-chat-template", "--limit", "7",
-               "--num-concurrent", "3", "--output-path", str(tmp_path)]
-        p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OPENAI_API_KEY=""))
+        cmd = [MXLM, "eval", "--base-url", base, "--model", "m2", "--apply-chat-template", "--fewshot-as-multiturn",
+               "false", "--limit", "7", "--num-concurrent", "3", "--output-path", str(tmp_path / "a")]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         assert p.returncode == 0, p.stderr
-        requests = list(server.requests)
-    assert sorted(r["doc_id"] for r in requests) == list(range(7))
-    for r in requests:
+        single = list(server.requests)
+        server.requests.clear()
+        # --apply-chat-template alone turns multi-turn on, as lm-eval 0.4.13 does; a bare origin gets /v1/chat/completions.
+        origin = server.url.removesuffix("/v1/chat/completions")
+        cmd = [MXLM, "eval", "--base-url", origin, "--model", "m2", "--apply-chat-template", "--limit", "7",
+               "--output-path", str(tmp_path / "b")]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert p.returncode == 0, p.stderr
+        multi = list(server.requests)
+    assert sorted(r["doc_id"] for r in single) == list(range(7))
+    for r in single:
         assert r["raw"] == expected_body(r["doc_id"], draws, model="m2", max_tokens=256, multiturn=False)
         assert r["headers"]["Authorization"] == "Bearer "  # lm-eval sends the header with an empty key
+    assert sorted(r["doc_id"] for r in multi) == list(range(7))
+    for r in multi:
+        assert r["path"] == "/v1/chat/completions"
+        assert r["raw"] == expected_body(r["doc_id"], draws, model="m2", max_tokens=256, multiturn=True)
 
 
 def test_mixed_answers_give_exact_fractions(tmp_path):

@@ -181,6 +181,9 @@ def test_bad_input_errors(tmp_path):
     p = subprocess.run([MXLM, "eval", "--base-url", "http://127.0.0.1:1/v1", "--model", "m"], capture_output=True,
                        text=True)
     assert p.returncode == 1 and "--apply-chat-template" in p.stderr
+    p = subprocess.run([MXLM, "eval", "--base-url", "http://127.0.0.1:1/v1", "--model", "m", "--fewshot-as-multiturn"],
+                       capture_output=True, text=True)
+    assert p.returncode == 1 and "needs --apply-chat-template" in p.stderr
     p = subprocess.run([MXLM, "eval", "--base-url", "nonsense", "--model", "m", "--apply-chat-template"],
                        capture_output=True, text=True)
     assert p.returncode == 1 and "--base-url" in p.stderr
