@@ -150,6 +150,41 @@ TEST_P(M3Fixture, BatchedSequencesMatchSingleOnes) {
   EXPECT_LE(relative_error(got_a, single_a), 1e-5);
 }
 
+TEST_P(M3Fixture, PrefixCacheReuseGivesTheSameLogits) {
+  const auto ref = load_reference(GetParam());
+  auto be = backend::make_cpu_backend();
+  auto model = model::load_m3_model(fixture_dir(GetParam()), *be);
+  engine::CacheConfig cc = engine::cache_config_for(*model, 128, 3, 4);
+  cc.prefix_caching = true;
+  engine::ModelRunner runner(*model, cc);
+  const auto& toks = ref.tokens[0];
+  const int32_t n = static_cast<int32_t>(toks.size());
+  const int32_t vocab = model->vocab_size();
+  // A first request computes the whole sequence; its full pages enter the prefix cache.
+  engine::Sequence a;
+  a.tokens = toks;
+  runner.admit(a);
+  ASSERT_EQ(a.num_computed, 0);
+  engine::StepItem ia{&a, n, false};
+  runner.step({&ia, 1});
+  runner.release(a);
+  // A second request with the same tokens reuses every full page but the one holding the last token, and
+  // computes only the rest: its logits must match the reference at those positions.
+  engine::Sequence b;
+  b.tokens = toks;
+  runner.admit(b);
+  const int32_t bs = cc.block_size;
+  EXPECT_EQ(b.num_computed, (n - 1) / bs * bs);
+  EXPECT_GT(b.num_computed, 0);
+  const int32_t start = b.num_computed;
+  engine::StepItem ib{&b, b.num_uncomputed(), true};
+  const auto out = runner.step({&ib, 1});
+  const std::span<const float> want(ref.logits[0].data.data() + static_cast<size_t>(start) * static_cast<size_t>(vocab),
+                                    static_cast<size_t>(n - start) * static_cast<size_t>(vocab));
+  EXPECT_LE(relative_error(out.logits, want), 1e-4);
+  EXPECT_GT(runner.blocks().cache_hits(), 0u);
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, M3Fixture, ::testing::Values("dense", "mixed", "moe16", "mixed_mxfp4"));
 
 }  // namespace
