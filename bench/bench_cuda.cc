@@ -1,0 +1,349 @@
+// (Named .cc so the CI benchmark glob bench/bench_*.cpp, built without CUDA, does not pick it up.)
+// GPU benchmark of the CUDA backend, measured against the card's own ceilings in the same run: device copy
+// bandwidth and the cuBLAS bf16 rate. Random data generated on the GPU (no downloads). Built and run by
+// scripts/gpu_check (not part of the CI benchmark build). Prints a table at the end; `--quick` for fewer reps.
+//
+// Weight sets are rotated so that one call's weights are not in L2 from the previous call (H100 L2 = 50 MB).
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdarg>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/cuda_kernels.h"
+
+namespace {
+
+using namespace mxlm;
+namespace cu = mxlm::backend::cuda;
+
+#define CK(x)                                                                                     \
+  do {                                                                                            \
+    cudaError_t e_ = (x);                                                                         \
+    if (e_ != cudaSuccess) {                                                                      \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));     \
+      std::exit(2);                                                                               \
+    }                                                                                             \
+  } while (0)
+#define CB(x)                                                                    \
+  do {                                                                           \
+    cublasStatus_t s_ = (x);                                                     \
+    if (s_ != CUBLAS_STATUS_SUCCESS) {                                           \
+      std::fprintf(stderr, "%s:%d %s: cublas %d\n", __FILE__, __LINE__, #x, s_); \
+      std::exit(2);                                                              \
+    }                                                                            \
+  } while (0)
+
+std::vector<std::string> g_table;
+void row(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+void row(const char* fmt, ...) {
+  char buf[512];
+  va_list ap;
+  va_start(ap, fmt);
+  std::vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  std::printf("%s\n", buf);
+  std::fflush(stdout);
+  g_table.push_back(buf);
+}
+
+void* dalloc(size_t bytes) {
+  void* p = nullptr;
+  CK(cudaMalloc(&p, bytes));
+  return p;
+}
+
+// Median time (ms) of `reps` timed runs of `fn(i)`, each of `inner` calls, after `warm` warm-up calls.
+template <typename Fn>
+double time_ms(Fn fn, int reps, int inner = 1, int warm = 3) {
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  int i = 0;
+  for (int w = 0; w < warm; ++w) fn(i++);
+  CK(cudaDeviceSynchronize());
+  std::vector<float> ts;
+  for (int r = 0; r < reps; ++r) {
+    CK(cudaEventRecord(a));
+    for (int j = 0; j < inner; ++j) fn(i++);
+    CK(cudaEventRecord(b));
+    CK(cudaEventSynchronize(b));
+    float ms = 0;
+    CK(cudaEventElapsedTime(&ms, a, b));
+    ts.push_back(ms / static_cast<float>(inner));
+  }
+  CK(cudaGetLastError());
+  std::sort(ts.begin(), ts.end());
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  return ts[ts.size() / 2];
+}
+
+// Wall-clock median (ms) for calls that synchronise themselves (backend-level ops).
+template <typename Fn>
+double wall_ms(Fn fn, int reps, int warm = 2) {
+  for (int w = 0; w < warm; ++w) fn();
+  std::vector<double> ts;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    fn();
+    const auto t1 = std::chrono::steady_clock::now();
+    ts.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+  }
+  std::sort(ts.begin(), ts.end());
+  return ts[ts.size() / 2];
+}
+
+void gemm_bf16(cublasHandle_t h, const void* w, const void* x, float* y, int n, int m, int k) {
+  const float one = 1.0f, zero = 0.0f;
+  CB(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one, w, CUDA_R_16BF, k, x, CUDA_R_16BF, k, &zero, y,
+                  CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+struct Ceilings {
+  double copy_gbs = 0;   // (read + write) bytes per second of a large D2D copy
+  double bf16_tflops = 0;
+};
+
+Ceilings measure_ceilings(cublasHandle_t h, bool quick) {
+  Ceilings c;
+  const size_t bytes = size_t{1} << 30;
+  void* a = dalloc(bytes);
+  void* b = dalloc(bytes);
+  CK(cu::launch_fill_random_bytes(static_cast<uint8_t*>(a), bytes, 1, 0, 255, nullptr));
+  const double ms = time_ms([&](int) { CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice)); }, quick ? 5 : 15);
+  c.copy_gbs = 2.0 * static_cast<double>(bytes) / (ms * 1e-3) / 1e9;
+  row("copy D2D 1 GiB: %.3f ms, %.0f GB/s (read + write)", ms, c.copy_gbs);
+  CK(cudaFree(a));
+  CK(cudaFree(b));
+  const int n = 8192;
+  auto* w = static_cast<uint16_t*>(dalloc(size_t{2} * n * n));
+  auto* x = static_cast<uint16_t*>(dalloc(size_t{2} * n * n));
+  auto* y = static_cast<float*>(dalloc(size_t{4} * n * n));
+  CK(cu::launch_fill_random_bf16(w, size_t{1} * n * n, 2, 1.0f, nullptr));
+  CK(cu::launch_fill_random_bf16(x, size_t{1} * n * n, 3, 1.0f, nullptr));
+  const double gms = time_ms([&](int) { gemm_bf16(h, w, x, y, n, n, n); }, quick ? 5 : 10);
+  c.bf16_tflops = 2.0 * n * n * static_cast<double>(n) / (gms * 1e-3) / 1e12;
+  row("cuBLAS bf16 8192^3 (f32 out): %.3f ms, %.0f TFLOP/s", gms, c.bf16_tflops);
+  CK(cudaFree(w));
+  CK(cudaFree(x));
+  CK(cudaFree(y));
+  return c;
+}
+
+void bench_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
+  for (auto [n, k] : std::vector<std::pair<int, int>>{{3072, 6144}, {6144, 3072}}) {
+    const size_t nk = static_cast<size_t>(n) * k;
+    const size_t wbytes = nk / 2 + nk / 32;
+    const int sets = 8;  // 8 x 10 MB > L2
+    std::vector<uint8_t*> wq(sets), ws(sets);
+    for (int s = 0; s < sets; ++s) {
+      wq[static_cast<size_t>(s)] = static_cast<uint8_t*>(dalloc(nk / 2));
+      ws[static_cast<size_t>(s)] = static_cast<uint8_t*>(dalloc(nk / 32));
+      CK(cu::launch_fill_random_bytes(wq[static_cast<size_t>(s)], nk / 2, 10 + s, 0, 255, nullptr));
+      CK(cu::launch_fill_random_bytes(ws[static_cast<size_t>(s)], nk / 32, 20 + s, 118, 124, nullptr));
+    }
+    const int bsets = 3;  // bf16 copies: 3 x 36 MB > L2
+    std::vector<uint16_t*> wb(bsets);
+    for (int s = 0; s < bsets; ++s) {
+      wb[static_cast<size_t>(s)] = static_cast<uint16_t*>(dalloc(nk * 2));
+      CK(cu::launch_dequant_mxfp4_bf16(wq[static_cast<size_t>(s)], ws[static_cast<size_t>(s)], static_cast<size_t>(n),
+                                       static_cast<size_t>(k), wb[static_cast<size_t>(s)], nullptr));
+    }
+    auto* x = static_cast<uint16_t*>(dalloc(size_t{16} * k * 2));
+    auto* y = static_cast<float*>(dalloc(size_t{16} * n * 4));
+    CK(cu::launch_fill_random_bf16(x, size_t{16} * k, 5, 1.0f, nullptr));
+    for (int m : {1, 2, 4, 8, 12, 16}) {
+      std::vector<cu::Mxfp4GemvGroup> g(sets);
+      for (int s = 0; s < sets; ++s) g[static_cast<size_t>(s)] = {wq[static_cast<size_t>(s)], ws[static_cast<size_t>(s)], x, y, m, n};
+      auto* dg = static_cast<cu::Mxfp4GemvGroup*>(dalloc(sizeof(cu::Mxfp4GemvGroup) * sets));
+      CK(cudaMemcpy(dg, g.data(), sizeof(cu::Mxfp4GemvGroup) * sets, cudaMemcpyHostToDevice));
+      const int split = cu::mxfp4_gemv_k_split(n, k, 1, sms);
+      const double ms = time_ms(
+          [&](int i) {
+            if (split > 1) CK(cudaMemsetAsync(y, 0, static_cast<size_t>(m) * n * 4));
+            CK(cu::launch_mxfp4_gemv(dg + (i % sets), 1, m, n, k, split, nullptr));
+          },
+          quick ? 5 : 15, 50);
+      const double bms = time_ms([&](int i) { gemm_bf16(h, wb[static_cast<size_t>(i % bsets)], x, y, n, m, k); }, quick ? 5 : 15, 20);
+      const double gbs = static_cast<double>(wbytes) / (ms * 1e-3) / 1e9;
+      row("MXFP4 GEMV N=%d K=%d M=%2d split=%d: %7.2f us, %5.0f GB/s weights = %3.0f%% of copy; cuBLAS bf16 %7.2f us -> %.2fx",
+          n, k, m, split, ms * 1e3, gbs, 100.0 * gbs / c.copy_gbs, bms * 1e3, bms / ms);
+      CK(cudaFree(dg));
+    }
+    // Large M: our path (dequantize to bf16 + cuBLAS) against cuBLAS on resident bf16 weights.
+    const int M = 4096;
+    auto* xl = static_cast<uint16_t*>(dalloc(size_t{2} * M * k));
+    auto* yl = static_cast<float*>(dalloc(size_t{4} * M * n));
+    CK(cu::launch_fill_random_bf16(xl, size_t{1} * M * k, 6, 1.0f, nullptr));
+    auto* tmp = static_cast<uint16_t*>(dalloc(nk * 2));
+    const double flops = 2.0 * M * static_cast<double>(nk);
+    const double ref = time_ms([&](int i) { gemm_bf16(h, wb[static_cast<size_t>(i % bsets)], xl, yl, n, M, k); }, quick ? 5 : 10);
+    const double ours = time_ms(
+        [&](int i) {
+          CK(cu::launch_dequant_mxfp4_bf16(wq[static_cast<size_t>(i % sets)], ws[static_cast<size_t>(i % sets)],
+                                           static_cast<size_t>(n), static_cast<size_t>(k), tmp, nullptr));
+          gemm_bf16(h, tmp, xl, yl, n, M, k);
+        },
+        quick ? 5 : 10);
+    row("MXFP4 GEMM N=%d K=%d M=4096 (dequant->bf16 + cuBLAS): %.3f ms %.0f TFLOP/s; cuBLAS bf16 %.3f ms %.0f TFLOP/s -> %.0f%%",
+        n, k, ours, flops / (ours * 1e-3) / 1e12, ref, flops / (ref * 1e-3) / 1e12, 100.0 * ref / ours);
+    for (auto* p : wq) CK(cudaFree(p));
+    for (auto* p : ws) CK(cudaFree(p));
+    for (auto* p : wb) CK(cudaFree(p));
+    for (void* p : {static_cast<void*>(x), static_cast<void*>(y), static_cast<void*>(xl), static_cast<void*>(yl), static_cast<void*>(tmp)}) CK(cudaFree(p));
+  }
+}
+
+// One full-size MoE layer through the backend (router + routed experts + shared expert), both MoE paths.
+void bench_moe(const Ceilings& c, bool quick) {
+  const int E = 128, K = 4, H = 6144, I = 3072;
+  std::vector<std::unique_ptr<backend::Weight>> w1, w3, w2;
+  std::vector<const backend::Weight*> p1, p3, p2;
+  for (int e = 0; e < E; ++e) {
+    w1.push_back(backend::make_random_cuda_weight(backend::WeightFormat::MXFP4, I, H, 1000 + 3 * e));
+    w3.push_back(backend::make_random_cuda_weight(backend::WeightFormat::MXFP4, I, H, 1001 + 3 * e));
+    w2.push_back(backend::make_random_cuda_weight(backend::WeightFormat::MXFP4, H, I, 1002 + 3 * e));
+    p1.push_back(w1.back().get());
+    p3.push_back(w3.back().get());
+    p2.push_back(w2.back().get());
+  }
+  auto sg = backend::make_random_cuda_weight(backend::WeightFormat::MXFP4, I, H, 7);
+  auto su = backend::make_random_cuda_weight(backend::WeightFormat::MXFP4, I, H, 8);
+  auto sd = backend::make_random_cuda_weight(backend::WeightFormat::MXFP4, H, I, 9);
+  auto router = backend::make_random_cuda_weight(backend::WeightFormat::F32, E, H, 10);
+  const double expert_bytes = 3.0 * (static_cast<double>(I) * H / 2 + static_cast<double>(I) * H / 32);
+  for (auto mode : {backend::MoeBackend::Native, backend::MoeBackend::Emulation}) {
+    auto be = backend::make_cuda_backend({0, mode});
+    for (int T : {1, 8, 32, 128}) {
+      std::mt19937 rng(T);
+      std::normal_distribution<float> nd(0.0f, 1.0f);
+      std::vector<float> hx(static_cast<size_t>(T) * H);
+      for (auto& v : hx) v = nd(rng);
+      auto x = be->alloc(hx.size());
+      be->upload(*x, 0, hx.data(), hx.size());
+      auto bias = be->alloc(E);
+      auto ids = be->alloc(static_cast<size_t>(T) * K), wts = be->alloc(static_cast<size_t>(T) * K);
+      auto out = be->alloc(hx.size()), shared = be->alloc(hx.size());
+      auto g = be->alloc(static_cast<size_t>(T) * I), u = be->alloc(static_cast<size_t>(T) * I);
+      auto xq = be->alloc(hx.size()), aq = be->alloc(static_cast<size_t>(T) * I);
+      float sink = 0;
+      auto layer = [&]() {
+        be->router(x->f32(), static_cast<size_t>(T), *router, bias->f32(), K, 2.0f, ids->i32(), wts->f32());
+        be->moe_experts(x->f32(), static_cast<size_t>(T), ids->i32(), wts->f32(), K, p1, p3, p2, 0, {1.702f, 7.0f},
+                        true, out->f32());
+        // Shared expert, as the model runs it (QDQ before each MXFP4 linear).
+        be->copy(x->f32(), xq->f32(), hx.size());
+        be->qdq_mxfp4(xq->f32(), static_cast<size_t>(T), H);
+        be->linear(xq->f32(), static_cast<size_t>(T), *sg, g->f32());
+        be->linear(xq->f32(), static_cast<size_t>(T), *su, u->f32());
+        be->swiglu_oai(g->f32(), u->f32(), aq->f32(), static_cast<size_t>(T) * I, {1.702f, 7.0f});
+        be->qdq_mxfp4(aq->f32(), static_cast<size_t>(T), I);
+        be->linear(aq->f32(), static_cast<size_t>(T), *sd, shared->f32());
+        be->add(out->f32(), shared->f32(), out->f32(), hx.size());
+        be->download(*out, 0, &sink, 1);
+      };
+      const double ms = wall_ms(layer, quick ? 5 : 15);
+      std::vector<float> idf(static_cast<size_t>(T) * K);
+      be->download(*ids, 0, idf.data(), idf.size());
+      std::set<int32_t> distinct;
+      for (float f : idf) {
+        int32_t v;
+        std::memcpy(&v, &f, 4);
+        distinct.insert(v);
+      }
+      const double bytes = (static_cast<double>(distinct.size()) + 1.0) * expert_bytes + 4.0 * E * H;
+      const double roof_ms = bytes / (c.copy_gbs * 1e9) * 1e3;  // copy GB/s counts read + write: a read-only floor
+      row("MoE layer %-9s T=%3d: %7.3f ms, %3zu experts + shared = %6.1f MB, roofline %.3f ms -> %3.0f%% of roofline",
+          mode == backend::MoeBackend::Native ? "native" : "emulation", T, ms, distinct.size(), bytes / 1e6, roof_ms,
+          100.0 * roof_ms / ms);
+    }
+  }
+}
+
+void bench_attention(const Ceilings& c, bool quick) {
+  auto be = backend::make_cuda_backend({});
+  const int heads = 64, kvh = 4, d = 128, bs = 128;
+  const size_t width = static_cast<size_t>(kvh) * d;
+  for (int ctx : {2048, 8192, 32768, 65536}) {
+    const int pages = ctx / bs;
+    auto kc = be->alloc(static_cast<size_t>(pages) * bs * width), vc = be->alloc(static_cast<size_t>(pages) * bs * width);
+    CK(cu::launch_fill_random_f32(kc->f32(), kc->size(), 11, 1.0f, nullptr));
+    CK(cu::launch_fill_random_f32(vc->f32(), vc->size(), 12, 1.0f, nullptr));
+    CK(cudaDeviceSynchronize());
+    std::vector<int32_t> table(static_cast<size_t>(pages));
+    std::iota(table.begin(), table.end(), 0);
+    std::shuffle(table.begin(), table.end(), std::mt19937(ctx));
+    backend::AttentionBatch batch;
+    batch.block_size = bs;
+    batch.num_tokens = 1;
+    batch.sequences.push_back({0, 1, ctx - 1, table});
+    batch.positions = {ctx - 1};
+    batch.slots = {static_cast<int64_t>(table.back()) * bs + (ctx - 1) % bs};
+    auto q = be->alloc(static_cast<size_t>(heads) * d), out = be->alloc(static_cast<size_t>(heads) * d);
+    CK(cu::launch_fill_random_f32(q->f32(), q->size(), 13, 1.0f, nullptr));
+    const backend::AttentionShape shape{heads, kvh, d, 1.0f / std::sqrt(static_cast<float>(d))};
+    float sink = 0;
+    const double ms = wall_ms([&] {
+      be->attention(q->f32(), batch, shape, kc->f32(), vc->f32(), out->f32());
+      be->download(*out, 0, &sink, 1);
+    }, quick ? 5 : 20);
+    const double kv = 2.0 * ctx * static_cast<double>(width) * 4;
+    row("decode attention dense  ctx=%5d (f32 KV, 64/4 heads, d=128): %7.1f us, KV %6.1f MB -> %5.0f GB/s = %3.0f%% of copy",
+        ctx, ms * 1e3, kv / 1e6, kv / (ms * 1e-3) / 1e9, 100.0 * kv / (ms * 1e-3) / 1e9 / c.copy_gbs);
+    // Sparse: 16 selected blocks per KV head (M3: sparse_topk_blocks = 16, local block forced).
+    const int topk = 16;
+    std::vector<int32_t> blocks(static_cast<size_t>(kvh) * topk);
+    std::mt19937 rng(ctx + 1);
+    for (int h = 0; h < kvh; ++h) {
+      std::vector<int32_t> all(static_cast<size_t>(pages));
+      std::iota(all.begin(), all.end(), 0);
+      std::shuffle(all.begin(), all.end() - 1, rng);
+      blocks[static_cast<size_t>(h) * topk] = pages - 1;
+      for (int j = 1; j < topk; ++j) blocks[static_cast<size_t>(h) * topk + j] = all[static_cast<size_t>(j - 1)];
+    }
+    auto db = be->alloc(blocks.size());
+    be->upload(*db, 0, reinterpret_cast<const float*>(blocks.data()), blocks.size());
+    const double sms = wall_ms([&] {
+      be->sparse_attention(q->f32(), batch, shape, kc->f32(), vc->f32(), db->i32(), topk, out->f32());
+      be->download(*out, 0, &sink, 1);
+    }, quick ? 5 : 20);
+    const double skv = 2.0 * std::min(ctx, topk * bs) * static_cast<double>(width) * 4;
+    row("decode attention sparse ctx=%5d (16 blocks of 128):           %7.1f us, KV %6.1f MB -> %5.0f GB/s", ctx,
+        sms * 1e3, skv / 1e6, skv / (sms * 1e-3) / 1e9);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  if (!backend::cuda_device_available()) {
+    std::printf("SKIP: no CUDA device\n");
+    return 0;
+  }
+  cudaDeviceProp prop{};
+  CK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20);
+  cublasHandle_t h;
+  CB(cublasCreate(&h));
+  const Ceilings c = measure_ceilings(h, quick);
+  bench_gemv(h, c, prop.multiProcessorCount, quick);
+  bench_attention(c, quick);
+  bench_moe(c, quick);
+  cublasDestroy(h);
+  std::printf("\n===== summary (%s) =====\n", prop.name);
+  for (const auto& r : g_table) std::printf("%s\n", r.c_str());
+  return 0;
+}

@@ -1,0 +1,627 @@
+#include "backend/cuda/cuda_backend.h"
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "backend/cuda/cuda_kernels.h"
+#include "core/error.h"
+#include "mx/mxfp4.h"
+
+namespace mxlm::backend {
+
+namespace cuda {
+namespace {
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) fail("CUDA error in {}: {}", what, cudaGetErrorString(e));
+}
+
+void check(cublasStatus_t s, const char* what) {
+  if (s != CUBLAS_STATUS_SUCCESS) fail("cuBLAS error {} in {}", static_cast<int>(s), what);
+}
+
+#define MXLM_CUDA_CHECK(expr) check((expr), #expr)
+
+// Caching device allocator: freed blocks go back to a per-size free list instead of cudaFree, so the model's
+// per-step scratch buffers cost no driver calls after the first step. Sizes are rounded (powers of two up to
+// 16 MiB, then multiples of 16 MiB) so that buffers of similar size share lists. All work runs on one stream,
+// so a block reused by a later op is stream-ordered after the ops that used it before.
+class Pool {
+ public:
+  ~Pool() {
+    for (auto& [bytes, list] : free_)
+      for (void* p : list) cudaFree(p);
+  }
+
+  static size_t rounded(size_t bytes) {
+    if (bytes <= 256) return 256;
+    if (bytes <= (16u << 20)) return std::bit_ceil(bytes);
+    const size_t step = 16u << 20;
+    return (bytes + step - 1) / step * step;
+  }
+
+  void* get(size_t bytes) {
+    const size_t b = rounded(bytes);
+    {
+      std::lock_guard lock(mutex_);
+      auto it = free_.find(b);
+      if (it != free_.end() && !it->second.empty()) {
+        void* p = it->second.back();
+        it->second.pop_back();
+        return p;
+      }
+    }
+    void* p = nullptr;
+    cudaError_t e = cudaMalloc(&p, b);
+    if (e != cudaSuccess) {
+      // Give cached blocks back to the driver and try once more.
+      (void)cudaGetLastError();
+      release_cached();
+      MXLM_CUDA_CHECK(cudaMalloc(&p, b));
+    }
+    return p;
+  }
+
+  void put(void* p, size_t bytes) {
+    std::lock_guard lock(mutex_);
+    free_[rounded(bytes)].push_back(p);
+  }
+
+  void release_cached() {
+    std::lock_guard lock(mutex_);
+    cudaDeviceSynchronize();
+    for (auto& [bytes, list] : free_) {
+      for (void* p : list) cudaFree(p);
+      list.clear();
+    }
+  }
+
+ private:
+  std::mutex mutex_;
+  std::unordered_map<size_t, std::vector<void*>> free_;
+};
+
+// A pooled device allocation, returned to the pool on destruction.
+class Block {
+ public:
+  Block() = default;
+  Block(std::shared_ptr<Pool> pool, size_t bytes) : pool_(std::move(pool)), bytes_(bytes) {
+    ptr_ = pool_->get(bytes);
+  }
+  Block(Block&& o) noexcept : pool_(std::move(o.pool_)), ptr_(o.ptr_), bytes_(o.bytes_) { o.ptr_ = nullptr; }
+  Block& operator=(Block&& o) noexcept {
+    if (this != &o) {
+      reset();
+      pool_ = std::move(o.pool_);
+      ptr_ = o.ptr_;
+      bytes_ = o.bytes_;
+      o.ptr_ = nullptr;
+    }
+    return *this;
+  }
+  Block(const Block&) = delete;
+  Block& operator=(const Block&) = delete;
+  ~Block() { reset(); }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(ptr_);
+  }
+
+ private:
+  void reset() {
+    if (ptr_ && pool_) pool_->put(ptr_, bytes_);
+    ptr_ = nullptr;
+  }
+  std::shared_ptr<Pool> pool_;
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+class DeviceBuffer final : public Buffer {
+ public:
+  DeviceBuffer(std::shared_ptr<Pool> pool, size_t count)
+      : block_(std::move(pool), std::max<size_t>(count, 1) * sizeof(float)), count_(count) {}
+  float* f32() override { return block_.as<float>(); }
+  int32_t* i32() override { return block_.as<int32_t>(); }
+  size_t size() const override { return count_; }
+
+ private:
+  Block block_;
+  size_t count_;
+};
+
+// Storage: F32 and F16 as f32, BF16 as bf16, MXFP4 as packed bytes + scale bytes (as in the checkpoint).
+class DeviceWeight final : public Weight {
+ public:
+  DeviceWeight(WeightFormat f, int64_t rows, int64_t cols) : format_(f), rows_(rows), cols_(cols) {}
+  ~DeviceWeight() override {
+    if (data_) cudaFree(data_);
+    if (scales_) cudaFree(scales_);
+  }
+  WeightFormat format() const override { return format_; }
+  int64_t rows() const override { return rows_; }
+  int64_t cols() const override { return cols_; }
+  void* data_ = nullptr;
+  uint8_t* scales_ = nullptr;
+
+ private:
+  WeightFormat format_;
+  int64_t rows_, cols_;
+};
+
+const DeviceWeight& dev(const Weight& w) { return static_cast<const DeviceWeight&>(w); }
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(CudaOptions o) : options_(o), pool_(std::make_shared<Pool>()) {
+    MXLM_CUDA_CHECK(cudaSetDevice(o.device));
+    cudaDeviceProp prop{};
+    MXLM_CUDA_CHECK(cudaGetDeviceProperties(&prop, o.device));
+    sms_ = prop.multiProcessorCount;
+    device_name_ = prop.name;
+    MXLM_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    check(cublasCreate(&cublas_), "cublasCreate");
+    check(cublasSetStream(cublas_, stream_), "cublasSetStream");
+    check(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
+  }
+  ~CudaBackend() override {
+    cudaStreamSynchronize(stream_);
+    cublasDestroy(cublas_);
+    cudaStreamDestroy(stream_);
+  }
+
+  std::string name() const override { return "cuda"; }
+
+  // ---- memory
+  std::unique_ptr<Buffer> alloc(size_t count) override {
+    auto b = std::make_unique<DeviceBuffer>(pool_, count);
+    MXLM_CUDA_CHECK(cudaMemsetAsync(b->f32(), 0, std::max<size_t>(count, 1) * sizeof(float), stream_));
+    return b;
+  }
+  void upload(Buffer& dst, size_t offset, const float* src, size_t count) override {
+    if (offset + count > dst.size())
+      fail("upload of {} elements at {} overflows a buffer of {}", count, offset, dst.size());
+    MXLM_CUDA_CHECK(cudaMemcpyAsync(dst.f32() + offset, src, count * sizeof(float), cudaMemcpyHostToDevice, stream_));
+  }
+  void download(const Buffer& src, size_t offset, float* dst, size_t count) override {
+    if (offset + count > src.size())
+      fail("download of {} elements at {} overflows a buffer of {}", count, offset, src.size());
+    MXLM_CUDA_CHECK(cudaMemcpyAsync(dst, const_cast<Buffer&>(src).f32() + offset, count * sizeof(float),
+                                    cudaMemcpyDeviceToHost, stream_));
+    MXLM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+  void copy(const float* src, float* dst, size_t count) override {
+    MXLM_CUDA_CHECK(cudaMemcpyAsync(dst, src, count * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
+  }
+
+  std::unique_ptr<Weight> upload_weight(const WeightData& d) override {
+    if (d.rows <= 0 || d.cols <= 0) fail("weight of invalid shape [{}, {}]", d.rows, d.cols);
+    const size_t n = static_cast<size_t>(d.rows) * static_cast<size_t>(d.cols);
+    auto w = std::make_unique<DeviceWeight>(d.format == WeightFormat::F16 ? WeightFormat::F32 : d.format, d.rows, d.cols);
+    switch (d.format) {
+      case WeightFormat::F32:
+        MXLM_CUDA_CHECK(cudaMalloc(&w->data_, n * 4));
+        MXLM_CUDA_CHECK(cudaMemcpy(w->data_, d.data, n * 4, cudaMemcpyHostToDevice));
+        break;
+      case WeightFormat::BF16:
+        MXLM_CUDA_CHECK(cudaMalloc(&w->data_, n * 2));
+        MXLM_CUDA_CHECK(cudaMemcpy(w->data_, d.data, n * 2, cudaMemcpyHostToDevice));
+        break;
+      case WeightFormat::F16: {
+        Block tmp(pool_, n * 2);
+        MXLM_CUDA_CHECK(cudaMemcpy(tmp.as<void>(), d.data, n * 2, cudaMemcpyHostToDevice));
+        MXLM_CUDA_CHECK(cudaMalloc(&w->data_, n * 4));
+        MXLM_CUDA_CHECK(launch_f16_to_f32(tmp.as<uint16_t>(), static_cast<float*>(w->data_), n, stream_));
+        MXLM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+        break;
+      }
+      case WeightFormat::MXFP4:
+        if (d.cols % 32 != 0) fail("MXFP4 weight with {} columns (not a multiple of 32)", d.cols);
+        MXLM_CUDA_CHECK(cudaMalloc(&w->data_, n / 2));
+        MXLM_CUDA_CHECK(cudaMemcpy(w->data_, d.data, n / 2, cudaMemcpyHostToDevice));
+        MXLM_CUDA_CHECK(cudaMalloc(&w->scales_, n / 32));
+        MXLM_CUDA_CHECK(cudaMemcpy(w->scales_, d.scales, n / 32, cudaMemcpyHostToDevice));
+        break;
+    }
+    return w;
+  }
+
+  std::unique_ptr<Buffer> upload_vector(std::span<const float> values) override {
+    auto b = std::make_unique<DeviceBuffer>(pool_, values.size());
+    MXLM_CUDA_CHECK(cudaMemcpyAsync(b->f32(), values.data(), values.size() * sizeof(float), cudaMemcpyHostToDevice,
+                                    stream_));
+    return b;
+  }
+
+  // ---- elementwise
+  void add(const float* a, const float* b, float* out, size_t n) override {
+    MXLM_CUDA_CHECK(launch_add(a, b, out, n, stream_));
+  }
+  void scale(float* x, float factor, size_t n) override { MXLM_CUDA_CHECK(launch_scale(x, factor, n, stream_)); }
+  void rms_norm(const float* x, const float* w, float* out, size_t rows, size_t dim, float eps,
+                bool add_one) override {
+    MXLM_CUDA_CHECK(launch_rms_norm(x, w, out, rows, dim, eps, add_one, stream_));
+  }
+  void rope(float* x, std::span<const int32_t> positions, int heads, int head_dim, int rotary_dim,
+            float theta) override {
+    if (rotary_dim % 2 != 0 || rotary_dim > head_dim)
+      fail("rotary_dim {} invalid for head_dim {}", rotary_dim, head_dim);
+    if (positions.empty() || rotary_dim == 0) return;
+    const int half = rotary_dim / 2;
+    std::vector<float> inv_freq(static_cast<size_t>(half));
+    for (int j = 0; j < half; ++j)  // as the CPU backend (transformers): theta ** (2j / dim) in f32, reciprocal
+      inv_freq[static_cast<size_t>(j)] =
+          1.0f / std::pow(theta, static_cast<float>(2 * j) / static_cast<float>(rotary_dim));
+    Block f = to_device(std::span<const float>(inv_freq));
+    Block p = to_device(positions);
+    MXLM_CUDA_CHECK(
+        launch_rope(x, p.as<int32_t>(), positions.size(), heads, head_dim, rotary_dim, f.as<float>(), stream_));
+  }
+  void swiglu_oai(const float* gate, const float* up, float* out, size_t n, SwigluParams p) override {
+    MXLM_CUDA_CHECK(launch_swiglu_oai(gate, up, out, n, p.alpha, p.limit, stream_));
+  }
+  void qdq_mxfp4(float* x, size_t rows, size_t k) override {
+    if (k % mx::kBlockSize != 0) fail("MXFP4 activation QDQ over K = {} (not a multiple of 32)", k);
+    MXLM_CUDA_CHECK(launch_qdq_f32(x, rows * k, stream_));
+  }
+
+  // ---- matrix products
+  void linear(const float* x, size_t m, const Weight& w, float* y) override {
+    if (m == 0) return;
+    const DeviceWeight& dw = dev(w);
+    const int n = static_cast<int>(w.rows()), k = static_cast<int>(w.cols());
+    switch (w.format()) {
+      case WeightFormat::F32:
+      case WeightFormat::F16: {
+        const float one = 1.0f, zero = 0.0f;
+        check(cublasSgemm(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, n, static_cast<int>(m), k, &one,
+                          static_cast<const float*>(dw.data_), k, x, k, &zero, y, n),
+              "cublasSgemm");
+        break;
+      }
+      case WeightFormat::BF16: {
+        Block xb(pool_, m * static_cast<size_t>(k) * 2);
+        MXLM_CUDA_CHECK(launch_f32_to_bf16(x, xb.as<uint16_t>(), m * static_cast<size_t>(k), stream_));
+        gemm_bf16(static_cast<const uint16_t*>(dw.data_), xb.as<uint16_t>(), y, n, static_cast<int>(m), k);
+        break;
+      }
+      case WeightFormat::MXFP4: {
+        Block xb(pool_, m * static_cast<size_t>(k) * 2);
+        MXLM_CUDA_CHECK(launch_f32_to_bf16(x, xb.as<uint16_t>(), m * static_cast<size_t>(k), stream_));
+        mxfp4_linear_bf16(dw, xb.as<uint16_t>(), m, y);
+        break;
+      }
+    }
+  }
+
+  void embedding(const Weight& table, std::span<const int32_t> ids, int64_t row_offset, float* out) override {
+    if (ids.empty()) return;
+    const DeviceWeight& dw = dev(table);
+    const TableFormat f = table.format() == WeightFormat::MXFP4 ? TableFormat::MXFP4
+                          : table.format() == WeightFormat::BF16 ? TableFormat::BF16
+                                                                 : TableFormat::F32;
+    Block d = to_device(ids);
+    MXLM_CUDA_CHECK(launch_embedding(dw.data_, dw.scales_, f, table.rows(), table.cols(), d.as<int32_t>(), ids.size(),
+                                     row_offset, out, stream_));
+  }
+
+  // ---- mixture of experts
+  void router(const float* x, size_t tokens, const Weight& w, const float* bias, int k, float scale, int32_t* ids,
+              float* weights) override {
+    const int experts = static_cast<int>(w.rows());
+    if (k <= 0 || k > experts) fail("router top-k {} with {} experts", k, experts);
+    if (tokens == 0) return;
+    Block logits(pool_, tokens * static_cast<size_t>(experts) * 4);
+    linear(x, tokens, w, logits.as<float>());
+    MXLM_CUDA_CHECK(launch_router_topk(logits.as<float>(), bias, tokens, experts, k, scale, ids, weights, stream_));
+  }
+
+  void moe_experts(const float* x, size_t tokens, const int32_t* ids, const float* weights, int k,
+                   std::span<const Weight* const> gate, std::span<const Weight* const> up,
+                   std::span<const Weight* const> down, int first_expert, SwigluParams p, bool qdq_inputs,
+                   float* out) override;
+
+  // ---- attention
+  void cache_write(const float* x, size_t width, std::span<const int64_t> slots, float* cache) override {
+    if (slots.empty()) return;
+    Block s = to_device(slots);
+    MXLM_CUDA_CHECK(launch_cache_write(x, width, s.as<int64_t>(), slots.size(), cache, stream_));
+  }
+
+  void attention(const float* q, const AttentionBatch& batch, const AttentionShape& shape, const float* k_cache,
+                 const float* v_cache, float* out) override {
+    RowsOnDevice r = rows_of(batch);
+    if (r.rows.rows == 0) return;
+    run_attention(q, r, shape, k_cache, v_cache, nullptr, 0, r.max_pos / batch.block_size + 1, out);
+  }
+
+  void index_select(const float* iq, const AttentionBatch& batch, const IndexerShape& shape,
+                    const float* index_k_cache, int32_t* blocks) override {
+    RowsOnDevice r = rows_of(batch);
+    if (r.rows.rows == 0) return;
+    MXLM_CUDA_CHECK(launch_index_select(iq, r.rows, shape.num_heads, shape.head_dim, shape.topk_blocks,
+                                        shape.local_blocks, shape.init_blocks, r.max_pos / batch.block_size + 1,
+                                        index_k_cache, blocks, stream_));
+  }
+
+  void sparse_attention(const float* q, const AttentionBatch& batch, const AttentionShape& shape,
+                        const float* k_cache, const float* v_cache, const int32_t* blocks, int topk,
+                        float* out) override {
+    RowsOnDevice r = rows_of(batch);
+    if (r.rows.rows == 0) return;
+    run_attention(q, r, shape, k_cache, v_cache, blocks, topk, topk, out);
+  }
+
+  void all_reduce_sum(float*, size_t) override {}
+  void all_gather_cols(const float* x, size_t rows, size_t cols_per_rank, float* out) override {
+    copy(x, out, rows * cols_per_rank);
+  }
+
+ private:
+  template <typename T>
+  Block to_device(std::span<const T> host) {
+    Block b(pool_, std::max<size_t>(host.size(), 1) * sizeof(T));
+    if (!host.empty())
+      MXLM_CUDA_CHECK(
+          cudaMemcpyAsync(b.as<void>(), host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice, stream_));
+    return b;
+  }
+
+  // y[m, n] = x[m, k] · W[n, k]ᵀ with bf16 operands and f32 accumulation and output.
+  void gemm_bf16(const uint16_t* w, const uint16_t* x, float* y, int n, int m, int k) {
+    const float one = 1.0f, zero = 0.0f;
+    check(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one, w, CUDA_R_16BF, k, x, CUDA_R_16BF, k, &zero,
+                       y, CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+          "cublasGemmEx(bf16)");
+  }
+
+  void mxfp4_linear_bf16(const DeviceWeight& w, const uint16_t* xb, size_t m, float* y) {
+    const int n = static_cast<int>(w.rows()), k = static_cast<int>(w.cols());
+    if (options_.moe_backend == MoeBackend::Native && m <= 16) {
+      Mxfp4GemvGroup g{static_cast<const uint8_t*>(w.data_), w.scales_, xb, y, static_cast<int>(m), n};
+      Block gd = to_device(std::span<const Mxfp4GemvGroup>(&g, 1));
+      const int split = mxfp4_gemv_k_split(n, k, 1, sms_);
+      if (split > 1) MXLM_CUDA_CHECK(cudaMemsetAsync(y, 0, m * static_cast<size_t>(n) * 4, stream_));
+      MXLM_CUDA_CHECK(launch_mxfp4_gemv(gd.as<Mxfp4GemvGroup>(), 1, static_cast<int>(m), n, k, split, stream_));
+      return;
+    }
+    Block wb(pool_, static_cast<size_t>(n) * static_cast<size_t>(k) * 2);
+    MXLM_CUDA_CHECK(launch_dequant_mxfp4_bf16(static_cast<const uint8_t*>(w.data_), w.scales_, static_cast<size_t>(n),
+                                              static_cast<size_t>(k), wb.as<uint16_t>(), stream_));
+    gemm_bf16(wb.as<uint16_t>(), xb, y, n, static_cast<int>(m), k);
+  }
+
+  struct RowsOnDevice {
+    AttentionRows rows;
+    Block pos, offsets, tables;
+    int max_pos = 0;
+  };
+
+  RowsOnDevice rows_of(const AttentionBatch& batch) {
+    std::vector<int32_t> pos(static_cast<size_t>(batch.num_tokens), 0), offs(static_cast<size_t>(batch.num_tokens), 0);
+    std::vector<int32_t> tables;
+    int max_pos = 0;
+    if (batch.block_size <= 0) fail("attention with block size {}", batch.block_size);
+    for (const auto& s : batch.sequences) {
+      const int32_t needed = (s.start_pos + s.count + batch.block_size - 1) / batch.block_size;
+      if (static_cast<int32_t>(s.block_table.size()) < needed)
+        fail("sequence needs {} cache pages for {} tokens but its block table has {}", needed, s.start_pos + s.count,
+             s.block_table.size());
+      const int32_t off = static_cast<int32_t>(tables.size());
+      tables.insert(tables.end(), s.block_table.begin(), s.block_table.end());
+      for (int32_t i = 0; i < s.count; ++i) {
+        const size_t r = static_cast<size_t>(s.begin + i);
+        if (r >= pos.size()) fail("sequence slice row {} outside the step's {} tokens", r, pos.size());
+        pos[r] = s.start_pos + i;
+        offs[r] = off;
+        max_pos = std::max(max_pos, s.start_pos + i);
+      }
+    }
+    RowsOnDevice d;
+    d.pos = to_device(std::span<const int32_t>(pos));
+    d.offsets = to_device(std::span<const int32_t>(offs));
+    d.tables = to_device(std::span<const int32_t>(tables));
+    d.rows = {d.pos.as<int32_t>(), d.offsets.as<int32_t>(), d.tables.as<int32_t>(), batch.num_tokens,
+              batch.block_size};
+    d.max_pos = max_pos;
+    return d;
+  }
+
+  void run_attention(const float* q, const RowsOnDevice& r, const AttentionShape& shape, const float* k_cache,
+                     const float* v_cache, const int32_t* blocks, int topk, int units, float* out) {
+    if (shape.num_kv_heads <= 0 || shape.num_heads % shape.num_kv_heads != 0)
+      fail("attention with {} query heads and {} KV heads", shape.num_heads, shape.num_kv_heads);
+    if (shape.head_dim <= 0 || shape.head_dim > 256 || shape.num_heads / shape.num_kv_heads > 16)
+      fail("CUDA attention supports head_dim up to 256 and up to 16 query heads per KV head (got {}, {})",
+           shape.head_dim, shape.num_heads / shape.num_kv_heads);
+    const int ups = attention_units_per_split(r.rows.block_size);
+    const int splits = std::max(1, (units + ups - 1) / ups);
+    Block ws(pool_, attention_workspace_floats(r.rows.rows, shape.num_heads, shape.head_dim, splits) * 4);
+    MXLM_CUDA_CHECK(launch_attention(q, r.rows, shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.scale,
+                                     k_cache, v_cache, blocks, topk, units, ws.as<float>(), out, stream_));
+  }
+
+  CudaOptions options_;
+  std::shared_ptr<Pool> pool_;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  int sms_ = 132;
+  std::string device_name_;
+};
+
+void CudaBackend::moe_experts(const float* x, size_t tokens, const int32_t* ids, const float* weights, int k,
+                              std::span<const Weight* const> gate, std::span<const Weight* const> up,
+                              std::span<const Weight* const> down, int first_expert, SwigluParams p, bool qdq_inputs,
+                              float* out) {
+  if (gate.empty() || tokens == 0) return;
+  const size_t hidden = static_cast<size_t>(gate[0]->cols());
+  const size_t inter = static_cast<size_t>(gate[0]->rows());
+  const int num_local = static_cast<int>(gate.size());
+  const size_t tk = tokens * static_cast<size_t>(k);
+  // Routing decisions to the host to sort tokens by expert.
+  std::vector<int32_t> h_ids(tk);
+  std::vector<float> h_w(tk);
+  MXLM_CUDA_CHECK(cudaMemcpyAsync(h_ids.data(), ids, tk * 4, cudaMemcpyDeviceToHost, stream_));
+  MXLM_CUDA_CHECK(cudaMemcpyAsync(h_w.data(), weights, tk * 4, cudaMemcpyDeviceToHost, stream_));
+  MXLM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  std::vector<std::vector<int32_t>> per_expert(static_cast<size_t>(num_local));
+  for (size_t t = 0; t < tokens; ++t)
+    for (int j = 0; j < k; ++j) {
+      const int e = h_ids[t * static_cast<size_t>(k) + static_cast<size_t>(j)] - first_expert;
+      if (e >= 0 && e < num_local) per_expert[static_cast<size_t>(e)].push_back(static_cast<int32_t>(t * static_cast<size_t>(k) + static_cast<size_t>(j)));
+    }
+  std::vector<int32_t> gather, first(static_cast<size_t>(num_local) + 1, 0);
+  std::vector<float> row_w;
+  std::vector<int32_t> combine(tk, -1);
+  std::vector<int> filled(tokens, 0);
+  // Rows sorted by expert; each token lists its rows in ascending expert order (the CPU backend's sum order).
+  for (int e = 0; e < num_local; ++e) {
+    first[static_cast<size_t>(e)] = static_cast<int32_t>(gather.size());
+    for (int32_t a : per_expert[static_cast<size_t>(e)]) {
+      const size_t t = static_cast<size_t>(a) / static_cast<size_t>(k);
+      combine[t * static_cast<size_t>(k) + static_cast<size_t>(filled[t]++)] = static_cast<int32_t>(gather.size());
+      gather.push_back(static_cast<int32_t>(t));
+      row_w.push_back(h_w[static_cast<size_t>(a)]);
+    }
+  }
+  first[static_cast<size_t>(num_local)] = static_cast<int32_t>(gather.size());
+  const size_t rows = gather.size();
+  if (rows == 0) {
+    MXLM_CUDA_CHECK(cudaMemsetAsync(out, 0, tokens * hidden * 4, stream_));
+    return;
+  }
+  Block d_gather = to_device(std::span<const int32_t>(gather));
+  Block d_w = to_device(std::span<const float>(row_w));
+  Block d_combine = to_device(std::span<const int32_t>(combine));
+  Block y(pool_, rows * hidden * 4);
+
+  const bool native = options_.moe_backend == MoeBackend::Native && gate[0]->mxfp4();
+  if (native) {
+    Block xs(pool_, rows * hidden * 2), g(pool_, rows * inter * 4), u(pool_, rows * inter * 4),
+        act(pool_, rows * inter * 2);
+    MXLM_CUDA_CHECK(launch_gather_qdq_bf16(x, d_gather.as<int32_t>(), rows, hidden, qdq_inputs, xs.as<uint16_t>(),
+                                           stream_));
+    // Gate and up of every active expert in one launch, then down in another; 16-token tiles per expert.
+    std::vector<Mxfp4GemvGroup> gu, dn;
+    int max_m = 1;
+    for (int e = 0; e < num_local; ++e) {
+      const int32_t b = first[static_cast<size_t>(e)], c = first[static_cast<size_t>(e) + 1] - b;
+      for (int32_t r0 = 0; r0 < c; r0 += 16) {
+        const int m = std::min<int32_t>(16, c - r0);
+        max_m = std::max(max_m, m);
+        const size_t row = static_cast<size_t>(b + r0);
+        const DeviceWeight& wg = dev(*gate[static_cast<size_t>(e)]);
+        const DeviceWeight& wu = dev(*up[static_cast<size_t>(e)]);
+        const DeviceWeight& wd = dev(*down[static_cast<size_t>(e)]);
+        const uint16_t* xr = xs.as<uint16_t>() + row * hidden;
+        gu.push_back({static_cast<const uint8_t*>(wg.data_), wg.scales_, xr, g.as<float>() + row * inter, m,
+                      static_cast<int>(inter)});
+        gu.push_back({static_cast<const uint8_t*>(wu.data_), wu.scales_, xr, u.as<float>() + row * inter, m,
+                      static_cast<int>(inter)});
+        dn.push_back({static_cast<const uint8_t*>(wd.data_), wd.scales_, act.as<uint16_t>() + row * inter,
+                      y.as<float>() + row * hidden, m, static_cast<int>(hidden)});
+      }
+    }
+    Block d_gu = to_device(std::span<const Mxfp4GemvGroup>(gu));
+    Block d_dn = to_device(std::span<const Mxfp4GemvGroup>(dn));
+    const int split1 = mxfp4_gemv_k_split(static_cast<int>(inter), static_cast<int>(hidden), static_cast<int>(gu.size()), sms_);
+    if (split1 > 1) {
+      MXLM_CUDA_CHECK(cudaMemsetAsync(g.as<void>(), 0, rows * inter * 4, stream_));
+      MXLM_CUDA_CHECK(cudaMemsetAsync(u.as<void>(), 0, rows * inter * 4, stream_));
+    }
+    MXLM_CUDA_CHECK(launch_mxfp4_gemv(d_gu.as<Mxfp4GemvGroup>(), static_cast<int>(gu.size()), max_m,
+                                      static_cast<int>(inter), static_cast<int>(hidden), split1, stream_));
+    MXLM_CUDA_CHECK(launch_swiglu_qdq_bf16(g.as<float>(), u.as<float>(), rows, inter, p.alpha, p.limit, qdq_inputs,
+                                           act.as<uint16_t>(), stream_));
+    const int split2 = mxfp4_gemv_k_split(static_cast<int>(hidden), static_cast<int>(inter), static_cast<int>(dn.size()), sms_);
+    if (split2 > 1) MXLM_CUDA_CHECK(cudaMemsetAsync(y.as<void>(), 0, rows * hidden * 4, stream_));
+    MXLM_CUDA_CHECK(launch_mxfp4_gemv(d_dn.as<Mxfp4GemvGroup>(), static_cast<int>(dn.size()), max_m,
+                                      static_cast<int>(hidden), static_cast<int>(inter), split2, stream_));
+  } else {
+    // Emulation (and float experts): per expert, the f32 rows (QDQ'd for MXFP4) through linear(), which
+    // dequantizes MXFP4 weights to bf16 for cuBLAS in emulation mode.
+    Block xs(pool_, rows * hidden * 4), g(pool_, rows * inter * 4), u(pool_, rows * inter * 4);
+    MXLM_CUDA_CHECK(launch_gather_qdq_f32(x, d_gather.as<int32_t>(), rows, hidden, qdq_inputs, xs.as<float>(),
+                                          stream_));
+    for (int e = 0; e < num_local; ++e) {
+      const size_t b = static_cast<size_t>(first[static_cast<size_t>(e)]);
+      const size_t c = static_cast<size_t>(first[static_cast<size_t>(e) + 1]) - b;
+      if (c == 0) continue;
+      linear(xs.as<float>() + b * hidden, c, *gate[static_cast<size_t>(e)], g.as<float>() + b * inter);
+      linear(xs.as<float>() + b * hidden, c, *up[static_cast<size_t>(e)], u.as<float>() + b * inter);
+    }
+    MXLM_CUDA_CHECK(launch_swiglu_oai(g.as<float>(), u.as<float>(), g.as<float>(), rows * inter, p.alpha, p.limit,
+                                      stream_));
+    if (qdq_inputs) MXLM_CUDA_CHECK(launch_qdq_f32(g.as<float>(), rows * inter, stream_));
+    for (int e = 0; e < num_local; ++e) {
+      const size_t b = static_cast<size_t>(first[static_cast<size_t>(e)]);
+      const size_t c = static_cast<size_t>(first[static_cast<size_t>(e) + 1]) - b;
+      if (c == 0) continue;
+      linear(g.as<float>() + b * inter, c, *down[static_cast<size_t>(e)], y.as<float>() + b * hidden);
+    }
+  }
+  MXLM_CUDA_CHECK(launch_moe_combine(y.as<float>(), d_combine.as<int32_t>(), d_w.as<float>(), tokens, k, hidden, out,
+                                     stream_));
+}
+
+}  // namespace
+}  // namespace cuda
+
+MoeBackend parse_moe_backend(const std::string& name) {
+  if (name == "native") return MoeBackend::Native;
+  if (name == "emulation") return MoeBackend::Emulation;
+  fail("--moe-backend must be native or emulation, got '{}'", name);
+}
+
+std::unique_ptr<Weight> make_random_cuda_weight(WeightFormat format, int64_t rows, int64_t cols, uint64_t seed) {
+  using namespace cuda;
+  if (rows <= 0 || cols <= 0) fail("weight of invalid shape [{}, {}]", rows, cols);
+  const size_t n = static_cast<size_t>(rows) * static_cast<size_t>(cols);
+  auto w = std::make_unique<DeviceWeight>(format == WeightFormat::F16 ? WeightFormat::F32 : format, rows, cols);
+  switch (format) {
+    case WeightFormat::F32:
+    case WeightFormat::F16:
+      MXLM_CUDA_CHECK(cudaMalloc(&w->data_, n * 4));
+      MXLM_CUDA_CHECK(launch_fill_random_f32(static_cast<float*>(w->data_), n, seed, 0.05f, nullptr));
+      break;
+    case WeightFormat::BF16:
+      MXLM_CUDA_CHECK(cudaMalloc(&w->data_, n * 2));
+      MXLM_CUDA_CHECK(launch_fill_random_bf16(static_cast<uint16_t*>(w->data_), n, seed, 0.05f, nullptr));
+      break;
+    case WeightFormat::MXFP4:
+      if (cols % 32 != 0) fail("MXFP4 weight with {} columns (not a multiple of 32)", cols);
+      MXLM_CUDA_CHECK(cudaMalloc(&w->data_, n / 2));
+      MXLM_CUDA_CHECK(cudaMalloc(&w->scales_, n / 32));
+      MXLM_CUDA_CHECK(launch_fill_random_bytes(static_cast<uint8_t*>(w->data_), n / 2, seed, 0, 255, nullptr));
+      MXLM_CUDA_CHECK(launch_fill_random_bytes(w->scales_, n / 32, seed ^ 0x5555, 118, 124, nullptr));
+      break;
+  }
+  MXLM_CUDA_CHECK(cudaDeviceSynchronize());
+  return w;
+}
+
+bool cuda_device_available() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return n > 0;
+}
+
+std::unique_ptr<Backend> make_cuda_backend(CudaOptions options) {
+  int n = 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess || n == 0)
+    fail("--device cuda: no usable CUDA device ({})", e != cudaSuccess ? cudaGetErrorString(e) : "none found");
+  if (options.device < 0 || options.device >= n) fail("CUDA device {} requested but {} present", options.device, n);
+  return std::make_unique<cuda::CudaBackend>(options);
+}
+
+}  // namespace mxlm::backend

@@ -1,0 +1,43 @@
+// The CUDA implementation of backend::Backend (sm_90a, one GPU, TP = 1). Buffers are device memory from a
+// caching pool; every op is enqueued on one stream and download() synchronises. Activations stay f32 at the
+// interface (backend.h); matrix products feed bf16 tensor cores:
+//   - F32 weights: cuBLAS SGEMM (no TF32), the exact f32 path the fixtures are checked against;
+//   - BF16 weights: activations rounded to bf16, cuBLAS bf16 GEMM with f32 accumulation;
+//   - F16 weights: widened to f32 at upload;
+//   - MXFP4 weights: native (default) = the fused in-register-dequant tensor-core kernel for M <= 16 and, for
+//     larger M, the weights dequantized into a pooled bf16 tile buffer feeding cuBLAS; emulation = vLLM's path
+//     (whole weight dequantized to bf16, cuBLAS bf16) at every M. The model QDQs MXFP4 inputs before linear(),
+//     so their bf16 conversion is exact and both paths compute the emulation math up to f32 summation order.
+//   - moe_experts: tokens sorted by expert on the host (ids are downloaded), QDQ fused into the gather and into
+//     the SwiGLU, then grouped fused kernels (native) or per-expert dequantize + cuBLAS (emulation).
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "backend/backend.h"
+
+namespace mxlm::backend {
+
+enum class MoeBackend { Native, Emulation };
+
+struct CudaOptions {
+  int device = 0;
+  MoeBackend moe_backend = MoeBackend::Native;
+};
+
+// Parses "native" / "emulation" (the --moe-backend flag); anything else is an mxlm::Error.
+MoeBackend parse_moe_backend(const std::string& name);
+
+// An Error when no CUDA device is usable.
+std::unique_ptr<Backend> make_cuda_backend(CudaOptions options = {});
+
+// A weight of random values generated on the device, without host data (benchmarks of full-size layers,
+// dummy loading): MXFP4 codes uniform over all 16 with scale bytes uniform in [118, 124] (2^-9 .. 2^-3),
+// BF16/F32 values uniform in +-0.05. Usable with any CUDA backend (weights are not tied to one).
+std::unique_ptr<Weight> make_random_cuda_weight(WeightFormat format, int64_t rows, int64_t cols, uint64_t seed);
+
+// Whether a CUDA device is present (for tests that skip without one).
+bool cuda_device_available();
+
+}  // namespace mxlm::backend

@@ -1,0 +1,489 @@
+// Elementwise, normalisation, MX numerics, router and MoE helper kernels. Memory-bound: one pass each, and
+// the QDQ is fused into the producer of a GEMM's bf16 input (gather, SwiGLU) so activations are written once.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cfloat>
+#include <cstdint>
+
+#include "backend/cuda/cuda_kernels.h"
+
+namespace mxlm::backend::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+unsigned blocks_for(size_t n, int per_block = kThreads) {
+  size_t b = (n + static_cast<size_t>(per_block) - 1) / static_cast<size_t>(per_block);
+  if (b > 1u << 30) b = 1u << 30;
+  return static_cast<unsigned>(b == 0 ? 1 : b);
+}
+
+__device__ __forceinline__ uint16_t to_bf16_bits(float v) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+
+// ---- MX QDQ of one 32-element block held one element per lane (the whole warp takes part).
+// Same function as mx::ref::qdq_block: "even" scale from the f32 bits of amax, y = x * 2^-e (exact), RNE onto
+// the E2M1 grid with saturation at 6, times 2^e (exact), sign kept (also for zero). A NaN anywhere makes the
+// whole block the canonical NaN; an Inf element passes through.
+__device__ __forceinline__ float pow2_exact(int k) {
+  return k == -127 ? __uint_as_float(0x00400000u) : __uint_as_float(static_cast<uint32_t>(k + 127) << 23);
+}
+
+__device__ __forceinline__ float e2m1_round_magnitude(float a) {
+  if (a <= 0.25f) return 0.0f;
+  if (a < 0.75f) return 0.5f;
+  if (a <= 1.25f) return 1.0f;
+  if (a < 1.75f) return 1.5f;
+  if (a <= 2.5f) return 2.0f;
+  if (a < 3.5f) return 3.0f;
+  if (a <= 5.0f) return 4.0f;
+  return 6.0f;
+}
+
+__device__ __forceinline__ float qdq_lane(float v) {
+  const unsigned full = 0xffffffffu;
+  if (__any_sync(full, isnan(v))) return __uint_as_float(0x7fc00000u);
+  float amax = fabsf(v);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(full, amax, o));
+  uint32_t bits = (__float_as_uint(amax) + 0x00200000u) & 0xff800000u;
+  const int biased = static_cast<int>(bits >> 23);
+  int e = biased >= 255 ? 127 : biased - 129;
+  e = e < -127 ? -127 : (e > 127 ? 127 : e);
+  const float y = v * pow2_exact(-e);
+  if (isinf(y)) return v;
+  return copysignf(e2m1_round_magnitude(fabsf(y)) * pow2_exact(e), v);
+}
+
+__global__ void add_kernel(const float* a, const float* b, float* out, size_t n) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    out[i] = a[i] + b[i];
+}
+
+__global__ void scale_kernel(float* x, float f, size_t n) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    x[i] *= f;
+}
+
+__global__ void f32_to_bf16_kernel(const float* x, uint16_t* out, size_t n) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    out[i] = to_bf16_bits(x[i]);
+}
+
+__global__ void bf16_to_f32_kernel(const uint16_t* x, float* out, size_t n) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    out[i] = __uint_as_float(static_cast<uint32_t>(x[i]) << 16);
+}
+
+__global__ void f16_to_f32_kernel(const uint16_t* x, float* out, size_t n) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    out[i] = __half2float(__ushort_as_half(x[i]));
+}
+
+// One block per row; f32 sum of squares.
+__global__ void rms_norm_kernel(const float* x, const float* w, float* out, size_t dim, float eps, bool add_one) {
+  const float* xr = x + blockIdx.x * dim;
+  float* o = out + blockIdx.x * dim;
+  float s = 0.0f;
+  for (size_t i = threadIdx.x; i < dim; i += blockDim.x) s += xr[i] * xr[i];
+  __shared__ float part[32];
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float t = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.0f;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) t += __shfl_xor_sync(0xffffffffu, t, off);
+    if (threadIdx.x == 0) part[0] = t;
+  }
+  __syncthreads();
+  const float inv = 1.0f / sqrtf(part[0] / static_cast<float>(dim) + eps);
+  for (size_t i = threadIdx.x; i < dim; i += blockDim.x) o[i] = xr[i] * inv * (add_one ? 1.0f + w[i] : w[i]);
+}
+
+// One block per token; threads over (head, j).
+__global__ void rope_kernel(float* x, const int32_t* positions, int heads, int head_dim, int half,
+                            const float* inv_freq) {
+  const size_t t = blockIdx.x;
+  const float pos = static_cast<float>(positions[t]);
+  for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
+    const int h = i / half, j = i % half;
+    const float angle = pos * inv_freq[j];
+    float s, c;
+    sincosf(angle, &s, &c);
+    float* v = x + (t * static_cast<size_t>(heads) + static_cast<size_t>(h)) * static_cast<size_t>(head_dim);
+    const float a = v[j], b = v[j + half];
+    v[j] = a * c - b * s;
+    v[j + half] = b * c + a * s;
+  }
+}
+
+__device__ __forceinline__ float swiglu(float gate, float up, float alpha, float limit) {
+  const float g = fminf(gate, limit);
+  const float u = fminf(fmaxf(up, -limit), limit);
+  return (u + 1.0f) * (g * (1.0f / (1.0f + expf(-alpha * g))));
+}
+
+__global__ void swiglu_kernel(const float* gate, const float* up, float* out, size_t n, float alpha, float limit) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    out[i] = swiglu(gate[i], up[i], alpha, limit);
+}
+
+// One warp per 32-block; n % 32 == 0 so whole warps are active or not.
+__global__ void qdq_kernel(float* x, size_t n) {
+  const size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  x[i] = qdq_lane(x[i]);
+}
+
+__global__ void gather_qdq_bf16_kernel(const float* x, const int32_t* gather, size_t rows, size_t k, bool qdq,
+                                       uint16_t* out) {
+  const size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x;
+  if (i >= rows * k) return;  // rows * k % 32 == 0 when qdq, so warps stay whole
+  const size_t r = i / k, c = i % k;
+  const size_t src = gather ? static_cast<size_t>(gather[r]) : r;
+  float v = x[src * k + c];
+  if (qdq) v = qdq_lane(v);
+  out[i] = to_bf16_bits(v);
+}
+
+__global__ void gather_qdq_f32_kernel(const float* x, const int32_t* gather, size_t rows, size_t k, bool qdq,
+                                      float* out) {
+  const size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x;
+  if (i >= rows * k) return;
+  const size_t r = i / k, c = i % k;
+  const size_t src = gather ? static_cast<size_t>(gather[r]) : r;
+  float v = x[src * k + c];
+  if (qdq) v = qdq_lane(v);
+  out[i] = v;
+}
+
+__global__ void swiglu_qdq_bf16_kernel(const float* gate, const float* up, size_t n, float alpha, float limit,
+                                       bool qdq, uint16_t* out) {
+  const size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  float v = swiglu(gate[i], up[i], alpha, limit);
+  if (qdq) v = qdq_lane(v);
+  out[i] = to_bf16_bits(v);
+}
+
+__device__ __forceinline__ float e2m1_value(uint32_t code) {
+  const float mag[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+  const float v = mag[code & 7u];
+  return (code & 8u) ? -v : v;
+}
+
+__device__ __forceinline__ float e8m0_value(uint32_t b) {
+  if (b == 255u) return __uint_as_float(0x7fc00000u);
+  return b == 0u ? __uint_as_float(0x00400000u) : __uint_as_float(b << 23);
+}
+
+// One thread per packed byte (two outputs).
+template <typename Out>
+__global__ void dequant_kernel(const uint8_t* packed, const uint8_t* scales, size_t bytes, Out* out) {
+  const size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x;
+  if (i >= bytes) return;
+  const uint32_t byte = packed[i];
+  const uint32_t sb = scales[i / 16];
+  const float s = e8m0_value(sb);
+  float lo = e2m1_value(byte & 15u) * s, hi = e2m1_value(byte >> 4) * s;
+  if (sb == 255u) lo = hi = __uint_as_float(0x7fc00000u);
+  if constexpr (sizeof(Out) == 2) {
+    out[2 * i] = to_bf16_bits(lo);
+    out[2 * i + 1] = to_bf16_bits(hi);
+  } else {
+    out[2 * i] = lo;
+    out[2 * i + 1] = hi;
+  }
+}
+
+__global__ void moe_combine_kernel(const float* y, const int32_t* combine, const float* weights, int k,
+                                   size_t hidden, float* out) {
+  const size_t t = blockIdx.y;
+  for (size_t c = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; c < hidden;
+       c += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    float acc = 0.0f;
+    for (int j = 0; j < k; ++j) {
+      const int32_t r = combine[t * static_cast<size_t>(k) + static_cast<size_t>(j)];
+      if (r < 0) continue;
+      acc += weights[r] * y[static_cast<size_t>(r) * hidden + c];
+    }
+    out[t * hidden + c] = acc;
+  }
+}
+
+// One warp per token; repeated arg-max over the experts (k is small).
+__global__ void router_topk_kernel(const float* logits, const float* bias, size_t tokens, int experts, int k,
+                                   float scale, int32_t* ids, float* weights) {
+  const size_t t = blockIdx.x * static_cast<size_t>(blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x & 31;
+  if (t >= tokens) return;
+  extern __shared__ uint32_t taken_all[];
+  const int words = (experts + 31) / 32;
+  uint32_t* taken = taken_all + static_cast<size_t>(threadIdx.x / 32) * static_cast<size_t>(words);
+  for (int w = lane; w < words; w += 32) taken[w] = 0u;
+  __syncwarp();
+  const float* l = logits + t * static_cast<size_t>(experts);
+  float sum = 0.0f;
+  for (int j = 0; j < k; ++j) {
+    float best = -INFINITY;
+    int best_id = experts;
+    for (int e = lane; e < experts; e += 32) {
+      if (taken[e / 32] & (1u << (e % 32))) continue;
+      const float s = 1.0f / (1.0f + expf(-l[e]));
+      const float c = bias ? s + bias[e] : s;
+      if (best_id == experts || c > best || (c == best && e < best_id)) {
+        best = c;
+        best_id = e;
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, best_id, o);
+      if (oi != experts && (best_id == experts || ob > best || (ob == best && oi < best_id))) {
+        best = ob;
+        best_id = oi;
+      }
+    }
+    if (lane == 0) {
+      taken[best_id / 32] |= 1u << (best_id % 32);
+      const float s = 1.0f / (1.0f + expf(-l[best_id]));
+      ids[t * static_cast<size_t>(k) + static_cast<size_t>(j)] = best_id;
+      weights[t * static_cast<size_t>(k) + static_cast<size_t>(j)] = s;
+      sum += s;
+    }
+    __syncwarp();
+  }
+  if (lane == 0)
+    for (int j = 0; j < k; ++j) weights[t * static_cast<size_t>(k) + static_cast<size_t>(j)] =
+        weights[t * static_cast<size_t>(k) + static_cast<size_t>(j)] / sum * scale;
+}
+
+__global__ void embedding_kernel(const void* table, const uint8_t* scales, int format, int64_t rows, int64_t cols,
+                                 const int32_t* ids, int64_t row_offset, float* out) {
+  const size_t i = blockIdx.y;
+  const int64_t r = static_cast<int64_t>(ids[i]) - row_offset;
+  float* o = out + i * static_cast<size_t>(cols);
+  for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < cols;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float v = 0.0f;
+    if (r >= 0 && r < rows) {
+      const size_t idx = static_cast<size_t>(r * cols + c);
+      if (format == 0) {
+        v = static_cast<const float*>(table)[idx];
+      } else if (format == 1) {
+        v = __uint_as_float(static_cast<uint32_t>(static_cast<const uint16_t*>(table)[idx]) << 16);
+      } else {
+        const uint32_t byte = static_cast<const uint8_t*>(table)[idx / 2];
+        const uint32_t sb = scales[idx / 32];
+        v = sb == 255u ? __uint_as_float(0x7fc00000u)
+                       : e2m1_value((idx & 1) ? byte >> 4 : byte & 15u) * e8m0_value(sb);
+      }
+    }
+    o[c] = v;
+  }
+}
+
+__global__ void cache_write_kernel(const float* x, size_t width, const int64_t* slots, float* cache) {
+  const size_t i = blockIdx.y;
+  const size_t slot = static_cast<size_t>(slots[i]);
+  for (size_t c = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; c < width;
+       c += static_cast<size_t>(gridDim.x) * blockDim.x)
+    cache[slot * width + c] = x[i * width + c];
+}
+
+__device__ __forceinline__ uint64_t mix64(uint64_t x) {
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ull;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+__global__ void fill_bytes_kernel(uint8_t* out, size_t n, uint64_t seed, int lo, int hi) {
+  const uint32_t span = static_cast<uint32_t>(hi - lo + 1);
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    out[i] = static_cast<uint8_t>(lo + static_cast<int>(mix64(seed * 0x9e3779b97f4a7c15ull + i) % span));
+}
+
+__device__ __forceinline__ float uniform_pm(uint64_t seed, size_t i) {
+  return static_cast<float>(mix64(seed * 0x9e3779b97f4a7c15ull + i) >> 40) * (2.0f / 16777216.0f) - 1.0f;
+}
+
+__global__ void fill_bf16_kernel(uint16_t* out, size_t n, uint64_t seed, float amp) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    out[i] = to_bf16_bits(amp * uniform_pm(seed, i));
+}
+
+__global__ void fill_f32_kernel(float* out, size_t n, uint64_t seed, float amp) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    out[i] = amp * uniform_pm(seed, i);
+}
+
+}  // namespace
+
+cudaError_t launch_fill_random_bytes(uint8_t* out, size_t n, uint64_t seed, int lo, int hi, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  fill_bytes_kernel<<<blocks_for(n), kThreads, 0, stream>>>(out, n, seed, lo, hi);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_fill_random_bf16(uint16_t* out, size_t n, uint64_t seed, float amp, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  fill_bf16_kernel<<<blocks_for(n), kThreads, 0, stream>>>(out, n, seed, amp);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_fill_random_f32(float* out, size_t n, uint64_t seed, float amp, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  fill_f32_kernel<<<blocks_for(n), kThreads, 0, stream>>>(out, n, seed, amp);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_add(const float* a, const float* b, float* out, size_t n, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  add_kernel<<<blocks_for(n), kThreads, 0, stream>>>(a, b, out, n);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_scale(float* x, float factor, size_t n, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  scale_kernel<<<blocks_for(n), kThreads, 0, stream>>>(x, factor, n);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_f32_to_bf16(const float* x, uint16_t* out, size_t n, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  f32_to_bf16_kernel<<<blocks_for(n), kThreads, 0, stream>>>(x, out, n);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_bf16_to_f32(const uint16_t* x, float* out, size_t n, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  bf16_to_f32_kernel<<<blocks_for(n), kThreads, 0, stream>>>(x, out, n);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_f16_to_f32(const uint16_t* x, float* out, size_t n, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  f16_to_f32_kernel<<<blocks_for(n), kThreads, 0, stream>>>(x, out, n);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_rms_norm(const float* x, const float* w, float* out, size_t rows, size_t dim, float eps,
+                            bool add_one, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  const int threads = dim >= 1024 ? 512 : (dim >= 256 ? 256 : 64);
+  rms_norm_kernel<<<static_cast<unsigned>(rows), threads, 0, stream>>>(x, w, out, dim, eps, add_one);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_rope(float* x, const int32_t* positions, size_t tokens, int heads, int head_dim, int rotary_dim,
+                        const float* inv_freq, cudaStream_t stream) {
+  if (tokens == 0 || rotary_dim == 0) return cudaSuccess;
+  rope_kernel<<<static_cast<unsigned>(tokens), 128, 0, stream>>>(x, positions, heads, head_dim, rotary_dim / 2,
+                                                                 inv_freq);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_swiglu_oai(const float* gate, const float* up, float* out, size_t n, float alpha, float limit,
+                              cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  swiglu_kernel<<<blocks_for(n), kThreads, 0, stream>>>(gate, up, out, n, alpha, limit);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_qdq_f32(float* x, size_t n, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  qdq_kernel<<<blocks_for(n), kThreads, 0, stream>>>(x, n);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_gather_qdq_bf16(const float* x, const int32_t* gather, size_t rows, size_t k, bool qdq,
+                                   uint16_t* out, cudaStream_t stream) {
+  if (rows * k == 0) return cudaSuccess;
+  gather_qdq_bf16_kernel<<<blocks_for(rows * k), kThreads, 0, stream>>>(x, gather, rows, k, qdq, out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_gather_qdq_f32(const float* x, const int32_t* gather, size_t rows, size_t k, bool qdq, float* out,
+                                  cudaStream_t stream) {
+  if (rows * k == 0) return cudaSuccess;
+  gather_qdq_f32_kernel<<<blocks_for(rows * k), kThreads, 0, stream>>>(x, gather, rows, k, qdq, out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_swiglu_qdq_bf16(const float* gate, const float* up, size_t rows, size_t k, float alpha,
+                                   float limit, bool qdq, uint16_t* out, cudaStream_t stream) {
+  if (rows * k == 0) return cudaSuccess;
+  swiglu_qdq_bf16_kernel<<<blocks_for(rows * k), kThreads, 0, stream>>>(gate, up, rows * k, alpha, limit, qdq, out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_dequant_mxfp4_bf16(const uint8_t* packed, const uint8_t* scales, size_t rows, size_t k,
+                                      uint16_t* out, cudaStream_t stream) {
+  const size_t bytes = rows * k / 2;
+  if (bytes == 0) return cudaSuccess;
+  dequant_kernel<uint16_t><<<blocks_for(bytes), kThreads, 0, stream>>>(packed, scales, bytes, out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_dequant_mxfp4_f32(const uint8_t* packed, const uint8_t* scales, size_t rows, size_t k,
+                                     float* out, cudaStream_t stream) {
+  const size_t bytes = rows * k / 2;
+  if (bytes == 0) return cudaSuccess;
+  dequant_kernel<float><<<blocks_for(bytes), kThreads, 0, stream>>>(packed, scales, bytes, out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_moe_combine(const float* y, const int32_t* combine, const float* weights, size_t tokens, int k,
+                               size_t hidden, float* out, cudaStream_t stream) {
+  if (tokens == 0) return cudaSuccess;
+  const dim3 grid(blocks_for(hidden), static_cast<unsigned>(tokens));
+  moe_combine_kernel<<<grid, kThreads, 0, stream>>>(y, combine, weights, k, hidden, out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_router_topk(const float* logits, const float* bias, size_t tokens, int experts, int k,
+                               float scale, int32_t* ids, float* weights, cudaStream_t stream) {
+  if (tokens == 0) return cudaSuccess;
+  const int warps = 4;
+  const size_t smem = static_cast<size_t>(warps) * static_cast<size_t>((experts + 31) / 32) * sizeof(uint32_t);
+  router_topk_kernel<<<blocks_for(tokens, warps), warps * 32, smem, stream>>>(logits, bias, tokens, experts, k, scale,
+                                                                               ids, weights);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_embedding(const void* table, const uint8_t* scales, TableFormat format, int64_t rows,
+                             int64_t cols, const int32_t* ids, size_t count, int64_t row_offset, float* out,
+                             cudaStream_t stream) {
+  if (count == 0) return cudaSuccess;
+  const dim3 grid(blocks_for(static_cast<size_t>(cols)), static_cast<unsigned>(count));
+  embedding_kernel<<<grid, kThreads, 0, stream>>>(table, scales, static_cast<int>(format), rows, cols, ids,
+                                                  row_offset, out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_cache_write(const float* x, size_t width, const int64_t* slots, size_t count, float* cache,
+                               cudaStream_t stream) {
+  if (count == 0) return cudaSuccess;
+  const dim3 grid(blocks_for(width), static_cast<unsigned>(count));
+  cache_write_kernel<<<grid, kThreads, 0, stream>>>(x, width, slots, cache);
+  return cudaGetLastError();
+}
+
+}  // namespace mxlm::backend::cuda

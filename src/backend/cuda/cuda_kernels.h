@@ -1,0 +1,113 @@
+// Launchers of the CUDA kernels (defined in the .cu files of this folder). Plain host functions over device
+// pointers, so the backend class, the GPU tests and the benchmarks (all compiled by the host compiler) call
+// the same code. bf16 values travel as uint16_t bit patterns on the host side. Every launcher enqueues on
+// `stream` and returns the launch error (cudaSuccess when fine); none synchronises.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace mxlm::backend::cuda {
+
+// ---- elementwise / conversion
+cudaError_t launch_add(const float* a, const float* b, float* out, size_t n, cudaStream_t stream);
+cudaError_t launch_scale(float* x, float factor, size_t n, cudaStream_t stream);
+cudaError_t launch_f32_to_bf16(const float* x, uint16_t* out, size_t n, cudaStream_t stream);
+cudaError_t launch_bf16_to_f32(const uint16_t* x, float* out, size_t n, cudaStream_t stream);
+cudaError_t launch_f16_to_f32(const uint16_t* x, float* out, size_t n, cudaStream_t stream);
+// out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * (add_one ? 1 + w : w).
+cudaError_t launch_rms_norm(const float* x, const float* w, float* out, size_t rows, size_t dim, float eps,
+                            bool add_one, cudaStream_t stream);
+// NeoX RoPE on the first rotary_dim dims of each head; inv_freq [rotary_dim / 2] and positions [tokens] on device.
+cudaError_t launch_rope(float* x, const int32_t* positions, size_t tokens, int heads, int head_dim, int rotary_dim,
+                        const float* inv_freq, cudaStream_t stream);
+cudaError_t launch_swiglu_oai(const float* gate, const float* up, float* out, size_t n, float alpha, float limit,
+                              cudaStream_t stream);
+
+// ---- MX numerics (bit-exact with mx::ref: Quark "even" scale, RNE, sign of zero kept, NaN/Inf as mx::qdq_f32)
+// In place on f32, groups of 32 consecutive elements (n % 32 == 0).
+cudaError_t launch_qdq_f32(float* x, size_t n, cudaStream_t stream);
+// out_bf16 = bf16(qdq ? qdq(x) : x) for rows of k, optionally gathering rows: row r reads x[gather[r]] (gather may
+// be null). With qdq the bf16 conversion is exact.
+cudaError_t launch_gather_qdq_bf16(const float* x, const int32_t* gather, size_t rows, size_t k, bool qdq,
+                                   uint16_t* out, cudaStream_t stream);
+// f32 variant: out[r] = qdq?(x[gather[r]]) (gather may be null).
+cudaError_t launch_gather_qdq_f32(const float* x, const int32_t* gather, size_t rows, size_t k, bool qdq, float* out,
+                                  cudaStream_t stream);
+// act = bf16(qdq?(swiglu_oai(gate, up))) for [rows, k] (k % 32 == 0 when qdq).
+cudaError_t launch_swiglu_qdq_bf16(const float* gate, const float* up, size_t rows, size_t k, float alpha,
+                                   float limit, bool qdq, uint16_t* out, cudaStream_t stream);
+// Exact dequantization of packed [rows, k/2] + scales [rows, k/32] to bf16 or f32 (scale byte 255 = NaN).
+cudaError_t launch_dequant_mxfp4_bf16(const uint8_t* packed, const uint8_t* scales, size_t rows, size_t k,
+                                      uint16_t* out, cudaStream_t stream);
+cudaError_t launch_dequant_mxfp4_f32(const uint8_t* packed, const uint8_t* scales, size_t rows, size_t k,
+                                     float* out, cudaStream_t stream);
+
+// ---- MXFP4 small-M GEMM (decode): y[m, n] (+)= x[m, k] · Wᵀ, W MXFP4 [n, k], x bf16, f32 accumulation on bf16
+// tensor cores with the weights dequantized in registers (4.25 bits per parameter read). Several independent
+// problems of the same n, k ("groups", e.g. the experts of a MoE layer) run in one launch.
+struct Mxfp4GemvGroup {
+  const uint8_t* w = nullptr;       // packed [n, k/2]
+  const uint8_t* scales = nullptr;  // [n, k/32]
+  const uint16_t* x = nullptr;      // bf16 [m, k]
+  float* y = nullptr;               // f32 [m, ldy]
+  int m = 0;                        // 1..16
+  int ldy = 0;
+};
+// groups: device array of `num_groups`. When k_split > 1 the partial sums are added atomically: y must hold
+// zeros first. max_m is the largest m over the groups (picks the kernel variant). k % 32 == 0.
+cudaError_t launch_mxfp4_gemv(const Mxfp4GemvGroup* groups, int num_groups, int max_m, int n, int k, int k_split,
+                              cudaStream_t stream);
+// k_split that fills the card for `ctas_per_split` CTAs of the launch (n / 128 row blocks times the groups).
+int mxfp4_gemv_k_split(int n, int k, int num_groups, int multiprocessors);
+
+// ---- MoE helpers
+// out[t] = Σ_j weights[row] · y[row] over rows = combine[t, 0..k-1] (-1 = none), in that order.
+cudaError_t launch_moe_combine(const float* y, const int32_t* combine, const float* weights, size_t tokens, int k,
+                               size_t hidden, float* out, cudaStream_t stream);
+// Router top-k on logits [tokens, experts]: s = sigmoid, choice = s + bias (bias may be null), top-k by choice
+// (ties: lower id), weights = s / Σ s * scale.
+cudaError_t launch_router_topk(const float* logits, const float* bias, size_t tokens, int experts, int k,
+                               float scale, int32_t* ids, float* weights, cudaStream_t stream);
+
+// ---- random data generated on the device (benchmarks, dummy weights): bytes uniform in [lo, hi] from a counter
+// hash of (seed, index); bf16 values uniform in +-amp.
+cudaError_t launch_fill_random_bytes(uint8_t* out, size_t n, uint64_t seed, int lo, int hi, cudaStream_t stream);
+cudaError_t launch_fill_random_bf16(uint16_t* out, size_t n, uint64_t seed, float amp, cudaStream_t stream);
+cudaError_t launch_fill_random_f32(float* out, size_t n, uint64_t seed, float amp, cudaStream_t stream);
+
+// ---- embedding: out[i] = row ids[i] - row_offset of the table (f32, bf16 or MXFP4), zeros outside.
+enum class TableFormat : int { F32 = 0, BF16 = 1, MXFP4 = 2 };
+cudaError_t launch_embedding(const void* table, const uint8_t* scales, TableFormat format, int64_t rows,
+                             int64_t cols, const int32_t* ids, size_t count, int64_t row_offset, float* out,
+                             cudaStream_t stream);
+cudaError_t launch_cache_write(const float* x, size_t width, const int64_t* slots, size_t count, float* cache,
+                               cudaStream_t stream);
+
+// ---- paged attention. Per row of the step: its position, the offset of its sequence's block table in
+// `tables`. Caches are f32 [pages, block_size, kv_heads * head_dim].
+struct AttentionRows {
+  const int32_t* pos = nullptr;          // [rows]
+  const int32_t* table_offset = nullptr; // [rows]
+  const int32_t* tables = nullptr;       // concatenated block tables
+  int rows = 0;
+  int block_size = 0;
+};
+// Dense causal (blocks == null) or block-sparse (blocks [rows, kv_heads, topk], -1 padded) GQA attention, split
+// over the key range (flash decoding) into `splits` partial results merged by a second kernel. `units` is the
+// most key blocks a row visits (dense: max_pos / block_size + 1; sparse: topk); head_dim <= 256;
+// heads per KV head <= 16. workspace: attention_workspace_floats(rows, num_heads, head_dim, splits) floats.
+int attention_units_per_split(int block_size);
+size_t attention_workspace_floats(int rows, int num_heads, int head_dim, int splits);
+cudaError_t launch_attention(const float* q, const AttentionRows& rows, int num_heads, int num_kv_heads,
+                             int head_dim, float scale, const float* k_cache, const float* v_cache,
+                             const int32_t* blocks, int topk, int units, float* workspace, float* out,
+                             cudaStream_t stream);
+// Lightning indexer block selection (see Backend::index_select).
+cudaError_t launch_index_select(const float* iq, const AttentionRows& rows, int heads, int head_dim, int topk,
+                                int local_blocks, int init_blocks, int max_visible_blocks, const float* index_k_cache,
+                                int32_t* blocks, cudaStream_t stream);
+
+}  // namespace mxlm::backend::cuda
