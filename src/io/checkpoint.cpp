@@ -50,6 +50,7 @@ Checkpoint::Checkpoint(const fs::path& dir) : dir_(dir) {
     const json index = read_json_file(index_path);
     if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object())
       fail("{}: no \"weight_map\" object", index_path.string());
+    if (index["weight_map"].empty()) fail("{}: \"weight_map\" is empty", index_path.string());
     std::set<std::string> shards;
     for (const auto& [tensor, file] : index["weight_map"].items()) {
       if (!file.is_string()) fail("{}: weight_map entry '{}' is not a file name", index_path.string(), tensor);

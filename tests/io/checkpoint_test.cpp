@@ -165,6 +165,8 @@ TEST(Checkpoint, BadIndexFiles) {
   expect_error([&] { Checkpoint c(dir.path()); }, {index.string(), "not valid JSON"});
   write_bytes(index, R"({"metadata":{}})");
   expect_error([&] { Checkpoint c(dir.path()); }, {"no \"weight_map\""});
+  write_bytes(index, R"({"weight_map":{}})");
+  expect_error([&] { Checkpoint c(dir.path()); }, {"\"weight_map\" is empty"});
   write_bytes(index, R"({"weight_map":{"x":3}})");
   expect_error([&] { Checkpoint c(dir.path()); }, {"entry 'x' is not a file name"});
   write_bytes(index, R"({"weight_map":{"x":"../s1.safetensors"}})");
