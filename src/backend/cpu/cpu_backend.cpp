@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "backend/cpu/cpu_tp_group.h"
 #include "backend/cpu/gemm.h"
 #include "core/error.h"
 #include "mx/mxfp4.h"
@@ -181,8 +182,18 @@ void CpuBackend::cache_write(const float* x, size_t width, std::span<const int64
     std::memcpy(cache + static_cast<size_t>(slots[i]) * width, x + i * width, width * sizeof(float));
 }
 
+int CpuBackend::tp_size() const { return group_ ? group_->size() : 1; }
+
+void CpuBackend::all_reduce_sum(float* x, size_t n) {
+  if (group_) group_->all_reduce_sum(rank_, x, n);
+}
+
 void CpuBackend::all_gather_cols(const float* x, size_t rows, size_t cols_per_rank, float* out) {
-  std::memmove(out, x, rows * cols_per_rank * sizeof(float));
+  if (group_) {
+    group_->all_gather_cols(rank_, x, rows, cols_per_rank, out);
+  } else {
+    std::memmove(out, x, rows * cols_per_rank * sizeof(float));
+  }
 }
 
 }  // namespace cpu

@@ -3,6 +3,7 @@
 // cpu_moe.cpp.
 #pragma once
 
+#include <memory>
 #include <vector>
 
 #include "backend/backend.h"
@@ -39,8 +40,13 @@ class HostWeight final : public Weight {
   std::vector<uint8_t> scales_;
 };
 
+class CpuTpGroup;
+
 class CpuBackend final : public Backend {
  public:
+  CpuBackend() = default;
+  // Rank `rank` of a CPU tensor-parallel group (cpu_tp_group.h).
+  CpuBackend(std::shared_ptr<CpuTpGroup> group, int rank) : group_(std::move(group)), rank_(rank) {}
   std::string name() const override { return "cpu"; }
 
   std::unique_ptr<Buffer> alloc(size_t count) override;
@@ -78,8 +84,14 @@ class CpuBackend final : public Backend {
                         const float* k_cache, const float* v_cache, const int32_t* blocks, int topk,
                         float* out) override;
 
-  void all_reduce_sum(float*, size_t) override {}
+  int tp_rank() const override { return rank_; }
+  int tp_size() const override;
+  void all_reduce_sum(float* x, size_t n) override;
   void all_gather_cols(const float* x, size_t rows, size_t cols_per_rank, float* out) override;
+
+ private:
+  std::shared_ptr<CpuTpGroup> group_;
+  int rank_ = 0;
 };
 
 const HostWeight& host(const Weight& w);
