@@ -3,10 +3,13 @@
 //   build/bench/bench_gemv [--benchmark_filter=...]
 //
 // - MemoryRead / MemoryCopy: a 1 GiB streaming read (sum) and a 512 MiB memcpy, all threads.
-// - Gemv/<format>/<N>x<K>/m:<M>: y = x . W^T at MiniMax-M3 expert shapes with enough distinct weight matrices
+// - BM_Gemv/<format>/<N>/<K>/<M> (format 0 = f32, 1 = bf16, 2 = MXFP4, 3 = OpenBLAS on f32; the label
+//   spells it out): y = x . W^T at MiniMax-M3 expert shapes with enough distinct weight matrices
 //   (> 4x L3) that every call streams W from DRAM. Counters: weight_GBps (weight bytes read per second) and
-//   of_read_bw (that over the measured read bandwidth). OpenBLAS sgemv/sgemm on f32 weights is the baseline.
-// - Gemm/<format>/...: prefill-sized products (M = 128, 512) in GFLOP/s, OpenBLAS sgemm alongside.
+//   of_read_bw (that over the measured read bandwidth); cpu_share (process CPU time / (wall time x threads):
+//   below 1 when other jobs share the cores, as on a busy dev VM). OpenBLAS sgemv/sgemm on f32 weights is
+//   the baseline.
+// - BM_Gemm/<format>/<N>/<K>/<M>: prefill-sized products (M = 128, 512) in GFLOP/s, OpenBLAS sgemm alongside.
 #include <benchmark/benchmark.h>
 #include <cblas.h>
 #include <omp.h>
@@ -15,6 +18,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <ctime>
 #include <memory>
 #include <numeric>
 #include <string>
@@ -71,6 +75,22 @@ double measure_read_bandwidth() {
   return best;
 }
 
+// Share of the machine's cores this process got while `body` ran: process CPU time over wall time x threads.
+// On a VM shared with other jobs this is well below 1 and explains low numbers.
+struct CpuShare {
+  timespec cpu0{};
+  std::chrono::steady_clock::time_point wall0 = std::chrono::steady_clock::now();
+  CpuShare() { clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &cpu0); }
+  double get() const {
+    timespec cpu1{};
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &cpu1);
+    const double cpu =
+        static_cast<double>(cpu1.tv_sec - cpu0.tv_sec) + 1e-9 * static_cast<double>(cpu1.tv_nsec - cpu0.tv_nsec);
+    const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0).count();
+    return cpu / (wall * omp_get_max_threads());
+  }
+};
+
 double read_bandwidth() {
   if (g_read_bandwidth == 0) g_read_bandwidth = measure_read_bandwidth();
   return g_read_bandwidth;
@@ -80,12 +100,14 @@ void BM_MemoryRead(benchmark::State& state) {
   const auto buffer = make_read_buffer();
   benchmark::DoNotOptimize(sum_words(buffer.data(), buffer.size()));  // touch every page first
   double best = 0;
+  const CpuShare share;
   for (auto _ : state) {
     const auto t0 = std::chrono::steady_clock::now();
     benchmark::DoNotOptimize(sum_words(buffer.data(), buffer.size()));
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (kGiB / s > best) best = kGiB / s;
   }
+  state.counters["cpu_share"] = share.get();
   g_read_bandwidth = best;
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * kGiB));
   state.counters["best_GBps"] = best / 1e9;
@@ -211,10 +233,12 @@ void BM_Gemv(benchmark::State& state) {
   const double bandwidth = read_bandwidth();
   for (size_t e = 0; e < w.count; ++e) w.multiply(e, x.data(), m, y.data());  // warm-up, page faults
   size_t index = 0;
+  const CpuShare share;
   for (auto _ : state) {
     w.multiply(index++, x.data(), m, y.data());
     benchmark::DoNotOptimize(y.data());
   }
+  state.counters["cpu_share"] = share.get();
   const double bytes = static_cast<double>(w.bytes_per_matrix()) * static_cast<double>(state.iterations());
   state.counters["weight_GBps"] = benchmark::Counter(bytes / 1e9, benchmark::Counter::kIsRate);
   state.counters["of_read_bw"] = benchmark::Counter(bytes / bandwidth, benchmark::Counter::kIsRate);
@@ -240,10 +264,12 @@ void BM_Gemm(benchmark::State& state) {
   const auto x = activations(m, k);
   std::vector<float> y(m * n);
   w.multiply(0, x.data(), m, y.data());
+  const CpuShare share;
   for (auto _ : state) {
     w.multiply(0, x.data(), m, y.data());
     benchmark::DoNotOptimize(y.data());
   }
+  state.counters["cpu_share"] = share.get();
   const double flops = 2.0 * static_cast<double>(m * n * k) * static_cast<double>(state.iterations());
   state.counters["GFLOPs"] = benchmark::Counter(flops / 1e9, benchmark::Counter::kIsRate);
   state.SetLabel(std::string(format_name(format)) + " " + std::to_string(n) + "x" + std::to_string(k) +
