@@ -3,7 +3,7 @@
 //   build/bench/bench_gemv [--benchmark_filter=...]
 //
 // - MemoryRead / MemoryCopy: a 1 GiB streaming read (sum) and a 512 MiB memcpy, all threads.
-// - BM_Gemv/<format>/<N>/<K>/<M> (format 0 = f32, 1 = bf16, 2 = MXFP4, 3 = OpenBLAS on f32; the label
+// - BM_Gemv/<format>/<N>/<K>/<M> (format 0 = f32, 1 = bf16, 2 = MXFP4, 3 = OpenBLAS on f32, 4 = MXFP4 W4A4; the label
 //   spells it out): y = x . W^T at MiniMax-M3 expert shapes with enough distinct weight matrices
 //   (> 4x L3) that every call streams W from DRAM. Counters: weight_GBps (weight bytes read per second) and
 //   of_read_bw (that over the measured read bandwidth); cpu_share (process CPU time / (wall time x threads):
@@ -135,7 +135,7 @@ void BM_MemoryCopy(benchmark::State& state) {
 }
 BENCHMARK(BM_MemoryCopy)->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(1.0);
 
-enum Format { kF32Ours = 0, kBf16 = 1, kMxfp4 = 2, kF32OpenBlas = 3 };
+enum Format { kF32Ours = 0, kBf16 = 1, kMxfp4 = 2, kF32OpenBlas = 3, kMxfp4W4a4 = 4 };
 
 const char* format_name(int f) {
   switch (f) {
@@ -145,6 +145,8 @@ const char* format_name(int f) {
       return "bf16";
     case kMxfp4:
       return "mxfp4";
+    case kMxfp4W4a4:
+      return "mxfp4_w4a4";
     default:
       return "openblas_f32";
   }
@@ -157,12 +159,15 @@ struct Weights {
   std::vector<float> f32;
   std::vector<uint16_t> bf16;
   std::vector<uint8_t> packed, scales;
+  // W4A4 only: x as MXFP4 (random codes, scales near 1), made on first use for the caller's M.
+  mutable std::vector<uint8_t> x_packed, x_scales;
 
   size_t bytes_per_matrix() const {
     switch (format) {
       case kBf16:
         return n * k * 2;
       case kMxfp4:
+      case kMxfp4W4a4:
         return n * k / 2 + n * k / 32;
       default:
         return n * k * 4;
@@ -179,6 +184,7 @@ struct Weights {
         for (auto& v : bf16) v = static_cast<uint16_t>(std::bit_cast<uint32_t>(fill.uniform()) >> 16);
         break;
       case kMxfp4:
+      case kMxfp4W4a4:
         packed.resize(elements / 2);
         scales.resize(elements / 32);
         for (auto& v : packed) v = static_cast<uint8_t>(fill.next());
@@ -200,6 +206,16 @@ struct Weights {
         return mxlm::cpu::gemm_bf16(x, m, k, bf16.data() + e * n * k, n, y);
       case kMxfp4:
         return mxlm::cpu::gemm_mxfp4(x, m, k, packed.data() + e * n * k / 2, scales.data() + e * n * k / 32, n, y);
+      case kMxfp4W4a4:
+        if (x_packed.size() != m * k / 2) {
+          Fill fill;
+          x_packed.resize(m * k / 2);
+          x_scales.resize(m * k / 32);
+          for (auto& v : x_packed) v = static_cast<uint8_t>(fill.next());
+          for (auto& v : x_scales) v = static_cast<uint8_t>(122 + fill.next() % 10);
+        }
+        return mxlm::cpu::gemm_mxfp4_w4a4(x_packed.data(), x_scales.data(), m, k, packed.data() + e * n * k / 2,
+                                          scales.data() + e * n * k / 32, n, y);
       default: {
         const float* w = f32.data() + e * n * k;
         if (m == 1) {
@@ -250,7 +266,7 @@ void BM_Gemv(benchmark::State& state) {
 void gemv_args(benchmark::internal::Benchmark* b) {
   for (auto [n, k] : {std::pair{3072, 6144}, std::pair{6144, 3072}})
     for (int m : {1, 4, 16})
-      for (int format : {kMxfp4, kBf16, kF32Ours, kF32OpenBlas}) b->Args({format, n, k, m});
+      for (int format : {kMxfp4, kMxfp4W4a4, kBf16, kF32Ours, kF32OpenBlas}) b->Args({format, n, k, m});
 }
 BENCHMARK(BM_Gemv)->Apply(gemv_args)->UseRealTime()->Unit(benchmark::kMicrosecond);
 
@@ -278,7 +294,7 @@ void BM_Gemm(benchmark::State& state) {
 
 void gemm_args(benchmark::internal::Benchmark* b) {
   for (int m : {128, 512})
-    for (int format : {kMxfp4, kBf16, kF32Ours, kF32OpenBlas}) b->Args({format, 3072, 6144, m});
+    for (int format : {kMxfp4, kMxfp4W4a4, kBf16, kF32Ours, kF32OpenBlas}) b->Args({format, 3072, 6144, m});
 }
 BENCHMARK(BM_Gemm)->Apply(gemm_args)->UseRealTime()->Unit(benchmark::kMillisecond);
 

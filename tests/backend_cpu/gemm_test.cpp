@@ -405,6 +405,97 @@ TEST(GemmMxfp4, NanScaleByteGivesNanOnlyInItsRow) {
   }
 }
 
+// --- W4A4 ------------------------------------------------------------------------------------------------------
+
+struct W4a4Problem {
+  size_t m, k, n;
+  std::vector<uint8_t> x_packed, x_scales, w_packed, w_scales;
+  std::vector<double> x_decoded, w_decoded;  // [m, k], [n, k]
+};
+
+void fill_mxfp4(std::mt19937& rng, size_t rows, size_t k, int scale_lo, int scale_hi, std::vector<uint8_t>& packed,
+                std::vector<uint8_t>& scales, std::vector<double>& decoded) {
+  packed.resize(rows * k / 2);
+  scales.resize(rows * k / 32);
+  decoded.resize(rows * k);
+  for (auto& b : packed) b = static_cast<uint8_t>(rng());
+  std::uniform_int_distribution<int> scale_byte(scale_lo, scale_hi);
+  for (auto& v : scales) v = static_cast<uint8_t>(scale_byte(rng));
+  for (size_t r = 0; r < rows; ++r)
+    for (size_t c = 0; c < k; ++c) {
+      const uint8_t byte = packed[r * k / 2 + c / 2];
+      decoded[r * k + c] = decode_e2m1(c % 2 == 0 ? byte & 0xf : byte >> 4) * decode_e8m0(scales[r * k / 32 + c / 32]);
+    }
+}
+
+W4a4Problem make_w4a4(size_t m, size_t k, size_t n, uint32_t seed, int scale_lo, int scale_hi) {
+  std::mt19937 rng(seed);
+  W4a4Problem p{m, k, n, {}, {}, {}, {}, {}, {}};
+  fill_mxfp4(rng, m, k, scale_lo, scale_hi, p.x_packed, p.x_scales, p.x_decoded);
+  fill_mxfp4(rng, n, k, scale_lo - 10, scale_hi + 10, p.w_packed, p.w_scales, p.w_decoded);
+  return p;
+}
+
+TEST(GemmW4a4, MatchesReferenceDoubleSumsAndTheEmulationPath) {
+  uint32_t seed = 500;
+  for (size_t k : {size_t{32}, size_t{64}, size_t{96}, size_t{160}, size_t{1056}, size_t{2080}}) {
+    for (size_t m : {size_t{1}, size_t{2}, size_t{3}, size_t{5}}) {
+      for (size_t n : {size_t{1}, size_t{4}, size_t{9}, size_t{19}}) {
+        const W4a4Problem p = make_w4a4(m, k, n, seed++, 115, 135);
+        // The emulation path: x dequantized to f32 (exact), then the f32 GEMM against the MXFP4 weights.
+        Problem emul{Format::Mxfp4, m, k, n, {}, {}, {}, p.w_packed, p.w_scales, p.w_decoded};
+        emul.x.assign(p.x_decoded.begin(), p.x_decoded.end());
+        const Exact e = exact_product(emul);
+        std::vector<float> y_ref = poisoned(m * n);
+        ref::gemm_mxfp4_w4a4(p.x_packed.data(), p.x_scales.data(), m, k, p.w_packed.data(), p.w_scales.data(), n,
+                             y_ref.data());
+        expect_near_exact(emul, e, y_ref, "ref w4a4");
+        for (GemmIsa isa : supported_isas()) {
+          ForcedIsa forced(isa);
+          std::vector<float> y = poisoned(m * n);
+          gemm_mxfp4_w4a4(p.x_packed.data(), p.x_scales.data(), m, k, p.w_packed.data(), p.w_scales.data(), n,
+                          y.data());
+          expect_near_exact(emul, e, y, std::string("w4a4 ") + gemm_isa_name(isa));
+          std::vector<float> y_emul = poisoned(m * n);
+          run_dispatched(emul, y_emul.data());
+          for (size_t t = 0; t < m * n; ++t)
+            ASSERT_LE(std::fabs(double{y[t]} - y_emul[t]), 2 * bound(emul, e.abs_sum[t])) << gemm_isa_name(isa);
+          if (isa != GemmIsa::Avx512) {
+            for (size_t t = 0; t < m * n; ++t)  // the scalar version, same order as the reference
+              ASSERT_EQ(std::bit_cast<uint32_t>(y[t]), std::bit_cast<uint32_t>(y_ref[t])) << gemm_isa_name(isa);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(GemmW4a4, ExactDataGivesExactResults) {
+  // Scales 2^-1..2^1: values are multiples of 1/4 up to 12, products multiples of 1/16 up to 144; K <= 2080
+  // keeps every partial sum within 23 significant bits, so all orders give the exact sum.
+  uint32_t seed = 900;
+  for (size_t k : {size_t{32}, size_t{96}, size_t{2080}}) {
+    const size_t m = 3, n = 10;
+    W4a4Problem p = make_w4a4(m, k, n, seed++, 126, 128);
+    for (auto& v : p.w_scales) v = static_cast<uint8_t>(126 + v % 3);
+    for (size_t r = 0; r < n; ++r)
+      for (size_t c = 0; c < k; ++c) {
+        const uint8_t byte = p.w_packed[r * k / 2 + c / 2];
+        p.w_decoded[r * k + c] =
+            decode_e2m1(c % 2 == 0 ? byte & 0xf : byte >> 4) * decode_e8m0(p.w_scales[r * k / 32 + c / 32]);
+      }
+    Problem emul{Format::Mxfp4, m, k, n, {}, {}, {}, p.w_packed, p.w_scales, p.w_decoded};
+    emul.x.assign(p.x_decoded.begin(), p.x_decoded.end());
+    const Exact e = exact_product(emul);
+    for (GemmIsa isa : supported_isas()) {
+      ForcedIsa forced(isa);
+      std::vector<float> y = poisoned(m * n);
+      gemm_mxfp4_w4a4(p.x_packed.data(), p.x_scales.data(), m, k, p.w_packed.data(), p.w_scales.data(), n, y.data());
+      for (size_t t = 0; t < m * n; ++t) ASSERT_EQ(double{y[t]}, e.sum[t]) << gemm_isa_name(isa) << " k=" << k;
+    }
+  }
+}
+
 TEST(GemmErrors, RejectsBadArguments) {
   std::vector<float> x(64, 1.0f), y(4);
   std::vector<uint8_t> packed(64), scales(4);
@@ -412,6 +503,8 @@ TEST(GemmErrors, RejectsBadArguments) {
   EXPECT_THROW(gemm_f32(x.data(), 1, 64, nullptr, 1, y.data()), Error);
   EXPECT_THROW(gemm_f32(x.data(), 1, 64, x.data(), 1, nullptr), Error);
   EXPECT_THROW(gemm_mxfp4(x.data(), 1, 32, packed.data(), nullptr, 1, y.data()), Error);
+  EXPECT_THROW(gemm_mxfp4_w4a4(packed.data(), scales.data(), 1, 48, packed.data(), scales.data(), 1, y.data()), Error);
+  EXPECT_THROW(gemm_mxfp4_w4a4(packed.data(), nullptr, 1, 32, packed.data(), scales.data(), 1, y.data()), Error);
 }
 
 TEST(GemmErrors, EmptyShapes) {

@@ -137,4 +137,15 @@ void gemm_mxfp4(const float* x, size_t m, size_t k, const uint8_t* w_packed, con
   }
 }
 
+void gemm_mxfp4_w4a4(const uint8_t* x_packed, const uint8_t* x_scales, size_t m, size_t k, const uint8_t* w_packed,
+                     const uint8_t* w_scales, size_t n, float* y) {
+  if (k % 32 != 0) fail("gemm_mxfp4_w4a4: K = {} is not a multiple of the MXFP4 block size 32", k);
+  check_args("gemm_mxfp4_w4a4", x_packed, m, k, w_packed, n, y);
+  if (k > 0 && (!x_scales || !w_scales)) fail("gemm_mxfp4_w4a4: null scales for m={} n={} k={}", m, n, k);
+  if (m == 0 || n == 0) return;
+  if (gemm_active_isa() == GemmIsa::Avx512 && avx512::has_vnni())
+    return avx512::gemm_mxfp4_w4a4(x_packed, x_scales, m, k, w_packed, w_scales, n, y);
+  scalar::gemm_mxfp4_w4a4(x_packed, x_scales, m, k, w_packed, w_scales, n, y);
+}
+
 }  // namespace mxlm::cpu

@@ -23,6 +23,15 @@ void gemm_f16(const float* x, size_t m, size_t k, const uint16_t* w, size_t n, f
 void gemm_mxfp4(const float* x, size_t m, size_t k, const uint8_t* w_packed, const uint8_t* w_scales, size_t n,
                 float* y);
 
+// W4A4: x already in MXFP4 too (packed [M, K/2], scales [M, K/32], the layout of W), as after the per-token
+// QDQ of the emulation semantics. Twice an E2M1 value is an integer in [-12, 12], so each 32-element block
+// product is an exact integer dot product (AVX-512 VNNI where present) times 2^(bx - 127) * 2^(bw - 127) / 4;
+// only the f32 accumulation across blocks rounds. Same result class as gemm_mxfp4 on the dequantized x
+// (exact products, f32 sums), provided a block's scale product 2^(bx + bw - 256) is a normal f32 or larger
+// than 2^-140 (true for any real activation and weight scales); smaller ones round like any f32 underflow.
+void gemm_mxfp4_w4a4(const uint8_t* x_packed, const uint8_t* x_scales, size_t m, size_t k, const uint8_t* w_packed,
+                     const uint8_t* w_scales, size_t n, float* y);
+
 // Which implementation the dispatched kernels use on this CPU ("avx512", "avx2", "scalar").
 const char* gemm_isa();
 
@@ -33,6 +42,9 @@ void gemm_bf16(const float* x, size_t m, size_t k, const uint16_t* w, size_t n, 
 void gemm_f16(const float* x, size_t m, size_t k, const uint16_t* w, size_t n, float* y);
 void gemm_mxfp4(const float* x, size_t m, size_t k, const uint8_t* w_packed, const uint8_t* w_scales, size_t n,
                 float* y);
+// Block by block: the integer dot product of the doubled E2M1 values, times (sx * (sw / 4)), added in order.
+void gemm_mxfp4_w4a4(const uint8_t* x_packed, const uint8_t* x_scales, size_t m, size_t k, const uint8_t* w_packed,
+                     const uint8_t* w_scales, size_t n, float* y);
 }  // namespace ref
 
 }  // namespace mxlm::cpu

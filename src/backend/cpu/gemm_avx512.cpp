@@ -224,4 +224,99 @@ void gemm_mxfp4(const float* x, size_t m, size_t k, const uint8_t* w_packed, con
   run(x, m, k, Mxfp4Weights{w_packed, w_scales, k}, n, y);
 }
 
+// --- W4A4 (MXFP4 x and W) with AVX-512 VNNI ------------------------------------------------------------------
+
+#define MXLM_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
+
+namespace {
+
+// Two blocks (64 codes) of one row: bytes 0-15 the even-k codes of block 0, 16-31 those of block 1, 32-47 and
+// 48-63 the odd-k codes. With one block left, block 1 reads as code 0 (value 0).
+MXLM_AVX512_VNNI inline __m512i load_codes(const uint8_t* packed, bool two_blocks) {
+  const __m256i bytes = two_blocks ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed))
+                                   : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed)));
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(bytes, low)),
+                            _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low), 1);
+}
+
+// Scale of each int32 lane of the dot product: lanes 0-3 and 8-11 sum block 0, lanes 4-7 and 12-15 block 1.
+MXLM_AVX512_VNNI inline __m512 lane_scales(float block0, float block1) {
+  return _mm512_mask_blend_ps(0xf0f0, _mm512_set1_ps(block0), _mm512_set1_ps(block1));
+}
+
+// y[MR, NR] for x rows (packed xp, scales xs) and W rows r0.. over k.
+template <int MR, int NR>
+MXLM_AVX512_VNNI void tile_w4a4(const uint8_t* xp, const uint8_t* xs, const uint8_t* wp, const uint8_t* ws, size_t r0,
+                                size_t k, float* y, size_t ldy) {
+  // Twice the E2M1 magnitudes (unsigned), and twice the signed values, for vpshufb.
+  const __m512i magnitude = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, 1, 2, 3, 4, 6, 8, 12));
+  const __m512i value = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12));
+  const __m512i sign_bit = _mm512_set1_epi8(8);
+  const size_t blocks = k / 32, row_bytes = k / 2;
+  __m512 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (size_t b = 0; b < blocks; b += 2) {
+    const bool two = b + 1 < blocks;
+    __m512i x_magnitude[MR], x_sign[MR];
+    __m512 x_scale[MR];
+    for (int i = 0; i < MR; ++i) {
+      const __m512i codes = load_codes(xp + i * row_bytes + b * 16, two);
+      x_magnitude[i] = _mm512_shuffle_epi8(magnitude, codes);
+      x_sign[i] = _mm512_and_si512(codes, sign_bit);
+      const uint8_t* s = xs + i * blocks + b;
+      x_scale[i] = lane_scales(kE8m0Values[s[0]], two ? kE8m0Values[s[1]] : 0.0f);
+    }
+    for (int j = 0; j < NR; ++j) {
+      const uint8_t* wrow = wp + (r0 + j) * row_bytes + b * 16;
+      const __m512i codes = load_codes(wrow, two);
+      const uint8_t* s = ws + (r0 + j) * blocks + b;
+      // The quarter undoes the doubling of both E2M1 values.
+      const __m512 w_scale = lane_scales(kE8m0Values[s[0]] * 0.25f, two ? kE8m0Values[s[1]] * 0.25f : 0.0f);
+      for (int i = 0; i < MR; ++i) {
+        // x * w = |x| * (w with the sign of x folded into its code): unsigned x signed bytes, as vpdpbusd wants.
+        const __m512i w_signed = _mm512_shuffle_epi8(value, _mm512_xor_si512(codes, x_sign[i]));
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), x_magnitude[i], w_signed);
+        acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(x_scale[i], w_scale), acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+template <int MR>
+MXLM_AVX512_VNNI void rows_w4a4(const uint8_t* xp, const uint8_t* xs, const uint8_t* wp, const uint8_t* ws,
+                                size_t r_begin, size_t r_end, size_t k, float* y, size_t ldy) {
+  size_t r = r_begin;
+  for (; r + 4 <= r_end; r += 4) tile_w4a4<MR, 4>(xp, xs, wp, ws, r, k, y + (r - r_begin), ldy);
+  for (; r < r_end; ++r) tile_w4a4<MR, 1>(xp, xs, wp, ws, r, k, y + (r - r_begin), ldy);
+}
+
+MXLM_AVX512_VNNI void block_w4a4(const uint8_t* xp, const uint8_t* xs, size_t m, size_t k, const uint8_t* wp,
+                                 const uint8_t* ws, size_t r_begin, size_t r_end, float* y, size_t n) {
+  size_t i = 0;
+  for (; i + 2 <= m; i += 2)
+    rows_w4a4<2>(xp + i * (k / 2), xs + i * (k / 32), wp, ws, r_begin, r_end, k, y + i * n + r_begin, n);
+  if (i < m) rows_w4a4<1>(xp + i * (k / 2), xs + i * (k / 32), wp, ws, r_begin, r_end, k, y + i * n + r_begin, n);
+}
+
+}  // namespace
+
+bool has_vnni() {
+  static const bool vnni = __builtin_cpu_supports("avx512vnni");
+  return vnni;
+}
+
+void gemm_mxfp4_w4a4(const uint8_t* x_packed, const uint8_t* x_scales, size_t m, size_t k, const uint8_t* w_packed,
+                     const uint8_t* w_scales, size_t n, float* y) {
+  const long long tiles = static_cast<long long>((n + 7) / 8);
+#pragma omp parallel for schedule(dynamic, 4) if (worth_threading(m, k, n))
+  for (long long t = 0; t < tiles; ++t) {
+    const size_t r0 = static_cast<size_t>(t) * 8;
+    block_w4a4(x_packed, x_scales, m, k, w_packed, w_scales, r0, min_size(n, r0 + 8), y, n);
+  }
+}
+
 }  // namespace mxlm::cpu::avx512

@@ -29,6 +29,17 @@ MXLM_GEMM_KERNELS_DECLARE
 
 #undef MXLM_GEMM_KERNELS_DECLARE
 
+// W4A4: a scalar version (same order as cpu::ref) and an AVX-512 VNNI one; AVX2 CPUs use the scalar one.
+namespace scalar {
+void gemm_mxfp4_w4a4(const uint8_t* x_packed, const uint8_t* x_scales, size_t m, size_t k, const uint8_t* w_packed,
+                     const uint8_t* w_scales, size_t n, float* y);
+}
+namespace avx512 {
+bool has_vnni();
+void gemm_mxfp4_w4a4(const uint8_t* x_packed, const uint8_t* x_scales, size_t m, size_t k, const uint8_t* w_packed,
+                     const uint8_t* w_scales, size_t n, float* y);
+}  // namespace avx512
+
 // The SIMD kernels widen bf16 pairs and MXFP4 bytes into one vector of even-k and one of odd-k weights.
 // Rather than re-interleaving the weights, they read x in the same order: within each full block of 32
 // (k0..k0+31) the 16 even-k values first, then the 16 odd-k values; a tail of k % 32 stays in place.

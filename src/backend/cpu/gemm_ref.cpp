@@ -52,4 +52,26 @@ void gemm_mxfp4(const float* x, size_t m, size_t k, const uint8_t* w_packed, con
   });
 }
 
+void gemm_mxfp4_w4a4(const uint8_t* x_packed, const uint8_t* x_scales, size_t m, size_t k, const uint8_t* w_packed,
+                     const uint8_t* w_scales, size_t n, float* y) {
+  // Twice the E2M1 value of each code: an integer.
+  const auto doubled = [](uint8_t code) { return static_cast<int>(2 * e2m1(code)); };
+  const size_t blocks = k / 32;
+  for (size_t i = 0; i < m; ++i) {
+    for (size_t j = 0; j < n; ++j) {
+      float acc = 0.0f;
+      for (size_t b = 0; b < blocks; ++b) {
+        int dot = 0;
+        for (size_t e = 0; e < 16; ++e) {
+          const uint8_t xb = x_packed[i * (k / 2) + b * 16 + e], wb = w_packed[j * (k / 2) + b * 16 + e];
+          dot += doubled(xb & 0xf) * doubled(wb & 0xf) + doubled(xb >> 4) * doubled(wb >> 4);
+        }
+        const float scale = e8m0(x_scales[i * blocks + b]) * (e8m0(w_scales[j * blocks + b]) * 0.25f);
+        acc += static_cast<float>(dot) * scale;
+      }
+      y[i * n + j] = acc;
+    }
+  }
+}
+
 }  // namespace mxlm::cpu::ref

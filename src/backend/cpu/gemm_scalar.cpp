@@ -52,4 +52,27 @@ void gemm_mxfp4(const float* x, size_t m, size_t k, const uint8_t* w_packed, con
   });
 }
 
+void gemm_mxfp4_w4a4(const uint8_t* x_packed, const uint8_t* x_scales, size_t m, size_t k, const uint8_t* w_packed,
+                     const uint8_t* w_scales, size_t n, float* y) {
+  const size_t blocks = k / 32;
+  const long long total = static_cast<long long>(m * n);
+#pragma omp parallel for schedule(static) if (total * static_cast <long long>(k) > 65536)
+  for (long long t = 0; t < total; ++t) {
+    const size_t i = static_cast<size_t>(t) / n;
+    const size_t j = static_cast<size_t>(t) % n;
+    float acc = 0.0f;
+    for (size_t b = 0; b < blocks; ++b) {
+      int dot = 0;
+      for (size_t e = 0; e < 16; ++e) {
+        const uint8_t xb = x_packed[i * (k / 2) + b * 16 + e], wb = w_packed[j * (k / 2) + b * 16 + e];
+        dot += static_cast<int>(2 * e2m1(xb & 0xf)) * static_cast<int>(2 * e2m1(wb & 0xf)) +
+               static_cast<int>(2 * e2m1(xb >> 4)) * static_cast<int>(2 * e2m1(wb >> 4));
+      }
+      const float scale = e8m0(x_scales[i * blocks + b]) * (e8m0(w_scales[j * blocks + b]) * 0.25f);
+      acc += static_cast<float>(dot) * scale;
+    }
+    y[i * n + j] = acc;
+  }
+}
+
 }  // namespace mxlm::cpu::scalar
