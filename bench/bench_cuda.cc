@@ -65,6 +65,8 @@ void* dalloc(size_t bytes) {
 }
 
 // Median time (ms) of `reps` timed runs of `fn(i)`, each of `inner` calls, after `warm` warm-up calls.
+cudaStream_t g_time_stream = nullptr;  // stream time_ms records its events on
+
 template <typename Fn>
 double time_ms(Fn fn, int reps, int inner = 1, int warm = 3) {
   cudaEvent_t a, b;
@@ -75,9 +77,9 @@ double time_ms(Fn fn, int reps, int inner = 1, int warm = 3) {
   CK(cudaDeviceSynchronize());
   std::vector<float> ts;
   for (int r = 0; r < reps; ++r) {
-    CK(cudaEventRecord(a));
+    CK(cudaEventRecord(a, g_time_stream));
     for (int j = 0; j < inner; ++j) fn(i++);
-    CK(cudaEventRecord(b));
+    CK(cudaEventRecord(b, g_time_stream));
     CK(cudaEventSynchronize(b));
     float ms = 0;
     CK(cudaEventElapsedTime(&ms, a, b));
@@ -87,6 +89,41 @@ double time_ms(Fn fn, int reps, int inner = 1, int warm = 3) {
   std::sort(ts.begin(), ts.end());
   cudaEventDestroy(a);
   cudaEventDestroy(b);
+  return ts[ts.size() / 2];
+}
+
+// Device time per call (ms, median of `reps` graph replays): `inner` calls captured into one CUDA graph on
+// `stream`, so host launch overhead is out of the number (as in a graph-captured decode step).
+template <typename Fn>
+double graph_ms(cudaStream_t stream, Fn fn, int reps, int inner) {
+  for (int w = 0; w < 2; ++w) fn(w);  // warm-up outside the capture (pools, handles, attributes)
+  CK(cudaStreamSynchronize(stream));
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed));
+  for (int i = 0; i < inner; ++i) fn(i);
+  CK(cudaStreamEndCapture(stream, &graph));
+  CK(cudaGraphInstantiate(&exec, graph, 0));
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  CK(cudaGraphLaunch(exec, stream));
+  CK(cudaStreamSynchronize(stream));
+  std::vector<float> ts;
+  for (int r = 0; r < reps; ++r) {
+    CK(cudaEventRecord(a, stream));
+    CK(cudaGraphLaunch(exec, stream));
+    CK(cudaEventRecord(b, stream));
+    CK(cudaEventSynchronize(b));
+    float ms = 0;
+    CK(cudaEventElapsedTime(&ms, a, b));
+    ts.push_back(ms / static_cast<float>(inner));
+  }
+  std::sort(ts.begin(), ts.end());
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
   return ts[ts.size() / 2];
 }
 
@@ -143,6 +180,9 @@ Ceilings measure_ceilings(cublasHandle_t h, bool quick) {
 }
 
 void bench_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
+  cudaStream_t stream;
+  CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  CB(cublasSetStream(h, stream));
   for (auto [n, k] : std::vector<std::pair<int, int>>{{3072, 6144}, {6144, 3072}}) {
     const size_t nk = static_cast<size_t>(n) * k;
     const size_t wbytes = nk / 2 + nk / 32;
@@ -170,16 +210,25 @@ void bench_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
       auto* dg = static_cast<cu::Mxfp4GemvGroup*>(dalloc(sizeof(cu::Mxfp4GemvGroup) * sets));
       CK(cudaMemcpy(dg, g.data(), sizeof(cu::Mxfp4GemvGroup) * sets, cudaMemcpyHostToDevice));
       const int split = cu::mxfp4_gemv_k_split(n, k, 1, sms);
-      const double ms = time_ms(
+      const double ms = graph_ms(
+          stream,
           [&](int i) {
-            if (split > 1) CK(cudaMemsetAsync(y, 0, static_cast<size_t>(m) * n * 4));
-            CK(cu::launch_mxfp4_gemv(dg + (i % sets), 1, m, n, k, split, nullptr));
+            if (split > 1) CK(cudaMemsetAsync(y, 0, static_cast<size_t>(m) * n * 4, stream));
+            CK(cu::launch_mxfp4_gemv(dg + (i % sets), 1, m, n, k, split, stream));
+          },
+          quick ? 5 : 15, 64);
+      const double bms = graph_ms(stream, [&](int i) { gemm_bf16(h, wb[static_cast<size_t>(i % bsets)], x, y, n, m, k); },
+                                  quick ? 5 : 15, 24);
+      g_time_stream = stream;
+      const double ms_stream = time_ms(
+          [&](int i) {
+            if (split > 1) CK(cudaMemsetAsync(y, 0, static_cast<size_t>(m) * n * 4, stream));
+            CK(cu::launch_mxfp4_gemv(dg + (i % sets), 1, m, n, k, split, stream));
           },
           quick ? 5 : 15, 50);
-      const double bms = time_ms([&](int i) { gemm_bf16(h, wb[static_cast<size_t>(i % bsets)], x, y, n, m, k); }, quick ? 5 : 15, 20);
       const double gbs = static_cast<double>(wbytes) / (ms * 1e-3) / 1e9;
-      row("MXFP4 GEMV N=%d K=%d M=%2d split=%d: %7.2f us, %5.0f GB/s weights = %3.0f%% of copy; cuBLAS bf16 %7.2f us -> %.2fx",
-          n, k, m, split, ms * 1e3, gbs, 100.0 * gbs / c.copy_gbs, bms * 1e3, bms / ms);
+      row("MXFP4 GEMV N=%d K=%d M=%2d split=%2d: %6.2f us (graph; %6.2f us stream-launched), %5.0f GB/s weights = %3.0f%% of copy; cuBLAS bf16 %6.2f us -> %.2fx",
+          n, k, m, split, ms * 1e3, ms_stream * 1e3, gbs, 100.0 * gbs / c.copy_gbs, bms * 1e3, bms / ms);
       CK(cudaFree(dg));
     }
     // Large M: our path (dequantize to bf16 + cuBLAS) against cuBLAS on resident bf16 weights.
@@ -189,14 +238,15 @@ void bench_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
     CK(cu::launch_fill_random_bf16(xl, size_t{1} * M * k, 6, 1.0f, nullptr));
     auto* tmp = static_cast<uint16_t*>(dalloc(nk * 2));
     const double flops = 2.0 * M * static_cast<double>(nk);
-    const double ref = time_ms([&](int i) { gemm_bf16(h, wb[static_cast<size_t>(i % bsets)], xl, yl, n, M, k); }, quick ? 5 : 10);
-    const double ours = time_ms(
+    const double ref = graph_ms(stream, [&](int i) { gemm_bf16(h, wb[static_cast<size_t>(i % bsets)], xl, yl, n, M, k); }, quick ? 5 : 10, 4);
+    const double ours = graph_ms(
+        stream,
         [&](int i) {
           CK(cu::launch_dequant_mxfp4_bf16(wq[static_cast<size_t>(i % sets)], ws[static_cast<size_t>(i % sets)],
-                                           static_cast<size_t>(n), static_cast<size_t>(k), tmp, nullptr));
+                                           static_cast<size_t>(n), static_cast<size_t>(k), tmp, stream));
           gemm_bf16(h, tmp, xl, yl, n, M, k);
         },
-        quick ? 5 : 10);
+        quick ? 5 : 10, 4);
     row("MXFP4 GEMM N=%d K=%d M=4096 (dequant->bf16 + cuBLAS): %.3f ms %.0f TFLOP/s; cuBLAS bf16 %.3f ms %.0f TFLOP/s -> %.0f%%",
         n, k, ours, flops / (ours * 1e-3) / 1e12, ref, flops / (ref * 1e-3) / 1e12, 100.0 * ref / ours);
     for (auto* p : wq) CK(cudaFree(p));
@@ -204,6 +254,9 @@ void bench_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
     for (auto* p : wb) CK(cudaFree(p));
     for (void* p : {static_cast<void*>(x), static_cast<void*>(y), static_cast<void*>(xl), static_cast<void*>(yl), static_cast<void*>(tmp)}) CK(cudaFree(p));
   }
+  CB(cublasSetStream(h, nullptr));
+  g_time_stream = nullptr;
+  CK(cudaStreamDestroy(stream));
 }
 
 // One full-size MoE layer through the backend (router + routed experts + shared expert), both MoE paths.
@@ -295,13 +348,16 @@ void bench_attention(const Ceilings& c, bool quick) {
     CK(cu::launch_fill_random_f32(q->f32(), q->size(), 13, 1.0f, nullptr));
     const backend::AttentionShape shape{heads, kvh, d, 1.0f / std::sqrt(static_cast<float>(d))};
     float sink = 0;
-    const double ms = wall_ms([&] {
+    cudaStream_t bs_stream = backend::cuda_stream(*be);
+    const double wall = wall_ms([&] {
       be->attention(q->f32(), batch, shape, kc->f32(), vc->f32(), out->f32());
       be->download(*out, 0, &sink, 1);
     }, quick ? 5 : 20);
+    const double ms = graph_ms(bs_stream, [&](int) { be->attention(q->f32(), batch, shape, kc->f32(), vc->f32(), out->f32()); },
+                               quick ? 5 : 15, 20);
     const double kv = 2.0 * ctx * static_cast<double>(width) * 4;
-    row("decode attention dense  ctx=%5d (f32 KV, 64/4 heads, d=128): %7.1f us, KV %6.1f MB -> %5.0f GB/s = %3.0f%% of copy",
-        ctx, ms * 1e3, kv / 1e6, kv / (ms * 1e-3) / 1e9, 100.0 * kv / (ms * 1e-3) / 1e9 / c.copy_gbs);
+    row("decode attention dense  ctx=%5d (f32 KV, 64/4 heads, d=128): %7.1f us graph (%6.1f us wall, synced), KV %6.1f MB -> %5.0f GB/s = %3.0f%% of copy",
+        ctx, ms * 1e3, wall * 1e3, kv / 1e6, kv / (ms * 1e-3) / 1e9, 100.0 * kv / (ms * 1e-3) / 1e9 / c.copy_gbs);
     // Sparse: 16 selected blocks per KV head (M3: sparse_topk_blocks = 16, local block forced).
     const int topk = 16;
     std::vector<int32_t> blocks(static_cast<size_t>(kvh) * topk);
@@ -315,12 +371,11 @@ void bench_attention(const Ceilings& c, bool quick) {
     }
     auto db = be->alloc(blocks.size());
     be->upload(*db, 0, reinterpret_cast<const float*>(blocks.data()), blocks.size());
-    const double sms = wall_ms([&] {
+    const double sms = graph_ms(bs_stream, [&](int) {
       be->sparse_attention(q->f32(), batch, shape, kc->f32(), vc->f32(), db->i32(), topk, out->f32());
-      be->download(*out, 0, &sink, 1);
-    }, quick ? 5 : 20);
+    }, quick ? 5 : 15, 20);
     const double skv = 2.0 * std::min(ctx, topk * bs) * static_cast<double>(width) * 4;
-    row("decode attention sparse ctx=%5d (16 blocks of 128):           %7.1f us, KV %6.1f MB -> %5.0f GB/s", ctx,
+    row("decode attention sparse ctx=%5d (16 blocks of 128):           %7.1f us graph, KV %6.1f MB -> %5.0f GB/s", ctx,
         sms * 1e3, skv / 1e6, skv / (sms * 1e-3) / 1e9);
   }
 }

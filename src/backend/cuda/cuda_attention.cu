@@ -15,7 +15,7 @@ namespace {
 
 constexpr int kAttnWarps = 4;
 constexpr int kMaxGroup = 16;
-constexpr int kKeysPerSplit = 512;
+constexpr int kKeysPerSplit = 256;
 
 template <int DPL>  // dims per lane: head_dim <= 32 * DPL
 __global__ void __launch_bounds__(kAttnWarps * 32)
@@ -34,8 +34,9 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   const size_t width = static_cast<size_t>(num_kv_heads) * D;
 
   extern __shared__ float smem[];
-  float* qs = smem;                               // [G][D], pre-scaled
-  float* wstate = smem + static_cast<size_t>(G) * D;  // [warps][G][D + 2]
+  float* qs = smem;                                        // [G][D], pre-scaled
+  float* ps = qs + static_cast<size_t>(G) * D;             // [warps][32 keys][kMaxGroup] probabilities
+  float* wstate = ps + kAttnWarps * 32 * kMaxGroup;        // [warps][G][D + 2]
   const float* qrow = q + static_cast<size_t>(row) * num_heads * D + static_cast<size_t>(kvh) * G * D;
   for (int i = threadIdx.x; i < G * D; i += blockDim.x) qs[i] = qrow[i] * scale;
   __syncthreads();
@@ -48,41 +49,79 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
 #pragma unroll
     for (int i = 0; i < DPL; ++i) acc[h][i] = 0.0f;
   }
+  float* pw = ps + warp * 32 * kMaxGroup;
 
+  // Tiles of 32 keys per warp: scores with one key per lane (K row read by its lane, q broadcast from shared
+  // memory), then P·V with the lanes across the head dims (V rows read coalesced, p broadcast from shared memory).
   for (int u = u0; u < u1; ++u) {
     const int b = blocks ? blocks[(static_cast<size_t>(row) * num_kv_heads + kvh) * topk + u] : u;
     if (b < 0 || b > pos / bs) continue;
     const size_t page = static_cast<size_t>(table[b]);
-    const int kend = min((b + 1) * bs, pos + 1);
-    for (int key = b * bs + warp; key < kend; key += kAttnWarps) {
-      const size_t off = (page * bs + static_cast<size_t>(key % bs)) * width + static_cast<size_t>(kvh) * D;
-      float kv[DPL], vv[DPL];
+    const int kbeg = b * bs, kend = min((b + 1) * bs, pos + 1);
+    for (int t0 = kbeg + warp * 32; t0 < kend; t0 += kAttnWarps * 32) {
+      const int key = t0 + lane;
+      const bool valid = key < kend;
+      float s[kMaxGroup];
 #pragma unroll
-      for (int i = 0; i < DPL; ++i) {
-        const bool in = lane + 32 * i < D;
-        kv[i] = in ? k_cache[off + lane + 32 * i] : 0.0f;
-        vv[i] = in ? v_cache[off + lane + 32 * i] : 0.0f;
+      for (int h = 0; h < kMaxGroup; ++h) s[h] = 0.0f;
+      if (valid) {
+        const float* kr = k_cache + (page * bs + static_cast<size_t>(key - kbeg)) * width + static_cast<size_t>(kvh) * D;
+        for (int d = 0; d < D; d += 4) {
+          const float4 kk = *reinterpret_cast<const float4*>(kr + d);
+#pragma unroll
+          for (int h = 0; h < kMaxGroup; ++h) {
+            if (h < G) {
+              const float4 qq = *reinterpret_cast<const float4*>(qs + h * D + d);
+              s[h] += qq.x * kk.x + qq.y * kk.y + qq.z * kk.z + qq.w * kk.w;
+            }
+          }
+        }
       }
 #pragma unroll
       for (int h = 0; h < kMaxGroup; ++h) {
         if (h < G) {
-          float s = 0.0f;
+          float mt = valid ? s[h] : -INFINITY;
 #pragma unroll
-          for (int i = 0; i < DPL; ++i)
-            if (lane + 32 * i < D) s += qs[h * D + lane + 32 * i] * kv[i];
-#pragma unroll
-          for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-          const float mn = fmaxf(m[h], s);
+          for (int o = 16; o > 0; o >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
+          const float mn = fmaxf(m[h], mt);
           const float corr = expf(m[h] - mn);
-          const float p = expf(s - mn);
-          l[h] = l[h] * corr + p;
+          const float p = valid ? expf(s[h] - mn) : 0.0f;
+          l[h] = l[h] * corr + p;  // per-lane partial sum, reduced once at the end
 #pragma unroll
-          for (int i = 0; i < DPL; ++i) acc[h][i] = acc[h][i] * corr + p * vv[i];
+          for (int i = 0; i < DPL; ++i) acc[h][i] *= corr;
           m[h] = mn;
+          pw[lane * kMaxGroup + h] = p;
         }
       }
+      __syncwarp();
+      const int nk = min(32, kend - t0);
+      for (int j = 0; j < nk; ++j) {
+        const float* vr = v_cache + (page * bs + static_cast<size_t>(t0 + j - kbeg)) * width + static_cast<size_t>(kvh) * D;
+        float vv[DPL];
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) vv[i] = lane + 32 * i < D ? vr[lane + 32 * i] : 0.0f;
+        float pv[kMaxGroup];
+#pragma unroll
+        for (int h4 = 0; h4 < kMaxGroup / 4; ++h4) {
+          const float4 p4 = *reinterpret_cast<const float4*>(pw + j * kMaxGroup + 4 * h4);
+          pv[4 * h4] = p4.x;
+          pv[4 * h4 + 1] = p4.y;
+          pv[4 * h4 + 2] = p4.z;
+          pv[4 * h4 + 3] = p4.w;
+        }
+#pragma unroll
+        for (int h = 0; h < kMaxGroup; ++h)
+          if (h < G)
+#pragma unroll
+            for (int i = 0; i < DPL; ++i) acc[h][i] += pv[h] * vv[i];
+      }
+      __syncwarp();
     }
   }
+#pragma unroll
+  for (int h = 0; h < kMaxGroup; ++h)
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) l[h] += __shfl_xor_sync(0xffffffffu, l[h], o);
 
   // Merge the warps of this CTA.
 #pragma unroll
@@ -223,7 +262,8 @@ cudaError_t launch_split(const float* q, const AttentionRows& rows, int num_head
                          float scale, const float* k_cache, const float* v_cache, const int32_t* blocks, int topk,
                          int units_per_split, int splits, float* ws, cudaStream_t stream) {
   const int G = num_heads / num_kv_heads;
-  const size_t smem = (static_cast<size_t>(G) * D + static_cast<size_t>(kAttnWarps) * G * (D + 2)) * sizeof(float);
+  const size_t smem = (static_cast<size_t>(G) * D + kAttnWarps * 32 * kMaxGroup +
+                       static_cast<size_t>(kAttnWarps) * G * (D + 2)) * sizeof(float);
   static bool configured = false;
   if (!configured) {
     const cudaError_t e = cudaFuncSetAttribute(attention_split_kernel<DPL>,
@@ -256,7 +296,7 @@ cudaError_t launch_attention(const float* q, const AttentionRows& rows, int num_
                              cudaStream_t stream) {
   if (rows.rows == 0) return cudaSuccess;
   if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || num_heads / num_kv_heads > kMaxGroup ||
-      head_dim <= 0 || head_dim > 256)
+      head_dim <= 0 || head_dim > 256 || head_dim % 4 != 0)
     return cudaErrorInvalidValue;
   const int ups = attention_units_per_split(rows.block_size);
   const int splits = (units + ups - 1) / ups < 1 ? 1 : (units + ups - 1) / ups;

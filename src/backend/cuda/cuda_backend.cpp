@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -169,14 +170,19 @@ class CudaBackend final : public Backend {
     check(cublasCreate(&cublas_), "cublasCreate");
     check(cublasSetStream(cublas_, stream_), "cublasSetStream");
     check(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
+    void* ring = nullptr;
+    MXLM_CUDA_CHECK(cudaHostAlloc(&ring, kRingBytes, cudaHostAllocDefault));
+    ring_ = static_cast<char*>(ring);
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
+    cudaFreeHost(ring_);
     cublasDestroy(cublas_);
     cudaStreamDestroy(stream_);
   }
 
   std::string name() const override { return "cuda"; }
+  cudaStream_t stream() const { return stream_; }
 
   // ---- memory
   std::unique_ptr<Buffer> alloc(size_t count) override {
@@ -195,6 +201,7 @@ class CudaBackend final : public Backend {
     MXLM_CUDA_CHECK(cudaMemcpyAsync(dst, const_cast<Buffer&>(src).f32() + offset, count * sizeof(float),
                                     cudaMemcpyDeviceToHost, stream_));
     MXLM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    ring_used_ = 0;
   }
   void copy(const float* src, float* dst, size_t count) override {
     MXLM_CUDA_CHECK(cudaMemcpyAsync(dst, src, count * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
@@ -364,14 +371,30 @@ class CudaBackend final : public Backend {
   }
 
  private:
+  // Small host arrays (positions, block tables, routing lists, GEMV descriptors) go through a pinned staging ring,
+  // so their copies are truly asynchronous (a pageable copy blocks the host for several microseconds). The ring
+  // wraps after a stream synchronisation, when every earlier copy out of it has completed.
   template <typename T>
   Block to_device(std::span<const T> host) {
-    Block b(pool_, std::max<size_t>(host.size(), 1) * sizeof(T));
-    if (!host.empty())
-      MXLM_CUDA_CHECK(
-          cudaMemcpyAsync(b.as<void>(), host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice, stream_));
+    const size_t bytes = host.size() * sizeof(T);
+    Block b(pool_, std::max<size_t>(bytes, 4));
+    if (bytes == 0) return b;
+    if (bytes > kRingBytes / 4) {
+      MXLM_CUDA_CHECK(cudaMemcpyAsync(b.as<void>(), host.data(), bytes, cudaMemcpyHostToDevice, stream_));
+      return b;
+    }
+    if (ring_used_ + bytes > kRingBytes) {
+      MXLM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      ring_used_ = 0;
+    }
+    std::memcpy(ring_ + ring_used_, host.data(), bytes);
+    MXLM_CUDA_CHECK(cudaMemcpyAsync(b.as<void>(), ring_ + ring_used_, bytes, cudaMemcpyHostToDevice, stream_));
+    ring_used_ += (bytes + 255) / 256 * 256;
     return b;
   }
+  static constexpr size_t kRingBytes = size_t{8} << 20;
+  char* ring_ = nullptr;
+  size_t ring_used_ = 0;
 
   // y[m, n] = x[m, k] · W[n, k]ᵀ with bf16 operands and f32 accumulation and output.
   void gemm_bf16(const uint16_t* w, const uint16_t* x, float* y, int n, int m, int k) {
@@ -437,8 +460,8 @@ class CudaBackend final : public Backend {
                      const float* v_cache, const int32_t* blocks, int topk, int units, float* out) {
     if (shape.num_kv_heads <= 0 || shape.num_heads % shape.num_kv_heads != 0)
       fail("attention with {} query heads and {} KV heads", shape.num_heads, shape.num_kv_heads);
-    if (shape.head_dim <= 0 || shape.head_dim > 256 || shape.num_heads / shape.num_kv_heads > 16)
-      fail("CUDA attention supports head_dim up to 256 and up to 16 query heads per KV head (got {}, {})",
+    if (shape.head_dim <= 0 || shape.head_dim > 256 || shape.head_dim % 4 != 0 || shape.num_heads / shape.num_kv_heads > 16)
+      fail("CUDA attention supports head_dim % 4 == 0 up to 256 and up to 16 query heads per KV head (got {}, {})",
            shape.head_dim, shape.num_heads / shape.num_kv_heads);
     const int ups = attention_units_per_split(r.rows.block_size);
     const int splits = std::max(1, (units + ups - 1) / ups);
@@ -470,6 +493,7 @@ void CudaBackend::moe_experts(const float* x, size_t tokens, const int32_t* ids,
   MXLM_CUDA_CHECK(cudaMemcpyAsync(h_ids.data(), ids, tk * 4, cudaMemcpyDeviceToHost, stream_));
   MXLM_CUDA_CHECK(cudaMemcpyAsync(h_w.data(), weights, tk * 4, cudaMemcpyDeviceToHost, stream_));
   MXLM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  ring_used_ = 0;
   std::vector<std::vector<int32_t>> per_expert(static_cast<size_t>(num_local));
   for (size_t t = 0; t < tokens; ++t)
     for (int j = 0; j < k; ++j) {
@@ -604,6 +628,12 @@ std::unique_ptr<Weight> make_random_cuda_weight(WeightFormat format, int64_t row
   }
   MXLM_CUDA_CHECK(cudaDeviceSynchronize());
   return w;
+}
+
+cudaStream_t cuda_stream(Backend& backend) {
+  auto* c = dynamic_cast<cuda::CudaBackend*>(&backend);
+  if (!c) fail("cuda_stream: backend '{}' is not the CUDA backend", backend.name());
+  return c->stream();
 }
 
 bool cuda_device_available() {

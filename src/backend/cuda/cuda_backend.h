@@ -12,6 +12,8 @@
 //     the SwiGLU, then grouped fused kernels (native) or per-expert dequantize + cuBLAS (emulation).
 #pragma once
 
+#include <cuda_runtime.h>
+
 #include <memory>
 #include <string>
 
@@ -36,6 +38,10 @@ std::unique_ptr<Backend> make_cuda_backend(CudaOptions options = {});
 // dummy loading): MXFP4 codes uniform over all 16 with scale bytes uniform in [118, 124] (2^-9 .. 2^-3),
 // BF16/F32 values uniform in +-0.05. Usable with any CUDA backend (weights are not tied to one).
 std::unique_ptr<Weight> make_random_cuda_weight(WeightFormat format, int64_t rows, int64_t cols, uint64_t seed);
+
+// The stream every op of a CUDA backend is enqueued on (for events and CUDA-graph capture of decode steps; ops
+// that read results on the host synchronise it, and cannot be captured). An Error for a non-CUDA backend.
+cudaStream_t cuda_stream(Backend& backend);
 
 // Whether a CUDA device is present (for tests that skip without one).
 bool cuda_device_available();

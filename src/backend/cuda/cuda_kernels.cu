@@ -20,7 +20,10 @@ unsigned blocks_for(size_t n, int per_block = kThreads) {
   return static_cast<unsigned>(b == 0 ? 1 : b);
 }
 
+// RNE; NaN keeps its sign and payload top bits (quiet), as core/dtype.h's f32_to_bf16 (CUDA's conversion would
+// return the canonical 0x7FFF).
 __device__ __forceinline__ uint16_t to_bf16_bits(float v) {
+  if (isnan(v)) return static_cast<uint16_t>((__float_as_uint(v) >> 16) | 0x0040u);
   return __bfloat16_as_ushort(__float2bfloat16_rn(v));
 }
 

@@ -27,7 +27,7 @@ constexpr int kRowsPerCta = 16 * kWarps;
 
 __device__ __forceinline__ uint4 load_stream_v4(const void* p) {
   uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
@@ -62,7 +62,7 @@ __device__ __forceinline__ void dequant_word(uint32_t w, uint32_t scale2, uint32
 
 __device__ __forceinline__ void mma_bf16(float d[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                          uint32_t b1) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
@@ -73,17 +73,23 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
 }
 
+// Chunks whose weight loads are all issued before the first is used (memory-level parallelism: a warp keeps
+// 8 x 32 B per lane in flight instead of one chunk's worth).
+constexpr int kBatch = 8;
+constexpr int kXStride = kBatch * 16 + 2;  // uint4 per staged token row: 256 B per chunk + 32 B pad (banks)
+
 template <int NT>  // token tiles of 8
-__global__ void __launch_bounds__(kWarps * 32) mxfp4_gemv_kernel(const Mxfp4GemvGroup* groups, int n, int k,
+__global__ void __launch_bounds__(kWarps * 32, 2) mxfp4_gemv_kernel(const Mxfp4GemvGroup* groups, int n, int k,
                                                                   int chunks_per_split) {
+  extern __shared__ uint4 xs[];  // [NT * 8 tokens][kXStride]: this CTA's slice of the activations, swizzled
   const Mxfp4GemvGroup grp = groups[blockIdx.z];
   if (grp.m <= 0) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int row0 = blockIdx.x * kRowsPerCta + warp * 16;
-  if (row0 >= n) return;
+  const bool active = row0 < n;  // inactive warps still take part in staging and barriers
   const int ra = row0 + g, rb = row0 + g + 8;
-  const bool ok_a = ra < n, ok_b = rb < n;
+  const bool ok_a = active && ra < n, ok_b = active && rb < n;
   const int kblocks = k / 32;
   const int chunks = (kblocks + 3) / 4;
   const int c0 = blockIdx.y * chunks_per_split;
@@ -94,57 +100,73 @@ __global__ void __launch_bounds__(kWarps * 32) mxfp4_gemv_kernel(const Mxfp4Gemv
   const uint8_t* wb = grp.w + static_cast<size_t>(ok_b ? rb : 0) * row_bytes;
   const uint8_t* sa_row = grp.scales + static_cast<size_t>(ok_a ? ra : 0) * static_cast<size_t>(kblocks);
   const uint8_t* sb_row = grp.scales + static_cast<size_t>(ok_b ? rb : 0) * static_cast<size_t>(kblocks);
-  const uint16_t* xrow[NT];
-  bool tok_ok[NT];
-#pragma unroll
-  for (int j = 0; j < NT; ++j) {
-    const int tok = j * 8 + g;
-    tok_ok[j] = tok < grp.m;
-    xrow[j] = grp.x + static_cast<size_t>(tok_ok[j] ? tok : 0) * static_cast<size_t>(k);
-  }
   float acc[NT][4];
 #pragma unroll
   for (int j = 0; j < NT; ++j)
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
 
-#pragma unroll 2
-  for (int c = c0; c < c1; ++c) {
-    const int blk = c * 4 + t;
-    const bool in = blk < kblocks;
-    uint4 a = make_uint4(0, 0, 0, 0), b = make_uint4(0, 0, 0, 0);
-    uint32_t sa = 0, sb = 0;
-    if (in && ok_a) {
-      a = load_stream_v4(wa + static_cast<size_t>(blk) * 16);
-      sa = sa_row[blk];
+  for (int cb = c0; cb < c1; cb += kBatch) {
+    const int nc = min(kBatch, c1 - cb);
+    uint4 a[kBatch], b[kBatch];
+    uint32_t sa[kBatch], sb[kBatch];
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      a[i] = b[i] = make_uint4(0, 0, 0, 0);
+      sa[i] = sb[i] = 0;
+      const int blk = (cb + i) * 4 + t;
+      if (i < nc && blk < kblocks) {
+        if (ok_a) {
+          a[i] = load_stream_v4(wa + static_cast<size_t>(blk) * 16);
+          sa[i] = sa_row[blk];
+        }
+        if (ok_b) {
+          b[i] = load_stream_v4(wb + static_cast<size_t>(blk) * 16);
+          sb[i] = sb_row[blk];
+        }
+      }
     }
-    if (in && ok_b) {
-      b = load_stream_v4(wb + static_cast<size_t>(blk) * 16);
-      sb = sb_row[blk];
+    // Stage x[tokens][chunks cb .. cb + nc) (zeros past m and past K). Within a chunk, MX block u / 4's 16-byte
+    // quarter q is stored at q ^ (bit 1 of the block): lanes t and t + 2 then hit different banks.
+    __syncthreads();
+    const int per_row = nc * 16;
+    for (int idx = threadIdx.x; idx < NT * 8 * per_row; idx += blockDim.x) {
+      const int tok = idx / per_row, rem = idx % per_row;
+      const int ci = rem / 16, u = rem % 16, blk_in = u / 4, q = u % 4;
+      const int kb = (cb + ci) * 4 + blk_in;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (tok < grp.m && kb < kblocks)
+        v = __ldg(reinterpret_cast<const uint4*>(grp.x + static_cast<size_t>(tok) * k + static_cast<size_t>(kb) * 32) + q);
+      xs[tok * kXStride + ci * 16 + blk_in * 4 + (q ^ ((blk_in >> 1) & 1))] = v;
     }
-    uint4 xv[NT][4];
+    __syncthreads();
+    if (!active) continue;
 #pragma unroll
-    for (int j = 0; j < NT; ++j)
+    for (int i = 0; i < kBatch; ++i) {
+      if (i >= nc) break;
+      uint4 xv[NT][4];
 #pragma unroll
-      for (int q = 0; q < 4; ++q)
-        xv[j][q] = (in && tok_ok[j]) ? __ldg(reinterpret_cast<const uint4*>(xrow[j] + static_cast<size_t>(blk) * 32) + q)
-                                     : make_uint4(0, 0, 0, 0);
-    const uint32_t sa2 = scale_bf16x2(sa), sb2 = scale_bf16x2(sb);
+      for (int j = 0; j < NT; ++j)
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      uint32_t pa[4], pb[4];
-      dequant_word(word(a, q), sa2, pa);
-      dequant_word(word(b, q), sb2, pb);
+        for (int q = 0; q < 4; ++q) xv[j][q] = xs[(j * 8 + g) * kXStride + i * 16 + t * 4 + (q ^ ((t >> 1) & 1))];
+      const uint32_t sa2 = scale_bf16x2(sa[i]), sb2 = scale_bf16x2(sb[i]);
 #pragma unroll
-      for (int ss = 0; ss < 2; ++ss) {
+      for (int q = 0; q < 4; ++q) {
+        uint32_t pa[4], pb[4];
+        dequant_word(word(a[i], q), sa2, pa);
+        dequant_word(word(b[i], q), sb2, pb);
 #pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          const uint32_t b0 = word(xv[j][q], 2 * ss), b1 = word(xv[j][q], 2 * ss + 1);
-          mma_bf16(acc[j], pa[2 * ss], pb[2 * ss], pa[2 * ss + 1], pb[2 * ss + 1], b0, b1);
+        for (int ss = 0; ss < 2; ++ss) {
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            const uint32_t b0 = word(xv[j][q], 2 * ss), b1 = word(xv[j][q], 2 * ss + 1);
+            mma_bf16(acc[j], pa[2 * ss], pb[2 * ss], pa[2 * ss + 1], pb[2 * ss + 1], b0, b1);
+          }
         }
       }
     }
   }
+  if (!active) return;
 
   const bool atomic = gridDim.y > 1;
 #pragma unroll
@@ -170,7 +192,7 @@ int mxfp4_gemv_k_split(int n, int k, int num_groups, int multiprocessors) {
   const int row_blocks = (n + kRowsPerCta - 1) / kRowsPerCta;
   const int chunks = (k / 32 + 3) / 4;
   const long ctas = static_cast<long>(row_blocks) * num_groups;
-  const long target = 3L * multiprocessors;
+  const long target = 2L * multiprocessors;  // two CTAs of 8 warps fit per SM (<= 128 registers)
   if (ctas >= target) return 1;
   int split = static_cast<int>((target + ctas - 1) / ctas);
   if (split > chunks) split = chunks;
@@ -186,9 +208,9 @@ cudaError_t launch_mxfp4_gemv(const Mxfp4GemvGroup* groups, int num_groups, int 
   const int per = (chunks + k_split - 1) / k_split;
   const dim3 grid((n + kRowsPerCta - 1) / kRowsPerCta, (chunks + per - 1) / per, num_groups);
   if (max_m <= 8) {
-    mxfp4_gemv_kernel<1><<<grid, kWarps * 32, 0, stream>>>(groups, n, k, per);
+    mxfp4_gemv_kernel<1><<<grid, kWarps * 32, 8 * kXStride * sizeof(uint4), stream>>>(groups, n, k, per);
   } else {
-    mxfp4_gemv_kernel<2><<<grid, kWarps * 32, 0, stream>>>(groups, n, k, per);
+    mxfp4_gemv_kernel<2><<<grid, kWarps * 32, 16 * kXStride * sizeof(uint4), stream>>>(groups, n, k, per);
   }
   return cudaGetLastError();
 }
