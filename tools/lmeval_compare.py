@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,14 +81,16 @@ def run_lm_eval(lm_eval: Path, tasks: Path, url: str, limit: int, out: Path, mul
     cmd += ["--fewshot_as_multiturn"] if multiturn else ["--fewshot_as_multiturn", "false"]
     cmd += ["--include_path", str(tasks), "--limit", str(limit), "--output_path", str(out), "--log_samples"]
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", OPENAI_API_KEY="sk-compare")
+    t0 = time.monotonic()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    seconds = time.monotonic() - t0
     if p.returncode != 0:
         raise SystemExit(f"lm_eval failed ({p.returncode}):\n{p.stdout}\n{p.stderr[-4000:]}")
     results_file = sorted(out.rglob("results_*.json"))[-1]
     samples_file = sorted(out.rglob("samples_gsm8k_*.jsonl"))[-1]
-    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    samples = [json.loads(line) for line in samples_file.read_text().split("\n") if line.strip()]  # not splitlines: U+2028 in text
     table = p.stdout[p.stdout.find("|Tasks"):]
-    return cmd, {"results": json.loads(results_file.read_text()), "table": table, "results_file": str(results_file)}, samples
+    return cmd, {"results": json.loads(results_file.read_text()), "table": table, "seconds": seconds}, samples
 
 
 def run_mxlm(mxlm: str, url: str, limit: int, out: Path, multiturn: bool) -> tuple[list, dict, list]:
@@ -95,13 +98,15 @@ def run_mxlm(mxlm: str, url: str, limit: int, out: Path, multiturn: bool) -> tup
            "--max-gen-toks", "16384", "--tasks", "gsm8k", "--num-fewshot", "5", "--apply-chat-template"]
     cmd += ["--fewshot-as-multiturn"] if multiturn else ["--fewshot-as-multiturn", "false"]
     cmd += ["--limit", str(limit), "--output-path", str(out), "--no-progress"]
+    t0 = time.monotonic()
     p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OPENAI_API_KEY="sk-compare"))
+    seconds = time.monotonic() - t0
     if p.returncode != 0:
         raise SystemExit(f"mxlm eval failed ({p.returncode}):\n{p.stdout}\n{p.stderr[-4000:]}")
-    samples = [json.loads(line) for line in (out / "samples_gsm8k.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (out / "samples_gsm8k.jsonl").read_text().split("\n") if line.strip()]
     table = p.stdout[p.stdout.find("|Tasks"):]
     table = table[: table.find("\n", table.rfind("|\n") - 1) + 1] if table else ""
-    return cmd, {"results": json.loads((out / "results.json").read_text()), "table": table}, samples
+    return cmd, {"results": json.loads((out / "results.json").read_text()), "table": table, "seconds": seconds}, samples
 
 
 def compare(label: str, lm: dict, mx: dict, lm_samples: list, mx_samples: list, lm_reqs: list, mx_reqs: list) -> dict:
@@ -190,10 +195,12 @@ def main() -> int:
             result = compare(label, lm, mx, lm_samples, mx_samples, lm_reqs, mx_reqs)
             result["commands"] = {"lm-eval": " ".join(lm_cmd), "mxlm": " ".join(mx_cmd)}
             result["tables"] = {"lm-eval": lm["table"], "mxlm": mx["table"]}
+            result["wall_seconds"] = {"lm-eval": round(lm["seconds"], 2), "mxlm": round(mx["seconds"], 2)}
             report["runs"].append(result)
         ok = all(all(r["checks"].values()) for r in report["runs"])
         for r in report["runs"]:
-            print(f"== {r['label']}: {r['requests']['lm-eval']} lm-eval requests, {r['requests']['mxlm']} mxlm requests")
+            print(f"== {r['label']}: {r['requests']['lm-eval']} lm-eval requests, {r['requests']['mxlm']} mxlm requests; "
+                  f"wall time lm-eval {r['wall_seconds']['lm-eval']} s, mxlm {r['wall_seconds']['mxlm']} s")
             for name, passed in r["checks"].items():
                 print(f"  [{'ok' if passed else 'DIFF'}] {name}")
             for key, v in r["numbers"].items():
