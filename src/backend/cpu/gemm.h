@@ -5,6 +5,8 @@
 // agree with the scalar reference within f32 summation-order rounding. Activations stay f32: bf16 weights
 // are widened to f32 in registers (no vdpbf16ps, which would round x to bf16), and MXFP4 weights are
 // dequantized exactly in registers, so every product is the reference product.
+// Each output's summation order depends only on K and the ISA, not on M, N, the other rows of x or the
+// thread count: a row computed in a batch is bit-identical to the same row computed alone.
 // y must not alias x or W; its previous contents are ignored.
 #pragma once
 
@@ -27,8 +29,8 @@ void gemm_mxfp4(const float* x, size_t m, size_t k, const uint8_t* w_packed, con
 // QDQ of the emulation semantics. Twice an E2M1 value is an integer in [-12, 12], so each 32-element block
 // product is an exact integer dot product (AVX-512 VNNI where present) times 2^(bx - 127) * 2^(bw - 127) / 4;
 // only the f32 accumulation across blocks rounds. Same result class as gemm_mxfp4 on the dequantized x
-// (exact products, f32 sums), provided a block's scale product 2^(bx + bw - 256) is a normal f32 or larger
-// than 2^-140 (true for any real activation and weight scales); smaller ones round like any f32 underflow.
+// (exact products, f32 sums) whenever 2^(bx + bw - 256) >= 2^-149 and bw >= 20 (true for any real
+// activation and weight scales); below that, products underflow as any f32 product would.
 void gemm_mxfp4_w4a4(const uint8_t* x_packed, const uint8_t* x_scales, size_t m, size_t k, const uint8_t* w_packed,
                      const uint8_t* w_scales, size_t n, float* y);
 
