@@ -1041,6 +1041,7 @@ Value binary_op(const std::string& op, const Value& a, const Value& b, const Bui
 }
 
 bool compare(const std::string& op, const Value& a, const Value& b) {
+  NestingGuard guard;
   if (op == "==") return a.equals(b);
   if (op == "!=") return !a.equals(b);
   if (op == "in") return contains(b, a);

@@ -44,6 +44,13 @@ class Renderer {
     builtin_limits_.max_bytes = limits.max_output_bytes;
   }
 
+  // Values can form reference cycles only through the two mutable things: a macro stored in the
+  // scope it closes over, and a namespace holding itself. Macros therefore hold their scope weakly
+  // while the renderer owns it, and mutated namespaces are emptied when rendering ends.
+  ~Renderer() {
+    for (auto& ns : mutated_namespaces_) ns.namespace_dict().items.clear();
+  }
+
   std::string run(const Dict& variables) {
     auto globals = std::make_shared<Scope>();
     add_globals(globals->vars);
@@ -59,8 +66,16 @@ class Renderer {
     throw LocatedError(fmt::format("{}:{}: {}", program_.name, line, message));
   }
 
-  void step(int line) {
-    if (++steps_ > limits_.max_steps) located(line, fmt::format("template exceeded its budget of {} steps", limits_.max_steps));
+  void step(int line, uint64_t cost = 1) {
+    steps_ += cost;
+    if (steps_ > limits_.max_steps) located(line, fmt::format("template exceeded its budget of {} steps", limits_.max_steps));
+  }
+
+  // Builtins can make large values in one call (range(), list filters): their size counts as work.
+  Value charged(Value v, int line) {
+    if (v.is_list()) step(line, v.as_list().size());
+    if (v.is_string()) step(line, v.as_string().size() / 64);
+    return v;
   }
 
   void append(std::string& out, const std::string& s, int line) {
@@ -163,7 +178,29 @@ class Renderer {
     }
     const Value* ns = scope.lookup(s.targets[0]);
     if (!ns || !ns->is_namespace()) fail("cannot assign attribute on non-namespace object");
+    // Namespaces are mutable, so their nesting is not known from construction: measure what is stored.
+    step(s.line, nesting_of(v, 1));
     ns->namespace_dict().set(s.attr, v);
+    mutated_namespaces_.push_back(*ns);
+  }
+
+  // Walks the containers in `v` (bounded by NestingGuard); returns the number of values visited.
+  uint64_t nesting_of(const Value& v, int level) {
+    uint64_t visited = 0;
+    walk(v, level, visited);
+    return visited;
+  }
+
+  void walk(const Value& v, int level, uint64_t& visited) {
+    if (level > kMaxValueNesting) fail("value nesting deeper than {} levels", kMaxValueNesting);
+    if (++visited > std::min<uint64_t>(limits_.max_steps, kMaxValueNodes)) fail("value too large to store in a namespace");
+    if (v.is_list()) {
+      for (const auto& x : v.as_list()) walk(x, level + 1, visited);
+    } else if (v.is_dict()) {
+      for (const auto& [k, x] : v.as_dict().items) walk(x, level + 1, visited);
+    } else if (v.is_namespace()) {
+      for (const auto& [k, x] : v.namespace_dict().items) walk(x, level + 1, visited);
+    }
   }
 
   Value apply_filter_chain(const Expr& filter, const Value& input, const ScopePtr& scope) {
@@ -179,6 +216,7 @@ class Renderer {
     if (s.filter) {
       ValueList kept;
       for (const auto& item : items) {
+        step(s.line);
         auto probe = child_scope(scope);
         assign(*probe, s.targets, item);
         if (eval(*s.filter, probe).truthy()) kept.push_back(item);
@@ -188,6 +226,7 @@ class Renderer {
     if (items.empty()) return exec_body(s.else_body, scope, out);
     const int64_t n = static_cast<int64_t>(items.size());
     for (int64_t i = 0; i < n; ++i) {
+      step(s.line);
       auto iter = child_scope(scope);
       Dict loop;
       loop.set("index", Value::integer(i + 1));
@@ -214,7 +253,9 @@ class Renderer {
 
   Value make_macro(const Stmt& s, const ScopePtr& defining) {
     const Stmt* macro = &s;
-    return Value::function(s.text.empty() ? "caller" : s.text, [this, macro, defining](CallArgs& args) {
+    macro_scopes_.push_back(defining);
+    std::weak_ptr<Scope> closure = defining;
+    return Value::function(s.text.empty() ? "caller" : s.text, [this, macro, closure](CallArgs& args) {
       if (++depth_ > limits_.max_call_depth) {
         --depth_;
         fail("maximum recursion depth ({}) exceeded in macro calls", limits_.max_call_depth);
@@ -223,7 +264,7 @@ class Renderer {
         int& d;
         ~Leave() { --d; }
       } leave{depth_};
-      auto scope = child_scope(defining);
+      auto scope = child_scope(closure.lock());  // alive: macro_scopes_ owns it
       const auto& params = macro->params;
       ValueList varargs;
       for (size_t i = 0; i < args.positional.size(); ++i) {
@@ -292,12 +333,12 @@ class Renderer {
       case Expr::Kind::Call: {
         Value callee = eval(*e.args[0], scope);
         CallArgs args = eval_args(e, scope);
-        return invoke(callee, args, e.line);
+        return charged(invoke(callee, args, e.line), e.line);
       }
       case Expr::Kind::Filter: {
         Value v = eval(*e.args[0], scope);
         CallArgs args = eval_args(e, scope);
-        return apply_filter(e.name, v, args, builtin_limits_);
+        return charged(apply_filter(e.name, v, args, builtin_limits_), e.line);
       }
       case Expr::Kind::Test: {
         Value v = eval(*e.args[0], scope);
@@ -323,7 +364,7 @@ class Renderer {
         return l.truthy() ? l : eval(*e.args[1], scope);
       }
       case Expr::Kind::Binary:
-        return binary_op(e.name, eval(*e.args[0], scope), eval(*e.args[1], scope), builtin_limits_);
+        return charged(binary_op(e.name, eval(*e.args[0], scope), eval(*e.args[1], scope), builtin_limits_), e.line);
       case Expr::Kind::Compare: {
         Value left = eval(*e.args[0], scope);
         for (size_t i = 0; i < e.ops.size(); ++i) {
@@ -361,6 +402,8 @@ class Renderer {
   BuiltinLimits builtin_limits_;
   uint64_t steps_ = 0;
   int depth_ = 0;
+  std::vector<ScopePtr> macro_scopes_;
+  std::vector<Value> mutated_namespaces_;
 };
 
 }  // namespace

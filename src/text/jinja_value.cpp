@@ -11,6 +11,19 @@
 
 namespace mxlm::text::jinja {
 
+namespace {
+thread_local int nesting = 0;
+}
+
+NestingGuard::NestingGuard() {
+  if (++nesting > kMaxValueNesting) {
+    --nesting;
+    fail("value nesting deeper than {} levels (a self-referencing namespace?)", kMaxValueNesting);
+  }
+}
+
+NestingGuard::~NestingGuard() { --nesting; }
+
 const Value* Dict::find(const std::string& key) const {
   for (const auto& [k, v] : items) {
     if (k == key) return &v;
@@ -75,8 +88,35 @@ Value Value::string(std::string s) {
   return v;
 }
 
+void Value::set_depth_from(const ValueList& items) {
+  int d = 0;
+  uint64_t n = 1;
+  for (const auto& x : items) {
+    d = std::max(d, x.depth_);
+    n += x.nodes_;
+    if (n > kMaxValueNodes) fail("value larger than {} nodes", kMaxValueNodes);
+  }
+  if (d + 1 > kMaxValueNesting) fail("value nesting deeper than {} levels", kMaxValueNesting);
+  depth_ = d + 1;
+  nodes_ = n;
+}
+
+void Value::set_depth_from(const Dict& dict) {
+  int d = 0;
+  uint64_t n = 1;
+  for (const auto& [k, x] : dict.items) {
+    d = std::max(d, x.depth_);
+    n += x.nodes_;
+    if (n > kMaxValueNodes) fail("value larger than {} nodes", kMaxValueNodes);
+  }
+  if (d + 1 > kMaxValueNesting) fail("value nesting deeper than {} levels", kMaxValueNesting);
+  depth_ = d + 1;
+  nodes_ = n;
+}
+
 Value Value::list(ValueList items, bool tuple) {
   Value v;
+  v.set_depth_from(items);
   v.kind_ = Kind::List;
   v.tuple_ = tuple;
   v.list_ = std::make_shared<const ValueList>(std::move(items));
@@ -85,6 +125,7 @@ Value Value::list(ValueList items, bool tuple) {
 
 Value Value::dict(Dict d) {
   Value v;
+  v.set_depth_from(d);
   v.kind_ = Kind::Dict;
   v.dict_ = std::make_shared<Dict>(std::move(d));
   return v;
@@ -92,6 +133,7 @@ Value Value::dict(Dict d) {
 
 Value Value::new_namespace(Dict d) {
   Value v;
+  v.set_depth_from(d);
   v.kind_ = Kind::Namespace;
   v.dict_ = std::make_shared<Dict>(std::move(d));
   return v;
@@ -105,6 +147,7 @@ Value Value::function(std::string name, NativeFunction fn) {
 }
 
 Value Value::from_json(const nlohmann::ordered_json& j) {
+  NestingGuard guard;
   switch (j.type()) {
     case nlohmann::ordered_json::value_t::null:
       return none();
@@ -139,6 +182,7 @@ Value Value::from_json(const nlohmann::ordered_json& j) {
 }
 
 nlohmann::ordered_json Value::to_json() const {
+  NestingGuard guard;
   switch (kind_) {
     case Kind::None:
       return nullptr;
@@ -351,6 +395,7 @@ std::string Value::str() const {
 }
 
 std::string Value::repr() const {
+  NestingGuard guard;
   switch (kind_) {
     case Kind::Undefined:
       return "Undefined";
@@ -427,6 +472,7 @@ std::string Value::type_name() const {
 }
 
 bool Value::equals(const Value& other) const {
+  NestingGuard guard;
   if (is_number() && other.is_number()) {
     if (kind_ == Kind::Float || other.kind_ == Kind::Float) return as_double() == other.as_double();
     return as_int() == other.as_int();
@@ -510,6 +556,7 @@ static void json_string(std::string& out, const std::string& s, bool ensure_asci
 }
 
 static void json_dump(std::string& out, const Value& v, const JsonDumpOptions& o, int level) {
+  NestingGuard guard;
   auto newline = [&](int lvl) {
     out += '\n';
     for (int i = 0; i < lvl; ++i) out += o.indent;

@@ -93,7 +93,17 @@ class Value {
 
   nlohmann::ordered_json to_json() const;
 
+  // Container nesting at construction (0 for scalars). Creating a value nested deeper than
+  // kMaxValueNesting fails, so destroying or printing values never recurses too deep.
+  int depth() const { return depth_; }
+  uint64_t nodes() const { return nodes_; }
+
  private:
+  void set_depth_from(const ValueList& items);
+  void set_depth_from(const Dict& d);
+
+  int depth_ = 0;
+  uint64_t nodes_ = 1;
   Kind kind_ = Kind::Undefined;
   bool b_ = false;
   bool tuple_ = false;
@@ -103,6 +113,20 @@ class Value {
   std::shared_ptr<const ValueList> list_;
   std::shared_ptr<Dict> dict_;
   std::shared_ptr<const Callable> fn_;
+};
+
+// Bounds recursion over nested values (a namespace can contain itself): deeper than kMaxValueNesting
+// levels is refused with an error instead of overflowing the stack.
+inline constexpr int kMaxValueNesting = 256;
+// Containers may share children, so a few assignments can describe an exponentially large value;
+// building one with more than kMaxValueNodes nodes (counting shared ones each time) is refused.
+inline constexpr uint64_t kMaxValueNodes = uint64_t{4} << 20;
+class NestingGuard {
+ public:
+  NestingGuard();
+  ~NestingGuard();
+  NestingGuard(const NestingGuard&) = delete;
+  NestingGuard& operator=(const NestingGuard&) = delete;
 };
 
 // Python repr() of a float ("1.0", "1e-05", "1e+16", "inf", "nan").

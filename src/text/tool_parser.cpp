@@ -40,6 +40,14 @@ std::string lower(std::string s) {
   return s;
 }
 
+// Argument text becomes JSON strings, so it must be valid UTF-8: invalid bytes become U+FFFD.
+std::string valid_utf8(const std::string& s) {
+  std::string out;
+  out.reserve(s.size());
+  for (char32_t c : jinja::utf8_to_u32(s)) jinja::append_utf8(out, c >= 0xDC80 && c <= 0xDCFF ? 0xFFFD : c);
+  return out;
+}
+
 std::string python_json(const json& v) {
   jinja::JsonDumpOptions o;
   return jinja::json_dumps(jinja::Value::from_json(v), o);
@@ -152,7 +160,7 @@ struct Node {
 };
 
 json convert(const Node& node, const json* schema) {
-  if (node.children.empty()) return coerce_argument_text(node.text, schema);
+  if (node.children.empty()) return coerce_argument_text(valid_utf8(node.text), schema);
   const auto types = schema_types(schema);
   bool all_items = std::all_of(node.children.begin(), node.children.end(), [](const Node& c) { return c.tag == "item"; });
   bool as_array = has_type(types, "array") ? (all_items || !has_type(types, "object")) : (all_items && !has_type(types, "object"));
@@ -167,17 +175,18 @@ json convert(const Node& node, const json* schema) {
   std::vector<std::string> repeated;
   for (const auto& child : node.children) {
     json v = convert(child, property_schema(obj, child.tag));
-    if (!out.contains(child.tag)) {
-      out[child.tag] = std::move(v);
+    const std::string key = valid_utf8(child.tag);
+    if (!out.contains(key)) {
+      out[key] = std::move(v);
     } else {
-      if (std::find(repeated.begin(), repeated.end(), child.tag) == repeated.end()) {
-        out[child.tag] = json::array({out[child.tag]});
-        repeated.push_back(child.tag);
+      if (std::find(repeated.begin(), repeated.end(), key) == repeated.end()) {
+        out[key] = json::array({out[key]});
+        repeated.push_back(key);
       }
-      out[child.tag].push_back(std::move(v));
+      out[key].push_back(std::move(v));
     }
   }
-  if (!trim(node.text).empty()) out["$text"] = node.text;
+  if (!trim(node.text).empty()) out["$text"] = valid_utf8(node.text);
   return out;
 }
 
@@ -320,7 +329,7 @@ struct ToolCallParser::Impl {
     ToolCallDelta d;
     d.index = index;
     d.id = ids();
-    d.name = name;
+    d.name = valid_utf8(name);
     d.first = true;
     out.tool_calls.push_back(std::move(d));
     params = parameters_schema(name);
@@ -334,7 +343,7 @@ struct ToolCallParser::Impl {
     if (std::find(keys.begin(), keys.end(), node.tag) != keys.end()) return;
     json value = convert(node, property_schema(schema_for_type(params, "object"), node.tag));
     std::string fragment = keys.empty() ? "{" : ", ";
-    fragment += python_json(node.tag) + ": " + python_json(value);
+    fragment += python_json(valid_utf8(node.tag)) + ": " + python_json(value);
     keys.push_back(node.tag);
     emit_args(out, fragment);
   }
