@@ -15,7 +15,7 @@ namespace {
 
 constexpr int kAttnWarps = 4;
 constexpr int kMaxGroup = 16;
-constexpr int kKeysPerSplit = 256;
+constexpr int kKeysPerSplit = 128;
 
 template <int DPL>  // dims per lane: head_dim <= 32 * DPL
 __global__ void __launch_bounds__(kAttnWarps * 32)
@@ -66,13 +66,23 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
       for (int h = 0; h < kMaxGroup; ++h) s[h] = 0.0f;
       if (valid) {
         const float* kr = k_cache + (page * bs + static_cast<size_t>(key - kbeg)) * width + static_cast<size_t>(kvh) * D;
-        for (int d = 0; d < D; d += 4) {
-          const float4 kk = *reinterpret_cast<const float4*>(kr + d);
+        // The K row in groups of 8 float4 loads issued together (one memory latency per 32 dims, not per 4).
 #pragma unroll
-          for (int h = 0; h < kMaxGroup; ++h) {
-            if (h < G) {
-              const float4 qq = *reinterpret_cast<const float4*>(qs + h * D + d);
-              s[h] += qq.x * kk.x + qq.y * kk.y + qq.z * kk.z + qq.w * kk.w;
+        for (int d0 = 0; d0 < 32 * DPL; d0 += 32) {
+          float4 kk[8];
+#pragma unroll
+          for (int e = 0; e < 8; ++e)
+            kk[e] = d0 + 4 * e < D ? *reinterpret_cast<const float4*>(kr + d0 + 4 * e) : make_float4(0, 0, 0, 0);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            if (d0 + 4 * e < D) {
+#pragma unroll
+              for (int h = 0; h < kMaxGroup; ++h) {
+                if (h < G) {
+                  const float4 qq = *reinterpret_cast<const float4*>(qs + h * D + d0 + 4 * e);
+                  s[h] += qq.x * kk[e].x + qq.y * kk[e].y + qq.z * kk[e].z + qq.w * kk[e].w;
+                }
+              }
             }
           }
         }
@@ -95,11 +105,23 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
       }
       __syncwarp();
       const int nk = min(32, kend - t0);
-      for (int j = 0; j < nk; ++j) {
-        const float* vr = v_cache + (page * bs + static_cast<size_t>(t0 + j - kbeg)) * width + static_cast<size_t>(kvh) * D;
+      constexpr int kV = 8 / DPL > 0 ? 8 / DPL : 1;  // V rows loaded together (8 floats per lane in flight)
+      for (int j0 = 0; j0 < nk; j0 += kV) {
+        float vb[kV][DPL];
+#pragma unroll
+        for (int jj = 0; jj < kV; ++jj) {
+          const float* vr = v_cache + (page * bs + static_cast<size_t>(t0 + min(j0 + jj, nk - 1) - kbeg)) * width +
+                            static_cast<size_t>(kvh) * D;
+#pragma unroll
+          for (int i = 0; i < DPL; ++i) vb[jj][i] = lane + 32 * i < D ? vr[lane + 32 * i] : 0.0f;
+        }
+#pragma unroll
+        for (int jj = 0; jj < kV; ++jj) {
+        const int j = j0 + jj;
+        if (j >= nk) break;
         float vv[DPL];
 #pragma unroll
-        for (int i = 0; i < DPL; ++i) vv[i] = lane + 32 * i < D ? vr[lane + 32 * i] : 0.0f;
+        for (int i = 0; i < DPL; ++i) vv[i] = vb[jj][i];
         float pv[kMaxGroup];
 #pragma unroll
         for (int h4 = 0; h4 < kMaxGroup / 4; ++h4) {
@@ -114,6 +136,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
           if (h < G)
 #pragma unroll
             for (int i = 0; i < DPL; ++i) acc[h][i] += pv[h] * vv[i];
+        }
       }
       __syncwarp();
     }

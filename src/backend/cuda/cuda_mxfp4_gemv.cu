@@ -27,7 +27,9 @@ constexpr int kRowsPerCta = 16 * kWarps;
 
 __device__ __forceinline__ uint4 load_stream_v4(const void* p) {
   uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+  // volatile, like the MMA below: the compiler keeps all of a batch's weight loads ahead of its first MMA
+  // instead of sinking each load to its use (which left one chunk in flight per warp).
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
@@ -62,7 +64,7 @@ __device__ __forceinline__ void dequant_word(uint32_t w, uint32_t scale2, uint32
 
 __device__ __forceinline__ void mma_bf16(float d[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                          uint32_t b1) {
-  asm(
+  asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
