@@ -51,7 +51,7 @@ std::string decode(const json& config, std::vector<std::string> tokens) {
   return out;
 }
 
-TEST(ByteLevel, Gpt2Alphabet) {
+TEST(TokByteLevel, Gpt2Alphabet) {
   EXPECT_EQ(byte_to_char(' '), U'\u0120');   // "Ġ"
   EXPECT_EQ(byte_to_char('\n'), U'\u010A');  // "Ċ"
   EXPECT_EQ(byte_to_char('A'), U'A');
@@ -61,7 +61,7 @@ TEST(ByteLevel, Gpt2Alphabet) {
   EXPECT_EQ(char_to_byte(U'\u4E2D'), -1);
 }
 
-TEST(Utf8, LossyReplacesMaximalSubparts) {
+TEST(TokUtf8, LossyReplacesMaximalSubparts) {
   EXPECT_EQ(utf8_lossy("ab\xFF" "c"), "ab\xEF\xBF\xBD" "c");
   EXPECT_EQ(utf8_lossy("\xE4\xB8"), "\xEF\xBF\xBD");                      // one truncated character
   EXPECT_EQ(utf8_lossy("\xED\xA0\x80"), "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD");  // surrogate: 3 bytes, 3 marks
@@ -71,7 +71,7 @@ TEST(Utf8, LossyReplacesMaximalSubparts) {
   EXPECT_EQ(complete_utf8_prefix("a\xE4\xB8\xAD"), 4u);
 }
 
-TEST(UnicodeRegex, ClassesFollowOniguruma) {
+TEST(TokUnicodeRegex, ClassesFollowOniguruma) {
   using Matches = std::vector<std::pair<size_t, size_t>>;
   // U+180E (3 bytes) is not White_Space: Oniguruma's \s skips it, PCRE2's own \s would not.
   EXPECT_EQ(UnicodeRegex("\\s+").find_all("a \u180e\u3000b"), (Matches{{1, 2}, {5, 8}}));
@@ -83,7 +83,7 @@ TEST(UnicodeRegex, ClassesFollowOniguruma) {
   EXPECT_EQ(UnicodeRegex(UnicodeRegex::escape("a.b*(c)")).find_all("xa.b*(c)"), (Matches{{1, 8}}));
 }
 
-TEST(Bpe, MergesByRank) {
+TEST(TokBpe, MergesByRank) {
   const Tokenizer t = Tokenizer::from_json(tokenizer_json(bpe_model(kVocab, {"b c", "a b", "ab c", "c d", "a a"})).dump());
   EXPECT_EQ(t.encode("abcd"), (Ids{0, 5, 3}));
   EXPECT_EQ(t.encode("abcbcd"), (Ids{0, 5, 5, 3}));
@@ -95,13 +95,13 @@ TEST(Bpe, MergesByRank) {
   EXPECT_EQ(t.encode("a b  c"), (Ids{0, 1, 2}));
 }
 
-TEST(Bpe, MergesAsPairsEqualStrings) {
+TEST(TokBpe, MergesAsPairsEqualStrings) {
   const json merges = json::array({{"b", "c"}, {"a", "b"}, {"ab", "c"}, {"c", "d"}, {"a", "a"}});
   const Tokenizer t = Tokenizer::from_json(tokenizer_json(bpe_model(kVocab, merges)).dump());
   EXPECT_EQ(t.encode("abcbcd"), (Ids{0, 5, 5, 3}));
 }
 
-TEST(Bpe, UnknownTokensFuseOrNot) {
+TEST(TokBpe, UnknownTokensFuseOrNot) {
   json vocab = kVocab;
   vocab["<unk>"] = 9;
   json model = bpe_model(vocab, {"a b"});
@@ -112,7 +112,7 @@ TEST(Bpe, UnknownTokensFuseOrNot) {
   EXPECT_EQ(Tokenizer::from_json(tokenizer_json(model).dump()).encode("xyab zz"), (Ids{9, 9, 4, 9, 9}));
 }
 
-TEST(Bpe, ByteFallbackAndLlamaDecoder) {
+TEST(TokBpe, ByteFallbackAndLlamaDecoder) {
   json vocab = {{"▁", 0}, {"H", 1}, {"▁H", 2}, {"x", 3}};
   for (int b = 0; b < 256; ++b) vocab[fmt::format("<0x{:02X}>", b)] = 10 + b;
   json model = bpe_model(vocab, {"▁ H"});
@@ -126,11 +126,20 @@ TEST(Bpe, ByteFallbackAndLlamaDecoder) {
   EXPECT_EQ(ids, (Ids{2, 10 + 0xC3, 10 + 0xA9, 0, 3}));
   // HF's Metaspace decoder drops every "▁" of the first token, and after Fuse there is only one.
   EXPECT_EQ(t.decode(ids), "Héx");
+  // ByteFallback decodes a run of byte tokens as one string: "A" + 0xE4 is invalid, so both bytes
+  // become U+FFFD. Streaming must not show "A" before the run is over.
+  const Ids run{10 + 'A', 10 + 0xE4, 3};
+  EXPECT_EQ(t.decode(run), "\uFFFD\uFFFDx");
+  IncrementalDetokenizer d(t);
+  EXPECT_EQ(d.add(run[0]), "");
+  EXPECT_EQ(d.add(run[1]), "");
+  EXPECT_EQ(d.add(run[2]), "\uFFFD\uFFFDx");
+  EXPECT_EQ(d.flush(), "");
   config["decoder"]["decoders"] = {{{"type", "ByteFallback"}}, {{"type", "Metaspace"}, {"replacement", "▁"}, {"prepend_scheme", "first"}}, {{"type", "Fuse"}}};
   EXPECT_EQ(Tokenizer::from_json(config.dump()).decode(ids), "Hé x");
 }
 
-TEST(Bpe, BadMergeIsAnError) {
+TEST(TokBpe, BadMergeIsAnError) {
   EXPECT_THROW(Tokenizer::from_json(tokenizer_json(bpe_model(kVocab, {"a z"})).dump()), Error);
   EXPECT_THROW(Tokenizer::from_json(tokenizer_json(bpe_model(kVocab, {"c c"})).dump()), Error);  // "cc" not in vocab
   EXPECT_THROW(Tokenizer::from_json("{not json"), Error);
@@ -148,7 +157,7 @@ Tokenizer added_token_tokenizer() {
   return Tokenizer::from_json(config.dump());
 }
 
-TEST(AddedTokens, StripSingleWordAndNormalized) {
+TEST(TokAddedTokens, StripSingleWordAndNormalized) {
   const Tokenizer t = added_token_tokenizer();
   EXPECT_EQ(t.encode("hi<s>hi"), (Ids{0, 1, 4, 0, 1}));
   EXPECT_EQ(t.encode("hi  [M]  hi"), (Ids{0, 1, 5, 0, 1}));  // lstrip + rstrip swallow the spaces
@@ -168,7 +177,7 @@ TEST(AddedTokens, StripSingleWordAndNormalized) {
   EXPECT_FALSE(t.is_special(6));
 }
 
-TEST(PreTokenizers, SplitBehaviours) {
+TEST(TokPreTokenizers, SplitBehaviours) {
   const auto split = [](const char* behavior, bool invert) {
     return pre_tokenize({{"type", "Split"}, {"pattern", {{"String", "-"}}}, {"behavior", behavior}, {"invert", invert}},
                         "the-final--countdown-");
@@ -186,7 +195,7 @@ TEST(PreTokenizers, SplitBehaviours) {
             (V{"ab", "12", "cd", "345"}));
 }
 
-TEST(PreTokenizers, Others) {
+TEST(TokPreTokenizers, Others) {
   using V = std::vector<std::string>;
   EXPECT_EQ(pre_tokenize({{"type", "ByteLevel"}, {"add_prefix_space", true}, {"use_regex", true}}, "Hello world\n!!"),
             (V{"ĠHello", "Ġworld", "Ċ", "!!"}));
@@ -200,7 +209,7 @@ TEST(PreTokenizers, Others) {
   EXPECT_THROW(make_pre_tokenizer({{"type", "Split"}, {"pattern", {{"Regex", "(unclosed"}}}, {"behavior", "Isolated"}}), Error);
 }
 
-TEST(Normalizers, MatchHf) {
+TEST(TokNormalizers, MatchHf) {
   const std::string text = "  Ｈéllo İ ﬁ  World ";
   EXPECT_EQ(normalize({{"type", "NFKC"}}, text), "  Héllo İ fi  World ");
   EXPECT_EQ(normalize({{"type", "NFD"}}, text), "  Ｈe\u0301llo I\u0307 ﬁ  World ");
@@ -212,7 +221,7 @@ TEST(Normalizers, MatchHf) {
             "  ｈello i ﬁ  world ");
 }
 
-TEST(Decoders, MatchHf) {
+TEST(TokDecoders, MatchHf) {
   EXPECT_EQ(decode({{"type", "Sequence"},
                     {"decoders", {{{"type", "ByteFallback"}}, {{"type", "Fuse"}}, {{"type", "Metaspace"}, {"replacement", "▁"}, {"prepend_scheme", "always"}}}}},
                    {"▁H", "<0xC3>", "<0xA9>", "▁x", "<0xFF>", "y"}),
@@ -225,7 +234,7 @@ TEST(Decoders, MatchHf) {
   EXPECT_EQ(decode({{"type", "ByteLevel"}}, {"Ġhello", "Ċ", "Ã", "©", "<|x|>", "ä¸"}), " hello\né<|x|>\uFFFD");
 }
 
-TEST(Detokenizer, HoldsBackSplitCharacters) {
+TEST(TokDetokenizer, HoldsBackSplitCharacters) {
   // Byte-level tokens: "Ã" and "©" are the two bytes of "é"; "ä¸" + "Ń" the three bytes of "中".
   json vocab = {{"Ġhi", 0}, {"Ã", 1}, {"©", 2}, {"ä¸", 3}, {"Ń", 4}, {"<eos>", 5}};
   json config = tokenizer_json(bpe_model(vocab, json::array()));
@@ -244,7 +253,7 @@ TEST(Detokenizer, HoldsBackSplitCharacters) {
   EXPECT_EQ(t.decode(d.ids(), true), " hié中\uFFFD");
 }
 
-TEST(TokenizerConfig, SpecialTokensAndTemplate) {
+TEST(TokTokenizerConfig, SpecialTokensAndTemplate) {
   json config = tokenizer_json(bpe_model({{"a", 0}, {"<s>", 1}, {"</s>", 2}}, json::array()));
   config["added_tokens"] = {{{"id", 1}, {"content", "<s>"}, {"special", true}, {"normalized", false}},
                             {{"id", 2}, {"content", "</s>"}, {"special", true}, {"normalized", false}}};
