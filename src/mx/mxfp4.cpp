@@ -5,9 +5,9 @@
 #include <cmath>
 
 #if defined(__x86_64__)
-#include <cpuid.h>
 #endif
 
+#include "core/cpu_features.h"
 #include "core/error.h"
 #include "mx/dispatch.h"
 #include "mx/kernels.h"
@@ -114,15 +114,6 @@ const detail::Kernels* kernels_for(Isa isa) {
   return nullptr;
 }
 
-// F16C by CPUID (leaf 1, ECX bit 29): clang 14's __builtin_cpu_supports does not know "f16c".
-bool cpu_has_f16c() {
-#if defined(__x86_64__)
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & (1u << 29)) != 0;
-#else
-  return false;
-#endif
-}
 
 bool cpu_has(Isa isa) {
   switch (isa) {

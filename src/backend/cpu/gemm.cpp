@@ -5,6 +5,7 @@
 
 #include "backend/cpu/gemm_isa.h"
 #include "backend/cpu/gemm_kernels.h"
+#include "core/cpu_features.h"
 #include "core/error.h"
 
 namespace mxlm::cpu {
@@ -41,7 +42,7 @@ bool gemm_isa_supported(GemmIsa isa) {
     case GemmIsa::Scalar:
       return true;
     case GemmIsa::Avx2:
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
     case GemmIsa::Avx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && gemm_isa_supported(GemmIsa::Avx2);
