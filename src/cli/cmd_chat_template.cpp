@@ -48,7 +48,8 @@ void run(const ChatTemplateOptions& o) {
     json tokens = json::object();
     if (!o.model.empty()) {
       auto config = std::filesystem::path(o.model) / "tokenizer_config.json";
-      if (std::filesystem::exists(config)) tokens = text::special_tokens_from_config(read_json_file(config.string(), "tokenizer config"));
+      if (std::filesystem::exists(config))
+        tokens = text::special_tokens_from_config(read_json_file(config.string(), "tokenizer config"));
     }
     tmpl = std::make_unique<text::ChatTemplate>(ss.str(), tokens, o.template_file);
   } else {
@@ -88,7 +89,8 @@ void add_chat_template(CLI::App& app) {
   cmd->add_flag("--add-generation-prompt", options->add_generation_prompt, "Append the assistant turn header");
   cmd->add_option("--chat-template-kwargs", options->kwargs, "JSON object of extra template variables");
   cmd->add_flag("--raw-messages", options->raw, "Pass messages to the template unchanged (no server normalisation)");
-  cmd->add_option("--content-format", options->content_format, "auto|string|openai: how list content reaches the template");
+  cmd->add_option("--content-format", options->content_format,
+                  "auto|string|openai: how list content reaches the template");
   cmd->callback([options]() { run(*options); });
 }
 

@@ -38,8 +38,7 @@ class ChatTemplate {
 
   // Renders the prompt. With `normalize` the messages first get the server normalisation
   // (normalize_messages); without it they reach the template exactly as given.
-  std::string render(const ChatRequest& request, bool normalize = true,
-                     const jinja::RenderLimits& limits = {}) const;
+  std::string render(const ChatRequest& request, bool normalize = true, const jinja::RenderLimits& limits = {}) const;
 
   // vLLM-style normalisation: list content per content_format(), and tool-call arguments given as
   // JSON strings parsed into objects (templates such as MiniMax-M3's iterate them as mappings).

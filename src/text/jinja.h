@@ -24,9 +24,9 @@ struct Program;
 
 // Bounds that keep any template, even a hostile one, from hanging or exhausting memory.
 struct RenderLimits {
-  uint64_t max_steps = 50'000'000;           // evaluated expressions and executed statements
+  uint64_t max_steps = 50'000'000;              // evaluated expressions and executed statements
   size_t max_output_bytes = size_t{256} << 20;  // any rendered string (output, macro result, repetition)
-  int max_call_depth = 200;                  // nested macro calls (Python's recursion limit in Jinja2)
+  int max_call_depth = 200;                     // nested macro calls (Python's recursion limit in Jinja2)
 };
 
 class Template {

@@ -16,25 +16,25 @@ using ExprPtr = std::unique_ptr<Expr>;
 
 struct Expr {
   enum class Kind {
-    Literal,    // value
-    Name,       // name
-    GetAttr,    // args[0].name
-    GetItem,    // args[0][args[1]]
-    Slice,      // args[0][args[1]:args[2]:args[3]] (any of 1..3 may be null)
-    Call,       // args[0](args[1..], kwargs)
-    Filter,     // args[0] | name(args[1..], kwargs)
-    Test,       // args[0] is [not] name(args[1..])
-    Negate,     // -args[0]
-    Plus,       // +args[0]
-    Not,        // not args[0]
-    And,        // args[0] and args[1]
-    Or,         // args[0] or args[1]
-    Binary,     // args[0] op args[1] (op in name: + - * / // % ** ~)
-    Compare,    // args[0] ops[0] args[1] ops[1] args[2] ... (== != < <= > >= in notin)
-    Conditional,// args[1] if args[0] else args[2] (args[2] may be null)
-    ListLit,    // [args...]
-    TupleLit,   // (args...)
-    DictLit,    // {args[0]: args[1], args[2]: args[3], ...}
+    Literal,      // value
+    Name,         // name
+    GetAttr,      // args[0].name
+    GetItem,      // args[0][args[1]]
+    Slice,        // args[0][args[1]:args[2]:args[3]] (any of 1..3 may be null)
+    Call,         // args[0](args[1..], kwargs)
+    Filter,       // args[0] | name(args[1..], kwargs)
+    Test,         // args[0] is [not] name(args[1..])
+    Negate,       // -args[0]
+    Plus,         // +args[0]
+    Not,          // not args[0]
+    And,          // args[0] and args[1]
+    Or,           // args[0] or args[1]
+    Binary,       // args[0] op args[1] (op in name: + - * / // % ** ~)
+    Compare,      // args[0] ops[0] args[1] ops[1] args[2] ... (== != < <= > >= in notin)
+    Conditional,  // args[1] if args[0] else args[2] (args[2] may be null)
+    ListLit,      // [args...]
+    TupleLit,     // (args...)
+    DictLit,      // {args[0]: args[1], args[2]: args[3], ...}
   };
   Kind kind;
   int line = 0;
@@ -52,14 +52,14 @@ using Body = std::vector<StmtPtr>;
 
 struct Stmt {
   enum class Kind {
-    Text,      // text
-    Output,    // {{ expr }}
-    If,        // conditions[i] -> bodies[i]; else_body
-    For,       // targets in expr [if filter]: body; else_body
-    Set,       // targets (or namespace attr) = expr
-    SetBlock,  // {% set target %}body{% endset %} (optionally filtered)
-    Macro,     // name(params) body
-    CallBlock, // {% call macro(...) %}body{% endcall %}: body becomes caller()
+    Text,         // text
+    Output,       // {{ expr }}
+    If,           // conditions[i] -> bodies[i]; else_body
+    For,          // targets in expr [if filter]: body; else_body
+    Set,          // targets (or namespace attr) = expr
+    SetBlock,     // {% set target %}body{% endset %} (optionally filtered)
+    Macro,        // name(params) body
+    CallBlock,    // {% call macro(...) %}body{% endcall %}: body becomes caller()
     FilterBlock,  // {% filter f %}body{% endfilter %}
     Break,
     Continue,

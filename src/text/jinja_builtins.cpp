@@ -401,7 +401,8 @@ std::string brace_format(const std::string& fmt, const CallArgs& args) {
       if (field.empty()) {
         if (auto_index >= args.positional.size()) fail("Replacement index {} out of range", auto_index);
         v = &args.positional[auto_index++];
-      } else if (std::all_of(field.begin(), field.end(), [](char d) { return std::isdigit(static_cast<unsigned char>(d)); })) {
+      } else if (std::all_of(field.begin(), field.end(),
+                             [](char d) { return std::isdigit(static_cast<unsigned char>(d)); })) {
         size_t k = std::stoul(field);
         if (k >= args.positional.size()) fail("Replacement index {} out of range", k);
         v = &args.positional[k];
@@ -484,7 +485,8 @@ std::optional<double> parse_float(const std::string& text) {
   if (body == "inf" || body == "infinity") return sign * INFINITY;
   if (body == "nan") return NAN;
   for (char c : body) {
-    if (!(std::isdigit(static_cast<unsigned char>(c)) || c == '.' || c == 'e' || c == '+' || c == '-')) return std::nullopt;
+    if (!(std::isdigit(static_cast<unsigned char>(c)) || c == '.' || c == 'e' || c == '+' || c == '-'))
+      return std::nullopt;
   }
   char* end = nullptr;
   double d = std::strtod(cleaned.c_str(), &end);
@@ -534,7 +536,8 @@ Value attr_path(const Value& item, const std::string& path) {
   while (true) {
     size_t dot = path.find('.', start);
     std::string part = path.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
-    bool digits = !part.empty() && std::all_of(part.begin(), part.end(), [](char c) { return std::isdigit(static_cast<unsigned char>(c)); });
+    bool digits = !part.empty() && std::all_of(part.begin(), part.end(),
+                                               [](char c) { return std::isdigit(static_cast<unsigned char>(c)); });
     cur = get_item(cur, digits ? Value::integer(std::stoll(part)) : Value::string(part));
     if (dot == std::string::npos) return cur;
     start = dot + 1;
@@ -543,17 +546,17 @@ Value attr_path(const Value& item, const std::string& path) {
 
 Value make_method(const Value& obj, const std::string& name);
 
-const char* const kStringMethods[] = {"split",      "rsplit",   "strip",    "lstrip",   "rstrip",  "startswith",
-                                      "endswith",   "replace",  "upper",    "lower",    "title",   "capitalize",
-                                      "find",       "rfind",    "index",    "rindex",   "count",   "join",
-                                      "format",     "isdigit",  "isalpha",  "isalnum",  "isspace", "isupper",
-                                      "islower",    "splitlines", "swapcase", "zfill",  "center",  "ljust",
-                                      "rjust",      "removeprefix", "removesuffix", "partition", "rpartition",
-                                      "casefold",   "isnumeric", "isdecimal", "istitle", "encode", "expandtabs"};
-const char* const kDictMethods[] = {"get", "items", "keys", "values", "copy", "pop", "popitem", "update",
-                                    "setdefault", "clear", "fromkeys"};
-const char* const kListMethods[] = {"index", "count", "copy", "append", "extend", "insert", "pop", "remove",
-                                    "reverse", "sort", "clear"};
+const char* const kStringMethods[] = {
+    "split",    "rsplit",    "strip",     "lstrip",       "rstrip",       "startswith", "endswith",
+    "replace",  "upper",     "lower",     "title",        "capitalize",   "find",       "rfind",
+    "index",    "rindex",    "count",     "join",         "format",       "isdigit",    "isalpha",
+    "isalnum",  "isspace",   "isupper",   "islower",      "splitlines",   "swapcase",   "zfill",
+    "center",   "ljust",     "rjust",     "removeprefix", "removesuffix", "partition",  "rpartition",
+    "casefold", "isnumeric", "isdecimal", "istitle",      "encode",       "expandtabs"};
+const char* const kDictMethods[] = {"get",     "items",  "keys",       "values", "copy",    "pop",
+                                    "popitem", "update", "setdefault", "clear",  "fromkeys"};
+const char* const kListMethods[] = {"index", "count",  "copy",    "append", "extend", "insert",
+                                    "pop",   "remove", "reverse", "sort",   "clear"};
 
 template <size_t N>
 bool in_list(const char* const (&names)[N], const std::string& name) {
@@ -588,7 +591,8 @@ Value call_string_method(const std::string& s, const std::string& name, CallArgs
   };
   auto str_arg = [&](size_t i) -> const std::string& {
     need(i + 1);
-    if (!args.positional[i].is_string()) fail("str.{}() argument must be str, not {}", name, args.positional[i].type_name());
+    if (!args.positional[i].is_string())
+      fail("str.{}() argument must be str, not {}", name, args.positional[i].type_name());
     return args.positional[i].as_string();
   };
   if (name == "split" || name == "rsplit") {
@@ -665,7 +669,8 @@ Value call_string_method(const std::string& s, const std::string& name, CallArgs
   if (name == "format") return Value::string(brace_format(s, args));
   if (name == "isdigit" || name == "isnumeric" || name == "isdecimal") {
     std::u32string u = cps(s);
-    return Value::boolean(!u.empty() && std::all_of(u.begin(), u.end(), [](char32_t c) { return c >= '0' && c <= '9'; }));
+    return Value::boolean(!u.empty() &&
+                          std::all_of(u.begin(), u.end(), [](char32_t c) { return c >= '0' && c <= '9'; }));
   }
   if (name == "isalpha") {
     std::u32string u = cps(s);
@@ -673,9 +678,8 @@ Value call_string_method(const std::string& s, const std::string& name, CallArgs
   }
   if (name == "isalnum") {
     std::u32string u = cps(s);
-    return Value::boolean(!u.empty() && std::all_of(u.begin(), u.end(), [](char32_t c) {
-                            return is_letter(c) || (c >= '0' && c <= '9');
-                          }));
+    return Value::boolean(!u.empty() && std::all_of(u.begin(), u.end(),
+                                                    [](char32_t c) { return is_letter(c) || (c >= '0' && c <= '9'); }));
   }
   if (name == "isspace") {
     std::u32string u = cps(s);
@@ -698,8 +702,8 @@ Value call_string_method(const std::string& s, const std::string& name, CallArgs
     size_t start = 0;
     for (size_t i = 0; i < u.size(); ++i) {
       char32_t c = u[i];
-      bool br = c == '\n' || c == '\r' || c == 0x0B || c == 0x0C || c == 0x1C || c == 0x1D || c == 0x1E ||
-                c == 0x85 || c == 0x2028 || c == 0x2029;
+      bool br = c == '\n' || c == '\r' || c == 0x0B || c == 0x0C || c == 0x1C || c == 0x1D || c == 0x1E || c == 0x85 ||
+                c == 0x2028 || c == 0x2029;
       if (!br) continue;
       size_t end = i;
       if (c == '\r' && i + 1 < u.size() && u[i + 1] == '\n') ++i;
@@ -975,18 +979,20 @@ Value binary_op(const std::string& op, const Value& a, const Value& b, const Bui
       return Value::integer(mul_checked(a.as_int(), b.as_int()));
     }
     if (nums) return Value::floating(a.as_double() * b.as_double());
-    const Value* seq = (a.is_string() || a.is_list()) && is_int_like(b) ? &a
+    const Value* seq = (a.is_string() || a.is_list()) && is_int_like(b)   ? &a
                        : (b.is_string() || b.is_list()) && is_int_like(a) ? &b
                                                                           : nullptr;
     if (!seq) type_error();
     int64_t n = std::max<int64_t>(0, (seq == &a ? b : a).as_int());
     if (seq->is_string()) {
-      if (n > 0 && seq->as_string().size() > limits.max_bytes / static_cast<uint64_t>(n)) fail("string result too large");
+      if (n > 0 && seq->as_string().size() > limits.max_bytes / static_cast<uint64_t>(n))
+        fail("string result too large");
       std::string out;
       for (int64_t i = 0; i < n; ++i) out += seq->as_string();
       return Value::string(std::move(out));
     }
-    if (n > 0 && seq->as_list().size() > (limits.max_bytes / 64) / static_cast<uint64_t>(n)) fail("list result too large");
+    if (n > 0 && seq->as_list().size() > (limits.max_bytes / 64) / static_cast<uint64_t>(n))
+      fail("list result too large");
     ValueList out;
     for (int64_t i = 0; i < n; ++i) out.insert(out.end(), seq->as_list().begin(), seq->as_list().end());
     return Value::list(std::move(out), seq->is_tuple());
@@ -1100,7 +1106,9 @@ bool contains(const Value& container, const Value& item) {
 }
 
 Value apply_filter(const std::string& name, const Value& v, CallArgs& args, const BuiltinLimits& limits) {
-  auto positional = [&](size_t i) -> const Value* { return i < args.positional.size() ? &args.positional[i] : nullptr; };
+  auto positional = [&](size_t i) -> const Value* {
+    return i < args.positional.size() ? &args.positional[i] : nullptr;
+  };
   if (name == "default" || name == "d") {
     const Value* dflt = arg_at(args, 0, "default_value");
     bool boolean = bool_arg(args, 1, "boolean", false);
@@ -1301,7 +1309,8 @@ Value apply_filter(const std::string& name, const Value& v, CallArgs& args, cons
     const Value* attribute = arg_at(args, 0, "attribute");
     const Value* start = arg_at(args, 1, "start");
     Value total = start ? *start : Value::integer(0);
-    for (const auto& item : iterate(v)) total = binary_op("+", total, attribute ? attr_path(item, attribute->str()) : item, limits);
+    for (const auto& item : iterate(v))
+      total = binary_op("+", total, attribute ? attr_path(item, attribute->str()) : item, limits);
     return total;
   }
   if (name == "map") {
@@ -1354,10 +1363,10 @@ Value apply_filter(const std::string& name, const Value& v, CallArgs& args, cons
   }
   if (name == "indent") {
     const Value* width = arg_at(args, 0, "width");
-    std::string indention = width && width->is_string() ? width->as_string()
-                                                        : std::string(static_cast<size_t>(std::clamp<int64_t>(
-                                                                          width ? width->as_int() : 4, 0, 1024)),
-                                                                      ' ');
+    std::string indention =
+        width && width->is_string()
+            ? width->as_string()
+            : std::string(static_cast<size_t>(std::clamp<int64_t>(width ? width->as_int() : 4, 0, 1024)), ' ');
     bool first = bool_arg(args, 1, "first", false);
     bool blank = bool_arg(args, 2, "blank", false);
     CallArgs none;
@@ -1472,17 +1481,18 @@ bool apply_test(const std::string& name, const Value& v, CallArgs& args) {
     return (name == "lower" ? str_lower(s) : str_upper(s)) == s;
   }
   if (name == "filter" || name == "test") {
-    static const char* const kFilters[] = {"default", "d", "length", "count", "string", "safe", "escape", "e",
-                                           "tojson", "trim", "upper", "lower", "capitalize", "title", "replace",
-                                           "first", "last", "join", "list", "items", "int", "float", "abs",
-                                           "round", "reverse", "sort", "dictsort", "unique", "min", "max", "sum",
-                                           "map", "select", "reject", "selectattr", "rejectattr", "attr", "indent",
-                                           "center", "format", "wordcount", "batch", "forceescape"};
-    static const char* const kTests[] = {"defined", "undefined", "none", "boolean", "true", "false", "integer",
-                                         "float", "number", "string", "mapping", "iterable", "sequence",
-                                         "callable", "escaped", "eq", "equalto", "ne", "lt", "lessthan", "le",
-                                         "gt", "greaterthan", "ge", "in", "sameas", "divisibleby", "even", "odd",
-                                         "lower", "upper", "filter", "test", "==", "!=", "<", "<=", ">", ">="};
+    static const char* const kFilters[] = {
+        "default", "d",      "length", "count",      "string",    "safe",    "escape",     "e",          "tojson",
+        "trim",    "upper",  "lower",  "capitalize", "title",     "replace", "first",      "last",       "join",
+        "list",    "items",  "int",    "float",      "abs",       "round",   "reverse",    "sort",       "dictsort",
+        "unique",  "min",    "max",    "sum",        "map",       "select",  "reject",     "selectattr", "rejectattr",
+        "attr",    "indent", "center", "format",     "wordcount", "batch",   "forceescape"};
+    static const char* const kTests[] = {
+        "defined", "undefined", "none",        "boolean",  "true",     "false",    "integer",     "float",
+        "number",  "string",    "mapping",     "iterable", "sequence", "callable", "escaped",     "eq",
+        "equalto", "ne",        "lt",          "lessthan", "le",       "gt",       "greaterthan", "ge",
+        "in",      "sameas",    "divisibleby", "even",     "odd",      "lower",    "upper",       "filter",
+        "test",    "==",        "!=",          "<",        "<=",       ">",        ">="};
     return v.is_string() && (name == "filter" ? in_list(kFilters, v.as_string()) : in_list(kTests, v.as_string()));
   }
   fail("no test named '{}'", name);
@@ -1506,7 +1516,8 @@ void add_globals(Dict& globals) {
                 ValueList out;
                 for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step) {
                   // Jinja2's sandbox refuses ranges longer than MAX_RANGE = 100000.
-                  if (out.size() >= 100000) fail("Range too big. The sandbox blocks ranges larger than MAX_RANGE (100000).");
+                  if (out.size() >= 100000)
+                    fail("Range too big. The sandbox blocks ranges larger than MAX_RANGE (100000).");
                   out.push_back(Value::integer(i));
                 }
                 return Value::list(std::move(out));
@@ -1530,10 +1541,12 @@ void add_globals(Dict& globals) {
                 return Value::dict(std::move(d));
               }));
   globals.set("raise_exception", Value::function("raise_exception", [](CallArgs& args) -> Value {
-                fail("{}", args.positional.empty() ? std::string("raise_exception() called") : args.positional[0].str());
+                fail("{}",
+                     args.positional.empty() ? std::string("raise_exception() called") : args.positional[0].str());
               }));
   globals.set("strftime_now", Value::function("strftime_now", [](CallArgs& args) {
-                if (args.positional.empty() || !args.positional[0].is_string()) fail("strftime_now expects a format string");
+                if (args.positional.empty() || !args.positional[0].is_string())
+                  fail("strftime_now expects a format string");
                 std::time_t t = std::time(nullptr);
                 std::tm tm{};
                 localtime_r(&t, &tm);

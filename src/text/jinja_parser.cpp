@@ -306,8 +306,8 @@ class Lexer {
         size_t e = pos_ + 1;
         while (e < src_.size() && src_[e] != c) e += src_[e] == '\\' ? 2 : 1;
         if (e >= src_.size()) fail("{}:{}: unterminated string literal", name_, line_);
-        tokens_.push_back({Token::Type::String, unescape_string(std::string_view(src_).substr(pos_ + 1, e - pos_ - 1)),
-                           line_});
+        tokens_.push_back(
+            {Token::Type::String, unescape_string(std::string_view(src_).substr(pos_ + 1, e - pos_ - 1)), line_});
         advance_to(e + 1);
       } else {
         static const char* const kOps[] = {"//", "**", "==", "!=", ">=", "<=", "+", "-", "/", "*", "%", "~", "[",
@@ -738,9 +738,8 @@ class Parser {
     std::vector<std::string> ops;
     std::vector<ExprPtr> operands;
     while (true) {
-      if (cur().type == Type::Op &&
-          (cur().value == "==" || cur().value == "!=" || cur().value == "<" || cur().value == "<=" ||
-           cur().value == ">" || cur().value == ">=")) {
+      if (cur().type == Type::Op && (cur().value == "==" || cur().value == "!=" || cur().value == "<" ||
+                                     cur().value == "<=" || cur().value == ">" || cur().value == ">=")) {
         ops.push_back(cur().value);
         next();
       } else if (is_name("in")) {

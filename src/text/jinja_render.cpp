@@ -68,7 +68,8 @@ class Renderer {
 
   void step(int line, uint64_t cost = 1) {
     steps_ += cost;
-    if (steps_ > limits_.max_steps) located(line, fmt::format("template exceeded its budget of {} steps", limits_.max_steps));
+    if (steps_ > limits_.max_steps)
+      located(line, fmt::format("template exceeded its budget of {} steps", limits_.max_steps));
   }
 
   // Builtins can make large values in one call (range(), list filters): their size counts as work.
@@ -193,7 +194,8 @@ class Renderer {
 
   void walk(const Value& v, int level, uint64_t& visited) {
     if (level > kMaxValueNesting) fail("value nesting deeper than {} levels", kMaxValueNesting);
-    if (++visited > std::min<uint64_t>(limits_.max_steps, kMaxValueNodes)) fail("value too large to store in a namespace");
+    if (++visited > std::min<uint64_t>(limits_.max_steps, kMaxValueNodes))
+      fail("value too large to store in a namespace");
     if (v.is_list()) {
       for (const auto& x : v.as_list()) walk(x, level + 1, visited);
     } else if (v.is_dict()) {
@@ -286,9 +288,9 @@ class Renderer {
       }
       for (size_t i = args.positional.size(); i < params.size(); ++i) {
         if (scope->vars.find(params[i].first)) continue;
-        scope->vars.set(params[i].first, params[i].second ? eval(*params[i].second, scope)
-                                                          : Value::undefined("parameter '" + params[i].first +
-                                                                             "' was not provided"));
+        scope->vars.set(params[i].first,
+                        params[i].second ? eval(*params[i].second, scope)
+                                         : Value::undefined("parameter '" + params[i].first + "' was not provided"));
       }
       scope->vars.set("varargs", Value::list(std::move(varargs)));
       scope->vars.set("kwargs", Value::dict(std::move(kwargs)));

@@ -22,9 +22,7 @@ bool thinking_enabled(const nlohmann::ordered_json& kwargs) {
 }
 
 OutputParser::OutputParser(OutputParserOptions options)
-    : options_(std::move(options)),
-      reasoning_(options_.thinking_enabled),
-      tools_(options_.tools, options_.ids) {}
+    : options_(std::move(options)), reasoning_(options_.thinking_enabled), tools_(options_.tools, options_.ids) {}
 
 void OutputParser::route(const ReasoningDelta& r, bool final, OutputDelta& out) {
   out.reasoning += r.reasoning;

@@ -15,11 +15,11 @@
 namespace mxlm::text {
 
 struct OutputParserOptions {
-  bool parse_reasoning = true;     // --reasoning-parser minimax_m3
-  bool thinking_enabled = false;   // chat_template_kwargs.thinking_mode == "enabled"
-  bool parse_tool_calls = true;    // --tool-call-parser minimax_m3 with tools in the request
-  nlohmann::ordered_json tools;    // the request's tools (argument schemas)
-  ToolCallIdGenerator ids;         // default: random vLLM-style ids
+  bool parse_reasoning = true;    // --reasoning-parser minimax_m3
+  bool thinking_enabled = false;  // chat_template_kwargs.thinking_mode == "enabled"
+  bool parse_tool_calls = true;   // --tool-call-parser minimax_m3 with tools in the request
+  nlohmann::ordered_json tools;   // the request's tools (argument schemas)
+  ToolCallIdGenerator ids;        // default: random vLLM-style ids
 };
 
 struct OutputDelta {

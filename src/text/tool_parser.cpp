@@ -162,8 +162,10 @@ struct Node {
 json convert(const Node& node, const json* schema) {
   if (node.children.empty()) return coerce_argument_text(valid_utf8(node.text), schema);
   const auto types = schema_types(schema);
-  bool all_items = std::all_of(node.children.begin(), node.children.end(), [](const Node& c) { return c.tag == "item"; });
-  bool as_array = has_type(types, "array") ? (all_items || !has_type(types, "object")) : (all_items && !has_type(types, "object"));
+  bool all_items =
+      std::all_of(node.children.begin(), node.children.end(), [](const Node& c) { return c.tag == "item"; });
+  bool as_array =
+      has_type(types, "array") ? (all_items || !has_type(types, "object")) : (all_items && !has_type(types, "object"));
   if (as_array) {
     const json* arr = schema_for_type(schema, "array");
     json out = json::array();
@@ -306,7 +308,8 @@ struct ToolCallParser::Impl {
     for (const auto& t : tools) {
       if (!t.is_object()) continue;
       const json* fn = t.contains("function") && t["function"].is_object() ? &t["function"] : &t;
-      if (fn->contains("name") && (*fn)["name"] == name && fn->contains("parameters") && (*fn)["parameters"].is_object()) {
+      if (fn->contains("name") && (*fn)["name"] == name && fn->contains("parameters") &&
+          (*fn)["parameters"].is_object()) {
         return &(*fn)["parameters"];
       }
     }
@@ -410,8 +413,8 @@ struct ToolCallParser::Impl {
           }
           if (starts_with(b, kInvokeStart)) {
             size_t q = b.find("\">", kInvokeStart.size());
-            std::string_view name = b.substr(kInvokeStart.size(), q == std::string_view::npos ? std::string_view::npos
-                                                                                            : q - kInvokeStart.size());
+            std::string_view name = b.substr(
+                kInvokeStart.size(), q == std::string_view::npos ? std::string_view::npos : q - kInvokeStart.size());
             // Incomplete header: a final quote may be the start of the closing `">`.
             std::string_view checked = name;
             if (q == std::string_view::npos && !checked.empty() && checked.back() == '"') checked.remove_suffix(1);

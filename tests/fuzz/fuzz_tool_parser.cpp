@@ -21,7 +21,8 @@ mxlm::text::ToolCallIdGenerator counting_ids() {
 }
 
 mxlm::text::OutputParserOptions options(bool enabled) {
-  static const json tools = json::parse(R"([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+  static const json tools =
+      json::parse(R"([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
       "properties": {"n": {"type": "integer"}, "x": {"type": ["number", "null"]}, "b": {"type": "boolean"},
       "l": {"type": "array", "items": {"type": "object", "properties": {"k": {"type": "number"}}}},
       "o": {"type": "object", "additionalProperties": {"type": "integer"}}}}}}])");

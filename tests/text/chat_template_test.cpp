@@ -45,9 +45,10 @@ TEST(ChatTemplateM3, WorkedSkeletonOfTheSpec) {
                    "assistant.\n\n# Tools\n"),
             std::string::npos);
   // tool.function as json.dumps(ensure_ascii=False): insertion order, ", " / ": " separators, raw Unicode.
-  EXPECT_NE(p.find("\n<tools>\n<tool>{\"name\": \"get_weather\", \"description\": \"Météo\", \"parameters\": {\"type\": "
-                   "\"object\", \"properties\": {\"city\": {\"type\": \"string\"}, "),
-            std::string::npos);
+  EXPECT_NE(
+      p.find("\n<tools>\n<tool>{\"name\": \"get_weather\", \"description\": \"Météo\", \"parameters\": {\"type\": "
+             "\"object\", \"properties\": {\"city\": {\"type\": \"string\"}, "),
+      std::string::npos);
   EXPECT_NE(p.find("</tool>\n</tools>\n\n"), std::string::npos);
   EXPECT_NE(p.find("Example:\n\n" + NS + "<tool_call>\n" + NS + "<invoke name=\"tool-name-1\">"), std::string::npos);
   EXPECT_NE(p.find("]~b]user\nWhat is the weather in Paris?[e~[\n"), std::string::npos);
@@ -89,19 +90,23 @@ TEST(ChatTemplateM3, ToolWithoutCallRaisesTheTemplatesError) {
     t.render(r);
     FAIL() << "expected an error";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("Message has tool role, but there was no previous assistant message with a tool call!"),
+    EXPECT_NE(std::string(e.what()).find(
+                  "Message has tool role, but there was no previous assistant message with a tool call!"),
               std::string::npos);
   }
 }
 
 TEST(ChatTemplateM3, RenderedToolCallsParseBackToTheSameArguments) {
   ChatTemplate t = ChatTemplate::from_model_dir(kRoot / "models/minimax-m3");
-  const json args = json::parse(R"({"city": "Zürich <b>", "days": 3, "opts": {"metric": true, "levels": [1.5, 2, -3]}})");
+  const json args =
+      json::parse(R"({"city": "Zürich <b>", "days": 3, "opts": {"metric": true, "levels": [1.5, 2, -3]}})");
   ChatRequest r;
-  r.messages = json::array({json{{"role", "user"}, {"content", "q"}},
-                            json{{"role", "assistant"}, {"content", ""},
-                                 {"tool_calls", json::array({json{{"type", "function"},
-                                                                  {"function", {{"name", "get_weather"}, {"arguments", args}}}}})}}});
+  r.messages = json::array(
+      {json{{"role", "user"}, {"content", "q"}},
+       json{{"role", "assistant"},
+            {"content", ""},
+            {"tool_calls", json::array({json{{"type", "function"},
+                                             {"function", {{"name", "get_weather"}, {"arguments", args}}}}})}}});
   r.tools = weather_tools();
   std::string p = t.render(r);
   size_t begin = p.rfind(NS + "<tool_call>");
@@ -126,8 +131,10 @@ TEST(ChatTemplateNormalisation, ContentFormatsAndArguments) {
   EXPECT_EQ(q[0]["content"], "a\nb");
   EXPECT_EQ(q[1]["tool_calls"][0]["function"]["arguments"], json::parse(R"({"x": [1]})"));
   json m = m3.normalize_messages(messages);
-  EXPECT_EQ(m[0]["content"], json::parse(R"([{"type": "text", "text": "a"}, {"type": "image"}, {"type": "text", "text": "b"}])"));
-  json bad = json::parse(R"([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}])");
+  EXPECT_EQ(m[0]["content"],
+            json::parse(R"([{"type": "text", "text": "a"}, {"type": "image"}, {"type": "text", "text": "b"}])"));
+  json bad =
+      json::parse(R"([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}])");
   EXPECT_THROW(m3.normalize_messages(bad), Error);
 }
 
@@ -139,8 +146,9 @@ TEST(ChatTemplateLoading, TokenizerConfigTemplatesAndSpecialTokens) {
   EXPECT_EQ(ds.render(r), "<｜begin▁of▁sentence｜>S<｜User｜>U<｜Assistant｜>");
   ChatTemplate qwen = ChatTemplate::from_model_dir(kRoot / "tests/fixtures/chat_templates/qwen3");
   r.chat_template_kwargs = json{{"enable_thinking", false}};
-  EXPECT_EQ(qwen.render(r), "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"
-                            "<think>\n\n</think>\n\n");
+  EXPECT_EQ(qwen.render(r),
+            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"
+            "<think>\n\n</think>\n\n");
   EXPECT_THROW(ChatTemplate::from_model_dir(kRoot / "tests/fixtures"), Error);
 }
 

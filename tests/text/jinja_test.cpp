@@ -58,16 +58,18 @@ TEST(JinjaExpressions, ArithmeticComparisonAndLogic) {
 TEST(JinjaStatements, LoopsScopesAndMacros) {
   // A set inside a loop body does not leak out; namespaces carry state across iterations.
   EXPECT_EQ(render("{% set x = 0 %}{% for i in range(3) %}{{ x }}{% set x = x + 1 %}{% endfor %}{{ x }}"), "0000");
-  EXPECT_EQ(render("{% set ns = namespace(n=0) %}{% for i in range(4) %}{% set ns.n = ns.n + i %}{% endfor %}{{ ns.n }}"),
-            "6");
+  EXPECT_EQ(
+      render("{% set ns = namespace(n=0) %}{% for i in range(4) %}{% set ns.n = ns.n + i %}{% endfor %}{{ ns.n }}"),
+      "6");
   EXPECT_EQ(render("{% for k, v in {'a': 1, 'b': 0}.items() if v %}{{ loop.index }}{{ k }}{% else %}-{% endfor %}"),
             "1a");
   EXPECT_EQ(render("{% for x in [] %}x{% else %}empty{% endfor %}"), "empty");
   EXPECT_EQ(render("{% for i in range(9) %}{% if i == 5 %}{% break %}{% endif %}{% if i is odd %}{% continue %}"
                    "{% endif %}{{ i }}{% endfor %}"),
             "024");
-  EXPECT_EQ(render("{% for x in 'ab' %}{{ loop.first }}{{ loop.last }}{{ loop.length }}{{ loop.revindex0 }}{% endfor %}"),
-            "TrueFalse21FalseTrue20");
+  EXPECT_EQ(
+      render("{% for x in 'ab' %}{{ loop.first }}{{ loop.last }}{{ loop.length }}{{ loop.revindex0 }}{% endfor %}"),
+      "TrueFalse21FalseTrue20");
   EXPECT_EQ(render("{% macro f(a, b=2) %}[{{ a }}{{ b }}]{% endmacro %}{{ f(1) }}{{ f(1, b=3) }}{{ f('x', 'y') }}"),
             "[12][13][xy]");
   EXPECT_EQ(render("{% macro m() %}<{{ caller() }}>{% endmacro %}{% call m() %}in{% endcall %}"), "<in>");
@@ -80,16 +82,20 @@ TEST(JinjaFilters, ChatTemplateFilters) {
   EXPECT_EQ(render("{{ 'é' | tojson(ensure_ascii=True) }}"), R"("\u00e9")");
   EXPECT_EQ(render("{{ [1, {'a': []}] | tojson(indent=2) }}"), "[\n  1,\n  {\n    \"a\": []\n  }\n]");
   EXPECT_EQ(render("{{ {'a': 1} | tojson(separators=(',', ':')) }}"), R"({"a":1})");
-  EXPECT_EQ(render("{{ ' x ' | trim }}|{{ [1, 2] | length }}|{{ [1, 2] | first }}{{ [1, 2] | last }}|{{ [3, 1] | sort | join(',') }}"),
+  EXPECT_EQ(render("{{ ' x ' | trim }}|{{ [1, 2] | length }}|{{ [1, 2] | first }}{{ [1, 2] | last }}|{{ [3, 1] | sort "
+                   "| join(',') }}"),
             "x|2|12|1,3");
   EXPECT_EQ(render("{{ [1, 2] | map('string') | join }}|{{ [{'a': 1}, {'a': 0}] | selectattr('a') | list }}"
-                   "|{{ [{'a': 1}, {'a': 0}] | rejectattr('a') | map(attribute='a') | list }}|{{ [1, 2, 3] | select('odd') | list }}"),
+                   "|{{ [{'a': 1}, {'a': 0}] | rejectattr('a') | map(attribute='a') | list }}|{{ [1, 2, 3] | "
+                   "select('odd') | list }}"),
             "12|[{'a': 1}]|[0]|[1, 3]");
-  EXPECT_EQ(render("{{ '4.7' | int }} {{ 'x' | int }} {{ '2' | float }} {{ u | default('d') }} {{ none | default('d') }} "
-                   "{{ none | default('d', true) }}"),
-            "4 0 2.0 d None d");
-  EXPECT_EQ(render("{{ {'b': 2, 'a': 1} | dictsort }} {{ ['a', 'A', 'b'] | unique | list }} {{ {'a': 1} | items | list }}"),
-            "[('a', 1), ('b', 2)] ['a', 'b'] [('a', 1)]");
+  EXPECT_EQ(
+      render("{{ '4.7' | int }} {{ 'x' | int }} {{ '2' | float }} {{ u | default('d') }} {{ none | default('d') }} "
+             "{{ none | default('d', true) }}"),
+      "4 0 2.0 d None d");
+  EXPECT_EQ(
+      render("{{ {'b': 2, 'a': 1} | dictsort }} {{ ['a', 'A', 'b'] | unique | list }} {{ {'a': 1} | items | list }}"),
+      "[('a', 1), ('b', 2)] ['a', 'b'] [('a', 1)]");
   EXPECT_EQ(render("{{ '<a>' | e }} {{ 5 | string }} {{ 'Hi' | upper }}{{ 'Hi' | lower }} {{ 'a-b c' | title }} "
                    "{{ 'aXa' | replace('a', 'b') }}"),
             "&lt;a&gt; 5 HIhi A-B C bXb");
@@ -123,7 +129,8 @@ TEST(JinjaErrors, SyntaxErrorsNameTheLine) {
   EXPECT_NE(error_of("{{ 'unterminated }}").find("unterminated string"), std::string::npos);
   EXPECT_NE(error_of("{# open comment").find("missing end of comment"), std::string::npos);
   EXPECT_NE(error_of("{% if x %}{% endfor %}").find("syntax error"), std::string::npos);
-  EXPECT_NE(error_of("{{ " + std::string(500, '(') + "1" + std::string(500, ')') + " }}").find("nesting too deep"), std::string::npos);
+  EXPECT_NE(error_of("{{ " + std::string(500, '(') + "1" + std::string(500, ')') + " }}").find("nesting too deep"),
+            std::string::npos);
 }
 
 TEST(JinjaErrors, RuntimeErrorsNameTheLine) {
@@ -142,7 +149,8 @@ TEST(JinjaErrors, RuntimeErrorsNameTheLine) {
 TEST(JinjaLimits, RunawayTemplatesStopWithAnError) {
   RenderLimits small;
   small.max_steps = 100000;
-  EXPECT_NE(error_of("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", json::object(), small)
+  EXPECT_NE(error_of("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", json::object(),
+                     small)
                 .find("budget"),
             std::string::npos);
   EXPECT_NE(error_of("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}").find("recursion"), std::string::npos);

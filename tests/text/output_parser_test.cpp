@@ -50,7 +50,8 @@ ParsedOutput stream(const std::string& text, const std::vector<size_t>& cuts, Ou
         r.tool_calls.push_back({c.id, c.name, ""});
       }
       EXPECT_LT(c.index, static_cast<int>(r.tool_calls.size())) << "arguments only after the call opened";
-      if (c.index < static_cast<int>(r.tool_calls.size())) r.tool_calls[static_cast<size_t>(c.index)].arguments += c.arguments;
+      if (c.index < static_cast<int>(r.tool_calls.size()))
+        r.tool_calls[static_cast<size_t>(c.index)].arguments += c.arguments;
     }
   };
   size_t prev = 0;
@@ -142,9 +143,9 @@ TEST(M3ToolParser, ArgumentsAreSerialisedLikePythonJsonDumps) {
   const std::string ns(kToolNamespace);
   json tools = json::parse(R"([{"type":"function","function":{"name":"f","parameters":{"type":"object","properties":{
       "x":{"type":"number"},"s":{"type":"string"},"b":{"type":"boolean"},"o":{"type":"object"}}}}}])");
-  std::string text = ns + "<tool_call>\n" + ns + "<invoke name=\"f\">" + ns + "<x>2.50" + ns + "</x>" + ns + "<s>é \"q\"\n" +
-                     ns + "</s>" + ns + "<b>yes" + ns + "</b>" + ns + "<o>{\"k\": [1, 2]}" + ns + "</o>" + ns + "</invoke>\n" +
-                     ns + "</tool_call>";
+  std::string text = ns + "<tool_call>\n" + ns + "<invoke name=\"f\">" + ns + "<x>2.50" + ns + "</x>" + ns +
+                     "<s>é \"q\"\n" + ns + "</s>" + ns + "<b>yes" + ns + "</b>" + ns + "<o>{\"k\": [1, 2]}" + ns +
+                     "</o>" + ns + "</invoke>\n" + ns + "</tool_call>";
   ToolParseResult r = ToolCallParser::parse(text, tools, counting_ids());
   ASSERT_EQ(r.tool_calls.size(), 1u);
   EXPECT_EQ(r.tool_calls[0].arguments, "{\"x\": 2.5, \"s\": \"é \\\"q\\\"\\n\", \"b\": true, \"o\": {\"k\": [1, 2]}}");
@@ -153,7 +154,8 @@ TEST(M3ToolParser, ArgumentsAreSerialisedLikePythonJsonDumps) {
 TEST(M3ToolParser, StreamingDeltasHaveOpenAIShape) {
   const std::string ns(kToolNamespace);
   ToolCallParser parser(nullptr, counting_ids());
-  ToolParserDelta d = parser.feed("Hi " + ns + "<tool_call>\n" + ns + "<invoke name=\"g\">" + ns + "<a>1" + ns + "</a>");
+  ToolParserDelta d =
+      parser.feed("Hi " + ns + "<tool_call>\n" + ns + "<invoke name=\"g\">" + ns + "<a>1" + ns + "</a>");
   EXPECT_EQ(d.content, "Hi ");
   ASSERT_EQ(d.tool_calls.size(), 1u);
   EXPECT_EQ(d.tool_calls[0].to_json().dump(),
@@ -236,8 +238,22 @@ TEST(M3OutputParser, ToolCallsOnlyInContentNotInReasoning) {
 
 TEST(M3ToolParser, GarbageNeverCrashesAndArgumentsStayValidJson) {
   const std::string ns(kToolNamespace);
-  const std::vector<std::string> pieces = {ns, "<tool_call>", "</tool_call>", "<invoke name=\"f\">", "</invoke>",
-                                           "<a>", "</a>", "<item>", "</item>", "x", "\n", " ", "\"", "<", ">", "1"};
+  const std::vector<std::string> pieces = {ns,
+                                           "<tool_call>",
+                                           "</tool_call>",
+                                           "<invoke name=\"f\">",
+                                           "</invoke>",
+                                           "<a>",
+                                           "</a>",
+                                           "<item>",
+                                           "</item>",
+                                           "x",
+                                           "\n",
+                                           " ",
+                                           "\"",
+                                           "<",
+                                           ">",
+                                           "1"};
   std::mt19937 rng(7);
   for (int trial = 0; trial < 3000; ++trial) {
     std::string text;
