@@ -7,13 +7,13 @@
 
 #include <nlohmann/json.hpp>
 
+#include <unistd.h>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <cstring>
 #include <map>
 #include <random>
 #include <string>
-#include <unistd.h>
 
 #include "backend/backend.h"
 #include "core/dtype.h"
@@ -31,18 +31,35 @@ constexpr int kHidden = 1024, kLayers = 4, kHeads = 16, kKv = 4, kHeadDim = 64, 
               kDenseInter = 2048, kVocab = 8192, kBlock = 64, kIndexDim = 64;
 
 nlohmann::json config() {
-  nlohmann::json t = {
-      {"vocab_size", kVocab}, {"hidden_size", kHidden}, {"num_hidden_layers", kLayers},
-      {"num_attention_heads", kHeads}, {"num_key_value_heads", kKv}, {"head_dim", kHeadDim},
-      {"intermediate_size", kInter}, {"dense_intermediate_size", kDenseInter}, {"shared_intermediate_size", kInter},
-      {"n_shared_experts", 1}, {"num_local_experts", kExperts}, {"num_experts_per_tok", 4},
-      {"routed_scaling_factor", 2.0}, {"moe_layer_freq", {0, 1, 1, 1}}, {"rotary_dim", 32},
-      {"rope_theta", 5000000.0}, {"rms_norm_eps", 1e-6}, {"max_position_embeddings", 65536},
-      {"sparse_attention_config",
-       {{"use_sparse_attention", true}, {"sparse_attention_freq", {0, 1, 1, 1}}, {"sparse_num_index_heads", kKv},
-        {"sparse_index_dim", kIndexDim}, {"sparse_block_size", kBlock}, {"sparse_topk_blocks", 4},
-        {"sparse_local_block", 1}, {"sparse_init_block", 0}}}};
-  return {{"architectures", {"MiniMaxM3SparseForConditionalGeneration"}}, {"model_type", "minimax_m3_vl"},
+  nlohmann::json t = {{"vocab_size", kVocab},
+                      {"hidden_size", kHidden},
+                      {"num_hidden_layers", kLayers},
+                      {"num_attention_heads", kHeads},
+                      {"num_key_value_heads", kKv},
+                      {"head_dim", kHeadDim},
+                      {"intermediate_size", kInter},
+                      {"dense_intermediate_size", kDenseInter},
+                      {"shared_intermediate_size", kInter},
+                      {"n_shared_experts", 1},
+                      {"num_local_experts", kExperts},
+                      {"num_experts_per_tok", 4},
+                      {"routed_scaling_factor", 2.0},
+                      {"moe_layer_freq", {0, 1, 1, 1}},
+                      {"rotary_dim", 32},
+                      {"rope_theta", 5000000.0},
+                      {"rms_norm_eps", 1e-6},
+                      {"max_position_embeddings", 65536},
+                      {"sparse_attention_config",
+                       {{"use_sparse_attention", true},
+                        {"sparse_attention_freq", {0, 1, 1, 1}},
+                        {"sparse_num_index_heads", kKv},
+                        {"sparse_index_dim", kIndexDim},
+                        {"sparse_block_size", kBlock},
+                        {"sparse_topk_blocks", 4},
+                        {"sparse_local_block", 1},
+                        {"sparse_init_block", 0}}}};
+  return {{"architectures", {"MiniMaxM3SparseForConditionalGeneration"}},
+          {"model_type", "minimax_m3_vl"},
           {"text_config", t}};
 }
 
@@ -175,8 +192,14 @@ void BM_Decode(benchmark::State& state) {
   state.SetLabel(mx ? "mxfp4 experts" : "bf16");
 }
 
-BENCHMARK(BM_Decode)->ArgNames({"mxfp4", "context"})->Args({0, 128})->Args({0, 2048})->Args({1, 128})->Args({1, 2048})
-    ->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_Decode)
+    ->ArgNames({"mxfp4", "context"})
+    ->Args({0, 128})
+    ->Args({0, 2048})
+    ->Args({1, 128})
+    ->Args({1, 2048})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 }  // namespace
 

@@ -141,8 +141,8 @@ class Backend {
   virtual void cache_write(const float* x, size_t width, std::span<const int64_t> slots, float* cache) = 0;
   // Causal attention of every new token over its sequence's cached keys 0..position (GQA). q, out: [tokens,
   // heads * head_dim].
-  virtual void attention(const float* q, const AttentionBatch& batch, const AttentionShape& shape,
-                         const float* k_cache, const float* v_cache, float* out) = 0;
+  virtual void attention(const float* q, const AttentionBatch& batch, const AttentionShape& shape, const float* k_cache,
+                         const float* v_cache, float* out) = 0;
   // Lightning indexer (transformers 5.17 and vLLM agree): per index head h, block score = max over the block's
   // visible tokens of iq_h · ik (no scale); the local block(s) (and init blocks) are forced; top-k. Index head h
   // selects for KV head h, so shape.num_heads must equal the (local) KV heads. blocks: [tokens, heads, topk],

@@ -18,9 +18,7 @@ BlockManager::BlockManager(int32_t num_pages, int32_t block_size, bool prefix_ca
   for (int32_t p = num_pages - 1; p >= 0; --p) free_.push_back(p);
 }
 
-int32_t BlockManager::num_available() const {
-  return static_cast<int32_t>(free_.size() + evictable_.size());
-}
+int32_t BlockManager::num_available() const { return static_cast<int32_t>(free_.size() + evictable_.size()); }
 
 int32_t BlockManager::take_page() {
   int32_t page;

@@ -54,9 +54,9 @@ class BlockManager {
   int32_t block_size_;
   bool prefix_caching_;
   std::vector<Page> pages_;
-  std::vector<int32_t> free_;                        // never cached or evicted
-  std::list<int32_t> evictable_;                     // cached with refs == 0, oldest first
-  std::unordered_map<uint64_t, int32_t> by_hash_;    // cached pages
+  std::vector<int32_t> free_;                      // never cached or evicted
+  std::list<int32_t> evictable_;                   // cached with refs == 0, oldest first
+  std::unordered_map<uint64_t, int32_t> by_hash_;  // cached pages
   uint64_t cache_hits_ = 0;
 };
 

@@ -89,7 +89,8 @@ StepOutput ModelRunner::step(std::span<const StepItem> items) {
       fb.tokens.push_back(s.tokens[static_cast<size_t>(pos)]);
       ab.positions.push_back(pos);
       ab.slots.push_back(static_cast<int64_t>(s.block_table[static_cast<size_t>(pos / cache_.block_size)]) *
-                             cache_.block_size + pos % cache_.block_size);
+                             cache_.block_size +
+                         pos % cache_.block_size);
       if (it.all_logits || i == it.num_tokens - 1) fb.logit_rows.push_back(row + i);
     }
     row += it.num_tokens;

@@ -23,14 +23,14 @@ struct CacheConfig {
 
 struct StepItem {
   Sequence* seq = nullptr;
-  int32_t num_tokens = 0;     // run seq->tokens[num_computed, num_computed + num_tokens)
-  bool all_logits = false;    // logits of every run token (else only of the last one)
+  int32_t num_tokens = 0;   // run seq->tokens[num_computed, num_computed + num_tokens)
+  bool all_logits = false;  // logits of every run token (else only of the last one)
 };
 
 struct StepOutput {
-  std::vector<float> logits;          // [rows, vocab]
-  std::vector<int32_t> first_row;     // per item, its first row in `logits`
-  std::vector<int32_t> num_rows;      // per item
+  std::vector<float> logits;       // [rows, vocab]
+  std::vector<int32_t> first_row;  // per item, its first row in `logits`
+  std::vector<int32_t> num_rows;   // per item
   int32_t vocab = 0;
   std::span<const float> row(size_t item, int32_t i = -1) const;  // i = -1: the item's last row
 };

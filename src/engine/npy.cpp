@@ -46,12 +46,14 @@ NpyArray read_npy_f32(const std::filesystem::path& path) {
     char more[2];
     f.read(more, 2);
     hlen = static_cast<uint8_t>(magic[8]) | static_cast<size_t>(static_cast<uint8_t>(magic[9])) << 8 |
-           static_cast<size_t>(static_cast<uint8_t>(more[0])) << 16 | static_cast<size_t>(static_cast<uint8_t>(more[1])) << 24;
+           static_cast<size_t>(static_cast<uint8_t>(more[0])) << 16 |
+           static_cast<size_t>(static_cast<uint8_t>(more[1])) << 24;
   }
   std::string header(hlen, '\0');
   f.read(header.data(), static_cast<std::streamsize>(hlen));
   if (header.find("'<f4'") == std::string::npos) fail("{}: only little-endian f32 arrays are supported", path.string());
-  if (header.find("'fortran_order': False") == std::string::npos) fail("{}: Fortran order is not supported", path.string());
+  if (header.find("'fortran_order': False") == std::string::npos)
+    fail("{}: Fortran order is not supported", path.string());
   const size_t open = header.find('(', header.find("'shape'")), close = header.find(')', open);
   if (open == std::string::npos || close == std::string::npos) fail("{}: no shape in the header", path.string());
   NpyArray a;

@@ -37,14 +37,17 @@ std::vector<float> Sampler::penalized(std::span<const float> logits, std::span<c
   auto valid = [&](int32_t t) { return t >= 0 && t < vocab; };
   if (params_.repetition_penalty != 1.0f) {
     std::vector<bool> seen(l.size(), false);
-    for (int32_t t : prompt) if (valid(t)) seen[static_cast<size_t>(t)] = true;
-    for (int32_t t : output) if (valid(t)) seen[static_cast<size_t>(t)] = true;
+    for (int32_t t : prompt)
+      if (valid(t)) seen[static_cast<size_t>(t)] = true;
+    for (int32_t t : output)
+      if (valid(t)) seen[static_cast<size_t>(t)] = true;
     for (size_t i = 0; i < l.size(); ++i)
       if (seen[i]) l[i] = l[i] > 0 ? l[i] / params_.repetition_penalty : l[i] * params_.repetition_penalty;
   }
   if (params_.presence_penalty != 0.0f || params_.frequency_penalty != 0.0f) {
     std::unordered_map<int32_t, int32_t> counts;
-    for (int32_t t : output) if (valid(t)) ++counts[t];
+    for (int32_t t : output)
+      if (valid(t)) ++counts[t];
     for (const auto& [t, c] : counts)
       l[static_cast<size_t>(t)] -= params_.frequency_penalty * static_cast<float>(c) + params_.presence_penalty;
   }
@@ -65,7 +68,8 @@ std::vector<float> Sampler::probabilities(std::span<const float> logits, std::sp
   // Candidates by descending logit (ties: lower id first).
   std::vector<int32_t> order(n);
   std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return l[static_cast<size_t>(a)] > l[static_cast<size_t>(b)]; });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int32_t a, int32_t b) { return l[static_cast<size_t>(a)] > l[static_cast<size_t>(b)]; });
   // Full softmax first: min-p compares against the most likely token of the whole distribution (vLLM applies
   // min-p before top-k/top-p).
   const float mx = l[static_cast<size_t>(order[0])];
@@ -105,8 +109,7 @@ std::vector<float> Sampler::probabilities(std::span<const float> logits, std::sp
 int32_t Sampler::sample(std::span<const float> logits, std::span<const int32_t> prompt,
                         std::span<const int32_t> output) {
   const std::vector<float> p = probabilities(logits, prompt, output);
-  if (params_.temperature == 0.0f)
-    return static_cast<int32_t>(std::max_element(p.begin(), p.end()) - p.begin());
+  if (params_.temperature == 0.0f) return static_cast<int32_t>(std::max_element(p.begin(), p.end()) - p.begin());
   // 53 random bits -> a double in [0, 1): the same on every platform for a given seed.
   const double u = static_cast<double>(rng_() >> 11) * 0x1.0p-53;
   double cum = 0.0;

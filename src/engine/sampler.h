@@ -13,14 +13,14 @@
 namespace mxlm::engine {
 
 struct SamplingParams {
-  float temperature = 1.0f;   // 0: greedy
-  int32_t top_k = 0;          // <= 0: off
-  float top_p = 1.0f;         // (0, 1]
-  float min_p = 0.0f;         // [0, 1]
+  float temperature = 1.0f;         // 0: greedy
+  int32_t top_k = 0;                // <= 0: off
+  float top_p = 1.0f;               // (0, 1]
+  float min_p = 0.0f;               // [0, 1]
   float repetition_penalty = 1.0f;  // > 0; 1: off
   float presence_penalty = 0.0f;
   float frequency_penalty = 0.0f;
-  std::optional<uint64_t> seed;     // nullopt: a random seed
+  std::optional<uint64_t> seed;  // nullopt: a random seed
   std::vector<int32_t> stop_token_ids;
   int32_t max_tokens = 16;
 

@@ -67,8 +67,10 @@ M3Model::M3Model(const io::ModelConfig& config, const io::Checkpoint& ckpt, back
   if (t.hidden_size <= 0 || t.num_layers <= 0 || t.num_heads <= 0 || t.num_kv_heads <= 0 || t.head_dim <= 0 ||
       t.vocab_size <= 0)
     fail("config: hidden_size, num_hidden_layers, heads, head_dim and vocab_size must be positive");
-  if (t.num_heads % t.num_kv_heads != 0) fail("config: {} heads is not a multiple of {} KV heads", t.num_heads, t.num_kv_heads);
-  if (static_cast<int>(t.layer_is_moe.size()) != t.num_layers || static_cast<int>(t.layer_is_sparse.size()) != t.num_layers)
+  if (t.num_heads % t.num_kv_heads != 0)
+    fail("config: {} heads is not a multiple of {} KV heads", t.num_heads, t.num_kv_heads);
+  if (static_cast<int>(t.layer_is_moe.size()) != t.num_layers ||
+      static_cast<int>(t.layer_is_sparse.size()) != t.num_layers)
     fail("config: per-layer MoE/sparse flags do not cover {} layers", t.num_layers);
   if (t.num_heads % tp.size != 0) fail("{} attention heads cannot be split over {} ranks", t.num_heads, tp.size);
   local_heads_ = t.num_heads / tp.size;
@@ -119,9 +121,10 @@ M3Model::M3Model(const io::ModelConfig& config, const io::Checkpoint& ckpt, back
     }
     if (layer->sparse) {
       if (sp.num_index_heads != t.num_kv_heads)
-        fail("layer {}: the indexer has {} heads but there are {} KV heads; index head h selects the blocks of KV "
-             "head h, so they must match",
-             i, sp.num_index_heads, t.num_kv_heads);
+        fail(
+            "layer {}: the indexer has {} heads but there are {} KV heads; index head h selects the blocks of KV "
+            "head h, so they must match",
+            i, sp.num_index_heads, t.num_kv_heads);
       const int64_t Di = sp.index_dim;
       const Shard iq_rows = tp.size == 1 ? Shard::whole() : Shard::rows(kv_begin * Di, local_kv_heads_ * Di);
       layer->index_q = load.matrix(p + "self_attn.index_q_proj", sp.num_index_heads * Di, H, iq_rows);
@@ -239,8 +242,10 @@ void M3Model::attention(const Layer& layer, const LayerCache& cache, const backe
   linear(x, T, *layer.k, k);
   linear(x, T, *layer.v, v);
   if (layer.q_norm) {
-    backend_.rms_norm(q, layer.q_norm->f32(), q, T * static_cast<size_t>(local_heads_), static_cast<size_t>(D), eps, t.gemma_norm);
-    backend_.rms_norm(k, layer.k_norm->f32(), k, T * static_cast<size_t>(local_kv_heads_), static_cast<size_t>(D), eps, t.gemma_norm);
+    backend_.rms_norm(q, layer.q_norm->f32(), q, T * static_cast<size_t>(local_heads_), static_cast<size_t>(D), eps,
+                      t.gemma_norm);
+    backend_.rms_norm(k, layer.k_norm->f32(), k, T * static_cast<size_t>(local_kv_heads_), static_cast<size_t>(D), eps,
+                      t.gemma_norm);
   }
   backend_.rope(q, batch.positions, local_heads_, D, t.rotary_dim, theta);
   backend_.rope(k, batch.positions, local_kv_heads_, D, t.rotary_dim, theta);
@@ -256,7 +261,8 @@ void M3Model::attention(const Layer& layer, const LayerCache& cache, const backe
     float* ik = s(T * static_cast<size_t>(Di));
     linear(x, T, *layer.index_q, iq);
     linear(x, T, *layer.index_k, ik);
-    backend_.rms_norm(iq, layer.index_q_norm->f32(), iq, T * static_cast<size_t>(local_kv_heads_), static_cast<size_t>(Di), eps, t.gemma_norm);
+    backend_.rms_norm(iq, layer.index_q_norm->f32(), iq, T * static_cast<size_t>(local_kv_heads_),
+                      static_cast<size_t>(Di), eps, t.gemma_norm);
     backend_.rms_norm(ik, layer.index_k_norm->f32(), ik, T, static_cast<size_t>(Di), eps, t.gemma_norm);
     // The indexer shares the main attention's partial RoPE (transformers slices cos/sin to the index dim).
     const int index_rotary = std::min(t.rotary_dim, Di);

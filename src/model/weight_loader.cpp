@@ -23,7 +23,8 @@ void check_shape(const io::TensorInfo& info, const std::vector<int64_t>& expecte
 }
 
 // Copies rows [r0, r0 + nr) and byte columns [c0, c0 + nc) of a row-major byte matrix of `row_bytes` per row.
-std::vector<uint8_t> slice_bytes(const uint8_t* src, int64_t row_bytes, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+std::vector<uint8_t> slice_bytes(const uint8_t* src, int64_t row_bytes, int64_t r0, int64_t nr, int64_t c0,
+                                 int64_t nc) {
   std::vector<uint8_t> out(static_cast<size_t>(nr * nc));
   for (int64_t r = 0; r < nr; ++r)
     std::memcpy(out.data() + r * nc, src + (r0 + r) * row_bytes + c0, static_cast<size_t>(nc));
@@ -48,8 +49,8 @@ WeightLoader::WeightLoader(const io::Checkpoint& checkpoint, backend::Backend& b
                            std::optional<WeightFormat> float_format)
     : checkpoint_(checkpoint), backend_(backend), float_format_(float_format) {}
 
-std::unique_ptr<backend::Weight> WeightLoader::matrix(const std::string& stem, int64_t rows, int64_t cols,
-                                                      Shard shard, bool force_f32) {
+std::unique_ptr<backend::Weight> WeightLoader::matrix(const std::string& stem, int64_t rows, int64_t cols, Shard shard,
+                                                      bool force_f32) {
   const std::string name = stem + ".weight";
   if (!checkpoint_.contains(name)) fail("checkpoint {} has no tensor {}", checkpoint_.dir().string(), name);
   const io::TensorInfo& info = checkpoint_.info(name);
@@ -66,7 +67,8 @@ std::unique_ptr<backend::Weight> WeightLoader::matrix(const std::string& stem, i
     if (cols % 32 != 0) fail("MXFP4 tensor {} has {} input columns (not a multiple of 32)", name, cols);
     check_shape(info, {rows, cols / 2}, " (MXFP4 packed: [out, in/2])");
     check_shape(sinfo, {rows, cols / 32}, " (MXFP4 scales: [out, in/32])");
-    if (sinfo.dtype != DType::U8) fail("MXFP4 scales {} must be U8 (E8M0), got {}", scale_name, dtype_name(sinfo.dtype));
+    if (sinfo.dtype != DType::U8)
+      fail("MXFP4 scales {} must be U8 (E8M0), got {}", scale_name, dtype_name(sinfo.dtype));
     if (c0 % 32 != 0 || nc % 32 != 0) fail("MXFP4 tensor {} cannot be split at column {} (+{})", name, c0, nc);
     const auto sbytes = checkpoint_.data(scale_name);
     auto packed = slice_bytes(bytes.data(), cols / 2, r0, nr, c0 / 2, nc / 2);
@@ -78,9 +80,15 @@ std::unique_ptr<backend::Weight> WeightLoader::matrix(const std::string& stem, i
 
   WeightFormat src;
   switch (info.dtype) {
-    case DType::F32: src = WeightFormat::F32; break;
-    case DType::BF16: src = WeightFormat::BF16; break;
-    case DType::F16: src = WeightFormat::F16; break;
+    case DType::F32:
+      src = WeightFormat::F32;
+      break;
+    case DType::BF16:
+      src = WeightFormat::BF16;
+      break;
+    case DType::F16:
+      src = WeightFormat::F16;
+      break;
     default:
       fail("tensor {} has dtype {}; expected F32, BF16, F16 or MXFP4 (U8 + {})", name, dtype_name(info.dtype),
            scale_name);

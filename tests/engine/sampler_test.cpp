@@ -66,7 +66,8 @@ TEST(Sampler, TemperatureTopKTopPMinPMatchReference) {
             for (size_t r = static_cast<size_t>(top_k); r < order.size(); ++r) keep[order[r]] = false;
           if (top_p < 1.0f) {
             double total = 0;
-            for (size_t i = 0; i < p.size(); ++i) if (keep[i]) total += p[i];
+            for (size_t i = 0; i < p.size(); ++i)
+              if (keep[i]) total += p[i];
             double cum = 0;
             bool reached = false;
             for (size_t r = 0; r < order.size(); ++r) {
@@ -77,11 +78,12 @@ TEST(Sampler, TemperatureTopKTopPMinPMatchReference) {
             }
           }
           double total = 0;
-          for (size_t i = 0; i < p.size(); ++i) if (keep[i]) total += p[i];
+          for (size_t i = 0; i < p.size(); ++i)
+            if (keep[i]) total += p[i];
           for (size_t i = 0; i < p.size(); ++i) {
             const double want = keep[i] ? p[i] / total : 0.0;
-            ASSERT_NEAR(got[i], want, 1e-5) << "temp " << temp << " top_k " << top_k << " top_p " << top_p
-                                            << " min_p " << min_p << " token " << i;
+            ASSERT_NEAR(got[i], want, 1e-5)
+                << "temp " << temp << " top_k " << top_k << " top_p " << top_p << " min_p " << min_p << " token " << i;
           }
         }
 }

@@ -90,9 +90,9 @@ TEST(TensorParallelRules, UnsplittableShapesAreClearErrors) {
   // 4 attention heads over 3 ranks.
   auto three = backend::cpu::make_cpu_tp_backends(3);
   o.tp = {0, 3};
-  EXPECT_THROW(model::M3Model(io::load_model_config(fixture_dir("mixed")), io::Checkpoint(fixture_dir("mixed")),
-                              *three[0], o),
-               Error);
+  EXPECT_THROW(
+      model::M3Model(io::load_model_config(fixture_dir("mixed")), io::Checkpoint(fixture_dir("mixed")), *three[0], o),
+      Error);
 }
 
 }  // namespace

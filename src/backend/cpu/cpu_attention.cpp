@@ -63,7 +63,8 @@ void attend(const float* q_row, float* out_row, const SequenceSlice& s, std::spa
     float* o = out_row + static_cast<size_t>(h) * static_cast<size_t>(d);
     float mx = -std::numeric_limits<float>::infinity();
     for (size_t j = 0; j < keys.size(); ++j) {
-      const float* k = k_cache + slot_of(s, keys[j], block_size) * width + static_cast<size_t>(kv_head) * static_cast<size_t>(d);
+      const float* k =
+          k_cache + slot_of(s, keys[j], block_size) * width + static_cast<size_t>(kv_head) * static_cast<size_t>(d);
       scores[j] = dot(q, k, d) * shape.scale;
       mx = std::max(mx, scores[j]);
     }
@@ -74,7 +75,8 @@ void attend(const float* q_row, float* out_row, const SequenceSlice& s, std::spa
     }
     std::fill(o, o + d, 0.0f);
     for (size_t j = 0; j < keys.size(); ++j) {
-      const float* v = v_cache + slot_of(s, keys[j], block_size) * width + static_cast<size_t>(kv_head) * static_cast<size_t>(d);
+      const float* v =
+          v_cache + slot_of(s, keys[j], block_size) * width + static_cast<size_t>(kv_head) * static_cast<size_t>(d);
       const float p = scores[j] / sum;
       for (int c = 0; c < d; ++c) o[c] += p * v[c];
     }
@@ -129,7 +131,9 @@ void CpuBackend::index_select(const float* iq, const AttentionBatch& batch, cons
         score.assign(static_cast<size_t>(visible), -inf);
         {
           const int h = sel;
-          const float* qh = iq + (static_cast<size_t>(row.row) * static_cast<size_t>(shape.num_heads) + static_cast<size_t>(h)) * static_cast<size_t>(d);
+          const float* qh =
+              iq + (static_cast<size_t>(row.row) * static_cast<size_t>(shape.num_heads) + static_cast<size_t>(h)) *
+                       static_cast<size_t>(d);
           for (int32_t t = 0; t <= row.pos; ++t) {
             const float s = dot(qh, index_k_cache + slot_of(*row.seq, t, bs) * static_cast<size_t>(d), d);
             float& b = score[static_cast<size_t>(t / bs)];
@@ -146,8 +150,9 @@ void CpuBackend::index_select(const float* iq, const AttentionBatch& batch, cons
           return score[static_cast<size_t>(a)] > score[static_cast<size_t>(b)] ||
                  (score[static_cast<size_t>(a)] == score[static_cast<size_t>(b)] && a < b);
         });
-        int32_t* o = blocks + (static_cast<size_t>(row.row) * static_cast<size_t>(selections) + static_cast<size_t>(sel)) *
-                                  static_cast<size_t>(shape.topk_blocks);
+        int32_t* o =
+            blocks + (static_cast<size_t>(row.row) * static_cast<size_t>(selections) + static_cast<size_t>(sel)) *
+                         static_cast<size_t>(shape.topk_blocks);
         for (int j = 0; j < shape.topk_blocks; ++j) o[j] = j < take ? order[static_cast<size_t>(j)] : -1;
       }
     }
@@ -172,7 +177,9 @@ void CpuBackend::sparse_attention(const float* q, const AttentionBatch& batch, c
       const Row& row = rows[r];
       for (int kvh = 0; kvh < shape.num_kv_heads; ++kvh) {
         const int sel = kvh;
-        const int32_t* list = blocks + (static_cast<size_t>(row.row) * static_cast<size_t>(selections) + static_cast<size_t>(sel)) * static_cast<size_t>(topk);
+        const int32_t* list =
+            blocks + (static_cast<size_t>(row.row) * static_cast<size_t>(selections) + static_cast<size_t>(sel)) *
+                         static_cast<size_t>(topk);
         chosen.assign(list, list + topk);
         // Keys in position order, so with every block selected this is exactly dense attention.
         std::sort(chosen.begin(), chosen.end());

@@ -19,10 +19,13 @@ namespace {
 
 size_t element_bytes(WeightFormat f) {
   switch (f) {
-    case WeightFormat::F32: return 4;
+    case WeightFormat::F32:
+      return 4;
     case WeightFormat::BF16:
-    case WeightFormat::F16: return 2;
-    case WeightFormat::MXFP4: return 0;
+    case WeightFormat::F16:
+      return 2;
+    case WeightFormat::MXFP4:
+      return 0;
   }
   return 0;
 }
@@ -46,7 +49,9 @@ void HostWeight::row_f32(int64_t r, float* out) const {
   const size_t c = static_cast<size_t>(cols_);
   const size_t off = static_cast<size_t>(r) * c;
   switch (format_) {
-    case WeightFormat::F32: std::memcpy(out, data_.data() + off * 4, c * 4); break;
+    case WeightFormat::F32:
+      std::memcpy(out, data_.data() + off * 4, c * 4);
+      break;
     case WeightFormat::BF16: {
       const auto* p = reinterpret_cast<const uint16_t*>(data_.data()) + off;
       for (size_t i = 0; i < c; ++i) out[i] = bf16_to_f32(p[i]);
@@ -68,12 +73,14 @@ const HostWeight& host(const Weight& w) { return static_cast<const HostWeight&>(
 std::unique_ptr<Buffer> CpuBackend::alloc(size_t count) { return std::make_unique<HostBuffer>(count); }
 
 void CpuBackend::upload(Buffer& dst, size_t offset, const float* src, size_t count) {
-  if (offset + count > dst.size()) fail("upload of {} elements at {} overflows a buffer of {}", count, offset, dst.size());
+  if (offset + count > dst.size())
+    fail("upload of {} elements at {} overflows a buffer of {}", count, offset, dst.size());
   std::memcpy(dst.f32() + offset, src, count * sizeof(float));
 }
 
 void CpuBackend::download(const Buffer& src, size_t offset, float* dst, size_t count) {
-  if (offset + count > src.size()) fail("download of {} elements at {} overflows a buffer of {}", count, offset, src.size());
+  if (offset + count > src.size())
+    fail("download of {} elements at {} overflows a buffer of {}", count, offset, src.size());
   std::memcpy(dst, const_cast<Buffer&>(src).f32() + offset, count * sizeof(float));
 }
 
@@ -119,7 +126,7 @@ void CpuBackend::rope(float* x, std::span<const int32_t> positions, int heads, i
     inv_freq[static_cast<size_t>(j)] =
         1.0f / std::pow(theta, static_cast<float>(2 * j) / static_cast<float>(rotary_dim));
   const size_t tokens = positions.size();
-#pragma omp parallel for schedule(static) if (tokens * static_cast<size_t>(heads) > 4096)
+#pragma omp parallel for schedule(static) if (tokens * static_cast <size_t>(heads) > 4096)
   for (size_t t = 0; t < tokens; ++t) {
     const float pos = static_cast<float>(positions[t]);
     for (int j = 0; j < half; ++j) {
@@ -153,14 +160,18 @@ void CpuBackend::linear(const float* x, size_t m, const Weight& w, float* y) {
   const size_t n = static_cast<size_t>(w.rows()), k = static_cast<size_t>(w.cols());
   if (m == 0) return;
   switch (w.format()) {
-    case WeightFormat::F32: mxlm::cpu::gemm_f32(x, m, k, reinterpret_cast<const float*>(hw.bytes()), n, y); break;
+    case WeightFormat::F32:
+      mxlm::cpu::gemm_f32(x, m, k, reinterpret_cast<const float*>(hw.bytes()), n, y);
+      break;
     case WeightFormat::BF16:
       mxlm::cpu::gemm_bf16(x, m, k, reinterpret_cast<const uint16_t*>(hw.bytes()), n, y);
       break;
     case WeightFormat::F16:
       mxlm::cpu::gemm_f16(x, m, k, reinterpret_cast<const uint16_t*>(hw.bytes()), n, y);
       break;
-    case WeightFormat::MXFP4: mxlm::cpu::gemm_mxfp4(x, m, k, hw.bytes(), hw.scales(), n, y); break;
+    case WeightFormat::MXFP4:
+      mxlm::cpu::gemm_mxfp4(x, m, k, hw.bytes(), hw.scales(), n, y);
+      break;
   }
 }
 

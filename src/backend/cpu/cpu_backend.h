@@ -58,8 +58,7 @@ class CpuBackend final : public Backend {
 
   void add(const float* a, const float* b, float* out, size_t n) override;
   void scale(float* x, float factor, size_t n) override;
-  void rms_norm(const float* x, const float* w, float* out, size_t rows, size_t dim, float eps,
-                bool add_one) override;
+  void rms_norm(const float* x, const float* w, float* out, size_t rows, size_t dim, float eps, bool add_one) override;
   void rope(float* x, std::span<const int32_t> positions, int heads, int head_dim, int rotary_dim,
             float theta) override;
   void swiglu_oai(const float* gate, const float* up, float* out, size_t n, SwigluParams p) override;
@@ -68,8 +67,8 @@ class CpuBackend final : public Backend {
   void linear(const float* x, size_t m, const Weight& w, float* y) override;
   void embedding(const Weight& table, std::span<const int32_t> ids, int64_t row_offset, float* out) override;
 
-  void router(const float* x, size_t tokens, const Weight& w, const float* bias, int k, float scale,
-              int32_t* ids, float* weights) override;
+  void router(const float* x, size_t tokens, const Weight& w, const float* bias, int k, float scale, int32_t* ids,
+              float* weights) override;
   void moe_experts(const float* x, size_t tokens, const int32_t* ids, const float* weights, int k,
                    std::span<const Weight* const> gate, std::span<const Weight* const> up,
                    std::span<const Weight* const> down, int first_expert, SwigluParams p, bool qdq_inputs,
@@ -78,11 +77,10 @@ class CpuBackend final : public Backend {
   void cache_write(const float* x, size_t width, std::span<const int64_t> slots, float* cache) override;
   void attention(const float* q, const AttentionBatch& batch, const AttentionShape& shape, const float* k_cache,
                  const float* v_cache, float* out) override;
-  void index_select(const float* iq, const AttentionBatch& batch, const IndexerShape& shape,
-                    const float* index_k_cache, int32_t* blocks) override;
-  void sparse_attention(const float* q, const AttentionBatch& batch, const AttentionShape& shape,
-                        const float* k_cache, const float* v_cache, const int32_t* blocks, int topk,
-                        float* out) override;
+  void index_select(const float* iq, const AttentionBatch& batch, const IndexerShape& shape, const float* index_k_cache,
+                    int32_t* blocks) override;
+  void sparse_attention(const float* q, const AttentionBatch& batch, const AttentionShape& shape, const float* k_cache,
+                        const float* v_cache, const int32_t* blocks, int topk, float* out) override;
 
   int tp_rank() const override { return rank_; }
   int tp_size() const override;

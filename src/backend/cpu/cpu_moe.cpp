@@ -41,8 +41,8 @@ void CpuBackend::router(const float* x, size_t tokens, const Weight& w, const fl
 
 void CpuBackend::moe_experts(const float* x, size_t tokens, const int32_t* ids, const float* weights, int k,
                              std::span<const Weight* const> gate, std::span<const Weight* const> up,
-                             std::span<const Weight* const> down, int first_expert, SwigluParams p,
-                             bool qdq_inputs, float* out) {
+                             std::span<const Weight* const> down, int first_expert, SwigluParams p, bool qdq_inputs,
+                             float* out) {
   if (gate.empty()) return;
   const size_t hidden = static_cast<size_t>(gate[0]->cols());
   std::fill(out, out + tokens * hidden, 0.0f);
@@ -62,7 +62,8 @@ void CpuBackend::moe_experts(const float* x, size_t tokens, const int32_t* ids, 
     const size_t n = list.size();
     const size_t inter = static_cast<size_t>(gate[static_cast<size_t>(e)]->rows());
     xs.resize(n * hidden);
-    for (size_t i = 0; i < n; ++i) std::copy(x + list[i].first * hidden, x + (list[i].first + 1) * hidden, xs.data() + i * hidden);
+    for (size_t i = 0; i < n; ++i)
+      std::copy(x + list[i].first * hidden, x + (list[i].first + 1) * hidden, xs.data() + i * hidden);
     if (qdq_inputs) qdq_mxfp4(xs.data(), n, hidden);
     g.resize(n * inter);
     u.resize(n * inter);
