@@ -2,8 +2,8 @@
 // Flag names follow Quark's quantize script: --template is Quark's model-type template, --exclude-layers
 // replaces the template's exclude list exactly as `template.get_config(scheme, exclude_layers=...)` does
 // (give it with no value to exclude nothing).
-#include <CLI/CLI.hpp>
 #include <unistd.h>
+#include <CLI/CLI.hpp>
 
 #include <fmt/format.h>
 

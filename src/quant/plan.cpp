@@ -24,7 +24,8 @@ bool ends_with(std::string_view s, std::string_view suffix) {
 std::string incompatibility(const io::TensorInfo& t) {
   if (t.dtype != DType::F32 && t.dtype != DType::F16 && t.dtype != DType::BF16)
     return fmt::format("its dtype {} is not F32, F16 or BF16", dtype_name(t.dtype));
-  if (t.shape.size() != 2) return fmt::format("it has {} dimensions (only 2-D linear weights are quantized)", t.shape.size());
+  if (t.shape.size() != 2)
+    return fmt::format("it has {} dimensions (only 2-D linear weights are quantized)", t.shape.size());
   if (t.shape[1] <= 0 || t.shape[1] % static_cast<int64_t>(mx::kBlockSize) != 0)
     return fmt::format("its input dimension K = {} is not a positive multiple of {}", t.shape[1], mx::kBlockSize);
   return "";
@@ -109,9 +110,10 @@ QuantPlan make_plan(const std::vector<io::TensorInfo>& tensors, const PlanOption
     std::string list;
     for (size_t i = 0; i < problems.size() && i < 10; ++i) list += "\n  " + problems[i];
     if (problems.size() > 10) list += fmt::format("\n  ... and {} more", problems.size() - 10);
-    fail("{} tensor(s) selected for MXFP4 cannot be quantized (exclude them with --exclude-layers, or pass "
-         "--skip-incompatible to keep them unquantized):{}",
-         problems.size(), list);
+    fail(
+        "{} tensor(s) selected for MXFP4 cannot be quantized (exclude them with --exclude-layers, or pass "
+        "--skip-incompatible to keep them unquantized):{}",
+        problems.size(), list);
   }
   std::sort(plan.excluded_modules.begin(), plan.excluded_modules.end());
   plan.excluded_modules.erase(std::unique(plan.excluded_modules.begin(), plan.excluded_modules.end()),
@@ -162,9 +164,10 @@ std::string describe_plan(const QuantPlan& plan) {
   }
   if (!plan.skipped.empty()) out += fmt::format("skipped as incompatible (kept): {}\n", plan.skipped.size());
   out += fmt::format("excluded linear modules (config `exclude`): {}\n", plan.excluded_modules.size());
-  out += fmt::format("input {} -> output {} ({:.1f}% of input)\n", format_bytes(static_cast<double>(plan.bytes_in)),
-                     format_bytes(static_cast<double>(plan.bytes_out)),
-                     plan.bytes_in ? 100.0 * static_cast<double>(plan.bytes_out) / static_cast<double>(plan.bytes_in) : 0.0);
+  out += fmt::format(
+      "input {} -> output {} ({:.1f}% of input)\n", format_bytes(static_cast<double>(plan.bytes_in)),
+      format_bytes(static_cast<double>(plan.bytes_out)),
+      plan.bytes_in ? 100.0 * static_cast<double>(plan.bytes_out) / static_cast<double>(plan.bytes_in) : 0.0);
   return out;
 }
 

@@ -126,8 +126,8 @@ bool is_readme(const std::string& name) {
 
 // Files written by the quantizer itself (never copied from the input, removed by --overwrite).
 bool is_output_owned(const std::string& name) {
-  return name == kIndexName || name == "config.json" || name == kManifestName ||
-         name.ends_with(".safetensors") || name.ends_with(".safetensors.partial");
+  return name == kIndexName || name == "config.json" || name == kManifestName || name.ends_with(".safetensors") ||
+         name.ends_with(".safetensors.partial");
 }
 
 // Copies every non-weight file and folder (tokenizer, chat template, generation config, processor configs,
@@ -201,7 +201,8 @@ struct Manifest {
     j["writer"] = std::string(kWriterVersion);
     j["fingerprint"] = fingerprint;
     j["completed_shards"] = json::object();
-    for (const auto& [file, entry] : shards) j["completed_shards"][file] = {{"size", entry.first}, {"xxh3", entry.second}};
+    for (const auto& [file, entry] : shards)
+      j["completed_shards"][file] = {{"size", entry.first}, {"xxh3", entry.second}};
     return j.dump(2) + "\n";
   }
 
@@ -259,9 +260,10 @@ void prepare_output_dir(const QuantizeOptions& options, const fs::path& out, con
   if (!manifest)
     fail("output directory '{}' is not empty; pass --overwrite to replace its checkpoint files", out.string());
   if (manifest->fingerprint != fp)
-    fail("output directory '{}' holds an unfinished quantization of a different input or with different options; "
-         "pass --overwrite to start over",
-         out.string());
+    fail(
+        "output directory '{}' holds an unfinished quantization of a different input or with different options; "
+        "pass --overwrite to start over",
+        out.string());
 }
 
 }  // namespace
@@ -269,7 +271,8 @@ void prepare_output_dir(const QuantizeOptions& options, const fs::path& out, con
 QuantizeResult quantize_checkpoint(const QuantizeOptions& options) {
   const auto start = std::chrono::steady_clock::now();
   QuantizeResult result;
-  if (!is_supported_scheme(options.scheme)) fail("unsupported quantization scheme '{}' (supported: mxfp4)", options.scheme);
+  if (!is_supported_scheme(options.scheme))
+    fail("unsupported quantization scheme '{}' (supported: mxfp4)", options.scheme);
   if (!fs::is_directory(options.model_dir)) fail("model directory '{}' does not exist", options.model_dir.string());
   const fs::path in = fs::weakly_canonical(fs::absolute(options.model_dir));
   if (options.output_dir.empty() && !options.dry_run) fail("no output directory given");
@@ -335,7 +338,8 @@ QuantizeResult quantize_checkpoint(const QuantizeOptions& options) {
         spdlog::warn("{}: does not match its recorded checksum; writing it again", path.string());
       }
     }
-    if (result.shards_resumed) spdlog::info("resuming: {} of {} shards already complete", result.shards_resumed, shards.size());
+    if (result.shards_resumed)
+      spdlog::info("resuming: {} of {} shards already complete", result.shards_resumed, shards.size());
   }
   const fs::path manifest_path = out / kManifestName;
   io::write_file_atomic(manifest_path, manifest.dump());
@@ -395,14 +399,16 @@ QuantizeResult quantize_checkpoint(const QuantizeOptions& options) {
 
   auto writer_for = [&](size_t s) -> io::SafetensorsWriter& {
     std::lock_guard lock(slots[s].mutex);
-    if (!slots[s].writer) slots[s].writer = std::make_unique<io::SafetensorsWriter>(out / shards[s].file_name, shards[s].tensors);
+    if (!slots[s].writer)
+      slots[s].writer = std::make_unique<io::SafetensorsWriter>(out / shards[s].file_name, shards[s].tensors);
     return *slots[s].writer;
   };
   auto commit = [&](size_t s) {
     std::unique_ptr<io::SafetensorsWriter> writer;
     {
       std::lock_guard lock(slots[s].mutex);
-      if (!slots[s].writer) slots[s].writer = std::make_unique<io::SafetensorsWriter>(out / shards[s].file_name, shards[s].tensors);
+      if (!slots[s].writer)
+        slots[s].writer = std::make_unique<io::SafetensorsWriter>(out / shards[s].file_name, shards[s].tensors);
       writer = std::move(slots[s].writer);
     }
     writer->commit();
@@ -536,7 +542,8 @@ VerifyResult verify_quantized(const fs::path& model_dir, const fs::path& output_
     total_bytes += t.nbytes();
     if (quantized[i]) {
       const uint64_t rows = static_cast<uint64_t>(t.shape[0]);
-      const uint64_t step = std::max<uint64_t>(1, kChunkBytes / (static_cast<uint64_t>(t.shape[1]) * dtype_size(t.dtype)));
+      const uint64_t step =
+          std::max<uint64_t>(1, kChunkBytes / (static_cast<uint64_t>(t.shape[1]) * dtype_size(t.dtype)));
       for (uint64_t b = 0; b < rows; b += step) items.push_back({i, b, std::min(rows, b + step)});
     } else {
       for (uint64_t b = 0; b < t.nbytes() || b == 0; b += kCopyChunkBytes) {

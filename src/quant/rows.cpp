@@ -35,10 +35,17 @@ void quantize_rows(std::string_view name, DType dtype, const uint8_t* src, size_
   const size_t n = rows * k;
   size_t bad = n;
   switch (dtype) {
-    case DType::BF16: bad = first_non_finite<uint16_t>(src, n, 0x7f80); break;
-    case DType::F16: bad = first_non_finite<uint16_t>(src, n, 0x7c00); break;
-    case DType::F32: bad = first_non_finite<uint32_t>(src, n, 0x7f800000u); break;
-    default: fail("tensor '{}': cannot quantize dtype {}", name, dtype_name(dtype));
+    case DType::BF16:
+      bad = first_non_finite<uint16_t>(src, n, 0x7f80);
+      break;
+    case DType::F16:
+      bad = first_non_finite<uint16_t>(src, n, 0x7c00);
+      break;
+    case DType::F32:
+      bad = first_non_finite<uint32_t>(src, n, 0x7f800000u);
+      break;
+    default:
+      fail("tensor '{}': cannot quantize dtype {}", name, dtype_name(dtype));
   }
   if (bad != n) {
     const float value = load_as_f32(dtype, src + bad * dtype_size(dtype));

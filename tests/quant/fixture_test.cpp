@@ -34,9 +34,9 @@ TEST(QuantizeFixture, MixedMatchesTorchReference) {
   o.model_dir = fixtures / "mixed";
   o.output_dir = out;
   o.template_name = "minimax_m3_vl";
-  o.exclude_layers = std::vector<std::string>{"*lm_head", "*vision_tower*", "*multi_modal_projector*",
+  o.exclude_layers = std::vector<std::string>{"*lm_head",          "*vision_tower*",         "*multi_modal_projector*",
                                               "*patch_merge_mlp*", "*block_sparse_moe.gate", "*self_attn*",
-                                              "*mlp.gate_proj", "*mlp.up_proj", "*mlp.down_proj"};
+                                              "*mlp.gate_proj",    "*mlp.up_proj",           "*mlp.down_proj"};
   o.threads = 2;
   o.progress = false;
   o.verify = true;

@@ -93,9 +93,10 @@ std::vector<TensorInfo> m3_inventory() {
 }
 
 // The seed script's exclude_layers (shared/seed/model-card-amd-minimax-m3-mxfp4.txt).
-const std::vector<std::string> kSeedExcludes = {"*lm_head",  "*vision_tower*", "*multi_modal_projector*",
-                                                "*patch_merge_mlp*", "*block_sparse_moe.gate", "*self_attn*",
-                                                "*mlp.gate_proj", "*mlp.up_proj", "*mlp.down_proj"};
+const std::vector<std::string> kSeedExcludes = {
+    "*lm_head",          "*vision_tower*",         "*multi_modal_projector*",
+    "*patch_merge_mlp*", "*block_sparse_moe.gate", "*self_attn*",
+    "*mlp.gate_proj",    "*mlp.up_proj",           "*mlp.down_proj"};
 
 bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 
@@ -114,7 +115,8 @@ TEST(QuantPlan, SeedListsQuantizeExactlyRoutedAndSharedExperts) {
   EXPECT_EQ(plan.quantized_count, 57u * 128 * 3 + 57u * 3);
   EXPECT_EQ(plan.copied_count, 23416u - plan.quantized_count);
   for (const auto& t : plan.tensors) {
-    const bool expert = contains(t.name, ".block_sparse_moe.experts.") || contains(t.name, ".block_sparse_moe.shared_experts.");
+    const bool expert =
+        contains(t.name, ".block_sparse_moe.experts.") || contains(t.name, ".block_sparse_moe.shared_experts.");
     EXPECT_EQ(t.action == TensorAction::Quantize, expert) << t.name;
     if (t.action == TensorAction::Copy) {
       // Everything kept stays BF16 or F32 as it was: attention (incl. index_*), router, dense MLPs, lm_head,
@@ -128,10 +130,10 @@ TEST(QuantPlan, SeedListsQuantizeExactlyRoutedAndSharedExperts) {
   EXPECT_EQ(plan.excluded_modules.size(), expected_excluded);
   EXPECT_TRUE(std::is_sorted(plan.excluded_modules.begin(), plan.excluded_modules.end()));
   const std::set<std::string> excluded(plan.excluded_modules.begin(), plan.excluded_modules.end());
-  for (const char* name : {"language_model.lm_head", "language_model.model.layers.3.self_attn.index_q_proj",
-                           "language_model.model.layers.59.block_sparse_moe.gate",
-                           "language_model.model.layers.2.mlp.down_proj", "patch_merge_mlp.linear_1",
-                           "vision_tower.vision_model.encoder.layers.31.mlp.fc2"})
+  for (const char* name :
+       {"language_model.lm_head", "language_model.model.layers.3.self_attn.index_q_proj",
+        "language_model.model.layers.59.block_sparse_moe.gate", "language_model.model.layers.2.mlp.down_proj",
+        "patch_merge_mlp.linear_1", "vision_tower.vision_model.encoder.layers.31.mlp.fc2"})
     EXPECT_TRUE(excluded.count(name)) << name;
   // Not linear weights (Quark's name rule): embeddings, norms, the Conv3d patch embedding, biases.
   for (const char* name : {"language_model.model.embed_tokens", "vision_tower.vision_model.embeddings.patch_embedding",
@@ -164,8 +166,8 @@ TEST(QuantPlan, TemplateDefaultsApplyWithoutUserList) {
   const QuantPlan plan = make_plan(m3_inventory(), {exclude, false});
   EXPECT_EQ(plan.quantized_count, 57u * 129 * 3 + 60 * 4 + 9);
   // An empty user list excludes nothing: every linear weight is selected, and all of M3's have K % 32 == 0.
-  const QuantPlan all = make_plan(m3_inventory(), {effective_excludes(find_template("minimax_m3_vl"),
-                                                                      std::vector<std::string>{}), false});
+  const QuantPlan all = make_plan(
+      m3_inventory(), {effective_excludes(find_template("minimax_m3_vl"), std::vector<std::string>{}), false});
   EXPECT_TRUE(all.excluded_modules.empty());
   EXPECT_EQ(all.quantized_count, plan.quantized_count + 1 + 114 + 57 + 192 + 4);
 }
@@ -197,7 +199,8 @@ TEST(QuantPlan, IncompatibleSelectedTensorsAreErrorsUnlessSkipped) {
 }
 
 TEST(QuantPlan, AlreadyQuantizedInputIsRefused) {
-  std::vector<TensorInfo> t = {{"x.weight", DType::BF16, {2, 32}, 0, 128}, {"x.weight_scale", DType::U8, {2, 1}, 128, 130}};
+  std::vector<TensorInfo> t = {{"x.weight", DType::BF16, {2, 32}, 0, 128},
+                               {"x.weight_scale", DType::U8, {2, 1}, 128, 130}};
   EXPECT_THROW(make_plan(t, {{}, false}), Error);
 }
 

@@ -77,7 +77,8 @@ void write_checkpoint(const fs::path& dir, const std::vector<InputTensor>& tenso
     plan.data_bytes += tensors[i].bytes.size();
   }
   for (size_t s = 0; s < shards; ++s) {
-    plans[s].file_name = shards == 1 ? "model.safetensors" : fmt::format("model-{:05d}-of-{:05d}.safetensors", s + 1, shards);
+    plans[s].file_name =
+        shards == 1 ? "model.safetensors" : fmt::format("model-{:05d}-of-{:05d}.safetensors", s + 1, shards);
     io::SafetensorsWriter writer(dir / plans[s].file_name, plans[s].tensors);
     for (const auto& planned : plans[s].tensors)
       for (const auto& t : tensors)
@@ -113,8 +114,8 @@ const std::vector<std::string> kToyExcludes = {"*lm_head", "*self_attn*", "*mlp.
 class QuantizerTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    root_ = fs::temp_directory_path() /
-            fmt::format("mxlm_quant_{}_{}", ::getpid(), ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    root_ = fs::temp_directory_path() / fmt::format("mxlm_quant_{}_{}", ::getpid(),
+                                                    ::testing::UnitTest::GetInstance()->current_test_info()->name());
     fs::remove_all(root_);
     fs::create_directories(root_);
   }
@@ -273,7 +274,8 @@ TEST_F(QuantizerTest, NonFiniteWeightIsAnErrorAndLeavesNoCompleteOutput) {
       const uint16_t nan = dtype == DType::BF16 ? 0x7fc0 : 0x7e00;
       std::memcpy(&t.bytes[(2 * 64 + 5) * 2], &nan, 2);
     }
-    const fs::path in = root_ / fmt::format("in{}", dtype_name(dtype)), out = root_ / fmt::format("out{}", dtype_name(dtype));
+    const fs::path in = root_ / fmt::format("in{}", dtype_name(dtype)),
+                   out = root_ / fmt::format("out{}", dtype_name(dtype));
     write_checkpoint(in, {t}, 1);
     try {
       quantize_checkpoint(options(in, out));
