@@ -60,3 +60,40 @@ def test_logits_bad_input_is_a_clear_error(tmp_path, args, needle):
                           str(tmp_path / "x.npy")] + args, capture_output=True, text=True)
     assert res.returncode != 0
     assert needle in res.stderr
+
+
+def _model_with_tokenizer(tmp_path):
+    """The `dense` fixture plus a byte-level BPE tokenizer (trained here with HF `tokenizers`, vocab < 512) and a
+    small chat template, so `generate --prompt` can be checked against HF tokenization."""
+    import shutil
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    d = tmp_path / "model"
+    shutil.copytree(os.path.join(FIXTURES, "dense"), d)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "chat_template.jinja").write_text(
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    return d, tok
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_generate_prompt_tokenizes_like_hf_and_decodes_output(tmp_path, chat):
+    d, tok = _model_with_tokenizer(tmp_path)
+    prompt = "the quick brown fox"
+    text = f"<s>user: {prompt}\n<s>assistant:" if chat else prompt
+    ids = tok.encode(text).ids
+    base = [MXLM, "generate", "--model", str(d), "--max-tokens", "6", "--temperature", "0", "--ignore-eos"]
+    by_ids = subprocess.run(base + ["--tokens", ",".join(map(str, ids))], check=True, capture_output=True,
+                            text=True).stdout.strip()
+    generated = [int(t) for t in by_ids.split(",")]
+    by_text = subprocess.run(base + ["--prompt", prompt] + (["--chat"] if chat else []), check=True,
+                             capture_output=True, text=True).stdout
+    assert by_text.rstrip("\n") == tok.decode(generated, skip_special_tokens=True)
