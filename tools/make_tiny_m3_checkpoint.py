@@ -165,6 +165,7 @@ def build(args):
             "num_attention_heads": heads,
             "num_key_value_heads": kv_heads,
             "head_dim": head_dim,
+            "rotary_dim": head_dim // 2,
             "intermediate_size": moe_inter,
             "shared_intermediate_size": shared_inter,
             "dense_intermediate_size": dense_inter,
