@@ -62,13 +62,12 @@ def test_fail_fast_aborts(tmp_path):
 
 def test_timeout_per_request(tmp_path):
     with ScriptedServer(mode="gold", delay=3.0) as server:
-        t0 = time.time()
         p = subprocess.run(cmd(server.url, tmp_path, "--limit", "1", "--timeout", "1", "--max-retries", "1"),
                            capture_output=True, text=True)
-        elapsed = time.time() - t0
     assert p.returncode == 3, p.stderr
-    assert elapsed < 2.9
-    assert "within 1 s" in samples(tmp_path)[0]["error"]
+    s = samples(tmp_path)[0]
+    assert "within 1 s" in s["error"]
+    assert s["latency_s"] < 2.5  # given up after the limit, not after the server's 3 s
 
 
 def test_interrupt_writes_partial_report_and_resume_completes(tmp_path):
@@ -76,7 +75,13 @@ def test_interrupt_writes_partial_report_and_resume_completes(tmp_path):
     with ScriptedServer(mode="mixed", delay=0.25) as server:
         proc = subprocess.Popen(cmd(server.url, tmp_path, "--limit", str(n), "--num-concurrent", "2"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(2.0)
+        # Interrupt once a few documents are done (polling: start-up time varies, e.g. under sanitizers).
+        samples_file = tmp_path / "samples_gsm8k.jsonl"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if samples_file.exists() and samples_file.read_text().count("\n") >= 4:
+                break
+            time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 130, err
