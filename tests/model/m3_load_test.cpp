@@ -152,5 +152,26 @@ TEST(M3Load, BadTokenIdIsAnError) {
   EXPECT_THROW(run(*m, {1, 2, 512}), Error);
 }
 
+// The sparse fixtures really depend on block selection: with every block selected (dense attention) the logits
+// move far from the reference, so the fixture tests would catch an indexer that selects too much or too little.
+TEST(M3Fixtures, SparseSelectionDropsBlocksThatMatter) {
+  for (const char* name : {"mixed", "moe16"}) {
+    io::ModelConfig config = io::load_model_config(fixture_dir(name));
+    config.text.sparse.topk_blocks = 1000;
+    const io::Checkpoint checkpoint(fixture_dir(name));
+    auto be = backend::make_cpu_backend();
+    model::M3Model m(config, checkpoint, *be);
+    const auto got = run(m, fixture_tokens(name));
+    const auto ref = engine::read_npy_f32(fixture_dir(name) / "logits_0.npy");
+    double err = 0, scale = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+      err = std::max(err, static_cast<double>(std::fabs(got[i] - ref.data[i])));
+      scale = std::max(scale, static_cast<double>(std::fabs(ref.data[i])));
+    }
+    std::printf("%s with dense attention: max|diff| / max|logit| = %.3g\n", name, err / scale);
+    EXPECT_GT(err / scale, 1e-2) << name;
+  }
+}
+
 }  // namespace
 }  // namespace mxlm
