@@ -59,7 +59,8 @@ const std::vector<std::string>& corpus() {
   static const std::vector<std::string> lines = [] {
     std::vector<std::string> out;
     const fs::path gsm8k = source_dir() / "data/gsm8k/test.jsonl";
-    std::istringstream in(fs::exists(gsm8k) ? read_file(gsm8k) : read_file(source_dir() / "tests/fixtures/tokenizer_corpus.txt"));
+    std::istringstream in(fs::exists(gsm8k) ? read_file(gsm8k)
+                                            : read_file(source_dir() / "tests/fixtures/tokenizer_corpus.txt"));
     std::string line;
     while (std::getline(in, line)) {
       if (line.empty() || line[0] == '#') continue;

@@ -46,7 +46,8 @@ std::vector<uint32_t> parse_ids(const std::string& text, const std::string& wher
   if (!value.is_array()) fail("{}: expected a JSON array of token ids", where);
   std::vector<uint32_t> ids;
   for (const auto& id : value) {
-    if (!id.is_number_unsigned() || id.get<uint64_t>() > 0xFFFFFFFFu) fail("{}: token ids must be unsigned integers", where);
+    if (!id.is_number_unsigned() || id.get<uint64_t>() > 0xFFFFFFFFu)
+      fail("{}: token ids must be unsigned integers", where);
     ids.push_back(id.get<uint32_t>());
   }
   return ids;
@@ -109,7 +110,8 @@ void run(const TokenizeOptions& o) {
 void add_tokenize(CLI::App& app) {
   auto options = std::make_shared<TokenizeOptions>();
   CLI::App* cmd = app.add_subcommand("tokenize", "Encode text with a model's tokenizer.json; prints JSON ids");
-  cmd->add_option("--model", options->model, "Model directory with tokenizer.json (+ tokenizer_config.json)")->required();
+  cmd->add_option("--model", options->model, "Model directory with tokenizer.json (+ tokenizer_config.json)")
+      ->required();
   cmd->add_option("--text", options->text, "Text to encode");
   cmd->add_option("--file", options->file, "File whose whole content is encoded");
   cmd->add_option("--jsonl", options->jsonl, "File with one JSON string per line; prints one array per line");

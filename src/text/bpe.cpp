@@ -41,9 +41,7 @@ struct Candidate {
   int pos;
   uint32_t new_id;
   // std::priority_queue pops the largest: invert so the lowest rank, then leftmost, comes first.
-  bool operator<(const Candidate& other) const {
-    return rank != other.rank ? rank > other.rank : pos > other.pos;
-  }
+  bool operator<(const Candidate& other) const { return rank != other.rank ? rank > other.rank : pos > other.pos; }
 };
 
 // HF caches words shorter than this many bytes.
@@ -87,7 +85,8 @@ BpeModel::BpeModel(const nlohmann::json& model) : impl_(std::make_unique<Impl>()
   m.vocab.reserve(vocab->size());
   uint32_t end = 0;
   for (const auto& [token, id] : vocab->items()) {
-    if (!id.is_number_unsigned() || id.get<uint64_t>() > 0x7FFFFFFF) fail("tokenizer.json: bad id for token {:?}", token);
+    if (!id.is_number_unsigned() || id.get<uint64_t>() > 0x7FFFFFFF)
+      fail("tokenizer.json: bad id for token {:?}", token);
     const auto value = id.get<uint32_t>();
     m.vocab.emplace(token, value);
     end = std::max(end, value + 1);
@@ -111,7 +110,8 @@ BpeModel::BpeModel(const nlohmann::json& model) : impl_(std::make_unique<Impl>()
   m.byte_fallback = flag("byte_fallback");
   m.fuse_unk = flag("fuse_unk");
   m.ignore_merges = flag("ignore_merges");
-  if (m.unk_token && !m.lookup(*m.unk_token)) fail("tokenizer.json: BPE unk_token {:?} is not in the vocab", *m.unk_token);
+  if (m.unk_token && !m.lookup(*m.unk_token))
+    fail("tokenizer.json: BPE unk_token {:?} is not in the vocab", *m.unk_token);
   if (model.contains("dropout") && !model["dropout"].is_null() && model["dropout"].get<double>() > 0.0) {
     fail("tokenizer.json: BPE dropout is not supported (it makes encoding random)");
   }
@@ -140,8 +140,10 @@ BpeModel::BpeModel(const nlohmann::json& model) : impl_(std::make_unique<Impl>()
       }
       const auto a_id = m.lookup(a);
       const auto b_id = m.lookup(b);
-      if (!a_id || !b_id) fail("tokenizer.json: merge #{} ({:?}, {:?}) uses a token missing from the vocab", rank, a, b);
-      if (b.size() < prefix_len) fail("tokenizer.json: merge #{} token {:?} is shorter than the subword prefix", rank, b);
+      if (!a_id || !b_id)
+        fail("tokenizer.json: merge #{} ({:?}, {:?}) uses a token missing from the vocab", rank, a, b);
+      if (b.size() < prefix_len)
+        fail("tokenizer.json: merge #{} token {:?} is shorter than the subword prefix", rank, b);
       const std::string merged = a + b.substr(prefix_len);
       const auto new_id = m.lookup(merged);
       if (!new_id) fail("tokenizer.json: merge #{} makes {:?}, which is not in the vocab", rank, merged);
@@ -291,7 +293,8 @@ void BpeModel::encode_word(std::string_view word, std::vector<uint32_t>& ids) co
   if (cacheable) {
     std::unique_lock lock(impl_->cache_mutex);
     if (impl_->cache.size() < kCacheCapacity) {
-      impl_->cache.emplace(std::string(word), std::vector<uint32_t>(ids.begin() + static_cast<ptrdiff_t>(first), ids.end()));
+      impl_->cache.emplace(std::string(word),
+                           std::vector<uint32_t>(ids.begin() + static_cast<ptrdiff_t>(first), ids.end()));
     }
   }
 }

@@ -54,7 +54,8 @@ class ByteFallback final : public Decoder {
     };
     for (auto& token : tokens) {
       int byte = -1;
-      if (token.size() == 6 && token.compare(0, 3, "<0x") == 0 && token[5] == '>') byte = parse_hex_byte(token.substr(3, 2));
+      if (token.size() == 6 && token.compare(0, 3, "<0x") == 0 && token[5] == '>')
+        byte = parse_hex_byte(token.substr(3, 2));
       if (byte >= 0) {
         pending.push_back(static_cast<char>(byte));
       } else {
@@ -211,7 +212,8 @@ char32_t single_char(const std::string& s, std::string_view owner) {
 
 size_t json_size(const nlohmann::json& config, const char* key) {
   const auto it = config.find(key);
-  if (it == config.end() || !it->is_number_integer() || it->get<int64_t>() < 0) fail("tokenizer.json: decoder Strip needs an unsigned {:?}", key);
+  if (it == config.end() || !it->is_number_integer() || it->get<int64_t>() < 0)
+    fail("tokenizer.json: decoder Strip needs an unsigned {:?}", key);
   return it->get<size_t>();
 }
 
@@ -224,8 +226,9 @@ std::unique_ptr<Decoder> make_decoder(const nlohmann::json& config) {
   if (type == "ByteFallback") return std::make_unique<ByteFallback>();
   if (type == "Fuse") return std::make_unique<Fuse>();
   if (type == "Strip") {
-    return std::make_unique<Strip>(single_char(json_string(config, "content", "decoder Strip"), "decoder Strip content"),
-                                   json_size(config, "start"), json_size(config, "stop"));
+    return std::make_unique<Strip>(
+        single_char(json_string(config, "content", "decoder Strip"), "decoder Strip content"),
+        json_size(config, "start"), json_size(config, "stop"));
   }
   if (type == "Replace") {
     return std::make_unique<Replace>(pattern_regex(config, "decoder Replace"),

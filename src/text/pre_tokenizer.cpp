@@ -99,7 +99,8 @@ class CharSplit final : public PreTokenizer {
 class ByteLevel final : public PreTokenizer {
  public:
   ByteLevel(bool add_prefix_space, bool use_regex)
-      : add_prefix_space_(add_prefix_space), regex_(use_regex ? std::make_unique<UnicodeRegex>(kGpt2Pattern) : nullptr) {}
+      : add_prefix_space_(add_prefix_space),
+        regex_(use_regex ? std::make_unique<UnicodeRegex>(kGpt2Pattern) : nullptr) {}
   void pre_tokenize(std::vector<PreSplit>& splits) const override {
     if (add_prefix_space_ || regex_) {
       refine(splits, [&](std::string& text) {
@@ -178,13 +179,15 @@ char32_t single_char(const std::string& s, std::string_view owner) {
 }
 
 bool is_bert_punctuation(char32_t c) {
-  return (c < 0x80 && ((c >= 33 && c <= 47) || (c >= 58 && c <= 64) || (c >= 91 && c <= 96) || (c >= 123 && c <= 126))) ||
+  return (c < 0x80 &&
+          ((c >= 33 && c <= 47) || (c >= 58 && c <= 64) || (c >= 91 && c <= 96) || (c >= 123 && c <= 126))) ||
          is_unicode_punctuation(c);
 }
 
 // Rust regex classes: \w is Alphabetic + M + Nd + Pc + Join_Control; \s is White_Space.
 constexpr const char* kRustWord = R"(\p{Alphabetic}\p{M}\p{Nd}\p{Pc}\x{200C}\x{200D})";
-constexpr const char* kRustSpace = R"(\t-\r \x{85}\x{A0}\x{1680}\x{2000}-\x{200A}\x{2028}\x{2029}\x{202F}\x{205F}\x{3000})";
+constexpr const char* kRustSpace =
+    R"(\t-\r \x{85}\x{A0}\x{1680}\x{2000}-\x{200A}\x{2028}\x{2029}\x{202F}\x{205F}\x{3000})";
 
 }  // namespace
 
@@ -274,8 +277,8 @@ std::unique_ptr<PreTokenizer> make_pre_tokenizer(const nlohmann::json& config) {
   if (type == "Metaspace") {
     const char32_t replacement = single_char(json_string(config, "replacement", "pre_tokenizer Metaspace"),
                                              "pre_tokenizer Metaspace replacement");
-    Metaspace::Prepend prepend = config.value("add_prefix_space", true) ? Metaspace::Prepend::kAlways
-                                                                        : Metaspace::Prepend::kNever;
+    Metaspace::Prepend prepend =
+        config.value("add_prefix_space", true) ? Metaspace::Prepend::kAlways : Metaspace::Prepend::kNever;
     if (config.contains("prepend_scheme") && config["prepend_scheme"].is_string()) {
       const std::string scheme = config["prepend_scheme"].get<std::string>();
       if (scheme == "always") {

@@ -104,7 +104,8 @@ std::optional<std::string> token_name(const nlohmann::json& config, const char* 
   const auto it = config.find(key);
   if (it == config.end() || it->is_null()) return std::nullopt;
   if (it->is_string()) return it->get<std::string>();
-  if (it->is_object() && it->contains("content") && (*it)["content"].is_string()) return (*it)["content"].get<std::string>();
+  if (it->is_object() && it->contains("content") && (*it)["content"].is_string())
+    return (*it)["content"].get<std::string>();
   fail("tokenizer_config.json: {:?} must be a string, an AddedToken object or null", key);
 }
 
@@ -221,7 +222,8 @@ struct Tokenizer::Impl {
       if (segment.token >= 0) {
         ids.push_back(added[static_cast<size_t>(segment.token)].id);
       } else {
-        encode_words(normalized.substr(segment.begin, segment.end - segment.begin), at_start && segment.begin == 0, ids);
+        encode_words(normalized.substr(segment.begin, segment.end - segment.begin), at_start && segment.begin == 0,
+                     ids);
       }
     }
   }
@@ -249,8 +251,8 @@ Tokenizer Tokenizer::from_json(std::string_view tokenizer_json, std::string_view
   if (!added.is_null() && !added.is_array()) fail("tokenizer.json: \"added_tokens\" must be an array");
   for (const auto& entry : added.is_array() ? added : nlohmann::json::array()) {
     AddedToken token;
-    if (!entry.is_object() || !entry.contains("id") || !entry["id"].is_number_unsigned() || !entry.contains("content") ||
-        !entry["content"].is_string()) {
+    if (!entry.is_object() || !entry.contains("id") || !entry["id"].is_number_unsigned() ||
+        !entry.contains("content") || !entry["content"].is_string()) {
       fail("tokenizer.json: every added token needs an unsigned \"id\" and a string \"content\"");
     }
     token.id = entry["id"].get<uint32_t>();

@@ -23,7 +23,8 @@ std::string pattern_regex(const nlohmann::json& object, std::string_view owner) 
   const auto it = object.find("pattern");
   if (it == object.end() || !it->is_object()) fail("tokenizer.json: {} needs a \"pattern\" object", owner);
   if (it->contains("Regex") && (*it)["Regex"].is_string()) return (*it)["Regex"].get<std::string>();
-  if (it->contains("String") && (*it)["String"].is_string()) return UnicodeRegex::escape((*it)["String"].get<std::string>());
+  if (it->contains("String") && (*it)["String"].is_string())
+    return UnicodeRegex::escape((*it)["String"].get<std::string>());
   fail("tokenizer.json: {} pattern must be {{\"String\": ...}} or {{\"Regex\": ...}}", owner);
 }
 

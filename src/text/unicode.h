@@ -40,8 +40,8 @@ int char_to_byte(char32_t cp);
 
 // Rust char predicates (Unicode general categories / White_Space).
 bool is_rust_whitespace(char32_t cp);
-bool is_rust_numeric(char32_t cp);     // categories Nd, Nl, No
-bool is_rust_alphabetic(char32_t cp);  // approximates the Alphabetic property: L*, Nl, Mn/Mc letters
+bool is_rust_numeric(char32_t cp);         // categories Nd, Nl, No
+bool is_rust_alphabetic(char32_t cp);      // approximates the Alphabetic property: L*, Nl, Mn/Mc letters
 bool is_unicode_punctuation(char32_t cp);  // categories P*
 bool is_combining_mark(char32_t cp);       // categories Mn, Mc, Me
 

@@ -19,12 +19,14 @@
 
 namespace {
 
-using nlohmann::json;
 using mxlm::text::Tokenizer;
+using nlohmann::json;
 
-json added(uint32_t id, const char* content, bool lstrip, bool rstrip, bool single_word, bool normalized, bool special) {
-  return {{"id", id}, {"content", content}, {"lstrip", lstrip}, {"rstrip", rstrip}, {"single_word", single_word},
-          {"normalized", normalized}, {"special", special}};
+json added(uint32_t id, const char* content, bool lstrip, bool rstrip, bool single_word, bool normalized,
+           bool special) {
+  return {{"id", id},          {"content", content},         {"lstrip", lstrip},
+          {"rstrip", rstrip},  {"single_word", single_word}, {"normalized", normalized},
+          {"special", special}};
 }
 
 Tokenizer byte_level() {
@@ -35,22 +37,28 @@ Tokenizer byte_level() {
     mxlm::text::append_utf8(s, mxlm::text::byte_to_char(static_cast<uint8_t>(b)));
     vocab[s] = next++;
   }
-  const std::vector<std::pair<std::string, std::string>> merges = {
-      {"Ġ", "t"}, {"h", "e"}, {"Ġt", "he"}, {"i", "n"}, {"Ġ", "a"}, {"e", "r"}, {"Ã", "©"}, {"ä", "¸"}, {"Ġ", "Ġ"}, {"ĠĠ", "ĠĠ"}};
+  const std::vector<std::pair<std::string, std::string>> merges = {{"Ġ", "t"}, {"h", "e"},  {"Ġt", "he"}, {"i", "n"},
+                                                                   {"Ġ", "a"}, {"e", "r"},  {"Ã", "©"},   {"ä", "¸"},
+                                                                   {"Ġ", "Ġ"}, {"ĠĠ", "ĠĠ"}};
   json merge_list = json::array();
   for (const auto& [a, b] : merges) {
     if (!vocab.contains(a + b)) vocab[a + b] = next++;
     merge_list.push_back(a + " " + b);
   }
   json config = {
-      {"added_tokens", {added(next, "<|end|>", false, false, false, false, true), added(next + 1, "<mask>", true, true, false, false, true),
-                        added(next + 2, "word", false, false, true, true, false)}},
+      {"added_tokens",
+       {added(next, "<|end|>", false, false, false, false, true),
+        added(next + 1, "<mask>", true, true, false, false, true),
+        added(next + 2, "word", false, false, true, true, false)}},
       {"normalizer", nullptr},
       {"pre_tokenizer",
        {{"type", "Sequence"},
         {"pretokenizers",
-         {{{"type", "Split"}, {"pattern", {{"Regex", R"('s|'t|'re| ?\p{L}+| ?\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)"}}},
-           {"behavior", "Isolated"}, {"invert", false}},
+         {{{"type", "Split"},
+           {"pattern",
+            {{"Regex", R"('s|'t|'re| ?\p{L}+| ?\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)"}}},
+           {"behavior", "Isolated"},
+           {"invert", false}},
           {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", false}}}}}},
       {"post_processor", {{"type", "ByteLevel"}}},
       {"decoder", {{"type", "ByteLevel"}}},
@@ -62,17 +70,39 @@ Tokenizer llama_like() {
   json vocab = {{"<unk>", 0}, {"<s>", 1}, {"</s>", 2}, {"▁", 3}, {"a", 4}, {"▁a", 5}, {"1", 6}};
   for (int b = 0; b < 256; ++b) vocab[fmt::format("<0x{:02X}>", b)] = 10 + b;
   json config = {
-      {"added_tokens", {added(1, "<s>", false, false, false, false, true), added(2, "</s>", false, false, false, false, true)}},
-      {"normalizer", {{"type", "Sequence"}, {"normalizers", {{{"type", "NFKC"}}, {{"type", "Lowercase"}}, {{"type", "Replace"}, {"pattern", {{"String", "  "}}}, {"content", " "}}}}}},
+      {"added_tokens",
+       {added(1, "<s>", false, false, false, false, true), added(2, "</s>", false, false, false, false, true)}},
+      {"normalizer",
+       {{"type", "Sequence"},
+        {"normalizers",
+         {{{"type", "NFKC"}},
+          {{"type", "Lowercase"}},
+          {{"type", "Replace"}, {"pattern", {{"String", "  "}}}, {"content", " "}}}}}},
       {"pre_tokenizer",
        {{"type", "Sequence"},
-        {"pretokenizers", {{{"type", "Digits"}, {"individual_digits", true}}, {{"type", "Punctuation"}, {"behavior", "MergedWithPrevious"}},
-                           {{"type", "Metaspace"}, {"replacement", "▁"}, {"prepend_scheme", "first"}, {"split", true}}}}}},
-      {"post_processor", {{"type", "TemplateProcessing"},
-                          {"single", {{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}}, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
-                          {"special_tokens", {{"<s>", {{"id", "<s>"}, {"ids", {1}}, {"tokens", {"<s>"}}}}}}}},
-      {"decoder", {{"type", "Sequence"}, {"decoders", {{{"type", "Replace"}, {"pattern", {{"String", "▁"}}}, {"content", " "}}, {{"type", "ByteFallback"}}, {{"type", "Fuse"}}, {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}}}}},
-      {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", {"▁ a"}}, {"unk_token", "<unk>"}, {"byte_fallback", true}, {"fuse_unk", true}}}};
+        {"pretokenizers",
+         {{{"type", "Digits"}, {"individual_digits", true}},
+          {{"type", "Punctuation"}, {"behavior", "MergedWithPrevious"}},
+          {{"type", "Metaspace"}, {"replacement", "▁"}, {"prepend_scheme", "first"}, {"split", true}}}}}},
+      {"post_processor",
+       {{"type", "TemplateProcessing"},
+        {"single",
+         {{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}}, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
+        {"special_tokens", {{"<s>", {{"id", "<s>"}, {"ids", {1}}, {"tokens", {"<s>"}}}}}}}},
+      {"decoder",
+       {{"type", "Sequence"},
+        {"decoders",
+         {{{"type", "Replace"}, {"pattern", {{"String", "▁"}}}, {"content", " "}},
+          {{"type", "ByteFallback"}},
+          {{"type", "Fuse"}},
+          {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}}}}},
+      {"model",
+       {{"type", "BPE"},
+        {"vocab", vocab},
+        {"merges", {"▁ a"}},
+        {"unk_token", "<unk>"},
+        {"byte_fallback", true},
+        {"fuse_unk", true}}}};
   return Tokenizer::from_json(config.dump());
 }
 
@@ -101,7 +131,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   // Arbitrary ids (including unknown ones) through decode and the streaming detokenizer.
   for (const Tokenizer* t : {&bytes, &llama}) {
     std::vector<uint32_t> raw;
-    for (size_t i = 0; i + 1 < size && raw.size() < 64; i += 2) raw.push_back((data[i] | (data[i + 1] << 8)) % (t->vocab_size() + 3));
+    for (size_t i = 0; i + 1 < size && raw.size() < 64; i += 2)
+      raw.push_back((data[i] | (data[i + 1] << 8)) % (t->vocab_size() + 3));
     const std::string full = t->decode(raw, true);
     mxlm::text::IncrementalDetokenizer detokenizer(*t, true);
     std::string streamed;

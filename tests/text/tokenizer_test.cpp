@@ -21,14 +21,25 @@ using json = nlohmann::json;
 using Ids = std::vector<uint32_t>;
 
 json bpe_model(json vocab, json merges) {
-  return {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr}, {"continuing_subword_prefix", nullptr},
-          {"end_of_word_suffix", nullptr}, {"fuse_unk", false}, {"byte_fallback", false}, {"ignore_merges", false},
-          {"vocab", vocab}, {"merges", merges}};
+  return {{"type", "BPE"},
+          {"dropout", nullptr},
+          {"unk_token", nullptr},
+          {"continuing_subword_prefix", nullptr},
+          {"end_of_word_suffix", nullptr},
+          {"fuse_unk", false},
+          {"byte_fallback", false},
+          {"ignore_merges", false},
+          {"vocab", vocab},
+          {"merges", merges}};
 }
 
 json tokenizer_json(json model) {
-  return {{"version", "1.0"}, {"added_tokens", json::array()}, {"normalizer", nullptr},
-          {"pre_tokenizer", {{"type", "WhitespaceSplit"}}}, {"post_processor", nullptr}, {"decoder", nullptr},
+  return {{"version", "1.0"},
+          {"added_tokens", json::array()},
+          {"normalizer", nullptr},
+          {"pre_tokenizer", {{"type", "WhitespaceSplit"}}},
+          {"post_processor", nullptr},
+          {"decoder", nullptr},
           {"model", model}};
 }
 
@@ -62,10 +73,13 @@ TEST(TokByteLevel, Gpt2Alphabet) {
 }
 
 TEST(TokUtf8, LossyReplacesMaximalSubparts) {
-  EXPECT_EQ(utf8_lossy("ab\xFF" "c"), "ab\xEF\xBF\xBD" "c");
-  EXPECT_EQ(utf8_lossy("\xE4\xB8"), "\xEF\xBF\xBD");                      // one truncated character
+  EXPECT_EQ(utf8_lossy("ab\xFF"
+                       "c"),
+            "ab\xEF\xBF\xBD"
+            "c");
+  EXPECT_EQ(utf8_lossy("\xE4\xB8"), "\xEF\xBF\xBD");                              // one truncated character
   EXPECT_EQ(utf8_lossy("\xED\xA0\x80"), "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD");  // surrogate: 3 bytes, 3 marks
-  EXPECT_EQ(utf8_lossy("\xC0\xAF"), "\xEF\xBF\xBD\xEF\xBF\xBD");          // overlong
+  EXPECT_EQ(utf8_lossy("\xC0\xAF"), "\xEF\xBF\xBD\xEF\xBF\xBD");                  // overlong
   EXPECT_TRUE(is_valid_utf8("\xEF\xBF\xBD ok \xF0\x9F\x98\x80"));
   EXPECT_EQ(complete_utf8_prefix("a\xE4\xB8"), 1u);
   EXPECT_EQ(complete_utf8_prefix("a\xE4\xB8\xAD"), 4u);
@@ -84,7 +98,8 @@ TEST(TokUnicodeRegex, ClassesFollowOniguruma) {
 }
 
 TEST(TokBpe, MergesByRank) {
-  const Tokenizer t = Tokenizer::from_json(tokenizer_json(bpe_model(kVocab, {"b c", "a b", "ab c", "c d", "a a"})).dump());
+  const Tokenizer t =
+      Tokenizer::from_json(tokenizer_json(bpe_model(kVocab, {"b c", "a b", "ab c", "c d", "a a"})).dump());
   EXPECT_EQ(t.encode("abcd"), (Ids{0, 5, 3}));
   EXPECT_EQ(t.encode("abcbcd"), (Ids{0, 5, 5, 3}));
   EXPECT_EQ(t.encode("dcba"), (Ids{3, 2, 1, 0}));
@@ -118,9 +133,13 @@ TEST(TokBpe, ByteFallbackAndLlamaDecoder) {
   json model = bpe_model(vocab, {"▁ H"});
   model["byte_fallback"] = true;
   json config = tokenizer_json(model);
-  config["pre_tokenizer"] = {{"type", "Metaspace"}, {"replacement", "▁"}, {"prepend_scheme", "first"}, {"split", false}};
+  config["pre_tokenizer"] = {
+      {"type", "Metaspace"}, {"replacement", "▁"}, {"prepend_scheme", "first"}, {"split", false}};
   config["decoder"] = {{"type", "Sequence"},
-                       {"decoders", {{{"type", "ByteFallback"}}, {{"type", "Fuse"}}, {{"type", "Metaspace"}, {"replacement", "▁"}, {"prepend_scheme", "first"}}}}};
+                       {"decoders",
+                        {{{"type", "ByteFallback"}},
+                         {{"type", "Fuse"}},
+                         {{"type", "Metaspace"}, {"replacement", "▁"}, {"prepend_scheme", "first"}}}}};
   const Tokenizer t = Tokenizer::from_json(config.dump());
   const Ids ids = t.encode("Hé x");
   EXPECT_EQ(ids, (Ids{2, 10 + 0xC3, 10 + 0xA9, 0, 3}));
@@ -135,7 +154,9 @@ TEST(TokBpe, ByteFallbackAndLlamaDecoder) {
   EXPECT_EQ(d.add(run[1]), "");
   EXPECT_EQ(d.add(run[2]), "\uFFFD\uFFFDx");
   EXPECT_EQ(d.flush(), "");
-  config["decoder"]["decoders"] = {{{"type", "ByteFallback"}}, {{"type", "Metaspace"}, {"replacement", "▁"}, {"prepend_scheme", "first"}}, {{"type", "Fuse"}}};
+  config["decoder"]["decoders"] = {{{"type", "ByteFallback"}},
+                                   {{"type", "Metaspace"}, {"replacement", "▁"}, {"prepend_scheme", "first"}},
+                                   {{"type", "Fuse"}}};
   EXPECT_EQ(Tokenizer::from_json(config.dump()).decode(ids), "Hé x");
 }
 
@@ -146,14 +167,32 @@ TEST(TokBpe, BadMergeIsAnError) {
 }
 
 Tokenizer added_token_tokenizer() {
-  const json vocab = {{"h", 0}, {"i", 1}, {" ", 2}, {"x", 3}, {"<s>", 4}, {"[M]", 5}, {"tok", 6}, {"t", 7}, {"o", 8}, {"k", 9}};
+  const json vocab = {{"h", 0},   {"i", 1},   {" ", 2}, {"x", 3}, {"<s>", 4},
+                      {"[M]", 5}, {"tok", 6}, {"t", 7}, {"o", 8}, {"k", 9}};
   json config = tokenizer_json(bpe_model(vocab, json::array()));
   config["pre_tokenizer"] = nullptr;
   config["normalizer"] = {{"type", "Lowercase"}};
-  config["added_tokens"] = {
-      {{"id", 4}, {"content", "<s>"}, {"single_word", false}, {"lstrip", false}, {"rstrip", false}, {"normalized", false}, {"special", true}},
-      {{"id", 5}, {"content", "[M]"}, {"single_word", false}, {"lstrip", true}, {"rstrip", true}, {"normalized", false}, {"special", true}},
-      {{"id", 6}, {"content", "tok"}, {"single_word", true}, {"lstrip", false}, {"rstrip", false}, {"normalized", true}, {"special", false}}};
+  config["added_tokens"] = {{{"id", 4},
+                             {"content", "<s>"},
+                             {"single_word", false},
+                             {"lstrip", false},
+                             {"rstrip", false},
+                             {"normalized", false},
+                             {"special", true}},
+                            {{"id", 5},
+                             {"content", "[M]"},
+                             {"single_word", false},
+                             {"lstrip", true},
+                             {"rstrip", true},
+                             {"normalized", false},
+                             {"special", true}},
+                            {{"id", 6},
+                             {"content", "tok"},
+                             {"single_word", true},
+                             {"lstrip", false},
+                             {"rstrip", false},
+                             {"normalized", true},
+                             {"special", false}}};
   return Tokenizer::from_json(config.dump());
 }
 
@@ -191,22 +230,27 @@ TEST(TokPreTokenizers, SplitBehaviours) {
   EXPECT_EQ(split("MergedWithNext", false), (V{"the", "-final", "-", "-countdown", "-"}));
   EXPECT_EQ(split("MergedWithNext", true), (V{"the-", "final-", "-", "countdown-"}));
   EXPECT_EQ(split("Contiguous", false), (V{"the", "-", "final", "--", "countdown", "-"}));
-  EXPECT_EQ(pre_tokenize({{"type", "Split"}, {"pattern", {{"Regex", "\\p{N}+"}}}, {"behavior", "Isolated"}}, "ab12cd345"),
-            (V{"ab", "12", "cd", "345"}));
+  EXPECT_EQ(
+      pre_tokenize({{"type", "Split"}, {"pattern", {{"Regex", "\\p{N}+"}}}, {"behavior", "Isolated"}}, "ab12cd345"),
+      (V{"ab", "12", "cd", "345"}));
 }
 
 TEST(TokPreTokenizers, Others) {
   using V = std::vector<std::string>;
   EXPECT_EQ(pre_tokenize({{"type", "ByteLevel"}, {"add_prefix_space", true}, {"use_regex", true}}, "Hello world\n!!"),
             (V{"ĠHello", "Ġworld", "Ċ", "!!"}));
-  EXPECT_EQ(pre_tokenize({{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", false}}, "é x"), (V{"Ã©Ġx"}));
+  EXPECT_EQ(pre_tokenize({{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", false}}, "é x"),
+            (V{"Ã©Ġx"}));
   EXPECT_EQ(pre_tokenize({{"type", "Digits"}, {"individual_digits", true}}, "a123b"), (V{"a", "1", "2", "3", "b"}));
-  EXPECT_EQ(pre_tokenize({{"type", "Metaspace"}, {"replacement", "▁"}, {"prepend_scheme", "always"}, {"split", true}}, "Hey  friend"),
+  EXPECT_EQ(pre_tokenize({{"type", "Metaspace"}, {"replacement", "▁"}, {"prepend_scheme", "always"}, {"split", true}},
+                         "Hey  friend"),
             (V{"▁Hey", "▁", "▁friend"}));
-  EXPECT_EQ(pre_tokenize({{"type", "Punctuation"}, {"behavior", "Isolated"}}, "Hi, there!?"), (V{"Hi", ",", " there", "!", "?"}));
+  EXPECT_EQ(pre_tokenize({{"type", "Punctuation"}, {"behavior", "Isolated"}}, "Hi, there!?"),
+            (V{"Hi", ",", " there", "!", "?"}));
   EXPECT_EQ(pre_tokenize({{"type", "Whitespace"}}, "Hi, there!? a_b"), (V{"Hi", ",", "there", "!?", "a_b"}));
   EXPECT_THROW(make_pre_tokenizer({{"type", "NoSuchThing"}}), Error);
-  EXPECT_THROW(make_pre_tokenizer({{"type", "Split"}, {"pattern", {{"Regex", "(unclosed"}}}, {"behavior", "Isolated"}}), Error);
+  EXPECT_THROW(make_pre_tokenizer({{"type", "Split"}, {"pattern", {{"Regex", "(unclosed"}}}, {"behavior", "Isolated"}}),
+               Error);
 }
 
 TEST(TokNormalizers, MatchHf) {
@@ -214,21 +258,30 @@ TEST(TokNormalizers, MatchHf) {
   EXPECT_EQ(normalize({{"type", "NFKC"}}, text), "  Héllo İ fi  World ");
   EXPECT_EQ(normalize({{"type", "NFD"}}, text), "  Ｈe\u0301llo I\u0307 ﬁ  World ");
   EXPECT_EQ(normalize({{"type", "Lowercase"}}, text), "  ｈéllo i̇ ﬁ  world ");
-  EXPECT_EQ(normalize({{"type", "Replace"}, {"pattern", {{"Regex", "\\s+"}}}, {"content", "_"}}, text), "_Ｈéllo_İ_ﬁ_World_");
+  EXPECT_EQ(normalize({{"type", "Replace"}, {"pattern", {{"Regex", "\\s+"}}}, {"content", "_"}}, text),
+            "_Ｈéllo_İ_ﬁ_World_");
   EXPECT_EQ(normalize({{"type", "Prepend"}, {"prepend", "▁"}}, text), "▁  Ｈéllo İ ﬁ  World ");
   EXPECT_EQ(normalize({{"type", "Strip"}, {"strip_left", true}, {"strip_right", true}}, text), "Ｈéllo İ ﬁ  World");
-  EXPECT_EQ(normalize({{"type", "Sequence"}, {"normalizers", {{{"type", "NFD"}}, {{"type", "StripAccents"}}, {{"type", "Lowercase"}}}}}, text),
+  EXPECT_EQ(normalize({{"type", "Sequence"},
+                       {"normalizers", {{{"type", "NFD"}}, {{"type", "StripAccents"}}, {{"type", "Lowercase"}}}}},
+                      text),
             "  ｈello i ﬁ  world ");
 }
 
 TEST(TokDecoders, MatchHf) {
   EXPECT_EQ(decode({{"type", "Sequence"},
-                    {"decoders", {{{"type", "ByteFallback"}}, {{"type", "Fuse"}}, {{"type", "Metaspace"}, {"replacement", "▁"}, {"prepend_scheme", "always"}}}}},
+                    {"decoders",
+                     {{{"type", "ByteFallback"}},
+                      {{"type", "Fuse"}},
+                      {{"type", "Metaspace"}, {"replacement", "▁"}, {"prepend_scheme", "always"}}}}},
                    {"▁H", "<0xC3>", "<0xA9>", "▁x", "<0xFF>", "y"}),
             "Héx\uFFFDy");
   EXPECT_EQ(decode({{"type", "Sequence"},
-                    {"decoders", {{{"type", "Replace"}, {"pattern", {{"String", "▁"}}}, {"content", " "}}, {{"type", "ByteFallback"}}, {{"type", "Fuse"}},
-                                  {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}}}},
+                    {"decoders",
+                     {{{"type", "Replace"}, {"pattern", {{"String", "▁"}}}, {"content", " "}},
+                      {{"type", "ByteFallback"}},
+                      {{"type", "Fuse"}},
+                      {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}}}},
                    {"▁a", "▁b"}),
             "a b");
   EXPECT_EQ(decode({{"type", "ByteLevel"}}, {"Ġhello", "Ċ", "Ã", "©", "<|x|>", "ä¸"}), " hello\né<|x|>\uFFFD");
@@ -257,17 +310,22 @@ TEST(TokTokenizerConfig, SpecialTokensAndTemplate) {
   json config = tokenizer_json(bpe_model({{"a", 0}, {"<s>", 1}, {"</s>", 2}}, json::array()));
   config["added_tokens"] = {{{"id", 1}, {"content", "<s>"}, {"special", true}, {"normalized", false}},
                             {{"id", 2}, {"content", "</s>"}, {"special", true}, {"normalized", false}}};
-  const json tc = {{"add_bos_token", true}, {"add_eos_token", true}, {"bos_token", {{"content", "<s>"}}}, {"eos_token", "</s>"},
-                   {"chat_template", {{{"name", "default"}, {"template", "{{ x }}"}}, {{"name", "tool_use"}, {"template", "T"}}}}};
+  const json tc = {
+      {"add_bos_token", true},
+      {"add_eos_token", true},
+      {"bos_token", {{"content", "<s>"}}},
+      {"eos_token", "</s>"},
+      {"chat_template", {{{"name", "default"}, {"template", "{{ x }}"}}, {{"name", "tool_use"}, {"template", "T"}}}}};
   const Tokenizer t = Tokenizer::from_json(config.dump(), tc.dump());
   EXPECT_EQ(t.encode("aa", true), (Ids{1, 0, 0, 2}));
   EXPECT_EQ(t.encode("aa", false), (Ids{0, 0}));
   EXPECT_EQ(t.config().chat_template.value_or(""), "{{ x }}");
   EXPECT_EQ(t.config().named_chat_templates.at("tool_use"), "T");
   // A TemplateProcessing post-processor that already adds BOS is not doubled.
-  config["post_processor"] = {{"type", "TemplateProcessing"},
-                              {"single", {{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}}, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
-                              {"special_tokens", {{"<s>", {{"id", "<s>"}, {"ids", {1}}, {"tokens", {"<s>"}}}}}}};
+  config["post_processor"] = {
+      {"type", "TemplateProcessing"},
+      {"single", {{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}}, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
+      {"special_tokens", {{"<s>", {{"id", "<s>"}, {"ids", {1}}, {"tokens", {"<s>"}}}}}}};
   const Tokenizer t2 = Tokenizer::from_json(config.dump(), json{{"add_bos_token", true}, {"bos_token", "<s>"}}.dump());
   EXPECT_EQ(t2.encode("a", true), (Ids{1, 0}));
 }
