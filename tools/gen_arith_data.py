@@ -140,7 +140,7 @@ def sharing(r):
     if r.random() < 0.5:
         question = f"{name} has {total} {item} and shares them equally among {k} friends. How many {item} does each friend get?"
         return Problem(question, [("Each friend gets ", total, "/", k, q, f" {item}.")], q)
-    extra = r.randint(1, 40)
+    extra = r.randint(1, min(40, total - 1))
     question = (f"{name} has {total - extra} {item} and buys {extra} more. Then {pron} shares them equally among "
                 f"{k} friends. How many {item} does each friend get?")
     return Problem(question, [

@@ -72,6 +72,16 @@ def _tokenizer():
     return Tokenizer.from_file(os.path.join(MODEL_SRC, "tokenizer.json"))
 
 
+_PAD = []
+
+
+def pad_id():
+    """`]!p~[` (never a target; right padding only, so causal attention never sees it)."""
+    if not _PAD:
+        _PAD.append(_tokenizer().token_to_id("]!p~["))
+    return _PAD[0]
+
+
 def encode_with_mask(tok, text):
     """ids and a 0/1 loss mask: assistant replies (after `]~b]ai\\n`, through `[e~[`)."""
     enc = tok.encode(text, add_special_tokens=False)
@@ -133,7 +143,7 @@ def make_data(procs):
 
 def batch_of(examples, device):
     L = max(len(x[0]) for x in examples)
-    ids = torch.full((len(examples), L), 1126, dtype=torch.long)  # ]!p~[ (never a target)
+    ids = torch.full((len(examples), L), pad_id(), dtype=torch.long)
     labels = torch.full((len(examples), L), -100, dtype=torch.long)
     for i, (x, m) in enumerate(examples):
         t = torch.from_numpy(x.astype(np.int64))
@@ -281,10 +291,11 @@ def eval_prompts(n):
 
 
 @torch.no_grad()
-def greedy_batch(model, prompts_ids, max_new, eos, device, pad=1126):
+def greedy_batch(model, prompts_ids, max_new, eos, device):
     """Batched greedy decoding without a KV cache: right-padded rows, each row's next token written at its own
     length (causal attention and the causal indexer make the padding invisible)."""
     B = len(prompts_ids)
+    pad = pad_id()
     lens = torch.tensor([len(p) for p in prompts_ids], device=device)
     L = int(lens.max()) + max_new
     ids = torch.full((B, L), pad, dtype=torch.long, device=device)
@@ -421,7 +432,7 @@ def main():
         step += 1
         tokens_seen += int((labels != -100).sum())
         if step % 25 == 0 or step == 1:
-            lv = float(loss)
+            lv = float(loss.detach())
             ema = lv if ema is None else 0.8 * ema + 0.2 * lv
             curve.append({"step": step, "seconds": round(time.time() - t0, 1), "kind": kind, "loss": round(lv, 4),
                           "loss_ema": round(ema, 4), "lr": lr, "grad_norm": round(float(gn), 3)})
