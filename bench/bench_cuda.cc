@@ -10,8 +10,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <cstdio>
 #include <cstdarg>
+#include <cstdio>
 #include <cstring>
 #include <numeric>
 #include <random>
@@ -28,13 +28,13 @@ namespace {
 using namespace mxlm;
 namespace cu = mxlm::backend::cuda;
 
-#define CK(x)                                                                                     \
-  do {                                                                                            \
-    cudaError_t e_ = (x);                                                                         \
-    if (e_ != cudaSuccess) {                                                                      \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));     \
-      std::exit(2);                                                                               \
-    }                                                                                             \
+#define CK(x)                                                                                 \
+  do {                                                                                        \
+    cudaError_t e_ = (x);                                                                     \
+    if (e_ != cudaSuccess) {                                                                  \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(2);                                                                           \
+    }                                                                                         \
   } while (0)
 #define CB(x)                                                                    \
   do {                                                                           \
@@ -149,7 +149,7 @@ void gemm_bf16(cublasHandle_t h, const void* w, const void* x, float* y, int n, 
 }
 
 struct Ceilings {
-  double copy_gbs = 0;   // (read + write) bytes per second of a large D2D copy
+  double copy_gbs = 0;  // (read + write) bytes per second of a large D2D copy
   double bf16_tflops = 0;
 };
 
@@ -206,7 +206,8 @@ void bench_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
     CK(cu::launch_fill_random_bf16(x, size_t{16} * k, 5, 1.0f, nullptr));
     for (int m : {1, 2, 4, 8, 12, 16}) {
       std::vector<cu::Mxfp4GemvGroup> g(sets);
-      for (int s = 0; s < sets; ++s) g[static_cast<size_t>(s)] = {wq[static_cast<size_t>(s)], ws[static_cast<size_t>(s)], x, y, m, n};
+      for (int s = 0; s < sets; ++s)
+        g[static_cast<size_t>(s)] = {wq[static_cast<size_t>(s)], ws[static_cast<size_t>(s)], x, y, m, n};
       auto* dg = static_cast<cu::Mxfp4GemvGroup*>(dalloc(sizeof(cu::Mxfp4GemvGroup) * sets));
       CK(cudaMemcpy(dg, g.data(), sizeof(cu::Mxfp4GemvGroup) * sets, cudaMemcpyHostToDevice));
       const int split = cu::mxfp4_gemv_k_split(n, k, 1, sms);
@@ -217,8 +218,8 @@ void bench_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
             CK(cu::launch_mxfp4_gemv(dg + (i % sets), 1, m, n, k, split, stream));
           },
           quick ? 5 : 15, 64);
-      const double bms = graph_ms(stream, [&](int i) { gemm_bf16(h, wb[static_cast<size_t>(i % bsets)], x, y, n, m, k); },
-                                  quick ? 5 : 15, 24);
+      const double bms = graph_ms(
+          stream, [&](int i) { gemm_bf16(h, wb[static_cast<size_t>(i % bsets)], x, y, n, m, k); }, quick ? 5 : 15, 24);
       g_time_stream = stream;
       const double ms_stream = time_ms(
           [&](int i) {
@@ -227,7 +228,8 @@ void bench_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
           },
           quick ? 5 : 15, 50);
       const double gbs = static_cast<double>(wbytes) / (ms * 1e-3) / 1e9;
-      row("MXFP4 GEMV N=%d K=%d M=%2d split=%2d: %6.2f us (graph; %6.2f us stream-launched), %5.0f GB/s weights = %3.0f%% of copy; cuBLAS bf16 %6.2f us -> %.2fx",
+      row("MXFP4 GEMV N=%d K=%d M=%2d split=%2d: %6.2f us (graph; %6.2f us stream-launched), %5.0f GB/s weights = "
+          "%3.0f%% of copy; cuBLAS bf16 %6.2f us -> %.2fx",
           n, k, m, split, ms * 1e3, ms_stream * 1e3, gbs, 100.0 * gbs / c.copy_gbs, bms * 1e3, bms / ms);
       CK(cudaFree(dg));
     }
@@ -238,7 +240,8 @@ void bench_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
     CK(cu::launch_fill_random_bf16(xl, size_t{1} * M * k, 6, 1.0f, nullptr));
     auto* tmp = static_cast<uint16_t*>(dalloc(nk * 2));
     const double flops = 2.0 * M * static_cast<double>(nk);
-    const double ref = graph_ms(stream, [&](int i) { gemm_bf16(h, wb[static_cast<size_t>(i % bsets)], xl, yl, n, M, k); }, quick ? 5 : 10, 4);
+    const double ref = graph_ms(
+        stream, [&](int i) { gemm_bf16(h, wb[static_cast<size_t>(i % bsets)], xl, yl, n, M, k); }, quick ? 5 : 10, 4);
     const double ours = graph_ms(
         stream,
         [&](int i) {
@@ -247,12 +250,15 @@ void bench_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
           gemm_bf16(h, tmp, xl, yl, n, M, k);
         },
         quick ? 5 : 10, 4);
-    row("MXFP4 GEMM N=%d K=%d M=4096 (dequant->bf16 + cuBLAS): %.3f ms %.0f TFLOP/s; cuBLAS bf16 %.3f ms %.0f TFLOP/s -> %.0f%%",
+    row("MXFP4 GEMM N=%d K=%d M=4096 (dequant->bf16 + cuBLAS): %.3f ms %.0f TFLOP/s; cuBLAS bf16 %.3f ms %.0f TFLOP/s "
+        "-> %.0f%%",
         n, k, ours, flops / (ours * 1e-3) / 1e12, ref, flops / (ref * 1e-3) / 1e12, 100.0 * ref / ours);
     for (auto* p : wq) CK(cudaFree(p));
     for (auto* p : ws) CK(cudaFree(p));
     for (auto* p : wb) CK(cudaFree(p));
-    for (void* p : {static_cast<void*>(x), static_cast<void*>(y), static_cast<void*>(xl), static_cast<void*>(yl), static_cast<void*>(tmp)}) CK(cudaFree(p));
+    for (void* p : {static_cast<void*>(x), static_cast<void*>(y), static_cast<void*>(xl), static_cast<void*>(yl),
+                    static_cast<void*>(tmp)})
+      CK(cudaFree(p));
   }
   CB(cublasSetStream(h, nullptr));
   g_time_stream = nullptr;
@@ -331,7 +337,8 @@ void bench_attention(const Ceilings& c, bool quick) {
   const size_t width = static_cast<size_t>(kvh) * d;
   for (int ctx : {2048, 8192, 32768, 65536}) {
     const int pages = ctx / bs;
-    auto kc = be->alloc(static_cast<size_t>(pages) * bs * width), vc = be->alloc(static_cast<size_t>(pages) * bs * width);
+    auto kc = be->alloc(static_cast<size_t>(pages) * bs * width),
+         vc = be->alloc(static_cast<size_t>(pages) * bs * width);
     CK(cu::launch_fill_random_f32(kc->f32(), kc->size(), 11, 1.0f, nullptr));
     CK(cu::launch_fill_random_f32(vc->f32(), vc->size(), 12, 1.0f, nullptr));
     CK(cudaDeviceSynchronize());
@@ -349,14 +356,18 @@ void bench_attention(const Ceilings& c, bool quick) {
     const backend::AttentionShape shape{heads, kvh, d, 1.0f / std::sqrt(static_cast<float>(d))};
     float sink = 0;
     cudaStream_t bs_stream = backend::cuda_stream(*be);
-    const double wall = wall_ms([&] {
-      be->attention(q->f32(), batch, shape, kc->f32(), vc->f32(), out->f32());
-      be->download(*out, 0, &sink, 1);
-    }, quick ? 5 : 20);
-    const double ms = graph_ms(bs_stream, [&](int) { be->attention(q->f32(), batch, shape, kc->f32(), vc->f32(), out->f32()); },
-                               quick ? 5 : 15, 20);
+    const double wall = wall_ms(
+        [&] {
+          be->attention(q->f32(), batch, shape, kc->f32(), vc->f32(), out->f32());
+          be->download(*out, 0, &sink, 1);
+        },
+        quick ? 5 : 20);
+    const double ms = graph_ms(
+        bs_stream, [&](int) { be->attention(q->f32(), batch, shape, kc->f32(), vc->f32(), out->f32()); },
+        quick ? 5 : 15, 20);
     const double kv = 2.0 * ctx * static_cast<double>(width) * 4;
-    row("decode attention dense  ctx=%5d (f32 KV, 64/4 heads, d=128): %7.1f us graph (%6.1f us wall, synced), KV %6.1f MB -> %5.0f GB/s = %3.0f%% of copy",
+    row("decode attention dense  ctx=%5d (f32 KV, 64/4 heads, d=128): %7.1f us graph (%6.1f us wall, synced), KV %6.1f "
+        "MB -> %5.0f GB/s = %3.0f%% of copy",
         ctx, ms * 1e3, wall * 1e3, kv / 1e6, kv / (ms * 1e-3) / 1e9, 100.0 * kv / (ms * 1e-3) / 1e9 / c.copy_gbs);
     // Sparse: 16 selected blocks per KV head (M3: sparse_topk_blocks = 16, local block forced).
     const int topk = 16;
@@ -371,9 +382,10 @@ void bench_attention(const Ceilings& c, bool quick) {
     }
     auto db = be->alloc(blocks.size());
     be->upload(*db, 0, reinterpret_cast<const float*>(blocks.data()), blocks.size());
-    const double sms = graph_ms(bs_stream, [&](int) {
-      be->sparse_attention(q->f32(), batch, shape, kc->f32(), vc->f32(), db->i32(), topk, out->f32());
-    }, quick ? 5 : 15, 20);
+    const double sms = graph_ms(
+        bs_stream,
+        [&](int) { be->sparse_attention(q->f32(), batch, shape, kc->f32(), vc->f32(), db->i32(), topk, out->f32()); },
+        quick ? 5 : 15, 20);
     const double skv = 2.0 * std::min(ctx, topk * bs) * static_cast<double>(width) * 4;
     row("decode attention sparse ctx=%5d (16 blocks of 128):           %7.1f us graph, KV %6.1f MB -> %5.0f GB/s", ctx,
         sms * 1e3, skv / 1e6, skv / (sms * 1e-3) / 1e9);

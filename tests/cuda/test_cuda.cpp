@@ -119,7 +119,8 @@ void test_qdq(Backend& gpu) {
     auto x = randn(n, 3.0f);
     // Exact E2M1 midpoints, zeros of both signs, tiny and huge values, and non-finite blocks.
     std::uniform_int_distribution<int> e(-140, 120);
-    for (size_t i = 0; i < n; i += 7) x[i] = std::ldexp(std::vector<float>{0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.0f, 7.0f}[i % 8], e(g_rng) % 20);
+    for (size_t i = 0; i < n; i += 7)
+      x[i] = std::ldexp(std::vector<float>{0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.0f, 7.0f}[i % 8], e(g_rng) % 20);
     for (size_t i = 3; i < n; i += 97) x[i] = -0.0f;
     for (size_t i = 5; i < n; i += 131) x[i] = std::ldexp(1.3f, e(g_rng));
     if (n >= 4096) {
@@ -140,7 +141,7 @@ void test_qdq(Backend& gpu) {
       auto tmp = gpu.alloc(n / 2);
       cudaStream_t s = nullptr;
       backend::cuda::launch_gather_qdq_bf16(dx->f32(), nullptr, n / 32, 32, true,
-                                             reinterpret_cast<uint16_t*>(tmp->f32()), s);
+                                            reinterpret_cast<uint16_t*>(tmp->f32()), s);
       cudaDeviceSynchronize();
       cudaMemcpy(out.data(), tmp->f32(), n * 2, cudaMemcpyDeviceToHost);
       std::vector<float> got(n);
@@ -154,7 +155,8 @@ void test_dequant() {
   for (auto [rows, k] : std::vector<std::pair<int, int>>{{1, 32}, {37, 96}, {256, 6144}}) {
     Mx m = random_mx(rows, k, 0, 255);
     std::vector<float> want(static_cast<size_t>(rows * k));
-    mx::ref::dequantize_f32(m.packed.data(), m.scales.data(), static_cast<size_t>(rows), static_cast<size_t>(k), want.data());
+    mx::ref::dequantize_f32(m.packed.data(), m.scales.data(), static_cast<size_t>(rows), static_cast<size_t>(k),
+                            want.data());
     uint8_t *dp, *ds;
     float* out;
     uint16_t* outb;
@@ -171,7 +173,8 @@ void test_dequant() {
     cudaMemcpy(got.data(), out, got.size() * 4, cudaMemcpyDeviceToHost);
     cudaMemcpy(gotb.data(), outb, gotb.size() * 2, cudaMemcpyDeviceToHost);
     std::vector<uint16_t> wantb(want.size());
-    mx::ref::dequantize_bf16(m.packed.data(), m.scales.data(), static_cast<size_t>(rows), static_cast<size_t>(k), wantb.data());
+    mx::ref::dequantize_bf16(m.packed.data(), m.scales.data(), static_cast<size_t>(rows), static_cast<size_t>(k),
+                             wantb.data());
     std::vector<float> gb(want.size()), wb(want.size());
     for (size_t i = 0; i < want.size(); ++i) {
       gb[i] = bf16_to_f32(gotb[i]);
@@ -194,9 +197,9 @@ void test_gemv_kernel(int sms) {
     std::vector<int> ms;
     int split;
   };
-  const std::vector<Case> cases = {{3072, 6144, {1}, 0},        {3072, 6144, {16}, 0},  {6144, 3072, {7}, 0},
-                                   {200, 96, {3, 16, 9}, 1},    {1000, 160, {8}, 2},    {130, 32, {1, 2}, 1},
-                                   {513, 4096, {13, 5}, 0},     {64, 6144, {16}, 48}};
+  const std::vector<Case> cases = {{3072, 6144, {1}, 0},     {3072, 6144, {16}, 0}, {6144, 3072, {7}, 0},
+                                   {200, 96, {3, 16, 9}, 1}, {1000, 160, {8}, 2},   {130, 32, {1, 2}, 1},
+                                   {513, 4096, {13, 5}, 0},  {64, 6144, {16}, 48}};
   for (const auto& c : cases) {
     std::vector<Mx> ws;
     std::vector<std::vector<uint16_t>> xs;
@@ -227,14 +230,16 @@ void test_gemv_kernel(int sms) {
       ys.push_back(dy);
       max_m = std::max(max_m, m);
     }
-    const int split = c.split > 0 ? c.split : backend::cuda::mxfp4_gemv_k_split(c.n, c.k, static_cast<int>(groups.size()), sms);
+    const int split =
+        c.split > 0 ? c.split : backend::cuda::mxfp4_gemv_k_split(c.n, c.k, static_cast<int>(groups.size()), sms);
     for (size_t gi = 0; gi < groups.size(); ++gi) {
       // Poison (NaN) when every element is stored, zeros when split-K accumulates atomically.
       cudaMemset(ys[gi], split > 1 ? 0 : 0xff, static_cast<size_t>(c.ms[gi]) * c.n * 4);
     }
     auto* dg = static_cast<backend::cuda::Mxfp4GemvGroup*>(dmalloc(groups.size() * sizeof(groups[0])));
     cudaMemcpy(dg, groups.data(), groups.size() * sizeof(groups[0]), cudaMemcpyHostToDevice);
-    const cudaError_t e = backend::cuda::launch_mxfp4_gemv(dg, static_cast<int>(groups.size()), max_m, c.n, c.k, split, nullptr);
+    const cudaError_t e =
+        backend::cuda::launch_mxfp4_gemv(dg, static_cast<int>(groups.size()), max_m, c.n, c.k, split, nullptr);
     const cudaError_t e2 = cudaDeviceSynchronize();
     if (e != cudaSuccess || e2 != cudaSuccess) {
       report(false, std::string("mxfp4_gemv launch: ") + cudaGetErrorString(e != cudaSuccess ? e : e2), 0, 0);
@@ -243,13 +248,15 @@ void test_gemv_kernel(int sms) {
     for (size_t gi = 0; gi < groups.size(); ++gi) {
       const int m = c.ms[gi];
       std::vector<float> wf(static_cast<size_t>(c.n) * c.k);
-      mx::ref::dequantize_f32(ws[gi].packed.data(), ws[gi].scales.data(), static_cast<size_t>(c.n), static_cast<size_t>(c.k), wf.data());
+      mx::ref::dequantize_f32(ws[gi].packed.data(), ws[gi].scales.data(), static_cast<size_t>(c.n),
+                              static_cast<size_t>(c.k), wf.data());
       std::vector<float> want(static_cast<size_t>(m) * c.n), got(want.size());
       for (int t = 0; t < m; ++t)
         for (int r = 0; r < c.n; ++r) {
           double s = 0;
           for (int kk = 0; kk < c.k; ++kk)
-            s += static_cast<double>(wf[static_cast<size_t>(r) * c.k + kk]) * bf16_to_f32(xs[gi][static_cast<size_t>(t) * c.k + kk]);
+            s += static_cast<double>(wf[static_cast<size_t>(r) * c.k + kk]) *
+                 bf16_to_f32(xs[gi][static_cast<size_t>(t) * c.k + kk]);
           want[static_cast<size_t>(t) * c.n + r] = static_cast<float>(s);
         }
       cudaMemcpy(got.data(), ys[gi], got.size() * 4, cudaMemcpyDeviceToHost);
@@ -276,46 +283,61 @@ void compare(const std::string& what, Backend& cpu, Backend& gpu, const Op& op, 
 void test_elementwise(Backend& cpu, Backend& gpu) {
   for (size_t n : {1u, 1000u, 65537u}) {
     const auto a = randn(n), b = randn(n);
-    compare("add n=" + std::to_string(n), cpu, gpu, [&](Backend& be) {
-      auto x = up(be, a), y = up(be, b), o = be.alloc(n);
-      be.add(x->f32(), y->f32(), o->f32(), n);
-      return down(be, *o, n);
-    }, 0);
-    compare("scale n=" + std::to_string(n), cpu, gpu, [&](Backend& be) {
-      auto x = up(be, a);
-      be.scale(x->f32(), 0.37f, n);
-      return down(be, *x, n);
-    }, 0);
-    compare("swiglu_oai n=" + std::to_string(n), cpu, gpu, [&](Backend& be) {
-      auto x = up(be, a), y = up(be, b);
-      be.scale(x->f32(), 4.0f, n);
-      be.scale(y->f32(), 4.0f, n);
-      auto o = be.alloc(n);
-      be.swiglu_oai(x->f32(), y->f32(), o->f32(), n, {1.702f, 7.0f});
-      return down(be, *o, n);
-    }, 2e-6);
+    compare(
+        "add n=" + std::to_string(n), cpu, gpu,
+        [&](Backend& be) {
+          auto x = up(be, a), y = up(be, b), o = be.alloc(n);
+          be.add(x->f32(), y->f32(), o->f32(), n);
+          return down(be, *o, n);
+        },
+        0);
+    compare(
+        "scale n=" + std::to_string(n), cpu, gpu,
+        [&](Backend& be) {
+          auto x = up(be, a);
+          be.scale(x->f32(), 0.37f, n);
+          return down(be, *x, n);
+        },
+        0);
+    compare(
+        "swiglu_oai n=" + std::to_string(n), cpu, gpu,
+        [&](Backend& be) {
+          auto x = up(be, a), y = up(be, b);
+          be.scale(x->f32(), 4.0f, n);
+          be.scale(y->f32(), 4.0f, n);
+          auto o = be.alloc(n);
+          be.swiglu_oai(x->f32(), y->f32(), o->f32(), n, {1.702f, 7.0f});
+          return down(be, *o, n);
+        },
+        2e-6);
   }
   for (auto [rows, dim] : std::vector<std::pair<size_t, size_t>>{{1, 64}, {7, 6144}, {33, 128}, {300, 96}}) {
     const auto x = randn(rows * dim, 2.0f), w = randn(dim, 0.2f);
     for (bool add_one : {false, true})
-      compare("rms_norm " + std::to_string(rows) + "x" + std::to_string(dim) + (add_one ? " (1+w)" : ""), cpu, gpu,
-              [&](Backend& be) {
-                auto dx = up(be, x), dw = be.upload_vector(w), o = be.alloc(rows * dim);
-                be.rms_norm(dx->f32(), dw->f32(), o->f32(), rows, dim, 1e-6f, add_one);
-                return down(be, *o, rows * dim);
-              }, 2e-6);
+      compare(
+          "rms_norm " + std::to_string(rows) + "x" + std::to_string(dim) + (add_one ? " (1+w)" : ""), cpu, gpu,
+          [&](Backend& be) {
+            auto dx = up(be, x), dw = be.upload_vector(w), o = be.alloc(rows * dim);
+            be.rms_norm(dx->f32(), dw->f32(), o->f32(), rows, dim, 1e-6f, add_one);
+            return down(be, *o, rows * dim);
+          },
+          2e-6);
   }
-  for (auto [tokens, heads, hd, rot] : std::vector<std::array<int, 4>>{{1, 64, 128, 64}, {17, 4, 128, 64}, {5, 3, 64, 64}, {9, 2, 32, 16}}) {
+  for (auto [tokens, heads, hd, rot] :
+       std::vector<std::array<int, 4>>{{1, 64, 128, 64}, {17, 4, 128, 64}, {5, 3, 64, 64}, {9, 2, 32, 16}}) {
     const auto x = randn(static_cast<size_t>(tokens * heads * hd));
     std::vector<int32_t> pos(static_cast<size_t>(tokens));
     std::uniform_int_distribution<int> p(0, 70000);
     for (auto& v : pos) v = p(g_rng);
-    compare("rope tokens=" + std::to_string(tokens) + " heads=" + std::to_string(heads) + " rot=" + std::to_string(rot), cpu, gpu,
-            [&](Backend& be) {
-              auto dx = up(be, x);
-              be.rope(dx->f32(), pos, heads, hd, rot, 5e6f);
-              return down(be, *dx, x.size());
-            }, 2e-5);
+    compare(
+        "rope tokens=" + std::to_string(tokens) + " heads=" + std::to_string(heads) + " rot=" + std::to_string(rot),
+        cpu, gpu,
+        [&](Backend& be) {
+          auto dx = up(be, x);
+          be.rope(dx->f32(), pos, heads, hd, rot, 5e6f);
+          return down(be, *dx, x.size());
+        },
+        2e-5);
   }
 }
 
@@ -343,11 +365,15 @@ void test_linear(Backend& cpu, Backend& gpu, Backend& gpu_emu) {
         };
       };
       const double acc_tol = 3e-6 * std::sqrt(static_cast<double>(c.k));
-      compare("linear MXFP4 native" + shape, cpu, gpu, run({backend::WeightFormat::MXFP4, c.n, c.k, m.packed.data(), m.scales.data()}, xq), acc_tol);
-      compare("linear MXFP4 emulation" + shape, cpu, gpu_emu, run({backend::WeightFormat::MXFP4, c.n, c.k, m.packed.data(), m.scales.data()}, xq), acc_tol);
-      compare("linear F32" + shape, cpu, gpu, run({backend::WeightFormat::F32, c.n, c.k, wf32.data(), nullptr}, x), acc_tol);
+      compare("linear MXFP4 native" + shape, cpu, gpu,
+              run({backend::WeightFormat::MXFP4, c.n, c.k, m.packed.data(), m.scales.data()}, xq), acc_tol);
+      compare("linear MXFP4 emulation" + shape, cpu, gpu_emu,
+              run({backend::WeightFormat::MXFP4, c.n, c.k, m.packed.data(), m.scales.data()}, xq), acc_tol);
+      compare("linear F32" + shape, cpu, gpu, run({backend::WeightFormat::F32, c.n, c.k, wf32.data(), nullptr}, x),
+              acc_tol);
       // bf16 weights: the GPU rounds activations to bf16 (DESIGN.md: bf16 activations on GPU).
-      compare("linear BF16" + shape, cpu, gpu, run({backend::WeightFormat::BF16, c.n, c.k, wb.data(), nullptr}, x), 2e-2);
+      compare("linear BF16" + shape, cpu, gpu, run({backend::WeightFormat::BF16, c.n, c.k, wb.data(), nullptr}, x),
+              2e-2);
     }
   }
 }
@@ -363,12 +389,15 @@ void test_embedding(Backend& cpu, Backend& gpu) {
            {"F32", {backend::WeightFormat::F32, rows, cols, wf.data(), nullptr}},
            {"BF16", {backend::WeightFormat::BF16, rows, cols, wb.data(), nullptr}},
            {"MXFP4", {backend::WeightFormat::MXFP4, rows, cols, m.packed.data(), m.scales.data()}}})
-    compare("embedding " + name + " (vocab-parallel offset 10)", cpu, gpu, [&, wd = wd](Backend& be) {
-      auto w = be.upload_weight(wd);
-      auto o = be.alloc(ids.size() * cols);
-      be.embedding(*w, ids, 10, o->f32());
-      return down(be, *o, ids.size() * cols);
-    }, 0);
+    compare(
+        "embedding " + name + " (vocab-parallel offset 10)", cpu, gpu,
+        [&, wd = wd](Backend& be) {
+          auto w = be.upload_weight(wd);
+          auto o = be.alloc(ids.size() * cols);
+          be.embedding(*w, ids, 10, o->f32());
+          return down(be, *o, ids.size() * cols);
+        },
+        0);
 }
 
 void test_moe(Backend& cpu, Backend& gpu, Backend& gpu_emu) {
@@ -376,8 +405,11 @@ void test_moe(Backend& cpu, Backend& gpu, Backend& gpu_emu) {
     int experts, k, hidden, inter, tokens;
     bool mxfp4;
   };
-  for (auto c : std::vector<Case>{{16, 4, 128, 64, 1, true}, {16, 4, 128, 64, 37, true}, {8, 2, 96, 160, 20, true},
-                                  {32, 4, 256, 128, 9, true}, {8, 2, 64, 32, 5, false}}) {
+  for (auto c : std::vector<Case>{{16, 4, 128, 64, 1, true},
+                                  {16, 4, 128, 64, 37, true},
+                                  {8, 2, 96, 160, 20, true},
+                                  {32, 4, 256, 128, 9, true},
+                                  {8, 2, 64, 32, 5, false}}) {
     const size_t T = static_cast<size_t>(c.tokens), H = static_cast<size_t>(c.hidden);
     const auto x = randn(T * H);
     const auto rw = randn(static_cast<size_t>(c.experts) * H, 0.1f);
@@ -392,9 +424,9 @@ void test_moe(Backend& cpu, Backend& gpu, Backend& gpu_emu) {
       f3.push_back(randn(static_cast<size_t>(c.inter) * H, 0.05f));
       f2.push_back(randn(static_cast<size_t>(c.inter) * H, 0.05f));
     }
-    const std::string what = "moe E=" + std::to_string(c.experts) + " k=" + std::to_string(c.k) + " H=" +
-                             std::to_string(c.hidden) + " I=" + std::to_string(c.inter) + " T=" + std::to_string(c.tokens) +
-                             (c.mxfp4 ? " MXFP4" : " F32");
+    const std::string what = "moe E=" + std::to_string(c.experts) + " k=" + std::to_string(c.k) +
+                             " H=" + std::to_string(c.hidden) + " I=" + std::to_string(c.inter) +
+                             " T=" + std::to_string(c.tokens) + (c.mxfp4 ? " MXFP4" : " F32");
     auto op = [&](Backend& be) {
       auto dx = up(be, x);
       auto router = be.upload_weight({backend::WeightFormat::F32, c.experts, c.hidden, rw.data(), nullptr});
@@ -406,9 +438,12 @@ void test_moe(Backend& cpu, Backend& gpu, Backend& gpu_emu) {
       for (int e = 0; e < c.experts; ++e) {
         const auto E = static_cast<size_t>(e);
         if (c.mxfp4) {
-          g.push_back(be.upload_weight({backend::WeightFormat::MXFP4, c.inter, c.hidden, w1[E].packed.data(), w1[E].scales.data()}));
-          u.push_back(be.upload_weight({backend::WeightFormat::MXFP4, c.inter, c.hidden, w3[E].packed.data(), w3[E].scales.data()}));
-          d.push_back(be.upload_weight({backend::WeightFormat::MXFP4, c.hidden, c.inter, w2[E].packed.data(), w2[E].scales.data()}));
+          g.push_back(be.upload_weight(
+              {backend::WeightFormat::MXFP4, c.inter, c.hidden, w1[E].packed.data(), w1[E].scales.data()}));
+          u.push_back(be.upload_weight(
+              {backend::WeightFormat::MXFP4, c.inter, c.hidden, w3[E].packed.data(), w3[E].scales.data()}));
+          d.push_back(be.upload_weight(
+              {backend::WeightFormat::MXFP4, c.hidden, c.inter, w2[E].packed.data(), w2[E].scales.data()}));
         } else {
           g.push_back(be.upload_weight({backend::WeightFormat::F32, c.inter, c.hidden, f1[E].data(), nullptr}));
           u.push_back(be.upload_weight({backend::WeightFormat::F32, c.inter, c.hidden, f3[E].data(), nullptr}));
@@ -442,10 +477,8 @@ void test_attention(Backend& cpu, Backend& gpu) {
     int topk;
   };
   const std::vector<Case> cases = {
-      {4, 2, 32, 4, {{0, 9}, {5, 1}, {12, 3}}, 3},
-      {64, 4, 128, 128, {{700, 1}, {0, 200}, {3000, 1}}, 4},
-      {16, 1, 64, 16, {{40, 1}, {0, 1}}, 2},
-      {8, 8, 96, 8, {{100, 5}}, 5},
+      {4, 2, 32, 4, {{0, 9}, {5, 1}, {12, 3}}, 3}, {64, 4, 128, 128, {{700, 1}, {0, 200}, {3000, 1}}, 4},
+      {16, 1, 64, 16, {{40, 1}, {0, 1}}, 2},       {8, 8, 96, 8, {{100, 5}}, 5},
       {8, 2, 16, 4, {{0, 13}, {30, 1}}, 2},
   };
   for (const auto& c : cases) {
@@ -481,15 +514,20 @@ void test_attention(Backend& cpu, Backend& gpu) {
     const size_t width = static_cast<size_t>(c.kv_heads * c.hd), cache_n = static_cast<size_t>(pages * c.bs) * width;
     const auto kc = randn(cache_n), vc = randn(cache_n), q = randn(static_cast<size_t>(total * c.heads * c.hd));
     const int idim = c.hd;
-    const auto ikc = randn(static_cast<size_t>(pages * c.bs * idim)), iq = randn(static_cast<size_t>(total * c.kv_heads * idim));
+    const auto ikc = randn(static_cast<size_t>(pages * c.bs * idim)),
+               iq = randn(static_cast<size_t>(total * c.kv_heads * idim));
     const backend::AttentionShape shape{c.heads, c.kv_heads, c.hd, 1.0f / std::sqrt(static_cast<float>(c.hd))};
-    const std::string what = "attention H=" + std::to_string(c.heads) + "/" + std::to_string(c.kv_heads) + " d=" +
-                             std::to_string(c.hd) + " bs=" + std::to_string(c.bs) + " rows=" + std::to_string(total);
-    compare(what + " dense", cpu, gpu, [&](Backend& be) {
-      auto dq = up(be, q), dk = up(be, kc), dv = up(be, vc), o = be.alloc(q.size());
-      be.attention(dq->f32(), batch, shape, dk->f32(), dv->f32(), o->f32());
-      return down(be, *o, q.size());
-    }, 2e-5);
+    const std::string what = "attention H=" + std::to_string(c.heads) + "/" + std::to_string(c.kv_heads) +
+                             " d=" + std::to_string(c.hd) + " bs=" + std::to_string(c.bs) +
+                             " rows=" + std::to_string(total);
+    compare(
+        what + " dense", cpu, gpu,
+        [&](Backend& be) {
+          auto dq = up(be, q), dk = up(be, kc), dv = up(be, vc), o = be.alloc(q.size());
+          be.attention(dq->f32(), batch, shape, dk->f32(), dv->f32(), o->f32());
+          return down(be, *o, q.size());
+        },
+        2e-5);
     const backend::IndexerShape ishape{c.kv_heads, idim, c.topk, 1, 1};
     const size_t nsel = static_cast<size_t>(total * c.kv_heads * c.topk);
     std::vector<int32_t> cpu_blocks;
@@ -508,20 +546,26 @@ void test_attention(Backend& cpu, Backend& gpu) {
       for (size_t i = 0; i < nsel; ++i) bad += got[i] != cpu_blocks[i];
       report(bad == 0, what + " index_select (same blocks, same order)", static_cast<double>(bad), 0);
     }
-    compare(what + " sparse (CPU-selected blocks)", cpu, gpu, [&](Backend& be) {
-      auto dq = up(be, q), dk = up(be, kc), dv = up(be, vc), o = be.alloc(q.size());
-      auto db = up_i32(be, cpu_blocks);
-      be.sparse_attention(dq->f32(), batch, shape, dk->f32(), dv->f32(), db->i32(), c.topk, o->f32());
-      return down(be, *o, q.size());
-    }, 2e-5);
-    compare(what + " cache_write", cpu, gpu, [&](Backend& be) {
-      auto dk = up(be, kc);
-      std::vector<float> rows_in(static_cast<size_t>(total) * width);
-      for (size_t i = 0; i < rows_in.size(); ++i) rows_in[i] = static_cast<float>(i % 977) * 0.5f;
-      auto dx = up(be, rows_in);
-      be.cache_write(dx->f32(), width, batch.slots, dk->f32());
-      return down(be, *dk, cache_n);
-    }, 0);
+    compare(
+        what + " sparse (CPU-selected blocks)", cpu, gpu,
+        [&](Backend& be) {
+          auto dq = up(be, q), dk = up(be, kc), dv = up(be, vc), o = be.alloc(q.size());
+          auto db = up_i32(be, cpu_blocks);
+          be.sparse_attention(dq->f32(), batch, shape, dk->f32(), dv->f32(), db->i32(), c.topk, o->f32());
+          return down(be, *o, q.size());
+        },
+        2e-5);
+    compare(
+        what + " cache_write", cpu, gpu,
+        [&](Backend& be) {
+          auto dk = up(be, kc);
+          std::vector<float> rows_in(static_cast<size_t>(total) * width);
+          for (size_t i = 0; i < rows_in.size(); ++i) rows_in[i] = static_cast<float>(i % 977) * 0.5f;
+          auto dx = up(be, rows_in);
+          be.cache_write(dx->f32(), width, batch.slots, dk->f32());
+          return down(be, *dk, cache_n);
+        },
+        0);
   }
 }
 
@@ -543,8 +587,8 @@ Reference load_reference(const fs::path& dir) {
   return r;
 }
 
-std::vector<float> run_model(Backend& be, const fs::path& dir, model::ModelOptions mo, const std::vector<int32_t>& tokens,
-                             int chunk) {
+std::vector<float> run_model(Backend& be, const fs::path& dir, model::ModelOptions mo,
+                             const std::vector<int32_t>& tokens, int chunk) {
   auto model = model::load_m3_model(dir, be, mo);
   engine::CacheConfig cc;
   cc.block_size = model->has_sparse_layers() ? model->text().sparse.block_size : 4;
@@ -594,10 +638,11 @@ void test_fixtures(Backend& cpu, Backend& gpu, Backend& gpu_emu, const fs::path&
         check_close("model " + name + mode + " bf16: cuda vs cpu(bf16 weights)", got_bf, want_bf, 5e-2);
         check_close("model " + name + mode + " bf16: cuda vs transformers(f32)", got_bf, ref.logits[0], 1e-1);
       } else {
-        std::printf("info model %s%s bf16: cuda vs cpu(bf16 weights) %.3g, cpu(bf16) vs transformers %.3g, cuda vs "
-                    "transformers %.3g\n",
-                    name.c_str(), mode.c_str(), rel_err(got_bf, want_bf), rel_err(want_bf, ref.logits[0]),
-                    rel_err(got_bf, ref.logits[0]));
+        std::printf(
+            "info model %s%s bf16: cuda vs cpu(bf16 weights) %.3g, cpu(bf16) vs transformers %.3g, cuda vs "
+            "transformers %.3g\n",
+            name.c_str(), mode.c_str(), rel_err(got_bf, want_bf), rel_err(want_bf, ref.logits[0]),
+            rel_err(got_bf, ref.logits[0]));
       }
     }
   }

@@ -34,9 +34,9 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   const size_t width = static_cast<size_t>(num_kv_heads) * D;
 
   extern __shared__ float smem[];
-  float* qs = smem;                                        // [G][D], pre-scaled
-  float* ps = qs + static_cast<size_t>(G) * D;             // [warps][32 keys][kMaxGroup] probabilities
-  float* wstate = ps + kAttnWarps * 32 * kMaxGroup;        // [warps][G][D + 2]
+  float* qs = smem;                                  // [G][D], pre-scaled
+  float* ps = qs + static_cast<size_t>(G) * D;       // [warps][32 keys][kMaxGroup] probabilities
+  float* wstate = ps + kAttnWarps * 32 * kMaxGroup;  // [warps][G][D + 2]
   const float* qrow = q + static_cast<size_t>(row) * num_heads * D + static_cast<size_t>(kvh) * G * D;
   for (int i = threadIdx.x; i < G * D; i += blockDim.x) qs[i] = qrow[i] * scale;
   __syncthreads();
@@ -65,7 +65,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
 #pragma unroll
       for (int h = 0; h < kMaxGroup; ++h) s[h] = 0.0f;
       if (valid) {
-        const float* kr = k_cache + (page * bs + static_cast<size_t>(key - kbeg)) * width + static_cast<size_t>(kvh) * D;
+        const float* kr =
+            k_cache + (page * bs + static_cast<size_t>(key - kbeg)) * width + static_cast<size_t>(kvh) * D;
         // The K row in groups of 8 float4 loads issued together (one memory latency per 32 dims, not per 4).
 #pragma unroll
         for (int d0 = 0; d0 < 32 * DPL; d0 += 32) {
@@ -117,25 +118,25 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
         }
 #pragma unroll
         for (int jj = 0; jj < kV; ++jj) {
-        const int j = j0 + jj;
-        if (j >= nk) break;
-        float vv[DPL];
+          const int j = j0 + jj;
+          if (j >= nk) break;
+          float vv[DPL];
 #pragma unroll
-        for (int i = 0; i < DPL; ++i) vv[i] = vb[jj][i];
-        float pv[kMaxGroup];
+          for (int i = 0; i < DPL; ++i) vv[i] = vb[jj][i];
+          float pv[kMaxGroup];
 #pragma unroll
-        for (int h4 = 0; h4 < kMaxGroup / 4; ++h4) {
-          const float4 p4 = *reinterpret_cast<const float4*>(pw + j * kMaxGroup + 4 * h4);
-          pv[4 * h4] = p4.x;
-          pv[4 * h4 + 1] = p4.y;
-          pv[4 * h4 + 2] = p4.z;
-          pv[4 * h4 + 3] = p4.w;
-        }
+          for (int h4 = 0; h4 < kMaxGroup / 4; ++h4) {
+            const float4 p4 = *reinterpret_cast<const float4*>(pw + j * kMaxGroup + 4 * h4);
+            pv[4 * h4] = p4.x;
+            pv[4 * h4 + 1] = p4.y;
+            pv[4 * h4 + 2] = p4.z;
+            pv[4 * h4 + 3] = p4.w;
+          }
 #pragma unroll
-        for (int h = 0; h < kMaxGroup; ++h)
-          if (h < G)
+          for (int h = 0; h < kMaxGroup; ++h)
+            if (h < G)
 #pragma unroll
-            for (int i = 0; i < DPL; ++i) acc[h][i] += pv[h] * vv[i];
+              for (int i = 0; i < DPL; ++i) acc[h][i] += pv[h] * vv[i];
         }
       }
       __syncwarp();
@@ -146,7 +147,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) l[h] += __shfl_xor_sync(0xffffffffu, l[h], o);
 
-  // Merge the warps of this CTA.
+      // Merge the warps of this CTA.
 #pragma unroll
   for (int h = 0; h < kMaxGroup; ++h) {
     if (h < G) {
@@ -281,23 +282,23 @@ __global__ void index_select_kernel(const float* iq, AttentionRows rows, int hea
 }
 
 template <int DPL>
-cudaError_t launch_split(const float* q, const AttentionRows& rows, int num_heads, int num_kv_heads, int D,
-                         float scale, const float* k_cache, const float* v_cache, const int32_t* blocks, int topk,
+cudaError_t launch_split(const float* q, const AttentionRows& rows, int num_heads, int num_kv_heads, int D, float scale,
+                         const float* k_cache, const float* v_cache, const int32_t* blocks, int topk,
                          int units_per_split, int splits, float* ws, cudaStream_t stream) {
   const int G = num_heads / num_kv_heads;
-  const size_t smem = (static_cast<size_t>(G) * D + kAttnWarps * 32 * kMaxGroup +
-                       static_cast<size_t>(kAttnWarps) * G * (D + 2)) * sizeof(float);
+  const size_t smem =
+      (static_cast<size_t>(G) * D + kAttnWarps * 32 * kMaxGroup + static_cast<size_t>(kAttnWarps) * G * (D + 2)) *
+      sizeof(float);
   static bool configured = false;
   if (!configured) {
-    const cudaError_t e = cudaFuncSetAttribute(attention_split_kernel<DPL>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
+    const cudaError_t e =
+        cudaFuncSetAttribute(attention_split_kernel<DPL>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
     if (e != cudaSuccess) return e;
     configured = true;
   }
   const dim3 grid(static_cast<unsigned>(rows.rows * num_kv_heads), static_cast<unsigned>(splits));
-  attention_split_kernel<DPL><<<grid, kAttnWarps * 32, smem, stream>>>(q, rows, num_heads, num_kv_heads, D, scale,
-                                                                       k_cache, v_cache, blocks, topk,
-                                                                       units_per_split, splits, ws);
+  attention_split_kernel<DPL><<<grid, kAttnWarps * 32, smem, stream>>>(
+      q, rows, num_heads, num_kv_heads, D, scale, k_cache, v_cache, blocks, topk, units_per_split, splits, ws);
   return cudaGetLastError();
 }
 
@@ -313,30 +314,47 @@ size_t attention_workspace_floats(int rows, int num_heads, int head_dim, int spl
          static_cast<size_t>(head_dim + 2);
 }
 
-cudaError_t launch_attention(const float* q, const AttentionRows& rows, int num_heads, int num_kv_heads,
-                             int head_dim, float scale, const float* k_cache, const float* v_cache,
-                             const int32_t* blocks, int topk, int units, float* workspace, float* out,
-                             cudaStream_t stream) {
+cudaError_t launch_attention(const float* q, const AttentionRows& rows, int num_heads, int num_kv_heads, int head_dim,
+                             float scale, const float* k_cache, const float* v_cache, const int32_t* blocks, int topk,
+                             int units, float* workspace, float* out, cudaStream_t stream) {
   if (rows.rows == 0) return cudaSuccess;
-  if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || num_heads / num_kv_heads > kMaxGroup ||
-      head_dim <= 0 || head_dim > 256 || head_dim % 4 != 0)
+  if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || num_heads / num_kv_heads > kMaxGroup || head_dim <= 0 ||
+      head_dim > 256 || head_dim % 4 != 0)
     return cudaErrorInvalidValue;
   const int ups = attention_units_per_split(rows.block_size);
   const int splits = (units + ups - 1) / ups < 1 ? 1 : (units + ups - 1) / ups;
   cudaError_t e = cudaSuccess;
   const int dpl = (head_dim + 31) / 32;
   switch (dpl) {
-    case 1: e = launch_split<1>(q, rows, num_heads, num_kv_heads, head_dim, scale, k_cache, v_cache, blocks, topk, ups, splits, workspace, stream); break;
-    case 2: e = launch_split<2>(q, rows, num_heads, num_kv_heads, head_dim, scale, k_cache, v_cache, blocks, topk, ups, splits, workspace, stream); break;
-    case 3: e = launch_split<3>(q, rows, num_heads, num_kv_heads, head_dim, scale, k_cache, v_cache, blocks, topk, ups, splits, workspace, stream); break;
-    case 4: e = launch_split<4>(q, rows, num_heads, num_kv_heads, head_dim, scale, k_cache, v_cache, blocks, topk, ups, splits, workspace, stream); break;
-    case 5: case 6: case 7: case 8:
-      e = launch_split<8>(q, rows, num_heads, num_kv_heads, head_dim, scale, k_cache, v_cache, blocks, topk, ups, splits, workspace, stream); break;
-    default: return cudaErrorInvalidValue;
+    case 1:
+      e = launch_split<1>(q, rows, num_heads, num_kv_heads, head_dim, scale, k_cache, v_cache, blocks, topk, ups,
+                          splits, workspace, stream);
+      break;
+    case 2:
+      e = launch_split<2>(q, rows, num_heads, num_kv_heads, head_dim, scale, k_cache, v_cache, blocks, topk, ups,
+                          splits, workspace, stream);
+      break;
+    case 3:
+      e = launch_split<3>(q, rows, num_heads, num_kv_heads, head_dim, scale, k_cache, v_cache, blocks, topk, ups,
+                          splits, workspace, stream);
+      break;
+    case 4:
+      e = launch_split<4>(q, rows, num_heads, num_kv_heads, head_dim, scale, k_cache, v_cache, blocks, topk, ups,
+                          splits, workspace, stream);
+      break;
+    case 5:
+    case 6:
+    case 7:
+    case 8:
+      e = launch_split<8>(q, rows, num_heads, num_kv_heads, head_dim, scale, k_cache, v_cache, blocks, topk, ups,
+                          splits, workspace, stream);
+      break;
+    default:
+      return cudaErrorInvalidValue;
   }
   if (e != cudaSuccess) return e;
-  attention_merge_kernel<<<static_cast<unsigned>(rows.rows * num_heads), 128, 0, stream>>>(workspace, splits,
-                                                                                          head_dim, out);
+  attention_merge_kernel<<<static_cast<unsigned>(rows.rows * num_heads), 128, 0, stream>>>(workspace, splits, head_dim,
+                                                                                           out);
   return cudaGetLastError();
 }
 

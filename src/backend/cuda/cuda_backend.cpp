@@ -92,9 +92,7 @@ class Pool {
 class Block {
  public:
   Block() = default;
-  Block(std::shared_ptr<Pool> pool, size_t bytes) : pool_(std::move(pool)), bytes_(bytes) {
-    ptr_ = pool_->get(bytes);
-  }
+  Block(std::shared_ptr<Pool> pool, size_t bytes) : pool_(std::move(pool)), bytes_(bytes) { ptr_ = pool_->get(bytes); }
   Block(Block&& o) noexcept : pool_(std::move(o.pool_)), ptr_(o.ptr_), bytes_(o.bytes_) { o.ptr_ = nullptr; }
   Block& operator=(Block&& o) noexcept {
     if (this != &o) {
@@ -210,7 +208,8 @@ class CudaBackend final : public Backend {
   std::unique_ptr<Weight> upload_weight(const WeightData& d) override {
     if (d.rows <= 0 || d.cols <= 0) fail("weight of invalid shape [{}, {}]", d.rows, d.cols);
     const size_t n = static_cast<size_t>(d.rows) * static_cast<size_t>(d.cols);
-    auto w = std::make_unique<DeviceWeight>(d.format == WeightFormat::F16 ? WeightFormat::F32 : d.format, d.rows, d.cols);
+    auto w =
+        std::make_unique<DeviceWeight>(d.format == WeightFormat::F16 ? WeightFormat::F32 : d.format, d.rows, d.cols);
     switch (d.format) {
       case WeightFormat::F32:
         MXLM_CUDA_CHECK(cudaMalloc(&w->data_, n * 4));
@@ -241,8 +240,8 @@ class CudaBackend final : public Backend {
 
   std::unique_ptr<Buffer> upload_vector(std::span<const float> values) override {
     auto b = std::make_unique<DeviceBuffer>(pool_, values.size());
-    MXLM_CUDA_CHECK(cudaMemcpyAsync(b->f32(), values.data(), values.size() * sizeof(float), cudaMemcpyHostToDevice,
-                                    stream_));
+    MXLM_CUDA_CHECK(
+        cudaMemcpyAsync(b->f32(), values.data(), values.size() * sizeof(float), cudaMemcpyHostToDevice, stream_));
     return b;
   }
 
@@ -251,8 +250,7 @@ class CudaBackend final : public Backend {
     MXLM_CUDA_CHECK(launch_add(a, b, out, n, stream_));
   }
   void scale(float* x, float factor, size_t n) override { MXLM_CUDA_CHECK(launch_scale(x, factor, n, stream_)); }
-  void rms_norm(const float* x, const float* w, float* out, size_t rows, size_t dim, float eps,
-                bool add_one) override {
+  void rms_norm(const float* x, const float* w, float* out, size_t rows, size_t dim, float eps, bool add_one) override {
     MXLM_CUDA_CHECK(launch_rms_norm(x, w, out, rows, dim, eps, add_one, stream_));
   }
   void rope(float* x, std::span<const int32_t> positions, int heads, int head_dim, int rotary_dim,
@@ -310,7 +308,7 @@ class CudaBackend final : public Backend {
   void embedding(const Weight& table, std::span<const int32_t> ids, int64_t row_offset, float* out) override {
     if (ids.empty()) return;
     const DeviceWeight& dw = dev(table);
-    const TableFormat f = table.format() == WeightFormat::MXFP4 ? TableFormat::MXFP4
+    const TableFormat f = table.format() == WeightFormat::MXFP4  ? TableFormat::MXFP4
                           : table.format() == WeightFormat::BF16 ? TableFormat::BF16
                                                                  : TableFormat::F32;
     Block d = to_device(ids);
@@ -348,8 +346,8 @@ class CudaBackend final : public Backend {
     run_attention(q, r, shape, k_cache, v_cache, nullptr, 0, r.max_pos / batch.block_size + 1, out);
   }
 
-  void index_select(const float* iq, const AttentionBatch& batch, const IndexerShape& shape,
-                    const float* index_k_cache, int32_t* blocks) override {
+  void index_select(const float* iq, const AttentionBatch& batch, const IndexerShape& shape, const float* index_k_cache,
+                    int32_t* blocks) override {
     RowsOnDevice r = rows_of(batch);
     if (r.rows.rows == 0) return;
     MXLM_CUDA_CHECK(launch_index_select(iq, r.rows, shape.num_heads, shape.head_dim, shape.topk_blocks,
@@ -357,9 +355,8 @@ class CudaBackend final : public Backend {
                                         index_k_cache, blocks, stream_));
   }
 
-  void sparse_attention(const float* q, const AttentionBatch& batch, const AttentionShape& shape,
-                        const float* k_cache, const float* v_cache, const int32_t* blocks, int topk,
-                        float* out) override {
+  void sparse_attention(const float* q, const AttentionBatch& batch, const AttentionShape& shape, const float* k_cache,
+                        const float* v_cache, const int32_t* blocks, int topk, float* out) override {
     RowsOnDevice r = rows_of(batch);
     if (r.rows.rows == 0) return;
     run_attention(q, r, shape, k_cache, v_cache, blocks, topk, topk, out);
@@ -399,8 +396,8 @@ class CudaBackend final : public Backend {
   // y[m, n] = x[m, k] · W[n, k]ᵀ with bf16 operands and f32 accumulation and output.
   void gemm_bf16(const uint16_t* w, const uint16_t* x, float* y, int n, int m, int k) {
     const float one = 1.0f, zero = 0.0f;
-    check(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one, w, CUDA_R_16BF, k, x, CUDA_R_16BF, k, &zero,
-                       y, CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+    check(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one, w, CUDA_R_16BF, k, x, CUDA_R_16BF, k, &zero, y,
+                       CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
           "cublasGemmEx(bf16)");
   }
 
@@ -450,8 +447,7 @@ class CudaBackend final : public Backend {
     d.pos = to_device(std::span<const int32_t>(pos));
     d.offsets = to_device(std::span<const int32_t>(offs));
     d.tables = to_device(std::span<const int32_t>(tables));
-    d.rows = {d.pos.as<int32_t>(), d.offsets.as<int32_t>(), d.tables.as<int32_t>(), batch.num_tokens,
-              batch.block_size};
+    d.rows = {d.pos.as<int32_t>(), d.offsets.as<int32_t>(), d.tables.as<int32_t>(), batch.num_tokens, batch.block_size};
     d.max_pos = max_pos;
     return d;
   }
@@ -460,7 +456,8 @@ class CudaBackend final : public Backend {
                      const float* v_cache, const int32_t* blocks, int topk, int units, float* out) {
     if (shape.num_kv_heads <= 0 || shape.num_heads % shape.num_kv_heads != 0)
       fail("attention with {} query heads and {} KV heads", shape.num_heads, shape.num_kv_heads);
-    if (shape.head_dim <= 0 || shape.head_dim > 256 || shape.head_dim % 4 != 0 || shape.num_heads / shape.num_kv_heads > 16)
+    if (shape.head_dim <= 0 || shape.head_dim > 256 || shape.head_dim % 4 != 0 ||
+        shape.num_heads / shape.num_kv_heads > 16)
       fail("CUDA attention supports head_dim % 4 == 0 up to 256 and up to 16 query heads per KV head (got {}, {})",
            shape.head_dim, shape.num_heads / shape.num_kv_heads);
     const int ups = attention_units_per_split(r.rows.block_size);
@@ -498,7 +495,9 @@ void CudaBackend::moe_experts(const float* x, size_t tokens, const int32_t* ids,
   for (size_t t = 0; t < tokens; ++t)
     for (int j = 0; j < k; ++j) {
       const int e = h_ids[t * static_cast<size_t>(k) + static_cast<size_t>(j)] - first_expert;
-      if (e >= 0 && e < num_local) per_expert[static_cast<size_t>(e)].push_back(static_cast<int32_t>(t * static_cast<size_t>(k) + static_cast<size_t>(j)));
+      if (e >= 0 && e < num_local)
+        per_expert[static_cast<size_t>(e)].push_back(
+            static_cast<int32_t>(t * static_cast<size_t>(k) + static_cast<size_t>(j)));
     }
   std::vector<int32_t> gather, first(static_cast<size_t>(num_local) + 1, 0);
   std::vector<float> row_w;
@@ -529,8 +528,8 @@ void CudaBackend::moe_experts(const float* x, size_t tokens, const int32_t* ids,
   if (native) {
     Block xs(pool_, rows * hidden * 2), g(pool_, rows * inter * 4), u(pool_, rows * inter * 4),
         act(pool_, rows * inter * 2);
-    MXLM_CUDA_CHECK(launch_gather_qdq_bf16(x, d_gather.as<int32_t>(), rows, hidden, qdq_inputs, xs.as<uint16_t>(),
-                                           stream_));
+    MXLM_CUDA_CHECK(
+        launch_gather_qdq_bf16(x, d_gather.as<int32_t>(), rows, hidden, qdq_inputs, xs.as<uint16_t>(), stream_));
     // Gate and up of every active expert in one launch, then down in another; 16-token tiles per expert.
     std::vector<Mxfp4GemvGroup> gu, dn;
     int max_m = 1;
@@ -554,7 +553,8 @@ void CudaBackend::moe_experts(const float* x, size_t tokens, const int32_t* ids,
     }
     Block d_gu = to_device(std::span<const Mxfp4GemvGroup>(gu));
     Block d_dn = to_device(std::span<const Mxfp4GemvGroup>(dn));
-    const int split1 = mxfp4_gemv_k_split(static_cast<int>(inter), static_cast<int>(hidden), static_cast<int>(gu.size()), sms_);
+    const int split1 =
+        mxfp4_gemv_k_split(static_cast<int>(inter), static_cast<int>(hidden), static_cast<int>(gu.size()), sms_);
     if (split1 > 1) {
       MXLM_CUDA_CHECK(cudaMemsetAsync(g.as<void>(), 0, rows * inter * 4, stream_));
       MXLM_CUDA_CHECK(cudaMemsetAsync(u.as<void>(), 0, rows * inter * 4, stream_));
@@ -563,7 +563,8 @@ void CudaBackend::moe_experts(const float* x, size_t tokens, const int32_t* ids,
                                       static_cast<int>(inter), static_cast<int>(hidden), split1, stream_));
     MXLM_CUDA_CHECK(launch_swiglu_qdq_bf16(g.as<float>(), u.as<float>(), rows, inter, p.alpha, p.limit, qdq_inputs,
                                            act.as<uint16_t>(), stream_));
-    const int split2 = mxfp4_gemv_k_split(static_cast<int>(hidden), static_cast<int>(inter), static_cast<int>(dn.size()), sms_);
+    const int split2 =
+        mxfp4_gemv_k_split(static_cast<int>(hidden), static_cast<int>(inter), static_cast<int>(dn.size()), sms_);
     if (split2 > 1) MXLM_CUDA_CHECK(cudaMemsetAsync(y.as<void>(), 0, rows * hidden * 4, stream_));
     MXLM_CUDA_CHECK(launch_mxfp4_gemv(d_dn.as<Mxfp4GemvGroup>(), static_cast<int>(dn.size()), max_m,
                                       static_cast<int>(hidden), static_cast<int>(inter), split2, stream_));
@@ -571,8 +572,8 @@ void CudaBackend::moe_experts(const float* x, size_t tokens, const int32_t* ids,
     // Emulation (and float experts): per expert, the f32 rows (QDQ'd for MXFP4) through linear(), which
     // dequantizes MXFP4 weights to bf16 for cuBLAS in emulation mode.
     Block xs(pool_, rows * hidden * 4), g(pool_, rows * inter * 4), u(pool_, rows * inter * 4);
-    MXLM_CUDA_CHECK(launch_gather_qdq_f32(x, d_gather.as<int32_t>(), rows, hidden, qdq_inputs, xs.as<float>(),
-                                          stream_));
+    MXLM_CUDA_CHECK(
+        launch_gather_qdq_f32(x, d_gather.as<int32_t>(), rows, hidden, qdq_inputs, xs.as<float>(), stream_));
     for (int e = 0; e < num_local; ++e) {
       const size_t b = static_cast<size_t>(first[static_cast<size_t>(e)]);
       const size_t c = static_cast<size_t>(first[static_cast<size_t>(e) + 1]) - b;
@@ -580,8 +581,8 @@ void CudaBackend::moe_experts(const float* x, size_t tokens, const int32_t* ids,
       linear(xs.as<float>() + b * hidden, c, *gate[static_cast<size_t>(e)], g.as<float>() + b * inter);
       linear(xs.as<float>() + b * hidden, c, *up[static_cast<size_t>(e)], u.as<float>() + b * inter);
     }
-    MXLM_CUDA_CHECK(launch_swiglu_oai(g.as<float>(), u.as<float>(), g.as<float>(), rows * inter, p.alpha, p.limit,
-                                      stream_));
+    MXLM_CUDA_CHECK(
+        launch_swiglu_oai(g.as<float>(), u.as<float>(), g.as<float>(), rows * inter, p.alpha, p.limit, stream_));
     if (qdq_inputs) MXLM_CUDA_CHECK(launch_qdq_f32(g.as<float>(), rows * inter, stream_));
     for (int e = 0; e < num_local; ++e) {
       const size_t b = static_cast<size_t>(first[static_cast<size_t>(e)]);
@@ -590,8 +591,8 @@ void CudaBackend::moe_experts(const float* x, size_t tokens, const int32_t* ids,
       linear(g.as<float>() + b * inter, c, *down[static_cast<size_t>(e)], y.as<float>() + b * hidden);
     }
   }
-  MXLM_CUDA_CHECK(launch_moe_combine(y.as<float>(), d_combine.as<int32_t>(), d_w.as<float>(), tokens, k, hidden, out,
-                                     stream_));
+  MXLM_CUDA_CHECK(
+      launch_moe_combine(y.as<float>(), d_combine.as<int32_t>(), d_w.as<float>(), tokens, k, hidden, out, stream_));
 }
 
 }  // namespace

@@ -171,8 +171,8 @@ __global__ void gather_qdq_f32_kernel(const float* x, const int32_t* gather, siz
   out[i] = v;
 }
 
-__global__ void swiglu_qdq_bf16_kernel(const float* gate, const float* up, size_t n, float alpha, float limit,
-                                       bool qdq, uint16_t* out) {
+__global__ void swiglu_qdq_bf16_kernel(const float* gate, const float* up, size_t n, float alpha, float limit, bool qdq,
+                                       uint16_t* out) {
   const size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
   float v = swiglu(gate[i], up[i], alpha, limit);
@@ -210,8 +210,8 @@ __global__ void dequant_kernel(const uint8_t* packed, const uint8_t* scales, siz
   }
 }
 
-__global__ void moe_combine_kernel(const float* y, const int32_t* combine, const float* weights, int k,
-                                   size_t hidden, float* out) {
+__global__ void moe_combine_kernel(const float* y, const int32_t* combine, const float* weights, int k, size_t hidden,
+                                   float* out) {
   const size_t t = blockIdx.y;
   for (size_t c = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; c < hidden;
        c += static_cast<size_t>(gridDim.x) * blockDim.x) {
@@ -269,8 +269,9 @@ __global__ void router_topk_kernel(const float* logits, const float* bias, size_
     __syncwarp();
   }
   if (lane == 0)
-    for (int j = 0; j < k; ++j) weights[t * static_cast<size_t>(k) + static_cast<size_t>(j)] =
-        weights[t * static_cast<size_t>(k) + static_cast<size_t>(j)] / sum * scale;
+    for (int j = 0; j < k; ++j)
+      weights[t * static_cast<size_t>(k) + static_cast<size_t>(j)] =
+          weights[t * static_cast<size_t>(k) + static_cast<size_t>(j)] / sum * scale;
 }
 
 __global__ void embedding_kernel(const void* table, const uint8_t* scales, int format, int64_t rows, int64_t cols,
@@ -290,8 +291,7 @@ __global__ void embedding_kernel(const void* table, const uint8_t* scales, int f
       } else {
         const uint32_t byte = static_cast<const uint8_t*>(table)[idx / 2];
         const uint32_t sb = scales[idx / 32];
-        v = sb == 255u ? __uint_as_float(0x7fc00000u)
-                       : e2m1_value((idx & 1) ? byte >> 4 : byte & 15u) * e8m0_value(sb);
+        v = sb == 255u ? __uint_as_float(0x7fc00000u) : e2m1_value((idx & 1) ? byte >> 4 : byte & 15u) * e8m0_value(sb);
       }
     }
     o[c] = v;
@@ -430,8 +430,8 @@ cudaError_t launch_gather_qdq_f32(const float* x, const int32_t* gather, size_t 
   return cudaGetLastError();
 }
 
-cudaError_t launch_swiglu_qdq_bf16(const float* gate, const float* up, size_t rows, size_t k, float alpha,
-                                   float limit, bool qdq, uint16_t* out, cudaStream_t stream) {
+cudaError_t launch_swiglu_qdq_bf16(const float* gate, const float* up, size_t rows, size_t k, float alpha, float limit,
+                                   bool qdq, uint16_t* out, cudaStream_t stream) {
   if (rows * k == 0) return cudaSuccess;
   swiglu_qdq_bf16_kernel<<<blocks_for(rows * k), kThreads, 0, stream>>>(gate, up, rows * k, alpha, limit, qdq, out);
   return cudaGetLastError();
@@ -445,8 +445,8 @@ cudaError_t launch_dequant_mxfp4_bf16(const uint8_t* packed, const uint8_t* scal
   return cudaGetLastError();
 }
 
-cudaError_t launch_dequant_mxfp4_f32(const uint8_t* packed, const uint8_t* scales, size_t rows, size_t k,
-                                     float* out, cudaStream_t stream) {
+cudaError_t launch_dequant_mxfp4_f32(const uint8_t* packed, const uint8_t* scales, size_t rows, size_t k, float* out,
+                                     cudaStream_t stream) {
   const size_t bytes = rows * k / 2;
   if (bytes == 0) return cudaSuccess;
   dequant_kernel<float><<<blocks_for(bytes), kThreads, 0, stream>>>(packed, scales, bytes, out);
@@ -461,23 +461,22 @@ cudaError_t launch_moe_combine(const float* y, const int32_t* combine, const flo
   return cudaGetLastError();
 }
 
-cudaError_t launch_router_topk(const float* logits, const float* bias, size_t tokens, int experts, int k,
-                               float scale, int32_t* ids, float* weights, cudaStream_t stream) {
+cudaError_t launch_router_topk(const float* logits, const float* bias, size_t tokens, int experts, int k, float scale,
+                               int32_t* ids, float* weights, cudaStream_t stream) {
   if (tokens == 0) return cudaSuccess;
   const int warps = 4;
   const size_t smem = static_cast<size_t>(warps) * static_cast<size_t>((experts + 31) / 32) * sizeof(uint32_t);
   router_topk_kernel<<<blocks_for(tokens, warps), warps * 32, smem, stream>>>(logits, bias, tokens, experts, k, scale,
-                                                                               ids, weights);
+                                                                              ids, weights);
   return cudaGetLastError();
 }
 
-cudaError_t launch_embedding(const void* table, const uint8_t* scales, TableFormat format, int64_t rows,
-                             int64_t cols, const int32_t* ids, size_t count, int64_t row_offset, float* out,
-                             cudaStream_t stream) {
+cudaError_t launch_embedding(const void* table, const uint8_t* scales, TableFormat format, int64_t rows, int64_t cols,
+                             const int32_t* ids, size_t count, int64_t row_offset, float* out, cudaStream_t stream) {
   if (count == 0) return cudaSuccess;
   const dim3 grid(blocks_for(static_cast<size_t>(cols)), static_cast<unsigned>(count));
-  embedding_kernel<<<grid, kThreads, 0, stream>>>(table, scales, static_cast<int>(format), rows, cols, ids,
-                                                  row_offset, out);
+  embedding_kernel<<<grid, kThreads, 0, stream>>>(table, scales, static_cast<int>(format), rows, cols, ids, row_offset,
+                                                  out);
   return cudaGetLastError();
 }
 

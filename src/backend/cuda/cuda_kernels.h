@@ -37,13 +37,13 @@ cudaError_t launch_gather_qdq_bf16(const float* x, const int32_t* gather, size_t
 cudaError_t launch_gather_qdq_f32(const float* x, const int32_t* gather, size_t rows, size_t k, bool qdq, float* out,
                                   cudaStream_t stream);
 // act = bf16(qdq?(swiglu_oai(gate, up))) for [rows, k] (k % 32 == 0 when qdq).
-cudaError_t launch_swiglu_qdq_bf16(const float* gate, const float* up, size_t rows, size_t k, float alpha,
-                                   float limit, bool qdq, uint16_t* out, cudaStream_t stream);
+cudaError_t launch_swiglu_qdq_bf16(const float* gate, const float* up, size_t rows, size_t k, float alpha, float limit,
+                                   bool qdq, uint16_t* out, cudaStream_t stream);
 // Exact dequantization of packed [rows, k/2] + scales [rows, k/32] to bf16 or f32 (scale byte 255 = NaN).
 cudaError_t launch_dequant_mxfp4_bf16(const uint8_t* packed, const uint8_t* scales, size_t rows, size_t k,
                                       uint16_t* out, cudaStream_t stream);
-cudaError_t launch_dequant_mxfp4_f32(const uint8_t* packed, const uint8_t* scales, size_t rows, size_t k,
-                                     float* out, cudaStream_t stream);
+cudaError_t launch_dequant_mxfp4_f32(const uint8_t* packed, const uint8_t* scales, size_t rows, size_t k, float* out,
+                                     cudaStream_t stream);
 
 // ---- MXFP4 small-M GEMM (decode): y[m, n] (+)= x[m, k] · Wᵀ, W MXFP4 [n, k], x bf16, f32 accumulation on bf16
 // tensor cores with the weights dequantized in registers (4.25 bits per parameter read). Several independent
@@ -69,8 +69,8 @@ cudaError_t launch_moe_combine(const float* y, const int32_t* combine, const flo
                                size_t hidden, float* out, cudaStream_t stream);
 // Router top-k on logits [tokens, experts]: s = sigmoid, choice = s + bias (bias may be null), top-k by choice
 // (ties: lower id), weights = s / Σ s * scale.
-cudaError_t launch_router_topk(const float* logits, const float* bias, size_t tokens, int experts, int k,
-                               float scale, int32_t* ids, float* weights, cudaStream_t stream);
+cudaError_t launch_router_topk(const float* logits, const float* bias, size_t tokens, int experts, int k, float scale,
+                               int32_t* ids, float* weights, cudaStream_t stream);
 
 // ---- random data generated on the device (benchmarks, dummy weights): bytes uniform in [lo, hi] from a counter
 // hash of (seed, index); bf16 values uniform in +-amp.
@@ -80,18 +80,17 @@ cudaError_t launch_fill_random_f32(float* out, size_t n, uint64_t seed, float am
 
 // ---- embedding: out[i] = row ids[i] - row_offset of the table (f32, bf16 or MXFP4), zeros outside.
 enum class TableFormat : int { F32 = 0, BF16 = 1, MXFP4 = 2 };
-cudaError_t launch_embedding(const void* table, const uint8_t* scales, TableFormat format, int64_t rows,
-                             int64_t cols, const int32_t* ids, size_t count, int64_t row_offset, float* out,
-                             cudaStream_t stream);
+cudaError_t launch_embedding(const void* table, const uint8_t* scales, TableFormat format, int64_t rows, int64_t cols,
+                             const int32_t* ids, size_t count, int64_t row_offset, float* out, cudaStream_t stream);
 cudaError_t launch_cache_write(const float* x, size_t width, const int64_t* slots, size_t count, float* cache,
                                cudaStream_t stream);
 
 // ---- paged attention. Per row of the step: its position, the offset of its sequence's block table in
 // `tables`. Caches are f32 [pages, block_size, kv_heads * head_dim].
 struct AttentionRows {
-  const int32_t* pos = nullptr;          // [rows]
-  const int32_t* table_offset = nullptr; // [rows]
-  const int32_t* tables = nullptr;       // concatenated block tables
+  const int32_t* pos = nullptr;           // [rows]
+  const int32_t* table_offset = nullptr;  // [rows]
+  const int32_t* tables = nullptr;        // concatenated block tables
   int rows = 0;
   int block_size = 0;
 };
@@ -101,10 +100,9 @@ struct AttentionRows {
 // heads per KV head <= 16. workspace: attention_workspace_floats(rows, num_heads, head_dim, splits) floats.
 int attention_units_per_split(int block_size);
 size_t attention_workspace_floats(int rows, int num_heads, int head_dim, int splits);
-cudaError_t launch_attention(const float* q, const AttentionRows& rows, int num_heads, int num_kv_heads,
-                             int head_dim, float scale, const float* k_cache, const float* v_cache,
-                             const int32_t* blocks, int topk, int units, float* workspace, float* out,
-                             cudaStream_t stream);
+cudaError_t launch_attention(const float* q, const AttentionRows& rows, int num_heads, int num_kv_heads, int head_dim,
+                             float scale, const float* k_cache, const float* v_cache, const int32_t* blocks, int topk,
+                             int units, float* workspace, float* out, cudaStream_t stream);
 // Lightning indexer block selection (see Backend::index_select).
 cudaError_t launch_index_select(const float* iq, const AttentionRows& rows, int heads, int head_dim, int topk,
                                 int local_blocks, int init_blocks, int max_visible_blocks, const float* index_k_cache,

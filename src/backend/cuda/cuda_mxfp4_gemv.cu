@@ -81,8 +81,8 @@ constexpr int kBatch = 8;
 constexpr int kXStride = kBatch * 16 + 2;  // uint4 per staged token row: 256 B per chunk + 32 B pad (banks)
 
 template <int NT>  // token tiles of 8
-__global__ void __launch_bounds__(kWarps * 32, 2) mxfp4_gemv_kernel(const Mxfp4GemvGroup* groups, int n, int k,
-                                                                  int chunks_per_split) {
+__global__ void __launch_bounds__(kWarps * 32, 2)
+    mxfp4_gemv_kernel(const Mxfp4GemvGroup* groups, int n, int k, int chunks_per_split) {
   extern __shared__ uint4 xs[];  // [NT * 8 tokens][kXStride]: this CTA's slice of the activations, swizzled
   const Mxfp4GemvGroup grp = groups[blockIdx.z];
   if (grp.m <= 0) return;
@@ -138,7 +138,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2) mxfp4_gemv_kernel(const Mxfp4G
       const int kb = (cb + ci) * 4 + blk_in;
       uint4 v = make_uint4(0, 0, 0, 0);
       if (tok < grp.m && kb < kblocks)
-        v = __ldg(reinterpret_cast<const uint4*>(grp.x + static_cast<size_t>(tok) * k + static_cast<size_t>(kb) * 32) + q);
+        v = __ldg(reinterpret_cast<const uint4*>(grp.x + static_cast<size_t>(tok) * k + static_cast<size_t>(kb) * 32) +
+                  q);
       xs[tok * kXStride + ci * 16 + blk_in * 4 + (q ^ ((blk_in >> 1) & 1))] = v;
     }
     __syncthreads();
