@@ -1,0 +1,250 @@
+// `mxlm bench <what>`: benchmark drivers that run the library end to end. `serve` is here; `kernels` and
+// `quantize` are sub-subcommands for others to add next to it (the Google Benchmark binaries in bench/ measure
+// single kernels).
+//
+// `mxlm bench serve --model DIR`: for each concurrency C, first the engine alone (the scheduler stepping on this
+// thread, max C sequences, the same random token prompts) gives the offline batch throughput; then an in-process
+// `mxlm serve` on a free port of 127.0.0.1 gets C streaming /v1/completions clients (one HTTP connection each)
+// and the output-token throughput, time to first token and inter-token latency are measured on the client side.
+// The ratio server / offline throughput is the cost of HTTP, JSON, detokenization and the thread handoffs.
+#include <CLI/CLI.hpp>
+#include <httplib.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <fstream>
+#include <random>
+#include <thread>
+
+#include "backend/backend.h"
+#include "cli/registry.h"
+#include "core/error.h"
+#include "core/log.h"
+#include "engine/model_runner.h"
+#include "engine/scheduler.h"
+#include "model/m3_model.h"
+#include "server/openai_server.h"
+#include "text/tokenizer.h"
+
+namespace mxlm::cli {
+
+std::optional<backend::WeightFormat> parse_weight_dtype(const std::string& dtype);
+std::unique_ptr<backend::Backend> make_backend(const std::string& device);
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct BenchServeOptions {
+  std::string model;
+  std::string device = "cpu";
+  std::string dtype = "auto";
+  std::vector<int> concurrency = {1, 4, 16};
+  int num_prompts = 32;
+  int input_len = 64;
+  int output_len = 32;
+  int block_size = 0;  // 0: the model's sparse block size (or 128)
+  int max_num_batched_tokens = 2048;
+  uint32_t seed = 0;
+  std::string output_json;
+};
+
+double percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0.0;
+  std::sort(v.begin(), v.end());
+  const double idx = p / 100.0 * static_cast<double>(v.size() - 1);
+  const auto lo = static_cast<size_t>(idx);
+  const size_t hi = std::min(lo + 1, v.size() - 1);
+  return v[lo] + (v[hi] - v[lo]) * (idx - static_cast<double>(lo));
+}
+
+std::vector<std::vector<int32_t>> random_prompts(int count, int len, int vocab, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<std::vector<int32_t>> out(static_cast<size_t>(count));
+  for (auto& p : out) {
+    p.resize(static_cast<size_t>(len));
+    for (auto& t : p) t = static_cast<int32_t>(16 + rng() % static_cast<uint32_t>(vocab - 16));
+  }
+  return out;
+}
+
+struct ClientResult {
+  double ttft = 0.0;
+  std::vector<double> itl;
+  int tokens = 0;  // from the usage chunk
+  int chunks = 0;  // a chunk may carry several tokens when the client reads slower than the engine steps
+  bool ok = false;
+};
+
+ClientResult stream_one(int port, const std::string& model, const std::vector<int32_t>& prompt, int max_tokens) {
+  ClientResult r;
+  httplib::Client cli("127.0.0.1", port);
+  cli.set_read_timeout(600, 0);
+  httplib::Request req;
+  req.method = "POST";
+  req.path = "/v1/completions";
+  req.set_header("Content-Type", "application/json");
+  req.body = nlohmann::json{{"model", model},          {"prompt", prompt}, {"max_tokens", max_tokens},
+                            {"temperature", 0},        {"stream", true},   {"ignore_eos", true},
+                            {"stream_options", {{"include_usage", true}}}}
+                 .dump();
+  const auto t0 = Clock::now();
+  auto last = t0;
+  std::string buffer;
+  req.content_receiver = [&](const char* data, size_t len, uint64_t, uint64_t) {
+    buffer.append(data, len);
+    size_t end;
+    while ((end = buffer.find("\n\n")) != std::string::npos) {
+      const std::string event = buffer.substr(0, end);
+      buffer.erase(0, end + 2);
+      if (event.rfind("data: ", 0) != 0 || event == "data: [DONE]") continue;
+      const auto j = nlohmann::json::parse(event.substr(6), nullptr, false);
+      if (j.is_discarded()) continue;
+      if (j.contains("usage") && j["usage"].is_object()) r.tokens = j["usage"].value("completion_tokens", 0);
+      if (!j.contains("choices") || j["choices"].empty()) continue;
+      const auto now = Clock::now();
+      if (r.chunks++ == 0)
+        r.ttft = std::chrono::duration<double>(now - t0).count();
+      else
+        r.itl.push_back(std::chrono::duration<double>(now - last).count());
+      last = now;
+    }
+    return true;
+  };
+  auto res = cli.send(req);
+  r.ok = res && res->status == 200;
+  return r;
+}
+
+void run_bench_serve(const BenchServeOptions& o) {
+  if (o.num_prompts <= 0 || o.input_len <= 0 || o.output_len <= 0) fail("--num-prompts, --input-len and --output-len must be positive");
+  for (const int c : o.concurrency)
+    if (c <= 0) fail("--concurrency values must be positive");
+  auto tokenizer = text::Tokenizer::load(o.model);
+  auto be = make_backend(o.device);
+  model::ModelOptions mo;
+  mo.float_format = parse_weight_dtype(o.dtype);
+  auto model = model::load_m3_model(o.model, *be, mo);
+  const int max_c = *std::max_element(o.concurrency.begin(), o.concurrency.end());
+  const int seq_len = o.input_len + o.output_len;
+  engine::CacheConfig cache =
+      engine::cache_config_for(*model, seq_len, max_c, o.block_size > 0 ? o.block_size : 128);
+  if (o.block_size > 0 && !model->has_sparse_layers()) cache.block_size = o.block_size;
+  cache.num_pages = engine::pages_for(seq_len, cache.block_size) * max_c;
+  cache.prefix_caching = false;  // every run sees fresh prompts anyway; keep the two sides comparable
+  engine::ModelRunner runner(*model, cache);
+  const std::string name = "bench";
+
+  nlohmann::json report = nlohmann::json::array();
+  fmt::print("{:>5} {:>12} {:>12} {:>8} {:>10} {:>10} {:>10} {:>10}\n", "conc", "offline t/s", "server t/s", "ratio",
+             "TTFT p50", "TTFT p99", "ITL p50", "ITL p99");
+  uint32_t seed = o.seed;
+  for (const int c : o.concurrency) {
+    engine::SchedulerConfig sc;
+    sc.max_num_seqs = c;
+    sc.max_num_batched_tokens = o.max_num_batched_tokens;
+    sc.max_model_len = seq_len;
+    sc.max_waiting = o.num_prompts + 1;
+
+    // Offline: the engine alone, stepping on this thread.
+    double offline_tps = 0.0;
+    {
+      engine::Scheduler sched(runner, sc);
+      const auto prompts = random_prompts(o.num_prompts, o.input_len, model->vocab_size(), seed++);
+      std::vector<std::shared_ptr<engine::RequestStream>> streams;
+      const auto t0 = Clock::now();
+      for (const auto& p : prompts) {
+        engine::GenerationRequest r;
+        r.prompt = p;
+        r.params.temperature = 0.0f;
+        r.params.max_tokens = o.output_len;
+        streams.push_back(sched.submit(std::move(r)));
+      }
+      while (sched.step()) {
+      }
+      const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+      offline_tps = static_cast<double>(sched.stats().generation_tokens) / secs;
+    }
+
+    // Server: C clients, each sending its share of the prompts one after another.
+    engine::Scheduler sched(runner, sc);
+    server::ServerConfig cfg;
+    cfg.port = 0;
+    cfg.served_model_name = name;
+    cfg.max_model_len = seq_len;
+    cfg.num_threads = c + 8;
+    server::OpenAIServer srv(cfg, tokenizer, std::nullopt, sched);
+    sched.start();
+    std::thread listener([&] { srv.listen(); });
+    while (!srv.running()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    const auto prompts = random_prompts(o.num_prompts, o.input_len, model->vocab_size(), seed++);
+    std::vector<ClientResult> results(prompts.size());
+    std::atomic<size_t> next{0};
+    const auto t0 = Clock::now();
+    std::vector<std::thread> clients;
+    for (int i = 0; i < c; ++i)
+      clients.emplace_back([&] {
+        for (size_t k; (k = next++) < prompts.size();) results[k] = stream_one(srv.port(), name, prompts[k], o.output_len);
+      });
+    for (auto& t : clients) t.join();
+    const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    srv.stop();
+    listener.join();
+    sched.stop();
+
+    std::vector<double> ttft, itl;
+    int tokens = 0, failed = 0;
+    for (const auto& r : results) {
+      if (!r.ok) ++failed;
+      ttft.push_back(r.ttft);
+      itl.insert(itl.end(), r.itl.begin(), r.itl.end());
+      tokens += r.tokens;
+    }
+    if (failed) fail("{} of {} benchmark requests failed", failed, results.size());
+    const double server_tps = tokens / secs;
+    fmt::print("{:>5} {:>12.1f} {:>12.1f} {:>8.3f} {:>9.1f}ms {:>9.1f}ms {:>9.2f}ms {:>9.2f}ms\n", c, offline_tps, server_tps,
+               server_tps / offline_tps, 1e3 * percentile(ttft, 50), 1e3 * percentile(ttft, 99), 1e3 * percentile(itl, 50),
+               1e3 * percentile(itl, 99));
+    report.push_back({{"concurrency", c},
+                      {"offline_tokens_per_s", offline_tps},
+                      {"server_tokens_per_s", server_tps},
+                      {"server_over_offline", server_tps / offline_tps},
+                      {"ttft_p50_s", percentile(ttft, 50)},
+                      {"ttft_p99_s", percentile(ttft, 99)},
+                      {"itl_p50_s", percentile(itl, 50)},
+                      {"itl_p99_s", percentile(itl, 99)},
+                      {"requests", results.size()},
+                      {"output_tokens", tokens}});
+  }
+  if (!o.output_json.empty()) {
+    std::ofstream out(o.output_json);
+    out << report.dump(2) << "\n";
+  }
+}
+
+void add_bench(CLI::App& app) {
+  auto* bench = app.add_subcommand("bench", "Benchmarks of whole code paths (serve; kernels and quantize to come)");
+  bench->require_subcommand(1);
+  auto o = std::make_shared<BenchServeOptions>();
+  auto* serve = bench->add_subcommand("serve", "Server throughput/latency vs the engine's offline batch throughput");
+  serve->add_option("--model", o->model, "Model directory (with tokenizer.json)")->required();
+  serve->add_option("--device", o->device)->capture_default_str();
+  serve->add_option("--dtype", o->dtype, "auto, float32 or bfloat16")->capture_default_str();
+  serve->add_option("--concurrency", o->concurrency, "Concurrent clients (several values: several runs)")
+      ->delimiter(',')
+      ->capture_default_str();
+  serve->add_option("--num-prompts", o->num_prompts, "Requests per run")->capture_default_str();
+  serve->add_option("--input-len", o->input_len, "Prompt tokens")->capture_default_str();
+  serve->add_option("--output-len", o->output_len, "Generated tokens per request")->capture_default_str();
+  serve->add_option("--block-size", o->block_size, "KV page size (default: the sparse block size, else 128)");
+  serve->add_option("--max-num-batched-tokens", o->max_num_batched_tokens)->capture_default_str();
+  serve->add_option("--seed", o->seed, "Prompt RNG seed")->capture_default_str();
+  serve->add_option("--output-json", o->output_json, "Also write the numbers as JSON");
+  serve->callback([o] { run_bench_serve(*o); });
+}
+
+const bool registered = register_command("bench", add_bench);
+
+}  // namespace
+}  // namespace mxlm::cli
