@@ -60,7 +60,7 @@ def test_tokenize_detokenize_match_hf(server, hf):
     status, body = server.post("/tokenize", {"prompt": text, "model": MODEL_NAME})
     assert status == 200
     assert body["tokens"] == hf.encode(text).ids and body["count"] == len(body["tokens"])
-    assert body["max_model_len"] == 512
+    assert body["max_model_len"] == 4096
     status, body = server.post("/detokenize", {"tokens": hf.encode(text).ids})
     assert status == 200 and body["prompt"] == hf.decode(hf.encode(text).ids, skip_special_tokens=False)
 
@@ -176,7 +176,7 @@ def test_errors_are_openai_errors(server, client):
         client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=10**9)
     assert "max_tokens" in str(e.value)
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=MODEL_NAME, prompt="x " * 600, max_tokens=4)
+        client.completions.create(model=MODEL_NAME, prompt="x " * 4200, max_tokens=4)
     assert "maximum context length" in str(e.value)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, temperature="hot")
@@ -222,7 +222,7 @@ def test_recorded_outputs_through_the_parsers(model_dir, tmp_path_factory, tools
     try:
         c = s.client()
         kw = dict(model=MODEL_NAME, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=tools,
-                  max_tokens=400, temperature=0)
+                  max_tokens=1000, temperature=0)
         if exp["thinking_enabled"]:
             kw["extra_body"] = {"chat_template_kwargs": {"thinking_mode": "enabled"}}
         r = c.chat.completions.create(**kw)

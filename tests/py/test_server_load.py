@@ -26,7 +26,8 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     # Small steps so that prompts are prefilled in chunks next to decodes.
-    s = Server(model_dir, tmp_path_factory.mktemp("logs"), extra=["--max-num-batched-tokens", "48"])
+    s = Server(model_dir, tmp_path_factory.mktemp("logs"), extra=["--max-num-batched-tokens", "48",
+                                                                   "--num-kv-pages", "16384"])
     yield s
     s.stop()
 
@@ -85,7 +86,7 @@ def test_dropped_streams_give_their_pages_back(server):
 
     def run(i):
         client = server.client(timeout=300)
-        s = client.completions.create(model=MODEL_NAME, prompt=prompt(i), max_tokens=300, temperature=0, stream=True,
+        s = client.completions.create(model=MODEL_NAME, prompt=prompt(i), max_tokens=1000, temperature=0, stream=True,
                                       extra_body={"ignore_eos": True})
         it = iter(s)
         next(it)
@@ -103,7 +104,6 @@ def test_dropped_streams_give_their_pages_back(server):
     for t in threads:
         t.start()
     started.wait()
-    time.sleep(0.5)
     assert metric(server, "mxlm:kv_cache_pages_used") > 0
     for t in threads:
         t.join()

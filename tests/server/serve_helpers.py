@@ -33,9 +33,16 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
-        args = [MXLM, "serve", model_dir, "--port", str(self.port), "--block-size", "4", "--max-model-len", "512",
-                "--served-model-name", MODEL_NAME, "--tool-call-parser", "minimax_m3", "--reasoning-parser",
-                "minimax_m3", "--max-num-seqs", "32", "--max-num-batched-tokens", "256"]
+        flags = {"--port": str(self.port), "--block-size": "4", "--max-model-len": "4096", "--num-kv-pages": "4096",
+                 "--served-model-name": MODEL_NAME, "--tool-call-parser": "minimax_m3",
+                 "--reasoning-parser": "minimax_m3", "--max-num-seqs": "32", "--max-num-batched-tokens": "256"}
+        extra = list(extra)
+        for i in range(0, len(extra) - 1):
+            if extra[i] in flags:  # the test's value wins
+                flags[extra[i]] = extra[i + 1]
+                extra[i:i + 2] = [None, None]
+        extra = [e for e in extra if e is not None]
+        args = [MXLM, "serve", model_dir] + [x for kv in flags.items() for x in kv]
         if auto_tools:
             args.append("--enable-auto-tool-choice")
         if scripted:
