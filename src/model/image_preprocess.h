@@ -46,9 +46,10 @@ ImageProcessorConfig load_image_processor_config(const std::filesystem::path& mo
 // An aspect ratio above 200 is an Error.
 std::pair<int, int> smart_resize(int height, int width, int factor, int64_t min_pixels, int64_t max_pixels);
 
-// Pillow 13's Image.resize(size, Image.BICUBIC) on an RGB image (ImagingResample: separable passes, horizontal
-// first unless the height shrinks by more than twice as many pixels as the width; support scaled by the
-// downscale factor, 22-bit fixed-point coefficients, clipping). Same size: a copy.
+// Pillow 12.3's Image.resize(size, Image.BICUBIC) on an RGB image (ImagingResample: separable, horizontal pass then
+// vertical, support scaled by the downscale factor, 22-bit fixed-point coefficients, clipping). Same size: a copy.
+// Pillow 13 changed the pass order for images whose height shrinks most; we keep 12.3's, which is what the
+// reference processor's torchvision resize agrees with (tests/fixtures/vision).
 RgbImage resize_bicubic(const RgbImage& image, int width, int height);
 
 struct PreprocessedImage {

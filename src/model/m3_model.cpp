@@ -304,6 +304,18 @@ std::vector<float> M3Model::forward(const ForwardBatch& batch, std::span<const L
   float* y = s(T * H);
   backend_.embedding(*embed_, batch.tokens, vocab_begin_, h);
   if (backend_.tp_size() > 1) backend_.all_reduce_sum(h, T * H);
+  if (!batch.embedding_rows.empty()) {
+    const size_t n = batch.embedding_rows.size();
+    if (batch.embeddings.size() != n * H)
+      fail("forward batch: {} embedding rows but {} embedding floats (hidden size {})", n, batch.embeddings.size(), H);
+    auto given = backend_.alloc(n * H);
+    backend_.upload(*given, 0, batch.embeddings.data(), n * H);
+    for (size_t i = 0; i < n; ++i) {
+      const int32_t r = batch.embedding_rows[i];
+      if (r < 0 || static_cast<size_t>(r) >= T) fail("embedding row {} outside the batch of {} tokens", r, T);
+      backend_.copy(given->f32() + i * H, h + static_cast<size_t>(r) * H, H);
+    }
+  }
   for (size_t i = 0; i < layers_.size(); ++i) {
     const Layer& layer = *layers_[i];
     backend_.rms_norm(h, layer.input_norm->f32(), x, T, H, eps, t.gemma_norm);

@@ -37,6 +37,10 @@ struct ForwardBatch {
   backend::AttentionBatch attention;
   std::vector<int32_t> tokens;      // per row
   std::vector<int32_t> logit_rows;  // rows whose logits to return, in this order
+  // Rows whose input embedding is given instead of looked up (image tokens get the vision tower's output):
+  // embeddings is [embedding_rows.size(), hidden_size] f32 on the host.
+  std::vector<int32_t> embedding_rows;
+  std::vector<float> embeddings;
 };
 
 class M3Model {
