@@ -2,14 +2,15 @@
 // `quantize` are sub-subcommands for others to add next to it (the Google Benchmark binaries in bench/ measure
 // single kernels).
 //
-// `mxlm bench serve --model DIR`: for each concurrency C, first the engine alone (the scheduler stepping on this
-// thread, max C sequences, the same random token prompts) gives the offline batch throughput; then an in-process
-// `mxlm serve` on a free port of 127.0.0.1 gets C streaming /v1/completions clients (one HTTP connection each)
-// and the output-token throughput, time to first token and inter-token latency are measured on the client side.
-// The ratio server / offline throughput is the cost of HTTP, JSON, detokenization and the thread handoffs.
+// `mxlm bench serve --model DIR`: for each concurrency C, first the engine alone (the scheduler stepping on one
+// thread, as the server's engine thread, max C sequences, the same random token prompts) gives the offline batch
+// throughput; then an in-process `mxlm serve` on a free port of 127.0.0.1 gets C streaming /v1/completions clients (one
+// HTTP connection each) and the output-token throughput, time to first token and inter-token latency are measured on
+// the client side. The ratio server / offline throughput is the cost of HTTP, JSON, detokenization and the thread
+// handoffs.
 #include <CLI/CLI.hpp>
-#include <httplib.h>
 #include <nlohmann/json.hpp>
+#include "server/http.h"
 
 #include <algorithm>
 #include <chrono>
@@ -72,6 +73,7 @@ std::vector<std::vector<int32_t>> random_prompts(int count, int len, int vocab, 
 struct ClientResult {
   double ttft = 0.0;
   std::vector<double> itl;
+  std::string error;
   int tokens = 0;  // from the usage chunk
   int chunks = 0;  // a chunk may carry several tokens when the client reads slower than the engine steps
   bool ok = false;
@@ -85,8 +87,12 @@ ClientResult stream_one(int port, const std::string& model, const std::vector<in
   req.method = "POST";
   req.path = "/v1/completions";
   req.set_header("Content-Type", "application/json");
-  req.body = nlohmann::json{{"model", model},          {"prompt", prompt}, {"max_tokens", max_tokens},
-                            {"temperature", 0},        {"stream", true},   {"ignore_eos", true},
+  req.body = nlohmann::json{{"model", model},
+                            {"prompt", prompt},
+                            {"max_tokens", max_tokens},
+                            {"temperature", 0},
+                            {"stream", true},
+                            {"ignore_eos", true},
                             {"stream_options", {{"include_usage", true}}}}
                  .dump();
   const auto t0 = Clock::now();
@@ -114,11 +120,13 @@ ClientResult stream_one(int port, const std::string& model, const std::vector<in
   };
   auto res = cli.send(req);
   r.ok = res && res->status == 200;
+  if (!r.ok) r.error = res ? fmt::format("HTTP {}: {}", res->status, buffer) : httplib::to_string(res.error());
   return r;
 }
 
 void run_bench_serve(const BenchServeOptions& o) {
-  if (o.num_prompts <= 0 || o.input_len <= 0 || o.output_len <= 0) fail("--num-prompts, --input-len and --output-len must be positive");
+  if (o.num_prompts <= 0 || o.input_len <= 0 || o.output_len <= 0)
+    fail("--num-prompts, --input-len and --output-len must be positive");
   for (const int c : o.concurrency)
     if (c <= 0) fail("--concurrency values must be positive");
   auto tokenizer = text::Tokenizer::load(o.model);
@@ -126,10 +134,11 @@ void run_bench_serve(const BenchServeOptions& o) {
   model::ModelOptions mo;
   mo.float_format = parse_weight_dtype(o.dtype);
   auto model = model::load_m3_model(o.model, *be, mo);
+  // Prompt ids the model and the tokenizer both know.
+  const int vocab = std::min<int>(model->vocab_size(), static_cast<int>(tokenizer.vocab_size()));
   const int max_c = *std::max_element(o.concurrency.begin(), o.concurrency.end());
   const int seq_len = o.input_len + o.output_len;
-  engine::CacheConfig cache =
-      engine::cache_config_for(*model, seq_len, max_c, o.block_size > 0 ? o.block_size : 128);
+  engine::CacheConfig cache = engine::cache_config_for(*model, seq_len, max_c, o.block_size > 0 ? o.block_size : 128);
   if (o.block_size > 0 && !model->has_sparse_layers()) cache.block_size = o.block_size;
   cache.num_pages = engine::pages_for(seq_len, cache.block_size) * max_c;
   cache.prefix_caching = false;  // every run sees fresh prompts anyway; keep the two sides comparable
@@ -151,7 +160,7 @@ void run_bench_serve(const BenchServeOptions& o) {
     double offline_tps = 0.0;
     {
       engine::Scheduler sched(runner, sc);
-      const auto prompts = random_prompts(o.num_prompts, o.input_len, model->vocab_size(), seed++);
+      const auto prompts = random_prompts(o.num_prompts, o.input_len, vocab, seed++);
       std::vector<std::shared_ptr<engine::RequestStream>> streams;
       const auto t0 = Clock::now();
       for (const auto& p : prompts) {
@@ -161,8 +170,12 @@ void run_bench_serve(const BenchServeOptions& o) {
         r.params.max_tokens = o.output_len;
         streams.push_back(sched.submit(std::move(r)));
       }
-      while (sched.step()) {
-      }
+      // On its own thread, as the server's engine thread (OpenMP teams of the main thread behave differently).
+      std::thread engine_thread([&] {
+        while (sched.step()) {
+        }
+      });
+      engine_thread.join();
       const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
       offline_tps = static_cast<double>(sched.stats().generation_tokens) / secs;
     }
@@ -178,14 +191,15 @@ void run_bench_serve(const BenchServeOptions& o) {
     sched.start();
     std::thread listener([&] { srv.listen(); });
     while (!srv.running()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    const auto prompts = random_prompts(o.num_prompts, o.input_len, model->vocab_size(), seed++);
+    const auto prompts = random_prompts(o.num_prompts, o.input_len, vocab, seed++);
     std::vector<ClientResult> results(prompts.size());
     std::atomic<size_t> next{0};
     const auto t0 = Clock::now();
     std::vector<std::thread> clients;
     for (int i = 0; i < c; ++i)
       clients.emplace_back([&] {
-        for (size_t k; (k = next++) < prompts.size();) results[k] = stream_one(srv.port(), name, prompts[k], o.output_len);
+        for (size_t k; (k = next++) < prompts.size();)
+          results[k] = stream_one(srv.port(), name, prompts[k], o.output_len);
       });
     for (auto& t : clients) t.join();
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
@@ -201,11 +215,16 @@ void run_bench_serve(const BenchServeOptions& o) {
       itl.insert(itl.end(), r.itl.begin(), r.itl.end());
       tokens += r.tokens;
     }
-    if (failed) fail("{} of {} benchmark requests failed", failed, results.size());
+    if (failed) {
+      std::string first;
+      for (const auto& r : results)
+        if (!r.ok) first = r.error;
+      fail("{} of {} benchmark requests failed, e.g. {}", failed, results.size(), first);
+    }
     const double server_tps = tokens / secs;
-    fmt::print("{:>5} {:>12.1f} {:>12.1f} {:>8.3f} {:>9.1f}ms {:>9.1f}ms {:>9.2f}ms {:>9.2f}ms\n", c, offline_tps, server_tps,
-               server_tps / offline_tps, 1e3 * percentile(ttft, 50), 1e3 * percentile(ttft, 99), 1e3 * percentile(itl, 50),
-               1e3 * percentile(itl, 99));
+    fmt::print("{:>5} {:>12.1f} {:>12.1f} {:>8.3f} {:>9.1f}ms {:>9.1f}ms {:>9.2f}ms {:>9.2f}ms\n", c, offline_tps,
+               server_tps, server_tps / offline_tps, 1e3 * percentile(ttft, 50), 1e3 * percentile(ttft, 99),
+               1e3 * percentile(itl, 50), 1e3 * percentile(itl, 99));
     report.push_back({{"concurrency", c},
                       {"offline_tokens_per_s", offline_tps},
                       {"server_tokens_per_s", server_tps},

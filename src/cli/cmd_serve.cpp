@@ -4,10 +4,10 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include <pthread.h>
 #include <csignal>
 #include <filesystem>
 #include <fstream>
-#include <pthread.h>
 #include <sstream>
 #include <thread>
 
@@ -39,7 +39,7 @@ struct ServeOptions {
   int port = 8000;
   std::string device = "cpu";
   int tensor_parallel_size = 1;
-  int block_size = 128;
+  std::optional<int> block_size;  // default: the model's sparse block size (128 without sparse layers)
   int max_model_len = 0;
   int max_num_seqs = 64;
   int max_num_batched_tokens = 2048;
@@ -62,7 +62,8 @@ struct ServeOptions {
 server::SamplingDefaults read_generation_config(const std::filesystem::path& dir, const std::string& mode) {
   server::SamplingDefaults d;
   if (mode == "vllm" || mode == "none") return d;
-  std::filesystem::path file = mode == "auto" ? dir / "generation_config.json" : std::filesystem::path(mode) / "generation_config.json";
+  std::filesystem::path file =
+      mode == "auto" ? dir / "generation_config.json" : std::filesystem::path(mode) / "generation_config.json";
   if (!std::filesystem::exists(file)) {
     if (mode != "auto") fail("--generation-config {}: no generation_config.json there", mode);
     return d;
@@ -90,15 +91,17 @@ void run_serve(ServeOptions o) {
   if (o.model.empty()) {
     o.model = MXLM_DEFAULT_MODEL_DIR;
     if (!std::filesystem::exists(std::filesystem::path(o.model) / "config.json"))
-      fail("no MODEL_DIR given and the bundled default model is not at {} (train or copy it there, or pass a model "
-           "directory)",
-           o.model);
+      fail(
+          "no MODEL_DIR given and the bundled default model is not at {} (train or copy it there, or pass a model "
+          "directory)",
+          o.model);
   }
   if (!std::filesystem::is_directory(o.model)) fail("model directory {} does not exist", o.model);
   if (o.tensor_parallel_size != 1)
-    fail("--tensor-parallel-size {}: serving supports 1 for now (the CPU tensor-parallel group is not wired to the "
-         "server)",
-         o.tensor_parallel_size);
+    fail(
+        "--tensor-parallel-size {}: serving supports 1 for now (the CPU tensor-parallel group is not wired to the "
+        "server)",
+        o.tensor_parallel_size);
   if (!o.tool_call_parser.empty() && o.tool_call_parser != "minimax_m3")
     fail("--tool-call-parser must be minimax_m3, got '{}'", o.tool_call_parser);
   if (!o.reasoning_parser.empty() && o.reasoning_parser != "minimax_m3")
@@ -109,7 +112,7 @@ void run_serve(ServeOptions o) {
     fail("--moe-backend must be emulation or native, got '{}'", o.moe_backend);
   if (o.moe_backend == "native")
     spdlog::info("--moe-backend native: the CPU backend has one MXFP4 path, which computes the emulation math");
-  if (o.block_size <= 0) fail("--block-size must be positive");
+  if (o.block_size && *o.block_size <= 0) fail("--block-size must be positive");
 
   auto tokenizer = text::Tokenizer::load(o.model);
   std::optional<text::ChatTemplate> chat_template;
@@ -123,33 +126,36 @@ void run_serve(ServeOptions o) {
   model::ModelOptions mo;
   mo.float_format = parse_weight_dtype(o.dtype);
   auto model = model::load_m3_model(o.model, *be, mo);
-  if (model->has_sparse_layers() && o.block_size != model->text().sparse.block_size)
+  if (!o.block_size) o.block_size = model->has_sparse_layers() ? model->text().sparse.block_size : 128;
+  const int block_size = *o.block_size;
+  if (model->has_sparse_layers() && block_size != model->text().sparse.block_size)
     fail("--block-size {} must equal the model's sparse attention block size {} (one sparse block is one KV page)",
-         o.block_size, model->text().sparse.block_size);
+         block_size, model->text().sparse.block_size);
   const int max_pos = model->text().max_position_embeddings;
   if (o.max_model_len <= 0) o.max_model_len = max_pos > 0 ? max_pos : 4096;
   if (max_pos > 0 && o.max_model_len > max_pos)
     fail("--max-model-len {} exceeds the model's max_position_embeddings {}", o.max_model_len, max_pos);
 
   engine::CacheConfig cache;
-  cache.block_size = o.block_size;
+  cache.block_size = block_size;
   cache.prefix_caching = !o.no_prefix_caching;
   int64_t floats_per_page = 0;
   for (int l = 0; l < model->num_layers(); ++l)
     floats_per_page += 2 * model->kv_width() + (model->layer_is_sparse(l) ? model->index_width() : 0);
-  const int64_t page_bytes = floats_per_page * o.block_size * 4;
-  const int64_t wanted = static_cast<int64_t>(engine::pages_for(o.max_model_len, o.block_size)) * o.max_num_seqs;
+  const int64_t page_bytes = floats_per_page * block_size * 4;
+  const int64_t wanted = static_cast<int64_t>(engine::pages_for(o.max_model_len, block_size)) * o.max_num_seqs;
   if (o.num_kv_pages > 0) {
     cache.num_pages = o.num_kv_pages;
   } else {
     const auto fit = static_cast<int64_t>(o.kv_cache_memory_gib * (1ull << 30)) / std::max<int64_t>(page_bytes, 1);
     cache.num_pages = static_cast<int32_t>(std::min(wanted, fit));
   }
-  if (cache.num_pages < engine::pages_for(o.max_model_len, o.block_size))
-    fail("the KV cache ({} pages of {} tokens) cannot hold one sequence of --max-model-len {}; lower --max-model-len "
-         "or raise --kv-cache-memory-gib / --num-kv-pages",
-         cache.num_pages, o.block_size, o.max_model_len);
-  spdlog::info("KV cache: {} pages of {} tokens ({:.1f} MiB)", cache.num_pages, o.block_size,
+  if (cache.num_pages < engine::pages_for(o.max_model_len, block_size))
+    fail(
+        "the KV cache ({} pages of {} tokens) cannot hold one sequence of --max-model-len {}; lower --max-model-len "
+        "or raise --kv-cache-memory-gib / --num-kv-pages",
+        cache.num_pages, block_size, o.max_model_len);
+  spdlog::info("KV cache: {} pages of {} tokens ({:.1f} MiB)", cache.num_pages, block_size,
                static_cast<double>(cache.num_pages) * static_cast<double>(page_bytes) / (1 << 20));
   engine::ModelRunner runner(*model, cache);
 
@@ -224,7 +230,9 @@ void add_serve(CLI::App& app) {
   cmd->add_option("--port", o->port)->capture_default_str();
   cmd->add_option("--device", o->device, "cpu|cuda")->capture_default_str();
   cmd->add_option("--tensor-parallel-size", o->tensor_parallel_size)->capture_default_str();
-  cmd->add_option("--block-size", o->block_size, "KV page size in tokens (= the sparse block size)")->capture_default_str();
+  cmd->add_option("--block-size", o->block_size,
+                  "KV page size in tokens; must equal the sparse block size (the default) when the model has sparse "
+                  "layers, else 128");
   cmd->add_option("--max-model-len", o->max_model_len, "Context length (default: max_position_embeddings)");
   cmd->add_option("--max-num-seqs", o->max_num_seqs, "Sequences in the running batch")->capture_default_str();
   cmd->add_option("--max-num-batched-tokens", o->max_num_batched_tokens, "Tokens per engine step (prefill chunks)")

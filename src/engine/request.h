@@ -28,7 +28,7 @@ struct TokenLogprob {
 
 struct GenerationRequest {
   std::vector<int32_t> prompt;
-  SamplingParams params;   // stop_token_ids end the generation (the stop token is reported, not hidden)
+  SamplingParams params;      // stop_token_ids end the generation (the stop token is reported, not hidden)
   int32_t top_logprobs = -1;  // -1: no logprobs; n >= 0: the sampled token's logprob and the n best
   // Testing aid (mxlm serve --scripted-output): these tokens replace sampling, then the request stops. The
   // model still runs every step, so scheduling, paging and timing are those of a real generation.
@@ -39,7 +39,7 @@ struct RequestEvent {
   std::vector<int32_t> tokens;         // newly generated tokens, in order
   std::vector<TokenLogprob> logprobs;  // one per token when requested
   FinishReason finish = FinishReason::None;
-  bool stopped_by_token = false;  // the last token is a stop token (not part of the visible text)
+  bool stopped_by_token = false;     // the last token is a stop token (not part of the visible text)
   int32_t cached_prompt_tokens = 0;  // on the first event: prompt tokens reused from the prefix cache
   std::string error;
 };

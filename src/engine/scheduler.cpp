@@ -72,8 +72,8 @@ std::shared_ptr<RequestStream> Scheduler::submit(GenerationRequest request) {
   request.params.validate();
   const int64_t total = static_cast<int64_t>(prompt_len) + std::max(request.params.max_tokens, 0);
   if (total > config_.max_model_len)
-    fail("{} prompt tokens + {} to generate exceed the maximum model length {}", prompt_len,
-         request.params.max_tokens, config_.max_model_len);
+    fail("{} prompt tokens + {} to generate exceed the maximum model length {}", prompt_len, request.params.max_tokens,
+         config_.max_model_len);
   const int32_t bs = runner_.blocks().block_size();
   if (pages_for(static_cast<int32_t>(total), bs) > runner_.blocks().num_pages())
     fail("{} tokens need more KV-cache pages than the cache holds ({} pages of {} tokens)", total,
@@ -263,8 +263,8 @@ bool Scheduler::step() {
       done_reason.push_back(FinishReason::Stop);
       continue;
     }
-    const int32_t token = script.empty() ? a.sampler.sample(logits, prompt, output)
-                                         : script[static_cast<size_t>(a.num_generated)];
+    const int32_t token =
+        script.empty() ? a.sampler.sample(logits, prompt, output) : script[static_cast<size_t>(a.num_generated)];
     if (a.request.top_logprobs >= 0) {
       // Log-probabilities of the model's own distribution (raw logits), as vLLM reports them by default.
       const float mx = *std::max_element(logits.begin(), logits.end());
@@ -277,10 +277,11 @@ bool Scheduler::step() {
       std::vector<int32_t> idx(logits.size());
       std::iota(idx.begin(), idx.end(), 0);
       const auto k = static_cast<size_t>(a.request.top_logprobs);
-      std::partial_sort(idx.begin(), idx.begin() + static_cast<std::ptrdiff_t>(k), idx.end(), [&](int32_t x, int32_t y) {
-        const float lx = logits[static_cast<size_t>(x)], ly = logits[static_cast<size_t>(y)];
-        return lx > ly || (lx == ly && x < y);
-      });
+      std::partial_sort(idx.begin(), idx.begin() + static_cast<std::ptrdiff_t>(k), idx.end(),
+                        [&](int32_t x, int32_t y) {
+                          const float lx = logits[static_cast<size_t>(x)], ly = logits[static_cast<size_t>(y)];
+                          return lx > ly || (lx == ly && x < y);
+                        });
       for (size_t j = 0; j < k; ++j) lp.top.emplace_back(idx[j], logits[static_cast<size_t>(idx[j])] - log_z);
       e.logprobs.push_back(std::move(lp));
     }

@@ -49,8 +49,7 @@ std::string render_metrics(const engine::SchedulerStats& s, const HttpCounters& 
     out += fmt::format("mxlm:request_success_total{{{},finished_reason=\"{}\"}} {}\n", l, reasons[i],
                        s.requests_finished[i]);
   counter("mxlm:prompt_tokens_total", "Prompt tokens computed (prefix-cache hits excluded).", s.prompt_tokens);
-  counter("mxlm:prefix_cache_hit_tokens_total", "Prompt tokens reused from the prefix cache.",
-          s.cached_prompt_tokens);
+  counter("mxlm:prefix_cache_hit_tokens_total", "Prompt tokens reused from the prefix cache.", s.cached_prompt_tokens);
   counter("mxlm:generation_tokens_total", "Generated tokens.", s.generation_tokens);
   counter("mxlm:num_preemptions_total", "Sequences preempted because the KV cache was full.", s.preemptions);
   counter("mxlm:engine_steps_total", "Engine steps run.", s.steps);

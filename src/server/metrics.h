@@ -10,7 +10,7 @@
 namespace mxlm::server {
 
 struct HttpCounters {
-  uint64_t requests = 0;     // HTTP requests answered
+  uint64_t requests = 0;       // HTTP requests answered
   uint64_t client_errors = 0;  // 4xx answers
   uint64_t server_errors = 0;  // 5xx answers
 };

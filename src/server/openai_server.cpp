@@ -1,6 +1,6 @@
 #include "server/openai_server.h"
 
-#include <httplib.h>
+#include "server/http.h"
 
 #include <atomic>
 #include <chrono>
@@ -36,7 +36,9 @@ struct ApiError : std::runtime_error {
 
 json error_body(int status, const std::string& type, const std::string& message, const std::string& param) {
   return {{"error",
-           {{"message", message}, {"type", type}, {"param", param.empty() ? json(nullptr) : json(param)},
+           {{"message", message},
+            {"type", type},
+            {"param", param.empty() ? json(nullptr) : json(param)},
             {"code", status}}}};
 }
 
@@ -57,7 +59,8 @@ std::optional<double> get_number(const json& body, const char* key, double lo, d
   if (!v) return std::nullopt;
   if (!v->is_number()) bad_request(fmt::format("'{}' must be a number", key), key);
   const double d = v->get<double>();
-  if (!std::isfinite(d) || d < lo || d > hi) bad_request(fmt::format("'{}' must be in [{}, {}], got {}", key, lo, hi, d), key);
+  if (!std::isfinite(d) || d < lo || d > hi)
+    bad_request(fmt::format("'{}' must be in [{}, {}], got {}", key, lo, hi, d), key);
   return d;
 }
 
@@ -126,7 +129,8 @@ struct CommonParams {
 CommonParams parse_common(const json& body, const SamplingDefaults& defaults, int64_t max_model_len) {
   CommonParams p;
   auto& s = p.sampling;
-  s.temperature = static_cast<float>(get_number(body, "temperature", 0.0, 100.0).value_or(defaults.temperature.value_or(1.0f)));
+  s.temperature =
+      static_cast<float>(get_number(body, "temperature", 0.0, 100.0).value_or(defaults.temperature.value_or(1.0f)));
   s.top_p = static_cast<float>(get_number(body, "top_p", 0.0, 1.0).value_or(defaults.top_p.value_or(1.0f)));
   if (s.top_p <= 0.0f) bad_request("'top_p' must be in (0, 1]", "top_p");
   s.top_k = static_cast<int32_t>(get_int(body, "top_k", -1, 1 << 30).value_or(defaults.top_k.value_or(0)));
@@ -230,7 +234,8 @@ struct OpenAIServer::Impl {
     for (const auto& a : tok.added_tokens())
       if (a.special && is_parser_marker(a.content) && a.id < show_special.size()) show_special[a.id] = true;
     if (cfg.scripted_output) {
-      for (const uint32_t id : tok.encode(*cfg.scripted_output, false)) scripted_tokens.push_back(static_cast<int32_t>(id));
+      for (const uint32_t id : tok.encode(*cfg.scripted_output, false))
+        scripted_tokens.push_back(static_cast<int32_t>(id));
       if (scripted_tokens.empty()) fail("--scripted-output: the text encodes to no tokens");
     }
     routes();
@@ -238,8 +243,8 @@ struct OpenAIServer::Impl {
 
   // ---- text pipeline ----
 
-  std::unique_ptr<Choice> start_choice(int index, std::vector<int32_t> prompt, const CommonParams& p, int64_t max_tokens,
-                                       const text::OutputParserOptions* parser_options) {
+  std::unique_ptr<Choice> start_choice(int index, std::vector<int32_t> prompt, const CommonParams& p,
+                                       int64_t max_tokens, const text::OutputParserOptions* parser_options) {
     auto c = std::make_unique<Choice>();
     c->index = index;
     engine::GenerationRequest r;
@@ -408,15 +413,17 @@ struct OpenAIServer::Impl {
   int64_t resolve_max_tokens(const CommonParams& p, size_t prompt_len) const {
     const auto len = static_cast<int64_t>(prompt_len);
     if (len >= cfg.max_model_len)
-      bad_request(fmt::format("This model's maximum context length is {} tokens. However, your prompt has {} tokens. "
-                              "Please reduce the length of the prompt.",
-                              cfg.max_model_len, len));
+      bad_request(
+          fmt::format("This model's maximum context length is {} tokens. However, your prompt has {} tokens. "
+                      "Please reduce the length of the prompt.",
+                      cfg.max_model_len, len));
     const int64_t max_tokens = p.max_tokens.value_or(cfg.max_model_len - len);
     if (len + max_tokens > cfg.max_model_len)
-      bad_request(fmt::format("This model's maximum context length is {} tokens. However, you requested {} tokens ({} "
-                              "in the messages, {} in the completion). Please reduce the length of the messages or "
-                              "completion.",
-                              cfg.max_model_len, len + max_tokens, len, max_tokens));
+      bad_request(
+          fmt::format("This model's maximum context length is {} tokens. However, you requested {} tokens ({} "
+                      "in the messages, {} in the completion). Please reduce the length of the messages or "
+                      "completion.",
+                      cfg.max_model_len, len + max_tokens, len, max_tokens));
     return max_tokens;
   }
 
@@ -439,7 +446,8 @@ struct OpenAIServer::Impl {
       json copy = msg;
       // Reasoning of earlier turns comes back as `reasoning` (vLLM's current name) or `reasoning_content`, which
       // is what the template reads.
-      if (!copy.contains("reasoning_content") && copy.contains("reasoning")) copy["reasoning_content"] = copy["reasoning"];
+      if (!copy.contains("reasoning_content") && copy.contains("reasoning"))
+        copy["reasoning_content"] = copy["reasoning"];
       messages.push_back(std::move(copy));
     }
     return messages;
@@ -493,15 +501,16 @@ struct OpenAIServer::Impl {
       set_json(res, error_body(401, "AuthenticationError", "invalid or missing API key", ""), 401);
       return httplib::Server::HandlerResponse::Handled;
     });
-    http.set_error_handler(httplib::Server::HandlerWithResponse([](const httplib::Request& req, httplib::Response& res) {
-      if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
-      std::string message = fmt::format("{} {}: HTTP status {}", req.method, req.path, res.status);
-      if (res.status == 413) message = "the request body is larger than the server accepts";
-      if (res.status == 404) message = fmt::format("no route {} {}", req.method, req.path);
-      set_json(res, error_body(res.status, res.status == 404 ? "NotFoundError" : "BadRequestError", message, ""),
-               res.status);
-      return httplib::Server::HandlerResponse::Handled;
-    }));
+    http.set_error_handler(
+        httplib::Server::HandlerWithResponse([](const httplib::Request& req, httplib::Response& res) {
+          if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
+          std::string message = fmt::format("{} {}: HTTP status {}", req.method, req.path, res.status);
+          if (res.status == 413) message = "the request body is larger than the server accepts";
+          if (res.status == 404) message = fmt::format("no route {} {}", req.method, req.path);
+          set_json(res, error_body(res.status, res.status == 404 ? "NotFoundError" : "BadRequestError", message, ""),
+                   res.status);
+          return httplib::Server::HandlerResponse::Handled;
+        }));
     http.set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
       std::string message = "internal error";
       try {
@@ -520,9 +529,7 @@ struct OpenAIServer::Impl {
       spdlog::debug("{} {} -> {}", req.method, req.path, res.status);
     });
 
-    http.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
-      res.status = stopping ? 503 : 200;
-    });
+    http.Get("/health", [this](const httplib::Request&, httplib::Response& res) { res.status = stopping ? 503 : 200; });
     http.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
       set_json(res, {{"object", "list"},
                      {"data",
@@ -653,7 +660,8 @@ struct OpenAIServer::Impl {
       return c;
     }();
     const bool echo = get_bool(body, "echo").value_or(false);
-    if (echo && p.top_logprobs >= 0) bad_request("'echo' together with 'logprobs' (prompt logprobs) is not supported", "echo");
+    if (echo && p.top_logprobs >= 0)
+      bad_request("'echo' together with 'logprobs' (prompt logprobs) is not supported", "echo");
     const json* prompt = field(body, "prompt");
     if (!prompt) bad_request("'prompt' is required", "prompt");
     std::vector<std::vector<int32_t>> prompts;
@@ -669,9 +677,12 @@ struct OpenAIServer::Impl {
       prompts.push_back(token_ids(*prompt, "prompt"));
     } else if (prompt->is_array() && !prompt->empty()) {
       for (const auto& x : *prompt) {
-        if (x.is_string()) prompts.push_back(encode(x.get<std::string>()));
-        else if (x.is_array()) prompts.push_back(token_ids(x, "prompt"));
-        else bad_request("'prompt' must be a string, a list of strings, a list of token ids or a list of those", "prompt");
+        if (x.is_string())
+          prompts.push_back(encode(x.get<std::string>()));
+        else if (x.is_array())
+          prompts.push_back(token_ids(x, "prompt"));
+        else
+          bad_request("'prompt' must be a string, a list of strings, a list of token ids or a list of those", "prompt");
       }
     } else {
       bad_request("'prompt' must be a string, a list of strings, a list of token ids or a list of those", "prompt");
@@ -706,7 +717,10 @@ struct OpenAIServer::Impl {
       auto offsets = std::make_shared<std::vector<size_t>>(echo_text.size());
       for (size_t i = 0; i < echo_text.size(); ++i) (*offsets)[i] = echo_text[i].size();
       auto chunk = [id, created, model](json choice) {
-        return json{{"id", id}, {"object", "text_completion"}, {"created", created}, {"model", model},
+        return json{{"id", id},
+                    {"object", "text_completion"},
+                    {"created", created},
+                    {"model", model},
                     {"choices", json::array({std::move(choice)})}};
       };
       const bool want_lp = p.top_logprobs >= 0;
@@ -720,7 +734,10 @@ struct OpenAIServer::Impl {
               (*echoed)[k] = true;
             }
             if (text.empty() && !d.finished_now && d.logprobs.empty()) return;
-            json ch = {{"index", c.index}, {"text", text}, {"logprobs", nullptr}, {"finish_reason", nullptr},
+            json ch = {{"index", c.index},
+                       {"text", text},
+                       {"logprobs", nullptr},
+                       {"finish_reason", nullptr},
                        {"stop_reason", nullptr}};
             if (want_lp) {
               ch["logprobs"] = completion_logprobs(d.logprobs, (*offsets)[k]);
@@ -736,8 +753,12 @@ struct OpenAIServer::Impl {
             if (!include) return;
             int64_t completion = 0;
             for (const auto& c : *choices) completion += static_cast<int64_t>(c->tokens.size());
-            out.push_back({{"id", id}, {"object", "text_completion"}, {"created", created}, {"model", model},
-                           {"choices", json::array()}, {"usage", usage_json(prompt_tokens, completion, 0)}});
+            out.push_back({{"id", id},
+                           {"object", "text_completion"},
+                           {"created", created},
+                           {"model", model},
+                           {"choices", json::array()},
+                           {"usage", usage_json(prompt_tokens, completion, 0)}});
           });
       return;
     }
@@ -751,11 +772,18 @@ struct OpenAIServer::Impl {
       completion += static_cast<int64_t>(c.tokens.size());
       json lp = nullptr;
       if (p.top_logprobs >= 0) lp = completion_logprobs(c.logprobs, echo_text[i].size());
-      out_choices.push_back({{"index", c.index}, {"text", echo_text[i] + c.text}, {"logprobs", lp},
-                             {"finish_reason", c.finish_reason}, {"stop_reason", c.stop_reason}});
+      out_choices.push_back({{"index", c.index},
+                             {"text", echo_text[i] + c.text},
+                             {"logprobs", lp},
+                             {"finish_reason", c.finish_reason},
+                             {"stop_reason", c.stop_reason}});
     }
-    set_json(res, {{"id", id}, {"object", "text_completion"}, {"created", created}, {"model", model},
-                   {"choices", out_choices}, {"usage", usage_json(prompt_tokens, completion, 0)}});
+    set_json(res, {{"id", id},
+                   {"object", "text_completion"},
+                   {"created", created},
+                   {"model", model},
+                   {"choices", out_choices},
+                   {"usage", usage_json(prompt_tokens, completion, 0)}});
   }
 
   void chat(const json& body, httplib::Response& res) {
@@ -789,8 +817,9 @@ struct OpenAIServer::Impl {
         tool_choice = "named";
         named_tool = (*tc)["function"]["name"].get<std::string>();
       } else {
-        bad_request("'tool_choice' must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\": ...}}",
-                    "tool_choice");
+        bad_request(
+            "'tool_choice' must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+            "tool_choice");
       }
       if (tool_choice != "none" && tools.is_null()) bad_request("'tool_choice' needs 'tools'", "tool_choice");
     }
@@ -798,13 +827,15 @@ struct OpenAIServer::Impl {
       bad_request("\"auto\" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set",
                   "tool_choice");
     if ((tool_choice == "required" || tool_choice == "named") && !cfg.tool_call_parser)
-      bad_request("tool_choice \"required\" or a named function needs --tool-call-parser (this server parses the "
-                  "model's own tool-call format; it does not constrain decoding)",
-                  "tool_choice");
+      bad_request(
+          "tool_choice \"required\" or a named function needs --tool-call-parser (this server parses the "
+          "model's own tool-call format; it does not constrain decoding)",
+          "tool_choice");
     if (tool_choice == "named") {
       bool found = false;
       for (const auto& t : tools) found = found || t["function"]["name"] == named_tool;
-      if (!found) bad_request(fmt::format("tool_choice names '{}', which is not among the tools", named_tool), "tool_choice");
+      if (!found)
+        bad_request(fmt::format("tool_choice names '{}', which is not among the tools", named_tool), "tool_choice");
     }
 
     const std::vector<int32_t> prompt = render_chat(body, tools);
@@ -824,7 +855,8 @@ struct OpenAIServer::Impl {
 
     auto choices = std::make_shared<std::vector<std::unique_ptr<Choice>>>();
     try {
-      for (int j = 0; j < p.n; ++j) choices->push_back(start_choice(j, prompt, p, max_tokens, popts ? &*popts : nullptr));
+      for (int j = 0; j < p.n; ++j)
+        choices->push_back(start_choice(j, prompt, p, max_tokens, popts ? &*popts : nullptr));
     } catch (...) {
       cancel_all(*choices);
       throw;
@@ -837,7 +869,10 @@ struct OpenAIServer::Impl {
 
     if (p.stream) {
       auto chunk = [id, created, model](json choice) {
-        return json{{"id", id}, {"object", "chat.completion.chunk"}, {"created", created}, {"model", model},
+        return json{{"id", id},
+                    {"object", "chat.completion.chunk"},
+                    {"created", created},
+                    {"model", model},
                     {"choices", json::array({std::move(choice)})}};
       };
       auto started = std::make_shared<std::vector<bool>>(choices->size(), false);
@@ -848,8 +883,10 @@ struct OpenAIServer::Impl {
             const auto k = static_cast<size_t>(c.index);
             if (!(*started)[k]) {
               (*started)[k] = true;
-              out.push_back(chunk({{"index", c.index}, {"delta", {{"role", "assistant"}, {"content", ""}}},
-                                   {"logprobs", nullptr}, {"finish_reason", nullptr}}));
+              out.push_back(chunk({{"index", c.index},
+                                   {"delta", {{"role", "assistant"}, {"content", ""}}},
+                                   {"logprobs", nullptr},
+                                   {"finish_reason", nullptr}}));
             }
             text::OutputDelta od;
             if (c.parser) {
@@ -863,8 +900,8 @@ struct OpenAIServer::Impl {
             } else {
               od.content = d.text;
             }
-            (*tool_counts)[k] += static_cast<int>(std::count_if(od.tool_calls.begin(), od.tool_calls.end(),
-                                                                [](const auto& t) { return t.first; }));
+            (*tool_counts)[k] += static_cast<int>(
+                std::count_if(od.tool_calls.begin(), od.tool_calls.end(), [](const auto& t) { return t.first; }));
             json lp = want_lp && !d.logprobs.empty() ? chat_logprobs(d.logprobs) : json(nullptr);
             if (!od.empty() || !lp.is_null()) {
               json delta = json::object();
@@ -878,13 +915,17 @@ struct OpenAIServer::Impl {
                 for (const auto& t : od.tool_calls) calls.push_back(t.to_json());
                 delta["tool_calls"] = calls;
               }
-              out.push_back(chunk({{"index", c.index}, {"delta", delta}, {"logprobs", lp}, {"finish_reason", nullptr}}));
+              out.push_back(
+                  chunk({{"index", c.index}, {"delta", delta}, {"logprobs", lp}, {"finish_reason", nullptr}}));
             }
             if (d.finished_now) {
               std::string reason = c.finish_reason;
               if ((*tool_counts)[k] > 0 && reason == "stop") reason = "tool_calls";
-              out.push_back(chunk({{"index", c.index}, {"delta", json::object()}, {"logprobs", nullptr},
-                                   {"finish_reason", reason}, {"stop_reason", c.stop_reason}}));
+              out.push_back(chunk({{"index", c.index},
+                                   {"delta", json::object()},
+                                   {"logprobs", nullptr},
+                                   {"finish_reason", reason},
+                                   {"stop_reason", c.stop_reason}}));
             }
           },
           [this, choices, id, created, model, prompt_tokens, include = p.include_usage](std::vector<json>& out) {
@@ -894,8 +935,12 @@ struct OpenAIServer::Impl {
               completion += static_cast<int64_t>(c->tokens.size());
               cached = std::max<int64_t>(cached, c->cached_prompt_tokens);
             }
-            out.push_back({{"id", id}, {"object", "chat.completion.chunk"}, {"created", created}, {"model", model},
-                           {"choices", json::array()}, {"usage", usage_json(prompt_tokens, completion, cached)}});
+            out.push_back({{"id", id},
+                           {"object", "chat.completion.chunk"},
+                           {"created", created},
+                           {"model", model},
+                           {"choices", json::array()},
+                           {"usage", usage_json(prompt_tokens, completion, cached)}});
           });
       return;
     }
@@ -913,13 +958,15 @@ struct OpenAIServer::Impl {
       if (popts) {
         auto o = *popts;
         const auto parsed = text::OutputParser::parse(c.text, o);
-        message["content"] = parsed.content.empty() && !parsed.tool_calls.empty() ? json(nullptr) : json(parsed.content);
+        message["content"] =
+            parsed.content.empty() && !parsed.tool_calls.empty() ? json(nullptr) : json(parsed.content);
         const json reasoning = parsed.has_reasoning ? json(parsed.reasoning) : json(nullptr);
         message["reasoning_content"] = reasoning;
         message["reasoning"] = reasoning;
         json calls = json::array();
         for (const auto& t : parsed.tool_calls)
-          calls.push_back({{"id", t.id}, {"type", "function"}, {"function", {{"name", t.name}, {"arguments", t.arguments}}}});
+          calls.push_back(
+              {{"id", t.id}, {"type", "function"}, {"function", {{"name", t.name}, {"arguments", t.arguments}}}});
         message["tool_calls"] = calls;
         if (!parsed.tool_calls.empty() && reason == "stop") reason = "tool_calls";
       } else {
@@ -928,12 +975,18 @@ struct OpenAIServer::Impl {
         message["reasoning"] = nullptr;
         message["tool_calls"] = json::array();
       }
-      out_choices.push_back({{"index", c.index}, {"message", message},
+      out_choices.push_back({{"index", c.index},
+                             {"message", message},
                              {"logprobs", want_lp ? chat_logprobs(c.logprobs) : json(nullptr)},
-                             {"finish_reason", reason}, {"stop_reason", c.stop_reason}});
+                             {"finish_reason", reason},
+                             {"stop_reason", c.stop_reason}});
     }
-    set_json(res, {{"id", id}, {"object", "chat.completion"}, {"created", created}, {"model", model},
-                   {"choices", out_choices}, {"usage", usage_json(prompt_tokens, completion, cached)}});
+    set_json(res, {{"id", id},
+                   {"object", "chat.completion"},
+                   {"created", created},
+                   {"model", model},
+                   {"choices", out_choices},
+                   {"usage", usage_json(prompt_tokens, completion, cached)}});
   }
 };
 

@@ -29,8 +29,8 @@ struct ServerConfig {
   std::string host = "127.0.0.1";
   int port = 8000;
   std::string served_model_name;
-  std::string model_root;  // reported as `root` in /v1/models
-  std::string api_key;     // empty: no authentication
+  std::string model_root;         // reported as `root` in /v1/models
+  std::string api_key;            // empty: no authentication
   bool tool_call_parser = false;  // --tool-call-parser minimax_m3
   bool enable_auto_tool_choice = false;
   bool reasoning_parser = false;  // --reasoning-parser minimax_m3

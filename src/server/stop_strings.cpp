@@ -5,8 +5,7 @@
 
 namespace mxlm::server {
 
-StopStringMatcher::StopStringMatcher(std::vector<std::string> stops, bool include_stop)
-    : include_stop_(include_stop) {
+StopStringMatcher::StopStringMatcher(std::vector<std::string> stops, bool include_stop) : include_stop_(include_stop) {
   for (auto& s : stops)
     if (!s.empty()) stops_.push_back(std::move(s));
 }

@@ -87,7 +87,8 @@ void collect(RequestStream& s, Collected& c, std::chrono::milliseconds timeout =
 }
 
 // Runs all requests to the end on the calling thread, submitting request i before step `arrival[i]`.
-std::vector<Collected> run_all(Scheduler& s, const std::vector<GenerationRequest>& reqs, std::vector<int> arrival = {}) {
+std::vector<Collected> run_all(Scheduler& s, const std::vector<GenerationRequest>& reqs,
+                               std::vector<int> arrival = {}) {
   if (arrival.empty()) arrival.assign(reqs.size(), 0);
   std::vector<std::shared_ptr<RequestStream>> streams(reqs.size());
   std::vector<Collected> out(reqs.size());

@@ -191,20 +191,26 @@ def test_full_queue_answers_503(model_dir, tmp_path_factory):
     s = Server(model_dir, tmp_path_factory.mktemp("logs"), extra=["--max-num-seqs", "1", "--max-waiting-requests", "1"])
     try:
         client = s.client(timeout=120)
-        first = client.completions.create(model=MODEL_NAME, prompt="a b c", max_tokens=400, temperature=0,
+        first = client.completions.create(model=MODEL_NAME, prompt="a b c", max_tokens=4000, temperature=0,
                                           stream=True, extra_body={"ignore_eos": True})
         it = iter(first)
         next(it)
-        second = client.completions.create(model=MODEL_NAME, prompt="d e f", max_tokens=400, temperature=0,
+        second = client.completions.create(model=MODEL_NAME, prompt="d e f", max_tokens=4000, temperature=0,
                                            stream=True, extra_body={"ignore_eos": True})
         deadline = time.time() + 10
         while metric(s, "mxlm:num_requests_waiting") != 1 and time.time() < deadline:
             time.sleep(0.02)
+        assert metric(s, "mxlm:num_requests_waiting") == 1
         with pytest.raises(openai.APIStatusError) as e:
             client.completions.create(model=MODEL_NAME, prompt="g h i", max_tokens=4)
-        assert e.value.status_code == 503 and "queue is full" in str(e.value)
+        assert e.value.status_code == 503 and "queue is full" in str(e.value), repr(e.value)
         first.response.close()
         second.response.close()
+        # The server notices the dropped clients at their next write; the engine frees them on its next step.
+        deadline = time.time() + 10
+        while (metric(s, "mxlm:num_requests_waiting") + metric(s, "mxlm:num_requests_running") > 0
+               and time.time() < deadline):
+            time.sleep(0.02)
         r = client.completions.create(model=MODEL_NAME, prompt="g h i", max_tokens=4, temperature=0)
         assert r.choices[0].text is not None
         assert metric(s, "mxlm:requests_rejected_total") == 1

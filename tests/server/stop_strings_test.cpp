@@ -90,7 +90,8 @@ TEST(Metrics, PrometheusTextHasCumulativeBuckets) {
   const std::string text = render_metrics(s, {}, "m");
   EXPECT_NE(text.find("mxlm:kv_cache_pages_used{model_name=\"m\"} 3\n"), std::string::npos);
   EXPECT_NE(text.find("mxlm:num_requests_waiting{model_name=\"m\"} 2\n"), std::string::npos);
-  EXPECT_NE(text.find("mxlm:time_to_first_token_seconds_bucket{model_name=\"m\",le=\"0.0025\"} 0\n"), std::string::npos);
+  EXPECT_NE(text.find("mxlm:time_to_first_token_seconds_bucket{model_name=\"m\",le=\"0.0025\"} 0\n"),
+            std::string::npos);
   EXPECT_NE(text.find("mxlm:time_to_first_token_seconds_bucket{model_name=\"m\",le=\"0.005\"} 1\n"), std::string::npos);
   EXPECT_NE(text.find("mxlm:time_to_first_token_seconds_bucket{model_name=\"m\",le=\"0.25\"} 2\n"), std::string::npos);
   EXPECT_NE(text.find("mxlm:time_to_first_token_seconds_bucket{model_name=\"m\",le=\"30\"} 2\n"), std::string::npos);
