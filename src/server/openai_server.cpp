@@ -225,6 +225,7 @@ struct OpenAIServer::Impl {
   std::atomic<int> in_flight{0};
   std::atomic<bool> stopping{false};
   std::atomic<int> bound_port{0};
+  std::shared_ptr<int> listen_socket;
   std::vector<bool> show_special;  // special tokens that stay in the text the parsers see
   std::vector<int32_t> scripted_tokens;
 
@@ -491,6 +492,7 @@ struct OpenAIServer::Impl {
 
   void routes() {
     http.set_payload_max_length(cfg.max_body_bytes);
+    listen_socket = remember_listen_socket(http);
     const int threads = std::max(cfg.num_threads, 8);
     http.new_task_queue = [threads] { return new httplib::ThreadPool(static_cast<size_t>(threads)); };
     http.set_keep_alive_timeout(2);
@@ -1007,6 +1009,7 @@ void OpenAIServer::listen() {
       fail("cannot listen on {}:{} (address in use or not available)", c.host, c.port);
     impl_->bound_port = c.port;
   }
+  if (!raise_listen_backlog(impl_->listen_socket)) spdlog::warn("could not raise the listen backlog");
   spdlog::info("serving {} on http://{}:{}", c.served_model_name, c.host, impl_->bound_port.load());
   impl_->http.listen_after_bind();
 }
