@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "cli/model_options.h"
 #include "cli/registry.h"
 #include "core/error.h"
 #include "core/log.h"
@@ -20,10 +21,6 @@
 #include "text/tokenizer.h"
 
 namespace mxlm::cli {
-
-std::vector<int32_t> parse_token_list(const std::string& text);
-std::optional<backend::WeightFormat> parse_weight_dtype(const std::string& dtype);
-std::unique_ptr<backend::Backend> make_backend(const std::string& device);
 
 namespace {
 

@@ -6,6 +6,10 @@
 #include <vector>
 
 #include "backend/backend.h"
+#ifdef MXLM_HAVE_CUDA
+#include "backend/cuda/cuda_backend.h"
+#endif
+#include "cli/model_options.h"
 #include "cli/registry.h"
 #include "core/error.h"
 #include "core/log.h"
@@ -14,10 +18,6 @@
 #include "model/m3_model.h"
 
 namespace mxlm::cli {
-
-std::vector<int32_t> parse_token_list(const std::string& text);
-std::optional<backend::WeightFormat> parse_weight_dtype(const std::string& dtype);
-std::unique_ptr<backend::Backend> make_backend(const std::string& device);
 
 std::vector<int32_t> parse_token_list(const std::string& text) {
   std::vector<int32_t> ids;
@@ -49,11 +49,21 @@ std::optional<backend::WeightFormat> parse_weight_dtype(const std::string& dtype
   fail("--dtype must be auto, float32 or bfloat16, got '{}'", dtype);
 }
 
-std::unique_ptr<backend::Backend> make_backend(const std::string& device) {
+std::unique_ptr<backend::Backend> make_backend(const std::string& device, const std::string& moe_backend) {
+  if (moe_backend != "native" && moe_backend != "emulation")
+    fail("--moe-backend must be native or emulation, got '{}'", moe_backend);
   if (device == "cpu") return backend::make_cpu_backend();
-  if (device == "cuda") fail("--device cuda: this build has no CUDA backend yet (use --device cpu)");
+  if (device == "cuda") {
+#ifdef MXLM_HAVE_CUDA
+    return backend::make_cuda_backend({.device = 0, .moe_backend = backend::parse_moe_backend(moe_backend)});
+#else
+    fail("--device cuda: this build has no CUDA backend (configure with -DMXLM_CUDA=ON on a machine with nvcc)");
+#endif
+  }
   fail("--device must be cpu or cuda, got '{}'", device);
 }
+
+std::unique_ptr<backend::Backend> make_backend(const std::string& device) { return make_backend(device, "native"); }
 
 namespace {
 
