@@ -272,3 +272,12 @@ def test_auto_tool_choice_needs_the_flag(model_dir, tmp_path_factory, tools):
     assert res.returncode != 0 and "--tool-call-parser" in (res.stderr + res.stdout)
     res = subprocess.run([MXLM, "serve", model_dir, "--block-size", "128"], capture_output=True, text=True, timeout=60)
     assert res.returncode != 0 and "sparse attention block size" in (res.stderr + res.stdout)
+
+
+def test_prefix_cache_serves_repeated_prompts(client):
+    messages = [{"role": "user", "content": "Prefix cache check: how many legs do 3 spiders have?"}]
+    a = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=8, temperature=0)
+    b = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=8, temperature=0)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    cached = b.usage.prompt_tokens_details.cached_tokens
+    assert b.usage.prompt_tokens - 4 <= cached < b.usage.prompt_tokens  # whole 4-token blocks, one token computed
