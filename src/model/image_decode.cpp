@@ -89,8 +89,7 @@ RgbImage from_channels(const uint8_t* src, int width, int height, int channels) 
 
 RgbImage decode_webp(std::span<const uint8_t> b, const std::string& what) {
   WebPBitstreamFeatures features;
-  if (WebPGetFeatures(b.data(), b.size(), &features) != VP8_STATUS_OK)
-    fail("{}: corrupt or truncated WebP data", what);
+  if (WebPGetFeatures(b.data(), b.size(), &features) != VP8_STATUS_OK) fail("{}: corrupt or truncated WebP data", what);
   check_size(features.width, features.height, what, Format::Webp);
   int w = 0, h = 0;
   std::unique_ptr<uint8_t, void (*)(void*)> px(

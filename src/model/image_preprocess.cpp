@@ -79,7 +79,7 @@ uint8_t clip8(int32_t in) {
 RgbImage resample_horizontal(const RgbImage& in, int row0, int rows, int out_w, const Coefficients& c) {
   RgbImage out{out_w, rows, std::vector<uint8_t>(static_cast<size_t>(out_w) * static_cast<size_t>(rows) * 3)};
   const size_t in_stride = static_cast<size_t>(in.width) * 3;
-#pragma omp parallel for schedule(static) if (static_cast<int64_t>(rows) * out_w > 65536)
+#pragma omp parallel for schedule(static) if (static_cast <int64_t>(rows) * out_w > 65536)
   for (int y = 0; y < rows; ++y) {
     const uint8_t* src = in.pixels.data() + static_cast<size_t>(row0 + y) * in_stride;
     uint8_t* dst = out.pixels.data() + static_cast<size_t>(y) * static_cast<size_t>(out_w) * 3;
@@ -106,7 +106,7 @@ RgbImage resample_horizontal(const RgbImage& in, int row0, int rows, int out_w, 
 RgbImage resample_vertical(const RgbImage& in, int out_h, const Coefficients& c, int row_shift) {
   RgbImage out{in.width, out_h, std::vector<uint8_t>(static_cast<size_t>(in.width) * static_cast<size_t>(out_h) * 3)};
   const size_t stride = static_cast<size_t>(in.width) * 3;
-#pragma omp parallel for schedule(static) if (static_cast<int64_t>(out_h) * in.width > 65536)
+#pragma omp parallel for schedule(static) if (static_cast <int64_t>(out_h) * in.width > 65536)
   for (int yy = 0; yy < out_h; ++yy) {
     const int ymin = c.bounds[static_cast<size_t>(yy) * 2] - row_shift;
     const int ymax = c.bounds[static_cast<size_t>(yy) * 2 + 1];
@@ -236,7 +236,8 @@ PreprocessedImage preprocess_image(const RgbImage& image, const ImageProcessorCo
   // Normalisation table per channel and byte value.
   float table[3][256];
   for (int c = 0; c < 3; ++c)
-    for (int v = 0; v < 256; ++v) table[c][v] = normalize_sample(static_cast<uint8_t>(v), config.mean[c], config.std[c]);
+    for (int v = 0; v < 256; ++v)
+      table[c][v] = normalize_sample(static_cast<uint8_t>(v), config.mean[c], config.std[c]);
   const size_t stride = static_cast<size_t>(w) * 3;
   size_t row = 0;
   for (int wr = 0; wr < out.grid_h / m; ++wr)

@@ -159,8 +159,7 @@ VisionTower::VisionTower(const io::ModelConfig& config, const io::Checkpoint& ck
 
   // Conv3d [hidden, C, T, P, P] with stride = kernel is a GEMM over rows laid out [C][T][P][P].
   const std::string pe = kTower + "embeddings.patch_embedding.weight";
-  const std::vector<int64_t> pe_shape{hidden_, vc.num_channels, vc.temporal_patch_size, vc.patch_size,
-                                      vc.patch_size};
+  const std::vector<int64_t> pe_shape{hidden_, vc.num_channels, vc.temporal_patch_size, vc.patch_size, vc.patch_size};
   if (shape_of(ckpt, pe) != pe_shape)
     fail("tensor {} does not have the shape [{}, {}, {}, {}, {}] of vision_config", pe, hidden_, vc.num_channels,
          vc.temporal_patch_size, vc.patch_size, vc.patch_size);
@@ -229,8 +228,8 @@ std::vector<float> VisionTower::features(const PreprocessedImage& image) {
     fail("pixel values hold {} floats, expected {} patches x {}", image.pixel_values.size(), N, patch_dim_);
   const size_t H = static_cast<size_t>(hidden_), D = static_cast<size_t>(head_dim_);
   const size_t I = static_cast<size_t>(config_.vision.intermediate_size);
-  const VisionRotary rot = vision_rotary(head_dim_, config_.vision.rope_theta, image.grid_t, image.grid_h,
-                                         image.grid_w, merge_);
+  const VisionRotary rot =
+      vision_rotary(head_dim_, config_.vision.rope_theta, image.grid_t, image.grid_h, image.grid_w, merge_);
   auto buf = [&](size_t n) { return backend_.alloc(std::max<size_t>(n, 1)); };
   auto px = buf(N * static_cast<size_t>(patch_dim_));
   backend_.upload(*px, 0, image.pixel_values.data(), image.pixel_values.size());
@@ -255,10 +254,10 @@ std::vector<float> VisionTower::features(const PreprocessedImage& image) {
           kt[t * D + d] = k->f32()[t * H + hd * D + d];
           vt[d * N + t] = v->f32()[t * H + hd * D + d];
         }
-      const auto kw = backend_.upload_weight({WeightFormat::F32, static_cast<int64_t>(N), static_cast<int64_t>(D),
-                                              kt.data(), nullptr});
-      const auto vw = backend_.upload_weight({WeightFormat::F32, static_cast<int64_t>(D), static_cast<int64_t>(N),
-                                              vt.data(), nullptr});
+      const auto kw = backend_.upload_weight(
+          {WeightFormat::F32, static_cast<int64_t>(N), static_cast<int64_t>(D), kt.data(), nullptr});
+      const auto vw = backend_.upload_weight(
+          {WeightFormat::F32, static_cast<int64_t>(D), static_cast<int64_t>(N), vt.data(), nullptr});
       backend_.linear(qh->f32(), N, *kw, scores->f32());
       softmax_rows(scores->f32(), N, N, scale);
       backend_.linear(scores->f32(), N, *vw, oh->f32());

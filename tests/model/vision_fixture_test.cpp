@@ -65,7 +65,7 @@ TEST(VisionFixture, PreprocessingMatchesPillowPathAndReferenceProcessor) {
     EXPECT_EQ(p.grid_t, grid[0]);
     EXPECT_EQ(p.grid_h, grid[1]);
     EXPECT_EQ(p.grid_w, grid[2]);
-    const auto pillow = npy("pixel_values", i);  // Pillow 12.3 resize on the GPU machine
+    const auto pillow = npy("pixel_values", i);               // Pillow 12.3 resize on the GPU machine
     const auto processor = npy("processor_pixel_values", i);  // transformers' own (torchvision) processor
     ASSERT_EQ(pillow.data.size(), p.pixel_values.size());
     ASSERT_EQ(processor.data.size(), p.pixel_values.size());
