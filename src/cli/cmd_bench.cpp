@@ -19,6 +19,7 @@
 #include <thread>
 
 #include "backend/backend.h"
+#include "cli/model_options.h"
 #include "cli/registry.h"
 #include "core/error.h"
 #include "core/log.h"
@@ -29,9 +30,6 @@
 #include "text/tokenizer.h"
 
 namespace mxlm::cli {
-
-std::optional<backend::WeightFormat> parse_weight_dtype(const std::string& dtype);
-std::unique_ptr<backend::Backend> make_backend(const std::string& device);
 
 namespace {
 

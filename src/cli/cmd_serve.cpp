@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "backend/backend.h"
+#include "cli/model_options.h"
 #include "cli/registry.h"
 #include "core/error.h"
 #include "core/log.h"
@@ -27,9 +28,6 @@
 #endif
 
 namespace mxlm::cli {
-
-std::optional<backend::WeightFormat> parse_weight_dtype(const std::string& dtype);
-std::unique_ptr<backend::Backend> make_backend(const std::string& device);
 
 namespace {
 
@@ -108,10 +106,6 @@ void run_serve(ServeOptions o) {
     fail("--reasoning-parser must be minimax_m3, got '{}'", o.reasoning_parser);
   if (o.enable_auto_tool_choice && o.tool_call_parser.empty())
     fail("--enable-auto-tool-choice needs --tool-call-parser");
-  if (o.moe_backend != "emulation" && o.moe_backend != "native")
-    fail("--moe-backend must be emulation or native, got '{}'", o.moe_backend);
-  if (o.moe_backend == "native")
-    spdlog::info("--moe-backend native: the CPU backend has one MXFP4 path, which computes the emulation math");
   if (o.block_size && *o.block_size <= 0) fail("--block-size must be positive");
 
   auto tokenizer = text::Tokenizer::load(o.model);
@@ -122,7 +116,7 @@ void run_serve(ServeOptions o) {
     spdlog::warn("no chat template ({}); /v1/chat/completions will refuse requests", e.what());
   }
 
-  auto be = make_backend(o.device);
+  auto be = make_backend(o.device, o.moe_backend);
   model::ModelOptions mo;
   mo.float_format = parse_weight_dtype(o.dtype);
   auto model = model::load_m3_model(o.model, *be, mo);
