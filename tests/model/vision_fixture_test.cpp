@@ -19,6 +19,7 @@
 #include "io/model_config.h"
 #include "io/safetensors.h"
 #include "model/image_preprocess.h"
+#include "model/image_prompt.h"
 #include "model/m3_model.h"
 #include "model/vision_tower.h"
 
@@ -143,10 +144,23 @@ TEST(VisionFixture, LogitsWithImageEmbeddingsMatchTransformers) {
   auto model = std::make_unique<model::M3Model>(h.config, h.checkpoint, *h.backend);
   const auto ref = reference();
   const int32_t image_token = ref.at("image_token").get<int32_t>();
+  const int32_t start = ref.at("start_token").get<int32_t>(), end = ref.at("end_token").get<int32_t>();
   const auto& images = ref.at("images");
   const int32_t block = 128;
   for (size_t i = 0; i < images.size(); ++i) {
-    const auto tokens = images[i].at("tokens").get<std::vector<int32_t>>();
+    // The prompt as the chat template gives it (one placeholder per image), expanded by build_image_prompt.
+    const auto want_tokens = images[i].at("tokens").get<std::vector<int32_t>>();
+    std::vector<int32_t> placeholder_ids;
+    for (int32_t id : want_tokens) {
+      if (id == start || id == end) continue;
+      if (id == image_token && !placeholder_ids.empty() && placeholder_ids.back() == image_token) continue;
+      placeholder_ids.push_back(id);
+    }
+    auto input = fixture_input(images[i], i);
+    const auto prompt = model::build_image_prompt(placeholder_ids, std::span(&input, 1), h.tower,
+                                                  model::ImageTokens{image_token, start, end});
+    ASSERT_EQ(prompt.tokens, want_tokens) << i;
+    const auto& tokens = prompt.tokens;
     const int32_t T = static_cast<int32_t>(tokens.size());
     const int32_t pages = (T + block - 1) / block;
     std::vector<std::unique_ptr<backend::Buffer>> storage;
@@ -167,15 +181,27 @@ TEST(VisionFixture, LogitsWithImageEmbeddingsMatchTransformers) {
       batch.attention.positions.push_back(t);
       batch.attention.slots.push_back(t);
       batch.logit_rows.push_back(t);
-      if (tokens[static_cast<size_t>(t)] == image_token) batch.embedding_rows.push_back(t);
     }
-    batch.embeddings = h.tower.embed(fixture_input(images[i], i));
+    batch.embedding_rows = prompt.embedding_rows;
+    batch.embeddings = prompt.embeddings;
+    ASSERT_EQ(prompt.embedding_rows.size(), static_cast<size_t>(input.num_image_tokens()));
     ASSERT_EQ(batch.embeddings.size(), batch.embedding_rows.size() * static_cast<size_t>(h.config.text.hidden_size));
     const auto logits = model->forward(batch, caches);
     const auto want = npy("logits", i);
     ASSERT_EQ(logits.size(), want.data.size());
     EXPECT_LE(relative_error(logits, want.data), 1e-4) << "logits of image " << i;
   }
+}
+
+TEST(VisionFixture, ContentHashSeparatesImages) {
+  const auto a = model::preprocess_image(read_image(0));
+  const auto b = model::preprocess_image(read_image(0));
+  const auto c = model::preprocess_image(read_image(4));
+  EXPECT_EQ(a.content_hash, b.content_hash);
+  EXPECT_NE(a.content_hash, c.content_hash);
+  auto d = read_image(0);
+  d.pixels[100] ^= 1;  // one level of one pixel
+  EXPECT_NE(model::preprocess_image(d).content_hash, a.content_hash);
 }
 
 TEST(VisionFixture, PromptExpansion) {
