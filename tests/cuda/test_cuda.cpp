@@ -196,10 +196,12 @@ void test_gemv_kernel(int sms) {
     int n, k;
     std::vector<int> ms;
     int split;
+    int scale_lo = 120, scale_hi = 128;  // E8M0 bytes; above 128 the kernel takes its two-multiply path
   };
-  const std::vector<Case> cases = {{3072, 6144, {1}, 0},     {3072, 6144, {16}, 0}, {6144, 3072, {7}, 0},
-                                   {200, 96, {3, 16, 9}, 1}, {1000, 160, {8}, 2},   {130, 32, {1, 2}, 1},
-                                   {513, 4096, {13, 5}, 0},  {64, 6144, {16}, 48}};
+  const std::vector<Case> cases = {{3072, 6144, {1}, 0},     {3072, 6144, {16}, 0},           {6144, 3072, {7}, 0},
+                                   {200, 96, {3, 16, 9}, 1}, {1000, 160, {8}, 2},             {130, 32, {1, 2}, 1},
+                                   {513, 4096, {13, 5}, 0},  {64, 6144, {16}, 48},            {384, 1024, {2, 9}, 0, 100, 150},
+                                   {256, 256, {5}, 1, 126, 140}};
   for (const auto& c : cases) {
     std::vector<Mx> ws;
     std::vector<std::vector<uint16_t>> xs;
@@ -214,7 +216,7 @@ void test_gemv_kernel(int sms) {
     std::vector<float*> ys;
     int max_m = 1;
     for (int m : c.ms) {
-      ws.push_back(random_mx(c.n, c.k));
+      ws.push_back(random_mx(c.n, c.k, c.scale_lo, c.scale_hi));
       auto xf = randn(static_cast<size_t>(m) * c.k);
       std::vector<uint16_t> xb(xf.size());
       for (size_t i = 0; i < xf.size(); ++i) xb[i] = f32_to_bf16(xf[i]);

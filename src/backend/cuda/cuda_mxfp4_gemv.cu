@@ -10,11 +10,19 @@
 // k, so the permutation only changes the f32 summation order; every dequantized product is exact, as in the
 // emulation (DESIGN.md numerics contract).
 //
-// E2M1 -> bf16 by two byte-permute lookups (low and high byte of the bf16 pattern of |value|, selected by the
-// 3-bit magnitude), the sign bit moved in, then one bf16x2 multiply by the E8M0 scale (exact: power of two).
+// E2M1 -> bf16 by bit placement: the code's e1 e0 m bits go to bf16 bits 8..6 and its sign to bit 15, which is
+// the bf16 number value * 2^-126 (code 1 = 0.5 lands on the bf16 subnormal 2^-127, exactly as wanted); one bf16x2
+// multiply by 2^126 * scale = 2^(s-1) then gives value * scale exactly (powers of two). Scale bytes 129..254 would
+// need 2^(s-1) >= 2^128: such chunks take a second multiply (warp-uniform branch, never taken on real weights).
+// A register pairs nibbles p and p + 4 of a 32-bit word (both halves need the same shift), so the activations are
+// paired the same way (four byte-permutes per 8 values after the shared-memory load).
+//
+// The activation slice of a batch is staged with cp.async issued before the weight loads, so it arrives ahead of
+// the weight stream and every chunk's math can start as soon as that chunk's weights land.
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "backend/cuda/cuda_kernels.h"
 
@@ -35,11 +43,6 @@ __device__ __forceinline__ uint4 load_stream_v4(const void* p) {
   return v;
 }
 
-__device__ __forceinline__ uint32_t scale_bf16x2(uint32_t byte) {
-  const uint32_t bits = byte == 255u ? 0x7fc0u : (byte == 0u ? 0x0040u : byte << 7);
-  return bits | (bits << 16);
-}
-
 __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
   __nv_bfloat162 x = *reinterpret_cast<__nv_bfloat162*>(&a);
   __nv_bfloat162 y = *reinterpret_cast<__nv_bfloat162*>(&b);
@@ -47,20 +50,48 @@ __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
   return *reinterpret_cast<uint32_t*>(&r);
 }
 
-// 8 E2M1 codes (one 32-bit word, element 2i in the low nibble of byte i) to four bf16x2 pairs times the scale.
-__device__ __forceinline__ void dequant_word(uint32_t w, uint32_t scale2, uint32_t out[4]) {
-  // bf16 patterns of 0, .5, 1, 1.5, 2, 3, 4, 6: low bytes 00 00 80 C0 00 40 80 C0, high bytes 00 3F 3F 3F 40 40 40 40.
-  constexpr uint32_t kLo0 = 0xC0800000u, kLo1 = 0xC0804000u, kHi0 = 0x3F3F3F00u, kHi1 = 0x40404040u;
-  const uint32_t m = w & 0x77777777u;
-  const uint32_t l0 = __byte_perm(kLo0, kLo1, m & 0xffffu), h0 = __byte_perm(kHi0, kHi1, m & 0xffffu);
-  const uint32_t l1 = __byte_perm(kLo0, kLo1, m >> 16), h1 = __byte_perm(kHi0, kHi1, m >> 16);
-  out[0] = __byte_perm(l0, h0, 0x5140) | ((w << 12) & 0x8000u) | ((w << 24) & 0x80000000u);
-  out[1] = __byte_perm(l0, h0, 0x7362) | ((w << 4) & 0x8000u) | ((w << 16) & 0x80000000u);
-  out[2] = __byte_perm(l1, h1, 0x5140) | ((w >> 4) & 0x8000u) | ((w << 8) & 0x80000000u);
-  out[3] = __byte_perm(l1, h1, 0x7362) | ((w >> 12) & 0x8000u) | (w & 0x80000000u);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) out[i] = bf16x2_mul(out[i], scale2);
+// Multipliers for one E8M0 byte: first = 2^(s-1) (2^126 when that overflows; NaN for 255), second = 2^(s-127)
+// when the first was capped, else 1.
+__device__ __forceinline__ uint32_t scale_first(uint32_t s) {
+  const uint32_t bits = s == 255u ? 0x7fc0u : (s <= 128u ? (s + 126u) << 7 : 253u << 7);
+  return bits | (bits << 16);
 }
+__device__ __forceinline__ bool scale_capped(uint32_t s) { return s > 128u && s != 255u; }
+__device__ __forceinline__ uint32_t scale_second(uint32_t s) {
+  const uint32_t bits = scale_capped(s) ? s << 7 : 0x3f80u;
+  return bits | (bits << 16);
+}
+
+// 8 E2M1 codes (one 32-bit word, element i in nibble i) to four bf16x2 registers: out[p] = (element p, element
+// p + 4) times the scale.
+template <bool kCapped>
+__device__ __forceinline__ void dequant_word(uint32_t w, uint32_t first, uint32_t second, uint32_t out[4]) {
+  constexpr uint32_t kMag = 0x01c001c0u, kSign = 0x80008000u;
+  out[0] = ((w << 6) & kMag) | ((w << 12) & kSign);
+  out[1] = ((w << 2) & kMag) | ((w << 8) & kSign);
+  out[2] = ((w >> 2) & kMag) | ((w << 4) & kSign);
+  out[3] = ((w >> 6) & kMag) | (w & kSign);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[i] = bf16x2_mul(out[i], first);
+    if (kCapped) out[i] = bf16x2_mul(out[i], second);
+  }
+}
+
+// Eight bf16 activations (pairs (0,1) .. (6,7) in x..w) re-paired as (0,4), (1,5), (2,6), (3,7) to match.
+__device__ __forceinline__ void pair_x(const uint4& v, uint32_t out[4]) {
+  out[0] = __byte_perm(v.x, v.z, 0x5410);
+  out[1] = __byte_perm(v.x, v.z, 0x7632);
+  out[2] = __byte_perm(v.y, v.w, 0x5410);
+  out[3] = __byte_perm(v.y, v.w, 0x7632);
+}
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const int src_bytes = valid ? 16 : 0;  // 0: zero-fill
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(gmem), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
 __device__ __forceinline__ void mma_bf16(float d[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                          uint32_t b1) {
@@ -110,6 +141,19 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
 
   for (int cb = c0; cb < c1; cb += kBatch) {
     const int nc = min(kBatch, c1 - cb);
+    // Stage x[tokens][chunks cb .. cb + nc) (zeros past m and past K) first: the copies queue ahead of this
+    // batch's weight loads. Within a chunk, MX block u / 4's 16-byte quarter q is stored at q ^ (bit 1 of the
+    // block): lanes t and t + 2 then hit different banks.
+    __syncthreads();  // the previous batch's readers are done with xs
+    const int per_row = nc * 16;
+    for (int idx = threadIdx.x; idx < NT * 8 * per_row; idx += blockDim.x) {
+      const int tok = idx / per_row, rem = idx % per_row;
+      const int ci = rem / 16, u = rem % 16, blk_in = u / 4, q = u % 4;
+      const int kb = (cb + ci) * 4 + blk_in;
+      const bool valid = tok < grp.m && kb < kblocks;
+      const uint16_t* src = valid ? grp.x + static_cast<size_t>(tok) * k + static_cast<size_t>(kb) * 32 + q * 8 : grp.x;
+      cp_async_16(&xs[tok * kXStride + ci * 16 + blk_in * 4 + (q ^ ((blk_in >> 1) & 1))], src, valid);
+    }
     uint4 a[kBatch], b[kBatch];
     uint32_t sa[kBatch], sb[kBatch];
 #pragma unroll
@@ -128,45 +172,44 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
         }
       }
     }
-    // Stage x[tokens][chunks cb .. cb + nc) (zeros past m and past K). Within a chunk, MX block u / 4's 16-byte
-    // quarter q is stored at q ^ (bit 1 of the block): lanes t and t + 2 then hit different banks.
-    __syncthreads();
-    const int per_row = nc * 16;
-    for (int idx = threadIdx.x; idx < NT * 8 * per_row; idx += blockDim.x) {
-      const int tok = idx / per_row, rem = idx % per_row;
-      const int ci = rem / 16, u = rem % 16, blk_in = u / 4, q = u % 4;
-      const int kb = (cb + ci) * 4 + blk_in;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (tok < grp.m && kb < kblocks)
-        v = __ldg(reinterpret_cast<const uint4*>(grp.x + static_cast<size_t>(tok) * k + static_cast<size_t>(kb) * 32) +
-                  q);
-      xs[tok * kXStride + ci * 16 + blk_in * 4 + (q ^ ((blk_in >> 1) & 1))] = v;
-    }
+    cp_async_wait_all();
     __syncthreads();
     if (!active) continue;
+    bool capped = false;
 #pragma unroll
-    for (int i = 0; i < kBatch; ++i) {
-      if (i >= nc) break;
-      uint4 xv[NT][4];
+    for (int i = 0; i < kBatch; ++i) capped |= scale_capped(sa[i]) || scale_capped(sb[i]);
+    auto batch_math = [&](auto capped_tag) {
+      constexpr bool kCapped = decltype(capped_tag)::value;
 #pragma unroll
-      for (int j = 0; j < NT; ++j)
+      for (int i = 0; i < kBatch; ++i) {
+        if (i >= nc) break;
+        uint4 xv[NT][4];
 #pragma unroll
-        for (int q = 0; q < 4; ++q) xv[j][q] = xs[(j * 8 + g) * kXStride + i * 16 + t * 4 + (q ^ ((t >> 1) & 1))];
-      const uint32_t sa2 = scale_bf16x2(sa[i]), sb2 = scale_bf16x2(sb[i]);
+        for (int j = 0; j < NT; ++j)
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        uint32_t pa[4], pb[4];
-        dequant_word(word(a[i], q), sa2, pa);
-        dequant_word(word(b[i], q), sb2, pb);
+          for (int q = 0; q < 4; ++q) xv[j][q] = xs[(j * 8 + g) * kXStride + i * 16 + t * 4 + (q ^ ((t >> 1) & 1))];
+        const uint32_t fa = scale_first(sa[i]), fb = scale_first(sb[i]);
+        const uint32_t ca = kCapped ? scale_second(sa[i]) : 0u, cb2 = kCapped ? scale_second(sb[i]) : 0u;
 #pragma unroll
-        for (int ss = 0; ss < 2; ++ss) {
+        for (int q = 0; q < 4; ++q) {
+          uint32_t pa[4], pb[4];
+          dequant_word<kCapped>(word(a[i], q), fa, ca, pa);
+          dequant_word<kCapped>(word(b[i], q), fb, cb2, pb);
 #pragma unroll
           for (int j = 0; j < NT; ++j) {
-            const uint32_t b0 = word(xv[j][q], 2 * ss), b1 = word(xv[j][q], 2 * ss + 1);
-            mma_bf16(acc[j], pa[2 * ss], pb[2 * ss], pa[2 * ss + 1], pb[2 * ss + 1], b0, b1);
+            uint32_t xp[4];
+            pair_x(xv[j][q], xp);
+#pragma unroll
+            for (int ss = 0; ss < 2; ++ss)
+              mma_bf16(acc[j], pa[2 * ss], pb[2 * ss], pa[2 * ss + 1], pb[2 * ss + 1], xp[2 * ss], xp[2 * ss + 1]);
           }
         }
       }
+    };
+    if (__any_sync(0xffffffffu, capped)) {
+      batch_math(std::true_type{});
+    } else {
+      batch_math(std::false_type{});
     }
   }
   if (!active) return;
