@@ -8,11 +8,13 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "engine/constraint.h"
 #include "engine/sampler.h"
 
 namespace mxlm::engine {
@@ -33,6 +35,8 @@ struct GenerationRequest {
   // Testing aid (mxlm serve --scripted-output): these tokens replace sampling, then the request stops. The
   // model still runs every step, so scheduling, paging and timing are those of a real generation.
   std::vector<int32_t> scripted;
+  // Masks the logits before sampling (guaranteed tool calls); null: unconstrained. Logprobs stay the model's.
+  std::shared_ptr<const ToolChoiceConstraint> constraint;
 };
 
 struct RequestEvent {

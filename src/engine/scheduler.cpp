@@ -244,6 +244,7 @@ bool Scheduler::step() {
   std::vector<double> ttfts, itls;
   std::vector<Active*> done;
   std::vector<FinishReason> done_reason;
+  std::vector<std::string> done_error;  // error texts by index into `done` (missing entries: no error)
   for (size_t i = 0; i < scheduled.size(); ++i) {
     Active& a = *scheduled[i];
     if (a.seq.num_uncomputed() > 0) continue;  // mid-prefill
@@ -263,8 +264,25 @@ bool Scheduler::step() {
       done_reason.push_back(FinishReason::Stop);
       continue;
     }
-    const int32_t token =
-        script.empty() ? a.sampler.sample(logits, prompt, output) : script[static_cast<size_t>(a.num_generated)];
+    int32_t token = 0;
+    if (!script.empty()) {
+      token = script[static_cast<size_t>(a.num_generated)];
+    } else if (a.request.constraint && a.request.constraint->active(output)) {
+      std::vector<float> masked(logits.begin(), logits.end());
+      try {
+        a.request.constraint->apply(masked, output);
+      } catch (const std::exception& ex) {
+        a.stream->push(std::move(e));
+        done.push_back(&a);
+        done_reason.push_back(FinishReason::Error);
+        done_error.resize(done.size());
+        done_error.back() = ex.what();
+        continue;
+      }
+      token = a.sampler.sample(masked, prompt, output);
+    } else {
+      token = a.sampler.sample(logits, prompt, output);
+    }
     if (a.request.top_logprobs >= 0) {
       // Log-probabilities of the model's own distribution (raw logits), as vLLM reports them by default.
       const float mx = *std::max_element(logits.begin(), logits.end());
@@ -312,7 +330,7 @@ bool Scheduler::step() {
     }
   }
   for (size_t i = 0; i < done.size(); ++i) {
-    finish(*done[i], done_reason[i]);
+    finish(*done[i], done_reason[i], i < done_error.size() ? done_error[i] : std::string());
     running_.remove_if([&](const std::unique_ptr<Active>& p) { return p.get() == done[i]; });
   }
 

@@ -12,6 +12,7 @@
 #include "core/log.h"
 #include "server/metrics.h"
 #include "server/stop_strings.h"
+#include "server/tool_choice.h"
 #include "text/detokenizer.h"
 #include "text/output_parser.h"
 
@@ -228,6 +229,8 @@ struct OpenAIServer::Impl {
   std::shared_ptr<int> listen_socket;
   std::vector<bool> show_special;  // special tokens that stay in the text the parsers see
   std::vector<int32_t> scripted_tokens;
+  std::once_flag vocab_once;  // token bytes for tool_choice "required", built on first use
+  std::shared_ptr<const engine::TokenBytes> vocab;
 
   Impl(ServerConfig c, const text::Tokenizer& t, std::optional<text::ChatTemplate> ct, engine::Scheduler& s)
       : cfg(std::move(c)), tok(t), chat_template(std::move(ct)), sched(s) {
@@ -245,7 +248,8 @@ struct OpenAIServer::Impl {
   // ---- text pipeline ----
 
   std::unique_ptr<Choice> start_choice(int index, std::vector<int32_t> prompt, const CommonParams& p,
-                                       int64_t max_tokens, const text::OutputParserOptions* parser_options) {
+                                       int64_t max_tokens, const text::OutputParserOptions* parser_options,
+                                       std::shared_ptr<const engine::ToolChoiceConstraint> constraint = nullptr) {
     auto c = std::make_unique<Choice>();
     c->index = index;
     engine::GenerationRequest r;
@@ -257,6 +261,7 @@ struct OpenAIServer::Impl {
       for (const int32_t id : cfg.eos_token_ids) r.params.stop_token_ids.push_back(id);
     r.top_logprobs = p.top_logprobs;
     r.scripted = scripted_tokens;
+    r.constraint = std::move(constraint);
     try {
       c->stream = sched.submit(std::move(r));
     } catch (const engine::QueueFull& e) {
@@ -830,8 +835,8 @@ struct OpenAIServer::Impl {
                   "tool_choice");
     if ((tool_choice == "required" || tool_choice == "named") && !cfg.tool_call_parser)
       bad_request(
-          "tool_choice \"required\" or a named function needs --tool-call-parser (this server parses the "
-          "model's own tool-call format; it does not constrain decoding)",
+          "tool_choice \"required\" or a named function needs --tool-call-parser (the constrained output is the "
+          "parser's tool-call format)",
           "tool_choice");
     if (tool_choice == "named") {
       bool found = false;
@@ -855,10 +860,19 @@ struct OpenAIServer::Impl {
       popts = o;
     }
 
+    // "required" and named choices constrain decoding so that the output opens a tool call.
+    const bool forced_tool = tool_choice == "required" || tool_choice == "named";
+    std::shared_ptr<const engine::ToolChoiceConstraint> constraint;
+    if (forced_tool) {
+      if (tool_choice == "required")
+        std::call_once(vocab_once, [this] { vocab = std::make_shared<const engine::TokenBytes>(token_bytes(tok)); });
+      constraint = make_tool_choice_constraint(tok, vocab, tools, named_tool, popts && popts->thinking_enabled);
+    }
+
     auto choices = std::make_shared<std::vector<std::unique_ptr<Choice>>>();
     try {
       for (int j = 0; j < p.n; ++j)
-        choices->push_back(start_choice(j, prompt, p, max_tokens, popts ? &*popts : nullptr));
+        choices->push_back(start_choice(j, prompt, p, max_tokens, popts ? &*popts : nullptr, constraint));
     } catch (...) {
       cancel_all(*choices);
       throw;
@@ -881,7 +895,7 @@ struct OpenAIServer::Impl {
       auto tool_counts = std::make_shared<std::vector<int>>(choices->size(), 0);
       stream_response(
           res, choices, p.skip_special_tokens,
-          [this, chunk, started, tool_counts, want_lp](Choice& c, ChoiceDelta& d, std::vector<json>& out) {
+          [this, chunk, started, tool_counts, want_lp, forced_tool](Choice& c, ChoiceDelta& d, std::vector<json>& out) {
             const auto k = static_cast<size_t>(c.index);
             if (!(*started)[k]) {
               (*started)[k] = true;
@@ -922,7 +936,8 @@ struct OpenAIServer::Impl {
             }
             if (d.finished_now) {
               std::string reason = c.finish_reason;
-              if ((*tool_counts)[k] > 0 && reason == "stop") reason = "tool_calls";
+              if ((*tool_counts)[k] > 0 && (reason == "stop" || (forced_tool && reason == "length")))
+                reason = "tool_calls";
               out.push_back(chunk({{"index", c.index},
                                    {"delta", json::object()},
                                    {"logprobs", nullptr},
@@ -970,7 +985,8 @@ struct OpenAIServer::Impl {
           calls.push_back(
               {{"id", t.id}, {"type", "function"}, {"function", {{"name", t.name}, {"arguments", t.arguments}}}});
         message["tool_calls"] = calls;
-        if (!parsed.tool_calls.empty() && reason == "stop") reason = "tool_calls";
+        if (!parsed.tool_calls.empty() && (reason == "stop" || (forced_tool && reason == "length")))
+          reason = "tool_calls";
       } else {
         message["content"] = c.text;
         message["reasoning_content"] = nullptr;

@@ -238,6 +238,28 @@ TEST(Scheduler, StopTokensAndScriptedTokens) {
   EXPECT_EQ(out[0].finish, FinishReason::Stop);
 }
 
+TEST(Scheduler, ConstraintForcesTokensThenDecodingIsTheModels) {
+  auto& f = fixture();
+  const auto prompt = make_prompts(1, 8)[0];
+  const std::vector<int32_t> forced = {11, 22, 33};
+  auto extended = prompt;
+  extended.insert(extended.end(), forced.begin(), forced.end());
+  const auto ref = reference(extended, 4);  // greedy continuation once the forced tokens are in
+  ModelRunner runner(*f.model, cache_config_for(*f.model, 64, 4));
+  Scheduler s(runner, SchedulerConfig{});
+  auto r = greedy(prompt, 7);
+  r.constraint =
+      std::make_shared<const ToolChoiceConstraint>(std::vector<int32_t>{}, forced, std::vector<std::string>{}, nullptr);
+  auto plain = greedy(prompt, 7);
+  const auto out = run_all(s, {r, r, plain});
+  auto expected = forced;
+  expected.insert(expected.end(), ref.begin(), ref.end());
+  EXPECT_EQ(out[0].tokens, expected);
+  EXPECT_EQ(out[1].tokens, expected);
+  EXPECT_NE(std::vector<int32_t>(out[2].tokens.begin(), out[2].tokens.begin() + 3), forced);
+  EXPECT_EQ(out[0].finish, FinishReason::Length);
+}
+
 TEST(Scheduler, RejectsWhatCanNeverRunAndBoundsTheQueue) {
   auto& f = fixture();
   ModelRunner runner(*f.model, cache_config_for(*f.model, 32, 1));
