@@ -42,20 +42,20 @@ bool is_cased(char32_t c) { return to_upper(c) != c || to_lower(c) != c; }
 
 std::string str_upper(const std::string& s) {
   std::string out;
-  for (char32_t c : cps(s)) append_utf8(out, to_upper(c));
+  for (char32_t c : cps(s)) append_utf8_escaped(out, to_upper(c));
   return out;
 }
 
 std::string str_lower(const std::string& s) {
   std::string out;
-  for (char32_t c : cps(s)) append_utf8(out, to_lower(c));
+  for (char32_t c : cps(s)) append_utf8_escaped(out, to_lower(c));
   return out;
 }
 
 std::string str_capitalize(const std::string& s) {
   std::u32string u = cps(s);
   std::string out;
-  for (size_t i = 0; i < u.size(); ++i) append_utf8(out, i == 0 ? to_upper(u[i]) : to_lower(u[i]));
+  for (size_t i = 0; i < u.size(); ++i) append_utf8_escaped(out, i == 0 ? to_upper(u[i]) : to_lower(u[i]));
   return out;
 }
 
@@ -64,7 +64,7 @@ std::string str_title(const std::string& s) {
   std::string out;
   bool prev_cased = false;
   for (char32_t c : cps(s)) {
-    append_utf8(out, prev_cased ? to_lower(c) : to_upper(c));
+    append_utf8_escaped(out, prev_cased ? to_lower(c) : to_upper(c));
     prev_cased = is_cased(c);
   }
   return out;
@@ -177,7 +177,7 @@ std::string str_replace(const std::string& s, const std::string& old, const std:
         out += repl;
         ++done;
       }
-      if (i < u.size()) append_utf8(out, u[i]);
+      if (i < u.size()) append_utf8_escaped(out, u[i]);
       if (out.size() > limits.max_bytes) fail("string result too large");
     }
     return out;
@@ -359,7 +359,7 @@ std::string percent_format(const std::string& fmt, const Value& args) {
         if (arg->is_string()) {
           out += arg->as_string();
         } else {
-          append_utf8(out, static_cast<char32_t>(arg->as_int()));
+          append_utf8_escaped(out, static_cast<char32_t>(arg->as_int()));
         }
         break;
       }
@@ -638,7 +638,7 @@ Value call_string_method(const std::string& s, const std::string& name, CallArgs
   if (name == "capitalize") return Value::string(str_capitalize(s));
   if (name == "swapcase") {
     std::string out;
-    for (char32_t c : cps(s)) append_utf8(out, to_upper(c) != c ? to_upper(c) : to_lower(c));
+    for (char32_t c : cps(s)) append_utf8_escaped(out, to_upper(c) != c ? to_upper(c) : to_lower(c));
     return Value::string(out);
   }
   if (name == "find" || name == "rfind" || name == "index" || name == "rindex") {
@@ -867,7 +867,7 @@ Value get_item(const Value& obj, const Value& key) {
         if (i < 0) i += n;
         if (i >= 0 && i < n) {
           std::string out;
-          append_utf8(out, u[i]);
+          append_utf8_escaped(out, u[i]);
           return Value::string(out);
         }
       }
@@ -916,7 +916,7 @@ ValueList iterate(const Value& v) {
       ValueList chars;
       for (char32_t c : cps(v.as_string())) {
         std::string s;
-        append_utf8(s, c);
+        append_utf8_escaped(s, c);
         chars.push_back(Value::string(std::move(s)));
       }
       return chars;
@@ -1158,10 +1158,10 @@ Value apply_filter(const std::string& name, const Value& v, CallArgs& args, cons
     for (char32_t c : cps(v.str())) {
       bool sep = c == '-' || is_py_space(c) || c == '(' || c == '{' || c == '[' || c == '<';
       if (sep) {
-        append_utf8(out, c);
+        append_utf8_escaped(out, c);
         word_start = true;
       } else {
-        append_utf8(out, word_start ? to_upper(c) : to_lower(c));
+        append_utf8_escaped(out, word_start ? to_upper(c) : to_lower(c));
         word_start = false;
       }
     }

@@ -100,7 +100,7 @@ std::string unescape_string(std::string_view body) {
           cp = cp * 16 + static_cast<char32_t>(h);
         }
         if (cp > 0x10FFFF) fail("illegal Unicode character in a string literal");
-        append_utf8(out, cp);
+        append_utf8_escaped(out, cp);
         i += digits;
         break;
       }
@@ -110,7 +110,7 @@ std::string unescape_string(std::string_view body) {
           for (int k = 0; k < 2 && i + 1 < body.size() && body[i + 1] >= '0' && body[i + 1] <= '7'; ++k) {
             cp = cp * 8 + static_cast<char32_t>(body[++i] - '0');
           }
-          append_utf8(out, cp);
+          append_utf8_escaped(out, cp);
         } else {
           out += '\\';
           out += e;

@@ -8,6 +8,7 @@
 #include <cstdio>
 
 #include "core/error.h"
+#include "text/unicode.h"
 
 namespace mxlm::text::jinja {
 
@@ -304,30 +305,19 @@ std::u32string utf8_to_u32(const std::string& s) {
   return out;
 }
 
-void append_utf8(std::string& out, char32_t cp) {
+// Python's surrogateescape: lone surrogates U+DC80..U+DCFF stand for raw bytes that were not valid UTF-8.
+void append_utf8_escaped(std::string& out, char32_t cp) {
   if (cp >= 0xDC80 && cp <= 0xDCFF) {
     out.push_back(static_cast<char>(cp - 0xDC00));
-  } else if (cp < 0x80) {
-    out.push_back(static_cast<char>(cp));
-  } else if (cp < 0x800) {
-    out.push_back(static_cast<char>(0xC0 | (cp >> 6)));
-    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else if (cp < 0x10000) {
-    out.push_back(static_cast<char>(0xE0 | (cp >> 12)));
-    out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
   } else {
-    out.push_back(static_cast<char>(0xF0 | (cp >> 18)));
-    out.push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+    text::append_utf8(out, cp);
   }
 }
 
 std::string u32_to_utf8(const std::u32string& s) {
   std::string out;
   out.reserve(s.size());
-  for (char32_t c : s) append_utf8(out, c);
+  for (char32_t c : s) append_utf8_escaped(out, c);
   return out;
 }
 
@@ -367,7 +357,7 @@ std::string python_string_repr(const std::string& s) {
     } else if (c == '\r') {
       out += "\\r";
     } else if (python_printable(c)) {
-      append_utf8(out, c);
+      append_utf8_escaped(out, c);
     } else {
       if (c < 0x100) {
         std::snprintf(buf, sizeof buf, "\\x%02x", static_cast<unsigned>(c));
@@ -548,7 +538,7 @@ static void json_string(std::string& out, const std::string& s, bool ensure_asci
           }
           out += buf;
         } else {
-          append_utf8(out, c);
+          append_utf8_escaped(out, c);
         }
     }
   }

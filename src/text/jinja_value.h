@@ -148,6 +148,6 @@ std::string json_dumps(const Value& v, const JsonDumpOptions& options);
 // UTF-8 <-> code points (Python str indexing counts code points).
 std::u32string utf8_to_u32(const std::string& s);
 std::string u32_to_utf8(const std::u32string& s);
-void append_utf8(std::string& out, char32_t cp);
+void append_utf8_escaped(std::string& out, char32_t cp);
 
 }  // namespace mxlm::text::jinja

@@ -1,5 +1,7 @@
 #include "text/tool_parser.h"
 
+#include "text/unicode.h"
+
 #include <algorithm>
 #include <cmath>
 #include <random>
@@ -44,7 +46,7 @@ std::string lower(std::string s) {
 std::string valid_utf8(const std::string& s) {
   std::string out;
   out.reserve(s.size());
-  for (char32_t c : jinja::utf8_to_u32(s)) jinja::append_utf8(out, c >= 0xDC80 && c <= 0xDCFF ? 0xFFFD : c);
+  for (char32_t c : jinja::utf8_to_u32(s)) append_utf8(out, c >= 0xDC80 && c <= 0xDCFF ? 0xFFFD : c);
   return out;
 }
 
