@@ -4,19 +4,13 @@
 
 #include "backend/cpu/gemm.h"
 #include "core/dtype.h"
+#include "mx/mxfp4.h"
 
 namespace mxlm::cpu::ref {
 namespace {
 
-// E2M1 code -> value (spec mxfp4_numerics.md §1.1); code 8 is -0.0.
-float e2m1(uint8_t code) {
-  static constexpr float kMagnitude[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
-  const float v = kMagnitude[code & 7];
-  return (code & 8) ? -v : v;
-}
-
-// E8M0 byte -> 2^(byte-127) (§1.2): byte 0 is the subnormal 2^-127, 255 is NaN.
-float e8m0(uint8_t byte) { return byte == 255 ? std::nanf("") : std::ldexp(1.0f, int{byte} - 127); }
+using mx::e2m1_value;
+using mx::e8m0_value;
 
 template <typename LoadW>
 void gemm(const float* x, size_t m, size_t k, size_t n, float* y, LoadW load_w) {
@@ -48,14 +42,14 @@ void gemm_mxfp4(const float* x, size_t m, size_t k, const uint8_t* w_packed, con
   gemm(x, m, k, n, y, [&](size_t j, size_t kk) {
     const uint8_t byte = w_packed[j * (k / 2) + kk / 2];
     const uint8_t code = (kk % 2 == 0) ? (byte & 0xf) : (byte >> 4);
-    return e2m1(code) * e8m0(w_scales[j * (k / 32) + kk / 32]);
+    return e2m1_value(code) * e8m0_value(w_scales[j * (k / 32) + kk / 32]);
   });
 }
 
 void gemm_mxfp4_w4a4(const uint8_t* x_packed, const uint8_t* x_scales, size_t m, size_t k, const uint8_t* w_packed,
                      const uint8_t* w_scales, size_t n, float* y) {
   // Twice the E2M1 value of each code: an integer.
-  const auto doubled = [](uint8_t code) { return static_cast<int>(2 * e2m1(code)); };
+  const auto doubled = [](uint8_t code) { return static_cast<int>(2 * e2m1_value(code)); };
   const size_t blocks = k / 32;
   for (size_t i = 0; i < m; ++i) {
     for (size_t j = 0; j < n; ++j) {
@@ -66,7 +60,7 @@ void gemm_mxfp4_w4a4(const uint8_t* x_packed, const uint8_t* x_scales, size_t m,
           const uint8_t xb = x_packed[i * (k / 2) + b * 16 + e], wb = w_packed[j * (k / 2) + b * 16 + e];
           dot += doubled(xb & 0xf) * doubled(wb & 0xf) + doubled(xb >> 4) * doubled(wb >> 4);
         }
-        const float scale = e8m0(x_scales[i * blocks + b]) * (e8m0(w_scales[j * blocks + b]) * 0.25f);
+        const float scale = e8m0_value(x_scales[i * blocks + b]) * (e8m0_value(w_scales[j * blocks + b]) * 0.25f);
         acc += static_cast<float>(dot) * scale;
       }
       y[i * n + j] = acc;

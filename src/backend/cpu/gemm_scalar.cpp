@@ -4,17 +4,13 @@
 
 #include "backend/cpu/gemm_kernels.h"
 #include "core/dtype.h"
+#include "mx/mxfp4.h"
 
 namespace mxlm::cpu::scalar {
 namespace {
 
-float e2m1(uint8_t code) {
-  static constexpr float kMagnitude[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
-  const float v = kMagnitude[code & 7];
-  return (code & 8) ? -v : v;
-}
-
-float e8m0(uint8_t byte) { return byte == 255 ? std::nanf("") : std::ldexp(1.0f, int{byte} - 127); }
+using mx::e2m1_value;
+using mx::e8m0_value;
 
 template <typename LoadW>
 void gemm(const float* x, size_t m, size_t k, size_t n, float* y, LoadW load_w) {
@@ -48,7 +44,7 @@ void gemm_mxfp4(const float* x, size_t m, size_t k, const uint8_t* w_packed, con
   gemm(x, m, k, n, y, [&](size_t j, size_t kk) {
     const uint8_t byte = w_packed[j * (k / 2) + kk / 2];
     const uint8_t code = (kk % 2 == 0) ? (byte & 0xf) : (byte >> 4);
-    return e2m1(code) * e8m0(w_scales[j * (k / 32) + kk / 32]);
+    return e2m1_value(code) * e8m0_value(w_scales[j * (k / 32) + kk / 32]);
   });
 }
 
@@ -65,10 +61,10 @@ void gemm_mxfp4_w4a4(const uint8_t* x_packed, const uint8_t* x_scales, size_t m,
       int dot = 0;
       for (size_t e = 0; e < 16; ++e) {
         const uint8_t xb = x_packed[i * (k / 2) + b * 16 + e], wb = w_packed[j * (k / 2) + b * 16 + e];
-        dot += static_cast<int>(2 * e2m1(xb & 0xf)) * static_cast<int>(2 * e2m1(wb & 0xf)) +
-               static_cast<int>(2 * e2m1(xb >> 4)) * static_cast<int>(2 * e2m1(wb >> 4));
+        dot += static_cast<int>(2 * e2m1_value(xb & 0xf)) * static_cast<int>(2 * e2m1_value(wb & 0xf)) +
+               static_cast<int>(2 * e2m1_value(xb >> 4)) * static_cast<int>(2 * e2m1_value(wb >> 4));
       }
-      const float scale = e8m0(x_scales[i * blocks + b]) * (e8m0(w_scales[j * blocks + b]) * 0.25f);
+      const float scale = e8m0_value(x_scales[i * blocks + b]) * (e8m0_value(w_scales[j * blocks + b]) * 0.25f);
       acc += static_cast<float>(dot) * scale;
     }
     y[i * n + j] = acc;
