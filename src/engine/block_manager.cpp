@@ -6,8 +6,21 @@
 
 namespace mxlm::engine {
 
-uint64_t hash_block(uint64_t parent, std::span<const int32_t> tokens) {
-  return XXH3_64bits_withSeed(tokens.data(), tokens.size_bytes(), parent);
+uint64_t hash_block(uint64_t parent, std::span<const int32_t> tokens, uint64_t extra) {
+  const uint64_t h = XXH3_64bits_withSeed(tokens.data(), tokens.size_bytes(), parent);
+  return extra == 0 ? h : XXH3_64bits_withSeed(&extra, sizeof(extra), h);
+}
+
+uint64_t block_image_key(const Sequence& seq, int32_t begin, int32_t end) {
+  uint64_t key = 0;
+  for (const auto& img : seq.images) {
+    if (img.begin >= end) break;
+    if (img.begin + img.length <= begin) continue;
+    const int64_t part[2] = {static_cast<int64_t>(img.hash), static_cast<int64_t>(img.begin) - begin};
+    key = XXH3_64bits_withSeed(part, sizeof(part), key);
+  }
+  // 0 means "no image"; a real key of 0 would merely collide with the text-only hash, never with another image.
+  return key;
 }
 
 BlockManager::BlockManager(int32_t num_pages, int32_t block_size, bool prefix_caching)
@@ -32,6 +45,7 @@ int32_t BlockManager::take_page() {
     by_hash_.erase(p.hash);
     p.cached = false;
     p.tokens.clear();
+    p.image_key = 0;
   }
   pages_[static_cast<size_t>(page)].refs = 1;
   return page;
@@ -58,11 +72,12 @@ int32_t BlockManager::match_prefix(Sequence& seq) {
   uint64_t parent = 0;
   for (int32_t b = 0; b < max_blocks; ++b) {
     std::span<const int32_t> toks(seq.tokens.data() + b * block_size_, static_cast<size_t>(block_size_));
-    const uint64_t h = hash_block(parent, toks);
+    const uint64_t key = block_image_key(seq, b * block_size_, (b + 1) * block_size_);
+    const uint64_t h = hash_block(parent, toks, key);
     auto it = by_hash_.find(h);
     if (it == by_hash_.end()) break;
     Page& p = pages_[static_cast<size_t>(it->second)];
-    if (!std::equal(p.tokens.begin(), p.tokens.end(), toks.begin(), toks.end())) break;
+    if (p.image_key != key || !std::equal(p.tokens.begin(), p.tokens.end(), toks.begin(), toks.end())) break;
     if (p.refs == 0) evictable_.erase(p.lru);
     ++p.refs;
     seq.block_table.push_back(it->second);
@@ -88,7 +103,8 @@ void BlockManager::commit(Sequence& seq) {
   for (int32_t b = static_cast<int32_t>(seq.block_hashes.size()); b < full; ++b) {
     const uint64_t parent = b == 0 ? 0 : seq.block_hashes[static_cast<size_t>(b - 1)];
     std::span<const int32_t> toks(seq.tokens.data() + b * block_size_, static_cast<size_t>(block_size_));
-    const uint64_t h = hash_block(parent, toks);
+    const uint64_t key = block_image_key(seq, b * block_size_, (b + 1) * block_size_);
+    const uint64_t h = hash_block(parent, toks, key);
     seq.block_hashes.push_back(h);
     const int32_t page = seq.block_table[static_cast<size_t>(b)];
     Page& p = pages_[static_cast<size_t>(page)];
@@ -96,6 +112,7 @@ void BlockManager::commit(Sequence& seq) {
     p.cached = true;
     p.hash = h;
     p.tokens.assign(toks.begin(), toks.end());
+    p.image_key = key;
     by_hash_[h] = page;
   }
 }

@@ -1,7 +1,9 @@
 // KV-cache pages: each page holds block_size token slots of K, V and index-K for every layer. The manager hands
 // pages to sequences, takes them back, and keeps a prefix cache: a full page is registered under the chained
 // hash of its tokens (hash of block b = XXH3(tokens of b, seed = hash of block b-1)), so a new sequence with the
-// same leading blocks reuses those pages instead of recomputing them. Unreferenced cached pages stay reusable
+// same leading blocks reuses those pages instead of recomputing them. A block that holds image tokens also hashes
+// the content hash and offset of every image run it touches (as vLLM's extra keys): identical token ids with
+// different pixels make different keys. Unreferenced cached pages stay reusable
 // until the allocator needs them (least recently released first).
 #pragma once
 
@@ -15,7 +17,11 @@
 
 namespace mxlm::engine {
 
-uint64_t hash_block(uint64_t parent, std::span<const int32_t> tokens);
+// `extra`: 0 for a text-only block, else block_image_key().
+uint64_t hash_block(uint64_t parent, std::span<const int32_t> tokens, uint64_t extra = 0);
+// The images of seq that overlap tokens [begin, end): a hash of their content hashes and their offsets from
+// `begin`; 0 when there are none.
+uint64_t block_image_key(const Sequence& seq, int32_t begin, int32_t end);
 
 class BlockManager {
  public:
@@ -46,6 +52,7 @@ class BlockManager {
     bool cached = false;
     uint64_t hash = 0;
     std::vector<int32_t> tokens;  // of a cached page, to rule out hash collisions
+    uint64_t image_key = 0;       // likewise
     std::list<int32_t>::iterator lru;
   };
   int32_t take_page();

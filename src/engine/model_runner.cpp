@@ -1,5 +1,7 @@
 #include "engine/model_runner.h"
 
+#include <algorithm>
+
 #include "core/error.h"
 
 namespace mxlm::engine {
@@ -42,6 +44,35 @@ ModelRunner::ModelRunner(model::M3Model& model, CacheConfig cache)
   }
 }
 
+void ModelRunner::set_vision_tower(model::VisionTower* tower) {
+  if (tower && tower->output_size() != model_.text().hidden_size)
+    fail("the vision tower gives embeddings of {} floats but the text model's hidden size is {}",
+         tower->output_size(), model_.text().hidden_size);
+  vision_ = tower;
+}
+
+void ModelRunner::encode_images(Sequence& seq, int32_t num_tokens) {
+  const int32_t begin = seq.num_computed, end = seq.num_computed + num_tokens;
+  for (auto& img : seq.images) {
+    if (img.begin >= end) break;
+    if (img.begin + img.length <= begin) continue;
+    if (!img.data) fail("sequence {}: the image at token {} has no data", seq.id, img.begin);
+    auto& d = *img.data;
+    const size_t want = static_cast<size_t>(img.length) * static_cast<size_t>(model_.text().hidden_size);
+    if (d.embeddings.size() == want) continue;
+    if (!vision_) fail("sequence {} has image input but the model has no vision tower", seq.id);
+    if (d.pixels.num_image_tokens() != img.length)
+      fail("sequence {}: the image at token {} has {} image tokens, its pixels give {}", seq.id, img.begin,
+           img.length, d.pixels.num_image_tokens());
+    auto e = vision_->embed(d.pixels);
+    if (e.size() != want)
+      fail("sequence {}: the vision tower gave {} floats for {} image tokens", seq.id, e.size(), img.length);
+    d.embeddings = std::move(e);
+    d.pixels.pixel_values = {};  // not needed again: preemption and recomputation reuse the embeddings
+    d.pixels.resized.pixels = {};
+  }
+}
+
 void ModelRunner::admit(Sequence& seq) {
   if (seq.tokens.empty()) fail("sequence {} has no tokens", seq.id);
   blocks_.match_prefix(seq);
@@ -56,6 +87,7 @@ StepOutput ModelRunner::step(std::span<const StepItem> items) {
       fail("sequence {}: cannot run {} tokens ({} uncomputed)", it.seq->id, it.num_tokens, it.seq->num_uncomputed());
     table_sizes.push_back(it.seq->block_table.size());
   }
+  for (const auto& it : items) encode_images(*it.seq, it.num_tokens);
   for (size_t i = 0; i < items.size(); ++i) {
     if (!blocks_.reserve(*items[i].seq, items[i].seq->num_computed + items[i].num_tokens)) {
       for (size_t j = 0; j <= i; ++j) {
@@ -73,9 +105,20 @@ StepOutput ModelRunner::step(std::span<const StepItem> items) {
   ab.block_size = cache_.block_size;
   StepOutput out;
   out.vocab = model_.vocab_size();
+  const auto hidden = static_cast<size_t>(model_.text().hidden_size);
   int32_t row = 0;
   for (const auto& it : items) {
     Sequence& s = *it.seq;
+    // Image rows of this chunk: a chunk may start or end inside an image's run, so rows map by position.
+    for (const auto& img : s.images) {
+      const int32_t lo = std::max(img.begin, s.num_computed);
+      const int32_t hi = std::min(img.begin + img.length, s.num_computed + it.num_tokens);
+      for (int32_t pos = lo; pos < hi; ++pos) {
+        fb.embedding_rows.push_back(row + pos - s.num_computed);
+        const float* e = img.data->embeddings.data() + static_cast<size_t>(pos - img.begin) * hidden;
+        fb.embeddings.insert(fb.embeddings.end(), e, e + hidden);
+      }
+    }
     backend::SequenceSlice slice;
     slice.begin = row;
     slice.count = it.num_tokens;

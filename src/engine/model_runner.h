@@ -12,6 +12,7 @@
 #include "engine/block_manager.h"
 #include "engine/sequence.h"
 #include "model/m3_model.h"
+#include "model/vision_tower.h"
 
 namespace mxlm::engine {
 
@@ -43,15 +44,26 @@ class ModelRunner {
   const CacheConfig& cache_config() const { return cache_; }
   model::M3Model& model() { return model_; }
 
+  // The tower that encodes sequences' images (null: the model takes no images). Its output size must be the text
+  // model's hidden size.
+  void set_vision_tower(model::VisionTower* tower);
+  model::VisionTower* vision_tower() const { return vision_; }
+
   // Prepares a new sequence: reuses cached prefix pages (sets num_computed). Call once before its first step.
   void admit(Sequence& seq);
-  // Reserves pages, runs the batch, advances num_computed and registers full blocks in the prefix cache. An
-  // Error when the cache has too few pages (nothing is changed then).
+  // Encodes the images of seq whose tokens fall in its next `num_tokens` uncomputed tokens and have no embeddings
+  // yet (an image wholly inside cached prefix pages is never encoded). step() calls it too; the scheduler calls it
+  // first so that a failing image fails only its own request.
+  void encode_images(Sequence& seq, int32_t num_tokens);
+  // Reserves pages, runs the batch (image tokens take their image's embedding rows, wherever the chunk boundaries
+  // fall), advances num_computed and registers full blocks in the prefix cache. An Error when the cache has too few
+  // pages (nothing is changed then).
   StepOutput step(std::span<const StepItem> items);
   void release(Sequence& seq) { blocks_.release(seq); }
 
  private:
   model::M3Model& model_;
+  model::VisionTower* vision_ = nullptr;
   CacheConfig cache_;
   BlockManager blocks_;
   std::vector<std::unique_ptr<backend::Buffer>> storage_;

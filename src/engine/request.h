@@ -16,6 +16,7 @@
 
 #include "engine/constraint.h"
 #include "engine/sampler.h"
+#include "engine/sequence.h"
 
 namespace mxlm::engine {
 
@@ -37,6 +38,9 @@ struct GenerationRequest {
   std::vector<int32_t> scripted;
   // Masks the logits before sampling (guaranteed tool calls); null: unconstrained. Logprobs stay the model's.
   std::shared_ptr<const ToolChoiceConstraint> constraint;
+  // Images of the prompt (sorted, disjoint runs of image tokens); the engine encodes them when a step first
+  // needs their rows. Needs a runner with a vision tower.
+  std::vector<ImageSpan> images;
 };
 
 struct RequestEvent {

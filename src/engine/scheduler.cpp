@@ -82,6 +82,15 @@ std::shared_ptr<RequestStream> Scheduler::submit(GenerationRequest request) {
     if (t < 0 || t >= runner_.model().vocab_size())
       fail("prompt token {} is outside the vocabulary (size {})", t, runner_.model().vocab_size());
   if (request.top_logprobs > runner_.model().vocab_size()) request.top_logprobs = runner_.model().vocab_size();
+  if (!request.images.empty() && !runner_.vision_tower()) fail("the model has no vision tower: it takes no images");
+  int32_t images_end = 0;
+  for (const auto& img : request.images) {
+    if (!img.data) fail("image at token {} without data", img.begin);
+    if (img.length <= 0 || img.begin < images_end || img.begin + img.length > prompt_len)
+      fail("image tokens [{}, {}) are not a sorted, disjoint run inside the {}-token prompt", img.begin,
+           img.begin + img.length, prompt_len);
+    images_end = img.begin + img.length;
+  }
 
   auto stream = std::make_shared<RequestStream>();
   {
@@ -96,6 +105,7 @@ std::shared_ptr<RequestStream> Scheduler::submit(GenerationRequest request) {
     a->seq.id = next_id_++;
     a->seq.tokens = a->request.prompt;
     a->seq.num_prompt_tokens = prompt_len;
+    a->seq.images = std::move(a->request.images);
     a->submitted = Clock::now();
     incoming_.push_back(std::move(a));
     ++num_waiting_;
@@ -219,6 +229,22 @@ bool Scheduler::step() {
     stats_.pages_used = blocks.num_pages() - blocks.num_available();
     return false;
   }
+
+  // Images whose rows this step needs are encoded now; an image that fails ends only its own request.
+  for (size_t i = 0; i < scheduled.size();) {
+    try {
+      runner_.encode_images(scheduled[i]->seq, items[i].num_tokens);
+      ++i;
+    } catch (const std::exception& e) {
+      Active* a = scheduled[i];
+      spdlog::error("request {}: image encoding failed: {}", a->seq.id, e.what());
+      finish(*a, FinishReason::Error, e.what());
+      running_.remove_if([&](const std::unique_ptr<Active>& p) { return p.get() == a; });
+      scheduled.erase(scheduled.begin() + static_cast<std::ptrdiff_t>(i));
+      items.erase(items.begin() + static_cast<std::ptrdiff_t>(i));
+    }
+  }
+  if (items.empty()) return true;
 
   uint64_t prompt_tokens = 0;
   for (const auto& item : items) {

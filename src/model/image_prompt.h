@@ -18,7 +18,13 @@ struct ImagePrompt {
   std::vector<int32_t> embedding_rows;  // positions of the image tokens in `tokens`, in order
   std::vector<float> embeddings;        // [embedding_rows.size(), tower.output_size()]
   std::vector<uint64_t> image_hashes;   // per image, PreprocessedImage::content_hash
+  std::vector<int32_t> image_begins;    // per image, the position of its first image token in `tokens`
 };
+
+// The expansion alone, without the tower (`embeddings` stays empty): what a server needs to count, schedule and
+// cache-key the prompt before the engine encodes the images.
+ImagePrompt expand_image_prompt(std::span<const int32_t> ids, std::span<const PreprocessedImage> images,
+                                const ImageTokens& tokens = {});
 
 // The k-th `tokens.image` placeholder of `ids` takes images[k]; each image is encoded on its own (attention never
 // crosses images). An Error when the placeholder count differs from the number of images.
