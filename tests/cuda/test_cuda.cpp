@@ -24,94 +24,12 @@
 #include "engine/npy.h"
 #include "model/m3_model.h"
 #include "mx/mxfp4.h"
+#include "gpu_check.h"
 
 namespace {
 
 using namespace mxlm;
-using backend::Backend;
-using backend::Buffer;
-
-int g_failures = 0;
-int g_checks = 0;
-std::mt19937 g_rng(20261126);
-
-void report(bool ok, const std::string& what, double err, double tol) {
-  ++g_checks;
-  if (!ok) ++g_failures;
-  std::printf("%-4s %-70s err %.3g (tol %.3g)\n", ok ? "ok" : "FAIL", what.c_str(), err, tol);
-  std::fflush(stdout);
-}
-
-// max |a - b| / max |b|; NaN anywhere in `got` where `want` is finite fails (returns inf).
-double rel_err(const std::vector<float>& got, const std::vector<float>& want) {
-  if (got.size() != want.size()) return INFINITY;
-  double e = 0, s = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    if (std::isnan(got[i]) != std::isnan(want[i])) return INFINITY;
-    if (std::isnan(want[i])) continue;
-    e = std::max(e, std::fabs(static_cast<double>(got[i]) - want[i]));
-    s = std::max(s, std::fabs(static_cast<double>(want[i])));
-  }
-  return s > 0 ? e / s : e;
-}
-
-void check_close(const std::string& what, const std::vector<float>& got, const std::vector<float>& want, double tol) {
-  const double e = rel_err(got, want);
-  report(e <= tol, what, e, tol);
-}
-
-void check_bits(const std::string& what, const std::vector<float>& got, const std::vector<float>& want) {
-  size_t bad = got.size() == want.size() ? 0 : 1;
-  for (size_t i = 0; got.size() == want.size() && i < want.size(); ++i)
-    if (std::bit_cast<uint32_t>(got[i]) != std::bit_cast<uint32_t>(want[i])) ++bad;
-  report(bad == 0, what + " (bit-exact)", static_cast<double>(bad), 0);
-}
-
-std::vector<float> randn(size_t n, float scale = 1.0f) {
-  std::normal_distribution<float> d(0.0f, scale);
-  std::vector<float> v(n);
-  for (auto& x : v) x = d(g_rng);
-  return v;
-}
-
-// Random MXFP4 weight: random codes, scale bytes around 2^-4 .. 2^1 (rows x k).
-struct Mx {
-  std::vector<uint8_t> packed, scales;
-  int64_t rows = 0, k = 0;
-};
-Mx random_mx(int64_t rows, int64_t k, int lo = 120, int hi = 128) {
-  Mx m;
-  m.rows = rows;
-  m.k = k;
-  m.packed.resize(static_cast<size_t>(rows * k / 2));
-  m.scales.resize(static_cast<size_t>(rows * k / 32));
-  std::uniform_int_distribution<int> byte(0, 255), sc(lo, hi);
-  for (auto& b : m.packed) b = static_cast<uint8_t>(byte(g_rng));
-  for (auto& s : m.scales) s = static_cast<uint8_t>(sc(g_rng));
-  return m;
-}
-
-std::unique_ptr<Buffer> up(Backend& b, const std::vector<float>& v) {
-  auto buf = b.alloc(v.size());
-  b.upload(*buf, 0, v.data(), v.size());
-  return buf;
-}
-std::unique_ptr<Buffer> up_i32(Backend& b, const std::vector<int32_t>& v) {
-  auto buf = b.alloc(v.size());
-  b.upload(*buf, 0, reinterpret_cast<const float*>(v.data()), v.size());
-  return buf;
-}
-std::vector<float> down(Backend& b, const Buffer& buf, size_t n) {
-  std::vector<float> v(n);
-  b.download(buf, 0, v.data(), n);
-  return v;
-}
-std::vector<int32_t> down_i32(Backend& b, const Buffer& buf, size_t n) {
-  auto f = down(b, buf, n);
-  std::vector<int32_t> v(n);
-  std::memcpy(v.data(), f.data(), n * 4);
-  return v;
-}
+using namespace mxlm::gpucheck;
 
 // ---------------------------------------------------------------- MX numerics
 void test_qdq(Backend& gpu) {
@@ -572,7 +490,6 @@ void test_attention(Backend& cpu, Backend& gpu) {
 }
 
 // ---------------------------------------------------------------- model fixtures
-namespace fs = std::filesystem;
 
 struct Reference {
   std::vector<std::vector<int32_t>> tokens;
@@ -652,32 +569,13 @@ void test_fixtures(Backend& cpu, Backend& gpu, Backend& gpu_emu, const fs::path&
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  if (!mxlm::backend::cuda_device_available()) {
-    std::printf("SKIP: no CUDA device\n");
-    return 0;
-  }
-  const fs::path root = argc > 1 ? fs::path(argv[1]) : fs::path("tests/fixtures/m3");
-  cudaDeviceProp prop{};
-  cudaGetDeviceProperties(&prop, 0);
-  std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
-  auto cpu = backend::make_cpu_backend();
-  auto gpu = backend::make_cuda_backend({0, backend::MoeBackend::Native});
-  auto gpu_emu = backend::make_cuda_backend({0, backend::MoeBackend::Emulation});
-  try {
-    test_qdq(*gpu);
-    test_dequant();
-    test_gemv_kernel(prop.multiProcessorCount);
-    test_elementwise(*cpu, *gpu);
-    test_linear(*cpu, *gpu, *gpu_emu);
-    test_embedding(*cpu, *gpu);
-    test_moe(*cpu, *gpu, *gpu_emu);
-    test_attention(*cpu, *gpu);
-    test_fixtures(*cpu, *gpu, *gpu_emu, root);
-  } catch (const std::exception& e) {
-    std::printf("FAIL exception: %s\n", e.what());
-    ++g_failures;
-  }
-  std::printf("\n%d checks, %d failures\n", g_checks, g_failures);
-  return g_failures == 0 ? 0 : 1;
-}
+// Registered in the order they have always run: numerics first, then ops, then whole models.
+MXLM_GPU_CHECK(qdq) { test_qdq(env.gpu); }
+MXLM_GPU_CHECK(dequant) { test_dequant(); }
+MXLM_GPU_CHECK(gemv_kernel) { test_gemv_kernel(env.multiprocessors); }
+MXLM_GPU_CHECK(elementwise) { test_elementwise(env.cpu, env.gpu); }
+MXLM_GPU_CHECK(linear) { test_linear(env.cpu, env.gpu, env.gpu_emu); }
+MXLM_GPU_CHECK(embedding) { test_embedding(env.cpu, env.gpu); }
+MXLM_GPU_CHECK(moe) { test_moe(env.cpu, env.gpu, env.gpu_emu); }
+MXLM_GPU_CHECK(attention) { test_attention(env.cpu, env.gpu); }
+MXLM_GPU_CHECK(fixtures) { test_fixtures(env.cpu, env.gpu, env.gpu_emu, env.fixtures / "m3"); }
