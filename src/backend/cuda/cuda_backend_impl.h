@@ -1,0 +1,484 @@
+// The CUDA backend's classes, shared by the files that implement its ops (cuda_backend.cpp: memory, elementwise,
+// linear, attention; cuda_moe.cpp: the routed experts; other cuda_*.cpp files add op groups the same way: declare
+// the member here, define it in its own file). Only src/backend/cuda includes this header.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/cuda_kernels.h"
+#include "core/error.h"
+#include "mx/mxfp4.h"
+
+namespace mxlm::backend::cuda {
+
+
+inline void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) fail("CUDA error in {}: {}", what, cudaGetErrorString(e));
+}
+
+inline void check(cublasStatus_t s, const char* what) {
+  if (s != CUBLAS_STATUS_SUCCESS) fail("cuBLAS error {} in {}", static_cast<int>(s), what);
+}
+
+#define MXLM_CUDA_CHECK(expr) check((expr), #expr)
+
+// Caching device allocator: freed blocks go back to a per-size free list instead of cudaFree, so the model's
+// per-step scratch buffers cost no driver calls after the first step. Sizes are rounded (powers of two up to
+// 16 MiB, then multiples of 16 MiB) so that buffers of similar size share lists. All work runs on one stream,
+// so a block reused by a later op is stream-ordered after the ops that used it before.
+class Pool {
+ public:
+  ~Pool() {
+    for (auto& [bytes, list] : free_)
+      for (void* p : list) cudaFree(p);
+  }
+
+  static size_t rounded(size_t bytes) {
+    if (bytes <= 256) return 256;
+    if (bytes <= (16u << 20)) return std::bit_ceil(bytes);
+    const size_t step = 16u << 20;
+    return (bytes + step - 1) / step * step;
+  }
+
+  void* get(size_t bytes) {
+    const size_t b = rounded(bytes);
+    {
+      std::lock_guard lock(mutex_);
+      auto it = free_.find(b);
+      if (it != free_.end() && !it->second.empty()) {
+        void* p = it->second.back();
+        it->second.pop_back();
+        return p;
+      }
+    }
+    void* p = nullptr;
+    cudaError_t e = cudaMalloc(&p, b);
+    if (e != cudaSuccess) {
+      // Give cached blocks back to the driver and try once more.
+      (void)cudaGetLastError();
+      release_cached();
+      MXLM_CUDA_CHECK(cudaMalloc(&p, b));
+    }
+    return p;
+  }
+
+  void put(void* p, size_t bytes) {
+    std::lock_guard lock(mutex_);
+    free_[rounded(bytes)].push_back(p);
+  }
+
+  void release_cached() {
+    std::lock_guard lock(mutex_);
+    cudaDeviceSynchronize();
+    for (auto& [bytes, list] : free_) {
+      for (void* p : list) cudaFree(p);
+      list.clear();
+    }
+  }
+
+ private:
+  std::mutex mutex_;
+  std::unordered_map<size_t, std::vector<void*>> free_;
+};
+
+// A pooled device allocation, returned to the pool on destruction.
+class Block {
+ public:
+  Block() = default;
+  Block(std::shared_ptr<Pool> pool, size_t bytes) : pool_(std::move(pool)), bytes_(bytes) { ptr_ = pool_->get(bytes); }
+  Block(Block&& o) noexcept : pool_(std::move(o.pool_)), ptr_(o.ptr_), bytes_(o.bytes_) { o.ptr_ = nullptr; }
+  Block& operator=(Block&& o) noexcept {
+    if (this != &o) {
+      reset();
+      pool_ = std::move(o.pool_);
+      ptr_ = o.ptr_;
+      bytes_ = o.bytes_;
+      o.ptr_ = nullptr;
+    }
+    return *this;
+  }
+  Block(const Block&) = delete;
+  Block& operator=(const Block&) = delete;
+  ~Block() { reset(); }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(ptr_);
+  }
+
+ private:
+  void reset() {
+    if (ptr_ && pool_) pool_->put(ptr_, bytes_);
+    ptr_ = nullptr;
+  }
+  std::shared_ptr<Pool> pool_;
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+class DeviceBuffer final : public Buffer {
+ public:
+  DeviceBuffer(std::shared_ptr<Pool> pool, size_t count)
+      : block_(std::move(pool), std::max<size_t>(count, 1) * sizeof(float)), count_(count) {}
+  float* f32() override { return block_.as<float>(); }
+  int32_t* i32() override { return block_.as<int32_t>(); }
+  size_t size() const override { return count_; }
+
+ private:
+  Block block_;
+  size_t count_;
+};
+
+// Storage: F32 and F16 as f32, BF16 as bf16, MXFP4 as packed bytes + scale bytes (as in the checkpoint).
+class DeviceWeight final : public Weight {
+ public:
+  DeviceWeight(WeightFormat f, int64_t rows, int64_t cols) : format_(f), rows_(rows), cols_(cols) {}
+  ~DeviceWeight() override {
+    if (data_) cudaFree(data_);
+    if (scales_) cudaFree(scales_);
+  }
+  WeightFormat format() const override { return format_; }
+  int64_t rows() const override { return rows_; }
+  int64_t cols() const override { return cols_; }
+  void* data_ = nullptr;
+  uint8_t* scales_ = nullptr;
+
+ private:
+  WeightFormat format_;
+  int64_t rows_, cols_;
+};
+
+inline const DeviceWeight& dev(const Weight& w) { return static_cast<const DeviceWeight&>(w); }
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(CudaOptions o) : options_(o), pool_(std::make_shared<Pool>()) {
+    MXLM_CUDA_CHECK(cudaSetDevice(o.device));
+    cudaDeviceProp prop{};
+    MXLM_CUDA_CHECK(cudaGetDeviceProperties(&prop, o.device));
+    sms_ = prop.multiProcessorCount;
+    device_name_ = prop.name;
+    MXLM_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    check(cublasCreate(&cublas_), "cublasCreate");
+    check(cublasSetStream(cublas_, stream_), "cublasSetStream");
+    check(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
+    void* ring = nullptr;
+    MXLM_CUDA_CHECK(cudaHostAlloc(&ring, kRingBytes, cudaHostAllocDefault));
+    ring_ = static_cast<char*>(ring);
+  }
+  ~CudaBackend() override {
+    cudaStreamSynchronize(stream_);
+    cudaFreeHost(ring_);
+    cublasDestroy(cublas_);
+    cudaStreamDestroy(stream_);
+  }
+
+  std::string name() const override { return "cuda"; }
+  cudaStream_t stream() const { return stream_; }
+
+  // ---- memory
+  std::unique_ptr<Buffer> alloc(size_t count) override {
+    auto b = std::make_unique<DeviceBuffer>(pool_, count);
+    MXLM_CUDA_CHECK(cudaMemsetAsync(b->f32(), 0, std::max<size_t>(count, 1) * sizeof(float), stream_));
+    return b;
+  }
+  void upload(Buffer& dst, size_t offset, const float* src, size_t count) override {
+    if (offset + count > dst.size())
+      fail("upload of {} elements at {} overflows a buffer of {}", count, offset, dst.size());
+    MXLM_CUDA_CHECK(cudaMemcpyAsync(dst.f32() + offset, src, count * sizeof(float), cudaMemcpyHostToDevice, stream_));
+  }
+  void download(const Buffer& src, size_t offset, float* dst, size_t count) override {
+    if (offset + count > src.size())
+      fail("download of {} elements at {} overflows a buffer of {}", count, offset, src.size());
+    MXLM_CUDA_CHECK(cudaMemcpyAsync(dst, const_cast<Buffer&>(src).f32() + offset, count * sizeof(float),
+                                    cudaMemcpyDeviceToHost, stream_));
+    MXLM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    ring_used_ = 0;
+  }
+  void copy(const float* src, float* dst, size_t count) override {
+    MXLM_CUDA_CHECK(cudaMemcpyAsync(dst, src, count * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
+  }
+
+  std::unique_ptr<Weight> upload_weight(const WeightData& d) override {
+    if (d.rows <= 0 || d.cols <= 0) fail("weight of invalid shape [{}, {}]", d.rows, d.cols);
+    const size_t n = static_cast<size_t>(d.rows) * static_cast<size_t>(d.cols);
+    auto w =
+        std::make_unique<DeviceWeight>(d.format == WeightFormat::F16 ? WeightFormat::F32 : d.format, d.rows, d.cols);
+    switch (d.format) {
+      case WeightFormat::F32:
+        MXLM_CUDA_CHECK(cudaMalloc(&w->data_, n * 4));
+        MXLM_CUDA_CHECK(cudaMemcpy(w->data_, d.data, n * 4, cudaMemcpyHostToDevice));
+        break;
+      case WeightFormat::BF16:
+        MXLM_CUDA_CHECK(cudaMalloc(&w->data_, n * 2));
+        MXLM_CUDA_CHECK(cudaMemcpy(w->data_, d.data, n * 2, cudaMemcpyHostToDevice));
+        break;
+      case WeightFormat::F16: {
+        Block tmp(pool_, n * 2);
+        MXLM_CUDA_CHECK(cudaMemcpy(tmp.as<void>(), d.data, n * 2, cudaMemcpyHostToDevice));
+        MXLM_CUDA_CHECK(cudaMalloc(&w->data_, n * 4));
+        MXLM_CUDA_CHECK(launch_f16_to_f32(tmp.as<uint16_t>(), static_cast<float*>(w->data_), n, stream_));
+        MXLM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+        break;
+      }
+      case WeightFormat::MXFP4:
+        if (d.cols % 32 != 0) fail("MXFP4 weight with {} columns (not a multiple of 32)", d.cols);
+        MXLM_CUDA_CHECK(cudaMalloc(&w->data_, n / 2));
+        MXLM_CUDA_CHECK(cudaMemcpy(w->data_, d.data, n / 2, cudaMemcpyHostToDevice));
+        MXLM_CUDA_CHECK(cudaMalloc(&w->scales_, n / 32));
+        MXLM_CUDA_CHECK(cudaMemcpy(w->scales_, d.scales, n / 32, cudaMemcpyHostToDevice));
+        break;
+    }
+    return w;
+  }
+
+  std::unique_ptr<Buffer> upload_vector(std::span<const float> values) override {
+    auto b = std::make_unique<DeviceBuffer>(pool_, values.size());
+    MXLM_CUDA_CHECK(
+        cudaMemcpyAsync(b->f32(), values.data(), values.size() * sizeof(float), cudaMemcpyHostToDevice, stream_));
+    return b;
+  }
+
+  // ---- elementwise
+  void add(const float* a, const float* b, float* out, size_t n) override {
+    MXLM_CUDA_CHECK(launch_add(a, b, out, n, stream_));
+  }
+  void scale(float* x, float factor, size_t n) override { MXLM_CUDA_CHECK(launch_scale(x, factor, n, stream_)); }
+  void rms_norm(const float* x, const float* w, float* out, size_t rows, size_t dim, float eps, bool add_one) override {
+    MXLM_CUDA_CHECK(launch_rms_norm(x, w, out, rows, dim, eps, add_one, stream_));
+  }
+  void rope(float* x, std::span<const int32_t> positions, int heads, int head_dim, int rotary_dim,
+            float theta) override {
+    if (rotary_dim % 2 != 0 || rotary_dim > head_dim)
+      fail("rotary_dim {} invalid for head_dim {}", rotary_dim, head_dim);
+    if (positions.empty() || rotary_dim == 0) return;
+    const int half = rotary_dim / 2;
+    std::vector<float> inv_freq(static_cast<size_t>(half));
+    for (int j = 0; j < half; ++j)  // as the CPU backend (transformers): theta ** (2j / dim) in f32, reciprocal
+      inv_freq[static_cast<size_t>(j)] =
+          1.0f / std::pow(theta, static_cast<float>(2 * j) / static_cast<float>(rotary_dim));
+    Block f = to_device(std::span<const float>(inv_freq));
+    Block p = to_device(positions);
+    MXLM_CUDA_CHECK(
+        launch_rope(x, p.as<int32_t>(), positions.size(), heads, head_dim, rotary_dim, f.as<float>(), stream_));
+  }
+  void swiglu_oai(const float* gate, const float* up, float* out, size_t n, SwigluParams p) override {
+    MXLM_CUDA_CHECK(launch_swiglu_oai(gate, up, out, n, p.alpha, p.limit, stream_));
+  }
+  void qdq_mxfp4(float* x, size_t rows, size_t k) override {
+    if (k % mx::kBlockSize != 0) fail("MXFP4 activation QDQ over K = {} (not a multiple of 32)", k);
+    MXLM_CUDA_CHECK(launch_qdq_f32(x, rows * k, stream_));
+  }
+
+  // ---- matrix products
+  void linear(const float* x, size_t m, const Weight& w, float* y) override {
+    if (m == 0) return;
+    const DeviceWeight& dw = dev(w);
+    const int n = static_cast<int>(w.rows()), k = static_cast<int>(w.cols());
+    switch (w.format()) {
+      case WeightFormat::F32:
+      case WeightFormat::F16: {
+        const float one = 1.0f, zero = 0.0f;
+        check(cublasSgemm(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, n, static_cast<int>(m), k, &one,
+                          static_cast<const float*>(dw.data_), k, x, k, &zero, y, n),
+              "cublasSgemm");
+        break;
+      }
+      case WeightFormat::BF16: {
+        Block xb(pool_, m * static_cast<size_t>(k) * 2);
+        MXLM_CUDA_CHECK(launch_f32_to_bf16(x, xb.as<uint16_t>(), m * static_cast<size_t>(k), stream_));
+        gemm_bf16(static_cast<const uint16_t*>(dw.data_), xb.as<uint16_t>(), y, n, static_cast<int>(m), k);
+        break;
+      }
+      case WeightFormat::MXFP4: {
+        Block xb(pool_, m * static_cast<size_t>(k) * 2);
+        MXLM_CUDA_CHECK(launch_f32_to_bf16(x, xb.as<uint16_t>(), m * static_cast<size_t>(k), stream_));
+        mxfp4_linear_bf16(dw, xb.as<uint16_t>(), m, y);
+        break;
+      }
+    }
+  }
+
+  void embedding(const Weight& table, std::span<const int32_t> ids, int64_t row_offset, float* out) override {
+    if (ids.empty()) return;
+    const DeviceWeight& dw = dev(table);
+    const TableFormat f = table.format() == WeightFormat::MXFP4  ? TableFormat::MXFP4
+                          : table.format() == WeightFormat::BF16 ? TableFormat::BF16
+                                                                 : TableFormat::F32;
+    Block d = to_device(ids);
+    MXLM_CUDA_CHECK(launch_embedding(dw.data_, dw.scales_, f, table.rows(), table.cols(), d.as<int32_t>(), ids.size(),
+                                     row_offset, out, stream_));
+  }
+
+  // ---- mixture of experts
+  void router(const float* x, size_t tokens, const Weight& w, const float* bias, int k, float scale, int32_t* ids,
+              float* weights) override {
+    const int experts = static_cast<int>(w.rows());
+    if (k <= 0 || k > experts) fail("router top-k {} with {} experts", k, experts);
+    if (tokens == 0) return;
+    Block logits(pool_, tokens * static_cast<size_t>(experts) * 4);
+    linear(x, tokens, w, logits.as<float>());
+    MXLM_CUDA_CHECK(launch_router_topk(logits.as<float>(), bias, tokens, experts, k, scale, ids, weights, stream_));
+  }
+
+  void moe_experts(const float* x, size_t tokens, const int32_t* ids, const float* weights, int k,
+                   std::span<const Weight* const> gate, std::span<const Weight* const> up,
+                   std::span<const Weight* const> down, int first_expert, SwigluParams p, bool qdq_inputs,
+                   float* out) override;
+
+  // ---- attention
+  void cache_write(const float* x, size_t width, std::span<const int64_t> slots, float* cache) override {
+    if (slots.empty()) return;
+    Block s = to_device(slots);
+    MXLM_CUDA_CHECK(launch_cache_write(x, width, s.as<int64_t>(), slots.size(), cache, stream_));
+  }
+
+  void attention(const float* q, const AttentionBatch& batch, const AttentionShape& shape, const float* k_cache,
+                 const float* v_cache, float* out) override {
+    RowsOnDevice r = rows_of(batch);
+    if (r.rows.rows == 0) return;
+    run_attention(q, r, shape, k_cache, v_cache, nullptr, 0, r.max_pos / batch.block_size + 1, out);
+  }
+
+  void index_select(const float* iq, const AttentionBatch& batch, const IndexerShape& shape, const float* index_k_cache,
+                    int32_t* blocks) override {
+    RowsOnDevice r = rows_of(batch);
+    if (r.rows.rows == 0) return;
+    MXLM_CUDA_CHECK(launch_index_select(iq, r.rows, shape.num_heads, shape.head_dim, shape.topk_blocks,
+                                        shape.local_blocks, shape.init_blocks, r.max_pos / batch.block_size + 1,
+                                        index_k_cache, blocks, stream_));
+  }
+
+  void sparse_attention(const float* q, const AttentionBatch& batch, const AttentionShape& shape, const float* k_cache,
+                        const float* v_cache, const int32_t* blocks, int topk, float* out) override {
+    RowsOnDevice r = rows_of(batch);
+    if (r.rows.rows == 0) return;
+    run_attention(q, r, shape, k_cache, v_cache, blocks, topk, topk, out);
+  }
+
+  void all_reduce_sum(float*, size_t) override {}
+  void all_gather_cols(const float* x, size_t rows, size_t cols_per_rank, float* out) override {
+    copy(x, out, rows * cols_per_rank);
+  }
+
+ private:
+  // Small host arrays (positions, block tables, routing lists, GEMV descriptors) go through a pinned staging ring,
+  // so their copies are truly asynchronous (a pageable copy blocks the host for several microseconds). The ring
+  // wraps after a stream synchronisation, when every earlier copy out of it has completed.
+  template <typename T>
+  Block to_device(std::span<const T> host) {
+    const size_t bytes = host.size() * sizeof(T);
+    Block b(pool_, std::max<size_t>(bytes, 4));
+    if (bytes == 0) return b;
+    if (bytes > kRingBytes / 4) {
+      MXLM_CUDA_CHECK(cudaMemcpyAsync(b.as<void>(), host.data(), bytes, cudaMemcpyHostToDevice, stream_));
+      return b;
+    }
+    if (ring_used_ + bytes > kRingBytes) {
+      MXLM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      ring_used_ = 0;
+    }
+    std::memcpy(ring_ + ring_used_, host.data(), bytes);
+    MXLM_CUDA_CHECK(cudaMemcpyAsync(b.as<void>(), ring_ + ring_used_, bytes, cudaMemcpyHostToDevice, stream_));
+    ring_used_ += (bytes + 255) / 256 * 256;
+    return b;
+  }
+  static constexpr size_t kRingBytes = size_t{8} << 20;
+  char* ring_ = nullptr;
+  size_t ring_used_ = 0;
+
+  // y[m, n] = x[m, k] · W[n, k]ᵀ with bf16 operands and f32 accumulation and output.
+  void gemm_bf16(const uint16_t* w, const uint16_t* x, float* y, int n, int m, int k) {
+    const float one = 1.0f, zero = 0.0f;
+    check(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one, w, CUDA_R_16BF, k, x, CUDA_R_16BF, k, &zero, y,
+                       CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+          "cublasGemmEx(bf16)");
+  }
+
+  void mxfp4_linear_bf16(const DeviceWeight& w, const uint16_t* xb, size_t m, float* y) {
+    const int n = static_cast<int>(w.rows()), k = static_cast<int>(w.cols());
+    if (options_.moe_backend == MoeBackend::Native && m <= 16) {
+      Mxfp4GemvGroup g{static_cast<const uint8_t*>(w.data_), w.scales_, xb, y, static_cast<int>(m), n};
+      Block gd = to_device(std::span<const Mxfp4GemvGroup>(&g, 1));
+      const int split = mxfp4_gemv_k_split(n, k, 1, sms_);
+      if (split > 1) MXLM_CUDA_CHECK(cudaMemsetAsync(y, 0, m * static_cast<size_t>(n) * 4, stream_));
+      MXLM_CUDA_CHECK(launch_mxfp4_gemv(gd.as<Mxfp4GemvGroup>(), 1, static_cast<int>(m), n, k, split, stream_));
+      return;
+    }
+    Block wb(pool_, static_cast<size_t>(n) * static_cast<size_t>(k) * 2);
+    MXLM_CUDA_CHECK(launch_dequant_mxfp4_bf16(static_cast<const uint8_t*>(w.data_), w.scales_, static_cast<size_t>(n),
+                                              static_cast<size_t>(k), wb.as<uint16_t>(), stream_));
+    gemm_bf16(wb.as<uint16_t>(), xb, y, n, static_cast<int>(m), k);
+  }
+
+  struct RowsOnDevice {
+    AttentionRows rows;
+    Block pos, offsets, tables;
+    int max_pos = 0;
+  };
+
+  RowsOnDevice rows_of(const AttentionBatch& batch) {
+    std::vector<int32_t> pos(static_cast<size_t>(batch.num_tokens), 0), offs(static_cast<size_t>(batch.num_tokens), 0);
+    std::vector<int32_t> tables;
+    int max_pos = 0;
+    if (batch.block_size <= 0) fail("attention with block size {}", batch.block_size);
+    for (const auto& s : batch.sequences) {
+      const int32_t needed = (s.start_pos + s.count + batch.block_size - 1) / batch.block_size;
+      if (static_cast<int32_t>(s.block_table.size()) < needed)
+        fail("sequence needs {} cache pages for {} tokens but its block table has {}", needed, s.start_pos + s.count,
+             s.block_table.size());
+      const int32_t off = static_cast<int32_t>(tables.size());
+      tables.insert(tables.end(), s.block_table.begin(), s.block_table.end());
+      for (int32_t i = 0; i < s.count; ++i) {
+        const size_t r = static_cast<size_t>(s.begin + i);
+        if (r >= pos.size()) fail("sequence slice row {} outside the step's {} tokens", r, pos.size());
+        pos[r] = s.start_pos + i;
+        offs[r] = off;
+        max_pos = std::max(max_pos, s.start_pos + i);
+      }
+    }
+    RowsOnDevice d;
+    d.pos = to_device(std::span<const int32_t>(pos));
+    d.offsets = to_device(std::span<const int32_t>(offs));
+    d.tables = to_device(std::span<const int32_t>(tables));
+    d.rows = {d.pos.as<int32_t>(), d.offsets.as<int32_t>(), d.tables.as<int32_t>(), batch.num_tokens, batch.block_size};
+    d.max_pos = max_pos;
+    return d;
+  }
+
+  void run_attention(const float* q, const RowsOnDevice& r, const AttentionShape& shape, const float* k_cache,
+                     const float* v_cache, const int32_t* blocks, int topk, int units, float* out) {
+    if (shape.num_kv_heads <= 0 || shape.num_heads % shape.num_kv_heads != 0)
+      fail("attention with {} query heads and {} KV heads", shape.num_heads, shape.num_kv_heads);
+    if (shape.head_dim <= 0 || shape.head_dim > 256 || shape.head_dim % 4 != 0 ||
+        shape.num_heads / shape.num_kv_heads > 16)
+      fail("CUDA attention supports head_dim % 4 == 0 up to 256 and up to 16 query heads per KV head (got {}, {})",
+           shape.head_dim, shape.num_heads / shape.num_kv_heads);
+    const int ups = attention_units_per_split(r.rows.block_size);
+    const int splits = std::max(1, (units + ups - 1) / ups);
+    Block ws(pool_, attention_workspace_floats(r.rows.rows, shape.num_heads, shape.head_dim, splits) * 4);
+    MXLM_CUDA_CHECK(launch_attention(q, r.rows, shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.scale,
+                                     k_cache, v_cache, blocks, topk, units, ws.as<float>(), out, stream_));
+  }
+
+  CudaOptions options_;
+  std::shared_ptr<Pool> pool_;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  int sms_ = 132;
+  std::string device_name_;
+};
+
+}  // namespace mxlm::backend::cuda
