@@ -18,7 +18,11 @@
 #include "core/log.h"
 #include "engine/model_runner.h"
 #include "engine/scheduler.h"
+#include "io/model_config.h"
+#include "io/safetensors.h"
+#include "model/image_preprocess.h"
 #include "model/m3_model.h"
+#include "model/vision_tower.h"
 #include "server/openai_server.h"
 #include "text/chat_template.h"
 #include "text/tokenizer.h"
@@ -55,7 +59,27 @@ struct ServeOptions {
   std::string dtype = "auto";
   std::string scripted_output;
   size_t max_body_bytes = 16u << 20;
+  std::string allowed_local_media_path;
+  std::optional<double> image_fetch_timeout;  // default: $VLLM_IMAGE_FETCH_TIMEOUT, else 5 s
+  size_t max_image_bytes = 20u << 20;
 };
+
+// The image placeholder ids the chat template emits (tokenizer) and the config names; null when the tokenizer lacks
+// one of the three M3 image tokens.
+std::optional<model::ImageTokens> image_tokens(const text::Tokenizer& tok, const io::ModelConfig& config) {
+  const auto image = tok.token_to_id("]<]image[>[");
+  const auto start = tok.token_to_id("]<]start of image[>[");
+  const auto end = tok.token_to_id("]<]end of image[>[");
+  if (!image || !start || !end) {
+    spdlog::warn("the tokenizer lacks the M3 image tokens; image input is disabled");
+    return std::nullopt;
+  }
+  if (config.image_token_id >= 0 && config.image_token_id != static_cast<int>(*image))
+    spdlog::warn(
+        "config.json image_token_index {} differs from the tokenizer's ]<]image[>[ id {}; using the tokenizer's",
+        config.image_token_id, *image);
+  return model::ImageTokens{static_cast<int32_t>(*image), static_cast<int32_t>(*start), static_cast<int32_t>(*end)};
+}
 
 server::SamplingDefaults read_generation_config(const std::filesystem::path& dir, const std::string& mode) {
   server::SamplingDefaults d;
@@ -95,11 +119,6 @@ void run_serve(ServeOptions o) {
           o.model);
   }
   if (!std::filesystem::is_directory(o.model)) fail("model directory {} does not exist", o.model);
-  if (o.tensor_parallel_size != 1)
-    fail(
-        "--tensor-parallel-size {}: serving supports 1 for now (the CPU tensor-parallel group is not wired to the "
-        "server)",
-        o.tensor_parallel_size);
   if (!o.tool_call_parser.empty() && o.tool_call_parser != "minimax_m3")
     fail("--tool-call-parser must be minimax_m3, got '{}'", o.tool_call_parser);
   if (!o.reasoning_parser.empty() && o.reasoning_parser != "minimax_m3")
@@ -116,10 +135,10 @@ void run_serve(ServeOptions o) {
     spdlog::warn("no chat template ({}); /v1/chat/completions will refuse requests", e.what());
   }
 
-  auto be = make_backend(o.device, o.moe_backend);
   model::ModelOptions mo;
   mo.float_format = parse_weight_dtype(o.dtype);
-  auto model = model::load_m3_model(o.model, *be, mo);
+  LoadedModel lm = load_model(o.device, o.moe_backend, o.tensor_parallel_size, mo, o.model);
+  auto& model = lm.model;
   if (!o.block_size) o.block_size = model->has_sparse_layers() ? model->text().sparse.block_size : 128;
   const int block_size = *o.block_size;
   if (model->has_sparse_layers() && block_size != model->text().sparse.block_size)
@@ -152,6 +171,27 @@ void run_serve(ServeOptions o) {
   spdlog::info("KV cache: {} pages of {} tokens ({:.1f} MiB)", cache.num_pages, block_size,
                static_cast<double>(cache.num_pages) * static_cast<double>(page_bytes) / (1 << 20));
   engine::ModelRunner runner(*model, cache);
+  lm.attach(runner);
+
+  // The vision tower, when the checkpoint has one: it encodes images on the engine thread.
+  std::unique_ptr<backend::Backend> tower_backend;
+  std::unique_ptr<model::VisionTower> tower;
+  std::optional<model::ImageTokens> image_ids;
+  {
+    const io::Checkpoint checkpoint(o.model);
+    if (model::has_vision_tower(checkpoint)) {
+      const io::ModelConfig config = io::load_model_config(o.model);
+      image_ids = image_tokens(tokenizer, config);
+      if (image_ids) {
+        // The tower runs unsharded: at TP > 1 on a TP = 1 backend of its own (rank 0's device).
+        if (lm.tensor_parallel_size() > 1) tower_backend = make_backend(o.device, o.moe_backend);
+        tower = std::make_unique<model::VisionTower>(config, checkpoint,
+                                                     tower_backend ? *tower_backend : *lm.backend, mo.float_format);
+        runner.set_vision_tower(tower.get());
+        spdlog::info("vision tower loaded: image input enabled");
+      }
+    }
+  }
 
   engine::SchedulerConfig sc;
   sc.max_num_seqs = o.max_num_seqs;
@@ -177,6 +217,25 @@ void run_serve(ServeOptions o) {
   for (const int id : model->text().eos_token_ids) cfg.eos_token_ids.push_back(id);
   if (tokenizer.eos_id()) cfg.eos_token_ids.push_back(static_cast<int32_t>(*tokenizer.eos_id()));
   cfg.defaults = read_generation_config(o.model, o.generation_config);
+  cfg.image_tokens = image_ids;
+  if (image_ids) cfg.image_processor = model::load_image_processor_config(o.model);
+  cfg.media.allowed_local_path = o.allowed_local_media_path;
+  if (!o.allowed_local_media_path.empty() && !std::filesystem::is_directory(o.allowed_local_media_path))
+    fail("--allowed-local-media-path {} is not a directory", o.allowed_local_media_path);
+  if (!o.image_fetch_timeout) {
+    o.image_fetch_timeout = 5.0;
+    if (const char* t = std::getenv("VLLM_IMAGE_FETCH_TIMEOUT")) {
+      try {
+        o.image_fetch_timeout = std::stod(t);
+      } catch (const std::exception&) {
+        fail("VLLM_IMAGE_FETCH_TIMEOUT must be a number of seconds, got '{}'", t);
+      }
+    }
+  }
+  if (!(*o.image_fetch_timeout > 0.0)) fail("--image-fetch-timeout must be positive");
+  cfg.media.fetch_timeout_s = *o.image_fetch_timeout;
+  if (o.max_image_bytes == 0) fail("--max-image-bytes must be positive");
+  cfg.media.max_bytes = o.max_image_bytes;
   if (!o.scripted_output.empty()) {
     std::ifstream in(o.scripted_output, std::ios::binary);
     if (!in) fail("--scripted-output: cannot read {}", o.scripted_output);
@@ -223,7 +282,9 @@ void add_serve(CLI::App& app) {
   cmd->add_option("--host", o->host)->capture_default_str();
   cmd->add_option("--port", o->port)->capture_default_str();
   cmd->add_option("--device", o->device, "cpu|cuda")->capture_default_str();
-  cmd->add_option("--tensor-parallel-size", o->tensor_parallel_size)->capture_default_str();
+  cmd->add_option("--tensor-parallel-size", o->tensor_parallel_size,
+                  "Ranks the model is sharded over (threads on cpu, GPUs 0..N-1 with NCCL on cuda)")
+      ->capture_default_str();
   cmd->add_option("--block-size", o->block_size,
                   "KV page size in tokens; must equal the sparse block size (the default) when the model has sparse "
                   "layers, else 128");
@@ -247,6 +308,12 @@ void add_serve(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--dtype", o->dtype, "Weight storage: auto, float32 or bfloat16")->capture_default_str();
   cmd->add_option("--max-request-bytes", o->max_body_bytes, "Largest accepted request body")->capture_default_str();
+  cmd->add_option("--allowed-local-media-path", o->allowed_local_media_path,
+                  "Folder whose files image parts may name (file:// URLs or absolute paths); default: none allowed");
+  cmd->add_option("--image-fetch-timeout", o->image_fetch_timeout,
+                  "Seconds to fetch an http(s) image (default: $VLLM_IMAGE_FETCH_TIMEOUT, else 5)");
+  cmd->add_option("--max-image-bytes", o->max_image_bytes, "Largest encoded image accepted from any source")
+      ->capture_default_str();
   cmd->add_option("--scripted-output", o->scripted_output,
                   "TESTING AID: replace sampling with the tokens of this file's text (the model still runs every "
                   "step), to drive the reasoning/tool-call parsers end to end");

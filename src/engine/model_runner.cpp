@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "core/error.h"
+#include "engine/tp_ranks.h"
 
 namespace mxlm::engine {
 
@@ -46,8 +47,8 @@ ModelRunner::ModelRunner(model::M3Model& model, CacheConfig cache)
 
 void ModelRunner::set_vision_tower(model::VisionTower* tower) {
   if (tower && tower->output_size() != model_.text().hidden_size)
-    fail("the vision tower gives embeddings of {} floats but the text model's hidden size is {}",
-         tower->output_size(), model_.text().hidden_size);
+    fail("the vision tower gives embeddings of {} floats but the text model's hidden size is {}", tower->output_size(),
+         model_.text().hidden_size);
   vision_ = tower;
 }
 
@@ -62,8 +63,8 @@ void ModelRunner::encode_images(Sequence& seq, int32_t num_tokens) {
     if (d.embeddings.size() == want) continue;
     if (!vision_) fail("sequence {} has image input but the model has no vision tower", seq.id);
     if (d.pixels.num_image_tokens() != img.length)
-      fail("sequence {}: the image at token {} has {} image tokens, its pixels give {}", seq.id, img.begin,
-           img.length, d.pixels.num_image_tokens());
+      fail("sequence {}: the image at token {} has {} image tokens, its pixels give {}", seq.id, img.begin, img.length,
+           d.pixels.num_image_tokens());
     auto e = vision_->embed(d.pixels);
     if (e.size() != want)
       fail("sequence {}: the vision tower gave {} floats for {} image tokens", seq.id, e.size(), img.length);
@@ -139,7 +140,23 @@ StepOutput ModelRunner::step(std::span<const StepItem> items) {
     row += it.num_tokens;
   }
   ab.num_tokens = row;
-  out.logits = model_.forward(fb, layers_);
+  if (tp_ranks_) {
+    // Every rank runs the same batch; rank 0's logits are the step's (the lm_head all-gather gives every rank the
+    // same bits). A rank's error is rethrown only after all ranks have left the forward.
+    tp_ranks_->begin_forward(fb);
+    try {
+      out.logits = model_.forward(fb, layers_);
+    } catch (...) {
+      try {
+        tp_ranks_->end_forward();
+      } catch (...) {
+      }
+      throw;
+    }
+    tp_ranks_->end_forward();
+  } else {
+    out.logits = model_.forward(fb, layers_);
+  }
   for (const auto& it : items) {
     it.seq->num_computed += it.num_tokens;
     blocks_.commit(*it.seq);

@@ -10,6 +10,7 @@
 
 #include "core/error.h"
 #include "core/log.h"
+#include "model/image_prompt.h"
 #include "server/metrics.h"
 #include "server/stop_strings.h"
 #include "server/tool_choice.h"
@@ -249,7 +250,8 @@ struct OpenAIServer::Impl {
 
   std::unique_ptr<Choice> start_choice(int index, std::vector<int32_t> prompt, const CommonParams& p,
                                        int64_t max_tokens, const text::OutputParserOptions* parser_options,
-                                       std::shared_ptr<const engine::ToolChoiceConstraint> constraint = nullptr) {
+                                       std::shared_ptr<const engine::ToolChoiceConstraint> constraint = nullptr,
+                                       const std::vector<engine::ImageSpan>& images = {}) {
     auto c = std::make_unique<Choice>();
     c->index = index;
     engine::GenerationRequest r;
@@ -262,6 +264,7 @@ struct OpenAIServer::Impl {
     r.top_logprobs = p.top_logprobs;
     r.scripted = scripted_tokens;
     r.constraint = std::move(constraint);
+    r.images = images;  // the choices share each image's data: it is encoded once
     try {
       c->stream = sched.submit(std::move(r));
     } catch (const engine::QueueFull& e) {
@@ -433,12 +436,56 @@ struct OpenAIServer::Impl {
     return max_tokens;
   }
 
-  json chat_messages(const json& body) const {
+  // An image content part: where its bytes are and how to name it in errors.
+  struct ImagePart {
+    std::string what;  // "messages[1].content[2]"
+    std::string url;
+  };
+
+  // Turns an image content part into the template's {"type": "image"} (one placeholder), or refuses the part.
+  void take_content_part(json& part, const std::string& what, std::vector<ImagePart>& images) const {
+    const std::string type = part["type"].get<std::string>();
+    if (type == "video_url" || type == "video" || type == "input_video")
+      bad_request(fmt::format("{}: video input is not supported", what), "messages");
+    if (type == "input_audio" || type == "audio_url" || type == "audio")
+      bad_request(fmt::format("{}: audio input is not supported", what), "messages");
+    if (type != "image_url" && type != "input_image" && type != "image" && type != "image_embeds" &&
+        type != "image_pil")
+      return;
+    if (!cfg.image_tokens)
+      bad_request(
+          fmt::format("{}: the model `{}` takes no image input (it has no vision tower)", what, cfg.served_model_name),
+          "messages");
+    // vLLM's forms: {"type": "image_url", "image_url": {"url": ...}} (or a bare string), and the Responses API's
+    // {"type": "input_image", "image_url": "..."}.
+    std::string url;
+    auto it = part.find("image_url");
+    if ((type == "image_url" || type == "input_image") && it != part.end()) {
+      if (it->is_string())
+        url = it->get<std::string>();
+      else if (it->is_object() && it->contains("url") && (*it)["url"].is_string())
+        url = (*it)["url"].get<std::string>();
+    }
+    if (url.empty()) {
+      if (type == "image_url" || type == "input_image")
+        bad_request(fmt::format("{}: an image part needs \"image_url\": {{\"url\": \"data:...|http(s)://...|"
+                                "file://...\"}}",
+                                what),
+                    "messages");
+      bad_request(fmt::format("{}: content part type '{}' is not supported; send the image as image_url", what, type),
+                  "messages");
+    }
+    images.push_back({what, std::move(url)});
+    part = json{{"type", "image"}};
+  }
+
+  json chat_messages(const json& body, std::vector<ImagePart>& images) const {
     const json* m = field(body, "messages");
     if (!m) bad_request("'messages' is required", "messages");
     if (!m->is_array() || m->empty()) bad_request("'messages' must be a non-empty list", "messages");
     json messages = json::array();
-    for (const auto& msg : *m) {
+    for (size_t mi = 0; mi < m->size(); ++mi) {
+      const json& msg = (*m)[mi];
       if (!msg.is_object()) bad_request("each message must be an object", "messages");
       auto role = msg.find("role");
       if (role == msg.end() || !role->is_string()) bad_request("each message needs a string 'role'", "messages");
@@ -450,6 +497,9 @@ struct OpenAIServer::Impl {
           if (!part.is_object() || !part.contains("type") || !part["type"].is_string())
             bad_request("each content part must be an object with a string 'type'", "messages");
       json copy = msg;
+      if (copy.contains("content") && copy["content"].is_array())
+        for (size_t pi = 0; pi < copy["content"].size(); ++pi)
+          take_content_part(copy["content"][pi], fmt::format("messages[{}].content[{}]", mi, pi), images);
       // Reasoning of earlier turns comes back as `reasoning` (vLLM's current name) or `reasoning_content`, which
       // is what the template reads.
       if (!copy.contains("reasoning_content") && copy.contains("reasoning"))
@@ -459,10 +509,48 @@ struct OpenAIServer::Impl {
     return messages;
   }
 
-  std::vector<int32_t> render_chat(const json& body, const json& tools) const {
+  // A chat prompt: token ids with every image placeholder expanded, and the images' runs of image tokens.
+  struct ChatPrompt {
+    std::vector<int32_t> tokens;
+    std::vector<engine::ImageSpan> images;
+  };
+
+  // Loads, decodes and preprocesses each image part (in content order), then expands the placeholders.
+  void add_images(ChatPrompt& prompt, const std::vector<ImagePart>& parts) const {
+    std::vector<std::shared_ptr<engine::ImageData>> data;
+    std::vector<model::PreprocessedImage> pixels;
+    for (const auto& part : parts) {
+      auto d = std::make_shared<engine::ImageData>();
+      try {
+        const auto bytes = load_media(part.url, cfg.media);
+        d->pixels = model::preprocess_image(model::decode_image(bytes, part.what), cfg.image_processor);
+      } catch (const Error& e) {
+        const std::string msg = e.what();
+        bad_request(msg.rfind(part.what, 0) == 0 ? msg : part.what + ": " + msg, "messages");
+      }
+      pixels.push_back(d->pixels);
+      data.push_back(std::move(d));
+    }
+    model::ImagePrompt expanded;
+    try {
+      expanded = model::expand_image_prompt(prompt.tokens, pixels, *cfg.image_tokens);
+    } catch (const Error& e) {
+      bad_request(fmt::format("image placeholders: {} (an image part in a message the chat template drops, or the "
+                              "placeholder text typed in a message?)",
+                              e.what()),
+                  "messages");
+    }
+    prompt.tokens = std::move(expanded.tokens);
+    for (size_t i = 0; i < data.size(); ++i)
+      prompt.images.push_back({expanded.image_begins[i], static_cast<int32_t>(pixels[i].num_image_tokens()),
+                               expanded.image_hashes[i], data[i]});
+  }
+
+  ChatPrompt render_chat(const json& body, const json& tools) const {
     if (!chat_template) bad_request("the model has no chat template");
     text::ChatRequest req;
-    req.messages = chat_messages(body);
+    std::vector<ImagePart> images;
+    req.messages = chat_messages(body, images);
     req.tools = tools;
     req.add_generation_prompt = get_bool(body, "add_generation_prompt").value_or(true);
     if (const json* kw = field(body, "chat_template_kwargs")) {
@@ -475,10 +563,11 @@ struct OpenAIServer::Impl {
     } catch (const Error& e) {
       bad_request(fmt::format("chat template: {}", e.what()));
     }
-    std::vector<int32_t> ids;
+    ChatPrompt out;
     for (const uint32_t id : tok.encode(prompt, get_bool(body, "add_special_tokens").value_or(false)))
-      ids.push_back(static_cast<int32_t>(id));
-    return ids;
+      out.tokens.push_back(static_cast<int32_t>(id));
+    if (!images.empty()) add_images(out, images);
+    return out;
   }
 
   std::vector<int32_t> token_ids(const json& arr, const char* what) const {
@@ -590,7 +679,7 @@ struct OpenAIServer::Impl {
     check_model(body);
     std::vector<int32_t> ids;
     if (field(body, "messages")) {
-      ids = render_chat(body, field(body, "tools") ? body["tools"] : json(nullptr));
+      ids = render_chat(body, field(body, "tools") ? body["tools"] : json(nullptr)).tokens;
     } else {
       const auto prompt = get_string(body, "prompt");
       if (!prompt) bad_request("give 'prompt' (a string) or 'messages'", "prompt");
@@ -845,7 +934,8 @@ struct OpenAIServer::Impl {
         bad_request(fmt::format("tool_choice names '{}', which is not among the tools", named_tool), "tool_choice");
     }
 
-    const std::vector<int32_t> prompt = render_chat(body, tools);
+    const ChatPrompt chat_prompt = render_chat(body, tools);
+    const std::vector<int32_t>& prompt = chat_prompt.tokens;
     const int64_t max_tokens = resolve_max_tokens(p, prompt.size());
 
     const bool parse_tools = cfg.tool_call_parser && !tools.is_null() && tool_choice != "none";
@@ -872,7 +962,8 @@ struct OpenAIServer::Impl {
     auto choices = std::make_shared<std::vector<std::unique_ptr<Choice>>>();
     try {
       for (int j = 0; j < p.n; ++j)
-        choices->push_back(start_choice(j, prompt, p, max_tokens, popts ? &*popts : nullptr, constraint));
+        choices->push_back(
+            start_choice(j, prompt, p, max_tokens, popts ? &*popts : nullptr, constraint, chat_prompt.images));
     } catch (...) {
       cancel_all(*choices);
       throw;

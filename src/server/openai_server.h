@@ -1,9 +1,10 @@
 // The OpenAI-compatible HTTP API (vLLM's routes and JSON shapes) over a running Scheduler:
 //   GET /health, /v1/models, /metrics; POST /tokenize, /detokenize, /v1/completions, /v1/chat/completions.
-// Handlers tokenize (through the chat template for chat), submit one engine request per choice, and turn the
-// token events into text with the incremental detokenizer, stop strings and the MiniMax-M3 reasoning and
-// tool-call parsers; streaming answers are server-sent events. A streaming client that goes away cancels its
-// requests (the engine frees their pages on its next step). Errors are OpenAI error objects.
+// Handlers tokenize (through the chat template for chat; image content parts are loaded, preprocessed and expanded
+// into their image tokens, which the engine fills with the vision tower's embeddings), submit one engine request
+// per choice, and turn the token events into text with the incremental detokenizer, stop strings and the
+// MiniMax-M3 reasoning and tool-call parsers; streaming answers are server-sent events. A streaming client that goes
+// away cancels its requests (the engine frees their pages on its next step). Errors are OpenAI error objects.
 #pragma once
 
 #include <cstdint>
@@ -14,6 +15,8 @@
 #include <vector>
 
 #include "engine/scheduler.h"
+#include "model/image_preprocess.h"
+#include "server/media.h"
 #include "text/chat_template.h"
 #include "text/tokenizer.h"
 
@@ -40,6 +43,11 @@ struct ServerConfig {
   std::vector<int32_t> eos_token_ids;
   SamplingDefaults defaults;
   std::optional<std::string> scripted_output;  // testing aid: every completion is this text
+  // Image input (a model with a vision tower): the placeholder ids the chat template emits and the expansion
+  // uses, the model's image processor, and where image bytes may come from. No image_tokens: image parts are a 400.
+  std::optional<model::ImageTokens> image_tokens;
+  model::ImageProcessorConfig image_processor;
+  MediaOptions media;
 };
 
 class OpenAIServer {
