@@ -13,6 +13,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <numeric>
 #include <random>
 #include <set>
@@ -55,6 +56,12 @@ void bench_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
     auto* x = static_cast<uint16_t*>(dalloc(size_t{16} * k * 2));
     auto* y = static_cast<float*>(dalloc(size_t{16} * n * 4));
     CK(cu::launch_fill_random_bf16(x, size_t{16} * k, 5, 1.0f, nullptr));
+    const size_t ws_floats = size_t{16} * static_cast<size_t>(n) * static_cast<size_t>(k / 128 + 1);
+    const size_t counters_len = size_t{1} << 16;
+    auto* workspace = static_cast<float*>(dalloc(ws_floats * 4));
+    auto* counters = static_cast<int*>(dalloc(counters_len * 4));
+    CK(cudaMemset(counters, 0, counters_len * 4));
+    CK(cudaDeviceSynchronize());
     for (int m : {1, 2, 4, 8, 12, 16}) {
       std::vector<cu::Mxfp4GemvGroup> g(sets);
       for (int s = 0; s < sets; ++s)
@@ -83,6 +90,42 @@ void bench_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
           "%3.0f%% of copy; cuBLAS bf16 %6.2f us -> %.2fx",
           n, k, m, split, ms * 1e3, ms_stream * 1e3, gbs, 100.0 * gbs / c.copy_gbs, bms * 1e3, bms / ms);
       CK(cudaFree(dg));
+      // Version 2 (cp.async slice, PDL, memset-free deterministic split-K): CTA size x CTAs per SM x PDL.
+      double best = 1e30;
+      std::string best_name;
+      for (int warps : {4, 8})
+        for (int cps : {2, 4, 6})
+          for (bool pdl : {false, true}) {
+            cu::Mxfp4GemvConfig cfg;
+            cfg.warps = warps;
+            cfg.ctas_per_sm = cps;
+            const cu::Mxfp4GemvPlan plan = cu::mxfp4_gemv_plan(n, k, 1, m, sms, cfg);
+            if (cu::mxfp4_gemv_workspace_floats(plan, n, m) > ws_floats ||
+                cu::mxfp4_gemv_counters(plan, 1) > counters_len) {
+              row("GEMV2 N=%d K=%d M=%2d: workspace too small for warps=%d cps=%d", n, k, m, warps, cps);
+              continue;
+            }
+            auto launch2 = [&](int i) {
+              const cu::Mxfp4GemvGroup one{wq[static_cast<size_t>(i % sets)], ws[static_cast<size_t>(i % sets)], x, y,
+                                           m, n};
+              CK(cu::launch_mxfp4_gemv2(one, n, k, plan, pdl, workspace, counters, stream));
+            };
+            const double ms2 = graph_ms(stream, launch2, quick ? 5 : 15, 64);
+            const double gbs2 = static_cast<double>(wbytes) / (ms2 * 1e-3) / 1e9;
+            row("GEMV2 N=%d K=%d M=%2d warps=%d cps=%d pdl=%d splits=%2d cta_chunks=%2d smem=%3zuK: %6.2f us (graph), "
+                "%5.0f GB/s = %3.0f%% of copy; %.2fx cuBLAS bf16, %.2fx v1",
+                n, k, m, warps, cps, pdl ? 1 : 0, plan.splits, plan.chunks_per_cta, plan.smem_bytes >> 10, ms2 * 1e3,
+                gbs2, 100.0 * gbs2 / c.copy_gbs, bms / ms2, ms / ms2);
+            if (ms2 < best) {
+              best = ms2;
+              best_name = "warps=" + std::to_string(warps) + " cps=" + std::to_string(cps) + " pdl=" +
+                          std::to_string(pdl ? 1 : 0);
+            }
+          }
+      const double best_gbs = static_cast<double>(wbytes) / (best * 1e-3) / 1e9;
+      row("GEMV2 best N=%d K=%d M=%2d (%s): %6.2f us = %3.0f%% of copy (target 80%%), %.2fx cuBLAS bf16 (target 3x), "
+          "v1 %6.2f us",
+          n, k, m, best_name.c_str(), best * 1e3, 100.0 * best_gbs / c.copy_gbs, bms / best, ms * 1e3);
     }
     // Large M: our path (dequantize to bf16 + cuBLAS) against cuBLAS on resident bf16 weights.
     const int M = 4096;
@@ -108,7 +151,7 @@ void bench_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
     for (auto* p : ws) CK(cudaFree(p));
     for (auto* p : wb) CK(cudaFree(p));
     for (void* p : {static_cast<void*>(x), static_cast<void*>(y), static_cast<void*>(xl), static_cast<void*>(yl),
-                    static_cast<void*>(tmp)})
+                    static_cast<void*>(tmp), static_cast<void*>(workspace), static_cast<void*>(counters)})
       CK(cudaFree(p));
   }
   CB(cublasSetStream(h, nullptr));
@@ -134,8 +177,11 @@ void bench_moe(const Ceilings& c, bool quick) {
   auto sd = backend::make_random_cuda_weight(backend::WeightFormat::MXFP4, H, I, 9);
   auto router = backend::make_random_cuda_weight(backend::WeightFormat::F32, E, H, 10);
   const double expert_bytes = 3.0 * (static_cast<double>(I) * H / 2 + static_cast<double>(I) * H / 32);
+  std::map<int, double> native_ms;  // per T: graph time (device routing) or wall time
   for (auto mode : {backend::MoeBackend::Native, backend::MoeBackend::Emulation}) {
-    auto be = backend::make_cuda_backend({0, mode});
+    backend::CudaOptions options;
+    options.moe_backend = mode;
+    auto be = backend::make_cuda_backend(options);
     for (int T : {1, 8, 32, 128}) {
       std::mt19937 rng(T);
       std::normal_distribution<float> nd(0.0f, 1.0f);
@@ -149,7 +195,7 @@ void bench_moe(const Ceilings& c, bool quick) {
       auto g = be->alloc(static_cast<size_t>(T) * I), u = be->alloc(static_cast<size_t>(T) * I);
       auto xq = be->alloc(hx.size()), aq = be->alloc(static_cast<size_t>(T) * I);
       float sink = 0;
-      auto layer = [&]() {
+      auto layer_ops = [&]() {
         be->router(x->f32(), static_cast<size_t>(T), *router, bias->f32(), K, 2.0f, ids->i32(), wts->f32());
         be->moe_experts(x->f32(), static_cast<size_t>(T), ids->i32(), wts->f32(), K, p1, p3, p2, 0, {1.702f, 7.0f},
                         true, out->f32());
@@ -162,9 +208,17 @@ void bench_moe(const Ceilings& c, bool quick) {
         be->qdq_mxfp4(aq->f32(), static_cast<size_t>(T), I);
         be->linear(aq->f32(), static_cast<size_t>(T), *sd, shared->f32());
         be->add(out->f32(), shared->f32(), out->f32(), hx.size());
+      };
+      auto layer = [&]() {
+        layer_ops();
         be->download(*out, 0, &sink, 1);
       };
       const double ms = wall_ms(layer, quick ? 5 : 15);
+      // Native with tokens * k <= 1024 routes on the device: the whole layer is capturable (a CUDA graph of 4
+      // layers, as a graph-captured decode step would run it).
+      const bool graphable = mode == backend::MoeBackend::Native && T * K <= 1024;
+      const double gms =
+          graphable ? graph_ms(backend::cuda_stream(*be), [&](int) { layer_ops(); }, quick ? 5 : 10, 4) : 0.0;
       std::vector<float> idf(static_cast<size_t>(T) * K);
       be->download(*ids, 0, idf.data(), idf.size());
       std::set<int32_t> distinct;
@@ -175,9 +229,15 @@ void bench_moe(const Ceilings& c, bool quick) {
       }
       const double bytes = (static_cast<double>(distinct.size()) + 1.0) * expert_bytes + 4.0 * E * H;
       const double roof_ms = bytes / (c.copy_gbs * 1e9) * 1e3;  // copy GB/s counts read + write: a read-only floor
-      row("MoE layer %-9s T=%3d: %7.3f ms, %3zu experts + shared = %6.1f MB, roofline %.3f ms -> %3.0f%% of roofline",
-          mode == backend::MoeBackend::Native ? "native" : "emulation", T, ms, distinct.size(), bytes / 1e6, roof_ms,
-          100.0 * roof_ms / ms);
+      const bool native = mode == backend::MoeBackend::Native;
+      if (native) native_ms[T] = graphable ? gms : ms;
+      const double emu_ratio = !native && native_ms.count(T) ? ms / native_ms[T] : 0.0;
+      row("MoE layer %-9s T=%3d: %7.3f ms wall (synced)%s, %3zu experts + shared = %6.1f MB, roofline %.3f ms -> %3.0f%% "
+          "of roofline%s",
+          native ? "native" : "emulation", T, ms,
+          graphable ? (", " + std::to_string(gms).substr(0, 5) + " ms graph").c_str() : "", distinct.size(),
+          bytes / 1e6, roof_ms, 100.0 * roof_ms / (graphable ? gms : ms),
+          emu_ratio > 0 ? (", native is " + std::to_string(emu_ratio).substr(0, 5) + "x faster").c_str() : "");
     }
   }
 }

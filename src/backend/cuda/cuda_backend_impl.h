@@ -410,11 +410,12 @@ class CudaBackend final : public Backend {
   void mxfp4_linear_bf16(const DeviceWeight& w, const uint16_t* xb, size_t m, float* y) {
     const int n = static_cast<int>(w.rows()), k = static_cast<int>(w.cols());
     if (options_.moe_backend == MoeBackend::Native && m <= 16) {
-      Mxfp4GemvGroup g{static_cast<const uint8_t*>(w.data_), w.scales_, xb, y, static_cast<int>(m), n};
-      Block gd = to_device(std::span<const Mxfp4GemvGroup>(&g, 1));
-      const int split = mxfp4_gemv_k_split(n, k, 1, sms_);
-      if (split > 1) MXLM_CUDA_CHECK(cudaMemsetAsync(y, 0, m * static_cast<size_t>(n) * 4, stream_));
-      MXLM_CUDA_CHECK(launch_mxfp4_gemv(gd.as<Mxfp4GemvGroup>(), 1, static_cast<int>(m), n, k, split, stream_));
+      // Version-2 GEMV: descriptor by value, PDL, deterministic memset-free K split (cuda_mxfp4_gemv.cu).
+      const Mxfp4GemvGroup g{static_cast<const uint8_t*>(w.data_), w.scales_, xb, y, static_cast<int>(m), n};
+      const Mxfp4GemvPlan plan = mxfp4_gemv_plan(n, k, 1, static_cast<int>(m), sms_);
+      Block ws(pool_, std::max<size_t>(mxfp4_gemv_workspace_floats(plan, n, static_cast<int>(m)), 1) * 4);
+      MXLM_CUDA_CHECK(launch_mxfp4_gemv2(g, n, k, plan, true, ws.as<float>(),
+                                         gemv_counters(mxfp4_gemv_counters(plan, 1)), stream_));
       return;
     }
     Block wb(pool_, static_cast<size_t>(n) * static_cast<size_t>(k) * 2);
@@ -422,6 +423,42 @@ class CudaBackend final : public Backend {
                                               static_cast<size_t>(k), wb.as<uint16_t>(), stream_));
     gemm_bf16(wb.as<uint16_t>(), xb, y, n, static_cast<int>(m), k);
   }
+
+  // Split-K tile counters of the version-2 GEMV (zero between launches; each launch leaves them zero).
+  struct DeviceCounters {
+    int* ptr = nullptr;
+    size_t capacity = 0;
+    ~DeviceCounters() {
+      if (ptr) cudaFree(ptr);
+    }
+  };
+  DeviceCounters counters_;
+  int* gemv_counters(size_t count) {
+    if (count > counters_.capacity) {
+      MXLM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      if (counters_.ptr) MXLM_CUDA_CHECK(cudaFree(counters_.ptr));
+      counters_.ptr = nullptr;
+      const size_t cap = std::max<size_t>(count, size_t{1} << 16);
+      MXLM_CUDA_CHECK(cudaMalloc(&counters_.ptr, cap * sizeof(int)));
+      MXLM_CUDA_CHECK(cudaMemset(counters_.ptr, 0, cap * sizeof(int)));
+      counters_.capacity = cap;
+    }
+    return counters_.ptr;
+  }
+
+  // Device arrays of the routed experts' weight pointers of one MoE layer (cuda_moe.cpp), kept per layer and
+  // re-uploaded only when the pointers change.
+  struct ExpertTable {
+    std::vector<const void*> host;  // gate, up, down data, then their scales: [6][num_local]
+    Block device;
+  };
+  std::unordered_map<const Weight*, ExpertTable> expert_tables_;
+  const uint8_t* const* expert_table(std::span<const Weight* const> gate, std::span<const Weight* const> up,
+                                     std::span<const Weight* const> down);
+  bool moe_experts_on_device(const float* x, size_t tokens, const int32_t* ids, const float* weights, int k,
+                             std::span<const Weight* const> gate, std::span<const Weight* const> up,
+                             std::span<const Weight* const> down, int first_expert, SwigluParams p, bool qdq_inputs,
+                             float* out);
 
   struct RowsOnDevice {
     AttentionRows rows;

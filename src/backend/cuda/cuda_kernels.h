@@ -63,6 +63,67 @@ cudaError_t launch_mxfp4_gemv(const Mxfp4GemvGroup* groups, int num_groups, int 
 // k_split that fills the card for `ctas_per_split` CTAs of the launch (n / 128 row blocks times the groups).
 int mxfp4_gemv_k_split(int n, int k, int num_groups, int multiprocessors);
 
+// Version 2 (cudamoe): the CTA's whole weight slice queued with cp.async at its start (no registers held by
+// loads in flight), Programmatic Dependent Launch (`pdl`: the weight loads overlap the previous kernel; the
+// activations are read only after it completed), and a K split without memset or output atomics: each split
+// writes f32 partials to `workspace` and the last CTA of a row tile adds them in split order (deterministic),
+// found with `counters`, which must be zero before the first launch and are left zero again by every launch.
+struct Mxfp4GemvConfig {
+  int warps = 4;        // 4 or 8 warps per CTA (64 or 128 weight rows)
+  int ctas_per_sm = 4;  // automatic K split aims at this many CTAs per SM
+  int k_split = 0;      // > 0: force (clamped to what shared memory allows)
+};
+struct Mxfp4GemvPlan {
+  int warps = 4, nt = 1;   // CTA size, token tiles of 8 (2 when max_m > 8)
+  int row_tiles = 0;       // CTAs along n
+  int chunks_per_cta = 1;  // 128-wide K chunks per CTA
+  int splits = 1;          // CTAs along K
+  size_t smem_bytes = 0;
+};
+Mxfp4GemvPlan mxfp4_gemv_plan(int n, int k, int num_problems, int max_m, int multiprocessors,
+                              const Mxfp4GemvConfig& config = {});
+// Workspace floats / counters a launch with `plan` needs (0 without a K split). `slots`: partial-sum rows, i.e.
+// m for one problem, 16 * num_groups for groups, mats * rows_max for the MoE launch; counters per z: row_tiles.
+size_t mxfp4_gemv_workspace_floats(const Mxfp4GemvPlan& plan, int n, int slots);
+size_t mxfp4_gemv_counters(const Mxfp4GemvPlan& plan, int num_z);
+// One problem, descriptor by value (so its weights can be prefetched before the previous kernel ends).
+cudaError_t launch_mxfp4_gemv2(const Mxfp4GemvGroup& problem, int n, int k, const Mxfp4GemvPlan& plan, bool pdl,
+                               float* workspace, int* counters, cudaStream_t stream);
+// Device array of problems (read after the previous kernel completed).
+cudaError_t launch_mxfp4_gemv2_groups(const Mxfp4GemvGroup* groups, int num_groups, int n, int k,
+                                      const Mxfp4GemvPlan& plan, bool pdl, float* workspace, int* counters,
+                                      cudaStream_t stream);
+// Routed experts from a device-built tile list (launch_moe_route): a fixed grid of max_tiles * mats problems;
+// tiles past *num_tiles exit at once. Problem (tile, mat): expert e = tiles[3 tile], rows r0 .. r0 + m - 1 of
+// the expert-sorted x / y[mat] (r0 = tiles[3 tile + 1], m = tiles[3 tile + 2] <= 16), weights w[mat][e].
+struct Mxfp4MoeTiles {
+  const int32_t* tiles = nullptr;
+  const int32_t* num_tiles = nullptr;
+  const uint8_t* const* w[2] = {nullptr, nullptr};
+  const uint8_t* const* scales[2] = {nullptr, nullptr};
+  const uint16_t* x = nullptr;  // bf16 [rows, k]
+  float* y[2] = {nullptr, nullptr};
+  int ldy = 0;
+  int mats = 1;
+  int rows_max = 0;
+};
+cudaError_t launch_mxfp4_moe_gemv(const Mxfp4MoeTiles& moe, int max_tiles, int n, int k, const Mxfp4GemvPlan& plan,
+                                  bool pdl, float* workspace, int* counters, cudaStream_t stream);
+
+// ---- MoE routing on the device (cudamoe): from ids [tokens, k] (global expert ids; those outside
+// [first_expert, first_expert + num_local) are another rank's) build, without a host round trip:
+//   offsets [num_local + 1]   rows of each local expert in the expert-sorted order,
+//   gather [tokens * k]       token of each sorted row (0 past the last row, so fixed-size launches stay in bounds),
+//   row_weight [tokens * k]   routing weight of each sorted row,
+//   combine [tokens * k]      per token its sorted rows in ascending expert order, then -1,
+//   tiles [max_tiles * 3], counts[0] = number of tiles, counts[1] = number of rows.
+// Row order inside an expert is not fixed (atomics); results do not depend on it (each row's GEMV column is
+// computed independently). num_local <= 1024.
+int moe_max_tiles(size_t tokens, int k, int num_local);
+cudaError_t launch_moe_route(const int32_t* ids, const float* weights, size_t tokens, int k, int first_expert,
+                             int num_local, int32_t* offsets, int32_t* gather, float* row_weight, int32_t* combine,
+                             int32_t* tiles, int32_t* counts, cudaStream_t stream);
+
 // ---- MoE helpers
 // out[t] = Σ_j weights[row] · y[row] over rows = combine[t, 0..k-1] (-1 = none), in that order.
 cudaError_t launch_moe_combine(const float* y, const int32_t* combine, const float* weights, size_t tokens, int k,

@@ -1,8 +1,104 @@
 // Routed experts on the GPU: tokens sorted by expert, QDQ fused into the gather and the SwiGLU, grouped fused
 // MXFP4 kernels (native) or per-expert dequantize + cuBLAS (emulation).
+//
+// Native decode-sized steps (tokens * k <= kDeviceRoutingRows) never leave the device: the routing lists and
+// the GEMV tile list are built by one kernel (launch_moe_route), and the grouped GEMVs run over a fixed grid
+// that reads them, so the layer is six launches (route, gather+QDQ, gate/up GEMV, SwiGLU+QDQ, down GEMV,
+// combine) with no synchronisation, capturable in a CUDA graph. Larger steps and the emulation path sort on
+// the host (the split-K workspace of the fixed grid grows with the rows).
 #include "backend/cuda/cuda_backend_impl.h"
 
 namespace mxlm::backend::cuda {
+
+namespace {
+constexpr size_t kDeviceRoutingRows = 1024;
+}  // namespace
+
+const uint8_t* const* CudaBackend::expert_table(std::span<const Weight* const> gate, std::span<const Weight* const> up,
+                                                std::span<const Weight* const> down) {
+  const size_t n = gate.size();
+  std::vector<const void*> host(6 * n);
+  for (size_t e = 0; e < n; ++e) {
+    const Weight* const ws[3] = {gate[e], up[e], down[e]};
+    for (size_t i = 0; i < 3; ++i) {
+      host[i * n + e] = dev(*ws[i]).data_;
+      host[(3 + i) * n + e] = dev(*ws[i]).scales_;
+    }
+  }
+  ExpertTable& t = expert_tables_[gate[0]];
+  if (t.host != host) {
+    // A kernel still in flight may read the old table: wait before overwriting it.
+    MXLM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    t.device = Block(pool_, host.size() * sizeof(void*));
+    MXLM_CUDA_CHECK(cudaMemcpy(t.device.as<void>(), host.data(), host.size() * sizeof(void*), cudaMemcpyHostToDevice));
+    t.host = std::move(host);
+  }
+  return t.device.as<const uint8_t* const>();
+}
+
+bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int32_t* ids, const float* weights, int k,
+                                        std::span<const Weight* const> gate, std::span<const Weight* const> up,
+                                        std::span<const Weight* const> down, int first_expert, SwigluParams p,
+                                        bool qdq_inputs, float* out) {
+  const int num_local = static_cast<int>(gate.size());
+  const size_t tk = tokens * static_cast<size_t>(k);
+  if (tk > kDeviceRoutingRows || num_local > 1024) return false;
+  const int hidden = static_cast<int>(gate[0]->cols()), inter = static_cast<int>(gate[0]->rows());
+  const size_t H = static_cast<size_t>(hidden), I = static_cast<size_t>(inter);
+  const int max_tiles = moe_max_tiles(tokens, k, num_local);
+  Block offsets(pool_, (static_cast<size_t>(num_local) + 1) * 4), gather(pool_, tk * 4), row_w(pool_, tk * 4),
+      combine(pool_, tk * 4), tiles(pool_, static_cast<size_t>(max_tiles) * 12), counts(pool_, 8);
+  MXLM_CUDA_CHECK(launch_moe_route(ids, weights, tokens, k, first_expert, num_local, offsets.as<int32_t>(),
+                                   gather.as<int32_t>(), row_w.as<float>(), combine.as<int32_t>(), tiles.as<int32_t>(),
+                                   counts.as<int32_t>(), stream_));
+  // Every buffer is sized for all tk rows; rows past the routed count hold token 0's row (gather pads with 0) or
+  // unused values and are read by no tile and no combine entry.
+  Block xs(pool_, tk * H * 2), g(pool_, tk * I * 4), u(pool_, tk * I * 4), act(pool_, tk * I * 2),
+      y(pool_, tk * H * 4);
+  MXLM_CUDA_CHECK(launch_gather_qdq_bf16(x, gather.as<int32_t>(), tk, H, qdq_inputs, xs.as<uint16_t>(), stream_));
+  const uint8_t* const* table = expert_table(gate, up, down);
+  const size_t n = gate.size();
+  const int max_m = tokens <= 8 ? 8 : 16;
+  const int rows_max = static_cast<int>(tk);
+
+  Mxfp4MoeTiles gu;
+  gu.tiles = tiles.as<int32_t>();
+  gu.num_tiles = counts.as<int32_t>();
+  gu.w[0] = table;
+  gu.w[1] = table + n;
+  gu.scales[0] = table + 3 * n;
+  gu.scales[1] = table + 4 * n;
+  gu.x = xs.as<uint16_t>();
+  gu.y[0] = g.as<float>();
+  gu.y[1] = u.as<float>();
+  gu.ldy = inter;
+  gu.mats = 2;
+  gu.rows_max = rows_max;
+  const Mxfp4GemvPlan plan1 = mxfp4_gemv_plan(inter, hidden, max_tiles * 2, max_m, sms_);
+  Block ws1(pool_, std::max<size_t>(mxfp4_gemv_workspace_floats(plan1, inter, 2 * rows_max), 1) * 4);
+  MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv(gu, max_tiles, inter, hidden, plan1, true, ws1.as<float>(),
+                                        gemv_counters(mxfp4_gemv_counters(plan1, max_tiles * 2)), stream_));
+  MXLM_CUDA_CHECK(launch_swiglu_qdq_bf16(g.as<float>(), u.as<float>(), tk, I, p.alpha, p.limit, qdq_inputs,
+                                         act.as<uint16_t>(), stream_));
+
+  Mxfp4MoeTiles dn;
+  dn.tiles = tiles.as<int32_t>();
+  dn.num_tiles = counts.as<int32_t>();
+  dn.w[0] = table + 2 * n;
+  dn.scales[0] = table + 5 * n;
+  dn.x = act.as<uint16_t>();
+  dn.y[0] = y.as<float>();
+  dn.ldy = hidden;
+  dn.mats = 1;
+  dn.rows_max = rows_max;
+  const Mxfp4GemvPlan plan2 = mxfp4_gemv_plan(hidden, inter, max_tiles, max_m, sms_);
+  Block ws2(pool_, std::max<size_t>(mxfp4_gemv_workspace_floats(plan2, hidden, rows_max), 1) * 4);
+  MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv(dn, max_tiles, hidden, inter, plan2, true, ws2.as<float>(),
+                                        gemv_counters(mxfp4_gemv_counters(plan2, max_tiles)), stream_));
+  MXLM_CUDA_CHECK(launch_moe_combine(y.as<float>(), combine.as<int32_t>(), row_w.as<float>(), tokens, k, H, out,
+                                     stream_));
+  return true;
+}
 
 void CudaBackend::moe_experts(const float* x, size_t tokens, const int32_t* ids, const float* weights, int k,
                               std::span<const Weight* const> gate, std::span<const Weight* const> up,
@@ -13,6 +109,9 @@ void CudaBackend::moe_experts(const float* x, size_t tokens, const int32_t* ids,
   const size_t inter = static_cast<size_t>(gate[0]->rows());
   const int num_local = static_cast<int>(gate.size());
   const size_t tk = tokens * static_cast<size_t>(k);
+  if (options_.moe_backend == MoeBackend::Native && gate[0]->mxfp4() &&
+      moe_experts_on_device(x, tokens, ids, weights, k, gate, up, down, first_expert, p, qdq_inputs, out))
+    return;
   // Routing decisions to the host to sort tokens by expert.
   std::vector<int32_t> h_ids(tk);
   std::vector<float> h_w(tk);

@@ -21,6 +21,8 @@
 // the weight stream and every chunk's math can start as soon as that chunk's weights land.
 #include <cuda_bf16.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -233,6 +235,276 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
   }
 }
 
+
+// ---- Version 2: loads in flight without registers, memset-free deterministic K split, PDL.
+//
+// Each CTA owns 16 * W weight rows (16 per warp) and a range of `cpc` 128-wide chunks of K. At its start every
+// lane queues its whole share of that slice with cp.async into shared memory (exactly the bytes it will consume:
+// MX block t of each chunk for rows g and g + 8, plus the scale words of its warp's rows), so the slice is in
+// flight at once without holding registers and without a barrier between producer and consumer lanes. Then the
+// CTA signals `griddepcontrol.launch_dependents`, so that under Programmatic Dependent Launch the next kernel's
+// CTAs can start queueing their own weights while this one computes, and only then waits
+// (`griddepcontrol.wait`) for the previous kernel before it reads anything that kernel may have written (the
+// activations, the MoE tile list, the split-K workspace and counters). With K split over CTAs, each split writes
+// its f32 partial sums to a workspace and the last CTA of a row tile (found with a counter it resets to zero)
+// adds them in split order: no zeroing memset, no atomics on the output, same result on every run.
+__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;"); }
+
+struct Problem {
+  const uint8_t* w;
+  const uint8_t* scales;
+  const uint16_t* x;
+  float* y;
+  int m, ldy;
+  int slot;  // first workspace row of this problem's partial sums
+};
+
+enum Mode : int { kSingle = 0, kGroups = 1, kMoe = 2 };
+
+template <int kMode>
+__device__ __forceinline__ bool resolve(const Mxfp4GemvGroup& single, const Mxfp4GemvGroup* groups,
+                                        const Mxfp4MoeTiles& moe, int z, int k, Problem& p) {
+  if constexpr (kMode == kSingle) {
+    p = {single.w, single.scales, single.x, single.y, single.m, single.ldy, 0};
+  } else if constexpr (kMode == kGroups) {
+    const Mxfp4GemvGroup gr = groups[z];
+    p = {gr.w, gr.scales, gr.x, gr.y, gr.m, gr.ldy, z * 16};
+  } else {
+    const int tile = z / moe.mats, mat = z - tile * moe.mats;
+    if (tile >= *moe.num_tiles) return false;
+    const int expert = moe.tiles[3 * tile], row = moe.tiles[3 * tile + 1], m = moe.tiles[3 * tile + 2];
+    // Selects, not moe.w[mat]: a runtime index into the parameter arrays would copy them to local memory.
+    const bool second = mat != 0;
+    const uint8_t* const* w = second ? moe.w[1] : moe.w[0];
+    const uint8_t* const* sc = second ? moe.scales[1] : moe.scales[0];
+    float* y = second ? moe.y[1] : moe.y[0];
+    p = {w[expert], sc[expert], moe.x + static_cast<size_t>(row) * static_cast<size_t>(k),
+         y + static_cast<size_t>(row) * static_cast<size_t>(moe.ldy), m, moe.ldy, mat * moe.rows_max + row};
+  }
+  return p.m > 0;
+}
+
+template <int NT, int W, int kMode>
+__global__ void __launch_bounds__(W * 32) mxfp4_gemv2_kernel(Mxfp4GemvGroup single, const Mxfp4GemvGroup* groups,
+                                                             Mxfp4MoeTiles moe, int n, int k, int cpc, int slots,
+                                                             float* workspace, int* counters) {
+  extern __shared__ uint4 smem[];
+  __shared__ int is_last;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int splits = gridDim.y, split = blockIdx.y, z = blockIdx.z;
+  // The descriptors of grouped / MoE launches may come from the previous kernel: wait before reading them.
+  if constexpr (kMode != kSingle) pdl_wait();
+  Problem p;
+  if (!resolve<kMode>(single, groups, moe, z, k, p)) return;  // uniform over the CTA (and over its K splits)
+
+  const int kblocks = k / 32;
+  const int chunks = (kblocks + 3) / 4;
+  const int c0 = split * cpc;
+  const int nc = min(cpc, chunks - c0);  // >= 1: the launcher sizes the grid so
+  const int tile_row0 = blockIdx.x * (16 * W);
+  const int row0 = tile_row0 + warp * 16;
+  const int ra = row0 + g, rb = ra + 8;
+  const bool ok_a = ra < n, ok_b = rb < n;
+  const size_t row_bytes = static_cast<size_t>(k) / 2;
+
+  uint4* wsm = smem + static_cast<size_t>(warp) * cpc * 64;                        // [cpc][2][32 lanes]
+  uint32_t* ssm = reinterpret_cast<uint32_t*>(smem + static_cast<size_t>(W) * cpc * 64) + warp * cpc * 16;  // [cpc][16]
+  uint4* xs = smem + static_cast<size_t>(W) * cpc * 68;                            // [NT * 8][cpc * 16 + 2]
+  const int xstride = cpc * 16 + 2;
+
+  // 1. This lane's weights and its warp's scales, all queued now (no registers held while they fly).
+  {
+    const uint8_t* wa = p.w + static_cast<size_t>(ok_a ? ra : 0) * row_bytes;
+    const uint8_t* wb = p.w + static_cast<size_t>(ok_b ? rb : 0) * row_bytes;
+    for (int c = 0; c < nc; ++c) {
+      const int blk = (c0 + c) * 4 + t;
+      const bool in = blk < kblocks;
+      cp_async_16(&wsm[c * 64 + lane], in ? wa + static_cast<size_t>(blk) * 16 : p.w, ok_a && in);
+      cp_async_16(&wsm[c * 64 + 32 + lane], in ? wb + static_cast<size_t>(blk) * 16 : p.w, ok_b && in);
+    }
+    if (lane < 16) {
+      const int row = row0 + lane;
+      const uint8_t* srow = p.scales + static_cast<size_t>(row < n ? row : 0) * static_cast<size_t>(kblocks);
+      if (row < n && kblocks % 4 == 0) {
+        for (int c = 0; c < nc; ++c) cp_async_4(&ssm[c * 16 + lane], srow + (c0 + c) * 4);
+      } else {
+        for (int c = 0; c < nc; ++c) {
+          uint32_t word = 0;
+          for (int b = 0; b < 4; ++b) {
+            const int blk = (c0 + c) * 4 + b;
+            if (row < n && blk < kblocks) word |= static_cast<uint32_t>(srow[blk]) << (8 * b);
+          }
+          ssm[c * 16 + lane] = word;
+        }
+      }
+    }
+  }
+  pdl_launch_dependents();
+  if constexpr (kMode == kSingle) pdl_wait();  // the activations may be the previous kernel's output
+
+  // 2. Activations x[tokens][this CTA's chunks] (zeros past m and past K), swizzled as in version 1.
+  const int per_row = nc * 16;
+  for (int idx = threadIdx.x; idx < NT * 8 * per_row; idx += blockDim.x) {
+    const int tok = idx / per_row, rem = idx % per_row;
+    const int ci = rem / 16, u = rem % 16, blk_in = u / 4, q = u % 4;
+    const int kb = (c0 + ci) * 4 + blk_in;
+    const bool valid = tok < p.m && kb < kblocks;
+    const uint16_t* src = valid ? p.x + static_cast<size_t>(tok) * k + static_cast<size_t>(kb) * 32 + q * 8 : p.x;
+    cp_async_16(&xs[tok * xstride + ci * 16 + blk_in * 4 + (q ^ ((blk_in >> 1) & 1))], src, valid);
+  }
+  cp_async_wait_all();
+  __syncthreads();
+
+  // 3. Math, as in version 1, from shared memory.
+  float acc[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
+  const bool active = row0 < n;
+  if (active) {
+    for (int c = 0; c < nc; ++c) {
+      const uint4 a = wsm[c * 64 + lane], b = wsm[c * 64 + 32 + lane];
+      const uint32_t sa = (ssm[c * 16 + g] >> (8 * t)) & 255u, sb = (ssm[c * 16 + g + 8] >> (8 * t)) & 255u;
+      auto chunk_math = [&](auto capped_tag) {
+        constexpr bool kCapped = decltype(capped_tag)::value;
+        uint4 xv[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) xv[j][q] = xs[(j * 8 + g) * xstride + c * 16 + t * 4 + (q ^ ((t >> 1) & 1))];
+        const uint32_t fa = scale_first(sa), fb = scale_first(sb);
+        const uint32_t ca = kCapped ? scale_second(sa) : 0u, cb = kCapped ? scale_second(sb) : 0u;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          uint32_t pa[4], pb[4];
+          dequant_word<kCapped>(word(a, q), fa, ca, pa);
+          dequant_word<kCapped>(word(b, q), fb, cb, pb);
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            uint32_t xp[4];
+            pair_x(xv[j][q], xp);
+#pragma unroll
+            for (int ss = 0; ss < 2; ++ss)
+              mma_bf16(acc[j], pa[2 * ss], pb[2 * ss], pa[2 * ss + 1], pb[2 * ss + 1], xp[2 * ss], xp[2 * ss + 1]);
+          }
+        }
+      };
+      if (__any_sync(0xffffffffu, scale_capped(sa) || scale_capped(sb))) {
+        chunk_math(std::true_type{});
+      } else {
+        chunk_math(std::false_type{});
+      }
+    }
+  }
+
+  // 4. Output: direct store, or partial sums + the last split of the row tile reduces them in split order.
+  if (splits == 1) {
+    if (!active) return;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int tok = j * 8 + 2 * t + (i & 1), row = i < 2 ? ra : rb;
+        if (tok < p.m && row < n) p.y[static_cast<size_t>(tok) * p.ldy + row] = acc[j][i];
+      }
+    return;
+  }
+  float* part = workspace + (static_cast<size_t>(split) * slots + p.slot) * static_cast<size_t>(n);
+  if (active) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int tok = j * 8 + 2 * t + (i & 1), row = i < 2 ? ra : rb;
+        if (tok < p.m && row < n) __stcg(part + static_cast<size_t>(tok) * n + row, acc[j][i]);
+      }
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* counter = counters + static_cast<size_t>(z) * gridDim.x + blockIdx.x;
+    const int prev = atomicAdd(counter, 1);
+    is_last = prev == splits - 1;
+    if (is_last) *counter = 0;  // ready for the next launch (stream-ordered after this grid)
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  const int tile_rows = min(16 * W, n - tile_row0);
+  for (int idx = threadIdx.x; idx < p.m * tile_rows; idx += blockDim.x) {
+    const int tok = idx / tile_rows, row = tile_row0 + idx % tile_rows;
+    const float* src = workspace + (static_cast<size_t>(p.slot) + tok) * n + row;
+    float s = 0.0f;
+    for (int sp = 0; sp < splits; ++sp) s += __ldcg(src + static_cast<size_t>(sp) * slots * n);
+    p.y[static_cast<size_t>(tok) * p.ldy + row] = s;
+  }
+}
+
+size_t gemv2_smem_bytes(int warps, int nt, int cpc) {
+  return (static_cast<size_t>(warps) * cpc * 68 + static_cast<size_t>(nt) * 8 * (cpc * 16 + 2)) * sizeof(uint4);
+}
+constexpr size_t kGemv2SmemBudget = 100 * 1024;  // two CTAs of one kernel plus one of the next fit an SM (227 KB)
+
+template <int NT, int W, int kMode>
+cudaError_t launch_gemv2_t(const Mxfp4GemvPlan& plan, int num_z, const Mxfp4GemvGroup& single,
+                           const Mxfp4GemvGroup* groups, const Mxfp4MoeTiles& moe, int n, int k, int slots,
+                           float* workspace, int* counters, bool pdl, cudaStream_t stream) {
+  // The shared-memory opt-in is per device: set it once for each device this instantiation launches on.
+  static std::atomic<uint64_t> devices_done{0};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = uint64_t{1} << (device & 63);
+  if (!(devices_done.load() & bit)) {
+    err = cudaFuncSetAttribute(mxfp4_gemv2_kernel<NT, W, kMode>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(kGemv2SmemBudget));
+    if (err != cudaSuccess) return err;
+    devices_done.fetch_or(bit);
+  }
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(plan.row_tiles), static_cast<unsigned>(plan.splits),
+                     static_cast<unsigned>(num_z));
+  cfg.blockDim = dim3(W * 32);
+  cfg.dynamicSmemBytes = plan.smem_bytes;
+  cfg.stream = stream;
+  cudaLaunchAttribute la[1];
+  la[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  la[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = la;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, mxfp4_gemv2_kernel<NT, W, kMode>, single, groups, moe, n, k, plan.chunks_per_cta,
+                            slots, workspace, counters);
+}
+
+template <int kMode>
+cudaError_t launch_gemv2(const Mxfp4GemvPlan& plan, int num_z, const Mxfp4GemvGroup& single,
+                         const Mxfp4GemvGroup* groups, const Mxfp4MoeTiles& moe, int n, int k, int slots,
+                         float* workspace, int* counters, bool pdl, cudaStream_t stream) {
+  if (num_z == 0 || n == 0) return cudaSuccess;
+  if (k % 32 != 0 || plan.splits < 1 || plan.chunks_per_cta < 1 || plan.smem_bytes > kGemv2SmemBudget ||
+      (plan.splits > 1 && (workspace == nullptr || counters == nullptr)))
+    return cudaErrorInvalidValue;
+  const bool wide = plan.nt == 2;
+  if (plan.warps == 8) {
+    return wide ? launch_gemv2_t<2, 8, kMode>(plan, num_z, single, groups, moe, n, k, slots, workspace, counters, pdl,
+                                              stream)
+                : launch_gemv2_t<1, 8, kMode>(plan, num_z, single, groups, moe, n, k, slots, workspace, counters, pdl,
+                                              stream);
+  }
+  if (plan.warps != 4) return cudaErrorInvalidValue;
+  return wide ? launch_gemv2_t<2, 4, kMode>(plan, num_z, single, groups, moe, n, k, slots, workspace, counters, pdl,
+                                            stream)
+              : launch_gemv2_t<1, 4, kMode>(plan, num_z, single, groups, moe, n, k, slots, workspace, counters, pdl,
+                                            stream);
+}
+
 }  // namespace
 
 int mxfp4_gemv_k_split(int n, int k, int num_groups, int multiprocessors) {
@@ -260,6 +532,57 @@ cudaError_t launch_mxfp4_gemv(const Mxfp4GemvGroup* groups, int num_groups, int 
     mxfp4_gemv_kernel<2><<<grid, kWarps * 32, 16 * kXStride * sizeof(uint4), stream>>>(groups, n, k, per);
   }
   return cudaGetLastError();
+}
+
+Mxfp4GemvPlan mxfp4_gemv_plan(int n, int k, int num_problems, int max_m, int multiprocessors,
+                              const Mxfp4GemvConfig& config) {
+  Mxfp4GemvPlan plan;
+  plan.warps = config.warps == 8 ? 8 : 4;
+  plan.nt = max_m > 8 ? 2 : 1;
+  plan.row_tiles = (n + 16 * plan.warps - 1) / (16 * plan.warps);
+  const int chunks = std::max(1, (k / 32 + 3) / 4);
+  int cpc_max = 1;
+  while (cpc_max < chunks && gemv2_smem_bytes(plan.warps, plan.nt, cpc_max + 1) <= kGemv2SmemBudget) ++cpc_max;
+  int splits = config.k_split;
+  if (splits <= 0) {
+    const long ctas = static_cast<long>(plan.row_tiles) * std::max(1, num_problems);
+    const long target = static_cast<long>(std::max(1, config.ctas_per_sm)) * multiprocessors;
+    splits = static_cast<int>(std::min<long>((target + ctas - 1) / ctas, chunks));
+  }
+  splits = std::clamp(splits, (chunks + cpc_max - 1) / cpc_max, chunks);
+  plan.chunks_per_cta = (chunks + splits - 1) / splits;
+  plan.splits = (chunks + plan.chunks_per_cta - 1) / plan.chunks_per_cta;
+  plan.smem_bytes = gemv2_smem_bytes(plan.warps, plan.nt, plan.chunks_per_cta);
+  return plan;
+}
+
+size_t mxfp4_gemv_workspace_floats(const Mxfp4GemvPlan& plan, int n, int slots) {
+  return plan.splits > 1 ? static_cast<size_t>(plan.splits) * static_cast<size_t>(slots) * static_cast<size_t>(n) : 0;
+}
+
+size_t mxfp4_gemv_counters(const Mxfp4GemvPlan& plan, int num_z) {
+  return plan.splits > 1 ? static_cast<size_t>(plan.row_tiles) * static_cast<size_t>(num_z) : 0;
+}
+
+cudaError_t launch_mxfp4_gemv2(const Mxfp4GemvGroup& problem, int n, int k, const Mxfp4GemvPlan& plan, bool pdl,
+                               float* workspace, int* counters, cudaStream_t stream) {
+  if (problem.m < 1 || problem.m > 16) return cudaErrorInvalidValue;
+  return launch_gemv2<kSingle>(plan, 1, problem, nullptr, Mxfp4MoeTiles{}, n, k, problem.m, workspace, counters, pdl,
+                               stream);
+}
+
+cudaError_t launch_mxfp4_gemv2_groups(const Mxfp4GemvGroup* groups, int num_groups, int n, int k,
+                                      const Mxfp4GemvPlan& plan, bool pdl, float* workspace, int* counters,
+                                      cudaStream_t stream) {
+  return launch_gemv2<kGroups>(plan, num_groups, Mxfp4GemvGroup{}, groups, Mxfp4MoeTiles{}, n, k, num_groups * 16,
+                               workspace, counters, pdl, stream);
+}
+
+cudaError_t launch_mxfp4_moe_gemv(const Mxfp4MoeTiles& moe, int max_tiles, int n, int k, const Mxfp4GemvPlan& plan,
+                                  bool pdl, float* workspace, int* counters, cudaStream_t stream) {
+  if (moe.mats < 1 || moe.mats > 2) return cudaErrorInvalidValue;
+  return launch_gemv2<kMoe>(plan, max_tiles * moe.mats, Mxfp4GemvGroup{}, nullptr, moe, n, k, moe.mats * moe.rows_max,
+                            workspace, counters, pdl, stream);
 }
 
 }  // namespace mxlm::backend::cuda

@@ -1,0 +1,94 @@
+// MoE routing on the device: per-expert counts, offsets, gather / combine lists and the GEMV tile list built by one
+// CTA from the router's ids, so a MoE layer needs no host round trip and can be captured in a CUDA graph.
+#include <cub/block/block_scan.cuh>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "backend/cuda/cuda_kernels.h"
+
+namespace mxlm::backend::cuda {
+
+namespace {
+
+constexpr int kRouteThreads = 1024;
+
+__global__ void __launch_bounds__(kRouteThreads)
+    moe_route_kernel(const int32_t* ids, const float* weights, int total, int k, int first_expert, int num_local,
+                     int tile_rows, int32_t* offsets, int32_t* gather, float* row_weight, int32_t* combine,
+                     int32_t* tiles, int32_t* counts) {
+  using Scan = cub::BlockScan<int, kRouteThreads>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  __shared__ int count[kRouteThreads], fill[kRouteThreads], first_row[kRouteThreads];
+  const int tid = threadIdx.x;
+  count[tid] = 0;
+  fill[tid] = 0;
+  __syncthreads();
+  for (int a = tid; a < total; a += kRouteThreads) {
+    const int e = ids[a] - first_expert;
+    if (e >= 0 && e < num_local) atomicAdd(&count[e], 1);
+    combine[a] = -1;
+    gather[a] = 0;
+  }
+  __syncthreads();
+  const int c = tid < num_local ? count[tid] : 0;
+  int row0 = 0, rows = 0;
+  Scan(scan_tmp).ExclusiveSum(c, row0, rows);
+  first_row[tid] = row0;
+  __syncthreads();
+  const int nt = (c + tile_rows - 1) / tile_rows;
+  int tile0 = 0, ntiles = 0;
+  Scan(scan_tmp).ExclusiveSum(nt, tile0, ntiles);
+  if (tid < num_local) offsets[tid] = row0;
+  if (tid == 0) {
+    offsets[num_local] = rows;
+    counts[0] = ntiles;
+    counts[1] = rows;
+  }
+  for (int i = 0; i < nt; ++i) {
+    tiles[3 * (tile0 + i)] = tid;
+    tiles[3 * (tile0 + i) + 1] = row0 + i * tile_rows;
+    tiles[3 * (tile0 + i) + 2] = min(tile_rows, c - i * tile_rows);
+  }
+  __syncthreads();
+  for (int a = tid; a < total; a += kRouteThreads) {
+    const int e = ids[a] - first_expert;
+    if (e < 0 || e >= num_local) continue;
+    const int r = first_row[e] + atomicAdd(&fill[e], 1);
+    const int t = a / k, j = a - t * k;
+    gather[r] = t;
+    row_weight[r] = weights[a];
+    // Position among the token's local rows in ascending expert order (the CPU backend's summation order).
+    int slot = 0;
+    for (int jj = 0; jj < k; ++jj) {
+      const int e2 = ids[t * k + jj] - first_expert;
+      if (e2 >= 0 && e2 < num_local && (e2 < e || (e2 == e && jj < j))) ++slot;
+    }
+    combine[a - j + slot] = r;
+  }
+}
+
+}  // namespace
+
+int moe_max_tiles(size_t tokens, int k, int num_local) {
+  const long total = static_cast<long>(tokens) * k;
+  const int tile_rows = tokens <= 8 ? 8 : 16;
+  return static_cast<int>((total + tile_rows - 1) / tile_rows + std::min<long>(num_local, total));
+}
+
+cudaError_t launch_moe_route(const int32_t* ids, const float* weights, size_t tokens, int k, int first_expert,
+                             int num_local, int32_t* offsets, int32_t* gather, float* row_weight, int32_t* combine,
+                             int32_t* tiles, int32_t* counts, cudaStream_t stream) {
+  if (tokens == 0) return cudaSuccess;
+  if (num_local < 1 || num_local > kRouteThreads || k < 1 || tokens * static_cast<size_t>(k) > (1u << 30))
+    return cudaErrorInvalidValue;
+  // Tiles of at most 8 rows while every expert holds at most 8 (a token picks an expert once): the GEMV then
+  // runs its one-token-tile variant.
+  const int tile_rows = tokens <= 8 ? 8 : 16;
+  moe_route_kernel<<<1, kRouteThreads, 0, stream>>>(ids, weights, static_cast<int>(tokens) * k, k, first_expert,
+                                                    num_local, tile_rows, offsets, gather, row_weight, combine, tiles,
+                                                    counts);
+  return cudaGetLastError();
+}
+
+}  // namespace mxlm::backend::cuda
