@@ -3,7 +3,8 @@
 //   BM_Preprocess   smart_resize + Pillow bicubic to 672x672 + normalisation + patches,
 //   BM_TowerLayers  the vision tower at the real sizes (hidden 1280, 16 heads of 80, MLP 5120) with
 //                   kLayers encoder layers of random BF16 weights (the real tower has 32: scale the per-layer time),
-//   BM_Projector    the real projector (1280 -> 6144 -> 6144) and 2x2 merge MLP (24576 -> 6144 -> 6144), BF16.
+//   BM_Projector    the real projector (1280 -> 6144 -> 6144) and 2x2 merge MLP (24576 -> 6144 -> 6144), BF16,
+//   BM_Attention    one layer's segment attention alone (2304 rows, 16 heads of 80: backend::segment_attention).
 #include <benchmark/benchmark.h>
 
 #include <unistd.h>
@@ -182,6 +183,26 @@ void BM_Projector(benchmark::State& state) {
   state.counters["tokens"] = static_cast<double>(n / 4);
 }
 BENCHMARK(BM_Projector)->Unit(benchmark::kMillisecond)->Iterations(2);
+
+void BM_Attention(benchmark::State& state) {
+  auto be = backend::make_cpu_backend();
+  const int32_t n = 2304;
+  const size_t count = static_cast<size_t>(n) * kHidden;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> q(count), k(count), v(count), o(count);
+  for (auto* t : {&q, &k, &v})
+    for (auto& x : *t) x = nd(rng);
+  const std::vector<int32_t> bounds{0, n};
+  for (auto _ : state) {
+    be->segment_attention(q.data(), k.data(), v.data(), bounds, kHeads, kHidden / kHeads, 0.1118f, o.data());
+    benchmark::DoNotOptimize(o.data());
+  }
+  const double flop = 4.0 * n * static_cast<double>(n) * kHidden;
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(flop * static_cast<double>(state.iterations()) / 1e9, benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_Attention)->Unit(benchmark::kMillisecond)->Iterations(3);
 
 }  // namespace
 

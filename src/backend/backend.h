@@ -154,6 +154,26 @@ class Backend {
                                 const float* k_cache, const float* v_cache, const int32_t* blocks, int topk,
                                 float* out) = 0;
 
+  // ---- vision encoder (the CLIP-style image tower: model/vision_tower.h)
+  // y[r, c] += bias[c] for `rows` rows of `cols`, in place.
+  virtual void add_bias(float* y, const float* bias, size_t rows, size_t cols) = 0;
+  // out[r] = (x[r] - mean) / sqrt(var + eps) * w + b over rows of `dim` (biased variance), in f32. In place allowed.
+  virtual void layer_norm(const float* x, const float* w, const float* b, float* out, size_t rows, size_t dim,
+                          float eps) = 0;
+  // Exact GELU, x = 0.5 x (1 + erf(x / sqrt 2)), in place.
+  virtual void gelu_erf(float* x, size_t n) = 0;
+  // Rotate-half rotary with per-row angles given as tables: for each of `tokens` rows of x [tokens, heads,
+  // head_dim] and each head, the pair (x[k], x[k + pairs]) for k < pairs is rotated by the angle whose cosine and
+  // sine are cos[t, k], sin[t, k] ([tokens, pairs] in backend memory); dims from 2 * pairs on pass through. The
+  // vision tower's 3D t/h/w rotary (shared/spec/m3_vision.md §4) is this with angles position_axis · inv_freq.
+  virtual void rope_table(float* x, const float* cos, const float* sin, size_t tokens, int heads, int head_dim,
+                          int pairs) = 0;
+  // Bidirectional (non-causal) attention within segments: rows [bounds[i], bounds[i + 1]) attend to the keys and
+  // values of those same rows only (one segment per image). q, k, v, out: [tokens, heads * head_dim] with
+  // tokens = bounds.back(); bounds starts at 0 and never decreases. Softmax in f32.
+  virtual void segment_attention(const float* q, const float* k, const float* v, std::span<const int32_t> bounds,
+                                 int heads, int head_dim, float scale, float* out) = 0;
+
   // ---- tensor parallelism (no-ops at TP = 1)
   virtual int tp_rank() const { return 0; }
   virtual int tp_size() const { return 1; }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdint>
 #include <string>
 
 #include "core/dtype.h"
@@ -23,72 +24,6 @@ struct VisionTower::Layer {
 namespace {
 
 const std::string kTower = "vision_tower.vision_model.";
-
-// ---- host helpers for ops the backend interface lacks (f32, as torch computes them on CPU up to rounding).
-
-void layer_norm(const float* x, const float* w, const float* b, float* out, size_t rows, size_t dim, float eps) {
-#pragma omp parallel for schedule(static) if (rows > 16)
-  for (size_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * dim;
-    double mean = 0.0;
-    for (size_t i = 0; i < dim; ++i) mean += xr[i];
-    mean /= static_cast<double>(dim);
-    double var = 0.0;
-    for (size_t i = 0; i < dim; ++i) var += (xr[i] - mean) * (xr[i] - mean);
-    var /= static_cast<double>(dim);
-    const float m = static_cast<float>(mean);
-    const float inv = static_cast<float>(1.0 / std::sqrt(var + static_cast<double>(eps)));
-    float* o = out + r * dim;
-    for (size_t i = 0; i < dim; ++i) o[i] = (xr[i] - m) * inv * w[i] + b[i];
-  }
-}
-
-void add_bias(float* y, const float* b, size_t rows, size_t cols) {
-#pragma omp parallel for schedule(static) if (rows > 16)
-  for (size_t r = 0; r < rows; ++r)
-    for (size_t c = 0; c < cols; ++c) y[r * cols + c] += b[c];
-}
-
-// Exact (erf) GELU.
-void gelu(float* x, size_t n) {
-#pragma omp parallel for schedule(static) if (n > 65536)
-  for (size_t i = 0; i < n; ++i) x[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * 0.70710678118654752f));
-}
-
-void softmax_rows(float* x, size_t rows, size_t cols, float scale) {
-#pragma omp parallel for schedule(static) if (rows > 16)
-  for (size_t r = 0; r < rows; ++r) {
-    float* xr = x + r * cols;
-    float mx = -INFINITY;
-    for (size_t c = 0; c < cols; ++c) mx = std::max(mx, xr[c] * scale);
-    double sum = 0.0;
-    for (size_t c = 0; c < cols; ++c) {
-      xr[c] = std::exp(xr[c] * scale - mx);
-      sum += xr[c];
-    }
-    const float inv = static_cast<float>(1.0 / sum);
-    for (size_t c = 0; c < cols; ++c) xr[c] *= inv;
-  }
-}
-
-// x [tokens, heads, head_dim]: rotate-half over the first 2·pairs dims with the per-token angles.
-void apply_rotary(float* x, const VisionRotary& r, size_t tokens, int heads) {
-  const int P = r.pairs();
-  const size_t D = static_cast<size_t>(r.head_dim);
-#pragma omp parallel for schedule(static) if (tokens > 16)
-  for (size_t t = 0; t < tokens; ++t) {
-    const float* c = r.cos.data() + t * static_cast<size_t>(P);
-    const float* s = r.sin.data() + t * static_cast<size_t>(P);
-    for (int h = 0; h < heads; ++h) {
-      float* v = x + (t * static_cast<size_t>(heads) + static_cast<size_t>(h)) * D;
-      for (int k = 0; k < P; ++k) {
-        const float a = v[k], b = v[k + P];
-        v[k] = a * c[k] - b * s[k];
-        v[k + P] = b * c[k] + a * s[k];
-      }
-    }
-  }
-}
 
 std::vector<int64_t> shape_of(const io::Checkpoint& ckpt, const std::string& name) {
   if (!ckpt.contains(name)) fail("checkpoint {} has no tensor {}", ckpt.dir().string(), name);
@@ -218,63 +153,123 @@ void VisionTower::linear(const Linear& l, const float* x, size_t m, float* y) {
   } else {
     backend_.linear(x, m, *l.w, y);
   }
-  add_bias(y, l.b->f32(), m, static_cast<size_t>(l.w->rows()));
+  backend_.add_bias(y, l.b->f32(), m, static_cast<size_t>(l.w->rows()));
 }
 
-std::vector<float> VisionTower::features(const PreprocessedImage& image) {
-  const size_t N = static_cast<size_t>(image.num_patches());
-  if (N == 0) fail("image has no patches");
-  if (image.pixel_values.size() != N * static_cast<size_t>(patch_dim_))
-    fail("pixel values hold {} floats, expected {} patches x {}", image.pixel_values.size(), N, patch_dim_);
-  const size_t H = static_cast<size_t>(hidden_), D = static_cast<size_t>(head_dim_);
+std::unique_ptr<Buffer> VisionTower::encode(std::span<const PreprocessedImage* const> images,
+                                            std::vector<int32_t>& bounds) {
+  if (images.empty()) fail("no images to encode");
+  bounds.assign(1, 0);
+  size_t N = 0;
+  for (const PreprocessedImage* image : images) {
+    const size_t n = static_cast<size_t>(image->num_patches());
+    if (n == 0) fail("image has no patches");
+    if (image->pixel_values.size() != n * static_cast<size_t>(patch_dim_))
+      fail("pixel values hold {} floats, expected {} patches x {}", image->pixel_values.size(), n, patch_dim_);
+    N += n;
+    if (N > static_cast<size_t>(INT32_MAX)) fail("{} patches in one vision batch is too many", N);
+    bounds.push_back(static_cast<int32_t>(N));
+  }
+  const size_t H = static_cast<size_t>(hidden_), P = static_cast<size_t>(patch_dim_);
   const size_t I = static_cast<size_t>(config_.vision.intermediate_size);
-  const VisionRotary rot =
-      vision_rotary(head_dim_, config_.vision.rope_theta, image.grid_t, image.grid_h, image.grid_w, merge_);
-  auto buf = [&](size_t n) { return backend_.alloc(std::max<size_t>(n, 1)); };
-  auto px = buf(N * static_cast<size_t>(patch_dim_));
-  backend_.upload(*px, 0, image.pixel_values.data(), image.pixel_values.size());
-  auto h = buf(N * H), x = buf(N * H), q = buf(N * H), k = buf(N * H), v = buf(N * H), a = buf(N * H);
-  auto f = buf(N * I), scores = buf(N * N), qh = buf(N * D), oh = buf(N * D);
+  // Rotary tables of every image's rows, and the pixels, stacked.
+  std::vector<float> cos, sin;
+  int pairs = 0;
+  auto px = backend_.alloc(N * P);
+  for (size_t i = 0; i < images.size(); ++i) {
+    const PreprocessedImage& image = *images[i];
+    const VisionRotary rot =
+        vision_rotary(head_dim_, config_.vision.rope_theta, image.grid_t, image.grid_h, image.grid_w, merge_);
+    pairs = rot.pairs();
+    cos.insert(cos.end(), rot.cos.begin(), rot.cos.end());
+    sin.insert(sin.end(), rot.sin.begin(), rot.sin.end());
+    backend_.upload(*px, static_cast<size_t>(bounds[i]) * P, image.pixel_values.data(), image.pixel_values.size());
+  }
+  auto cos_b = backend_.alloc(std::max<size_t>(cos.size(), 1)), sin_b = backend_.alloc(std::max<size_t>(sin.size(), 1));
+  backend_.upload(*cos_b, 0, cos.data(), cos.size());
+  backend_.upload(*sin_b, 0, sin.data(), sin.size());
+
+  auto h = backend_.alloc(N * H), x = backend_.alloc(N * H), q = backend_.alloc(N * H), k = backend_.alloc(N * H),
+       v = backend_.alloc(N * H), a = backend_.alloc(N * H), f = backend_.alloc(N * I);
   backend_.linear(px->f32(), N, *patch_embed_, x->f32());
-  layer_norm(x->f32(), pre_norm_w_->f32(), pre_norm_b_->f32(), h->f32(), N, H, eps_);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  std::vector<float> kt(N * D), vt(D * N);
+  px.reset();
+  backend_.layer_norm(x->f32(), pre_norm_w_->f32(), pre_norm_b_->f32(), h->f32(), N, H, eps_);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
   for (const auto& layer : layers_) {
-    layer_norm(h->f32(), layer->ln1_w->f32(), layer->ln1_b->f32(), x->f32(), N, H, eps_);
+    backend_.layer_norm(h->f32(), layer->ln1_w->f32(), layer->ln1_b->f32(), x->f32(), N, H, eps_);
     linear(layer->q, x->f32(), N, q->f32());
     linear(layer->k, x->f32(), N, k->f32());
     linear(layer->v, x->f32(), N, v->f32());
-    apply_rotary(q->f32(), rot, N, heads_);
-    apply_rotary(k->f32(), rot, N, heads_);
-    // Bidirectional attention over this image's patches, one head at a time as two GEMMs.
-    for (size_t hd = 0; hd < static_cast<size_t>(heads_); ++hd) {
-      for (size_t t = 0; t < N; ++t)
-        for (size_t d = 0; d < D; ++d) {
-          qh->f32()[t * D + d] = q->f32()[t * H + hd * D + d];
-          kt[t * D + d] = k->f32()[t * H + hd * D + d];
-          vt[d * N + t] = v->f32()[t * H + hd * D + d];
-        }
-      const auto kw = backend_.upload_weight(
-          {WeightFormat::F32, static_cast<int64_t>(N), static_cast<int64_t>(D), kt.data(), nullptr});
-      const auto vw = backend_.upload_weight(
-          {WeightFormat::F32, static_cast<int64_t>(D), static_cast<int64_t>(N), vt.data(), nullptr});
-      backend_.linear(qh->f32(), N, *kw, scores->f32());
-      softmax_rows(scores->f32(), N, N, scale);
-      backend_.linear(scores->f32(), N, *vw, oh->f32());
-      for (size_t t = 0; t < N; ++t)
-        for (size_t d = 0; d < D; ++d) a->f32()[t * H + hd * D + d] = oh->f32()[t * D + d];
-    }
+    backend_.rope_table(q->f32(), cos_b->f32(), sin_b->f32(), N, heads_, head_dim_, pairs);
+    backend_.rope_table(k->f32(), cos_b->f32(), sin_b->f32(), N, heads_, head_dim_, pairs);
+    backend_.segment_attention(q->f32(), k->f32(), v->f32(), bounds, heads_, head_dim_, scale, a->f32());
     linear(layer->o, a->f32(), N, x->f32());
     backend_.add(h->f32(), x->f32(), h->f32(), N * H);
-    layer_norm(h->f32(), layer->ln2_w->f32(), layer->ln2_b->f32(), x->f32(), N, H, eps_);
+    backend_.layer_norm(h->f32(), layer->ln2_w->f32(), layer->ln2_b->f32(), x->f32(), N, H, eps_);
     linear(layer->fc1, x->f32(), N, f->f32());
-    gelu(f->f32(), N * I);
+    backend_.gelu_erf(f->f32(), N * I);
     linear(layer->fc2, f->f32(), N, x->f32());
     backend_.add(h->f32(), x->f32(), h->f32(), N * H);
   }
-  std::vector<float> out(N * H);
-  backend_.download(*h, 0, out.data(), out.size());
+  return h;
+}
+
+std::unique_ptr<Buffer> VisionTower::project_rows(const float* features, size_t rows) {
+  const size_t window = static_cast<size_t>(merge_ * merge_);
+  if (rows == 0 || rows % window != 0)
+    fail("projector input: {} patches (must be a positive multiple of {} patches)", rows, window);
+  const size_t p1 = static_cast<size_t>(proj1_.w->rows()), p2 = static_cast<size_t>(proj2_.w->rows());
+  const size_t m1 = static_cast<size_t>(merge1_.w->rows()), out_dim = static_cast<size_t>(output_);
+  const size_t M = rows / window;
+  auto u1 = backend_.alloc(rows * p1), u2 = backend_.alloc(rows * p2), z1 = backend_.alloc(M * m1),
+       z2 = backend_.alloc(M * out_dim);
+  linear(proj1_, features, rows, u1->f32());
+  backend_.gelu_erf(u1->f32(), rows * p1);
+  linear(proj2_, u1->f32(), rows, u2->f32());
+  // Patches of one merge window are consecutive rows: [N, p2] is already [N / 4, 4 · p2].
+  linear(merge1_, u2->f32(), M, z1->f32());
+  backend_.gelu_erf(z1->f32(), M * m1);
+  linear(merge2_, z1->f32(), M, z2->f32());
+  return z2;
+}
+
+std::vector<std::vector<float>> VisionTower::features_batch(std::span<const PreprocessedImage* const> images) {
+  std::vector<int32_t> bounds;
+  auto h = encode(images, bounds);
+  const size_t H = static_cast<size_t>(hidden_);
+  std::vector<std::vector<float>> out(images.size());
+  for (size_t i = 0; i < images.size(); ++i) {
+    const size_t n = static_cast<size_t>(bounds[i + 1] - bounds[i]);
+    out[i].resize(n * H);
+    backend_.download(*h, static_cast<size_t>(bounds[i]) * H, out[i].data(), n * H);
+  }
   return out;
+}
+
+std::vector<std::vector<float>> VisionTower::embed_batch(std::span<const PreprocessedImage* const> images) {
+  std::vector<int32_t> bounds;
+  auto h = encode(images, bounds);
+  const size_t N = static_cast<size_t>(bounds.back()), window = static_cast<size_t>(merge_ * merge_);
+  auto z = project_rows(h->f32(), N);  // per-row ops: one projector pass over every image's rows
+  const size_t out_dim = static_cast<size_t>(output_);
+  std::vector<std::vector<float>> out(images.size());
+  for (size_t i = 0; i < images.size(); ++i) {
+    const size_t first = static_cast<size_t>(bounds[i]) / window;
+    const size_t tokens = static_cast<size_t>(bounds[i + 1] - bounds[i]) / window;
+    out[i].resize(tokens * out_dim);
+    backend_.download(*z, first * out_dim, out[i].data(), tokens * out_dim);
+  }
+  return out;
+}
+
+std::vector<float> VisionTower::features(const PreprocessedImage& image) {
+  const PreprocessedImage* one = &image;
+  return std::move(features_batch({&one, 1}).front());
+}
+
+std::vector<float> VisionTower::embed(const PreprocessedImage& image) {
+  const PreprocessedImage* one = &image;
+  return std::move(embed_batch({&one, 1}).front());
 }
 
 std::vector<float> VisionTower::project(const std::vector<float>& features, int64_t num_patches) {
@@ -283,22 +278,11 @@ std::vector<float> VisionTower::project(const std::vector<float>& features, int6
   if (N == 0 || N % window != 0 || features.size() != N * H)
     fail("projector input: {} floats for {} patches of {} (must be a multiple of {} patches)", features.size(), N, H,
          window);
-  const size_t p1 = static_cast<size_t>(proj1_.w->rows()), p2 = static_cast<size_t>(proj2_.w->rows());
-  const size_t m1 = static_cast<size_t>(merge1_.w->rows()), out_dim = static_cast<size_t>(output_);
-  const size_t M = N / window;
   auto in = backend_.alloc(N * H);
   backend_.upload(*in, 0, features.data(), features.size());
-  auto u1 = backend_.alloc(N * p1), u2 = backend_.alloc(N * p2), z1 = backend_.alloc(M * m1),
-       z2 = backend_.alloc(M * out_dim);
-  linear(proj1_, in->f32(), N, u1->f32());
-  gelu(u1->f32(), N * p1);
-  linear(proj2_, u1->f32(), N, u2->f32());
-  // Patches of one merge window are consecutive rows: [N, p2] is already [N / 4, 4 · p2].
-  linear(merge1_, u2->f32(), M, z1->f32());
-  gelu(z1->f32(), M * m1);
-  linear(merge2_, z1->f32(), M, z2->f32());
-  std::vector<float> out(M * out_dim);
-  backend_.download(*z2, 0, out.data(), out.size());
+  auto z = project_rows(in->f32(), N);
+  std::vector<float> out(N / window * static_cast<size_t>(output_));
+  backend_.download(*z, 0, out.data(), out.size());
   return out;
 }
 

@@ -3,13 +3,15 @@
 // attention within one image, the 3D t/h/w rotary over the first 78 of 80 head dims), no post-LayerNorm, then the
 // per-patch projector and the merge MLP over each 2×2 window. Weights are bound by their upstream names.
 //
-// Linear layers go through backend::Backend::linear. LayerNorm, bias, GELU, the rotary and the softmax have no
-// backend op yet and run as host loops on the activation buffers, so this needs host-addressable buffers (the CPU
-// backend).
+// Everything runs as backend ops on backend memory (linear, add_bias, layer_norm, gelu_erf, rope_table,
+// segment_attention), so the same code drives the CPU and CUDA backends. Several images are encoded in one pass
+// (embed_batch): their patch rows are stacked and attention is restricted to each image's own rows.
 #pragma once
 
+#include <array>
 #include <memory>
 #include <optional>
+#include <span>
 #include <vector>
 
 #include "backend/backend.h"
@@ -50,7 +52,13 @@ class VisionTower {
   // Projector + merge over features [num_patches, hidden_size] → [num_patches / 4, output_size].
   std::vector<float> project(const std::vector<float>& features, int64_t num_patches);
   // Both: the embeddings that replace the image's ]<]image[>[ tokens, [image tokens, output_size].
-  std::vector<float> embed(const PreprocessedImage& image) { return project(features(image), image.num_patches()); }
+  std::vector<float> embed(const PreprocessedImage& image);
+
+  // Several images (e.g. those one batch step needs) encoded together: one pass of the tower over all their patch
+  // rows, each image attending only to itself. Per image, in order: the same values as features() / embed() of
+  // that image alone (up to f32 summation order).
+  std::vector<std::vector<float>> features_batch(std::span<const PreprocessedImage* const> images);
+  std::vector<std::vector<float>> embed_batch(std::span<const PreprocessedImage* const> images);
 
  private:
   struct Layer;
@@ -59,6 +67,12 @@ class VisionTower {
     std::unique_ptr<backend::Buffer> b;
   };
   void linear(const Linear& l, const float* x, size_t m, float* y);
+  // The last layer's output for the images' stacked patch rows [Σ patches, hidden] in backend memory; `bounds`
+  // gets the row offsets of the images (0, n0, n0 + n1, ...).
+  std::unique_ptr<backend::Buffer> encode(std::span<const PreprocessedImage* const> images,
+                                          std::vector<int32_t>& bounds);
+  // Projector + merge of `rows` feature rows in backend memory → [rows / 4, output_size] in backend memory.
+  std::unique_ptr<backend::Buffer> project_rows(const float* features, size_t rows);
 
   io::ModelConfig config_;
   backend::Backend& backend_;

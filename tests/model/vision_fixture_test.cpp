@@ -120,6 +120,28 @@ TEST(VisionFixture, FeaturesAndMergedEmbeddingsMatchTransformers) {
   }
 }
 
+TEST(VisionFixture, ImagesEncodedTogetherMatchTransformersOneByOne) {
+  // One tower pass over every fixture image (attention segments per image) gives each image's own reference.
+  TowerHarness h;
+  const auto ref = reference();
+  const auto& images = ref.at("images");
+  std::vector<model::PreprocessedImage> inputs;
+  for (size_t i = 0; i < images.size(); ++i) inputs.push_back(fixture_input(images[i], i));
+  std::vector<const model::PreprocessedImage*> all;
+  for (const auto& p : inputs) all.push_back(&p);
+  const auto features = h.tower.features_batch(all);
+  const auto merged = h.tower.embed_batch(all);
+  ASSERT_EQ(features.size(), inputs.size());
+  ASSERT_EQ(merged.size(), inputs.size());
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const auto want_f = npy("features", i), want_m = npy("merged", i);
+    ASSERT_EQ(features[i].size(), want_f.data.size()) << i;
+    ASSERT_EQ(merged[i].size(), want_m.data.size()) << i;
+    EXPECT_LE(relative_error(features[i], want_f.data), 1e-4) << "features of image " << i << " in a batch";
+    EXPECT_LE(relative_error(merged[i], want_m.data), 1e-4) << "merged embeddings of image " << i << " in a batch";
+  }
+}
+
 TEST(VisionFixture, RotaryIsThreeDimensionalOverAllButTwoDims) {
   // head_dim 80: 26 dims per axis, 39 rotated pairs (t, h, w), dims 78 and 79 untouched.
   const auto r = model::vision_rotary(80, 10000.0, 1, 4, 6);

@@ -82,6 +82,16 @@ class CpuBackend final : public Backend {
   void sparse_attention(const float* q, const AttentionBatch& batch, const AttentionShape& shape, const float* k_cache,
                         const float* v_cache, const int32_t* blocks, int topk, float* out) override;
 
+  // Vision encoder ops (cpu_vision_ops.cpp).
+  void add_bias(float* y, const float* bias, size_t rows, size_t cols) override;
+  void layer_norm(const float* x, const float* w, const float* b, float* out, size_t rows, size_t dim,
+                  float eps) override;
+  void gelu_erf(float* x, size_t n) override;
+  void rope_table(float* x, const float* cos, const float* sin, size_t tokens, int heads, int head_dim,
+                  int pairs) override;
+  void segment_attention(const float* q, const float* k, const float* v, std::span<const int32_t> bounds, int heads,
+                         int head_dim, float scale, float* out) override;
+
   int tp_rank() const override { return rank_; }
   int tp_size() const override;
   void all_reduce_sum(float* x, size_t n) override;

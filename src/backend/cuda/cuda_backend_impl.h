@@ -368,6 +368,16 @@ class CudaBackend final : public Backend {
     run_attention(q, r, shape, k_cache, v_cache, blocks, topk, topk, out);
   }
 
+  // ---- vision encoder (cuda_vision.cpp)
+  void add_bias(float* y, const float* bias, size_t rows, size_t cols) override;
+  void layer_norm(const float* x, const float* w, const float* b, float* out, size_t rows, size_t dim,
+                  float eps) override;
+  void gelu_erf(float* x, size_t n) override;
+  void rope_table(float* x, const float* cos, const float* sin, size_t tokens, int heads, int head_dim,
+                  int pairs) override;
+  void segment_attention(const float* q, const float* k, const float* v, std::span<const int32_t> bounds, int heads,
+                         int head_dim, float scale, float* out) override;
+
   void all_reduce_sum(float*, size_t) override {}
   void all_gather_cols(const float* x, size_t rows, size_t cols_per_rank, float* out) override {
     copy(x, out, rows * cols_per_rank);

@@ -169,4 +169,18 @@ cudaError_t launch_index_select(const float* iq, const AttentionRows& rows, int 
                                 int local_blocks, int init_blocks, int max_visible_blocks, const float* index_k_cache,
                                 int32_t* blocks, cudaStream_t stream);
 
+// ---- vision encoder (cuda_vision.cu; Backend's "vision encoder" ops)
+// y[r, c] += bias[c] over rows of `cols`.
+cudaError_t launch_add_bias(float* y, const float* bias, size_t rows, size_t cols, cudaStream_t stream);
+// out[r] = (x[r] - mean) / sqrt(var + eps) * w + b (biased variance), one block per row. In place allowed.
+cudaError_t launch_layer_norm(const float* x, const float* w, const float* b, float* out, size_t rows, size_t dim,
+                              float eps, cudaStream_t stream);
+// x = 0.5 x (1 + erf(x / sqrt 2)) in place.
+cudaError_t launch_gelu_erf(float* x, size_t n, cudaStream_t stream);
+// Rotate-half rotary of pairs (k, k + pairs) by angles given as cos/sin tables [tokens, pairs].
+cudaError_t launch_rope_table(float* x, const float* cos, const float* sin, size_t tokens, int heads, int head_dim,
+                              int pairs, cudaStream_t stream);
+// In-place softmax of `rows` rows of `cols` (row stride `cols`), f32.
+cudaError_t launch_softmax_rows(float* x, size_t rows, size_t cols, cudaStream_t stream);
+
 }  // namespace mxlm::backend::cuda

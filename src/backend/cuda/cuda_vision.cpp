@@ -1,0 +1,72 @@
+// The CUDA backend's vision encoder ops (backend.h "vision encoder"). Elementwise ops and LayerNorm are the
+// kernels of cuda_vision.cu. Segment attention is two cuBLAS strided-batched SGEMMs per segment (all heads in
+// one call: S = scale · Q Kᵀ, then O = softmax(S) V) with the row-softmax kernel between them; f32 throughout
+// (the backend's cuBLAS handle runs without TF32), so it matches the CPU backend to f32 summation-order rounding.
+// Scores of a whole image at the default cap (16 heads x 2304² floats, 340 MB) fit at once; larger segments are
+// processed in tiles of query rows so the score buffer stays under kScoreBytes.
+#include "backend/cuda/cuda_backend_impl.h"
+
+namespace mxlm::backend::cuda {
+
+namespace {
+constexpr size_t kScoreBytes = size_t{1} << 30;
+}
+
+void CudaBackend::add_bias(float* y, const float* bias, size_t rows, size_t cols) {
+  MXLM_CUDA_CHECK(launch_add_bias(y, bias, rows, cols, stream_));
+}
+
+void CudaBackend::layer_norm(const float* x, const float* w, const float* b, float* out, size_t rows, size_t dim,
+                             float eps) {
+  MXLM_CUDA_CHECK(launch_layer_norm(x, w, b, out, rows, dim, eps, stream_));
+}
+
+void CudaBackend::gelu_erf(float* x, size_t n) { MXLM_CUDA_CHECK(launch_gelu_erf(x, n, stream_)); }
+
+void CudaBackend::rope_table(float* x, const float* cos, const float* sin, size_t tokens, int heads, int head_dim,
+                             int pairs) {
+  if (pairs < 0 || 2 * pairs > head_dim || heads <= 0)
+    fail("rope_table: {} pairs do not fit {} heads of {} dims", pairs, heads, head_dim);
+  MXLM_CUDA_CHECK(launch_rope_table(x, cos, sin, tokens, heads, head_dim, pairs, stream_));
+}
+
+void CudaBackend::segment_attention(const float* q, const float* k, const float* v, std::span<const int32_t> bounds,
+                                    int heads, int head_dim, float scale, float* out) {
+  if (heads <= 0 || head_dim <= 0) fail("segment_attention with {} heads of {} dims", heads, head_dim);
+  if (bounds.size() < 2) return;
+  if (bounds[0] != 0) fail("segment_attention: the first segment starts at row {}, not 0", bounds[0]);
+  for (size_t i = 1; i < bounds.size(); ++i)
+    if (bounds[i] < bounds[i - 1])
+      fail("segment_attention: segment bounds decrease ({} after {})", bounds[i], bounds[i - 1]);
+  const int W = heads * head_dim;
+  const float one = 1.0f, zero = 0.0f;
+  for (size_t seg = 0; seg + 1 < bounds.size(); ++seg) {
+    const size_t begin = static_cast<size_t>(bounds[seg]);
+    const int len = bounds[seg + 1] - bounds[seg];
+    if (len == 0) continue;
+    const size_t per_row = static_cast<size_t>(heads) * static_cast<size_t>(len) * sizeof(float);
+    const int tile = static_cast<int>(std::clamp<size_t>(kScoreBytes / per_row, 1, static_cast<size_t>(len)));
+    Block scores(pool_, per_row * static_cast<size_t>(tile));
+    float* s = scores.as<float>();
+    for (int r0 = 0; r0 < len; r0 += tile) {
+      const int rows = std::min(tile, len - r0);
+      const long long stride_s = static_cast<long long>(rows) * len;
+      const float* qt = q + (begin + static_cast<size_t>(r0)) * static_cast<size_t>(W);
+      // Column-major view: S_hᵀ [len, rows] = K_h [len, D] · Q_hᵀ [D, rows]; head h starts head_dim floats on.
+      check(cublasSgemmStridedBatched(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, len, rows, head_dim, &scale,
+                                      k + begin * static_cast<size_t>(W), W, head_dim, qt, W, head_dim, &zero, s, len,
+                                      stride_s, heads),
+            "cublasSgemmStridedBatched(scores)");
+      MXLM_CUDA_CHECK(launch_softmax_rows(s, static_cast<size_t>(heads) * static_cast<size_t>(rows),
+                                          static_cast<size_t>(len), stream_));
+      // O_hᵀ [D, rows] = V_hᵀ [D, len] · P_hᵀ [len, rows], written into out's head columns.
+      check(cublasSgemmStridedBatched(cublas_, CUBLAS_OP_N, CUBLAS_OP_N, head_dim, rows, len, &one,
+                                      v + begin * static_cast<size_t>(W), W, head_dim, s, len, stride_s, &zero,
+                                      out + (begin + static_cast<size_t>(r0)) * static_cast<size_t>(W), W, head_dim,
+                                      heads),
+            "cublasSgemmStridedBatched(values)");
+    }
+  }
+}
+
+}  // namespace mxlm::backend::cuda
