@@ -62,7 +62,47 @@ struct ServeOptions {
   std::string allowed_local_media_path;
   std::optional<double> image_fetch_timeout;  // default: $VLLM_IMAGE_FETCH_TIMEOUT, else 5 s
   size_t max_image_bytes = 20u << 20;
+  std::string limit_mm_per_prompt;
 };
+
+// vLLM's --limit-mm-per-prompt: JSON ('{"image": 4, "video": 0}') or the older 'image=4,video=0'. Returns the image
+// limit (999 when unset); video is never accepted, so its limit only needs to parse.
+int64_t image_limit(const std::string& text) {
+  int64_t limit = 999;
+  if (text.empty()) return limit;
+  auto take = [&](const std::string& key, int64_t value) {
+    if (value < 0) fail("--limit-mm-per-prompt: the {} limit must be >= 0", key);
+    if (key == "image")
+      limit = value;
+    else if (key != "video" && key != "audio")
+      fail("--limit-mm-per-prompt: unknown modality '{}' (image, video, audio)", key);
+  };
+  if (text.front() == '{') {
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(text);
+    } catch (const nlohmann::json::exception& e) {
+      fail("--limit-mm-per-prompt: {}", e.what());
+    }
+    for (const auto& [k, v] : j.items()) {
+      if (!v.is_number_integer()) fail("--limit-mm-per-prompt: '{}' must be an integer", k);
+      take(k, v.get<int64_t>());
+    }
+    return limit;
+  }
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    const size_t eq = item.find('=');
+    if (eq == std::string::npos) fail("--limit-mm-per-prompt: expected JSON or 'image=N', got '{}'", text);
+    try {
+      take(item.substr(0, eq), std::stoll(item.substr(eq + 1)));
+    } catch (const std::logic_error&) {
+      fail("--limit-mm-per-prompt: '{}' is not a number", item.substr(eq + 1));
+    }
+  }
+  return limit;
+}
 
 // The image placeholder ids the chat template emits (tokenizer) and the config names; null when the tokenizer lacks
 // one of the three M3 image tokens.
@@ -185,8 +225,8 @@ void run_serve(ServeOptions o) {
       if (image_ids) {
         // The tower runs unsharded: at TP > 1 on a TP = 1 backend of its own (rank 0's device).
         if (lm.tensor_parallel_size() > 1) tower_backend = make_backend(o.device, o.moe_backend);
-        tower = std::make_unique<model::VisionTower>(config, checkpoint,
-                                                     tower_backend ? *tower_backend : *lm.backend, mo.float_format);
+        tower = std::make_unique<model::VisionTower>(config, checkpoint, tower_backend ? *tower_backend : *lm.backend,
+                                                     mo.float_format);
         runner.set_vision_tower(tower.get());
         spdlog::info("vision tower loaded: image input enabled");
       }
@@ -236,6 +276,7 @@ void run_serve(ServeOptions o) {
   cfg.media.fetch_timeout_s = *o.image_fetch_timeout;
   if (o.max_image_bytes == 0) fail("--max-image-bytes must be positive");
   cfg.media.max_bytes = o.max_image_bytes;
+  cfg.max_images_per_prompt = image_limit(o.limit_mm_per_prompt);
   if (!o.scripted_output.empty()) {
     std::ifstream in(o.scripted_output, std::ios::binary);
     if (!in) fail("--scripted-output: cannot read {}", o.scripted_output);
@@ -314,6 +355,8 @@ void add_serve(CLI::App& app) {
                   "Seconds to fetch an http(s) image (default: $VLLM_IMAGE_FETCH_TIMEOUT, else 5)");
   cmd->add_option("--max-image-bytes", o->max_image_bytes, "Largest encoded image accepted from any source")
       ->capture_default_str();
+  cmd->add_option("--limit-mm-per-prompt", o->limit_mm_per_prompt,
+                  "Images per prompt, as vLLM: '{\"image\": N}' or 'image=N' (default 999; video is not supported)");
   cmd->add_option("--scripted-output", o->scripted_output,
                   "TESTING AID: replace sampling with the tokens of this file's text (the model still runs every "
                   "step), to drive the reasoning/tool-call parsers end to end");

@@ -506,6 +506,10 @@ struct OpenAIServer::Impl {
         copy["reasoning_content"] = copy["reasoning"];
       messages.push_back(std::move(copy));
     }
+    if (static_cast<int64_t>(images.size()) > cfg.max_images_per_prompt)
+      bad_request(fmt::format("At most {} image(s) may be provided in one prompt (--limit-mm-per-prompt); got {}",
+                              cfg.max_images_per_prompt, images.size()),
+                  "messages");
     return messages;
   }
 

@@ -48,6 +48,7 @@ struct ServerConfig {
   std::optional<model::ImageTokens> image_tokens;
   model::ImageProcessorConfig image_processor;
   MediaOptions media;
+  int64_t max_images_per_prompt = 999;  // --limit-mm-per-prompt image (vLLM's default)
 };
 
 class OpenAIServer {

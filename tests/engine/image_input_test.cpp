@@ -260,38 +260,38 @@ TEST(ImageInput, RunnerWithoutTowerRefusesImages) {
   EXPECT_THROW(sched.submit(r), Error);
 }
 
-// Greedy tokens of image prompts interleaved with text prompts under small chunks, against solo runs.
-TEST(ImageInput, SchedulerRunsImageRequestsInChunks) {
+std::vector<Prompt> scheduler_prompts() {
   auto& f = fixture();
   std::vector<Prompt> prompts;
   for (size_t i = 0; i < f.reference.at("images").size(); ++i) prompts.push_back(make_prompt(i, read_image(i)));
   prompts.push_back(make_prompt(3, inverted(read_image(3))));
   prompts.push_back({{5, 6, 7, 8, 9, 10, 11}, {}});
-  const int max_tokens = 4;
-  auto greedy_solo = [&](const Prompt& p) {
-    CacheConfig c = cache_config_for(f.model, static_cast<int32_t>(p.tokens.size()) + max_tokens);
-    c.prefix_caching = false;
-    ModelRunner runner(f.model, c);
-    runner.set_vision_tower(&f.tower);
-    Sequence s = make_seq(1, p);
-    std::vector<int32_t> out;
-    auto logits = prefill(runner, s, 0);
-    for (int t = 0; t < max_tokens; ++t) {
-      const auto next = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
-      out.push_back(next);
-      s.tokens.push_back(next);
-      StepItem item{&s, 1, false};
-      const auto o = runner.step({&item, 1});
-      logits.assign(o.row(0).begin(), o.row(0).end());
-    }
-    return out;
-  };
-  ModelRunner runner(f.model, cache_config_for(f.model, 96, 8, 4));
+  return prompts;
+}
+
+std::vector<int32_t> greedy_solo(const Prompt& p, int max_tokens) {
+  auto& f = fixture();
+  CacheConfig c = cache_config_for(f.model, static_cast<int32_t>(p.tokens.size()) + max_tokens);
+  c.prefix_caching = false;
+  ModelRunner runner(f.model, c);
   runner.set_vision_tower(&f.tower);
-  SchedulerConfig cfg;
-  cfg.max_num_seqs = 3;
-  cfg.max_num_batched_tokens = 11;
-  Scheduler sched(runner, cfg);
+  Sequence s = make_seq(1, p);
+  std::vector<int32_t> out;
+  auto logits = prefill(runner, s, 0);
+  for (int t = 0; t < max_tokens; ++t) {
+    const auto next = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    out.push_back(next);
+    if (t + 1 == max_tokens) break;
+    s.tokens.push_back(next);
+    StepItem item{&s, 1, false};
+    const auto o = runner.step({&item, 1});
+    logits.assign(o.row(0).begin(), o.row(0).end());
+  }
+  return out;
+}
+
+// Runs every prompt through the scheduler (greedy) to the end; the tokens of each.
+std::vector<std::vector<int32_t>> run_scheduler(Scheduler& sched, const std::vector<Prompt>& prompts, int max_tokens) {
   std::vector<std::shared_ptr<RequestStream>> streams;
   for (const auto& p : prompts) {
     GenerationRequest r;
@@ -303,7 +303,7 @@ TEST(ImageInput, SchedulerRunsImageRequestsInChunks) {
   }
   std::vector<std::vector<int32_t>> got(prompts.size());
   std::vector<bool> done(prompts.size(), false);
-  for (int step = 0; step < 1000 && std::count(done.begin(), done.end(), false) > 0; ++step) {
+  for (int step = 0; step < 5000 && std::count(done.begin(), done.end(), false) > 0; ++step) {
     sched.step();
     for (size_t i = 0; i < prompts.size(); ++i)
       for (auto& e : streams[i]->wait(std::chrono::milliseconds(0))) {
@@ -314,7 +314,43 @@ TEST(ImageInput, SchedulerRunsImageRequestsInChunks) {
         }
       }
   }
-  for (size_t i = 0; i < prompts.size(); ++i) EXPECT_EQ(got[i], greedy_solo(prompts[i])) << "request " << i;
+  EXPECT_EQ(std::count(done.begin(), done.end(), false), 0);
+  return got;
+}
+
+// Greedy tokens of image prompts interleaved with a text prompt under small chunks, against solo runs.
+TEST(ImageInput, SchedulerRunsImageRequestsInChunks) {
+  auto& f = fixture();
+  const auto prompts = scheduler_prompts();
+  const int max_tokens = 4;
+  ModelRunner runner(f.model, cache_config_for(f.model, 96, 8, 4));
+  runner.set_vision_tower(&f.tower);
+  SchedulerConfig cfg;
+  cfg.max_num_seqs = 3;
+  cfg.max_num_batched_tokens = 11;
+  Scheduler sched(runner, cfg);
+  const auto got = run_scheduler(sched, prompts, max_tokens);
+  for (size_t i = 0; i < prompts.size(); ++i) EXPECT_EQ(got[i], greedy_solo(prompts[i], max_tokens)) << i;
+  EXPECT_EQ(runner.blocks().num_pages(), runner.blocks().num_available());
+}
+
+// Too few pages for the batch: sequences are preempted and recomputed (their images from the kept embeddings or
+// the prefix cache) with the same tokens.
+TEST(ImageInput, PreemptedImageRequestsKeepTheirOutputs) {
+  auto& f = fixture();
+  const auto prompts = scheduler_prompts();
+  const int max_tokens = 6;
+  CacheConfig cache = cache_config_for(f.model, 80, 1, 4);
+  cache.num_pages = 30;  // two or three sequences at a time
+  ModelRunner runner(f.model, cache);
+  runner.set_vision_tower(&f.tower);
+  SchedulerConfig cfg;
+  cfg.max_num_seqs = 8;
+  cfg.max_num_batched_tokens = 64;
+  Scheduler sched(runner, cfg);
+  const auto got = run_scheduler(sched, prompts, max_tokens);
+  for (size_t i = 0; i < prompts.size(); ++i) EXPECT_EQ(got[i], greedy_solo(prompts[i], max_tokens)) << i;
+  EXPECT_GT(sched.stats().preemptions, 0u);
   EXPECT_EQ(runner.blocks().num_pages(), runner.blocks().num_available());
 }
 

@@ -198,7 +198,7 @@ def web(media_dir):
 def server(model_dir, media_dir, tmp_path_factory):
     s = Server(model_dir, tmp_path_factory.mktemp("logs"),
                extra=["--allowed-local-media-path", str(media_dir / "allowed"), "--max-image-bytes",
-                      str(MAX_IMAGE_BYTES), "--image-fetch-timeout", "1.5"])
+                      str(MAX_IMAGE_BYTES), "--image-fetch-timeout", "1.5", "--limit-mm-per-prompt", '{"image": 5}'])
     yield s
     s.stop()
 
@@ -267,6 +267,41 @@ def test_rgba_is_composited_on_white(client):
     a = chat(client, [user("What colour?", image_part(data_uri(clear)))])
     b = chat(client, [user("What colour?", image_part(data_uri(white)))])
     assert first_logprobs(a) == pytest.approx(first_logprobs(b), abs=1e-5)
+
+
+def test_gif_takes_its_first_frame(client):
+    frames = [picture(56, 56, 20), picture(56, 56, 21), picture(56, 56, 22)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    animated = "data:image/gif;base64," + base64.b64encode(buf.getvalue()).decode()
+    first = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")  # Pillow's decoding of frame 0
+    second = Image.open(io.BytesIO(buf.getvalue()))
+    second.seek(1)
+    second = second.convert("RGB")
+    assert first.tobytes() != second.tobytes()
+    got = first_logprobs(chat(client, [user("Which?", image_part(animated))]))
+    assert got == pytest.approx(first_logprobs(chat(client, [user("Which?", image_part(data_uri(first)))])), abs=1e-5)
+    assert got != pytest.approx(first_logprobs(chat(client, [user("Which?", image_part(data_uri(second)))])),
+                                abs=1e-4)
+
+
+def test_tokenize_counts_the_image_tokens(server, model_dir, hf):
+    img = picture(120, 90, 23)
+    messages = [user("Count", image_part(data_uri(img)))]
+    ids, want = expected_prompt(model_dir, hf, messages, [img])
+    status, body = server.post("/tokenize", {"model": MODEL_NAME, "messages": messages})
+    assert status == 200 and body["count"] == want
+    n = image_tokens(img)
+    at = ids.index(hf.token_to_id("]<]image[>["))
+    assert body["tokens"][at:at + n + 2] == ([hf.token_to_id("]<]start of image[>[")] +
+                                             [hf.token_to_id("]<]image[>[")] * n + [hf.token_to_id("]<]end of image[>[")])
+    assert body["tokens"][:at] == ids[:at] and body["tokens"][at + n + 2:] == ids[at + 1:]
+
+
+def test_limit_mm_per_prompt(client):
+    img = image_part(data_uri(picture(30, 30, 24)))
+    msg = bad_request(client, [user(img, img, img), user(img, img, img)])
+    assert "At most 5 image(s)" in msg
 
 
 def test_the_image_embeddings_reach_the_model(client, model_dir, hf):
