@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <numeric>
@@ -62,6 +63,31 @@ void bench_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
     auto* counters = static_cast<int*>(dalloc(counters_len * 4));
     CK(cudaMemset(counters, 0, counters_len * 4));
     CK(cudaDeviceSynchronize());
+    // Can a PDL launch be captured into a graph here? (Checked without aborting: the PDL variants are skipped
+    // otherwise, and the backend is told to launch without PDL.)
+    bool pdl_ok = true;
+    {
+      const cu::Mxfp4GemvPlan plan = cu::mxfp4_gemv_plan(n, k, 1, 1, sms);
+      const cu::Mxfp4GemvGroup one{wq[0], ws[0], x, y, 1, n};
+      cudaGraph_t graph = nullptr;
+      cudaGraphExec_t exec = nullptr;
+      cudaError_t e = cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed);
+      for (int i = 0; i < 2 && e == cudaSuccess; ++i)
+        e = cu::launch_mxfp4_gemv2(one, n, k, plan, true, workspace, counters, stream);
+      const cudaError_t e2 = cudaStreamEndCapture(stream, &graph);
+      if (e == cudaSuccess) e = e2;
+      if (e == cudaSuccess) e = cudaGraphInstantiate(&exec, graph, 0);
+      if (e == cudaSuccess) e = cudaGraphLaunch(exec, stream);
+      if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
+      if (exec) cudaGraphExecDestroy(exec);
+      if (graph) cudaGraphDestroy(graph);
+      if (e != cudaSuccess) {
+        pdl_ok = false;
+        (void)cudaGetLastError();
+        setenv("MXLM_CUDA_NO_PDL", "1", 1);
+        row("PDL launch in a CUDA graph failed (%s): PDL variants skipped, MXLM_CUDA_NO_PDL=1", cudaGetErrorString(e));
+      }
+    }
     for (int m : {1, 2, 4, 8, 12, 16}) {
       std::vector<cu::Mxfp4GemvGroup> g(sets);
       for (int s = 0; s < sets; ++s)
@@ -96,6 +122,7 @@ void bench_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
       for (int warps : {4, 8})
         for (int cps : {2, 4, 6})
           for (bool pdl : {false, true}) {
+            if (pdl && !pdl_ok) continue;
             cu::Mxfp4GemvConfig cfg;
             cfg.warps = warps;
             cfg.ctas_per_sm = cps;

@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #include "backend/cuda/cuda_kernels.h"
@@ -488,6 +489,9 @@ cudaError_t launch_gemv2(const Mxfp4GemvPlan& plan, int num_z, const Mxfp4GemvGr
                          const Mxfp4GemvGroup* groups, const Mxfp4MoeTiles& moe, int n, int k, int slots,
                          float* workspace, int* counters, bool pdl, cudaStream_t stream) {
   if (num_z == 0 || n == 0) return cudaSuccess;
+  // MXLM_CUDA_NO_PDL=1 turns Programmatic Dependent Launch off (a fallback should a driver refuse it in graphs).
+  const char* no_pdl = std::getenv("MXLM_CUDA_NO_PDL");
+  if (no_pdl != nullptr && no_pdl[0] != '\0' && no_pdl[0] != '0') pdl = false;
   if (k % 32 != 0 || plan.splits < 1 || plan.chunks_per_cta < 1 || plan.smem_bytes > kGemv2SmemBudget ||
       (plan.splits > 1 && (workspace == nullptr || counters == nullptr)))
     return cudaErrorInvalidValue;
