@@ -3,8 +3,9 @@
 //   build/bench/bench_gemv [--benchmark_filter=...]
 //
 // - MemoryRead / MemoryCopy: a 1 GiB streaming read (sum) and a 512 MiB memcpy, all threads.
-// - BM_Gemv/<format>/<N>/<K>/<M> (format 0 = f32, 1 = bf16, 2 = MXFP4, 3 = OpenBLAS on f32, 4 = MXFP4 W4A4; the label
-//   spells it out): y = x . W^T at MiniMax-M3 expert shapes with enough distinct weight matrices
+// - BM_Gemv/<format>/<N>/<K>/<M> (format 0 = f32, 1 = bf16, 2 = MXFP4, 3 = OpenBLAS on f32, 4 = MXFP4 W4A4,
+//   5 = MXFP4 with x quantize-dequantized to MXFP4 first, as the emulation feeds it; the label spells it
+//   out): y = x . W^T at MiniMax-M3 expert shapes with enough distinct weight matrices
 //   (> 4x L3) that every call streams W from DRAM. Counters: weight_GBps (weight bytes read per second) and
 //   of_read_bw (that over the measured read bandwidth); cpu_share (process CPU time / (wall time x threads):
 //   below 1 when other jobs share the cores, as on a busy dev VM). OpenBLAS sgemv/sgemm on f32 weights is
@@ -26,6 +27,7 @@
 #include <vector>
 
 #include "backend/cpu/gemm.h"
+#include "mx/mxfp4.h"
 
 extern "C" void openblas_set_num_threads(int num_threads);
 
@@ -135,7 +137,7 @@ void BM_MemoryCopy(benchmark::State& state) {
 }
 BENCHMARK(BM_MemoryCopy)->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(1.0);
 
-enum Format { kF32Ours = 0, kBf16 = 1, kMxfp4 = 2, kF32OpenBlas = 3, kMxfp4W4a4 = 4 };
+enum Format { kF32Ours = 0, kBf16 = 1, kMxfp4 = 2, kF32OpenBlas = 3, kMxfp4W4a4 = 4, kMxfp4QdqX = 5 };
 
 const char* format_name(int f) {
   switch (f) {
@@ -147,6 +149,8 @@ const char* format_name(int f) {
       return "mxfp4";
     case kMxfp4W4a4:
       return "mxfp4_w4a4";
+    case kMxfp4QdqX:
+      return "mxfp4_qdq_x";
     default:
       return "openblas_f32";
   }
@@ -168,6 +172,7 @@ struct Weights {
         return n * k * 2;
       case kMxfp4:
       case kMxfp4W4a4:
+      case kMxfp4QdqX:
         return n * k / 2 + n * k / 32;
       default:
         return n * k * 4;
@@ -185,6 +190,7 @@ struct Weights {
         break;
       case kMxfp4:
       case kMxfp4W4a4:
+      case kMxfp4QdqX:
         packed.resize(elements / 2);
         scales.resize(elements / 32);
         for (auto& v : packed) v = static_cast<uint8_t>(fill.next());
@@ -205,6 +211,7 @@ struct Weights {
       case kBf16:
         return mxlm::cpu::gemm_bf16(x, m, k, bf16.data() + e * n * k, n, y);
       case kMxfp4:
+      case kMxfp4QdqX:  // x is QDQ'd by the caller (activations() below)
         return mxlm::cpu::gemm_mxfp4(x, m, k, packed.data() + e * n * k / 2, scales.data() + e * n * k / 32, n, y);
       case kMxfp4W4a4:
         if (x_packed.size() != m * k / 2) {
@@ -230,10 +237,11 @@ struct Weights {
   }
 };
 
-std::vector<float> activations(size_t m, size_t k) {
+std::vector<float> activations(size_t m, size_t k, int format) {
   Fill fill;
   std::vector<float> x(m * k);
   for (auto& v : x) v = fill.uniform();
+  if (format == kMxfp4QdqX) mxlm::mx::qdq_f32(x.data(), x.size());
   return x;
 }
 
@@ -244,7 +252,7 @@ void BM_Gemv(benchmark::State& state) {
   const size_t m = static_cast<size_t>(state.range(3));
   openblas_set_num_threads(omp_get_max_threads());
   const Weights w(format, n, k, true);
-  const auto x = activations(m, k);
+  const auto x = activations(m, k, format);
   std::vector<float> y(m * n);
   const double bandwidth = read_bandwidth();
   for (size_t e = 0; e < w.count; ++e) w.multiply(e, x.data(), m, y.data());  // warm-up, page faults
@@ -266,7 +274,7 @@ void BM_Gemv(benchmark::State& state) {
 void gemv_args(benchmark::internal::Benchmark* b) {
   for (auto [n, k] : {std::pair{3072, 6144}, std::pair{6144, 3072}})
     for (int m : {1, 4, 16})
-      for (int format : {kMxfp4, kMxfp4W4a4, kBf16, kF32Ours, kF32OpenBlas}) b->Args({format, n, k, m});
+      for (int format : {kMxfp4, kMxfp4QdqX, kMxfp4W4a4, kBf16, kF32Ours, kF32OpenBlas}) b->Args({format, n, k, m});
 }
 BENCHMARK(BM_Gemv)->Apply(gemv_args)->UseRealTime()->Unit(benchmark::kMicrosecond);
 
@@ -277,7 +285,7 @@ void BM_Gemm(benchmark::State& state) {
   const size_t m = static_cast<size_t>(state.range(3));
   openblas_set_num_threads(omp_get_max_threads());
   const Weights w(format, n, k, false);
-  const auto x = activations(m, k);
+  const auto x = activations(m, k, format);
   std::vector<float> y(m * n);
   w.multiply(0, x.data(), m, y.data());
   const CpuShare share;
@@ -294,7 +302,7 @@ void BM_Gemm(benchmark::State& state) {
 
 void gemm_args(benchmark::internal::Benchmark* b) {
   for (int m : {128, 512})
-    for (int format : {kMxfp4, kMxfp4W4a4, kBf16, kF32Ours, kF32OpenBlas}) b->Args({format, 3072, 6144, m});
+    for (int format : {kMxfp4, kMxfp4QdqX, kMxfp4W4a4, kBf16, kF32Ours, kF32OpenBlas}) b->Args({format, 3072, 6144, m});
 }
 BENCHMARK(BM_Gemm)->Apply(gemm_args)->UseRealTime()->Unit(benchmark::kMillisecond);
 

@@ -405,6 +405,163 @@ TEST(GemmMxfp4, NanScaleByteGivesNanOnlyInItsRow) {
   }
 }
 
+TEST(GemmMxfp4, NanScaleByteGivesNanOnlyInItsRowForBf16ExactActivationsToo) {
+  // Bf16-exact x takes the AVX-512 bf16 path; scale bytes 0 and 255 switch its tile to table-looked-up scales.
+  const size_t m = 3, k = 160, n = 9;
+  Problem p = make_problem(Format::Mxfp4, m, k, n, 16, false);
+  for (auto& v : p.x) v = std::bit_cast<float>(std::bit_cast<uint32_t>(v) & 0xffff0000u);
+  p.scales[2 * (k / 32) + 4] = 255;  // row 2, last block (the K tail of a 128-wide group)
+  p.scales[5 * (k / 32) + 1] = 0;    // row 5: 2^-127, finite
+  for (GemmIsa isa : supported_isas()) {
+    ForcedIsa forced(isa);
+    std::vector<float> y = poisoned(m * n);
+    run_dispatched(p, y.data());
+    for (size_t i = 0; i < m; ++i)
+      for (size_t j = 0; j < n; ++j) EXPECT_EQ(std::isnan(y[i * n + j]), j == 2) << gemm_isa_name(isa);
+  }
+}
+
+// --- MXFP4: the per-row activation paths -------------------------------------------------------------------
+// The AVX-512 MXFP4 kernel picks a path per row of x from that row's values alone: bf16-exact rows with every
+// nonzero |x| in [2^-100, 2^100) (what the emulation's QDQ produces) use vdpbf16ps; other rows with |x| < 2^100
+// use f32 FMAs with the block scale applied to each 128-wide group sum; rows with larger, infinite or NaN values
+// use f32 FMAs on scaled weights. These tests give each path its own inputs, alone and mixed in one batch.
+
+enum class Activations { Uniform, Qdq, Bf16BelowRange, Bf16Tiny, Huge, Subnormal, Count };
+
+std::vector<float> activation_row(Activations kind, size_t k, std::mt19937& rng) {
+  std::uniform_real_distribution<float> uni(-1.0f, 1.0f);
+  std::uniform_int_distribution<int> code(0, 15), exponent(-8, 8);
+  std::vector<float> x(k);
+  switch (kind) {
+    case Activations::Uniform:
+    case Activations::Count:
+      for (auto& v : x) v = uni(rng);
+      break;
+    case Activations::Qdq:  // E2M1 values times a power of two per block of 32, as mx::qdq_f32 leaves them
+      for (size_t b = 0; b < k; b += 32) {
+        const int e = exponent(rng);
+        for (size_t c = b; c < b + 32 && c < k; ++c) x[c] = static_cast<float>(std::ldexp(decode_e2m1(code(rng)), e));
+      }
+      break;
+    case Activations::Bf16BelowRange:  // bf16-exact, but one value below 2^-100: not the bf16 path
+      for (auto& v : x) v = std::bit_cast<float>(std::bit_cast<uint32_t>(uni(rng)) & 0xffff0000u);
+      x[k / 2] = std::ldexp(1.5f, -110);
+      break;
+    case Activations::Bf16Tiny:  // bf16-exact values around 2^-126, subnormals among them: vdpbf16ps would flush them
+      for (auto& v : x) v = std::bit_cast<float>(std::bit_cast<uint32_t>(std::ldexp(uni(rng), -122)) & 0xffff0000u);
+      break;
+    case Activations::Huge:  // up to 2^125: a group sum of 8 products x * e could overflow where x * (e * scale) does
+                             // not
+      for (auto& v : x) v = std::ldexp(uni(rng), 125);
+      break;
+    case Activations::Subnormal:  // f32 subnormals (and their products with the weights) among normal values
+      for (size_t c = 0; c < k; ++c) x[c] = c % 3 == 0 ? uni(rng) : std::ldexp(uni(rng), -130);
+      break;
+  }
+  return x;
+}
+
+// Weights with scale bytes in [lo, hi], decoded again after the change.
+void set_scales(Problem& p, std::mt19937& rng, int lo, int hi) {
+  std::uniform_int_distribution<int> byte(lo, hi);
+  for (auto& s : p.scales) s = static_cast<uint8_t>(byte(rng));
+  for (size_t r = 0; r < p.n; ++r)
+    for (size_t c = 0; c < p.k; ++c) {
+      const uint8_t b = p.packed[r * p.k / 2 + c / 2];
+      p.w_decoded[r * p.k + c] =
+          decode_e2m1(c % 2 == 0 ? b & 0xf : b >> 4) * decode_e8m0(p.scales[r * p.k / 32 + c / 32]);
+    }
+}
+
+TEST(GemmMxfp4Activations, EveryPathMatchesReferenceAndDoubleSums) {
+  uint32_t seed = 700;
+  for (int kind = 0; kind < static_cast<int>(Activations::Count); ++kind) {
+    for (size_t k : {size_t{32}, size_t{96}, size_t{160}, size_t{1056}, size_t{2080}}) {
+      for (size_t m : {size_t{1}, size_t{2}, size_t{3}, size_t{5}}) {
+        const size_t n = 9;
+        std::mt19937 rng(seed++);
+        Problem p = make_problem(Format::Mxfp4, m, k, n, seed, false);
+        // Huge x with small weight scales keeps every product and sum finite (|y| < 2^118).
+        if (static_cast<Activations>(kind) == Activations::Huge) set_scales(p, rng, 90, 105);
+        for (size_t i = 0; i < m; ++i) {
+          const auto row = activation_row(static_cast<Activations>(kind), k, rng);
+          std::copy(row.begin(), row.end(), p.x.begin() + static_cast<long>(i * k));
+        }
+        const Exact e = exact_product(p);
+        std::vector<float> y_ref = poisoned(m * n);
+        run_ref(p, y_ref.data());
+        expect_near_exact(p, e, y_ref, "ref kind " + std::to_string(kind));
+        for (GemmIsa isa : supported_isas()) {
+          ForcedIsa forced(isa);
+          std::vector<float> y = poisoned(m * n);
+          run_dispatched(p, y.data());
+          expect_near_exact(p, e, y, std::string(gemm_isa_name(isa)) + " kind " + std::to_string(kind));
+        }
+      }
+    }
+  }
+}
+
+TEST(GemmMxfp4Activations, RowsOfDifferentPathsInOneBatchGiveTheRowsAlone) {
+  const size_t m = 11, k = 1184, n = 37;  // K = 9 groups of 128 and a 32-wide tail
+  Problem p = make_problem(Format::Mxfp4, m, k, n, 31, false);
+  std::mt19937 rng(32);
+  set_scales(p, rng, 90, 105);
+  for (size_t i = 0; i < m; ++i) {
+    const auto row = activation_row(static_cast<Activations>(i % static_cast<size_t>(Activations::Count)), k, rng);
+    std::copy(row.begin(), row.end(), p.x.begin() + static_cast<long>(i * k));
+  }
+  for (GemmIsa isa : supported_isas()) {
+    ForcedIsa forced(isa);
+    std::vector<float> batched = poisoned(m * n);
+    run_dispatched(p, batched.data());
+    for (size_t i = 0; i < m; ++i) {
+      Problem single = p;
+      single.m = 1;
+      single.x.assign(p.x.begin() + static_cast<long>(i * k), p.x.begin() + static_cast<long>((i + 1) * k));
+      std::vector<float> y = poisoned(n);
+      run_dispatched(single, y.data());
+      for (size_t j = 0; j < n; ++j)
+        ASSERT_EQ(std::bit_cast<uint32_t>(y[j]), std::bit_cast<uint32_t>(batched[i * n + j]))
+            << gemm_isa_name(isa) << " row " << i << " col " << j;
+    }
+    const int threads = omp_get_max_threads();
+    omp_set_num_threads(1);
+    std::vector<float> one_thread = poisoned(m * n);
+    run_dispatched(p, one_thread.data());
+    omp_set_num_threads(threads);
+    for (size_t t = 0; t < m * n; ++t)
+      ASSERT_EQ(std::bit_cast<uint32_t>(one_thread[t]), std::bit_cast<uint32_t>(batched[t])) << gemm_isa_name(isa);
+  }
+}
+
+TEST(GemmMxfp4Activations, InfiniteAndNanActivationsGiveTheReferenceClass) {
+  // One +Inf (row 0) or NaN (row 1) among finite values: outputs are NaN where the reference has NaN (Inf times a
+  // zero weight, or Infs of both signs) and the same infinity otherwise.
+  const size_t m = 2, k = 96, n = 33;
+  Problem p = make_problem(Format::Mxfp4, m, k, n, 41, false);
+  p.x[5] = std::numeric_limits<float>::infinity();
+  p.x[k + 70] = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> y_ref = poisoned(m * n);
+  run_ref(p, y_ref.data());
+  size_t infinite = 0;
+  for (size_t j = 0; j < n; ++j) infinite += std::isinf(y_ref[j]);
+  ASSERT_GT(infinite, 0u);  // the draw has nonzero and zero weights at column 5
+  ASSERT_LT(infinite, n);
+  for (GemmIsa isa : supported_isas()) {
+    ForcedIsa forced(isa);
+    std::vector<float> y = poisoned(m * n);
+    run_dispatched(p, y.data());
+    for (size_t t = 0; t < m * n; ++t) {
+      EXPECT_EQ(std::isnan(y[t]), std::isnan(y_ref[t])) << gemm_isa_name(isa) << " " << t;
+      if (std::isinf(y_ref[t])) {
+        EXPECT_EQ(y[t], y_ref[t]) << gemm_isa_name(isa) << " " << t;
+      }
+    }
+  }
+}
+
 // --- W4A4 ------------------------------------------------------------------------------------------------------
 
 struct W4a4Problem {

@@ -4,9 +4,13 @@
 // AVX-512 with AVX2 and scalar fallbacks, chosen at run time (gemm_isa.h can force one for tests); all
 // agree with the scalar reference within f32 summation-order rounding. Activations stay f32: bf16 weights
 // are widened to f32 in registers (no vdpbf16ps, which would round x to bf16), and MXFP4 weights are
-// dequantized exactly in registers, so every product is the reference product.
-// Each output's summation order depends only on K and the ISA, not on M, N, the other rows of x or the
-// thread count: a row computed in a batch is bit-identical to the same row computed alone.
+// dequantized exactly in registers, so every product is the reference product. (The AVX-512 MXFP4 kernel
+// multiplies x by the E2M1 values and applies each power-of-two block scale to a partial sum, and uses
+// vdpbf16ps for rows of x that are exactly bf16, as QDQ'd activations are: still exact products, only the
+// summation order differs; gemm_avx512_mxfp4.cpp says when each path applies.)
+// Each output's summation order depends only on K, the ISA and (MXFP4 on AVX-512) that row of x's own
+// values, not on M, N, the other rows of x or the thread count: a row computed in a batch is bit-identical
+// to the same row computed alone.
 // y must not alias x or W; its previous contents are ignored.
 #pragma once
 

@@ -1,7 +1,7 @@
-// AVX-512 GEMM kernels. The build has no -m flags: only the functions marked MXLM_AVX512 use AVX-512, and
-// gemm.cpp calls them only on CPUs that have it. Products are f32 x f32 with FMA; weights are widened
-// (bf16, f16) or dequantized (MXFP4: E2M1 table scaled by the exact block scale) in registers, so each
-// product equals the reference one and only the summation order differs (16 lanes, then a tree).
+// AVX-512 GEMM kernels for f32, bf16 and f16 weights (MXFP4 is in gemm_avx512_mxfp4.cpp). The build has no
+// -m flags: only the functions marked MXLM_AVX512 use AVX-512, and gemm.cpp calls them only on CPUs that have
+// it. Products are f32 x f32 with FMA; weights are widened (bf16, f16) in registers, so each product equals
+// the reference one and only the summation order differs (16 lanes, then a tree).
 //
 // Schedule: OpenMP threads take tiles of 8 weight rows; each tile is decoded in registers once per 32-block
 // per group of up to 4 rows of x, and multiplied with them (register tiles of 1-2 x rows x 8 weight rows or
@@ -25,10 +25,6 @@
 
 namespace mxlm::cpu::avx512 {
 namespace {
-
-// How far ahead of the current block each MXFP4 row is prefetched: the streaming schedule walks 8 rows at
-// once, more streams than the hardware prefetcher follows well (measured: ~10% on the dev VM).
-constexpr size_t kPrefetchBytes = 256;
 
 inline size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
 
@@ -79,29 +75,6 @@ struct F16Weights {
   MXLM_AVX512 __m512 tail16(Row p, size_t kk, __mmask16 mask) const {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p + kk));
   }
-};
-
-struct Mxfp4Weights {
-  static constexpr bool kEvenOdd = true;
-  struct Row {
-    const uint8_t* packed;
-    const uint8_t* scales;
-  };
-  const uint8_t* packed;  // [n, k/2]
-  const uint8_t* scales;  // [n, k/32]
-  size_t k;
-  Row row(size_t r) const { return {packed + r * (k / 2), scales + r * (k / 32)}; }
-  // The 16-entry E2M1 table times the block scale (exact: a power of two times a 2-bit significand), then
-  // vpermps picks by the low 4 bits of each lane: the low nibble (even k) directly, the high one after a shift.
-  MXLM_AVX512 void load32(const Row& p, size_t kk, __m512& a, __m512& b) const {
-    const __m512 table = _mm512_mul_ps(_mm512_loadu_ps(kE2m1Values), _mm512_set1_ps(kE8m0Values[p.scales[kk / 32]]));
-    _mm_prefetch(reinterpret_cast<const char*>(p.packed + kk / 2 + kPrefetchBytes), _MM_HINT_T0);
-    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.packed + kk / 2)));
-    a = _mm512_permutexvar_ps(bytes, table);
-    b = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
-  }
-  // K % 32 == 0 for MXFP4, so there is never a tail.
-  MXLM_AVX512 __m512 tail16(const Row&, size_t, __mmask16) const { return _mm512_setzero_ps(); }
 };
 
 MXLM_AVX512 inline __mmask16 tail_mask(size_t count) { return static_cast<__mmask16>((1u << count) - 1u); }
@@ -217,11 +190,6 @@ void gemm_bf16(const float* x, size_t m, size_t k, const uint16_t* w, size_t n, 
 
 void gemm_f16(const float* x, size_t m, size_t k, const uint16_t* w, size_t n, float* y) {
   run(x, m, k, F16Weights{w, k}, n, y);
-}
-
-void gemm_mxfp4(const float* x, size_t m, size_t k, const uint8_t* w_packed, const uint8_t* w_scales, size_t n,
-                float* y) {
-  run(x, m, k, Mxfp4Weights{w_packed, w_scales, k}, n, y);
 }
 
 // --- W4A4 (MXFP4 x and W) with AVX-512 VNNI ------------------------------------------------------------------
