@@ -25,8 +25,10 @@ int main(int argc, char** argv) {
   cudaGetDeviceProperties(&prop, 0);
   std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
   auto cpu = backend::make_cpu_backend();
-  auto gpu = backend::make_cuda_backend({0, backend::MoeBackend::Native});
-  auto gpu_emu = backend::make_cuda_backend({0, backend::MoeBackend::Emulation});
+  backend::CudaOptions native, emulation;
+  emulation.moe_backend = backend::MoeBackend::Emulation;
+  auto gpu = backend::make_cuda_backend(native);
+  auto gpu_emu = backend::make_cuda_backend(emulation);
   Env env{*cpu, *gpu, *gpu_emu, prop.multiProcessorCount, fixtures};
   for (const auto& check : registry()) {
     if (!only.empty() && !only.count(check.name)) continue;
