@@ -244,8 +244,17 @@ void bench_moe(const Ceilings& c, bool quick) {
       // Native with tokens * k <= 1024 routes on the device: the whole layer is capturable (a CUDA graph of 4
       // layers, as a graph-captured decode step would run it).
       const bool graphable = mode == backend::MoeBackend::Native && T * K <= 1024;
-      const double gms =
-          graphable ? graph_ms(backend::cuda_stream(*be), [&](int) { layer_ops(); }, quick ? 5 : 10, 4) : 0.0;
+      double gms = 0.0;
+      if (graphable) {
+        // GEMV plans of the backend (MXLM_CUDA_GEMV_CONFIG = warps,ctas_per_sm,k_split): default first, kept best.
+        for (const char* config : {"", "8,4,0", "4,4,24", "4,8,0"}) {
+          setenv("MXLM_CUDA_GEMV_CONFIG", config, 1);
+          const double t = graph_ms(backend::cuda_stream(*be), [&](int) { layer_ops(); }, quick ? 5 : 10, 4);
+          row("MoE layer native T=%3d GEMV config '%s': %7.3f ms graph", T, config[0] ? config : "default", t);
+          if (gms == 0.0 || t < gms) gms = t;
+        }
+        unsetenv("MXLM_CUDA_GEMV_CONFIG");
+      }
       std::vector<float> idf(static_cast<size_t>(T) * K);
       be->download(*ids, 0, idf.data(), idf.size());
       std::set<int32_t> distinct;

@@ -50,10 +50,10 @@ std::vector<T> fetch(const T* p, size_t n) {
   return v;
 }
 
-std::vector<uint16_t> random_bf16(size_t n) {
-  auto f = randn(n);
-  std::vector<uint16_t> b(n);
-  for (size_t i = 0; i < n; ++i) b[i] = f32_to_bf16(f[i]);
+// Random f32 activations and their bf16 rounding (what the GEMV multiplies).
+std::vector<uint16_t> to_bf16(const std::vector<float>& f) {
+  std::vector<uint16_t> b(f.size());
+  for (size_t i = 0; i < f.size(); ++i) b[i] = f32_to_bf16(f[i]);
   return b;
 }
 
@@ -81,20 +81,22 @@ void check_gemv2(int sms) {
     std::vector<int> ms;  // one problem per entry
     int scale_lo = 120, scale_hi = 128;
   };
-  const std::vector<Case> cases = {{3072, 6144, {1}},      {6144, 3072, {16}},     {200, 96, {3, 16, 9}},
-                                   {1000, 160, {8}},       {130, 32, {1, 2}},      {513, 4096, {13, 5}},
-                                   {64, 6144, {16}},       {384, 1024, {2, 9}, 100, 150},
-                                   {256, 256, {5}, 126, 140}, {77, 2048 + 96, {11}}};
+  const std::vector<Case> cases = {
+      {3072, 6144, {1}},         {6144, 3072, {16}},   {200, 96, {3, 16, 9}}, {1000, 160, {8}},
+      {130, 32, {1, 2}},         {513, 4096, {13, 5}}, {64, 6144, {16}},      {384, 1024, {2, 9}, 100, 150},
+      {256, 256, {5}, 126, 140}, {77, 2048 + 96, {11}}};
   for (const auto& c : cases) {
     DeviceAllocs d;
     std::vector<Mx> ws;
     std::vector<std::vector<uint16_t>> xs;
+    std::vector<std::vector<float>> xfs;
     std::vector<std::vector<float>> want;
     std::vector<cu::Mxfp4GemvGroup> groups;
     int max_m = 1;
     for (int m : c.ms) {
       ws.push_back(random_mx(c.n, c.k, c.scale_lo, c.scale_hi));
-      xs.push_back(random_bf16(static_cast<size_t>(m) * c.k));
+      xfs.push_back(randn(static_cast<size_t>(m) * c.k));
+      xs.push_back(to_bf16(xfs.back()));
       want.push_back(reference_gemv(ws.back(), xs.back(), m));
       groups.push_back({d.put(ws.back().packed), d.put(ws.back().scales), d.put(xs.back()),
                         d.get<float>(static_cast<size_t>(m) * c.n), m, c.n});
@@ -144,8 +146,8 @@ void check_gemv2(int sms) {
           }
           if (nc > 0) {
             auto cnt = fetch(counters, nc);
-            report(std::all_of(cnt.begin(), cnt.end(), [](int v) { return v == 0; }),
-                   tag + " counters left zero", 0, 0);
+            report(std::all_of(cnt.begin(), cnt.end(), [](int v) { return v == 0; }), tag + " counters left zero", 0,
+                   0);
           }
         }
         // One problem by value (the last group).
@@ -168,6 +170,19 @@ void check_gemv2(int sms) {
             continue;
           }
           check_close(tag + " single m=" + std::to_string(m), fetch(groups[gi].y, want[gi].size()), want[gi], tol);
+          // f32 activations rounded while staged: the same bits as the bf16 input.
+          const auto from_bf16 = fetch(groups[gi].y, want[gi].size());
+          cu::Mxfp4GemvGroup gf = groups[gi];
+          gf.x = nullptr;
+          cudaMemset(gf.y, 0xff, static_cast<size_t>(m) * c.n * 4);
+          cudaDeviceSynchronize();
+          e = cu::launch_mxfp4_gemv2(gf, c.n, c.k, plan, pdl, wsp, counters, stream, d.put(xfs[gi]));
+          if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
+          if (e != cudaSuccess) {
+            report(false, tag + " f32 input: " + cudaGetErrorString(e), 0, 0);
+            continue;
+          }
+          check_bits(tag + " f32 input == bf16 input", fetch(gf.y, want[gi].size()), from_bf16);
         }
       }
   }
@@ -209,11 +224,10 @@ void check_route() {
     int tokens, k, experts, first, num_local;
     std::string pattern;
   };
-  const std::vector<Case> cases = {{1, 4, 128, 0, 128, "random"},  {7, 4, 128, 0, 128, "random"},
-                                   {33, 4, 128, 0, 128, "random"}, {130, 4, 128, 0, 128, "random"},
-                                   {33, 4, 16, 0, 16, "same"},     {130, 2, 64, 0, 64, "same"},
-                                   {33, 4, 64, 16, 32, "random"},  {7, 1, 8, 0, 8, "random"},
-                                   {130, 8, 256, 0, 256, "random"}};
+  const std::vector<Case> cases = {
+      {1, 4, 128, 0, 128, "random"},   {7, 4, 128, 0, 128, "random"}, {33, 4, 128, 0, 128, "random"},
+      {130, 4, 128, 0, 128, "random"}, {33, 4, 16, 0, 16, "same"},    {130, 2, 64, 0, 64, "same"},
+      {33, 4, 64, 16, 32, "random"},   {7, 1, 8, 0, 8, "random"},     {130, 8, 256, 0, 256, "random"}};
   for (const auto& c : cases) {
     const std::string tag = "moe_route T=" + std::to_string(c.tokens) + " k=" + std::to_string(c.k) +
                             " E=" + std::to_string(c.experts) + " local " + std::to_string(c.first) + "+" +
@@ -308,9 +322,9 @@ void check_moe_device(Backend& cpu, Backend& gpu, Backend& gpu_emu) {
     std::string pattern;
     int first = 0, num_local = 0;  // num_local 0: all experts
   };
-  const std::vector<Case> cases = {{16, 4, 128, 64, 1, "random"},    {16, 4, 256, 128, 7, "random"},
-                                   {32, 4, 256, 96, 33, "skewed"},   {16, 4, 128, 64, 33, "same"},
-                                   {8, 2, 96, 160, 130, "random"},   {32, 4, 128, 64, 130, "same"},
+  const std::vector<Case> cases = {{16, 4, 128, 64, 1, "random"},         {16, 4, 256, 128, 7, "random"},
+                                   {32, 4, 256, 96, 33, "skewed"},        {16, 4, 128, 64, 33, "same"},
+                                   {8, 2, 96, 160, 130, "random"},        {32, 4, 128, 64, 130, "same"},
                                    {32, 4, 256, 128, 7, "random", 8, 16}, {8, 4, 64, 32, 300, "random"}};
   for (const auto& c : cases) {
     const int num_local = c.num_local > 0 ? c.num_local : c.experts;
@@ -325,11 +339,10 @@ void check_moe_device(Backend& cpu, Backend& gpu, Backend& gpu_emu) {
       w3.push_back(random_mx(c.inter, c.hidden, 118, 124));
       w2.push_back(random_mx(c.hidden, c.inter, 118, 124));
     }
-    const std::string what = "moe_device E=" + std::to_string(c.experts) + " k=" + std::to_string(c.k) +
-                             " H=" + std::to_string(c.hidden) + " I=" + std::to_string(c.inter) +
-                             " T=" + std::to_string(c.tokens) + " " + c.pattern +
-                             (c.num_local > 0 ? " local " + std::to_string(c.first) + "+" + std::to_string(num_local)
-                                              : std::string());
+    const std::string what =
+        "moe_device E=" + std::to_string(c.experts) + " k=" + std::to_string(c.k) + " H=" + std::to_string(c.hidden) +
+        " I=" + std::to_string(c.inter) + " T=" + std::to_string(c.tokens) + " " + c.pattern +
+        (c.num_local > 0 ? " local " + std::to_string(c.first) + "+" + std::to_string(num_local) : std::string());
     auto op = [&](Backend& be) {
       auto dx = up(be, x);
       auto dids = up_i32(be, ids);
@@ -349,12 +362,10 @@ void check_moe_device(Backend& cpu, Backend& gpu, Backend& gpu_emu) {
         dp.push_back(dn.back().get());
       }
       auto out = be.alloc(T * H);
-      be.moe_experts(dx->f32(), T, dids->i32(), dw->f32(), c.k, gp, upp, dp, c.first, {1.702f, 7.0f}, true,
-                     out->f32());
+      be.moe_experts(dx->f32(), T, dids->i32(), dw->f32(), c.k, gp, upp, dp, c.first, {1.702f, 7.0f}, true, out->f32());
       auto first = down(be, *out, T * H);
       // A second call on the same layer (cached expert table, counters reused) must give the same bits.
-      be.moe_experts(dx->f32(), T, dids->i32(), dw->f32(), c.k, gp, upp, dp, c.first, {1.702f, 7.0f}, true,
-                     out->f32());
+      be.moe_experts(dx->f32(), T, dids->i32(), dw->f32(), c.k, gp, upp, dp, c.first, {1.702f, 7.0f}, true, out->f32());
       auto second = down(be, *out, T * H);
       if (std::memcmp(first.data(), second.data(), first.size() * 4) != 0) first.push_back(NAN);
       return first;

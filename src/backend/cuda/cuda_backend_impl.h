@@ -303,6 +303,10 @@ class CudaBackend final : public Backend {
         break;
       }
       case WeightFormat::MXFP4: {
+        if (options_.moe_backend == MoeBackend::Native && m <= 16) {
+          mxfp4_gemv(dw, nullptr, x, m, y);  // the GEMV rounds the f32 activations to bf16 as it stages them
+          break;
+        }
         Block xb(pool_, m * static_cast<size_t>(k) * 2);
         MXLM_CUDA_CHECK(launch_f32_to_bf16(x, xb.as<uint16_t>(), m * static_cast<size_t>(k), stream_));
         mxfp4_linear_bf16(dw, xb.as<uint16_t>(), m, y);
@@ -417,15 +421,21 @@ class CudaBackend final : public Backend {
           "cublasGemmEx(bf16)");
   }
 
+  // Version-2 GEMV (m <= 16): descriptor by value, PDL, deterministic memset-free K split (cuda_mxfp4_gemv.cu);
+  // activations bf16 (xb) or f32 (xf).
+  void mxfp4_gemv(const DeviceWeight& w, const uint16_t* xb, const float* xf, size_t m, float* y) {
+    const int n = static_cast<int>(w.rows()), k = static_cast<int>(w.cols());
+    const Mxfp4GemvGroup g{static_cast<const uint8_t*>(w.data_), w.scales_, xb, y, static_cast<int>(m), n};
+    const Mxfp4GemvPlan plan = mxfp4_gemv_plan(n, k, 1, static_cast<int>(m), sms_, mxfp4_gemv_backend_config());
+    Block ws(pool_, std::max<size_t>(mxfp4_gemv_workspace_floats(plan, n, static_cast<int>(m)), 1) * 4);
+    MXLM_CUDA_CHECK(launch_mxfp4_gemv2(g, n, k, plan, true, ws.as<float>(),
+                                       gemv_counters(mxfp4_gemv_counters(plan, 1)), stream_, xf));
+  }
+
   void mxfp4_linear_bf16(const DeviceWeight& w, const uint16_t* xb, size_t m, float* y) {
     const int n = static_cast<int>(w.rows()), k = static_cast<int>(w.cols());
     if (options_.moe_backend == MoeBackend::Native && m <= 16) {
-      // Version-2 GEMV: descriptor by value, PDL, deterministic memset-free K split (cuda_mxfp4_gemv.cu).
-      const Mxfp4GemvGroup g{static_cast<const uint8_t*>(w.data_), w.scales_, xb, y, static_cast<int>(m), n};
-      const Mxfp4GemvPlan plan = mxfp4_gemv_plan(n, k, 1, static_cast<int>(m), sms_);
-      Block ws(pool_, std::max<size_t>(mxfp4_gemv_workspace_floats(plan, n, static_cast<int>(m)), 1) * 4);
-      MXLM_CUDA_CHECK(launch_mxfp4_gemv2(g, n, k, plan, true, ws.as<float>(),
-                                         gemv_counters(mxfp4_gemv_counters(plan, 1)), stream_));
+      mxfp4_gemv(w, xb, nullptr, m, y);
       return;
     }
     Block wb(pool_, static_cast<size_t>(n) * static_cast<size_t>(k) * 2);

@@ -82,13 +82,18 @@ struct Mxfp4GemvPlan {
 };
 Mxfp4GemvPlan mxfp4_gemv_plan(int n, int k, int num_problems, int max_m, int multiprocessors,
                               const Mxfp4GemvConfig& config = {});
+// The configuration the backend plans with: the defaults, or MXLM_CUDA_GEMV_CONFIG="warps,ctas_per_sm,k_split"
+// (read at every call; the benchmark sweeps it).
+Mxfp4GemvConfig mxfp4_gemv_backend_config();
 // Workspace floats / counters a launch with `plan` needs (0 without a K split). `slots`: partial-sum rows, i.e.
 // m for one problem, 16 * num_groups for groups, mats * rows_max for the MoE launch; counters per z: row_tiles.
 size_t mxfp4_gemv_workspace_floats(const Mxfp4GemvPlan& plan, int n, int slots);
 size_t mxfp4_gemv_counters(const Mxfp4GemvPlan& plan, int num_z);
-// One problem, descriptor by value (so its weights can be prefetched before the previous kernel ends).
+// One problem, descriptor by value (so its weights can be prefetched before the previous kernel ends). With
+// x_f32 (and problem.x null) the activations are f32 [m, k], rounded to bf16 (RNE) while staged: no separate
+// conversion launch.
 cudaError_t launch_mxfp4_gemv2(const Mxfp4GemvGroup& problem, int n, int k, const Mxfp4GemvPlan& plan, bool pdl,
-                               float* workspace, int* counters, cudaStream_t stream);
+                               float* workspace, int* counters, cudaStream_t stream, const float* x_f32 = nullptr);
 // Device array of problems (read after the previous kernel completed).
 cudaError_t launch_mxfp4_gemv2_groups(const Mxfp4GemvGroup* groups, int num_groups, int n, int k,
                                       const Mxfp4GemvPlan& plan, bool pdl, float* workspace, int* counters,

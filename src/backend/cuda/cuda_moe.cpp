@@ -53,8 +53,7 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
                                    counts.as<int32_t>(), stream_));
   // Every buffer is sized for all tk rows; rows past the routed count hold token 0's row (gather pads with 0) or
   // unused values and are read by no tile and no combine entry.
-  Block xs(pool_, tk * H * 2), g(pool_, tk * I * 4), u(pool_, tk * I * 4), act(pool_, tk * I * 2),
-      y(pool_, tk * H * 4);
+  Block xs(pool_, tk * H * 2), g(pool_, tk * I * 4), u(pool_, tk * I * 4), act(pool_, tk * I * 2), y(pool_, tk * H * 4);
   MXLM_CUDA_CHECK(launch_gather_qdq_bf16(x, gather.as<int32_t>(), tk, H, qdq_inputs, xs.as<uint16_t>(), stream_));
   const uint8_t* const* table = expert_table(gate, up, down);
   const size_t n = gate.size();
@@ -74,7 +73,7 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
   gu.ldy = inter;
   gu.mats = 2;
   gu.rows_max = rows_max;
-  const Mxfp4GemvPlan plan1 = mxfp4_gemv_plan(inter, hidden, max_tiles * 2, max_m, sms_);
+  const Mxfp4GemvPlan plan1 = mxfp4_gemv_plan(inter, hidden, max_tiles * 2, max_m, sms_, mxfp4_gemv_backend_config());
   Block ws1(pool_, std::max<size_t>(mxfp4_gemv_workspace_floats(plan1, inter, 2 * rows_max), 1) * 4);
   MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv(gu, max_tiles, inter, hidden, plan1, true, ws1.as<float>(),
                                         gemv_counters(mxfp4_gemv_counters(plan1, max_tiles * 2)), stream_));
@@ -91,12 +90,12 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
   dn.ldy = hidden;
   dn.mats = 1;
   dn.rows_max = rows_max;
-  const Mxfp4GemvPlan plan2 = mxfp4_gemv_plan(hidden, inter, max_tiles, max_m, sms_);
+  const Mxfp4GemvPlan plan2 = mxfp4_gemv_plan(hidden, inter, max_tiles, max_m, sms_, mxfp4_gemv_backend_config());
   Block ws2(pool_, std::max<size_t>(mxfp4_gemv_workspace_floats(plan2, hidden, rows_max), 1) * 4);
   MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv(dn, max_tiles, hidden, inter, plan2, true, ws2.as<float>(),
                                         gemv_counters(mxfp4_gemv_counters(plan2, max_tiles)), stream_));
-  MXLM_CUDA_CHECK(launch_moe_combine(y.as<float>(), combine.as<int32_t>(), row_w.as<float>(), tokens, k, H, out,
-                                     stream_));
+  MXLM_CUDA_CHECK(
+      launch_moe_combine(y.as<float>(), combine.as<int32_t>(), row_w.as<float>(), tokens, k, H, out, stream_));
   return true;
 }
 

@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <type_traits>
 
@@ -236,7 +237,6 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
   }
 }
 
-
 // ---- Version 2: loads in flight without registers, memset-free deterministic K split, PDL.
 //
 // Each CTA owns 16 * W weight rows (16 per warp) and a range of `cpc` 128-wide chunks of K. At its start every
@@ -252,6 +252,11 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
 __device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(gmem) : "memory");
+}
+// RNE; NaN keeps its sign and top payload bits, quiet (as core/dtype.h's f32_to_bf16 and launch_f32_to_bf16).
+__device__ __forceinline__ uint32_t bf16_bits(float v) {
+  if (isnan(v)) return (__float_as_uint(v) >> 16) | 0x0040u;
+  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
 }
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;"); }
@@ -284,16 +289,21 @@ __device__ __forceinline__ bool resolve(const Mxfp4GemvGroup& single, const Mxfp
     const uint8_t* const* w = second ? moe.w[1] : moe.w[0];
     const uint8_t* const* sc = second ? moe.scales[1] : moe.scales[0];
     float* y = second ? moe.y[1] : moe.y[0];
-    p = {w[expert], sc[expert], moe.x + static_cast<size_t>(row) * static_cast<size_t>(k),
-         y + static_cast<size_t>(row) * static_cast<size_t>(moe.ldy), m, moe.ldy, mat * moe.rows_max + row};
+    p = {w[expert],
+         sc[expert],
+         moe.x + static_cast<size_t>(row) * static_cast<size_t>(k),
+         y + static_cast<size_t>(row) * static_cast<size_t>(moe.ldy),
+         m,
+         moe.ldy,
+         mat * moe.rows_max + row};
   }
   return p.m > 0;
 }
 
 template <int NT, int W, int kMode>
-__global__ void __launch_bounds__(W * 32) mxfp4_gemv2_kernel(Mxfp4GemvGroup single, const Mxfp4GemvGroup* groups,
-                                                             Mxfp4MoeTiles moe, int n, int k, int cpc, int slots,
-                                                             float* workspace, int* counters) {
+__global__ void __launch_bounds__(W * 32)
+    mxfp4_gemv2_kernel(Mxfp4GemvGroup single, const Mxfp4GemvGroup* groups, Mxfp4MoeTiles moe, const float* x_f32,
+                       int n, int k, int cpc, int slots, float* workspace, int* counters) {
   extern __shared__ uint4 smem[];
   __shared__ int is_last;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -314,9 +324,9 @@ __global__ void __launch_bounds__(W * 32) mxfp4_gemv2_kernel(Mxfp4GemvGroup sing
   const bool ok_a = ra < n, ok_b = rb < n;
   const size_t row_bytes = static_cast<size_t>(k) / 2;
 
-  uint4* wsm = smem + static_cast<size_t>(warp) * cpc * 64;                        // [cpc][2][32 lanes]
+  uint4* wsm = smem + static_cast<size_t>(warp) * cpc * 64;  // [cpc][2][32 lanes]
   uint32_t* ssm = reinterpret_cast<uint32_t*>(smem + static_cast<size_t>(W) * cpc * 64) + warp * cpc * 16;  // [cpc][16]
-  uint4* xs = smem + static_cast<size_t>(W) * cpc * 68;                            // [NT * 8][cpc * 16 + 2]
+  uint4* xs = smem + static_cast<size_t>(W) * cpc * 68;  // [NT * 8][cpc * 16 + 2]
   const int xstride = cpc * 16 + 2;
 
   // 1. This lane's weights and its warp's scales, all queued now (no registers held while they fly).
@@ -349,15 +359,36 @@ __global__ void __launch_bounds__(W * 32) mxfp4_gemv2_kernel(Mxfp4GemvGroup sing
   pdl_launch_dependents();
   if constexpr (kMode == kSingle) pdl_wait();  // the activations may be the previous kernel's output
 
-  // 2. Activations x[tokens][this CTA's chunks] (zeros past m and past K), swizzled as in version 1.
+  // 2. Activations x[tokens][this CTA's chunks] (zeros past m and past K), swizzled as in version 1; from f32
+  // (one problem; converted here, RNE as f32_to_bf16) or bf16.
   const int per_row = nc * 16;
-  for (int idx = threadIdx.x; idx < NT * 8 * per_row; idx += blockDim.x) {
-    const int tok = idx / per_row, rem = idx % per_row;
-    const int ci = rem / 16, u = rem % 16, blk_in = u / 4, q = u % 4;
-    const int kb = (c0 + ci) * 4 + blk_in;
-    const bool valid = tok < p.m && kb < kblocks;
-    const uint16_t* src = valid ? p.x + static_cast<size_t>(tok) * k + static_cast<size_t>(kb) * 32 + q * 8 : p.x;
-    cp_async_16(&xs[tok * xstride + ci * 16 + blk_in * 4 + (q ^ ((blk_in >> 1) & 1))], src, valid);
+  if (kMode == kSingle && x_f32 != nullptr) {
+#pragma unroll 4
+    for (int idx = threadIdx.x; idx < NT * 8 * per_row; idx += blockDim.x) {
+      const int tok = idx / per_row, rem = idx % per_row;
+      const int ci = rem / 16, u = rem % 16, blk_in = u / 4, q = u % 4;
+      const int kb = (c0 + ci) * 4 + blk_in;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (tok < p.m && kb < kblocks) {
+        const float4* src = reinterpret_cast<const float4*>(x_f32 + static_cast<size_t>(tok) * k +
+                                                            static_cast<size_t>(kb) * 32 + q * 8);
+        const float4 lo = __ldcg(src), hi = __ldcg(src + 1);
+        v.x = bf16_bits(lo.x) | (bf16_bits(lo.y) << 16);
+        v.y = bf16_bits(lo.z) | (bf16_bits(lo.w) << 16);
+        v.z = bf16_bits(hi.x) | (bf16_bits(hi.y) << 16);
+        v.w = bf16_bits(hi.z) | (bf16_bits(hi.w) << 16);
+      }
+      xs[tok * xstride + ci * 16 + blk_in * 4 + (q ^ ((blk_in >> 1) & 1))] = v;
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < NT * 8 * per_row; idx += blockDim.x) {
+      const int tok = idx / per_row, rem = idx % per_row;
+      const int ci = rem / 16, u = rem % 16, blk_in = u / 4, q = u % 4;
+      const int kb = (c0 + ci) * 4 + blk_in;
+      const bool valid = tok < p.m && kb < kblocks;
+      const uint16_t* src = valid ? p.x + static_cast<size_t>(tok) * k + static_cast<size_t>(kb) * 32 + q * 8 : p.x;
+      cp_async_16(&xs[tok * xstride + ci * 16 + blk_in * 4 + (q ^ ((blk_in >> 1) & 1))], src, valid);
+    }
   }
   cp_async_wait_all();
   __syncthreads();
@@ -455,8 +486,8 @@ constexpr size_t kGemv2SmemBudget = 100 * 1024;  // two CTAs of one kernel plus 
 
 template <int NT, int W, int kMode>
 cudaError_t launch_gemv2_t(const Mxfp4GemvPlan& plan, int num_z, const Mxfp4GemvGroup& single,
-                           const Mxfp4GemvGroup* groups, const Mxfp4MoeTiles& moe, int n, int k, int slots,
-                           float* workspace, int* counters, bool pdl, cudaStream_t stream) {
+                           const Mxfp4GemvGroup* groups, const Mxfp4MoeTiles& moe, const float* x_f32, int n, int k,
+                           int slots, float* workspace, int* counters, bool pdl, cudaStream_t stream) {
   // The shared-memory opt-in is per device: set it once for each device this instantiation launches on.
   static std::atomic<uint64_t> devices_done{0};
   int device = 0;
@@ -470,8 +501,8 @@ cudaError_t launch_gemv2_t(const Mxfp4GemvPlan& plan, int num_z, const Mxfp4Gemv
     devices_done.fetch_or(bit);
   }
   cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(plan.row_tiles), static_cast<unsigned>(plan.splits),
-                     static_cast<unsigned>(num_z));
+  cfg.gridDim =
+      dim3(static_cast<unsigned>(plan.row_tiles), static_cast<unsigned>(plan.splits), static_cast<unsigned>(num_z));
   cfg.blockDim = dim3(W * 32);
   cfg.dynamicSmemBytes = plan.smem_bytes;
   cfg.stream = stream;
@@ -480,14 +511,14 @@ cudaError_t launch_gemv2_t(const Mxfp4GemvPlan& plan, int num_z, const Mxfp4Gemv
   la[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = la;
   cfg.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, mxfp4_gemv2_kernel<NT, W, kMode>, single, groups, moe, n, k, plan.chunks_per_cta,
-                            slots, workspace, counters);
+  return cudaLaunchKernelEx(&cfg, mxfp4_gemv2_kernel<NT, W, kMode>, single, groups, moe, x_f32, n, k,
+                            plan.chunks_per_cta, slots, workspace, counters);
 }
 
 template <int kMode>
 cudaError_t launch_gemv2(const Mxfp4GemvPlan& plan, int num_z, const Mxfp4GemvGroup& single,
-                         const Mxfp4GemvGroup* groups, const Mxfp4MoeTiles& moe, int n, int k, int slots,
-                         float* workspace, int* counters, bool pdl, cudaStream_t stream) {
+                         const Mxfp4GemvGroup* groups, const Mxfp4MoeTiles& moe, const float* x_f32, int n, int k,
+                         int slots, float* workspace, int* counters, bool pdl, cudaStream_t stream) {
   if (num_z == 0 || n == 0) return cudaSuccess;
   // MXLM_CUDA_NO_PDL=1 turns Programmatic Dependent Launch off (a fallback should a driver refuse it in graphs).
   const char* no_pdl = std::getenv("MXLM_CUDA_NO_PDL");
@@ -497,16 +528,16 @@ cudaError_t launch_gemv2(const Mxfp4GemvPlan& plan, int num_z, const Mxfp4GemvGr
     return cudaErrorInvalidValue;
   const bool wide = plan.nt == 2;
   if (plan.warps == 8) {
-    return wide ? launch_gemv2_t<2, 8, kMode>(plan, num_z, single, groups, moe, n, k, slots, workspace, counters, pdl,
-                                              stream)
-                : launch_gemv2_t<1, 8, kMode>(plan, num_z, single, groups, moe, n, k, slots, workspace, counters, pdl,
-                                              stream);
+    return wide ? launch_gemv2_t<2, 8, kMode>(plan, num_z, single, groups, moe, x_f32, n, k, slots, workspace, counters,
+                                              pdl, stream)
+                : launch_gemv2_t<1, 8, kMode>(plan, num_z, single, groups, moe, x_f32, n, k, slots, workspace, counters,
+                                              pdl, stream);
   }
   if (plan.warps != 4) return cudaErrorInvalidValue;
-  return wide ? launch_gemv2_t<2, 4, kMode>(plan, num_z, single, groups, moe, n, k, slots, workspace, counters, pdl,
-                                            stream)
-              : launch_gemv2_t<1, 4, kMode>(plan, num_z, single, groups, moe, n, k, slots, workspace, counters, pdl,
-                                            stream);
+  return wide ? launch_gemv2_t<2, 4, kMode>(plan, num_z, single, groups, moe, x_f32, n, k, slots, workspace, counters,
+                                            pdl, stream)
+              : launch_gemv2_t<1, 4, kMode>(plan, num_z, single, groups, moe, x_f32, n, k, slots, workspace, counters,
+                                            pdl, stream);
 }
 
 }  // namespace
@@ -536,6 +567,19 @@ cudaError_t launch_mxfp4_gemv(const Mxfp4GemvGroup* groups, int num_groups, int 
     mxfp4_gemv_kernel<2><<<grid, kWarps * 32, 16 * kXStride * sizeof(uint4), stream>>>(groups, n, k, per);
   }
   return cudaGetLastError();
+}
+
+Mxfp4GemvConfig mxfp4_gemv_backend_config() {
+  Mxfp4GemvConfig c;
+  if (const char* v = std::getenv("MXLM_CUDA_GEMV_CONFIG")) {
+    int w = 0, cps = 0, split = 0;
+    if (std::sscanf(v, "%d,%d,%d", &w, &cps, &split) >= 1) {
+      if (w == 4 || w == 8) c.warps = w;
+      if (cps > 0) c.ctas_per_sm = cps;
+      if (split > 0) c.k_split = split;
+    }
+  }
+  return c;
 }
 
 Mxfp4GemvPlan mxfp4_gemv_plan(int n, int k, int num_problems, int max_m, int multiprocessors,
@@ -569,24 +613,24 @@ size_t mxfp4_gemv_counters(const Mxfp4GemvPlan& plan, int num_z) {
 }
 
 cudaError_t launch_mxfp4_gemv2(const Mxfp4GemvGroup& problem, int n, int k, const Mxfp4GemvPlan& plan, bool pdl,
-                               float* workspace, int* counters, cudaStream_t stream) {
-  if (problem.m < 1 || problem.m > 16) return cudaErrorInvalidValue;
-  return launch_gemv2<kSingle>(plan, 1, problem, nullptr, Mxfp4MoeTiles{}, n, k, problem.m, workspace, counters, pdl,
-                               stream);
+                               float* workspace, int* counters, cudaStream_t stream, const float* x_f32) {
+  if (problem.m < 1 || problem.m > 16 || (problem.x == nullptr) == (x_f32 == nullptr)) return cudaErrorInvalidValue;
+  return launch_gemv2<kSingle>(plan, 1, problem, nullptr, Mxfp4MoeTiles{}, x_f32, n, k, problem.m, workspace, counters,
+                               pdl, stream);
 }
 
 cudaError_t launch_mxfp4_gemv2_groups(const Mxfp4GemvGroup* groups, int num_groups, int n, int k,
                                       const Mxfp4GemvPlan& plan, bool pdl, float* workspace, int* counters,
                                       cudaStream_t stream) {
-  return launch_gemv2<kGroups>(plan, num_groups, Mxfp4GemvGroup{}, groups, Mxfp4MoeTiles{}, n, k, num_groups * 16,
-                               workspace, counters, pdl, stream);
+  return launch_gemv2<kGroups>(plan, num_groups, Mxfp4GemvGroup{}, groups, Mxfp4MoeTiles{}, nullptr, n, k,
+                               num_groups * 16, workspace, counters, pdl, stream);
 }
 
 cudaError_t launch_mxfp4_moe_gemv(const Mxfp4MoeTiles& moe, int max_tiles, int n, int k, const Mxfp4GemvPlan& plan,
                                   bool pdl, float* workspace, int* counters, cudaStream_t stream) {
   if (moe.mats < 1 || moe.mats > 2) return cudaErrorInvalidValue;
-  return launch_gemv2<kMoe>(plan, max_tiles * moe.mats, Mxfp4GemvGroup{}, nullptr, moe, n, k, moe.mats * moe.rows_max,
-                            workspace, counters, pdl, stream);
+  return launch_gemv2<kMoe>(plan, max_tiles * moe.mats, Mxfp4GemvGroup{}, nullptr, moe, nullptr, n, k,
+                            moe.mats * moe.rows_max, workspace, counters, pdl, stream);
 }
 
 }  // namespace mxlm::backend::cuda
