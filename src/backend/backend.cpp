@@ -1,6 +1,57 @@
 #include "backend/backend.h"
 
+#include <vector>
+
+#include "core/error.h"
+
 namespace mxlm::backend {
+
+namespace {
+
+// Counter-based (splitmix64 finaliser): element i of a stream depends only on (seed, i).
+uint64_t mix(uint64_t seed, uint64_t i) {
+  uint64_t z = seed * 0x9E3779B97F4A7C15ull + i + 0x632BE59BD9B4E019ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+float uniform_pm(uint64_t seed, uint64_t i, float amplitude) {  // uniform in [-amplitude, amplitude)
+  const double u = static_cast<double>(mix(seed, i) >> 11) * 0x1.0p-53;
+  return static_cast<float>((2.0 * u - 1.0) * amplitude);
+}
+
+}  // namespace
+
+std::unique_ptr<Weight> Backend::random_weight(WeightFormat format, int64_t rows, int64_t cols, uint64_t seed) {
+  if (rows <= 0 || cols <= 0) fail("weight of invalid shape [{}, {}]", rows, cols);
+  const size_t n = static_cast<size_t>(rows) * static_cast<size_t>(cols);
+  constexpr float kAmplitude = 0.05f;
+  switch (format) {
+    case WeightFormat::F32: {
+      std::vector<float> v(n);
+      for (size_t i = 0; i < n; ++i) v[i] = uniform_pm(seed, i, kAmplitude);
+      return upload_weight({format, rows, cols, v.data(), nullptr});
+    }
+    case WeightFormat::BF16:
+    case WeightFormat::F16: {
+      std::vector<uint16_t> v(n);
+      for (size_t i = 0; i < n; ++i) {
+        const float x = uniform_pm(seed, i, kAmplitude);
+        v[i] = format == WeightFormat::BF16 ? f32_to_bf16(x) : f32_to_f16(x);
+      }
+      return upload_weight({format, rows, cols, v.data(), nullptr});
+    }
+    case WeightFormat::MXFP4: {
+      if (cols % 32 != 0) fail("MXFP4 weight with {} columns (not a multiple of 32)", cols);
+      std::vector<uint8_t> packed(n / 2), scales(n / 32);
+      for (size_t i = 0; i < packed.size(); ++i) packed[i] = static_cast<uint8_t>(mix(seed, i) >> 56);
+      for (size_t i = 0; i < scales.size(); ++i) scales[i] = static_cast<uint8_t>(118 + mix(seed ^ 0x5555, i) % 7);
+      return upload_weight({format, rows, cols, packed.data(), scales.data()});
+    }
+  }
+  fail("random weight of unknown format {}", static_cast<int>(format));
+}
 
 const char* weight_format_name(WeightFormat format) {
   switch (format) {

@@ -101,6 +101,11 @@ class Backend {
   virtual std::unique_ptr<Weight> upload_weight(const WeightData& data) = 0;
   // A small f32 vector (norm weights, router bias).
   virtual std::unique_ptr<Buffer> upload_vector(std::span<const float> values) = 0;
+  // A weight of random values that needs no host data (`--load-format dummy`: full-size models for benchmarks):
+  // MXFP4 codes uniform over all 16 with scale bytes uniform in [118, 124] (2^-9 .. 2^-3), float values uniform
+  // in +-0.05. Deterministic in `seed` on one backend; backends need not agree bit for bit. The default makes
+  // the values on the host and uploads them; a GPU backend makes them on the device.
+  virtual std::unique_ptr<Weight> random_weight(WeightFormat format, int64_t rows, int64_t cols, uint64_t seed);
 
   // ---- elementwise and normalisation
   virtual void add(const float* a, const float* b, float* out, size_t n) = 0;

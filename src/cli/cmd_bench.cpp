@@ -8,12 +8,17 @@
 // HTTP connection each) and the output-token throughput, time to first token and inter-token latency are measured on
 // the client side. The ratio server / offline throughput is the cost of HTTP, JSON, detokenization and the thread
 // handoffs.
+//
+// `mxlm bench decode (--model DIR | --model-config CONFIG --load-format dummy) [--layers N] --batch 1,32`: decode
+// tokens/s against the weight-bytes roofline (engine/decode_bench.h), e.g. the real MiniMax-M3 config with its first
+// 4 layers and random weights made on the GPU.
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 #include "server/http.h"
 
 #include <algorithm>
 #include <chrono>
+#include <filesystem>
 #include <fstream>
 #include <random>
 #include <thread>
@@ -23,8 +28,12 @@
 #include "cli/registry.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "engine/decode_bench.h"
 #include "engine/model_runner.h"
 #include "engine/scheduler.h"
+#include "io/model_config.h"
+#include "io/safetensors.h"
+#include "model/dummy_weights.h"
 #include "model/m3_model.h"
 #include "server/openai_server.h"
 #include "text/tokenizer.h"
@@ -240,9 +249,129 @@ void run_bench_serve(const BenchServeOptions& o) {
   }
 }
 
+struct BenchDecodeOptions {
+  std::string model;         // a model directory (config.json + weights unless --load-format dummy)
+  std::string model_config;  // or config.json (a file or a directory holding one), with --load-format dummy
+  std::string load_format = "auto";
+  int layers = 0;  // 0: all
+  int first_layer = 0;
+  std::string device = "cpu";
+  std::string moe_backend = "native";
+  std::string dtype = "auto";
+  std::vector<int> batch = {1, 32};
+  engine::DecodeBenchOptions run;
+  double copy_mib = 1024;
+  std::string output_json;
+};
+
+void run_bench_decode(const BenchDecodeOptions& o) {
+  if (o.load_format != "auto" && o.load_format != "dummy")
+    fail("--load-format must be auto or dummy, got '{}'", o.load_format);
+  if (o.model.empty() == o.model_config.empty()) fail("give exactly one of --model DIR and --model-config CONFIG");
+  if (!o.model_config.empty() && o.load_format != "dummy")
+    fail("--model-config has no weights: use it with --load-format dummy (or give --model DIR)");
+  for (const int b : o.batch)
+    if (b <= 0) fail("--batch values must be positive");
+  const std::filesystem::path config_path(o.model.empty() ? o.model_config : o.model);
+  io::ModelConfig config;
+  if (std::filesystem::is_directory(config_path)) {
+    config = io::load_model_config(config_path);
+  } else {
+    std::ifstream in(config_path);
+    if (!in) fail("cannot open model config {}", config_path.string());
+    const auto j = nlohmann::json::parse(in, nullptr, false);
+    if (j.is_discarded()) fail("{} is not valid JSON", config_path.string());
+    config = io::parse_model_config(j, config_path.string());
+  }
+  const int all_layers = config.text.num_layers;
+  if (o.layers > 0 || o.first_layer > 0)
+    config = model::slice_layers(config, o.first_layer, o.layers > 0 ? o.layers : all_layers - o.first_layer);
+  if (o.load_format != "dummy" && config.text.num_layers != all_layers)
+    fail("--layers / --first-layer need --load-format dummy (a checkpoint's weights are for all its layers)");
+
+  auto be = make_backend(o.device, o.moe_backend);
+  model::ModelOptions mo;
+  mo.float_format = parse_weight_dtype(o.dtype);
+  const auto t0 = Clock::now();
+  std::unique_ptr<model::M3Model> m = o.load_format == "dummy"
+                                          ? model::make_dummy_m3_model(config, *be, mo, o.run.seed)
+                                          : std::make_unique<model::M3Model>(config, io::Checkpoint(o.model), *be, mo);
+  const double load_s = std::chrono::duration<double>(Clock::now() - t0).count();
+  const model::WeightBytes& wb = m->weight_bytes_by_kind();
+  int moe = 0, sparse = 0;
+  for (int l = 0; l < m->num_layers(); ++l) {
+    moe += config.text.layer_is_moe[static_cast<size_t>(l)] ? 1 : 0;
+    sparse += m->layer_is_sparse(l) ? 1 : 0;
+  }
+  fmt::print("model: {} layers from layer {} ({} MoE, {} sparse-attention), {} weights ({:.2f} GB; embedding {:.2f} GB, "
+             "routed experts {:.2f} GB, one expert {:.1f} MB), loaded in {:.1f} s on {}\n",
+             m->num_layers(), o.first_layer, moe, sparse, o.load_format == "dummy" ? "dummy" : "checkpoint",
+             wb.total / 1e9, wb.embedding / 1e9, wb.routed_experts / 1e9, wb.one_expert / 1e6, load_s, be->name());
+  const double bw = engine::measure_copy_bandwidth(*be, static_cast<size_t>(o.copy_mib * 1048576.0));
+  fmt::print("copy bandwidth (backend copy of {:.0f} MiB, read + write): {:.1f} GB/s\n", o.copy_mib, bw / 1e9);
+  fmt::print("{:>5} {:>9} {:>9} {:>9} {:>10} {:>8} {:>9} {:>8} {:>9} {:>9} {:>8} {:>9}\n", "batch", "ctx", "step p50",
+             "p10-p90", "tokens/s", "experts", "weights", "KV", "roofline", "roof t/s", "ratio", "argmax");
+  nlohmann::json report = nlohmann::json::array();
+  for (const int b : o.batch) {
+    const engine::DecodeBenchResult r = engine::run_decode_bench(*m, b, o.run, bw);
+    fmt::print("{:>5} {:>4}-{:<4} {:>7.3f}ms {:>4.2f}-{:<4.2f} {:>10.1f} {:>8.1f} {:>7.3f}GB {:>6.1f}MB {:>7.3f}ms "
+               "{:>9.1f} {:>8.3f} {:>7.3f}ms\n",
+               b, r.context_first, r.context_last, r.step_p50_s * 1e3, r.step_p10_s * 1e3, r.step_p90_s * 1e3,
+               r.tokens_per_s, r.distinct_experts, r.weight_bytes / 1e9, r.kv_bytes / 1e6, r.roofline_s * 1e3,
+               b / r.roofline_s, r.roofline_fraction, r.host_argmax_s * 1e3);
+    report.push_back({{"batch", b},
+                      {"context_first", r.context_first},
+                      {"context_last", r.context_last},
+                      {"prefill_s", r.prefill_s},
+                      {"step_p10_s", r.step_p10_s},
+                      {"step_p50_s", r.step_p50_s},
+                      {"step_p90_s", r.step_p90_s},
+                      {"tokens_per_s", r.tokens_per_s},
+                      {"distinct_experts_per_moe_layer", r.distinct_experts},
+                      {"weight_bytes_per_step", r.weight_bytes},
+                      {"kv_bytes_per_step", r.kv_bytes},
+                      {"logits_bytes_per_step", r.logits_bytes},
+                      {"copy_bytes_per_s", bw},
+                      {"roofline_weights_s", r.roofline_weights_s},
+                      {"roofline_s", r.roofline_s},
+                      {"roofline_fraction", r.roofline_fraction},
+                      {"host_argmax_s", r.host_argmax_s}});
+  }
+  if (!o.output_json.empty()) {
+    std::ofstream out(o.output_json);
+    out << report.dump(2) << "\n";
+  }
+}
+
+void add_bench_decode(CLI::App* bench) {
+  auto o = std::make_shared<BenchDecodeOptions>();
+  auto* d = bench->add_subcommand("decode", "Decode tokens/s at fixed batch sizes vs the weight-bytes roofline");
+  d->add_option("--model", o->model, "Model directory");
+  d->add_option("--model-config", o->model_config, "config.json (file or directory) for --load-format dummy");
+  d->add_option("--load-format", o->load_format, "auto (the checkpoint) or dummy (random weights made by the backend)")
+      ->capture_default_str();
+  d->add_option("--layers", o->layers, "Keep this many layers (0: all), with their real dense/MoE and full/sparse kinds");
+  d->add_option("--first-layer", o->first_layer, "First kept layer (e.g. 3: MiniMax-M3's MoE/sparse layers only)");
+  d->add_option("--device", o->device)->capture_default_str();
+  d->add_option("--moe-backend", o->moe_backend, "native or emulation (MXFP4 experts on CUDA)")->capture_default_str();
+  d->add_option("--dtype", o->dtype, "auto, float32 or bfloat16 (float weights)")->capture_default_str();
+  d->add_option("--batch", o->batch, "Sequences decoded together (several values: several runs)")
+      ->delimiter(',')
+      ->capture_default_str();
+  d->add_option("--prompt-len", o->run.prompt_len, "Prompt tokens per sequence (prefilled first)")->capture_default_str();
+  d->add_option("--warmup-steps", o->run.warmup_steps, "Untimed decode steps (their routing counts the experts)")
+      ->capture_default_str();
+  d->add_option("--steps", o->run.steps, "Timed decode steps")->capture_default_str();
+  d->add_option("--seed", o->run.seed, "Seed of the prompts and the dummy weights")->capture_default_str();
+  d->add_option("--copy-mib", o->copy_mib, "Size of the copy that measures the bandwidth")->capture_default_str();
+  d->add_option("--output-json", o->output_json, "Also write the numbers as JSON");
+  d->callback([o] { run_bench_decode(*o); });
+}
+
 void add_bench(CLI::App& app) {
-  auto* bench = app.add_subcommand("bench", "Benchmarks of whole code paths (serve; kernels and quantize to come)");
+  auto* bench = app.add_subcommand("bench", "Benchmarks of whole code paths (serve, decode)");
   bench->require_subcommand(1);
+  add_bench_decode(bench);
   auto o = std::make_shared<BenchServeOptions>();
   auto* serve = bench->add_subcommand("serve", "Server throughput/latency vs the engine's offline batch throughput");
   serve->add_option("--model", o->model, "Model directory (with tokenizer.json)")->required();

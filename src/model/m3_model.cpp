@@ -18,6 +18,7 @@ struct M3Model::Mlp {
 };
 
 struct M3Model::Layer {
+  int index = 0;
   bool moe = false;
   bool sparse = false;
   std::unique_ptr<Buffer> input_norm, post_norm, q_norm, k_norm;
@@ -58,12 +59,22 @@ class Scratch {
 M3Model::M3Model(const io::ModelConfig& config, const io::Checkpoint& ckpt, backend::Backend& backend,
                  ModelOptions options)
     : config_(config), backend_(backend), options_(options) {
+  WeightLoader load(ckpt, backend, options_.float_format);
+  bind(load);
+}
+
+M3Model::M3Model(const io::ModelConfig& config, WeightSource& weights, backend::Backend& backend, ModelOptions options)
+    : config_(config), backend_(backend), options_(options) {
+  bind(weights);
+}
+
+void M3Model::bind(WeightSource& load) {
   const io::TextConfig& t = config_.text;
   const TensorParallel& tp = options_.tp;
   if (tp.size < 1 || tp.rank < 0 || tp.rank >= tp.size) fail("invalid tensor-parallel rank {} of {}", tp.rank, tp.size);
-  if (tp.size != backend.tp_size() || tp.rank != backend.tp_rank())
-    fail("model bound for TP rank {}/{} but the backend is rank {}/{}", tp.rank, tp.size, backend.tp_rank(),
-         backend.tp_size());
+  if (tp.size != backend_.tp_size() || tp.rank != backend_.tp_rank())
+    fail("model bound for TP rank {}/{} but the backend is rank {}/{}", tp.rank, tp.size, backend_.tp_rank(),
+         backend_.tp_size());
   if (t.hidden_size <= 0 || t.num_layers <= 0 || t.num_heads <= 0 || t.num_kv_heads <= 0 || t.head_dim <= 0 ||
       t.vocab_size <= 0)
     fail("config: hidden_size, num_hidden_layers, heads, head_dim and vocab_size must be positive");
@@ -85,19 +96,19 @@ M3Model::M3Model(const io::ModelConfig& config, const io::Checkpoint& ckpt, back
   }
   const int64_t H = t.hidden_size, D = t.head_dim;
   const std::string lm = "language_model.";
-  WeightLoader load(ckpt, backend, options_.float_format);
 
   const Shard vocab = Shard::even_rows(t.vocab_size, tp);
   vocab_begin_ = vocab.split == Shard::Split::None ? 0 : vocab.begin;
   local_vocab_ = vocab.split == Shard::Split::None ? t.vocab_size : vocab.count;
   embed_ = load.matrix(lm + "model.embed_tokens", t.vocab_size, H, vocab);
+  bytes_.embedding = load.bytes_loaded();
   final_norm_ = load.vector(lm + "model.norm.weight", H);
   if (load.has(lm + "lm_head.weight")) {
     lm_head_ = load.matrix(lm + "lm_head", t.vocab_size, H, vocab);
   } else if (t.tie_word_embeddings) {
     lm_head_ = load.matrix(lm + "model.embed_tokens", t.vocab_size, H, vocab);
   } else {
-    fail("checkpoint {} has no tensor {}lm_head.weight (and tie_word_embeddings is false)", ckpt.dir().string(), lm);
+    fail("checkpoint {} has no tensor {}lm_head.weight (and tie_word_embeddings is false)", load.origin(), lm);
   }
 
   const Shard q_rows = Shard::even_rows(t.num_heads * D, tp);
@@ -145,6 +156,7 @@ M3Model::M3Model(const io::ModelConfig& config, const io::Checkpoint& ckpt, back
       layer->router = load.matrix(m + "gate", E, H, Shard::whole(), /*force_f32=*/true);
       if (t.use_routing_bias) layer->router_bias = load.vector(m + "e_score_correction_bias", E);
       const int64_t I = t.intermediate_size;
+      const uint64_t before_experts = load.bytes_loaded();
       for (int e = 0; e < E; ++e) {
         const std::string x = m + "experts." + std::to_string(e) + ".";
         layer->w1.push_back(load.matrix(x + "w1", I, H, Shard::even_rows(I, tp)));
@@ -158,6 +170,8 @@ M3Model::M3Model(const io::ModelConfig& config, const io::Checkpoint& ckpt, back
         layer->w3_ptr.push_back(layer->w3.back().get());
         layer->w2_ptr.push_back(layer->w2.back().get());
       }
+      bytes_.routed_experts += load.bytes_loaded() - before_experts;
+      bytes_.one_expert = (load.bytes_loaded() - before_experts) / static_cast<uint64_t>(E);
       if (t.num_shared_experts > 0) {
         const int64_t S = static_cast<int64_t>(t.shared_intermediate_size) * t.num_shared_experts;
         layer->dense.gate = load.matrix(m + "shared_experts.gate_proj", S, H, Shard::even_rows(S, tp));
@@ -165,9 +179,10 @@ M3Model::M3Model(const io::ModelConfig& config, const io::Checkpoint& ckpt, back
         layer->dense.down = load.matrix(m + "shared_experts.down_proj", H, S, Shard::even_cols(S, tp));
       }
     }
+    layer->index = i;
     layers_.push_back(std::move(layer));
   }
-  weight_bytes_ = load.bytes_loaded();
+  bytes_.total = load.bytes_loaded();
 }
 
 M3Model::~M3Model() = default;
@@ -214,6 +229,13 @@ void M3Model::moe(const Layer& layer, const float* x, size_t m, float* out) {
   float* weights = s(m * static_cast<size_t>(k));
   backend_.router(x, m, *layer.router, layer.router_bias ? layer.router_bias->f32() : nullptr, k,
                   static_cast<float>(t.routed_scaling_factor), ids, weights);
+  if (routing_observer_) {
+    auto host = backend_.alloc(m * static_cast<size_t>(k));
+    backend_.copy(reinterpret_cast<const float*>(ids), host->f32(), m * static_cast<size_t>(k));
+    std::vector<int32_t> h(m * static_cast<size_t>(k));
+    backend_.download(*host, 0, reinterpret_cast<float*>(h.data()), h.size());
+    routing_observer_(layer.index, h, k);
+  }
   backend_.moe_experts(x, m, ids, weights, k, layer.w1_ptr, layer.w3_ptr, layer.w2_ptr, 0,
                        {static_cast<float>(t.swiglu_alpha), static_cast<float>(t.swiglu_limit)},
                        layer.w1.front()->mxfp4(), out);

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <span>
@@ -43,10 +44,25 @@ struct ForwardBatch {
   std::vector<float> embeddings;
 };
 
+// Bytes of the stored weights (this rank's), split the way a decode step touches them: the embedding table is
+// read one row per token, routed experts only where the routing sends tokens, everything else whole every step.
+struct WeightBytes {
+  uint64_t total = 0;
+  uint64_t embedding = 0;       // the input embedding table
+  uint64_t routed_experts = 0;  // every routed expert of every MoE layer
+  uint64_t one_expert = 0;      // one routed expert (gate + up + down)
+};
+
+// Sees each MoE layer's routing: ids [tokens, k] (expert ids) on the host. For benchmarks that count the experts a
+// step touches; each call costs a download, so leave it unset otherwise.
+using RoutingObserver = std::function<void(int layer, std::span<const int32_t> ids, int k)>;
+
 class M3Model {
  public:
   M3Model(const io::ModelConfig& config, const io::Checkpoint& checkpoint, backend::Backend& backend,
           ModelOptions options = {});
+  // Weights from any source (e.g. DummyWeights: random, made by the backend).
+  M3Model(const io::ModelConfig& config, WeightSource& weights, backend::Backend& backend, ModelOptions options = {});
   ~M3Model();
   M3Model(const M3Model&) = delete;
   M3Model& operator=(const M3Model&) = delete;
@@ -60,7 +76,9 @@ class M3Model {
   // Floats per token slot of this rank's K (and V) cache, and of the index-K cache of sparse layers.
   int64_t kv_width() const;
   int64_t index_width() const;
-  uint64_t weight_bytes() const { return weight_bytes_; }
+  uint64_t weight_bytes() const { return bytes_.total; }
+  const WeightBytes& weight_bytes_by_kind() const { return bytes_; }
+  void set_routing_observer(RoutingObserver observer) { routing_observer_ = std::move(observer); }
 
   // Writes the batch's K/V/index-K into `caches` (one per layer) at batch.attention.slots, runs every layer and
   // returns the logits of batch.logit_rows as [logit_rows, vocab] f32 on the host.
@@ -69,6 +87,7 @@ class M3Model {
  private:
   struct Layer;
   struct Mlp;
+  void bind(WeightSource& weights);
   void linear(const float* x, size_t m, const backend::Weight& w, float* y);
   void mlp(const Mlp& mlp, const float* x, size_t m, float* out);
   void attention(const Layer& layer, const LayerCache& cache, const backend::AttentionBatch& batch, const float* x,
@@ -86,7 +105,8 @@ class M3Model {
   std::unique_ptr<backend::Weight> lm_head_;
   std::unique_ptr<backend::Buffer> final_norm_;
   std::vector<std::unique_ptr<Layer>> layers_;
-  uint64_t weight_bytes_ = 0;
+  WeightBytes bytes_;
+  RoutingObserver routing_observer_;
 };
 
 // Loads config.json and the checkpoint of a model directory and binds the weights.

@@ -33,20 +33,35 @@ struct Shard {
   static Shard even_cols(int64_t total, const TensorParallel& tp);
 };
 
-class WeightLoader {
+// Where a model's weights come from, by upstream tensor name: a checkpoint (WeightLoader) or random values made
+// by the backend (DummyWeights, `--load-format dummy`).
+class WeightSource {
+ public:
+  virtual ~WeightSource() = default;
+  // A linear weight `<stem>.weight` of logical shape [rows, cols] (out x in); force_f32: a float tensor kept f32.
+  virtual std::unique_ptr<backend::Weight> matrix(const std::string& stem, int64_t rows, int64_t cols,
+                                                  Shard shard = Shard::whole(), bool force_f32 = false) = 0;
+  // A vector `name` of `n` elements as f32 (norm weights, router bias).
+  virtual std::unique_ptr<backend::Buffer> vector(const std::string& name, int64_t n) = 0;
+  virtual bool has(const std::string& name) const = 0;
+  // Bytes of the weights made so far, in their stored formats.
+  virtual uint64_t bytes_loaded() const = 0;
+  // Names the source in error messages (the checkpoint directory).
+  virtual std::string origin() const = 0;
+};
+
+class WeightLoader final : public WeightSource {
  public:
   // `float_format`: store float weights as this format (F32 or BF16 conversion; nullopt keeps each tensor's own).
   WeightLoader(const io::Checkpoint& checkpoint, backend::Backend& backend,
                std::optional<backend::WeightFormat> float_format);
 
-  // A linear weight `<stem>.weight` of logical shape [rows, cols] (out x in).
   std::unique_ptr<backend::Weight> matrix(const std::string& stem, int64_t rows, int64_t cols,
-                                          Shard shard = Shard::whole(), bool force_f32 = false);
-  // A vector `name` of `n` elements as f32 (norm weights, router bias).
-  std::unique_ptr<backend::Buffer> vector(const std::string& name, int64_t n);
-  bool has(const std::string& name) const { return checkpoint_.contains(name); }
-
-  uint64_t bytes_loaded() const { return bytes_loaded_; }
+                                          Shard shard = Shard::whole(), bool force_f32 = false) override;
+  std::unique_ptr<backend::Buffer> vector(const std::string& name, int64_t n) override;
+  bool has(const std::string& name) const override { return checkpoint_.contains(name); }
+  uint64_t bytes_loaded() const override { return bytes_loaded_; }
+  std::string origin() const override { return checkpoint_.dir().string(); }
 
  private:
   const io::Checkpoint& checkpoint_;

@@ -1,9 +1,13 @@
 // Paged attention (dense causal and block-sparse) and the lightning indexer's block selection.
 //
-// Attention is split over the key range (flash decoding): a CTA takes one (row, KV head) and a run of key
-// blocks, keeps an online softmax per query head of the GQA group (the K/V rows are read once for the whole
-// group), and writes (max, sum, unnormalised output) to a workspace; a second kernel merges the splits. Decode
-// at long context then spreads over the whole card even for one sequence.
+// Attention is split over the key range (flash decoding): a CTA takes one (row, KV head) and a run of keys, sized so
+// that the grid fills the card even for one sequence, and writes (max, sum, unnormalised output) per query head to a
+// workspace; a second kernel merges the splits. Inside a CTA the keys stream through a 3-stage cp.async pipeline of
+// 32-key tiles (16-byte copies, two tiles in flight while one is computed; every key row's page looked up once per
+// tile), and the whole GQA group (up to 16 query heads) is one m16 tensor-core tile: S = Q·Kᵀ and O += P·V are
+// mma.sync m16n8k8 TF32 products in the 3xTF32 split (x = big + small, big·big + big·small + small·big), which keeps
+// f32 accuracy (relative error ~2^-21 per product, f32 accumulation) while K/V bytes, not FMAs, bound the kernel.
+// Each warp owns 8 keys of a tile with its own online softmax; the 4 warps are merged at the end.
 #include <cfloat>
 #include <cstdint>
 
@@ -14,164 +18,216 @@ namespace mxlm::backend::cuda {
 namespace {
 
 constexpr int kAttnWarps = 4;
-constexpr int kMaxGroup = 16;
-constexpr int kKeysPerSplit = 128;
+constexpr int kTileKeys = 8 * kAttnWarps;  // keys per pipeline stage (8 per warp: one mma n-block)
+constexpr int kStages = 3;
+constexpr int kMaxGroup = 16;  // query heads per KV head: the mma's 16 rows
 
-template <int DPL>  // dims per lane: head_dim <= 32 * DPL
-__global__ void __launch_bounds__(kAttnWarps * 32)
-    attention_split_kernel(const float* q, AttentionRows rows, int num_heads, int num_kv_heads, int D, float scale,
-                           const float* k_cache, const float* v_cache, const int32_t* blocks, int topk,
-                           int units_per_split, int splits, float* ws) {
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const int src_bytes = valid ? 16 : 0;  // 0: zero-fill
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(gmem), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// x = big + small, both TF32 (big: x rounded to 10 mantissa bits; the remainder is exact in f32).
+struct Tf32Pair {
+  uint32_t big, small;
+};
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r & 0xffffe000u;
+}
+__device__ __forceinline__ Tf32Pair split_tf32(float x) {
+  const uint32_t big = to_tf32(x);
+  return {big, to_tf32(x - __uint_as_float(big))};
+}
+
+__device__ __forceinline__ void mma_tf32(float d[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// d += a · b in 3xTF32 (the small·small term, ~2^-22 relative, is dropped).
+__device__ __forceinline__ void mma_3xtf32(float d[4], const Tf32Pair a[4], Tf32Pair b0, Tf32Pair b1) {
+  mma_tf32(d, a[0].small, a[1].small, a[2].small, a[3].small, b0.big, b1.big);
+  mma_tf32(d, a[0].big, a[1].big, a[2].big, a[3].big, b0.small, b1.small);
+  mma_tf32(d, a[0].big, a[1].big, a[2].big, a[3].big, b0.big, b1.big);
+}
+
+template <int NB>
+__host__ __device__ constexpr int row_stride() {  // floats per shared-memory row: +4: conflict-free fragment loads
+  return 8 * NB + 4;
+}
+
+template <int NB>
+constexpr size_t attention_smem_bytes() {
+  return (static_cast<size_t>(kMaxGroup) * row_stride<NB>() +
+          2 * static_cast<size_t>(kStages) * kTileKeys * row_stride<NB>()) *
+             sizeof(float) +
+         static_cast<size_t>(kStages) * kTileKeys * sizeof(int);
+}
+
+// Fragment layouts of mma.m16n8k8 (lane = 4 g + t): A rows g, g + 8 and columns t, t + 4; B column g, rows t, t + 4;
+// C rows g, g + 8 and columns 2t, 2t + 1. S = Q·Kᵀ has query heads as rows and the warp's 8 keys as columns. For
+// O += P·V the key order of P's columns is permuted to (2t, 2t + 1) -> (t, t + 4), so a lane's S accumulators are
+// directly its P fragment; V's rows are read in the same permuted order (a sum over keys ignores the order).
+template <int NB>  // n-blocks of 8 dims: head_dim <= 8 * NB
+__global__ void __launch_bounds__(kAttnWarps * 32, 2)
+    attention_split_kernel(const float* __restrict__ q, AttentionRows rows, int num_heads, int num_kv_heads, int D,
+                           float scale, const float* __restrict__ k_cache, const float* __restrict__ v_cache,
+                           const int32_t* __restrict__ blocks, int topk, int keys_per_split, int splits,
+                           float* __restrict__ ws) {
+  constexpr int DP = row_stride<NB>();
   const int row = blockIdx.x / num_kv_heads, kvh = blockIdx.x % num_kv_heads;
   const int split = blockIdx.y;
   const int G = num_heads / num_kv_heads;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int bs = rows.block_size;
   const int pos = rows.pos[row];
   const int32_t* table = rows.tables + rows.table_offset[row];
+  const int32_t* sel = blocks ? blocks + (static_cast<size_t>(row) * num_kv_heads + kvh) * topk : nullptr;
   const int units = blocks ? topk : pos / bs + 1;
-  const int u0 = split * units_per_split, u1 = min(units, u0 + units_per_split);
+  // Virtual keys: v -> unit v / bs (its block: sel[unit] or the unit itself), offset v % bs in the block.
+  const int v_begin = split * keys_per_split, v_end = min(units * bs, v_begin + keys_per_split);
+  const int tiles = v_end > v_begin ? (v_end - v_begin + kTileKeys - 1) / kTileKeys : 0;
   const size_t width = static_cast<size_t>(num_kv_heads) * D;
 
-  extern __shared__ float smem[];
-  float* qs = smem;                                  // [G][D], pre-scaled
-  float* ps = qs + static_cast<size_t>(G) * D;       // [warps][32 keys][kMaxGroup] probabilities
-  float* wstate = ps + kAttnWarps * 32 * kMaxGroup;  // [warps][G][D + 2]
-  const float* qrow = q + static_cast<size_t>(row) * num_heads * D + static_cast<size_t>(kvh) * G * D;
-  for (int i = threadIdx.x; i < G * D; i += blockDim.x) qs[i] = qrow[i] * scale;
-  __syncthreads();
+  extern __shared__ __align__(16) float smem[];
+  float* qs = smem;                                                     // [16][DP], scaled; zero rows >= G
+  float* kbuf = qs + kMaxGroup * DP;                                    // [stages][tile keys][DP]
+  float* vbuf = kbuf + static_cast<size_t>(kStages) * kTileKeys * DP;   // [stages][tile keys][DP]
+  int* kvalid = reinterpret_cast<int*>(vbuf + static_cast<size_t>(kStages) * kTileKeys * DP);  // [stages][keys]
 
-  float m[kMaxGroup], l[kMaxGroup], acc[kMaxGroup][DPL];
+  // Loader: 4 threads per key of a tile; thread `sub` copies the 16-byte chunks sub, sub + 4, ... of the key's K and
+  // V rows, so 4 neighbouring lanes read 64 contiguous bytes.
+  const int lkey = tid >> 2, lsub = tid & 3;
+  auto issue = [&](int tile) {
+    const int st = tile % kStages;
+    const int v = v_begin + tile * kTileKeys + lkey;
+    bool valid = false;
+    size_t off = 0;
+    if (v < v_end) {
+      const int u = v / bs, in = v % bs;
+      const int b = sel ? sel[u] : u;
+      valid = b >= 0 && b * bs + in <= pos;
+      if (valid) off = (static_cast<size_t>(table[b]) * bs + in) * width + static_cast<size_t>(kvh) * D;
+    }
+    float* kd = kbuf + (static_cast<size_t>(st) * kTileKeys + lkey) * DP;
+    float* vd = vbuf + (static_cast<size_t>(st) * kTileKeys + lkey) * DP;
+    for (int c = lsub; c < D / 4; c += 4) {
+      cp_async_16(kd + 4 * c, k_cache + off + 4 * c, valid);
+      cp_async_16(vd + 4 * c, v_cache + off + 4 * c, valid);
+    }
+    if (lsub == 0) kvalid[st * kTileKeys + lkey] = valid;
+  };
 #pragma unroll
-  for (int h = 0; h < kMaxGroup; ++h) {
-    m[h] = -INFINITY;
-    l[h] = 0.0f;
-#pragma unroll
-    for (int i = 0; i < DPL; ++i) acc[h][i] = 0.0f;
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < tiles) issue(s);
+    cp_async_commit();
   }
-  float* pw = ps + warp * 32 * kMaxGroup;
 
-  // Tiles of 32 keys per warp: scores with one key per lane (K row read by its lane, q broadcast from shared
-  // memory), then P·V with the lanes across the head dims (V rows read coalesced, p broadcast from shared memory).
-  for (int u = u0; u < u1; ++u) {
-    const int b = blocks ? blocks[(static_cast<size_t>(row) * num_kv_heads + kvh) * topk + u] : u;
-    if (b < 0 || b > pos / bs) continue;
-    const size_t page = static_cast<size_t>(table[b]);
-    const int kbeg = b * bs, kend = min((b + 1) * bs, pos + 1);
-    for (int t0 = kbeg + warp * 32; t0 < kend; t0 += kAttnWarps * 32) {
-      const int key = t0 + lane;
-      const bool valid = key < kend;
-      float s[kMaxGroup];
+  const float* qrow = q + static_cast<size_t>(row) * num_heads * D + static_cast<size_t>(kvh) * G * D;
+  for (int i = tid; i < kMaxGroup * DP; i += blockDim.x) {
+    const int h = i / DP, d = i % DP;
+    qs[i] = h < G && d < D ? qrow[static_cast<size_t>(h) * D + d] * scale : 0.0f;
+  }
+
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // heads g and g + 8
+  float o[NB][4];
 #pragma unroll
-      for (int h = 0; h < kMaxGroup; ++h) s[h] = 0.0f;
-      if (valid) {
-        const float* kr =
-            k_cache + (page * bs + static_cast<size_t>(key - kbeg)) * width + static_cast<size_t>(kvh) * D;
-        // The K row in groups of 8 float4 loads issued together (one memory latency per 32 dims, not per 4).
+  for (int nb = 0; nb < NB; ++nb) o[nb][0] = o[nb][1] = o[nb][2] = o[nb][3] = 0.0f;
+
+  for (int tile = 0; tile < tiles; ++tile) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // tile `tile` landed for every thread; every warp is done with the stage reloaded next
+    if (tile + kStages - 1 < tiles) issue(tile + kStages - 1);
+    cp_async_commit();
+    const int st = tile % kStages;
+    const float* kt = kbuf + (static_cast<size_t>(st) * kTileKeys + warp * 8) * DP;
+    const float* vt = vbuf + (static_cast<size_t>(st) * kTileKeys + warp * 8) * DP;
+
+    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-        for (int d0 = 0; d0 < 32 * DPL; d0 += 32) {
-          float4 kk[8];
+    for (int kk = 0; kk < NB; ++kk) {
+      if (kk * 8 >= D) break;
+      const int d0 = kk * 8 + t;
+      const Tf32Pair a[4] = {split_tf32(qs[g * DP + d0]), split_tf32(qs[(g + 8) * DP + d0]),
+                             split_tf32(qs[g * DP + d0 + 4]), split_tf32(qs[(g + 8) * DP + d0 + 4])};
+      mma_3xtf32(s, a, split_tf32(kt[g * DP + d0]), split_tf32(kt[g * DP + d0 + 4]));
+    }
+    const int* kv = kvalid + st * kTileKeys + warp * 8;
+    const bool v0 = kv[2 * t] != 0, v1 = kv[2 * t + 1] != 0;
+    float p[4];
 #pragma unroll
-          for (int e = 0; e < 8; ++e)
-            kk[e] = d0 + 4 * e < D ? *reinterpret_cast<const float4*>(kr + d0 + 4 * e) : make_float4(0, 0, 0, 0);
+    for (int r = 0; r < 2; ++r) {  // r = 0: head g (s[0], s[1]); r = 1: head g + 8 (s[2], s[3])
+      const float s0 = v0 ? s[2 * r] : -INFINITY, s1 = v1 ? s[2 * r + 1] : -INFINITY;
+      float mx = fmaxf(s0, s1);
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float mn = fmaxf(m[r], mx);
+      const float corr = mn == -INFINITY ? 1.0f : expf(m[r] - mn);
+      p[2 * r] = v0 ? expf(s0 - mn) : 0.0f;
+      p[2 * r + 1] = v1 ? expf(s1 - mn) : 0.0f;
+      l[r] = l[r] * corr + p[2 * r] + p[2 * r + 1];  // per-lane partial sum, reduced once at the end
+      m[r] = mn;
 #pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            if (d0 + 4 * e < D) {
-#pragma unroll
-              for (int h = 0; h < kMaxGroup; ++h) {
-                if (h < G) {
-                  const float4 qq = *reinterpret_cast<const float4*>(qs + h * D + d0 + 4 * e);
-                  s[h] += qq.x * kk[e].x + qq.y * kk[e].y + qq.z * kk[e].z + qq.w * kk[e].w;
-                }
-              }
-            }
-          }
-        }
+      for (int nb = 0; nb < NB; ++nb) {
+        o[nb][2 * r] *= corr;
+        o[nb][2 * r + 1] *= corr;
       }
+    }
+    // P's A fragment with the permuted key order: column t <- key 2t, column t + 4 <- key 2t + 1.
+    const Tf32Pair pa[4] = {split_tf32(p[0]), split_tf32(p[2]), split_tf32(p[1]), split_tf32(p[3])};
 #pragma unroll
-      for (int h = 0; h < kMaxGroup; ++h) {
-        if (h < G) {
-          float mt = valid ? s[h] : -INFINITY;
-#pragma unroll
-          for (int o = 16; o > 0; o >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
-          const float mn = fmaxf(m[h], mt);
-          const float corr = expf(m[h] - mn);
-          const float p = valid ? expf(s[h] - mn) : 0.0f;
-          l[h] = l[h] * corr + p;  // per-lane partial sum, reduced once at the end
-#pragma unroll
-          for (int i = 0; i < DPL; ++i) acc[h][i] *= corr;
-          m[h] = mn;
-          pw[lane * kMaxGroup + h] = p;
-        }
-      }
-      __syncwarp();
-      const int nk = min(32, kend - t0);
-      constexpr int kV = 8 / DPL > 0 ? 8 / DPL : 1;  // V rows loaded together (8 floats per lane in flight)
-      for (int j0 = 0; j0 < nk; j0 += kV) {
-        float vb[kV][DPL];
-#pragma unroll
-        for (int jj = 0; jj < kV; ++jj) {
-          const float* vr = v_cache + (page * bs + static_cast<size_t>(t0 + min(j0 + jj, nk - 1) - kbeg)) * width +
-                            static_cast<size_t>(kvh) * D;
-#pragma unroll
-          for (int i = 0; i < DPL; ++i) vb[jj][i] = lane + 32 * i < D ? vr[lane + 32 * i] : 0.0f;
-        }
-#pragma unroll
-        for (int jj = 0; jj < kV; ++jj) {
-          const int j = j0 + jj;
-          if (j >= nk) break;
-          float vv[DPL];
-#pragma unroll
-          for (int i = 0; i < DPL; ++i) vv[i] = vb[jj][i];
-          float pv[kMaxGroup];
-#pragma unroll
-          for (int h4 = 0; h4 < kMaxGroup / 4; ++h4) {
-            const float4 p4 = *reinterpret_cast<const float4*>(pw + j * kMaxGroup + 4 * h4);
-            pv[4 * h4] = p4.x;
-            pv[4 * h4 + 1] = p4.y;
-            pv[4 * h4 + 2] = p4.z;
-            pv[4 * h4 + 3] = p4.w;
-          }
-#pragma unroll
-          for (int h = 0; h < kMaxGroup; ++h)
-            if (h < G)
-#pragma unroll
-              for (int i = 0; i < DPL; ++i) acc[h][i] += pv[h] * vv[i];
-        }
-      }
-      __syncwarp();
+    for (int nb = 0; nb < NB; ++nb) {
+      if (nb * 8 >= D) break;
+      const int d = nb * 8 + g;
+      mma_3xtf32(o[nb], pa, split_tf32(vt[(2 * t) * DP + d]), split_tf32(vt[(2 * t + 1) * DP + d]));
     }
   }
 #pragma unroll
-  for (int h = 0; h < kMaxGroup; ++h)
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) l[h] += __shfl_xor_sync(0xffffffffu, l[h], o);
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+  }
 
-      // Merge the warps of this CTA.
+  // Merge the warps of this CTA (the stage buffers are free now).
+  cp_async_wait<0>();
+  __syncthreads();
+  float* wstate = kbuf;  // [warps][16][D + 2]: max, sum, output
 #pragma unroll
-  for (int h = 0; h < kMaxGroup; ++h) {
-    if (h < G) {
-      float* st = wstate + (static_cast<size_t>(warp) * G + h) * (D + 2);
-      if (lane == 0) {
-        st[0] = m[h];
-        st[1] = l[h];
-      }
+  for (int r = 0; r < 2; ++r) {
+    float* st = wstate + (static_cast<size_t>(warp) * kMaxGroup + g + 8 * r) * (D + 2);
+    if (t == 0) {
+      st[0] = m[r];
+      st[1] = l[r];
+    }
 #pragma unroll
-      for (int i = 0; i < DPL; ++i)
-        if (lane + 32 * i < D) st[2 + lane + 32 * i] = acc[h][i];
+    for (int nb = 0; nb < NB; ++nb) {
+      if (nb * 8 >= D) break;
+      st[2 + nb * 8 + 2 * t] = o[nb][2 * r];
+      st[2 + nb * 8 + 2 * t + 1] = o[nb][2 * r + 1];
     }
   }
   __syncthreads();
   for (int idx = threadIdx.x; idx < G * (D + 2); idx += blockDim.x) {
     const int h = idx / (D + 2), c = idx % (D + 2);
     float M = -INFINITY;
-    for (int w = 0; w < kAttnWarps; ++w) M = fmaxf(M, wstate[(static_cast<size_t>(w) * G + h) * (D + 2)]);
+    for (int w = 0; w < kAttnWarps; ++w) M = fmaxf(M, wstate[(static_cast<size_t>(w) * kMaxGroup + h) * (D + 2)]);
     float v = 0.0f;
     if (c == 0) {
       v = M;
     } else if (M != -INFINITY) {
       for (int w = 0; w < kAttnWarps; ++w) {
-        const float* st = wstate + (static_cast<size_t>(w) * G + h) * (D + 2);
+        const float* st = wstate + (static_cast<size_t>(w) * kMaxGroup + h) * (D + 2);
         if (st[0] != -INFINITY) v += st[c] * expf(st[0] - M);
       }
     }
@@ -281,32 +337,224 @@ __global__ void index_select_kernel(const float* iq, AttentionRows rows, int hea
   for (int j = take + threadIdx.x; j < topk; j += blockDim.x) o[j] = -1;
 }
 
-template <int DPL>
+template <int NB>
 cudaError_t launch_split(const float* q, const AttentionRows& rows, int num_heads, int num_kv_heads, int D, float scale,
                          const float* k_cache, const float* v_cache, const int32_t* blocks, int topk,
-                         int units_per_split, int splits, float* ws, cudaStream_t stream) {
-  const int G = num_heads / num_kv_heads;
-  const size_t smem =
-      (static_cast<size_t>(G) * D + kAttnWarps * 32 * kMaxGroup + static_cast<size_t>(kAttnWarps) * G * (D + 2)) *
-      sizeof(float);
+                         int keys_per_split, int splits, float* ws, cudaStream_t stream) {
+  constexpr size_t smem = attention_smem_bytes<NB>();
   static bool configured = false;
   if (!configured) {
     const cudaError_t e =
-        cudaFuncSetAttribute(attention_split_kernel<DPL>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
+        cudaFuncSetAttribute(attention_split_kernel<NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return e;
     configured = true;
   }
   const dim3 grid(static_cast<unsigned>(rows.rows * num_kv_heads), static_cast<unsigned>(splits));
-  attention_split_kernel<DPL><<<grid, kAttnWarps * 32, smem, stream>>>(
+  attention_split_kernel<NB><<<grid, kAttnWarps * 32, smem, stream>>>(
+      q, rows, num_heads, num_kv_heads, D, scale, k_cache, v_cache, blocks, topk, keys_per_split, splits, ws);
+  return cudaGetLastError();
+}
+
+// ---- The previous decode attention (SIMT f32 FMAs, one 128-key split per CTA), kept only as the baseline that
+// bench/bench_cuda_decode.cc measures the kernel above against in the same run.
+constexpr int kSimtWarps = 4;
+constexpr int kSimtMaxGroup = 16;
+constexpr int kSimtKeysPerSplit = 128;
+
+template <int DPL>  // dims per lane: head_dim <= 32 * DPL
+__global__ void __launch_bounds__(kSimtWarps * 32)
+    attention_simt_kernel(const float* q, AttentionRows rows, int num_heads, int num_kv_heads, int D, float scale,
+                           const float* k_cache, const float* v_cache, const int32_t* blocks, int topk,
+                           int units_per_split, int splits, float* ws) {
+  const int row = blockIdx.x / num_kv_heads, kvh = blockIdx.x % num_kv_heads;
+  const int split = blockIdx.y;
+  const int G = num_heads / num_kv_heads;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int bs = rows.block_size;
+  const int pos = rows.pos[row];
+  const int32_t* table = rows.tables + rows.table_offset[row];
+  const int units = blocks ? topk : pos / bs + 1;
+  const int u0 = split * units_per_split, u1 = min(units, u0 + units_per_split);
+  const size_t width = static_cast<size_t>(num_kv_heads) * D;
+
+  extern __shared__ float smem[];
+  float* qs = smem;                                  // [G][D], pre-scaled
+  float* ps = qs + static_cast<size_t>(G) * D;       // [warps][32 keys][kSimtMaxGroup] probabilities
+  float* wstate = ps + kSimtWarps * 32 * kSimtMaxGroup;  // [warps][G][D + 2]
+  const float* qrow = q + static_cast<size_t>(row) * num_heads * D + static_cast<size_t>(kvh) * G * D;
+  for (int i = threadIdx.x; i < G * D; i += blockDim.x) qs[i] = qrow[i] * scale;
+  __syncthreads();
+
+  float m[kSimtMaxGroup], l[kSimtMaxGroup], acc[kSimtMaxGroup][DPL];
+#pragma unroll
+  for (int h = 0; h < kSimtMaxGroup; ++h) {
+    m[h] = -INFINITY;
+    l[h] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) acc[h][i] = 0.0f;
+  }
+  float* pw = ps + warp * 32 * kSimtMaxGroup;
+
+  // Tiles of 32 keys per warp: scores with one key per lane (K row read by its lane, q broadcast from shared
+  // memory), then P·V with the lanes across the head dims (V rows read coalesced, p broadcast from shared memory).
+  for (int u = u0; u < u1; ++u) {
+    const int b = blocks ? blocks[(static_cast<size_t>(row) * num_kv_heads + kvh) * topk + u] : u;
+    if (b < 0 || b > pos / bs) continue;
+    const size_t page = static_cast<size_t>(table[b]);
+    const int kbeg = b * bs, kend = min((b + 1) * bs, pos + 1);
+    for (int t0 = kbeg + warp * 32; t0 < kend; t0 += kSimtWarps * 32) {
+      const int key = t0 + lane;
+      const bool valid = key < kend;
+      float s[kSimtMaxGroup];
+#pragma unroll
+      for (int h = 0; h < kSimtMaxGroup; ++h) s[h] = 0.0f;
+      if (valid) {
+        const float* kr =
+            k_cache + (page * bs + static_cast<size_t>(key - kbeg)) * width + static_cast<size_t>(kvh) * D;
+        // The K row in groups of 8 float4 loads issued together (one memory latency per 32 dims, not per 4).
+#pragma unroll
+        for (int d0 = 0; d0 < 32 * DPL; d0 += 32) {
+          float4 kk[8];
+#pragma unroll
+          for (int e = 0; e < 8; ++e)
+            kk[e] = d0 + 4 * e < D ? *reinterpret_cast<const float4*>(kr + d0 + 4 * e) : make_float4(0, 0, 0, 0);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            if (d0 + 4 * e < D) {
+#pragma unroll
+              for (int h = 0; h < kSimtMaxGroup; ++h) {
+                if (h < G) {
+                  const float4 qq = *reinterpret_cast<const float4*>(qs + h * D + d0 + 4 * e);
+                  s[h] += qq.x * kk[e].x + qq.y * kk[e].y + qq.z * kk[e].z + qq.w * kk[e].w;
+                }
+              }
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < kSimtMaxGroup; ++h) {
+        if (h < G) {
+          float mt = valid ? s[h] : -INFINITY;
+#pragma unroll
+          for (int o = 16; o > 0; o >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
+          const float mn = fmaxf(m[h], mt);
+          const float corr = expf(m[h] - mn);
+          const float p = valid ? expf(s[h] - mn) : 0.0f;
+          l[h] = l[h] * corr + p;  // per-lane partial sum, reduced once at the end
+#pragma unroll
+          for (int i = 0; i < DPL; ++i) acc[h][i] *= corr;
+          m[h] = mn;
+          pw[lane * kSimtMaxGroup + h] = p;
+        }
+      }
+      __syncwarp();
+      const int nk = min(32, kend - t0);
+      constexpr int kV = 8 / DPL > 0 ? 8 / DPL : 1;  // V rows loaded together (8 floats per lane in flight)
+      for (int j0 = 0; j0 < nk; j0 += kV) {
+        float vb[kV][DPL];
+#pragma unroll
+        for (int jj = 0; jj < kV; ++jj) {
+          const float* vr = v_cache + (page * bs + static_cast<size_t>(t0 + min(j0 + jj, nk - 1) - kbeg)) * width +
+                            static_cast<size_t>(kvh) * D;
+#pragma unroll
+          for (int i = 0; i < DPL; ++i) vb[jj][i] = lane + 32 * i < D ? vr[lane + 32 * i] : 0.0f;
+        }
+#pragma unroll
+        for (int jj = 0; jj < kV; ++jj) {
+          const int j = j0 + jj;
+          if (j >= nk) break;
+          float vv[DPL];
+#pragma unroll
+          for (int i = 0; i < DPL; ++i) vv[i] = vb[jj][i];
+          float pv[kSimtMaxGroup];
+#pragma unroll
+          for (int h4 = 0; h4 < kSimtMaxGroup / 4; ++h4) {
+            const float4 p4 = *reinterpret_cast<const float4*>(pw + j * kSimtMaxGroup + 4 * h4);
+            pv[4 * h4] = p4.x;
+            pv[4 * h4 + 1] = p4.y;
+            pv[4 * h4 + 2] = p4.z;
+            pv[4 * h4 + 3] = p4.w;
+          }
+#pragma unroll
+          for (int h = 0; h < kSimtMaxGroup; ++h)
+            if (h < G)
+#pragma unroll
+              for (int i = 0; i < DPL; ++i) acc[h][i] += pv[h] * vv[i];
+        }
+      }
+      __syncwarp();
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < kSimtMaxGroup; ++h)
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) l[h] += __shfl_xor_sync(0xffffffffu, l[h], o);
+
+      // Merge the warps of this CTA.
+#pragma unroll
+  for (int h = 0; h < kSimtMaxGroup; ++h) {
+    if (h < G) {
+      float* st = wstate + (static_cast<size_t>(warp) * G + h) * (D + 2);
+      if (lane == 0) {
+        st[0] = m[h];
+        st[1] = l[h];
+      }
+#pragma unroll
+      for (int i = 0; i < DPL; ++i)
+        if (lane + 32 * i < D) st[2 + lane + 32 * i] = acc[h][i];
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < G * (D + 2); idx += blockDim.x) {
+    const int h = idx / (D + 2), c = idx % (D + 2);
+    float M = -INFINITY;
+    for (int w = 0; w < kSimtWarps; ++w) M = fmaxf(M, wstate[(static_cast<size_t>(w) * G + h) * (D + 2)]);
+    float v = 0.0f;
+    if (c == 0) {
+      v = M;
+    } else if (M != -INFINITY) {
+      for (int w = 0; w < kSimtWarps; ++w) {
+        const float* st = wstate + (static_cast<size_t>(w) * G + h) * (D + 2);
+        if (st[0] != -INFINITY) v += st[c] * expf(st[0] - M);
+      }
+    }
+    const size_t head = static_cast<size_t>(row) * num_heads + static_cast<size_t>(kvh) * G + h;
+    ws[(head * splits + split) * (D + 2) + c] = v;
+  }
+}
+
+template <int DPL>
+cudaError_t launch_simt(const float* q, const AttentionRows& rows, int num_heads, int num_kv_heads, int D, float scale,
+                         const float* k_cache, const float* v_cache, const int32_t* blocks, int topk,
+                         int units_per_split, int splits, float* ws, cudaStream_t stream) {
+  const int G = num_heads / num_kv_heads;
+  const size_t smem =
+      (static_cast<size_t>(G) * D + kSimtWarps * 32 * kSimtMaxGroup + static_cast<size_t>(kSimtWarps) * G * (D + 2)) *
+      sizeof(float);
+  static bool configured = false;
+  if (!configured) {
+    const cudaError_t e =
+        cudaFuncSetAttribute(attention_simt_kernel<DPL>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
+    if (e != cudaSuccess) return e;
+    configured = true;
+  }
+  const dim3 grid(static_cast<unsigned>(rows.rows * num_kv_heads), static_cast<unsigned>(splits));
+  attention_simt_kernel<DPL><<<grid, kSimtWarps * 32, smem, stream>>>(
       q, rows, num_heads, num_kv_heads, D, scale, k_cache, v_cache, blocks, topk, units_per_split, splits, ws);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-int attention_units_per_split(int block_size) {
-  const int u = kKeysPerSplit / (block_size > 0 ? block_size : 1);
-  return u < 1 ? 1 : u;
+int attention_keys_per_split(int rows, int num_kv_heads, int max_keys, int multiprocessors) {
+  // About four CTAs per multiprocessor (two resident, two waves) over all (row, KV head) pairs.
+  const long long items = static_cast<long long>(rows > 0 ? rows : 1) * (num_kv_heads > 0 ? num_kv_heads : 1);
+  const long long want = 4LL * (multiprocessors > 0 ? multiprocessors : 1);
+  const long long splits = want / items > 1 ? want / items : 1;
+  const long long keys = max_keys > 0 ? max_keys : 1;
+  const long long per = (keys + splits - 1) / splits;
+  return static_cast<int>((per + kTileKeys - 1) / kTileKeys * kTileKeys);
 }
 
 size_t attention_workspace_floats(int rows, int num_heads, int head_dim, int splits) {
@@ -316,42 +564,29 @@ size_t attention_workspace_floats(int rows, int num_heads, int head_dim, int spl
 
 cudaError_t launch_attention(const float* q, const AttentionRows& rows, int num_heads, int num_kv_heads, int head_dim,
                              float scale, const float* k_cache, const float* v_cache, const int32_t* blocks, int topk,
-                             int units, float* workspace, float* out, cudaStream_t stream) {
+                             int max_keys, int keys_per_split, float* workspace, float* out, cudaStream_t stream) {
   if (rows.rows == 0) return cudaSuccess;
   if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || num_heads / num_kv_heads > kMaxGroup || head_dim <= 0 ||
-      head_dim > 256 || head_dim % 4 != 0)
+      head_dim > 256 || head_dim % 8 != 0 || keys_per_split <= 0 || keys_per_split % kTileKeys != 0)
     return cudaErrorInvalidValue;
-  const int ups = attention_units_per_split(rows.block_size);
-  const int splits = (units + ups - 1) / ups < 1 ? 1 : (units + ups - 1) / ups;
+  const int splits = max_keys > 0 ? (max_keys + keys_per_split - 1) / keys_per_split : 1;
   cudaError_t e = cudaSuccess;
-  const int dpl = (head_dim + 31) / 32;
-  switch (dpl) {
-    case 1:
-      e = launch_split<1>(q, rows, num_heads, num_kv_heads, head_dim, scale, k_cache, v_cache, blocks, topk, ups,
-                          splits, workspace, stream);
-      break;
-    case 2:
-      e = launch_split<2>(q, rows, num_heads, num_kv_heads, head_dim, scale, k_cache, v_cache, blocks, topk, ups,
-                          splits, workspace, stream);
-      break;
-    case 3:
-      e = launch_split<3>(q, rows, num_heads, num_kv_heads, head_dim, scale, k_cache, v_cache, blocks, topk, ups,
-                          splits, workspace, stream);
-      break;
-    case 4:
-      e = launch_split<4>(q, rows, num_heads, num_kv_heads, head_dim, scale, k_cache, v_cache, blocks, topk, ups,
-                          splits, workspace, stream);
-      break;
-    case 5:
-    case 6:
-    case 7:
-    case 8:
-      e = launch_split<8>(q, rows, num_heads, num_kv_heads, head_dim, scale, k_cache, v_cache, blocks, topk, ups,
-                          splits, workspace, stream);
-      break;
-    default:
-      return cudaErrorInvalidValue;
+  const int nb = head_dim / 8;
+#define MXLM_ATTENTION_CASE(NB)                                                                                  \
+  e = launch_split<NB>(q, rows, num_heads, num_kv_heads, head_dim, scale, k_cache, v_cache, blocks, topk,       \
+                       keys_per_split, splits, workspace, stream)
+  if (nb <= 4) {
+    MXLM_ATTENTION_CASE(4);
+  } else if (nb <= 8) {
+    MXLM_ATTENTION_CASE(8);
+  } else if (nb <= 12) {
+    MXLM_ATTENTION_CASE(12);
+  } else if (nb <= 16) {
+    MXLM_ATTENTION_CASE(16);
+  } else {
+    MXLM_ATTENTION_CASE(32);
   }
+#undef MXLM_ATTENTION_CASE
   if (e != cudaSuccess) return e;
   attention_merge_kernel<<<static_cast<unsigned>(rows.rows * num_heads), 128, 0, stream>>>(workspace, splits, head_dim,
                                                                                            out);
@@ -372,6 +607,29 @@ cudaError_t launch_index_select(const float* iq, const AttentionRows& rows, int 
   }
   index_select_kernel<<<static_cast<unsigned>(rows.rows * heads), 256, smem, stream>>>(
       iq, rows, heads, head_dim, topk, local_blocks, init_blocks, index_k_cache, blocks);
+  return cudaGetLastError();
+}
+
+int attention_simt_splits(int units, int block_size) {
+  const int ups = kSimtKeysPerSplit / block_size > 1 ? kSimtKeysPerSplit / block_size : 1;
+  return (units + ups - 1) / ups < 1 ? 1 : (units + ups - 1) / ups;
+}
+
+cudaError_t launch_attention_simt(const float* q, const AttentionRows& rows, int num_heads, int num_kv_heads,
+                                  int head_dim, float scale, const float* k_cache, const float* v_cache,
+                                  const int32_t* blocks, int topk, int units, float* workspace, float* out,
+                                  cudaStream_t stream) {
+  if (rows.rows == 0) return cudaSuccess;
+  if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || num_heads / num_kv_heads > kSimtMaxGroup ||
+      head_dim <= 96 || head_dim > 128 || head_dim % 4 != 0)
+    return cudaErrorInvalidValue;
+  const int ups = kSimtKeysPerSplit / rows.block_size > 1 ? kSimtKeysPerSplit / rows.block_size : 1;
+  const int splits = attention_simt_splits(units, rows.block_size);
+  const cudaError_t e = launch_simt<4>(q, rows, num_heads, num_kv_heads, head_dim, scale, k_cache, v_cache, blocks,
+                                       topk, ups, splits, workspace, stream);
+  if (e != cudaSuccess) return e;
+  attention_merge_kernel<<<static_cast<unsigned>(rows.rows * num_heads), 128, 0, stream>>>(workspace, splits, head_dim,
+                                                                                           out);
   return cudaGetLastError();
 }
 

@@ -252,6 +252,10 @@ class CudaBackend final : public Backend {
   }
 
   // ---- elementwise
+  std::unique_ptr<Weight> random_weight(WeightFormat format, int64_t rows, int64_t cols, uint64_t seed) override {
+    return make_random_cuda_weight(format, rows, cols, seed);  // generated on the device: no host data, no upload
+  }
+
   void add(const float* a, const float* b, float* out, size_t n) override {
     MXLM_CUDA_CHECK(launch_add(a, b, out, n, stream_));
   }
@@ -519,15 +523,16 @@ class CudaBackend final : public Backend {
                      const float* v_cache, const int32_t* blocks, int topk, int units, float* out) {
     if (shape.num_kv_heads <= 0 || shape.num_heads % shape.num_kv_heads != 0)
       fail("attention with {} query heads and {} KV heads", shape.num_heads, shape.num_kv_heads);
-    if (shape.head_dim <= 0 || shape.head_dim > 256 || shape.head_dim % 4 != 0 ||
+    if (shape.head_dim <= 0 || shape.head_dim > 256 || shape.head_dim % 8 != 0 ||
         shape.num_heads / shape.num_kv_heads > 16)
-      fail("CUDA attention supports head_dim % 4 == 0 up to 256 and up to 16 query heads per KV head (got {}, {})",
+      fail("CUDA attention supports head_dim % 8 == 0 up to 256 and up to 16 query heads per KV head (got {}, {})",
            shape.head_dim, shape.num_heads / shape.num_kv_heads);
-    const int ups = attention_units_per_split(r.rows.block_size);
-    const int splits = std::max(1, (units + ups - 1) / ups);
+    const int max_keys = units * r.rows.block_size;
+    const int per_split = attention_keys_per_split(r.rows.rows, shape.num_kv_heads, max_keys, sms_);
+    const int splits = std::max(1, (max_keys + per_split - 1) / per_split);
     Block ws(pool_, attention_workspace_floats(r.rows.rows, shape.num_heads, shape.head_dim, splits) * 4);
     MXLM_CUDA_CHECK(launch_attention(q, r.rows, shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.scale,
-                                     k_cache, v_cache, blocks, topk, units, ws.as<float>(), out, stream_));
+                                     k_cache, v_cache, blocks, topk, max_keys, per_split, ws.as<float>(), out, stream_));
   }
 
   CudaOptions options_;

@@ -161,14 +161,22 @@ struct AttentionRows {
   int block_size = 0;
 };
 // Dense causal (blocks == null) or block-sparse (blocks [rows, kv_heads, topk], -1 padded) GQA attention, split
-// over the key range (flash decoding) into `splits` partial results merged by a second kernel. `units` is the
-// most key blocks a row visits (dense: max_pos / block_size + 1; sparse: topk); head_dim <= 256;
-// heads per KV head <= 16. workspace: attention_workspace_floats(rows, num_heads, head_dim, splits) floats.
-int attention_units_per_split(int block_size);
+// over the key range (flash decoding) into splits = ceil(max_keys / keys_per_split) partial results merged by a
+// second kernel. `max_keys` is the most keys a row visits, in whole blocks (dense: (max_pos / block_size + 1) *
+// block_size; sparse: topk * block_size); keys_per_split from attention_keys_per_split; head_dim % 8 == 0 and
+// <= 256; heads per KV head <= 16. workspace: attention_workspace_floats(rows, num_heads, head_dim, splits) floats.
+int attention_keys_per_split(int rows, int num_kv_heads, int max_keys, int multiprocessors);
 size_t attention_workspace_floats(int rows, int num_heads, int head_dim, int splits);
 cudaError_t launch_attention(const float* q, const AttentionRows& rows, int num_heads, int num_kv_heads, int head_dim,
                              float scale, const float* k_cache, const float* v_cache, const int32_t* blocks, int topk,
-                             int units, float* workspace, float* out, cudaStream_t stream);
+                             int max_keys, int keys_per_split, float* workspace, float* out, cudaStream_t stream);
+// The previous kernel (SIMT f32, 128-key splits), kept as the benchmark's baseline: 96 < head_dim <= 128; `units` as
+// max_keys / block_size; workspace for attention_simt_splits(units, block_size) splits.
+int attention_simt_splits(int units, int block_size);
+cudaError_t launch_attention_simt(const float* q, const AttentionRows& rows, int num_heads, int num_kv_heads,
+                                  int head_dim, float scale, const float* k_cache, const float* v_cache,
+                                  const int32_t* blocks, int topk, int units, float* workspace, float* out,
+                                  cudaStream_t stream);
 // Lightning indexer block selection (see Backend::index_select).
 cudaError_t launch_index_select(const float* iq, const AttentionRows& rows, int heads, int head_dim, int topk,
                                 int local_blocks, int init_blocks, int max_visible_blocks, const float* index_k_cache,

@@ -1,0 +1,164 @@
+// GPU checks of the decode path: the split-K tensor-core attention kernel at long, ragged decode contexts (dense
+// and block-sparse, several splits per row, GQA groups of 1..16, head dims 16..256) against the CPU backend,
+// random weights made on the device (`--load-format dummy`), and a dummy model decoding through the engine.
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <fstream>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "engine/decode_bench.h"
+#include "gpu_check.h"
+#include "io/model_config.h"
+#include "model/dummy_weights.h"
+#include "model/m3_model.h"
+
+namespace mxlm::gpucheck {
+namespace {
+
+struct AttnCase {
+  int heads, kv_heads, hd, bs;
+  std::vector<std::array<int, 2>> seqs;  // {start_pos, count}
+  int topk;
+};
+
+void check_attention_case(Env& env, const AttnCase& c) {
+  std::vector<std::vector<int32_t>> tables;
+  int pages = 0, total = 0;
+  for (auto s : c.seqs) {
+    std::vector<int32_t> t(static_cast<size_t>((s[0] + s[1] + c.bs - 1) / c.bs));
+    for (auto& v : t) v = pages++;
+    tables.push_back(t);
+    total += s[1];
+  }
+  std::vector<int32_t> perm(static_cast<size_t>(pages));
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), g_rng);
+  for (auto& t : tables)
+    for (auto& v : t) v = perm[static_cast<size_t>(v)];
+  backend::AttentionBatch batch;
+  batch.block_size = c.bs;
+  batch.num_tokens = total;
+  std::vector<int32_t> blocks;  // sparse selection: the local block first, then random others, -1 padded
+  int row = 0;
+  for (size_t i = 0; i < c.seqs.size(); ++i) {
+    batch.sequences.push_back({row, c.seqs[i][1], c.seqs[i][0], tables[i]});
+    for (int j = 0; j < c.seqs[i][1]; ++j) {
+      const int pos = c.seqs[i][0] + j;
+      batch.positions.push_back(pos);
+      batch.slots.push_back(static_cast<int64_t>(tables[i][static_cast<size_t>(pos / c.bs)]) * c.bs + pos % c.bs);
+      for (int h = 0; h < c.kv_heads; ++h) {
+        const int visible = pos / c.bs + 1;
+        std::vector<int32_t> ids(static_cast<size_t>(visible - 1));
+        std::iota(ids.begin(), ids.end(), 0);
+        std::shuffle(ids.begin(), ids.end(), g_rng);
+        blocks.push_back(visible - 1);
+        for (int k = 1; k < c.topk; ++k) blocks.push_back(k - 1 < static_cast<int>(ids.size()) ? ids[k - 1] : -1);
+      }
+    }
+    row += c.seqs[i][1];
+  }
+  const size_t width = static_cast<size_t>(c.kv_heads * c.hd), cache_n = static_cast<size_t>(pages * c.bs) * width;
+  const auto kc = randn(cache_n), vc = randn(cache_n), q = randn(static_cast<size_t>(total * c.heads * c.hd));
+  const backend::AttentionShape shape{c.heads, c.kv_heads, c.hd, 1.0f / std::sqrt(static_cast<float>(c.hd))};
+  std::string what = "decode attention H=" + std::to_string(c.heads) + "/" + std::to_string(c.kv_heads) +
+                     " d=" + std::to_string(c.hd) + " bs=" + std::to_string(c.bs) + " ctx";
+  for (auto s : c.seqs) what += " " + std::to_string(s[0] + s[1]) + (s[1] > 1 ? "x" + std::to_string(s[1]) : "");
+  for (bool sparse : {false, true}) {
+    std::vector<float> out[2];
+    Backend* bes[2] = {&env.cpu, &env.gpu};
+    for (int i = 0; i < 2; ++i) {
+      Backend& be = *bes[i];
+      auto dq = up(be, q), dk = up(be, kc), dv = up(be, vc), o = be.alloc(q.size());
+      if (sparse) {
+        auto db = up_i32(be, blocks);
+        be.sparse_attention(dq->f32(), batch, shape, dk->f32(), dv->f32(), db->i32(), c.topk, o->f32());
+      } else {
+        be.attention(dq->f32(), batch, shape, dk->f32(), dv->f32(), o->f32());
+      }
+      out[i] = down(be, *o, q.size());
+    }
+    check_close(what + (sparse ? " sparse top" + std::to_string(c.topk) : " dense"), out[1], out[0], 2e-5);
+  }
+}
+
+// Row c of a weight's transpose through linear() with one-hot inputs: every value of W.
+std::vector<float> weight_values(Backend& be, const backend::Weight& w) {
+  const auto rows = static_cast<size_t>(w.rows()), cols = static_cast<size_t>(w.cols());
+  std::vector<float> eye(cols * cols, 0.0f);
+  for (size_t c = 0; c < cols; ++c) eye[c * cols + c] = 1.0f;
+  auto x = up(be, eye);
+  auto y = be.alloc(cols * rows);
+  be.linear(x->f32(), cols, w, y->f32());
+  return down(be, *y, cols * rows);
+}
+
+io::ModelConfig config_file(const fs::path& fixtures, const std::string& name) {
+  std::ifstream in(fixtures / "configs" / name);
+  return io::parse_model_config(nlohmann::json::parse(in), name);
+}
+
+}  // namespace
+
+MXLM_GPU_CHECK(decode_attention) {
+  const std::vector<AttnCase> cases = {
+      // MiniMax-M3 decode: one token per sequence at long, unequal contexts (many splits per row).
+      {64, 4, 128, 128, {{5000, 1}, {17000, 1}, {130, 1}, {0, 1}}, 16},
+      {64, 4, 128, 128, {{40000, 1}}, 16},
+      // Small pages, a prefill chunk mixed with decode rows, other group sizes and head dims.
+      {32, 4, 64, 16, {{1000, 1}, {0, 37}, {333, 1}}, 5},
+      {16, 1, 256, 64, {{3000, 1}, {10, 2}}, 4},
+      {6, 2, 40, 8, {{77, 1}, {200, 3}}, 3},
+      {4, 4, 16, 4, {{9, 1}, {0, 5}}, 2},
+  };
+  for (const auto& c : cases) check_attention_case(env, c);
+}
+
+MXLM_GPU_CHECK(dummy_weights) {
+  for (auto f : {backend::WeightFormat::F32, backend::WeightFormat::BF16, backend::WeightFormat::MXFP4}) {
+    const std::string what = std::string("random_weight ") + backend::weight_format_name(f);
+    auto a = env.gpu.random_weight(f, 96, 64, 5), b = env.gpu.random_weight(f, 96, 64, 5),
+         c = env.gpu.random_weight(f, 96, 64, 6);
+    const auto va = weight_values(env.gpu, *a), vb = weight_values(env.gpu, *b), vc = weight_values(env.gpu, *c);
+    check_bits(what + " deterministic in the seed", va, vb);
+    double max_abs = 0, sum = 0;
+    size_t same = 0;
+    bool finite = true;
+    for (size_t i = 0; i < va.size(); ++i) {
+      finite = finite && std::isfinite(va[i]);
+      max_abs = std::max(max_abs, static_cast<double>(std::fabs(va[i])));
+      sum += va[i];
+      same += va[i] == vc[i];
+    }
+    // Floats uniform in +-0.05 (bf16 rounding may reach 0.05005); MXFP4 codes up to 6 times scales up to 2^-3.
+    const double limit = f == backend::WeightFormat::MXFP4 ? 0.75 : 0.0501;
+    report(finite && max_abs <= limit && max_abs > 0.8 * limit, what + " range (max |w|)", max_abs, limit);
+    report(std::fabs(sum / static_cast<double>(va.size())) < 0.1 * max_abs, what + " centred (mean)",
+           sum / static_cast<double>(va.size()), 0.1 * max_abs);
+    report(same < va.size() / 4, what + " another seed differs (equal values)", static_cast<double>(same),
+           static_cast<double>(va.size() / 4));
+  }
+}
+
+MXLM_GPU_CHECK(dummy_decode) {
+  // The tiny config with the AMD checkpoint's quantization_config (MXFP4 experts) decoding through the engine.
+  io::ModelConfig c = config_file(env.fixtures, "tiny_text_only.json");
+  c.quantization_config = config_file(env.fixtures, "minimax_m3_mxfp4_quark.json").quantization_config;
+  auto m = model::make_dummy_m3_model(c, env.gpu, {}, 9);
+  engine::DecodeBenchOptions o;
+  o.prompt_len = 11;
+  o.warmup_steps = 2;
+  o.steps = 4;
+  const engine::DecodeBenchResult r = engine::run_decode_bench(*m, 5, o, 1e12);
+  report(r.step_p50_s > 0 && std::isfinite(r.tokens_per_s), "dummy model decode through the engine (tokens/s)",
+         r.tokens_per_s, 0);
+  report(r.distinct_experts >= c.text.experts_per_token &&
+             r.distinct_experts <= std::min(c.text.num_experts, 5 * c.text.experts_per_token),
+         "dummy model decode: experts touched per MoE layer in [k, min(E, B k)]", r.distinct_experts,
+         c.text.num_experts);
+}
+
+}  // namespace mxlm::gpucheck
