@@ -63,6 +63,7 @@ struct ServeOptions {
   std::optional<double> image_fetch_timeout;  // default: $VLLM_IMAGE_FETCH_TIMEOUT, else 5 s
   size_t max_image_bytes = 20u << 20;
   std::string limit_mm_per_prompt;
+  std::vector<std::string> allowed_media_domains;
 };
 
 // vLLM's --limit-mm-per-prompt: JSON ('{"image": 4, "video": 0}') or the older 'image=4,video=0'. Returns the image
@@ -150,6 +151,14 @@ server::SamplingDefaults read_generation_config(const std::filesystem::path& dir
 }
 
 void run_serve(ServeOptions o) {
+  // Signals go to one waiting thread (blocked everywhere else), which shuts down in order: the engine cancels
+  // every request (their streams end), then the HTTP server stops. Blocked before anything starts a thread
+  // (tensor-parallel ranks, NCCL, OpenMP), so that every thread inherits the mask.
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
   if (o.model.empty()) {
     o.model = MXLM_DEFAULT_MODEL_DIR;
     if (!std::filesystem::exists(std::filesystem::path(o.model) / "config.json"))
@@ -277,6 +286,7 @@ void run_serve(ServeOptions o) {
   if (o.max_image_bytes == 0) fail("--max-image-bytes must be positive");
   cfg.media.max_bytes = o.max_image_bytes;
   cfg.max_images_per_prompt = image_limit(o.limit_mm_per_prompt);
+  cfg.media.allowed_domains = o.allowed_media_domains;
   if (!o.scripted_output.empty()) {
     std::ifstream in(o.scripted_output, std::ios::binary);
     if (!in) fail("--scripted-output: cannot read {}", o.scripted_output);
@@ -286,14 +296,6 @@ void run_serve(ServeOptions o) {
     spdlog::warn("--scripted-output: every completion is the text of {} (testing aid, not the model's output)",
                  o.scripted_output);
   }
-
-  // Signals go to one waiting thread (blocked everywhere else), which shuts down in order: the engine cancels
-  // every request (their streams end), then the HTTP server stops.
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &set, nullptr);
 
   server::OpenAIServer srv(cfg, tokenizer, std::move(chat_template), scheduler);
   scheduler.start();
@@ -355,6 +357,8 @@ void add_serve(CLI::App& app) {
                   "Seconds to fetch an http(s) image (default: $VLLM_IMAGE_FETCH_TIMEOUT, else 5)");
   cmd->add_option("--max-image-bytes", o->max_image_bytes, "Largest encoded image accepted from any source")
       ->capture_default_str();
+  cmd->add_option("--allowed-media-domains", o->allowed_media_domains,
+                  "Hosts that http(s) image URLs may name (redirects are then not followed); default: any");
   cmd->add_option("--limit-mm-per-prompt", o->limit_mm_per_prompt,
                   "Images per prompt, as vLLM: '{\"image\": N}' or 'image=N' (default 999; video is not supported)");
   cmd->add_option("--scripted-output", o->scripted_output,

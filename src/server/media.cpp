@@ -71,6 +71,18 @@ std::vector<uint8_t> load_http(const std::string& url, const MediaOptions& o) {
   std::string path = path_begin == std::string::npos ? "/" : url.substr(path_begin);
   if (const size_t hash = path.find('#'); hash != std::string::npos) path.resize(hash);
   if (origin.size() <= scheme_end + 3) fail("the URL has no host");
+  if (!o.allowed_domains.empty()) {
+    std::string host = origin.substr(scheme_end + 3);
+    if (const size_t at = host.rfind('@'); at != std::string::npos) host = host.substr(at + 1);
+    if (!host.empty() && host[0] == '[')
+      host = host.substr(0, host.find(']') + 1);
+    else if (const size_t colon = host.find(':'); colon != std::string::npos)
+      host.resize(colon);
+    host = lower(host);
+    if (std::find_if(o.allowed_domains.begin(), o.allowed_domains.end(),
+                     [&](const std::string& d) { return lower(d) == host; }) == o.allowed_domains.end())
+      fail("the host {} is not among --allowed-media-domains", host);
+  }
   httplib::Client client(origin);
   if (!client.is_valid()) fail("cannot fetch {} (unsupported URL)", url);
   const auto timeout = std::chrono::duration<double>(o.fetch_timeout_s);
@@ -78,7 +90,7 @@ std::vector<uint8_t> load_http(const std::string& url, const MediaOptions& o) {
   client.set_connection_timeout(static_cast<time_t>(usec / 1000000), static_cast<time_t>(usec % 1000000));
   client.set_read_timeout(static_cast<time_t>(usec / 1000000), static_cast<time_t>(usec % 1000000));
   client.set_write_timeout(static_cast<time_t>(usec / 1000000), static_cast<time_t>(usec % 1000000));
-  client.set_follow_location(true);
+  client.set_follow_location(o.allowed_domains.empty());
 #ifdef CPPHTTPLIB_OPENSSL_SUPPORT
   if (fs::exists("/etc/ssl/certs/ca-certificates.crt")) client.set_ca_cert_path("/etc/ssl/certs/ca-certificates.crt");
 #endif
@@ -116,6 +128,8 @@ std::vector<uint8_t> load_http(const std::string& url, const MediaOptions& o) {
   if (too_slow || (!res && res.error() == httplib::Error::Read))
     fail("fetching {} took longer than {} s (--image-fetch-timeout)", url, o.fetch_timeout_s);
   if (!res) fail("cannot fetch {}: {}", url, httplib::to_string(res.error()));
+  if (res->status >= 300 && res->status < 400 && !o.allowed_domains.empty())
+    fail("fetching {}: redirects are not followed when --allowed-media-domains is set", url);
   if (res->status != 200) fail("fetching {} failed with HTTP status {}", url, res->status);
   return body;
 }

@@ -15,6 +15,9 @@ struct MediaOptions {
   double fetch_timeout_s = 5.0;    // whole http(s) fetch (vLLM's VLLM_IMAGE_FETCH_TIMEOUT)
   size_t max_bytes = 20u << 20;    // encoded image bytes, whatever the source
   std::string allowed_local_path;  // empty: local files are refused
+  // --allowed-media-domains: when not empty, http(s) URLs must name one of these hosts, and redirects (which could
+  // leave them) are refused.
+  std::vector<std::string> allowed_domains;
 };
 
 // Standard or URL-safe alphabet; padding optional; whitespace ignored. An Error on any other character.

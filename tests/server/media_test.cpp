@@ -152,6 +152,14 @@ TEST(Media, HttpFetchWithSizeCapAndDeadline) {
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(1400));
   o.max_bytes = 6000;
   EXPECT_EQ(load_media(base + "/chunked", o), bytes(big));
+  o.allowed_domains = {"example.com", "127.0.0.1"};
+  EXPECT_EQ(load_media(base + "/small", o), bytes(small));
+  EXPECT_NE(error_of([&] { load_media(base + "/redirect", o); }).find("redirects"), std::string::npos);
+  o.allowed_domains = {"example.com"};
+  EXPECT_NE(error_of([&] { load_media(base + "/small", o); }).find("not among --allowed-media-domains"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { load_media("http://user@127.0.0.1:1/small", o); }).find("127.0.0.1 is not among"),
+            std::string::npos);
   srv.stop();
   t.join();
 }
