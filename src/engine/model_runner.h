@@ -16,6 +16,8 @@
 
 namespace mxlm::engine {
 
+class TpRanks;
+
 struct CacheConfig {
   int32_t block_size = 128;  // tokens per page; must equal the sparse block size when the model has sparse layers
   int32_t num_pages = 0;
@@ -61,6 +63,12 @@ class ModelRunner {
   StepOutput step(std::span<const StepItem> items);
   void release(Sequence& seq) { blocks_.release(seq); }
 
+  // Tensor parallelism (tp_ranks.h): ranks 1.. of the model's group run every step's forward on their own threads.
+  // TpRanks::attach sets it; null at TP = 1.
+  void set_tp_ranks(TpRanks* ranks) { tp_ranks_ = ranks; }
+  // One forward of a batch over this runner's cache, nothing else (another rank's side of rank 0's step).
+  std::vector<float> forward(const model::ForwardBatch& batch) { return model_.forward(batch, layers_); }
+
  private:
   model::M3Model& model_;
   model::VisionTower* vision_ = nullptr;
@@ -68,6 +76,7 @@ class ModelRunner {
   BlockManager blocks_;
   std::vector<std::unique_ptr<backend::Buffer>> storage_;
   std::vector<model::LayerCache> layers_;
+  TpRanks* tp_ranks_ = nullptr;
 };
 
 // Pages needed to hold `tokens` tokens.

@@ -58,6 +58,11 @@ std::unique_ptr<Backend> make_cuda_backend(CudaOptions options) {
   const cudaError_t e = cudaGetDeviceCount(&n);
   if (e != cudaSuccess || n == 0)
     fail("--device cuda: no usable CUDA device ({})", e != cudaSuccess ? cudaGetErrorString(e) : "none found");
+  if (options.tp) {
+    if (options.tp_rank < 0 || options.tp_rank >= cuda::tp_group_size(*options.tp))
+      fail("tensor-parallel rank {} of a group of {}", options.tp_rank, cuda::tp_group_size(*options.tp));
+    options.device = cuda::tp_group_device(*options.tp, options.tp_rank);
+  }
   if (options.device < 0 || options.device >= n) fail("CUDA device {} requested but {} present", options.device, n);
   return std::make_unique<cuda::CudaBackend>(options);
 }

@@ -1,6 +1,6 @@
-// The CUDA implementation of backend::Backend (sm_90a, one GPU, TP = 1). Buffers are device memory from a
-// caching pool; every op is enqueued on one stream and download() synchronises. Activations stay f32 at the
-// interface (backend.h); matrix products feed bf16 tensor cores:
+// The CUDA implementation of backend::Backend (sm_90a; one GPU per backend, several GPUs as NCCL tensor-parallel
+// ranks). Buffers are device memory from a caching pool; every op is enqueued on one stream and download()
+// synchronises. Activations stay f32 at the interface (backend.h); matrix products feed bf16 tensor cores:
 //   - F32 weights: cuBLAS SGEMM (no TF32), the exact f32 path the fixtures are checked against;
 //   - BF16 weights: activations rounded to bf16, cuBLAS bf16 GEMM with f32 accumulation;
 //   - F16 weights: widened to f32 at upload;
@@ -23,9 +23,18 @@ namespace mxlm::backend {
 
 enum class MoeBackend { Native, Emulation };
 
+// NCCL communicators of one process over several GPUs (cuda_tp.cpp): rank r of the group runs on device r.
+class CudaTpGroup;
+
 struct CudaOptions {
-  int device = 0;
+  int device = 0;  // ignored with a tensor-parallel group: rank r runs on the group's device r
   MoeBackend moe_backend = MoeBackend::Native;
+  // Tensor parallelism: this backend is rank `tp_rank` of `tp` (null: TP = 1). all_reduce_sum / all_gather_cols
+  // are NCCL collectives on the backend's stream, so every rank must be driven by its own host thread (NCCL blocks
+  // a rank's host call until its peers arrive) and construct its backend on that thread (the constructor makes the
+  // rank's device current there).
+  std::shared_ptr<CudaTpGroup> tp;
+  int tp_rank = 0;
 };
 
 // Parses "native" / "emulation" (the --moe-backend flag); anything else is an mxlm::Error.
@@ -45,5 +54,12 @@ cudaStream_t cuda_stream(Backend& backend);
 
 // Whether a CUDA device is present (for tests that skip without one).
 bool cuda_device_available();
+// The number of CUDA devices (0 without a usable driver).
+int cuda_device_count();
+
+// A tensor-parallel group of `size` ranks on devices 0 .. size-1 of this process: one NCCL communicator per GPU
+// (ncclCommInitAll), NVLink multicast (NVLS) off unless NCCL_NVLS_ENABLE says otherwise. An Error when fewer
+// devices are present or NCCL fails.
+std::shared_ptr<CudaTpGroup> make_cuda_tp_group(int size);
 
 }  // namespace mxlm::backend

@@ -162,6 +162,10 @@ class DeviceWeight final : public Weight {
 
 inline const DeviceWeight& dev(const Weight& w) { return static_cast<const DeviceWeight&>(w); }
 
+// A tensor-parallel group's size and the device of a rank (cuda_tp.cpp, where the group is defined).
+int tp_group_size(const CudaTpGroup& group);
+int tp_group_device(const CudaTpGroup& group, int rank);
+
 class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(CudaOptions o) : options_(o), pool_(std::make_shared<Pool>()) {
@@ -202,6 +206,10 @@ class CudaBackend final : public Backend {
   void download(const Buffer& src, size_t offset, float* dst, size_t count) override {
     if (offset + count > src.size())
       fail("download of {} elements at {} overflows a buffer of {}", count, offset, src.size());
+    // A tensor-parallel rank waits for its stream before the pageable copy: a copy queued behind a collective would
+    // block inside the driver until the peer ranks arrive, and can keep a peer's cudaMalloc from returning (a
+    // deadlock between the rank threads).
+    if (options_.tp) MXLM_CUDA_CHECK(cudaStreamSynchronize(stream_));
     MXLM_CUDA_CHECK(cudaMemcpyAsync(dst, const_cast<Buffer&>(src).f32() + offset, count * sizeof(float),
                                     cudaMemcpyDeviceToHost, stream_));
     MXLM_CUDA_CHECK(cudaStreamSynchronize(stream_));
@@ -386,10 +394,11 @@ class CudaBackend final : public Backend {
   void segment_attention(const float* q, const float* k, const float* v, std::span<const int32_t> bounds, int heads,
                          int head_dim, float scale, float* out) override;
 
-  void all_reduce_sum(float*, size_t) override {}
-  void all_gather_cols(const float* x, size_t rows, size_t cols_per_rank, float* out) override {
-    copy(x, out, rows * cols_per_rank);
-  }
+  // ---- tensor parallelism (cuda_tp.cpp): NCCL collectives on stream_; at TP = 1 no-op / copy.
+  int tp_rank() const override { return options_.tp ? options_.tp_rank : 0; }
+  int tp_size() const override;
+  void all_reduce_sum(float* x, size_t n) override;
+  void all_gather_cols(const float* x, size_t rows, size_t cols_per_rank, float* out) override;
 
  private:
   // Small host arrays (positions, block tables, routing lists, GEMV descriptors) go through a pinned staging ring,

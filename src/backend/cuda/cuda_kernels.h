@@ -111,6 +111,10 @@ struct Mxfp4MoeTiles {
   int ldy = 0;
   int mats = 1;
   int rows_max = 0;
+  // True when the tile list, its count and the weight tables were written before the kernel launched right before
+  // this GEMV started (e.g. route, then gather, then this GEMV): the CTAs then read them and queue their weights
+  // before griddepcontrol.wait, overlapping the previous kernel; false: they wait first.
+  bool tiles_ready = false;
 };
 cudaError_t launch_mxfp4_moe_gemv(const Mxfp4MoeTiles& moe, int max_tiles, int n, int k, const Mxfp4GemvPlan& plan,
                                   bool pdl, float* workspace, int* counters, cudaStream_t stream);

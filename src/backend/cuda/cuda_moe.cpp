@@ -73,6 +73,7 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
   gu.ldy = inter;
   gu.mats = 2;
   gu.rows_max = rows_max;
+  gu.tiles_ready = true;  // route ran before the gather, the gather right before this GEMV
   const Mxfp4GemvPlan plan1 = mxfp4_gemv_plan(inter, hidden, max_tiles * 2, max_m, sms_, mxfp4_gemv_backend_config());
   Block ws1(pool_, std::max<size_t>(mxfp4_gemv_workspace_floats(plan1, inter, 2 * rows_max), 1) * 4);
   MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv(gu, max_tiles, inter, hidden, plan1, true, ws1.as<float>(),
@@ -90,6 +91,7 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
   dn.ldy = hidden;
   dn.mats = 1;
   dn.rows_max = rows_max;
+  dn.tiles_ready = true;
   const Mxfp4GemvPlan plan2 = mxfp4_gemv_plan(hidden, inter, max_tiles, max_m, sms_, mxfp4_gemv_backend_config());
   Block ws2(pool_, std::max<size_t>(mxfp4_gemv_workspace_floats(plan2, hidden, rows_max), 1) * 4);
   MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv(dn, max_tiles, hidden, inter, plan2, true, ws2.as<float>(),
@@ -114,6 +116,7 @@ void CudaBackend::moe_experts(const float* x, size_t tokens, const int32_t* ids,
   // Routing decisions to the host to sort tokens by expert.
   std::vector<int32_t> h_ids(tk);
   std::vector<float> h_w(tk);
+  if (options_.tp) MXLM_CUDA_CHECK(cudaStreamSynchronize(stream_));  // TP: no pageable copy behind a collective
   MXLM_CUDA_CHECK(cudaMemcpyAsync(h_ids.data(), ids, tk * 4, cudaMemcpyDeviceToHost, stream_));
   MXLM_CUDA_CHECK(cudaMemcpyAsync(h_w.data(), weights, tk * 4, cudaMemcpyDeviceToHost, stream_));
   MXLM_CUDA_CHECK(cudaStreamSynchronize(stream_));

@@ -309,10 +309,15 @@ __global__ void __launch_bounds__(W * 32)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int splits = gridDim.y, split = blockIdx.y, z = blockIdx.z;
-  // The descriptors of grouped / MoE launches may come from the previous kernel: wait before reading them.
-  if constexpr (kMode != kSingle) pdl_wait();
+  // The descriptors of grouped / MoE launches may come from the previous kernel: wait before reading them, unless
+  // the MoE tile list is known to be older than the previous kernel (tiles_ready).
+  const bool early = kMode == kSingle || (kMode == kMoe && moe.tiles_ready);
+  if (!early) pdl_wait();
   Problem p;
-  if (!resolve<kMode>(single, groups, moe, z, k, p)) return;  // uniform over the CTA (and over its K splits)
+  if (!resolve<kMode>(single, groups, moe, z, k, p)) {  // uniform over the CTA (and over its K splits)
+    if (early) pdl_wait();                              // no CTA completes before the previous kernel has
+    return;
+  }
 
   const int kblocks = k / 32;
   const int chunks = (kblocks + 3) / 4;
@@ -357,7 +362,7 @@ __global__ void __launch_bounds__(W * 32)
     }
   }
   pdl_launch_dependents();
-  if constexpr (kMode == kSingle) pdl_wait();  // the activations may be the previous kernel's output
+  if (early) pdl_wait();  // the activations may be the previous kernel's output
 
   // 2. Activations x[tokens][this CTA's chunks] (zeros past m and past K), swizzled as in version 1; from f32
   // (one problem; converted here, RNE as f32_to_bf16) or bf16.
