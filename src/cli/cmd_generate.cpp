@@ -39,6 +39,7 @@ struct GenerateOptions {
   bool ignore_eos = false;
   std::string device = "cpu";
   std::string dtype = "auto";
+  int tensor_parallel_size = 1;
 };
 
 void run_generate(const GenerateOptions& o) {
@@ -65,14 +66,15 @@ void run_generate(const GenerateOptions& o) {
   }
   if (prompt.empty()) fail("the prompt encodes to no tokens");
 
-  auto be = make_backend(o.device);
   model::ModelOptions mo;
   mo.float_format = parse_weight_dtype(o.dtype);
-  auto model = model::load_m3_model(o.model, *be, mo);
+  LoadedModel lm = load_model(o.device, "native", o.tensor_parallel_size, mo, o.model);
+  auto& model = lm.model;
   const int32_t total = static_cast<int32_t>(prompt.size()) + o.max_tokens;
   if (model->text().max_position_embeddings > 0 && total > model->text().max_position_embeddings)
     fail("prompt + max tokens = {} exceeds max_position_embeddings {}", total, model->text().max_position_embeddings);
   engine::ModelRunner runner(*model, engine::cache_config_for(*model, total));
+  lm.attach(runner);
 
   engine::SamplingParams sp;
   sp.temperature = o.temperature;
@@ -139,6 +141,9 @@ void add_generate(CLI::App& app) {
   cmd->add_flag("--ignore-eos", o->ignore_eos, "Do not stop at end-of-sequence tokens");
   cmd->add_option("--device", o->device, "cpu|cuda")->capture_default_str();
   cmd->add_option("--dtype", o->dtype, "Weight storage: auto, float32 or bfloat16")->capture_default_str();
+  cmd->add_option("--tensor-parallel-size", o->tensor_parallel_size,
+                  "Ranks the model is sharded over (threads on cpu, GPUs 0..N-1 with NCCL on cuda)")
+      ->capture_default_str();
   cmd->callback([o] { run_generate(*o); });
 }
 

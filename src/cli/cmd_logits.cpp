@@ -73,17 +73,19 @@ struct LogitsOptions {
   std::string output;
   std::string device = "cpu";
   std::string dtype = "auto";
+  int tensor_parallel_size = 1;
 };
 
 void run_logits(const LogitsOptions& o) {
   const auto ids = parse_token_list(o.tokens);
-  auto be = make_backend(o.device);
   model::ModelOptions mo;
   mo.float_format = parse_weight_dtype(o.dtype);
-  auto model = model::load_m3_model(o.model, *be, mo);
+  LoadedModel lm = load_model(o.device, "native", o.tensor_parallel_size, mo, o.model);
+  auto& model = lm.model;
   engine::CacheConfig cc = engine::cache_config_for(*model, static_cast<int32_t>(ids.size()));
   cc.prefix_caching = false;
   engine::ModelRunner runner(*model, cc);
+  lm.attach(runner);
   engine::Sequence seq;
   seq.tokens = ids;
   runner.admit(seq);
@@ -101,6 +103,9 @@ void add_logits(CLI::App& app) {
   cmd->add_option("--output", opts->output, "Output .npy file ([T, vocab] float32)")->required();
   cmd->add_option("--device", opts->device, "cpu|cuda")->capture_default_str();
   cmd->add_option("--dtype", opts->dtype, "Weight storage: auto (as in the checkpoint), float32 or bfloat16")
+      ->capture_default_str();
+  cmd->add_option("--tensor-parallel-size", opts->tensor_parallel_size,
+                  "Ranks the model is sharded over (threads on cpu, GPUs 0..N-1 with NCCL on cuda)")
       ->capture_default_str();
   cmd->callback([opts] { run_logits(*opts); });
 }
