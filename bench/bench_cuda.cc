@@ -204,7 +204,8 @@ void bench_moe(const Ceilings& c, bool quick) {
   auto sd = backend::make_random_cuda_weight(backend::WeightFormat::MXFP4, H, I, 9);
   auto router = backend::make_random_cuda_weight(backend::WeightFormat::F32, E, H, 10);
   const double expert_bytes = 3.0 * (static_cast<double>(I) * H / 2 + static_cast<double>(I) * H / 32);
-  std::map<int, double> native_ms;  // per T: graph time (device routing) or wall time
+  std::map<int, double> native_ms;   // per T: graph time (device routing) or wall time
+  std::map<int, double> experts_ms;  // per T: routed experts alone, graph time
   for (auto mode : {backend::MoeBackend::Native, backend::MoeBackend::Emulation}) {
     backend::CudaOptions options;
     options.moe_backend = mode;
@@ -254,6 +255,30 @@ void bench_moe(const Ceilings& c, bool quick) {
           if (gms == 0.0 || t < gms) gms = t;
         }
         unsetenv("MXLM_CUDA_GEMV_CONFIG");
+        // The routed experts alone (device routing), and the host-sorted path of before as the baseline.
+        auto experts = [&]() {
+          be->moe_experts(x->f32(), static_cast<size_t>(T), ids->i32(), wts->f32(), K, p1, p3, p2, 0, {1.702f, 7.0f},
+                          true, out->f32());
+        };
+        const double eg = graph_ms(backend::cuda_stream(*be), [&](int) { experts(); }, quick ? 5 : 10, 4);
+        setenv("MXLM_CUDA_MOE_HOST", "1", 1);
+        const double eh = wall_ms(
+            [&]() {
+              experts();
+              be->download(*out, 0, &sink, 1);
+            },
+            quick ? 5 : 10);
+        unsetenv("MXLM_CUDA_MOE_HOST");
+        const double eh_dev = wall_ms(
+            [&]() {
+              experts();
+              be->download(*out, 0, &sink, 1);
+            },
+            quick ? 5 : 10);
+        experts_ms[T] = eg;
+        row("MoE routed experts only T=%3d: device routing %7.3f ms graph (%7.3f ms wall); host-sorted path %7.3f ms "
+            "wall",
+            T, eg, eh_dev, eh);
       }
       std::vector<float> idf(static_cast<size_t>(T) * K);
       be->download(*ids, 0, idf.data(), idf.size());
@@ -267,6 +292,12 @@ void bench_moe(const Ceilings& c, bool quick) {
       const double roof_ms = bytes / (c.copy_gbs * 1e9) * 1e3;  // copy GB/s counts read + write: a read-only floor
       const bool native = mode == backend::MoeBackend::Native;
       if (native) native_ms[T] = graphable ? gms : ms;
+      if (native && experts_ms.count(T)) {
+        const double eb = static_cast<double>(distinct.size()) * expert_bytes;
+        const double eroof = eb / (c.copy_gbs * 1e9) * 1e3;
+        row("MoE routed experts only T=%3d: %3zu experts = %6.1f MB, roofline %.3f ms -> %3.0f%% of roofline", T,
+            distinct.size(), eb / 1e6, eroof, 100.0 * eroof / experts_ms[T]);
+      }
       const double emu_ratio = !native && native_ms.count(T) ? ms / native_ms[T] : 0.0;
       row("MoE layer %-9s T=%3d: %7.3f ms wall (synced)%s, %3zu experts + shared = %6.1f MB, roofline %.3f ms -> %3.0f%% "
           "of roofline%s",

@@ -6,6 +6,8 @@
 // that reads them, so the layer is six launches (route, gather+QDQ, gate/up GEMV, SwiGLU+QDQ, down GEMV,
 // combine) with no synchronisation, capturable in a CUDA graph. Larger steps and the emulation path sort on
 // the host (the split-K workspace of the fixed grid grows with the rows).
+#include <cstdlib>
+
 #include "backend/cuda/cuda_backend_impl.h"
 
 namespace mxlm::backend::cuda {
@@ -110,7 +112,10 @@ void CudaBackend::moe_experts(const float* x, size_t tokens, const int32_t* ids,
   const size_t inter = static_cast<size_t>(gate[0]->rows());
   const int num_local = static_cast<int>(gate.size());
   const size_t tk = tokens * static_cast<size_t>(k);
-  if (options_.moe_backend == MoeBackend::Native && gate[0]->mxfp4() &&
+  // MXLM_CUDA_MOE_HOST=1 forces the host-sorted path (benchmark baseline).
+  const char* force_host = std::getenv("MXLM_CUDA_MOE_HOST");
+  const bool host_only = force_host != nullptr && force_host[0] != '\0' && force_host[0] != '0';
+  if (options_.moe_backend == MoeBackend::Native && gate[0]->mxfp4() && !host_only &&
       moe_experts_on_device(x, tokens, ids, weights, k, gate, up, down, first_expert, p, qdq_inputs, out))
     return;
   // Routing decisions to the host to sort tokens by expert.
