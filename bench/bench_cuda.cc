@@ -255,6 +255,10 @@ void bench_moe(const Ceilings& c, bool quick) {
           if (gms == 0.0 || t < gms) gms = t;
         }
         unsetenv("MXLM_CUDA_GEMV_CONFIG");
+        setenv("MXLM_CUDA_MOE_PLAIN", "1", 1);  // the small MoE kernels without PDL
+        const double plain = graph_ms(backend::cuda_stream(*be), [&](int) { layer_ops(); }, quick ? 5 : 10, 4);
+        unsetenv("MXLM_CUDA_MOE_PLAIN");
+        row("MoE layer native T=%3d small kernels without PDL: %7.3f ms graph", T, plain);
         // The routed experts alone (device routing), and the host-sorted path of before as the baseline.
         auto experts = [&]() {
           be->moe_experts(x->f32(), static_cast<size_t>(T), ids->i32(), wts->f32(), K, p1, p3, p2, 0, {1.702f, 7.0f},

@@ -131,7 +131,17 @@ cudaError_t launch_mxfp4_moe_gemv(const Mxfp4MoeTiles& moe, int max_tiles, int n
 int moe_max_tiles(size_t tokens, int k, int num_local);
 cudaError_t launch_moe_route(const int32_t* ids, const float* weights, size_t tokens, int k, int first_expert,
                              int num_local, int32_t* offsets, int32_t* gather, float* row_weight, int32_t* combine,
-                             int32_t* tiles, int32_t* counts, cudaStream_t stream);
+                             int32_t* tiles, int32_t* counts, cudaStream_t stream, bool pdl = false);
+// The other small kernels of the device-routed layer, launched with Programmatic Dependent Launch (each waits for
+// its predecessor, then releases its successor; cuda_moe_kernels.cu). Same results as launch_gather_qdq_bf16 /
+// launch_swiglu_qdq_bf16 / launch_moe_combine; rows at or past counts[1] (the routed rows) are skipped.
+cudaError_t launch_moe_gather_qdq_bf16(const float* x, const int32_t* gather, const int32_t* counts, size_t rows,
+                                       size_t k, bool qdq, uint16_t* out, cudaStream_t stream);
+cudaError_t launch_moe_swiglu_qdq_bf16(const float* gate, const float* up, const int32_t* counts, size_t rows,
+                                       size_t k, float alpha, float limit, bool qdq, uint16_t* out,
+                                       cudaStream_t stream);
+cudaError_t launch_moe_combine_pdl(const float* y, const int32_t* combine, const float* weights, size_t tokens, int k,
+                                   size_t hidden, float* out, cudaStream_t stream);
 
 // ---- MoE helpers
 // out[t] = Σ_j weights[row] · y[row] over rows = combine[t, 0..k-1] (-1 = none), in that order.

@@ -4,8 +4,9 @@
 // Native decode-sized steps (tokens * k <= kDeviceRoutingRows) never leave the device: the routing lists and
 // the GEMV tile list are built by one kernel (launch_moe_route), and the grouped GEMVs run over a fixed grid
 // that reads them, so the layer is six launches (route, gather+QDQ, gate/up GEMV, SwiGLU+QDQ, down GEMV,
-// combine) with no synchronisation, capturable in a CUDA graph. Larger steps and the emulation path sort on
-// the host (the split-K workspace of the fixed grid grows with the rows).
+// combine) with no synchronisation, capturable in a CUDA graph, all with Programmatic Dependent Launch (each
+// kernel's CTAs are resident while its predecessor finishes; the GEMVs queue their weights meanwhile). Larger steps and
+// the emulation path sort on the host (the split-K workspace of the fixed grid grows with the rows).
 #include <cstdlib>
 
 #include "backend/cuda/cuda_backend_impl.h"
@@ -48,16 +49,24 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
   const int hidden = static_cast<int>(gate[0]->cols()), inter = static_cast<int>(gate[0]->rows());
   const size_t H = static_cast<size_t>(hidden), I = static_cast<size_t>(inter);
   const int max_tiles = moe_max_tiles(tokens, k, num_local);
+  const uint8_t* const* table = expert_table(gate, up, down);  // may synchronise (first call, new weights)
+  // MXLM_CUDA_MOE_PLAIN=1: the small kernels without Programmatic Dependent Launch (cuda_kernels.cu's).
+  const char* plain_env = std::getenv("MXLM_CUDA_MOE_PLAIN");
+  const bool pdl = plain_env == nullptr || plain_env[0] == '\0' || plain_env[0] == '0';
   Block offsets(pool_, (static_cast<size_t>(num_local) + 1) * 4), gather(pool_, tk * 4), row_w(pool_, tk * 4),
       combine(pool_, tk * 4), tiles(pool_, static_cast<size_t>(max_tiles) * 12), counts(pool_, 8);
   MXLM_CUDA_CHECK(launch_moe_route(ids, weights, tokens, k, first_expert, num_local, offsets.as<int32_t>(),
                                    gather.as<int32_t>(), row_w.as<float>(), combine.as<int32_t>(), tiles.as<int32_t>(),
-                                   counts.as<int32_t>(), stream_));
+                                   counts.as<int32_t>(), stream_, pdl));
   // Every buffer is sized for all tk rows; rows past the routed count hold token 0's row (gather pads with 0) or
   // unused values and are read by no tile and no combine entry.
   Block xs(pool_, tk * H * 2), g(pool_, tk * I * 4), u(pool_, tk * I * 4), act(pool_, tk * I * 2), y(pool_, tk * H * 4);
-  MXLM_CUDA_CHECK(launch_gather_qdq_bf16(x, gather.as<int32_t>(), tk, H, qdq_inputs, xs.as<uint16_t>(), stream_));
-  const uint8_t* const* table = expert_table(gate, up, down);
+  if (pdl) {
+    MXLM_CUDA_CHECK(launch_moe_gather_qdq_bf16(x, gather.as<int32_t>(), counts.as<int32_t>(), tk, H, qdq_inputs,
+                                               xs.as<uint16_t>(), stream_));
+  } else {
+    MXLM_CUDA_CHECK(launch_gather_qdq_bf16(x, gather.as<int32_t>(), tk, H, qdq_inputs, xs.as<uint16_t>(), stream_));
+  }
   const size_t n = gate.size();
   const int max_m = tokens <= 8 ? 8 : 16;
   const int rows_max = static_cast<int>(tk);
@@ -80,8 +89,13 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
   Block ws1(pool_, std::max<size_t>(mxfp4_gemv_workspace_floats(plan1, inter, 2 * rows_max), 1) * 4);
   MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv(gu, max_tiles, inter, hidden, plan1, true, ws1.as<float>(),
                                         gemv_counters(mxfp4_gemv_counters(plan1, max_tiles * 2)), stream_));
-  MXLM_CUDA_CHECK(launch_swiglu_qdq_bf16(g.as<float>(), u.as<float>(), tk, I, p.alpha, p.limit, qdq_inputs,
-                                         act.as<uint16_t>(), stream_));
+  if (pdl) {
+    MXLM_CUDA_CHECK(launch_moe_swiglu_qdq_bf16(g.as<float>(), u.as<float>(), counts.as<int32_t>(), tk, I, p.alpha,
+                                               p.limit, qdq_inputs, act.as<uint16_t>(), stream_));
+  } else {
+    MXLM_CUDA_CHECK(launch_swiglu_qdq_bf16(g.as<float>(), u.as<float>(), tk, I, p.alpha, p.limit, qdq_inputs,
+                                           act.as<uint16_t>(), stream_));
+  }
 
   Mxfp4MoeTiles dn;
   dn.tiles = tiles.as<int32_t>();
@@ -98,8 +112,13 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
   Block ws2(pool_, std::max<size_t>(mxfp4_gemv_workspace_floats(plan2, hidden, rows_max), 1) * 4);
   MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv(dn, max_tiles, hidden, inter, plan2, true, ws2.as<float>(),
                                         gemv_counters(mxfp4_gemv_counters(plan2, max_tiles)), stream_));
-  MXLM_CUDA_CHECK(
-      launch_moe_combine(y.as<float>(), combine.as<int32_t>(), row_w.as<float>(), tokens, k, H, out, stream_));
+  if (pdl) {
+    MXLM_CUDA_CHECK(
+        launch_moe_combine_pdl(y.as<float>(), combine.as<int32_t>(), row_w.as<float>(), tokens, k, H, out, stream_));
+  } else {
+    MXLM_CUDA_CHECK(
+        launch_moe_combine(y.as<float>(), combine.as<int32_t>(), row_w.as<float>(), tokens, k, H, out, stream_));
+  }
   return true;
 }
 

@@ -20,6 +20,9 @@ __global__ void __launch_bounds__(kRouteThreads)
   using Scan = cub::BlockScan<int, kRouteThreads>;
   __shared__ typename Scan::TempStorage scan_tmp;
   __shared__ int count[kRouteThreads], fill[kRouteThreads], first_row[kRouteThreads];
+  // Under PDL: wait for the router, then let the gather launch (its CTAs wait for this kernel in turn).
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;");
   const int tid = threadIdx.x;
   count[tid] = 0;
   fill[tid] = 0;
@@ -78,17 +81,24 @@ int moe_max_tiles(size_t tokens, int k, int num_local) {
 
 cudaError_t launch_moe_route(const int32_t* ids, const float* weights, size_t tokens, int k, int first_expert,
                              int num_local, int32_t* offsets, int32_t* gather, float* row_weight, int32_t* combine,
-                             int32_t* tiles, int32_t* counts, cudaStream_t stream) {
+                             int32_t* tiles, int32_t* counts, cudaStream_t stream, bool pdl) {
   if (tokens == 0) return cudaSuccess;
   if (num_local < 1 || num_local > kRouteThreads || k < 1 || tokens * static_cast<size_t>(k) > (1u << 30))
     return cudaErrorInvalidValue;
   // Tiles of at most 8 rows while every expert holds at most 8 (a token picks an expert once): the GEMV then
   // runs its one-token-tile variant.
   const int tile_rows = tokens <= 8 ? 8 : 16;
-  moe_route_kernel<<<1, kRouteThreads, 0, stream>>>(ids, weights, static_cast<int>(tokens) * k, k, first_expert,
-                                                    num_local, tile_rows, offsets, gather, row_weight, combine, tiles,
-                                                    counts);
-  return cudaGetLastError();
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(1);
+  cfg.blockDim = dim3(kRouteThreads);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, moe_route_kernel, ids, weights, static_cast<int>(tokens) * k, k, first_expert,
+                            num_local, tile_rows, offsets, gather, row_weight, combine, tiles, counts);
 }
 
 }  // namespace mxlm::backend::cuda

@@ -1,0 +1,155 @@
+// The small kernels of the device-routed MoE layer (cuda_moe.cpp), launched with Programmatic Dependent Launch:
+// each waits for its predecessor (griddepcontrol.wait) before touching global memory, then lets its successor
+// launch (griddepcontrol.launch_dependents), so the successor's CTAs - in particular the GEMVs, which queue their
+// expert weights before their own wait - are resident while this kernel still runs. Triggering only after the
+// wait keeps "everything two kernels back has completed" true at a successor's start, which the GEMVs rely on
+// to read the tile list early (Mxfp4MoeTiles::tiles_ready).
+//
+// Same arithmetic as gather_qdq_bf16 / swiglu_qdq_bf16 / moe_combine of cuda_kernels.cu; rows past the routed
+// count (counts[1]) are skipped.
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "backend/cuda/cuda_kernels.h"
+
+namespace mxlm::backend::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ void pdl_wait_then_release() {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;");
+}
+
+// ---- copies of cuda_kernels.cu's device helpers (file-local there): bf16 RNE with NaN payload, MX QDQ of one
+// 32-element block held one element per lane (mx::ref::qdq_block), SwiGLU-OAI.
+__device__ __forceinline__ uint16_t to_bf16_bits(float v) {
+  if (isnan(v)) return static_cast<uint16_t>((__float_as_uint(v) >> 16) | 0x0040u);
+  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+
+__device__ __forceinline__ float pow2_exact(int k) {
+  return k == -127 ? __uint_as_float(0x00400000u) : __uint_as_float(static_cast<uint32_t>(k + 127) << 23);
+}
+
+__device__ __forceinline__ float e2m1_round_magnitude(float a) {
+  if (a <= 0.25f) return 0.0f;
+  if (a < 0.75f) return 0.5f;
+  if (a <= 1.25f) return 1.0f;
+  if (a < 1.75f) return 1.5f;
+  if (a <= 2.5f) return 2.0f;
+  if (a < 3.5f) return 3.0f;
+  if (a <= 5.0f) return 4.0f;
+  return 6.0f;
+}
+
+__device__ __forceinline__ float qdq_lane(float v) {
+  const unsigned full = 0xffffffffu;
+  if (__any_sync(full, isnan(v))) return __uint_as_float(0x7fc00000u);
+  float amax = fabsf(v);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(full, amax, o));
+  uint32_t bits = (__float_as_uint(amax) + 0x00200000u) & 0xff800000u;
+  const int biased = static_cast<int>(bits >> 23);
+  int e = biased >= 255 ? 127 : biased - 129;
+  e = e < -127 ? -127 : (e > 127 ? 127 : e);
+  const float y = v * pow2_exact(-e);
+  if (isinf(y)) return v;
+  return copysignf(e2m1_round_magnitude(fabsf(y)) * pow2_exact(e), v);
+}
+
+__device__ __forceinline__ float swiglu(float gate, float up, float alpha, float limit) {
+  const float g = fminf(gate, limit);
+  const float u = fminf(fmaxf(up, -limit), limit);
+  return (u + 1.0f) * (g * (1.0f / (1.0f + expf(-alpha * g))));
+}
+
+// One thread per element of the [rows, k] output; k % 32 == 0, so a warp covers one QDQ block of one row and the
+// row test is warp-uniform.
+__global__ void gather_qdq_bf16_kernel(const float* x, const int32_t* gather, const int32_t* counts, size_t rows,
+                                       size_t k, bool qdq, uint16_t* out) {
+  pdl_wait_then_release();
+  const size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x;
+  if (i >= rows * k) return;
+  const size_t r = i / k, c = i % k;
+  if (r >= static_cast<size_t>(counts[1])) return;
+  float v = x[static_cast<size_t>(gather[r]) * k + c];
+  if (qdq) v = qdq_lane(v);
+  out[i] = to_bf16_bits(v);
+}
+
+__global__ void swiglu_qdq_bf16_kernel(const float* gate, const float* up, const int32_t* counts, size_t rows, size_t k,
+                                       float alpha, float limit, bool qdq, uint16_t* out) {
+  pdl_wait_then_release();
+  const size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x;
+  if (i >= rows * k) return;
+  if (i / k >= static_cast<size_t>(counts[1])) return;
+  float v = swiglu(gate[i], up[i], alpha, limit);
+  if (qdq) v = qdq_lane(v);
+  out[i] = to_bf16_bits(v);
+}
+
+__global__ void combine_kernel(const float* y, const int32_t* combine, const float* weights, int k, size_t hidden,
+                               float* out) {
+  pdl_wait_then_release();
+  const size_t t = blockIdx.y;
+  for (size_t c = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; c < hidden;
+       c += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    float acc = 0.0f;
+    for (int j = 0; j < k; ++j) {
+      const int32_t r = combine[t * static_cast<size_t>(k) + static_cast<size_t>(j)];
+      if (r < 0) continue;
+      acc += weights[r] * y[static_cast<size_t>(r) * hidden + c];
+    }
+    out[t * hidden + c] = acc;
+  }
+}
+
+unsigned blocks_for(size_t n) {
+  size_t b = (n + kThreads - 1) / kThreads;
+  if (b > (1u << 30)) b = 1u << 30;
+  return static_cast<unsigned>(b == 0 ? 1 : b);
+}
+
+template <typename... Params, typename... Args>
+cudaError_t launch_pdl(void (*kernel)(Params...), dim3 grid, cudaStream_t stream, Args... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(kThreads);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+}
+
+}  // namespace
+
+cudaError_t launch_moe_gather_qdq_bf16(const float* x, const int32_t* gather, const int32_t* counts, size_t rows,
+                                       size_t k, bool qdq, uint16_t* out, cudaStream_t stream) {
+  if (rows * k == 0) return cudaSuccess;
+  if (k % 32 != 0) return cudaErrorInvalidValue;
+  return launch_pdl(gather_qdq_bf16_kernel, dim3(blocks_for(rows * k)), stream, x, gather, counts, rows, k, qdq, out);
+}
+
+cudaError_t launch_moe_swiglu_qdq_bf16(const float* gate, const float* up, const int32_t* counts, size_t rows, size_t k,
+                                       float alpha, float limit, bool qdq, uint16_t* out, cudaStream_t stream) {
+  if (rows * k == 0) return cudaSuccess;
+  if (k % 32 != 0) return cudaErrorInvalidValue;
+  return launch_pdl(swiglu_qdq_bf16_kernel, dim3(blocks_for(rows * k)), stream, gate, up, counts, rows, k, alpha, limit,
+                    qdq, out);
+}
+
+cudaError_t launch_moe_combine_pdl(const float* y, const int32_t* combine, const float* weights, size_t tokens, int k,
+                                   size_t hidden, float* out, cudaStream_t stream) {
+  if (tokens == 0) return cudaSuccess;
+  return launch_pdl(combine_kernel, dim3(blocks_for(hidden), static_cast<unsigned>(tokens)), stream, y, combine,
+                    weights, k, hidden, out);
+}
+
+}  // namespace mxlm::backend::cuda
