@@ -8,6 +8,10 @@
 // every lane in its low bits, and the lookup picks it. x is permuted once per call into the order that
 // this produces, so nothing is re-interleaved per weight. Each lane of a group then holds weights of one
 // block (lanes 4b..4b+3: block b), and the block scales are applied per lane to the group's partial sum.
+// Tiles of NR = 4 weight rows share the x loads; at each group a tile prefetches the same offset NR rows on,
+// i.e. the next tile, so DRAM reads stay in flight while it computes (4 interleaved rows are more streams than
+// the hardware prefetcher runs far enough ahead on; single-core streaming went from ~15 to ~25 GB/s of
+// weights per CPU second with it, a plain read loop ~28; bench/RESULTS.md).
 //
 // Three per-row modes of x, chosen from the row's own values (so a row's result never depends on the
 // other rows of x, the batch, or the thread count):
@@ -45,12 +49,6 @@ namespace mxlm::cpu::avx512 {
 namespace {
 
 constexpr size_t kGroup = 128;  // weights per 64-byte load of codes
-// How far ahead of the current group each weight row is prefetched into L1 (NR rows stream at once).
-#ifndef MXLM_MXFP4_PREFETCH  // (an experiment knob; see bench/RESULTS.md)
-#define MXLM_MXFP4_PREFETCH 1024
-#endif
-constexpr size_t kPrefetchBytes = MXLM_MXFP4_PREFETCH;
-
 enum class Mode { Bf16, F32, F32Scaled };
 
 inline size_t padded(size_t k) { return (k + kGroup - 1) / kGroup * kGroup; }
@@ -176,19 +174,19 @@ MXLM_AVX512_MX MXLM_INLINE void group_f32(const TileRows& s, const float* x, siz
   const size_t blocks = kTail ? s.blocks - g / 32 : 4;
   __m512i bytes[NR];
   __m512 scale[NR], part[MR][NR];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int j = 0; j < NR; ++j) {
     const uint8_t* codes = s.packed + j * s.row_bytes + g / 2;
-    _mm_prefetch(reinterpret_cast<const char*>(codes + kPrefetchBytes), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(codes + NR * s.row_bytes), _MM_HINT_T0);  // the next tile's
     bytes[j] = group_codes<kTail>(codes, blocks);
-    scale[j] = group_scales<kSpecial>(s.scales + j * s.blocks + g / 32, blocks);
+    if constexpr (kScaleWeights) scale[j] = group_scales<kSpecial>(s.scales + j * s.blocks + g / 32, blocks);
   }
 #pragma GCC unroll 8
   for (int t = 0; t < 8; ++t) {
     __m512 xv[MR];
 #pragma GCC unroll 4
     for (int i = 0; i < MR; ++i) xv[i] = _mm512_loadu_ps(x + i * s.kp + g + 16 * t);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
       __m512 w = _mm512_permutexvar_ps(t == 0 ? bytes[j] : _mm512_srli_epi32(bytes[j], 4 * t), table);
       if constexpr (kScaleWeights) w = _mm512_mul_ps(w, scale[j]);
@@ -203,10 +201,12 @@ MXLM_AVX512_MX MXLM_INLINE void group_f32(const TileRows& s, const float* x, siz
     }
   }
   if constexpr (!kScaleWeights) {
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      const __m512 scale_j = group_scales<kSpecial>(s.scales + j * s.blocks + g / 32, blocks);
 #pragma GCC unroll 4
-    for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(part[i][j], scale[j], acc[i][j]);
+      for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_fmadd_ps(part[i][j], scale_j, acc[i][j]);
+    }
   }
 }
 
@@ -217,10 +217,10 @@ MXLM_AVX512_MX_BF16 MXLM_INLINE void group_bf16(const TileRows& s, const uint16_
   const size_t blocks = kTail ? s.blocks - g / 32 : 4;
   __m512i bytes[NR];
   __m512 part[MR][NR];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int j = 0; j < NR; ++j) {
     const uint8_t* codes = s.packed + j * s.row_bytes + g / 2;
-    _mm_prefetch(reinterpret_cast<const char*>(codes + kPrefetchBytes), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(codes + NR * s.row_bytes), _MM_HINT_T0);  // the next tile's
     bytes[j] = group_codes<kTail>(codes, blocks);
   }
 #pragma GCC unroll 4
@@ -228,7 +228,7 @@ MXLM_AVX512_MX_BF16 MXLM_INLINE void group_bf16(const TileRows& s, const uint16_
     __m512bh xv[MR];
 #pragma GCC unroll 4
     for (int i = 0; i < MR; ++i) xv[i] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + i * s.kp + g + 32 * t));
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
       const __m512bh w = reinterpret_cast<__m512bh>(
           _mm512_permutexvar_epi16(t == 0 ? bytes[j] : _mm512_srli_epi16(bytes[j], 4 * t), table));
@@ -236,7 +236,7 @@ MXLM_AVX512_MX_BF16 MXLM_INLINE void group_bf16(const TileRows& s, const uint16_
       for (int i = 0; i < MR; ++i) part[i][j] = _mm512_dpbf16_ps(t == 0 ? _mm512_setzero_ps() : part[i][j], xv[i], w);
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int j = 0; j < NR; ++j) {
     const __m512 scale = group_scales<kSpecial>(s.scales + j * s.blocks + g / 32, blocks);
 #pragma GCC unroll 4
@@ -252,7 +252,7 @@ MXLM_AVX512_MX_BF16 void tile_groups(const Tile& a, size_t r0) {
   __m512 acc[MR][NR];
 #pragma GCC unroll 4
   for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
   size_t g = 0;
   if constexpr (kMode == Mode::Bf16) {
@@ -284,7 +284,7 @@ void tile(const Tile& a, size_t r0) {
 // Weight rows [r_begin, r_end) against MR rows of x.
 template <Mode kMode, int MR>
 void rows_for_mr(const Tile& a, size_t r_begin, size_t r_end) {
-  constexpr int NR = MR <= 2 ? 4 : 2;  // accumulators and group sums in registers
+  constexpr int NR = 4;
   size_t r = r_begin;
   for (; r + NR <= r_end; r += NR) tile<kMode, MR, NR>(a, r);
   for (; r < r_end; ++r) tile<kMode, MR, 1>(a, r);
@@ -293,20 +293,12 @@ void rows_for_mr(const Tile& a, size_t r_begin, size_t r_end) {
 // All rows of x of one mode (permuted, `m` of them) against weight rows [r_begin, r_end).
 template <Mode kMode>
 void rows(Tile a, size_t m, size_t r_begin, size_t r_end) {
+  // Two rows of x at a time: with 4 (and 2 weight rows, for registers) the f32 path measured ~half as fast.
   const size_t stride = padded(a.k) * (kMode == Mode::Bf16 ? sizeof(uint16_t) : sizeof(float));
   const char* x = static_cast<const char*>(a.x);
   size_t i = 0;
-  for (; i + 4 <= m; i += 4, a.y += 4, a.x = x + i * stride) rows_for_mr<kMode, 4>(a, r_begin, r_end);
-  switch (m - i) {
-    case 3:
-      return rows_for_mr<kMode, 3>(a, r_begin, r_end);
-    case 2:
-      return rows_for_mr<kMode, 2>(a, r_begin, r_end);
-    case 1:
-      return rows_for_mr<kMode, 1>(a, r_begin, r_end);
-    default:
-      return;
-  }
+  for (; i + 2 <= m; i += 2, a.y += 2, a.x = x + i * stride) rows_for_mr<kMode, 2>(a, r_begin, r_end);
+  if (i < m) rows_for_mr<kMode, 1>(a, r_begin, r_end);
 }
 
 }  // namespace
