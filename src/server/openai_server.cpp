@@ -521,19 +521,15 @@ struct OpenAIServer::Impl {
 
   // Loads, decodes and preprocesses each image part (in content order), then expands the placeholders.
   void add_images(ChatPrompt& prompt, const std::vector<ImagePart>& parts) const {
-    std::vector<std::shared_ptr<engine::ImageData>> data;
     std::vector<model::PreprocessedImage> pixels;
     for (const auto& part : parts) {
-      auto d = std::make_shared<engine::ImageData>();
       try {
         const auto bytes = load_media(part.url, cfg.media);
-        d->pixels = model::preprocess_image(model::decode_image(bytes, part.what), cfg.image_processor);
+        pixels.push_back(model::preprocess_image(model::decode_image(bytes, part.what), cfg.image_processor));
       } catch (const Error& e) {
         const std::string msg = e.what();
         bad_request(msg.rfind(part.what, 0) == 0 ? msg : part.what + ": " + msg, "messages");
       }
-      pixels.push_back(d->pixels);
-      data.push_back(std::move(d));
     }
     model::ImagePrompt expanded;
     try {
@@ -545,9 +541,12 @@ struct OpenAIServer::Impl {
                   "messages");
     }
     prompt.tokens = std::move(expanded.tokens);
-    for (size_t i = 0; i < data.size(); ++i)
-      prompt.images.push_back({expanded.image_begins[i], static_cast<int32_t>(pixels[i].num_image_tokens()),
-                               expanded.image_hashes[i], data[i]});
+    for (size_t i = 0; i < pixels.size(); ++i) {
+      const auto length = static_cast<int32_t>(pixels[i].num_image_tokens());
+      auto data = std::make_shared<engine::ImageData>();
+      data->pixels = std::move(pixels[i]);
+      prompt.images.push_back({expanded.image_begins[i], length, expanded.image_hashes[i], std::move(data)});
+    }
   }
 
   ChatPrompt render_chat(const json& body, const json& tools) const {
