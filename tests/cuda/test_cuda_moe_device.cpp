@@ -226,10 +226,11 @@ void check_route() {
     int tokens, k, experts, first, num_local;
     std::string pattern;
   };
-  const std::vector<Case> cases = {
-      {1, 4, 128, 0, 128, "random"},   {7, 4, 128, 0, 128, "random"}, {33, 4, 128, 0, 128, "random"},
-      {130, 4, 128, 0, 128, "random"}, {33, 4, 16, 0, 16, "same"},    {130, 2, 64, 0, 64, "same"},
-      {33, 4, 64, 16, 32, "random"},   {7, 1, 8, 0, 8, "random"},     {130, 8, 256, 0, 256, "random"}};
+  const std::vector<Case> cases = {{1, 4, 128, 0, 128, "random"},  {7, 4, 128, 0, 128, "random"},
+                                   {33, 4, 128, 0, 128, "random"}, {130, 4, 128, 0, 128, "random"},
+                                   {33, 4, 16, 0, 16, "same"},     {33, 4, 128, 0, 128, "same"},
+                                   {130, 2, 64, 0, 64, "same"},    {33, 4, 64, 16, 32, "random"},
+                                   {7, 1, 8, 0, 8, "random"},      {130, 8, 256, 0, 256, "random"}};
   for (const auto& c : cases) {
     const std::string tag = "moe_route T=" + std::to_string(c.tokens) + " k=" + std::to_string(c.k) +
                             " E=" + std::to_string(c.experts) + " local " + std::to_string(c.first) + "+" +
@@ -278,7 +279,7 @@ void check_route() {
     for (size_t r = static_cast<size_t>(rows); r < tk; ++r)
       if (g[r] != 0) ++bad;  // padding keeps fixed-size launches in bounds
     // Tiles: consecutive, at most 8 (T <= 8) or 16 rows, covering every expert's rows exactly once.
-    const int tile_rows = c.tokens <= 8 ? 8 : 16;
+    const int tile_rows = cu::moe_tile_rows(static_cast<size_t>(c.tokens), c.k, c.num_local);
     std::vector<int> covered(static_cast<size_t>(std::max(rows, 1)), 0);
     if (cnt[0] > max_tiles) ++bad;
     for (int i = 0; i < std::min(cnt[0], max_tiles); ++i) {
@@ -324,10 +325,10 @@ void check_moe_device(Backend& cpu, Backend& gpu, Backend& gpu_emu) {
     std::string pattern;
     int first = 0, num_local = 0;  // num_local 0: all experts
   };
-  const std::vector<Case> cases = {{16, 4, 128, 64, 1, "random"},         {16, 4, 256, 128, 7, "random"},
-                                   {32, 4, 256, 96, 33, "skewed"},        {16, 4, 128, 64, 33, "same"},
-                                   {8, 2, 96, 160, 130, "random"},        {32, 4, 128, 64, 130, "same"},
-                                   {32, 4, 256, 128, 7, "random", 8, 16}, {8, 4, 64, 32, 300, "random"}};
+  const std::vector<Case> cases = {
+      {16, 4, 128, 64, 1, "random"},         {16, 4, 256, 128, 7, "random"}, {32, 4, 256, 96, 33, "skewed"},
+      {16, 4, 128, 64, 33, "same"},          {8, 2, 96, 160, 130, "random"}, {32, 4, 128, 64, 130, "same"},
+      {32, 4, 256, 128, 7, "random", 8, 16}, {8, 4, 64, 32, 300, "random"},  {128, 4, 128, 64, 33, "same"}};
   for (const auto& c : cases) {
     const int num_local = c.num_local > 0 ? c.num_local : c.experts;
     const size_t T = static_cast<size_t>(c.tokens), H = static_cast<size_t>(c.hidden);

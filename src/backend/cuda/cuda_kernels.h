@@ -128,6 +128,8 @@ cudaError_t launch_mxfp4_moe_gemv(const Mxfp4MoeTiles& moe, int max_tiles, int n
 //   tiles [max_tiles * 3], counts[0] = number of tiles, counts[1] = number of rows.
 // Row order inside an expert is not fixed (atomics); results do not depend on it (each row's GEMV column is
 // computed independently). num_local <= 1024.
+// Rows per GEMV tile (8 or 16: the GEMV variant with one or two token tiles) and the most tiles a step can have.
+int moe_tile_rows(size_t tokens, int k, int num_local);
 int moe_max_tiles(size_t tokens, int k, int num_local);
 cudaError_t launch_moe_route(const int32_t* ids, const float* weights, size_t tokens, int k, int first_expert,
                              int num_local, int32_t* offsets, int32_t* gather, float* row_weight, int32_t* combine,

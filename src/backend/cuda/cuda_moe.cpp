@@ -68,7 +68,7 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
     MXLM_CUDA_CHECK(launch_gather_qdq_bf16(x, gather.as<int32_t>(), tk, H, qdq_inputs, xs.as<uint16_t>(), stream_));
   }
   const size_t n = gate.size();
-  const int max_m = tokens <= 8 ? 8 : 16;
+  const int max_m = moe_tile_rows(tokens, k, num_local);
   const int rows_max = static_cast<int>(tk);
 
   Mxfp4MoeTiles gu;

@@ -73,9 +73,16 @@ __global__ void __launch_bounds__(kRouteThreads)
 
 }  // namespace
 
+int moe_tile_rows(size_t tokens, int k, int num_local) {
+  // 8 while an expert holds at most 8 rows (a token picks an expert once) or holds about 2 on average: the GEMV
+  // then runs its one-token-tile variant (half the MMAs and staging); a rare 9th row only costs a second tile.
+  const size_t total = tokens * static_cast<size_t>(k);
+  return tokens <= 8 || total <= 2 * static_cast<size_t>(std::max(num_local, 1)) ? 8 : 16;
+}
+
 int moe_max_tiles(size_t tokens, int k, int num_local) {
   const long total = static_cast<long>(tokens) * k;
-  const int tile_rows = tokens <= 8 ? 8 : 16;
+  const int tile_rows = moe_tile_rows(tokens, k, num_local);
   return static_cast<int>((total + tile_rows - 1) / tile_rows + std::min<long>(num_local, total));
 }
 
@@ -85,9 +92,7 @@ cudaError_t launch_moe_route(const int32_t* ids, const float* weights, size_t to
   if (tokens == 0) return cudaSuccess;
   if (num_local < 1 || num_local > kRouteThreads || k < 1 || tokens * static_cast<size_t>(k) > (1u << 30))
     return cudaErrorInvalidValue;
-  // Tiles of at most 8 rows while every expert holds at most 8 (a token picks an expert once): the GEMV then
-  // runs its one-token-tile variant.
-  const int tile_rows = tokens <= 8 ? 8 : 16;
+  const int tile_rows = moe_tile_rows(tokens, k, num_local);
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(1);
   cfg.blockDim = dim3(kRouteThreads);
