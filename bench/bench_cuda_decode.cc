@@ -49,6 +49,11 @@ void bench_attention(const Ceilings& c, int sms, bool quick) {
       auto* vc = static_cast<float*>(dalloc(static_cast<size_t>(pages) * bs * width * 4));
       CK(cu::launch_fill_random_f32(kc, static_cast<size_t>(pages) * bs * width, 11, 1.0f, stream));
       CK(cu::launch_fill_random_f32(vc, static_cast<size_t>(pages) * bs * width, 12, 1.0f, stream));
+      // The same cache in bf16 (the CUDA backend's kv_cache_dtype BF16): half the bytes.
+      auto* kb = static_cast<uint16_t*>(dalloc(static_cast<size_t>(pages) * bs * width * 2));
+      auto* vb = static_cast<uint16_t*>(dalloc(static_cast<size_t>(pages) * bs * width * 2));
+      CK(cu::launch_fill_random_bf16(kb, static_cast<size_t>(pages) * bs * width, 14, 1.0f, stream));
+      CK(cu::launch_fill_random_bf16(vb, static_cast<size_t>(pages) * bs * width, 15, 1.0f, stream));
       std::vector<int32_t> tables(static_cast<size_t>(pages)), pos(static_cast<size_t>(batch), ctx - 1),
           offs(static_cast<size_t>(batch));
       std::iota(tables.begin(), tables.end(), 0);
@@ -83,15 +88,23 @@ void bench_attention(const Ceilings& c, int sms, bool quick) {
       const int reps = quick ? 5 : 15;
       auto time = [&](auto launch) { return 1e3 * graph_ms(stream, [&](int) { CK(launch()); }, reps, 8); };
       const double dense_us = time([&] {
-        return cu::launch_attention(q, rows, heads, kvh, d, scale, kc, vc, nullptr, 0, dense_keys, kps_dense, ws, out,
-                                    stream);
+        return cu::launch_attention(q, rows, heads, kvh, d, scale, kc, vc, cu::CacheType::F32, nullptr, 0, dense_keys,
+                                    kps_dense, ws, out, stream);
+      });
+      const double dense_bf16_us = time([&] {
+        return cu::launch_attention(q, rows, heads, kvh, d, scale, kb, vb, cu::CacheType::BF16, nullptr, 0, dense_keys,
+                                    kps_dense, ws, out, stream);
       });
       const double dense_old_us = time([&] {
         return cu::launch_attention_simt(q, rows, heads, kvh, d, scale, kc, vc, nullptr, 0, per_seq, ws, out, stream);
       });
       const double sparse_us = time([&] {
-        return cu::launch_attention(q, rows, heads, kvh, d, scale, kc, vc, d_blocks, topk, sparse_keys, kps_sparse, ws,
-                                    out, stream);
+        return cu::launch_attention(q, rows, heads, kvh, d, scale, kc, vc, cu::CacheType::F32, d_blocks, topk,
+                                    sparse_keys, kps_sparse, ws, out, stream);
+      });
+      const double sparse_bf16_us = time([&] {
+        return cu::launch_attention(q, rows, heads, kvh, d, scale, kb, vb, cu::CacheType::BF16, d_blocks, topk,
+                                    sparse_keys, kps_sparse, ws, out, stream);
       });
       const double sparse_old_us = time([&] {
         return cu::launch_attention_simt(q, rows, heads, kvh, d, scale, kc, vc, d_blocks, topk, topk, ws, out, stream);
@@ -104,7 +117,12 @@ void bench_attention(const Ceilings& c, int sms, bool quick) {
           batch, ctx, dense_us, dense_bytes / 1e6, dense_bytes / dense_us / 1e3, pct(dense_bytes, dense_us),
           dense_old_us, pct(dense_bytes, dense_old_us), sparse_us, pct(sparse_bytes, sparse_us), sparse_old_us,
           pct(sparse_bytes, sparse_old_us));
-      for (void* p : {static_cast<void*>(kc), static_cast<void*>(vc), static_cast<void*>(d_tables),
+      row("decode attention B=%2d ctx=%5d bf16 KV: dense %7.1f us (%6.1f MB, %5.0f GB/s, %4.1f%% of copy), sparse-16 "
+          "%6.1f us (%4.1f%%)",
+          batch, ctx, dense_bf16_us, dense_bytes / 2e6, dense_bytes / 2 / dense_bf16_us / 1e3,
+          pct(dense_bytes / 2, dense_bf16_us), sparse_bf16_us, pct(sparse_bytes / 2, sparse_bf16_us));
+      for (void* p : {static_cast<void*>(kc), static_cast<void*>(vc), static_cast<void*>(kb), static_cast<void*>(vb),
+                      static_cast<void*>(d_tables),
                       static_cast<void*>(d_pos), static_cast<void*>(d_offs), static_cast<void*>(d_blocks),
                       static_cast<void*>(q), static_cast<void*>(out), static_cast<void*>(ws)})
         CK(cudaFree(p));
@@ -122,55 +140,113 @@ io::ModelConfig read_config(const std::string& path) {
   return io::parse_model_config(nlohmann::json::parse(in), path);
 }
 
-// Launch overhead of a decode step: the dense layers 0..2 of the real config (no MoE, so nothing in the forward
-// waits for the host) run eagerly (host-timed, closed by a sync) and as one CUDA graph of the same forward.
-void bench_step_overhead(const io::ModelConfig& full, bool quick) {
-  const io::ModelConfig cfg = model::slice_layers(full, 0, 3);
-  {
-    auto be = backend::make_cuda_backend({});
-    const cudaStream_t stream = backend::cuda_stream(*be);
-    auto m = model::make_dummy_m3_model(cfg, *be, {}, 1);
-    for (int batch : {1, 32}) {
-      const int ctx = 512, bs = 128, pages_per_seq = ctx / bs;
-      std::vector<std::unique_ptr<backend::Buffer>> store;
-      std::vector<model::LayerCache> caches;
-      const size_t slots = static_cast<size_t>(pages_per_seq) * batch * bs;
-      for (int l = 0; l < m->num_layers(); ++l) {
-        model::LayerCache lc;
-        store.push_back(be->alloc(slots * static_cast<size_t>(m->kv_width())));
-        lc.k = store.back()->f32();
-        store.push_back(be->alloc(slots * static_cast<size_t>(m->kv_width())));
-        lc.v = store.back()->f32();
-        caches.push_back(lc);
+// Device time (ms per call, median of `reps` replays) of `fn` captured as one CUDA graph, or a negative value when
+// it cannot be captured (an op synchronises with the host); `why` says why.
+template <typename Fn>
+double try_graph_ms(cudaStream_t stream, Fn fn, int reps, std::string& why) {
+  fn();
+  fn();
+  CK(cudaStreamSynchronize(stream));
+  cudaGraph_t graph = nullptr;
+  CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed));
+  try {
+    fn();
+  } catch (const std::exception& e) {
+    why = e.what();
+  }
+  const cudaError_t end = cudaStreamEndCapture(stream, &graph);
+  if (why.empty() && end != cudaSuccess) why = cudaGetErrorString(end);
+  (void)cudaGetLastError();
+  if (!why.empty()) {
+    if (graph) cudaGraphDestroy(graph);
+    return -1.0;
+  }
+  cudaGraphExec_t exec;
+  CK(cudaGraphInstantiate(&exec, graph, 0));
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  CK(cudaGraphLaunch(exec, stream));
+  CK(cudaStreamSynchronize(stream));
+  std::vector<float> ts;
+  for (int r = 0; r < reps; ++r) {
+    CK(cudaEventRecord(a, stream));
+    CK(cudaGraphLaunch(exec, stream));
+    CK(cudaEventRecord(b, stream));
+    CK(cudaEventSynchronize(b));
+    float ms = 0;
+    CK(cudaEventElapsedTime(&ms, a, b));
+    ts.push_back(ms);
+  }
+  std::sort(ts.begin(), ts.end());
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  return ts[ts.size() / 2];
+}
+
+// Launch overhead of a decode step: layers [first, first + count) of the real config, one decode step of `batch`
+// sequences at 512 tokens, run eagerly (host-timed, closed by a sync) and as one CUDA graph of the same forward
+// (no logit rows: the forward ends on the device; the lm_head is in the end-to-end numbers). Dense layers 0-2 have
+// no host round trip; MoE layers are capturable only where the backend routes on the device.
+void bench_step_overhead(const io::ModelConfig& full, int first, int count, bool quick) {
+  const io::ModelConfig cfg = model::slice_layers(full, first, count);
+  auto be = backend::make_cuda_backend({});
+  const cudaStream_t stream = backend::cuda_stream(*be);
+  auto m = model::make_dummy_m3_model(cfg, *be, {}, 1);
+  for (int batch : {1, 32}) {
+    const int ctx = 512, bs = 128, pages_per_seq = ctx / bs;
+    std::vector<std::unique_ptr<backend::Buffer>> store;
+    std::vector<model::LayerCache> caches;
+    const size_t slots = static_cast<size_t>(pages_per_seq) * batch * bs;
+    for (int l = 0; l < m->num_layers(); ++l) {
+      model::LayerCache lc;
+      store.push_back(be->alloc_cache(slots * static_cast<size_t>(m->kv_width())));
+      lc.k = store.back()->f32();
+      store.push_back(be->alloc_cache(slots * static_cast<size_t>(m->kv_width())));
+      lc.v = store.back()->f32();
+      if (m->layer_is_sparse(l)) {
+        store.push_back(be->alloc_cache(slots * static_cast<size_t>(m->index_width())));
+        lc.index_k = store.back()->f32();
       }
-      std::vector<int32_t> tables(static_cast<size_t>(pages_per_seq) * batch);
-      std::iota(tables.begin(), tables.end(), 0);
-      model::ForwardBatch fb;
-      fb.attention.block_size = bs;
-      fb.attention.num_tokens = batch;
-      for (int s = 0; s < batch; ++s) {
-        const std::span<const int32_t> table(tables.data() + static_cast<size_t>(s) * pages_per_seq,
-                                             static_cast<size_t>(pages_per_seq));
-        fb.attention.sequences.push_back({s, 1, ctx - 1, table});
-        fb.attention.positions.push_back(ctx - 1);
-        fb.attention.slots.push_back(static_cast<int64_t>(table.back()) * bs + (ctx - 1) % bs);
-        fb.tokens.push_back(1000 + s);
-      }
-      auto sink_buf = be->alloc(1);
-      float sink = 0;
-      // No logit rows: the forward ends on the device (the lm_head is timed separately below).
-      const double eager_ms = wall_ms(
-          [&] {
-            m->forward(fb, caches);
-            be->download(*sink_buf, 0, &sink, 1);
-          },
-          quick ? 5 : 20, 3);
-      be->download(*sink_buf, 0, &sink, 1);  // empties the staging ring: the capture must not wrap it
-      const double graph = graph_ms(stream, [&](int) { m->forward(fb, caches); }, quick ? 5 : 20, 1);
-      row("decode step, real config layers 0-2 (dense, full attention, bf16), B=%2d ctx=%d: eager %.3f ms (host "
-          "timed), CUDA graph %.3f ms -> launch overhead %.3f ms per step (%.1f us per layer)",
-          batch, ctx, eager_ms, graph, eager_ms - graph, 1e3 * (eager_ms - graph) / m->num_layers());
+      caches.push_back(lc);
     }
+    std::vector<int32_t> tables(static_cast<size_t>(pages_per_seq) * batch);
+    std::iota(tables.begin(), tables.end(), 0);
+    model::ForwardBatch fb;
+    fb.attention.block_size = bs;
+    fb.attention.num_tokens = batch;
+    for (int s = 0; s < batch; ++s) {
+      const std::span<const int32_t> table(tables.data() + static_cast<size_t>(s) * pages_per_seq,
+                                           static_cast<size_t>(pages_per_seq));
+      fb.attention.sequences.push_back({s, 1, ctx - 1, table});
+      fb.attention.positions.push_back(ctx - 1);
+      fb.attention.slots.push_back(static_cast<int64_t>(table.back()) * bs + (ctx - 1) % bs);
+      fb.tokens.push_back(1000 + 7 * s);
+    }
+    auto sink_buf = be->alloc(1);
+    float sink = 0;
+    const double eager_ms = wall_ms(
+        [&] {
+          m->forward(fb, caches);
+          be->download(*sink_buf, 0, &sink, 1);
+        },
+        quick ? 5 : 20, 3);
+    be->download(*sink_buf, 0, &sink, 1);  // empties the staging ring: the capture must not wrap it
+    std::string why;
+    const double graph = try_graph_ms(stream, [&] { m->forward(fb, caches); }, quick ? 5 : 20, why);
+    if (graph < 0) {
+      row("decode step, real config layers %d-%d, B=%2d ctx=%d: eager %.3f ms (host timed); not capturable as a CUDA "
+          "graph (%s)",
+          first, first + count - 1, batch, ctx, eager_ms, why.c_str());
+      be->download(*sink_buf, 0, &sink, 1);
+      continue;
+    }
+    row("decode step, real config layers %d-%d, B=%2d ctx=%d: eager %.3f ms (host timed), CUDA graph %.3f ms -> "
+        "launch overhead %.3f ms per step (%.1f us per layer, %.0f%% of the eager step)",
+        first, first + count - 1, batch, ctx, eager_ms, graph, eager_ms - graph,
+        1e3 * (eager_ms - graph) / m->num_layers(), 100.0 * (eager_ms - graph) / eager_ms);
   }
 }
 
@@ -225,7 +301,10 @@ int main(int argc, char** argv) {
   try {
     const io::ModelConfig full = read_config(config);
     if (want("attention")) bench_attention(c, prop.multiProcessorCount, quick);
-    if (want("overhead")) bench_step_overhead(full, quick);
+    if (want("overhead")) {
+      bench_step_overhead(full, 0, 3, quick);
+      bench_step_overhead(full, 3, 4, quick);
+    }
     if (want("e2e")) {
       bench_end_to_end(full, 0, quick);
       bench_end_to_end(full, 3, quick);

@@ -141,8 +141,13 @@ class Backend {
                            std::span<const Weight* const> down, int first_expert, SwigluParams p, bool qdq_inputs,
                            float* out) = 0;
 
-  // ---- paged attention. A cache layer is [num_pages, block_size, width] f32 (width = kv_heads * head_dim for K
-  // and V, index_dim for index-K).
+  // ---- paged attention. A cache layer is [num_pages, block_size, width] (width = kv_heads * head_dim for K and V,
+  // index_dim for index-K) elements of cache_dtype(): f32 unless the backend was configured otherwise (the CUDA
+  // backend's kv_cache_dtype BF16 halves the bytes decode attention reads). alloc_cache gives a zeroed layer of
+  // `elements` elements; the cache ops take its f32() pointer as a handle, which is f32 data only when
+  // cache_dtype() is F32 (cache_write converts).
+  virtual DType cache_dtype() const { return DType::F32; }
+  virtual std::unique_ptr<Buffer> alloc_cache(size_t elements) { return alloc(elements); }
   virtual void cache_write(const float* x, size_t width, std::span<const int64_t> slots, float* cache) = 0;
   // Causal attention of every new token over its sequence's cached keys 0..position (GQA). q, out: [tokens,
   // heads * head_dim].

@@ -258,6 +258,7 @@ struct BenchDecodeOptions {
   std::string device = "cpu";
   std::string moe_backend = "native";
   std::string dtype = "auto";
+  int tensor_parallel_size = 1;
   std::vector<int> batch = {1, 32};
   engine::DecodeBenchOptions run;
   double copy_mib = 1024;
@@ -289,13 +290,19 @@ void run_bench_decode(const BenchDecodeOptions& o) {
   if (o.load_format != "dummy" && config.text.num_layers != all_layers)
     fail("--layers / --first-layer need --load-format dummy (a checkpoint's weights are for all its layers)");
 
-  auto be = make_backend(o.device, o.moe_backend);
   model::ModelOptions mo;
   mo.float_format = parse_weight_dtype(o.dtype);
   const auto t0 = Clock::now();
-  std::unique_ptr<model::M3Model> m = o.load_format == "dummy"
-                                          ? model::make_dummy_m3_model(config, *be, mo, o.run.seed)
-                                          : std::make_unique<model::M3Model>(config, io::Checkpoint(o.model), *be, mo);
+  // Every rank loads its shard (with dummy weights, of the same seed).
+  const auto load_rank = [&](backend::Backend& rank_be, const model::ModelOptions& rank_mo) {
+    if (o.load_format == "dummy") return model::make_dummy_m3_model(config, rank_be, rank_mo, o.run.seed);
+    return std::make_unique<model::M3Model>(config, io::Checkpoint(o.model), rank_be, rank_mo);
+  };
+  LoadedModel lm = load_model(o.device, o.moe_backend, o.tensor_parallel_size, mo, load_rank);
+  auto& m = lm.model;
+  auto& be = lm.backend;
+  engine::DecodeBenchOptions run = o.run;
+  run.tp_ranks = lm.ranks.get();
   const double load_s = std::chrono::duration<double>(Clock::now() - t0).count();
   const model::WeightBytes& wb = m->weight_bytes_by_kind();
   int moe = 0, sparse = 0;
@@ -313,7 +320,7 @@ void run_bench_decode(const BenchDecodeOptions& o) {
              "p10-p90", "tokens/s", "experts", "weights", "KV", "roofline", "roof t/s", "ratio", "argmax");
   nlohmann::json report = nlohmann::json::array();
   for (const int b : o.batch) {
-    const engine::DecodeBenchResult r = engine::run_decode_bench(*m, b, o.run, bw);
+    const engine::DecodeBenchResult r = engine::run_decode_bench(*m, b, run, bw);
     fmt::print("{:>5} {:>4}-{:<4} {:>7.3f}ms {:>4.2f}-{:<4.2f} {:>10.1f} {:>8.1f} {:>7.3f}GB {:>6.1f}MB {:>7.3f}ms "
                "{:>9.1f} {:>8.3f} {:>7.3f}ms\n",
                b, r.context_first, r.context_last, r.step_p50_s * 1e3, r.step_p10_s * 1e3, r.step_p90_s * 1e3,
@@ -354,6 +361,9 @@ void add_bench_decode(CLI::App* bench) {
   d->add_option("--first-layer", o->first_layer, "First kept layer (e.g. 3: MiniMax-M3's MoE/sparse layers only)");
   d->add_option("--device", o->device)->capture_default_str();
   d->add_option("--moe-backend", o->moe_backend, "native or emulation (MXFP4 experts on CUDA)")->capture_default_str();
+  d->add_option("--tensor-parallel-size", o->tensor_parallel_size,
+                "Ranks the model is sharded over (threads on cpu, GPUs 0..N-1 with NCCL on cuda); numbers are rank 0's")
+      ->capture_default_str();
   d->add_option("--dtype", o->dtype, "auto, float32 or bfloat16 (float weights)")->capture_default_str();
   d->add_option("--batch", o->batch, "Sequences decoded together (several values: several runs)")
       ->delimiter(',')

@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "engine/model_runner.h"
+#include "engine/tp_ranks.h"
 
 namespace mxlm::engine {
 
@@ -68,6 +69,7 @@ DecodeBenchResult run_decode_bench(model::M3Model& model, int batch, const Decod
   CacheConfig cache = cache_config_for(model, total_len, batch);
   cache.prefix_caching = false;
   ModelRunner runner(model, cache);
+  if (o.tp_ranks) o.tp_ranks->attach(runner);
 
   std::mt19937 rng(o.seed);
   std::vector<Sequence> seqs(static_cast<size_t>(batch));

@@ -17,11 +17,14 @@
 
 namespace mxlm::engine {
 
+class TpRanks;
+
 struct DecodeBenchOptions {
   int prompt_len = 128;
   int warmup_steps = 3;  // their routing gives the distinct experts per step
   int steps = 32;        // timed decode steps
   uint32_t seed = 0;
+  TpRanks* tp_ranks = nullptr;  // the model's other tensor-parallel ranks (tp_ranks.h); null at TP = 1
 };
 
 struct DecodeBenchResult {

@@ -33,12 +33,12 @@ ModelRunner::ModelRunner(model::M3Model& model, CacheConfig cache)
   const size_t slots = static_cast<size_t>(cache.num_pages) * static_cast<size_t>(cache.block_size);
   for (int i = 0; i < model.num_layers(); ++i) {
     model::LayerCache lc;
-    storage_.push_back(be.alloc(slots * static_cast<size_t>(model.kv_width())));
+    storage_.push_back(be.alloc_cache(slots * static_cast<size_t>(model.kv_width())));
     lc.k = storage_.back()->f32();
-    storage_.push_back(be.alloc(slots * static_cast<size_t>(model.kv_width())));
+    storage_.push_back(be.alloc_cache(slots * static_cast<size_t>(model.kv_width())));
     lc.v = storage_.back()->f32();
     if (model.layer_is_sparse(i)) {
-      storage_.push_back(be.alloc(slots * static_cast<size_t>(model.index_width())));
+      storage_.push_back(be.alloc_cache(slots * static_cast<size_t>(model.index_width())));
       lc.index_k = storage_.back()->f32();
     }
     layers_.push_back(lc);

@@ -25,7 +25,8 @@ struct ModelOptions {
   TensorParallel tp;
 };
 
-// One layer's cache pages: [num_pages, block_size, width] f32 in backend memory. index_k is null on
+// One layer's cache pages: [num_pages, block_size, width] elements of the backend's cache_dtype() (f32 unless
+// configured otherwise; allocate with Backend::alloc_cache; the pointers are handles). index_k is null on
 // full-attention layers.
 struct LayerCache {
   float* k = nullptr;

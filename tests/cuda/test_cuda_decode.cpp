@@ -1,15 +1,19 @@
 // GPU checks of the decode path: the split-K tensor-core attention kernel at long, ragged decode contexts (dense
-// and block-sparse, several splits per row, GQA groups of 1..16, head dims 16..256) against the CPU backend,
-// random weights made on the device (`--load-format dummy`), and a dummy model decoding through the engine.
+// and block-sparse, several splits per row, GQA groups of 1..16, head dims 16..256) against the CPU backend, with f32
+// and bf16 KV caches (kv_cache_dtype BF16: compared with the CPU on the bf16-rounded cache), random weights made on
+// the device (`--load-format dummy`), and a dummy model decoding through the engine.
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <fstream>
 #include <numeric>
 #include <string>
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/cuda/cuda_backend.h"
+#include "core/dtype.h"
 #include "engine/decode_bench.h"
 #include "gpu_check.h"
 #include "io/model_config.h"
@@ -117,6 +121,94 @@ MXLM_GPU_CHECK(decode_attention) {
   for (const auto& c : cases) check_attention_case(env, c);
 }
 
+// A bf16 KV cache: cache_write rounds to nearest even; attention, sparse attention and the indexer read it and agree
+// with the CPU backend given the same (rounded) values.
+MXLM_GPU_CHECK(decode_attention_bf16_cache) {
+  backend::CudaOptions options;
+  options.kv_cache_dtype = DType::BF16;
+  auto gpu = backend::make_cuda_backend(options);
+  report(gpu->cache_dtype() == DType::BF16, "bf16 cache backend reports cache_dtype BF16", 0, 0);
+  struct Case {
+    int heads, kv_heads, hd, bs;
+    std::vector<std::array<int, 2>> seqs;
+    int topk;
+  };
+  for (const Case& c : std::vector<Case>{{64, 4, 128, 128, {{5000, 1}, {300, 1}}, 16}, {8, 2, 32, 16, {{100, 1}, {0, 7}}, 3}}) {
+    int pages = 0, total = 0;
+    std::vector<std::vector<int32_t>> tables;
+    for (auto s : c.seqs) {
+      std::vector<int32_t> t(static_cast<size_t>((s[0] + s[1] + c.bs - 1) / c.bs));
+      for (auto& v : t) v = pages++;
+      std::shuffle(t.begin(), t.end(), g_rng);
+      tables.push_back(t);
+      total += s[1];
+    }
+    backend::AttentionBatch batch;
+    batch.block_size = c.bs;
+    batch.num_tokens = total;
+    int row = 0;
+    for (size_t i = 0; i < c.seqs.size(); ++i) {
+      batch.sequences.push_back({row, c.seqs[i][1], c.seqs[i][0], tables[i]});
+      for (int j = 0; j < c.seqs[i][1]; ++j) {
+        const int pos = c.seqs[i][0] + j;
+        batch.positions.push_back(pos);
+        batch.slots.push_back(static_cast<int64_t>(tables[i][static_cast<size_t>(pos / c.bs)]) * c.bs + pos % c.bs);
+      }
+      row += c.seqs[i][1];
+    }
+    const size_t slots = static_cast<size_t>(pages * c.bs), width = static_cast<size_t>(c.kv_heads * c.hd);
+    auto kc = randn(slots * width), vc = randn(slots * width), ik = randn(slots * static_cast<size_t>(c.hd));
+    const auto q = randn(static_cast<size_t>(total * c.heads * c.hd));
+    const auto iq = randn(static_cast<size_t>(total * c.kv_heads * c.hd));
+    // The GPU fills its bf16 caches through cache_write from the f32 values; the CPU gets the rounded values.
+    std::vector<int64_t> all(slots);
+    std::iota(all.begin(), all.end(), 0);
+    auto fill = [&](const std::vector<float>& x, size_t w) {
+      auto src = up(*gpu, x);
+      auto cache = gpu->alloc_cache(slots * w);
+      gpu->cache_write(src->f32(), w, all, cache->f32());
+      return cache;
+    };
+    auto gk = fill(kc, width), gv = fill(vc, width), gik = fill(ik, static_cast<size_t>(c.hd));
+    auto rounded = [](std::vector<float> x) {
+      for (auto& v : x) v = bf16_to_f32(f32_to_bf16(v));
+      return x;
+    };
+    {
+      const auto raw = down(*gpu, *gk, slots * width / 2);
+      std::vector<float> got(slots * width);
+      for (size_t i = 0; i < got.size(); ++i) {
+        uint16_t b;
+        std::memcpy(&b, reinterpret_cast<const char*>(raw.data()) + 2 * i, 2);
+        got[i] = bf16_to_f32(b);
+      }
+      check_bits("cache_write bf16 (round to nearest even)", got, rounded(kc));
+    }
+    kc = rounded(kc), vc = rounded(vc), ik = rounded(ik);
+    const backend::AttentionShape shape{c.heads, c.kv_heads, c.hd, 1.0f / std::sqrt(static_cast<float>(c.hd))};
+    const backend::IndexerShape ishape{c.kv_heads, c.hd, c.topk, 1, 0};
+    const size_t nsel = static_cast<size_t>(total * c.kv_heads * c.topk);
+    const std::string what = "bf16 KV H=" + std::to_string(c.heads) + "/" + std::to_string(c.kv_heads) +
+                             " d=" + std::to_string(c.hd) + " rows=" + std::to_string(total);
+    auto cq = up(env.cpu, q), ck = up(env.cpu, kc), cv = up(env.cpu, vc), cik = up(env.cpu, ik), ciq = up(env.cpu, iq);
+    auto co = env.cpu.alloc(q.size()), cb = env.cpu.alloc(nsel);
+    auto gq = up(*gpu, q), giq = up(*gpu, iq), go = gpu->alloc(q.size()), gb = gpu->alloc(nsel);
+    env.cpu.index_select(ciq->f32(), batch, ishape, cik->f32(), cb->i32());
+    gpu->index_select(giq->f32(), batch, ishape, gik->f32(), gb->i32());
+    const auto want_blocks = down_i32(env.cpu, *cb, nsel), got_blocks = down_i32(*gpu, *gb, nsel);
+    size_t bad = 0;
+    for (size_t i = 0; i < nsel; ++i) bad += want_blocks[i] != got_blocks[i];
+    report(bad == 0, what + " index_select (same blocks, same order)", static_cast<double>(bad), 0);
+    env.cpu.attention(cq->f32(), batch, shape, ck->f32(), cv->f32(), co->f32());
+    gpu->attention(gq->f32(), batch, shape, gk->f32(), gv->f32(), go->f32());
+    check_close(what + " dense", down(*gpu, *go, q.size()), down(env.cpu, *co, q.size()), 2e-5);
+    env.cpu.sparse_attention(cq->f32(), batch, shape, ck->f32(), cv->f32(), cb->i32(), c.topk, co->f32());
+    auto gsel = up_i32(*gpu, want_blocks);
+    gpu->sparse_attention(gq->f32(), batch, shape, gk->f32(), gv->f32(), gsel->i32(), c.topk, go->f32());
+    check_close(what + " sparse", down(*gpu, *go, q.size()), down(env.cpu, *co, q.size()), 2e-5);
+  }
+}
+
 MXLM_GPU_CHECK(dummy_weights) {
   for (auto f : {backend::WeightFormat::F32, backend::WeightFormat::BF16, backend::WeightFormat::MXFP4}) {
     const std::string what = std::string("random_weight ") + backend::weight_format_name(f);
@@ -155,6 +247,14 @@ MXLM_GPU_CHECK(dummy_decode) {
   const engine::DecodeBenchResult r = engine::run_decode_bench(*m, 5, o, 1e12);
   report(r.step_p50_s > 0 && std::isfinite(r.tokens_per_s), "dummy model decode through the engine (tokens/s)",
          r.tokens_per_s, 0);
+  // The same through a backend with a bf16 KV cache (the model allocates its cache with alloc_cache).
+  backend::CudaOptions bf;
+  bf.kv_cache_dtype = DType::BF16;
+  auto gpu16 = backend::make_cuda_backend(bf);
+  auto m16 = model::make_dummy_m3_model(c, *gpu16, {}, 9);
+  const engine::DecodeBenchResult r16 = engine::run_decode_bench(*m16, 5, o, 1e12);
+  report(r16.step_p50_s > 0 && std::isfinite(r16.tokens_per_s), "dummy model decode with a bf16 KV cache (tokens/s)",
+         r16.tokens_per_s, 0);
   report(r.distinct_experts >= c.text.experts_per_token &&
              r.distinct_experts <= std::min(c.text.num_experts, 5 * c.text.experts_per_token),
          "dummy model decode: experts touched per MoE layer in [k, min(E, B k)]", r.distinct_experts,

@@ -8,6 +8,9 @@
 // mma.sync m16n8k8 TF32 products in the 3xTF32 split (x = big + small, big·big + big·small + small·big), which keeps
 // f32 accuracy (relative error ~2^-21 per product, f32 accumulation) while K/V bytes, not FMAs, bound the kernel.
 // Each warp owns 8 keys of a tile with its own online softmax; the 4 warps are merged at the end.
+#include <cuda_bf16.h>
+
+#include <algorithm>
 #include <cfloat>
 #include <cstdint>
 
@@ -55,23 +58,43 @@ __device__ __forceinline__ void mma_tf32(float d[4], uint32_t a0, uint32_t a1, u
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// d += a · b in 3xTF32 (the small·small term, ~2^-22 relative, is dropped).
-__device__ __forceinline__ void mma_3xtf32(float d[4], const Tf32Pair a[4], Tf32Pair b0, Tf32Pair b1) {
+// The cache element: f32, or bf16 bits (exact in TF32, so its small half is zero and one product term drops).
+template <typename KV>
+struct Kv;
+template <>
+struct Kv<float> {
+  static constexpr int kPad = 4;  // row padding (elements): conflict-free fragment loads, rows 16-byte aligned
+  static constexpr bool kExactTf32 = false;
+  __device__ static Tf32Pair split(const float* p) { return split_tf32(*p); }
+};
+template <>
+struct Kv<uint16_t> {
+  static constexpr int kPad = 8;
+  static constexpr bool kExactTf32 = true;
+  __device__ static Tf32Pair split(const uint16_t* p) { return {static_cast<uint32_t>(*p) << 16, 0u}; }
+};
+
+// d += a · b in 3xTF32 (the small·small term, ~2^-22 relative, is dropped; b.small too when b is exact in TF32).
+template <bool kBExact>
+__device__ __forceinline__ void mma_split(float d[4], const Tf32Pair a[4], Tf32Pair b0, Tf32Pair b1) {
   mma_tf32(d, a[0].small, a[1].small, a[2].small, a[3].small, b0.big, b1.big);
-  mma_tf32(d, a[0].big, a[1].big, a[2].big, a[3].big, b0.small, b1.small);
+  if constexpr (!kBExact) mma_tf32(d, a[0].big, a[1].big, a[2].big, a[3].big, b0.small, b1.small);
   mma_tf32(d, a[0].big, a[1].big, a[2].big, a[3].big, b0.big, b1.big);
 }
 
 template <int NB>
-__host__ __device__ constexpr int row_stride() {  // floats per shared-memory row: +4: conflict-free fragment loads
+__host__ __device__ constexpr int q_stride() {  // floats per row of the staged queries
   return 8 * NB + 4;
 }
+template <int NB, typename KV>
+__host__ __device__ constexpr int kv_stride() {  // elements per row of a staged K/V tile
+  return 8 * NB + Kv<KV>::kPad;
+}
 
-template <int NB>
+template <int NB, typename KV>
 constexpr size_t attention_smem_bytes() {
-  return (static_cast<size_t>(kMaxGroup) * row_stride<NB>() +
-          2 * static_cast<size_t>(kStages) * kTileKeys * row_stride<NB>()) *
-             sizeof(float) +
+  return static_cast<size_t>(kMaxGroup) * q_stride<NB>() * sizeof(float) +
+         2 * static_cast<size_t>(kStages) * kTileKeys * kv_stride<NB, KV>() * sizeof(KV) +
          static_cast<size_t>(kStages) * kTileKeys * sizeof(int);
 }
 
@@ -79,13 +102,15 @@ constexpr size_t attention_smem_bytes() {
 // C rows g, g + 8 and columns 2t, 2t + 1. S = Q·Kᵀ has query heads as rows and the warp's 8 keys as columns. For
 // O += P·V the key order of P's columns is permuted to (2t, 2t + 1) -> (t, t + 4), so a lane's S accumulators are
 // directly its P fragment; V's rows are read in the same permuted order (a sum over keys ignores the order).
-template <int NB>  // n-blocks of 8 dims: head_dim <= 8 * NB
+template <int NB, typename KV>  // n-blocks of 8 dims: head_dim <= 8 * NB; KV: float or uint16_t (bf16 bits)
 __global__ void __launch_bounds__(kAttnWarps * 32, 2)
     attention_split_kernel(const float* __restrict__ q, AttentionRows rows, int num_heads, int num_kv_heads, int D,
-                           float scale, const float* __restrict__ k_cache, const float* __restrict__ v_cache,
+                           float scale, const KV* __restrict__ k_cache, const KV* __restrict__ v_cache,
                            const int32_t* __restrict__ blocks, int topk, int keys_per_split, int splits,
                            float* __restrict__ ws) {
-  constexpr int DP = row_stride<NB>();
+  constexpr int QP = q_stride<NB>(), DP = kv_stride<NB, KV>();
+  // The merge of the warps reuses the K/V stages.
+  static_assert(2 * kStages * kTileKeys * DP * sizeof(KV) >= kAttnWarps * kMaxGroup * (8 * NB + 2) * sizeof(float));
   const int row = blockIdx.x / num_kv_heads, kvh = blockIdx.x % num_kv_heads;
   const int split = blockIdx.y;
   const int G = num_heads / num_kv_heads;
@@ -101,9 +126,9 @@ __global__ void __launch_bounds__(kAttnWarps * 32, 2)
   const size_t width = static_cast<size_t>(num_kv_heads) * D;
 
   extern __shared__ __align__(16) float smem[];
-  float* qs = smem;                                                     // [16][DP], scaled; zero rows >= G
-  float* kbuf = qs + kMaxGroup * DP;                                    // [stages][tile keys][DP]
-  float* vbuf = kbuf + static_cast<size_t>(kStages) * kTileKeys * DP;   // [stages][tile keys][DP]
+  float* qs = smem;                                                    // [16][QP], scaled; zero rows >= G
+  KV* kbuf = reinterpret_cast<KV*>(qs + kMaxGroup * QP);               // [stages][tile keys][DP]
+  KV* vbuf = kbuf + static_cast<size_t>(kStages) * kTileKeys * DP;     // [stages][tile keys][DP]
   int* kvalid = reinterpret_cast<int*>(vbuf + static_cast<size_t>(kStages) * kTileKeys * DP);  // [stages][keys]
 
   // Loader: 4 threads per key of a tile; thread `sub` copies the 16-byte chunks sub, sub + 4, ... of the key's K and
@@ -120,11 +145,13 @@ __global__ void __launch_bounds__(kAttnWarps * 32, 2)
       valid = b >= 0 && b * bs + in <= pos;
       if (valid) off = (static_cast<size_t>(table[b]) * bs + in) * width + static_cast<size_t>(kvh) * D;
     }
-    float* kd = kbuf + (static_cast<size_t>(st) * kTileKeys + lkey) * DP;
-    float* vd = vbuf + (static_cast<size_t>(st) * kTileKeys + lkey) * DP;
-    for (int c = lsub; c < D / 4; c += 4) {
-      cp_async_16(kd + 4 * c, k_cache + off + 4 * c, valid);
-      cp_async_16(vd + 4 * c, v_cache + off + 4 * c, valid);
+    char* kd = reinterpret_cast<char*>(kbuf + (static_cast<size_t>(st) * kTileKeys + lkey) * DP);
+    char* vd = reinterpret_cast<char*>(vbuf + (static_cast<size_t>(st) * kTileKeys + lkey) * DP);
+    const char* ks = reinterpret_cast<const char*>(k_cache + off);
+    const char* vs = reinterpret_cast<const char*>(v_cache + off);
+    for (int c = lsub; c < D * static_cast<int>(sizeof(KV)) / 16; c += 4) {
+      cp_async_16(kd + 16 * c, ks + 16 * c, valid);
+      cp_async_16(vd + 16 * c, vs + 16 * c, valid);
     }
     if (lsub == 0) kvalid[st * kTileKeys + lkey] = valid;
   };
@@ -135,8 +162,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32, 2)
   }
 
   const float* qrow = q + static_cast<size_t>(row) * num_heads * D + static_cast<size_t>(kvh) * G * D;
-  for (int i = tid; i < kMaxGroup * DP; i += blockDim.x) {
-    const int h = i / DP, d = i % DP;
+  for (int i = tid; i < kMaxGroup * QP; i += blockDim.x) {
+    const int h = i / QP, d = i % QP;
     qs[i] = h < G && d < D ? qrow[static_cast<size_t>(h) * D + d] * scale : 0.0f;
   }
 
@@ -151,17 +178,17 @@ __global__ void __launch_bounds__(kAttnWarps * 32, 2)
     if (tile + kStages - 1 < tiles) issue(tile + kStages - 1);
     cp_async_commit();
     const int st = tile % kStages;
-    const float* kt = kbuf + (static_cast<size_t>(st) * kTileKeys + warp * 8) * DP;
-    const float* vt = vbuf + (static_cast<size_t>(st) * kTileKeys + warp * 8) * DP;
+    const KV* kt = kbuf + (static_cast<size_t>(st) * kTileKeys + warp * 8) * DP;
+    const KV* vt = vbuf + (static_cast<size_t>(st) * kTileKeys + warp * 8) * DP;
 
     float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int kk = 0; kk < NB; ++kk) {
       if (kk * 8 >= D) break;
       const int d0 = kk * 8 + t;
-      const Tf32Pair a[4] = {split_tf32(qs[g * DP + d0]), split_tf32(qs[(g + 8) * DP + d0]),
-                             split_tf32(qs[g * DP + d0 + 4]), split_tf32(qs[(g + 8) * DP + d0 + 4])};
-      mma_3xtf32(s, a, split_tf32(kt[g * DP + d0]), split_tf32(kt[g * DP + d0 + 4]));
+      const Tf32Pair a[4] = {split_tf32(qs[g * QP + d0]), split_tf32(qs[(g + 8) * QP + d0]),
+                             split_tf32(qs[g * QP + d0 + 4]), split_tf32(qs[(g + 8) * QP + d0 + 4])};
+      mma_split<Kv<KV>::kExactTf32>(s, a, Kv<KV>::split(kt + g * DP + d0), Kv<KV>::split(kt + g * DP + d0 + 4));
     }
     const int* kv = kvalid + st * kTileKeys + warp * 8;
     const bool v0 = kv[2 * t] != 0, v1 = kv[2 * t + 1] != 0;
@@ -190,7 +217,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32, 2)
     for (int nb = 0; nb < NB; ++nb) {
       if (nb * 8 >= D) break;
       const int d = nb * 8 + g;
-      mma_3xtf32(o[nb], pa, split_tf32(vt[(2 * t) * DP + d]), split_tf32(vt[(2 * t + 1) * DP + d]));
+      mma_split<Kv<KV>::kExactTf32>(o[nb], pa, Kv<KV>::split(vt + (2 * t) * DP + d),
+                                    Kv<KV>::split(vt + (2 * t + 1) * DP + d));
     }
   }
 #pragma unroll
@@ -202,7 +230,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32, 2)
   // Merge the warps of this CTA (the stage buffers are free now).
   cp_async_wait<0>();
   __syncthreads();
-  float* wstate = kbuf;  // [warps][16][D + 2]: max, sum, output
+  float* wstate = reinterpret_cast<float*>(kbuf);  // [warps][16][D + 2]: max, sum, output
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float* st = wstate + (static_cast<size_t>(warp) * kMaxGroup + g + 8 * r) * (D + 2);
@@ -258,8 +286,12 @@ __global__ void attention_merge_kernel(const float* ws, int splits, int head_dim
 
 // One CTA per (row, index head): block max scores into shared memory, forced blocks, then top-k by repeated
 // arg-max (score descending, lower block id first on ties).
+__device__ __forceinline__ float cache_value(const float* p) { return *p; }
+__device__ __forceinline__ float cache_value(const uint16_t* p) { return __uint_as_float(static_cast<uint32_t>(*p) << 16); }
+
+template <typename KV>
 __global__ void index_select_kernel(const float* iq, AttentionRows rows, int heads, int head_dim, int topk,
-                                    int local_blocks, int init_blocks, const float* ik_cache, int32_t* out) {
+                                    int local_blocks, int init_blocks, const KV* ik_cache, int32_t* out) {
   const int row = blockIdx.x / heads, h = blockIdx.x % heads;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
   const int bs = rows.block_size;
@@ -277,9 +309,9 @@ __global__ void index_select_kernel(const float* iq, AttentionRows rows, int hea
     const size_t page = static_cast<size_t>(table[b]);
     const int kend = min((b + 1) * bs, pos + 1);
     for (int key = b * bs; key < kend; ++key) {
-      const float* kr = ik_cache + (page * bs + static_cast<size_t>(key % bs)) * head_dim;
+      const KV* kr = ik_cache + (page * bs + static_cast<size_t>(key % bs)) * head_dim;
       float s = 0.0f;
-      for (int c = lane; c < head_dim; c += 32) s += qh[c] * kr[c];
+      for (int c = lane; c < head_dim; c += 32) s += qh[c] * cache_value(kr + c);
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
       if (!isnan(s)) best = fmaxf(best, s);
@@ -337,22 +369,33 @@ __global__ void index_select_kernel(const float* iq, AttentionRows rows, int hea
   for (int j = take + threadIdx.x; j < topk; j += blockDim.x) o[j] = -1;
 }
 
-template <int NB>
+template <int NB, typename KV>
 cudaError_t launch_split(const float* q, const AttentionRows& rows, int num_heads, int num_kv_heads, int D, float scale,
-                         const float* k_cache, const float* v_cache, const int32_t* blocks, int topk,
+                         const void* k_cache, const void* v_cache, const int32_t* blocks, int topk,
                          int keys_per_split, int splits, float* ws, cudaStream_t stream) {
-  constexpr size_t smem = attention_smem_bytes<NB>();
+  constexpr size_t smem = attention_smem_bytes<NB, KV>();
   static bool configured = false;
   if (!configured) {
     const cudaError_t e =
-        cudaFuncSetAttribute(attention_split_kernel<NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        cudaFuncSetAttribute(attention_split_kernel<NB, KV>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return e;
     configured = true;
   }
   const dim3 grid(static_cast<unsigned>(rows.rows * num_kv_heads), static_cast<unsigned>(splits));
-  attention_split_kernel<NB><<<grid, kAttnWarps * 32, smem, stream>>>(
-      q, rows, num_heads, num_kv_heads, D, scale, k_cache, v_cache, blocks, topk, keys_per_split, splits, ws);
+  attention_split_kernel<NB, KV><<<grid, kAttnWarps * 32, smem, stream>>>(
+      q, rows, num_heads, num_kv_heads, D, scale, static_cast<const KV*>(k_cache), static_cast<const KV*>(v_cache),
+      blocks, topk, keys_per_split, splits, ws);
   return cudaGetLastError();
+}
+
+__global__ void cache_write_bf16_kernel(const float* x, size_t width, const int64_t* slots, size_t count,
+                                        uint16_t* cache) {
+  const size_t n = count * width;
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const size_t r = i / width, c = i % width;
+    cache[static_cast<size_t>(slots[r]) * width + c] = __bfloat16_as_ushort(__float2bfloat16_rn(x[i]));
+  }
 }
 
 // ---- The previous decode attention (SIMT f32 FMAs, one 128-key split per CTA), kept only as the baseline that
@@ -563,8 +606,9 @@ size_t attention_workspace_floats(int rows, int num_heads, int head_dim, int spl
 }
 
 cudaError_t launch_attention(const float* q, const AttentionRows& rows, int num_heads, int num_kv_heads, int head_dim,
-                             float scale, const float* k_cache, const float* v_cache, const int32_t* blocks, int topk,
-                             int max_keys, int keys_per_split, float* workspace, float* out, cudaStream_t stream) {
+                             float scale, const void* k_cache, const void* v_cache, CacheType cache,
+                             const int32_t* blocks, int topk, int max_keys, int keys_per_split, float* workspace,
+                             float* out, cudaStream_t stream) {
   if (rows.rows == 0) return cudaSuccess;
   if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || num_heads / num_kv_heads > kMaxGroup || head_dim <= 0 ||
       head_dim > 256 || head_dim % 8 != 0 || keys_per_split <= 0 || keys_per_split % kTileKeys != 0)
@@ -572,9 +616,12 @@ cudaError_t launch_attention(const float* q, const AttentionRows& rows, int num_
   const int splits = max_keys > 0 ? (max_keys + keys_per_split - 1) / keys_per_split : 1;
   cudaError_t e = cudaSuccess;
   const int nb = head_dim / 8;
-#define MXLM_ATTENTION_CASE(NB)                                                                                  \
-  e = launch_split<NB>(q, rows, num_heads, num_kv_heads, head_dim, scale, k_cache, v_cache, blocks, topk,       \
-                       keys_per_split, splits, workspace, stream)
+#define MXLM_ATTENTION_CASE(NB)                                                                                   \
+  e = cache == CacheType::BF16                                                                                   \
+          ? launch_split<NB, uint16_t>(q, rows, num_heads, num_kv_heads, head_dim, scale, k_cache, v_cache, blocks, \
+                                       topk, keys_per_split, splits, workspace, stream)                          \
+          : launch_split<NB, float>(q, rows, num_heads, num_kv_heads, head_dim, scale, k_cache, v_cache, blocks,    \
+                                    topk, keys_per_split, splits, workspace, stream)
   if (nb <= 4) {
     MXLM_ATTENTION_CASE(4);
   } else if (nb <= 8) {
@@ -593,20 +640,40 @@ cudaError_t launch_attention(const float* q, const AttentionRows& rows, int num_
   return cudaGetLastError();
 }
 
-cudaError_t launch_index_select(const float* iq, const AttentionRows& rows, int heads, int head_dim, int topk,
-                                int local_blocks, int init_blocks, int max_visible_blocks, const float* index_k_cache,
-                                int32_t* blocks, cudaStream_t stream) {
-  if (rows.rows == 0) return cudaSuccess;
+template <typename KV>
+cudaError_t launch_index_select_as(const float* iq, const AttentionRows& rows, int heads, int head_dim, int topk,
+                                   int local_blocks, int init_blocks, int max_visible_blocks, const void* index_k_cache,
+                                   int32_t* blocks, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(max_visible_blocks) * (sizeof(float) + 1) + 16;
   static bool configured = false;
   if (!configured) {
     const cudaError_t e =
-        cudaFuncSetAttribute(index_select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
+        cudaFuncSetAttribute(index_select_kernel<KV>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
     if (e != cudaSuccess) return e;
     configured = true;
   }
-  index_select_kernel<<<static_cast<unsigned>(rows.rows * heads), 256, smem, stream>>>(
-      iq, rows, heads, head_dim, topk, local_blocks, init_blocks, index_k_cache, blocks);
+  index_select_kernel<KV><<<static_cast<unsigned>(rows.rows * heads), 256, smem, stream>>>(
+      iq, rows, heads, head_dim, topk, local_blocks, init_blocks, static_cast<const KV*>(index_k_cache), blocks);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_index_select(const float* iq, const AttentionRows& rows, int heads, int head_dim, int topk,
+                                int local_blocks, int init_blocks, int max_visible_blocks, const void* index_k_cache,
+                                CacheType cache, int32_t* blocks, cudaStream_t stream) {
+  if (rows.rows == 0) return cudaSuccess;
+  return cache == CacheType::BF16
+             ? launch_index_select_as<uint16_t>(iq, rows, heads, head_dim, topk, local_blocks, init_blocks,
+                                                max_visible_blocks, index_k_cache, blocks, stream)
+             : launch_index_select_as<float>(iq, rows, heads, head_dim, topk, local_blocks, init_blocks,
+                                             max_visible_blocks, index_k_cache, blocks, stream);
+}
+
+cudaError_t launch_cache_write_bf16(const float* x, size_t width, const int64_t* slots, size_t count, uint16_t* cache,
+                                    cudaStream_t stream) {
+  const size_t n = count * width;
+  if (n == 0) return cudaSuccess;
+  const unsigned grid = static_cast<unsigned>(std::min<size_t>((n + 255) / 256, 4096));
+  cache_write_bf16_kernel<<<grid, 256, 0, stream>>>(x, width, slots, count, cache);
   return cudaGetLastError();
 }
 

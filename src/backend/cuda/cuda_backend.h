@@ -29,6 +29,9 @@ class CudaTpGroup;
 struct CudaOptions {
   int device = 0;  // ignored with a tensor-parallel group: rank r runs on the group's device r
   MoeBackend moe_backend = MoeBackend::Native;
+  // Element of the KV / index-K caches: F32 (default, the CPU backend's) or BF16 (half the bytes decode attention
+  // reads; values rounded to bf16 when written, attention math in f32).
+  DType kv_cache_dtype = DType::F32;
   // Tensor parallelism: this backend is rank `tp_rank` of `tp` (null: TP = 1). all_reduce_sum / all_gather_cols
   // are NCCL collectives on the backend's stream, so every rank must be driven by its own host thread (NCCL blocks
   // a rank's host call until its peers arrive) and construct its backend on that thread (the constructor makes the

@@ -169,6 +169,8 @@ int tp_group_device(const CudaTpGroup& group, int rank);
 class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(CudaOptions o) : options_(o), pool_(std::make_shared<Pool>()) {
+    if (o.kv_cache_dtype != DType::F32 && o.kv_cache_dtype != DType::BF16)
+      fail("CUDA KV cache dtype must be F32 or BF16, not {}", dtype_name(o.kv_cache_dtype));
     MXLM_CUDA_CHECK(cudaSetDevice(o.device));
     cudaDeviceProp prop{};
     MXLM_CUDA_CHECK(cudaGetDeviceProperties(&prop, o.device));
@@ -355,9 +357,19 @@ class CudaBackend final : public Backend {
                    float* out) override;
 
   // ---- attention
+  DType cache_dtype() const override { return options_.kv_cache_dtype; }
+  std::unique_ptr<Buffer> alloc_cache(size_t elements) override {
+    return alloc(cache_type() == CacheType::BF16 ? (elements + 1) / 2 : elements);
+  }
+
   void cache_write(const float* x, size_t width, std::span<const int64_t> slots, float* cache) override {
     if (slots.empty()) return;
     Block s = to_device(slots);
+    if (cache_type() == CacheType::BF16) {
+      MXLM_CUDA_CHECK(
+          launch_cache_write_bf16(x, width, s.as<int64_t>(), slots.size(), reinterpret_cast<uint16_t*>(cache), stream_));
+      return;
+    }
     MXLM_CUDA_CHECK(launch_cache_write(x, width, s.as<int64_t>(), slots.size(), cache, stream_));
   }
 
@@ -374,7 +386,7 @@ class CudaBackend final : public Backend {
     if (r.rows.rows == 0) return;
     MXLM_CUDA_CHECK(launch_index_select(iq, r.rows, shape.num_heads, shape.head_dim, shape.topk_blocks,
                                         shape.local_blocks, shape.init_blocks, r.max_pos / batch.block_size + 1,
-                                        index_k_cache, blocks, stream_));
+                                        index_k_cache, cache_type(), blocks, stream_));
   }
 
   void sparse_attention(const float* q, const AttentionBatch& batch, const AttentionShape& shape, const float* k_cache,
@@ -493,6 +505,10 @@ class CudaBackend final : public Backend {
                              std::span<const Weight* const> down, int first_expert, SwigluParams p, bool qdq_inputs,
                              float* out);
 
+  CacheType cache_type() const {
+    return options_.kv_cache_dtype == DType::BF16 ? CacheType::BF16 : CacheType::F32;
+  }
+
   struct RowsOnDevice {
     AttentionRows rows;
     Block pos, offsets, tables;
@@ -541,7 +557,8 @@ class CudaBackend final : public Backend {
     const int splits = std::max(1, (max_keys + per_split - 1) / per_split);
     Block ws(pool_, attention_workspace_floats(r.rows.rows, shape.num_heads, shape.head_dim, splits) * 4);
     MXLM_CUDA_CHECK(launch_attention(q, r.rows, shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.scale,
-                                     k_cache, v_cache, blocks, topk, max_keys, per_split, ws.as<float>(), out, stream_));
+                                     k_cache, v_cache, cache_type(), blocks, topk, max_keys, per_split, ws.as<float>(),
+                                     out, stream_));
   }
 
   CudaOptions options_;

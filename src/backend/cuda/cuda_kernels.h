@@ -168,7 +168,7 @@ cudaError_t launch_cache_write(const float* x, size_t width, const int64_t* slot
                                cudaStream_t stream);
 
 // ---- paged attention. Per row of the step: its position, the offset of its sequence's block table in
-// `tables`. Caches are f32 [pages, block_size, kv_heads * head_dim].
+// `tables`. Caches are [pages, block_size, kv_heads * head_dim] of f32 or bf16 (CacheType; bf16 as raw bits).
 struct AttentionRows {
   const int32_t* pos = nullptr;           // [rows]
   const int32_t* table_offset = nullptr;  // [rows]
@@ -176,6 +176,10 @@ struct AttentionRows {
   int rows = 0;
   int block_size = 0;
 };
+enum class CacheType { F32, BF16 };
+// cache[slots[i]] = bf16(x[i]) (round to nearest even) for rows of `width`: cache_write into a bf16 cache.
+cudaError_t launch_cache_write_bf16(const float* x, size_t width, const int64_t* slots, size_t count, uint16_t* cache,
+                                    cudaStream_t stream);
 // Dense causal (blocks == null) or block-sparse (blocks [rows, kv_heads, topk], -1 padded) GQA attention, split
 // over the key range (flash decoding) into splits = ceil(max_keys / keys_per_split) partial results merged by a
 // second kernel. `max_keys` is the most keys a row visits, in whole blocks (dense: (max_pos / block_size + 1) *
@@ -184,19 +188,20 @@ struct AttentionRows {
 int attention_keys_per_split(int rows, int num_kv_heads, int max_keys, int multiprocessors);
 size_t attention_workspace_floats(int rows, int num_heads, int head_dim, int splits);
 cudaError_t launch_attention(const float* q, const AttentionRows& rows, int num_heads, int num_kv_heads, int head_dim,
-                             float scale, const float* k_cache, const float* v_cache, const int32_t* blocks, int topk,
-                             int max_keys, int keys_per_split, float* workspace, float* out, cudaStream_t stream);
-// The previous kernel (SIMT f32, 128-key splits), kept as the benchmark's baseline: 96 < head_dim <= 128; `units` as
-// max_keys / block_size; workspace for attention_simt_splits(units, block_size) splits.
+                             float scale, const void* k_cache, const void* v_cache, CacheType cache,
+                             const int32_t* blocks, int topk, int max_keys, int keys_per_split, float* workspace,
+                             float* out, cudaStream_t stream);
+// The previous kernel (SIMT f32, 128-key splits), kept as the benchmark's baseline: f32 caches, 96 < head_dim <= 128;
+// `units` as max_keys / block_size; workspace for attention_simt_splits(units, block_size) splits.
 int attention_simt_splits(int units, int block_size);
 cudaError_t launch_attention_simt(const float* q, const AttentionRows& rows, int num_heads, int num_kv_heads,
                                   int head_dim, float scale, const float* k_cache, const float* v_cache,
                                   const int32_t* blocks, int topk, int units, float* workspace, float* out,
                                   cudaStream_t stream);
-// Lightning indexer block selection (see Backend::index_select).
+// Lightning indexer block selection (see Backend::index_select) over an f32 or bf16 index-K cache.
 cudaError_t launch_index_select(const float* iq, const AttentionRows& rows, int heads, int head_dim, int topk,
-                                int local_blocks, int init_blocks, int max_visible_blocks, const float* index_k_cache,
-                                int32_t* blocks, cudaStream_t stream);
+                                int local_blocks, int init_blocks, int max_visible_blocks, const void* index_k_cache,
+                                CacheType cache, int32_t* blocks, cudaStream_t stream);
 
 // ---- vision encoder (cuda_vision.cu; Backend's "vision encoder" ops)
 // y[r, c] += bias[c] over rows of `cols`.
