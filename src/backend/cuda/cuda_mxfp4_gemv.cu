@@ -364,17 +364,19 @@ __global__ void __launch_bounds__(W * 32)
   pdl_launch_dependents();
   if (early) pdl_wait();  // the activations may be the previous kernel's output
 
-  // 2. Activations x[tokens][this CTA's chunks] (zeros past m and past K), swizzled as in version 1; from f32
-  // (one problem; converted here, RNE as f32_to_bf16) or bf16.
+  // 2. Activations x[tokens < m][this CTA's chunks] (zeros past K), swizzled as in version 1; from f32 (one
+  // problem; converted here, RNE as f32_to_bf16) or bf16. Token rows past m are not staged: MMA output column j
+  // depends on activation column j only, and those columns are never stored.
   const int per_row = nc * 16;
+  const int staged = min(p.m, NT * 8) * per_row;
   if (kMode == kSingle && x_f32 != nullptr) {
 #pragma unroll 4
-    for (int idx = threadIdx.x; idx < NT * 8 * per_row; idx += blockDim.x) {
+    for (int idx = threadIdx.x; idx < staged; idx += blockDim.x) {
       const int tok = idx / per_row, rem = idx % per_row;
       const int ci = rem / 16, u = rem % 16, blk_in = u / 4, q = u % 4;
       const int kb = (c0 + ci) * 4 + blk_in;
       uint4 v = make_uint4(0, 0, 0, 0);
-      if (tok < p.m && kb < kblocks) {
+      if (kb < kblocks) {
         const float4* src = reinterpret_cast<const float4*>(x_f32 + static_cast<size_t>(tok) * k +
                                                             static_cast<size_t>(kb) * 32 + q * 8);
         const float4 lo = __ldcg(src), hi = __ldcg(src + 1);
@@ -386,11 +388,11 @@ __global__ void __launch_bounds__(W * 32)
       xs[tok * xstride + ci * 16 + blk_in * 4 + (q ^ ((blk_in >> 1) & 1))] = v;
     }
   } else {
-    for (int idx = threadIdx.x; idx < NT * 8 * per_row; idx += blockDim.x) {
+    for (int idx = threadIdx.x; idx < staged; idx += blockDim.x) {
       const int tok = idx / per_row, rem = idx % per_row;
       const int ci = rem / 16, u = rem % 16, blk_in = u / 4, q = u % 4;
       const int kb = (c0 + ci) * 4 + blk_in;
-      const bool valid = tok < p.m && kb < kblocks;
+      const bool valid = kb < kblocks;
       const uint16_t* src = valid ? p.x + static_cast<size_t>(tok) * k + static_cast<size_t>(kb) * 32 + q * 8 : p.x;
       cp_async_16(&xs[tok * xstride + ci * 16 + blk_in * 4 + (q ^ ((blk_in >> 1) & 1))], src, valid);
     }
@@ -405,6 +407,7 @@ __global__ void __launch_bounds__(W * 32)
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
   const bool active = row0 < n;
+  const int tiles_used = (min(p.m, NT * 8) + 7) / 8;
   if (active) {
     for (int c = 0; c < nc; ++c) {
       const uint4 a = wsm[c * 64 + lane], b = wsm[c * 64 + 32 + lane];
@@ -415,7 +418,9 @@ __global__ void __launch_bounds__(W * 32)
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
-          for (int q = 0; q < 4; ++q) xv[j][q] = xs[(j * 8 + g) * xstride + c * 16 + t * 4 + (q ^ ((t >> 1) & 1))];
+          for (int q = 0; q < 4; ++q)
+            xv[j][q] = j < tiles_used ? xs[(j * 8 + g) * xstride + c * 16 + t * 4 + (q ^ ((t >> 1) & 1))]
+                                      : make_uint4(0, 0, 0, 0);
         const uint32_t fa = scale_first(sa), fb = scale_first(sb);
         const uint32_t ca = kCapped ? scale_second(sa) : 0u, cb = kCapped ? scale_second(sb) : 0u;
 #pragma unroll
@@ -425,6 +430,7 @@ __global__ void __launch_bounds__(W * 32)
           dequant_word<kCapped>(word(b, q), fb, cb, pb);
 #pragma unroll
           for (int j = 0; j < NT; ++j) {
+            if (j >= tiles_used) break;  // warp-uniform: a second token tile only when m > 8
             uint32_t xp[4];
             pair_x(xv[j][q], xp);
 #pragma unroll
