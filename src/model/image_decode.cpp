@@ -2,8 +2,10 @@
 // on white exactly as Pillow's Image.paste with an L mask does (vLLM's rgba_to_rgb).
 #include <webp/decode.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <utility>
 
 #include "core/error.h"
 #include "model/image_preprocess.h"
@@ -99,6 +101,21 @@ RgbImage decode_webp(std::span<const uint8_t> b, const std::string& what) {
   return from_channels(px.get(), w, h, features.has_alpha ? 4 : 3);
 }
 
+// The size a PNG, GIF or BMP header declares (0x0 when the header is too short), so that an oversized image gets
+// "too large" rather than stb's refusal, which reads as corrupt data.
+std::pair<int64_t, int64_t> header_size(std::span<const uint8_t> b, Format f) {
+  auto be32 = [&](size_t at) {
+    return static_cast<int64_t>(b[at]) << 24 | static_cast<int64_t>(b[at + 1]) << 16 |
+           static_cast<int64_t>(b[at + 2]) << 8 | b[at + 3];
+  };
+  auto le16 = [&](size_t at) { return static_cast<int64_t>(b[at]) | static_cast<int64_t>(b[at + 1]) << 8; };
+  auto le32 = [&](size_t at) { return static_cast<int64_t>(static_cast<int32_t>(le16(at) | le16(at + 2) << 16)); };
+  if (f == Format::Png && b.size() >= 24) return {be32(16), be32(20)};
+  if (f == Format::Gif && b.size() >= 10) return {le16(6), le16(8)};
+  if (f == Format::Bmp && b.size() >= 26) return {le32(18), std::abs(le32(22))};  // negative height: top-down
+  return {0, 0};
+}
+
 }  // namespace
 
 RgbImage decode_image(std::span<const uint8_t> bytes, const std::string& what) {
@@ -107,6 +124,7 @@ RgbImage decode_image(std::span<const uint8_t> bytes, const std::string& what) {
   if (f == Format::Unknown) fail("{}: unsupported image format (expected PNG, JPEG, WebP, BMP or GIF)", what);
   if (f == Format::Webp) return decode_webp(bytes, what);
   if (bytes.size() > static_cast<size_t>(INT32_MAX)) fail("{}: the image data is too large", what);
+  if (const auto [hw, hh] = header_size(bytes, f); hw > 0 && hh > 0) check_size(hw, hh, what, f);
   const auto* data = bytes.data();
   const int len = static_cast<int>(bytes.size());
   int w = 0, h = 0, comp = 0;

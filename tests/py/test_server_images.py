@@ -16,6 +16,7 @@ import struct
 import sys
 import threading
 import time
+import zlib
 
 import openai
 import pytest
@@ -347,6 +348,13 @@ def test_bad_images_are_400s_naming_the_part(client):
     assert "messages[0].content[1]" in msg and "empty" in msg
     msg = bad_request(client, [user(image_part("data:image/png;base64,@@@@"))])
     assert "messages[0].content[0]" in msg and "base64" in msg
+    # A PNG header claiming 20000x20000 pixels (over Pillow's decompression-bomb limit): refused before decoding.
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data +  # noqa: E731
+                                struct.pack(">I", zlib.crc32(kind + data)))
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    msg = bad_request(client, [user(image_part("data:image/png;base64," + base64.b64encode(bomb).decode()))])
+    assert "messages[0].content[0]" in msg and "too large" in msg
     msg = bad_request(client, [user(image_part(data_uri(picture(1000, 4, 1))))])  # aspect ratio 250 > 200
     assert "messages[0].content[0]" in msg
     msg = bad_request(client, [user("clip", {"type": "video_url", "video_url": {"url": "http://x/v.mp4"}})])
