@@ -123,8 +123,7 @@ int main(int argc, char** argv) {
     CK(cudaSetDevice(0));
     const int inner = n * 4 >= (size_t{64} << 20) ? 2 : 20;
     const double ms = time_collective(
-        ranks,
-        [&](int r) { ranks[static_cast<size_t>(r)].be->all_reduce_sum(bufs[static_cast<size_t>(r)]->f32(), n); },
+        ranks, [&](int r) { ranks[static_cast<size_t>(r)].be->all_reduce_sum(bufs[static_cast<size_t>(r)]->f32(), n); },
         reps, inner);
     const double bytes = static_cast<double>(n) * 4;
     const double busbw = 2.0 * (kRanks - 1) / kRanks * bytes / (ms * 1e-3) / 1e9;

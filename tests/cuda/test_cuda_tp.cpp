@@ -91,19 +91,20 @@ void test_collectives(const std::shared_ptr<backend::CudaTpGroup>& group) {
 
   std::vector<Collective> want = cases;
   auto cpu = std::make_shared<std::vector<std::unique_ptr<Backend>>>(backend::cpu::make_cpu_tp_backends(kRanks));
-  run_collectives(want, [cpu](int r) { return std::move((*cpu)[static_cast<size_t>(r)]); }, "cpu collectives");
+  run_collectives(
+      want, [cpu](int r) { return std::move((*cpu)[static_cast<size_t>(r)]); }, "cpu collectives");
   run_collectives(
       cases,
       [group](int r) {
-        return backend::make_cuda_backend({.device = r, .moe_backend = backend::MoeBackend::Native, .tp = group,
-                                           .tp_rank = r});
+        return backend::make_cuda_backend(
+            {.device = r, .moe_backend = backend::MoeBackend::Native, .tp = group, .tp_rank = r});
       },
       "cuda collectives");
   for (size_t i = 0; i < cases.size(); ++i) {
     const auto& c = cases[i];
-    const std::string what = c.gather ? "all_gather_cols rows " + std::to_string(c.rows) + " x " +
-                                            std::to_string(c.cols) + " per rank"
-                                      : "all_reduce_sum n " + std::to_string(c.cols);
+    const std::string what =
+        c.gather ? "all_gather_cols rows " + std::to_string(c.rows) + " x " + std::to_string(c.cols) + " per rank"
+                 : "all_reduce_sum n " + std::to_string(c.cols);
     for (int r = 0; r < kRanks; ++r)
       check_bits(what + " rank " + std::to_string(r) + " vs cpu group", c.outputs[static_cast<size_t>(r)],
                  want[i].outputs[static_cast<size_t>(r)]);
@@ -146,8 +147,8 @@ std::vector<float> run_steps(model::M3Model& m, engine::TpRanks* ranks, const st
 
 void test_fixtures_tp(Env& env, const std::shared_ptr<backend::CudaTpGroup>& group) {
   const auto make = [group](int r) {
-    return backend::make_cuda_backend({.device = r, .moe_backend = backend::MoeBackend::Native, .tp = group,
-                                       .tp_rank = r});
+    return backend::make_cuda_backend(
+        {.device = r, .moe_backend = backend::MoeBackend::Native, .tp = group, .tp_rank = r});
   };
   for (const std::string name : {"dense", "mixed", "moe16", "mixed_mxfp4"}) {
     const fs::path dir = env.fixtures / "m3" / name;
