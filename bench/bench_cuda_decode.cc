@@ -109,6 +109,22 @@ void bench_attention(const Ceilings& c, int sms, bool quick) {
       const double sparse_old_us = time([&] {
         return cu::launch_attention_simt(q, rows, heads, kvh, d, scale, kc, vc, d_blocks, topk, topk, ws, out, stream);
       });
+      // Lightning indexer over the index-K cache (one 128-wide key head shared by the 4 index heads).
+      auto* ik = static_cast<float*>(dalloc(static_cast<size_t>(pages) * bs * d * 4));
+      auto* iq = static_cast<float*>(dalloc(static_cast<size_t>(batch) * kvh * d * 4));
+      auto* sel = static_cast<int32_t*>(dalloc(static_cast<size_t>(batch) * kvh * topk * 4));
+      auto* iws = static_cast<float*>(dalloc(cu::index_select_workspace_floats(batch, kvh, per_seq) * 4));
+      CK(cu::launch_fill_random_f32(ik, static_cast<size_t>(pages) * bs * d, 16, 1.0f, stream));
+      CK(cu::launch_fill_random_f32(iq, static_cast<size_t>(batch) * kvh * d, 17, 1.0f, stream));
+      const double index_us = time([&] {
+        return cu::launch_index_select(iq, rows, kvh, d, topk, 1, 0, per_seq, ik, cu::CacheType::F32, iws, sms, sel,
+                                       stream);
+      });
+      const double index_old_us = time([&] {
+        return cu::launch_index_select(iq, rows, kvh, d, topk, 1, 0, per_seq, ik, cu::CacheType::F32, nullptr, sms, sel,
+                                       stream);
+      });
+      const double index_bytes = static_cast<double>(batch) * ctx * d * 4;
       const double dense_bytes = 2.0 * batch * static_cast<double>(ctx) * width * 4;
       const double sparse_bytes = 2.0 * batch * static_cast<double>(std::min(ctx, topk * bs)) * width * 4;
       auto pct = [&](double bytes, double us) { return 100.0 * bytes / us / 1e3 / c.copy_gbs; };
@@ -121,6 +137,12 @@ void bench_attention(const Ceilings& c, int sms, bool quick) {
           "%6.1f us (%4.1f%%)",
           batch, ctx, dense_bf16_us, dense_bytes / 2e6, dense_bytes / 2 / dense_bf16_us / 1e3,
           pct(dense_bytes / 2, dense_bf16_us), sparse_bf16_us, pct(sparse_bytes / 2, sparse_bf16_us));
+      row("indexer top-16 B=%2d ctx=%5d f32 index-K: %7.1f us (%6.1f MB, %4.1f%% of copy); previous kernel %8.1f us "
+          "(%4.1f%%)",
+          batch, ctx, index_us, index_bytes / 1e6, pct(index_bytes, index_us), index_old_us,
+          pct(index_bytes, index_old_us));
+      for (void* p : {static_cast<void*>(ik), static_cast<void*>(iq), static_cast<void*>(sel), static_cast<void*>(iws)})
+        CK(cudaFree(p));
       for (void* p : {static_cast<void*>(kc), static_cast<void*>(vc), static_cast<void*>(kb), static_cast<void*>(vb),
                       static_cast<void*>(d_tables),
                       static_cast<void*>(d_pos), static_cast<void*>(d_offs), static_cast<void*>(d_blocks),

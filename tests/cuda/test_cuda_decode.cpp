@@ -71,6 +71,22 @@ void check_attention_case(Env& env, const AttnCase& c) {
   std::string what = "decode attention H=" + std::to_string(c.heads) + "/" + std::to_string(c.kv_heads) +
                      " d=" + std::to_string(c.hd) + " bs=" + std::to_string(c.bs) + " ctx";
   for (auto s : c.seqs) what += " " + std::to_string(s[0] + s[1]) + (s[1] > 1 ? "x" + std::to_string(s[1]) : "");
+  {  // The indexer at these contexts: block max scores spread over the card, then top-k.
+    const auto ik = randn(static_cast<size_t>(pages * c.bs * c.hd)), iq = randn(static_cast<size_t>(total * c.kv_heads * c.hd));
+    const backend::IndexerShape ishape{c.kv_heads, c.hd, c.topk, 1, 1};
+    const size_t nsel = static_cast<size_t>(total * c.kv_heads * c.topk);
+    std::vector<int32_t> sel[2];
+    Backend* bes[2] = {&env.cpu, &env.gpu};
+    for (int i = 0; i < 2; ++i) {
+      auto diq = up(*bes[i], iq), dik = up(*bes[i], ik);
+      auto b = bes[i]->alloc(nsel);
+      bes[i]->index_select(diq->f32(), batch, ishape, dik->f32(), b->i32());
+      sel[i] = down_i32(*bes[i], *b, nsel);
+    }
+    size_t bad = 0;
+    for (size_t i = 0; i < nsel; ++i) bad += sel[0][i] != sel[1][i];
+    report(bad == 0, what + " index_select (same blocks, same order)", static_cast<double>(bad), 0);
+  }
   for (bool sparse : {false, true}) {
     std::vector<float> out[2];
     Backend* bes[2] = {&env.cpu, &env.gpu};

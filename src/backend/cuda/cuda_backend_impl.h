@@ -384,9 +384,11 @@ class CudaBackend final : public Backend {
                     int32_t* blocks) override {
     RowsOnDevice r = rows_of(batch);
     if (r.rows.rows == 0) return;
+    const int max_visible = r.max_pos / batch.block_size + 1;
+    Block ws(pool_, index_select_workspace_floats(r.rows.rows, shape.num_heads, max_visible) * 4);
     MXLM_CUDA_CHECK(launch_index_select(iq, r.rows, shape.num_heads, shape.head_dim, shape.topk_blocks,
-                                        shape.local_blocks, shape.init_blocks, r.max_pos / batch.block_size + 1,
-                                        index_k_cache, cache_type(), blocks, stream_));
+                                        shape.local_blocks, shape.init_blocks, max_visible, index_k_cache, cache_type(),
+                                        ws.as<float>(), sms_, blocks, stream_));
   }
 
   void sparse_attention(const float* q, const AttentionBatch& batch, const AttentionShape& shape, const float* k_cache,

@@ -198,10 +198,15 @@ cudaError_t launch_attention_simt(const float* q, const AttentionRows& rows, int
                                   int head_dim, float scale, const float* k_cache, const float* v_cache,
                                   const int32_t* blocks, int topk, int units, float* workspace, float* out,
                                   cudaStream_t stream);
-// Lightning indexer block selection (see Backend::index_select) over an f32 or bf16 index-K cache.
+// Lightning indexer block selection (see Backend::index_select) over an f32 or bf16 index-K cache: block max
+// scores spread over the card (every index head from one read of the shared index-K rows) into `workspace`
+// (index_select_workspace_floats), then top-k per (row, head). With workspace == null (or more than 8 heads, or
+// head_dim % 4 != 0) one CTA per (row, head) scores and selects alone: the previous kernel, the bench's baseline.
+size_t index_select_workspace_floats(int rows, int heads, int max_visible_blocks);
 cudaError_t launch_index_select(const float* iq, const AttentionRows& rows, int heads, int head_dim, int topk,
                                 int local_blocks, int init_blocks, int max_visible_blocks, const void* index_k_cache,
-                                CacheType cache, int32_t* blocks, cudaStream_t stream);
+                                CacheType cache, float* workspace, int multiprocessors, int32_t* blocks,
+                                cudaStream_t stream);
 
 // ---- vision encoder (cuda_vision.cu; Backend's "vision encoder" ops)
 // y[r, c] += bias[c] over rows of `cols`.
