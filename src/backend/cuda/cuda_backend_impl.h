@@ -317,7 +317,7 @@ class CudaBackend final : public Backend {
         break;
       }
       case WeightFormat::MXFP4: {
-        if (options_.moe_backend == MoeBackend::Native && m <= 16) {
+        if (options_.moe_backend == MoeBackend::Native && m <= 16 && reinterpret_cast<uintptr_t>(x) % 16 == 0) {
           mxfp4_gemv(dw, nullptr, x, m, y);  // the GEMV rounds the f32 activations to bf16 as it stages them
           break;
         }
