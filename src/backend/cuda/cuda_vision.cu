@@ -90,7 +90,8 @@ __global__ void rope_table_kernel(float* x, const float* cos, const float* sin, 
   }
 }
 
-// One block per row: max, Σ exp(x - max), then x = exp(x - max) / Σ. The row stays in L1/L2 between passes.
+// Rows too long for registers: max, Σ exp(x - max), then x = exp(x - max) / Σ; the row stays in L1/L2 between the
+// three passes.
 __global__ void softmax_rows_kernel(float* x, size_t cols) {
   __shared__ float part[32];
   float* xr = x + blockIdx.x * cols;
@@ -101,6 +102,35 @@ __global__ void softmax_rows_kernel(float* x, size_t cols) {
   for (size_t i = threadIdx.x; i < cols; i += blockDim.x) s += expf(xr[i] - m);
   const float inv = 1.0f / block_sum(s, part);
   for (size_t i = threadIdx.x; i < cols; i += blockDim.x) xr[i] = expf(xr[i] - m) * inv;
+}
+
+// Rows of up to kPerThread * blockDim.x values: the row is read once into registers, then written once.
+template <int kPerThread>
+__global__ void softmax_rows_regs_kernel(float* x, size_t cols) {
+  __shared__ float part[32];
+  float* xr = x + blockIdx.x * cols;
+  float v[kPerThread];
+  float m = -FLT_MAX;
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) {
+    const size_t i = threadIdx.x + static_cast<size_t>(j) * blockDim.x;
+    v[j] = i < cols ? xr[i] : -FLT_MAX;
+    m = fmaxf(m, v[j]);
+  }
+  m = block_max(m, part);
+  float s = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) {
+    const size_t i = threadIdx.x + static_cast<size_t>(j) * blockDim.x;
+    v[j] = i < cols ? expf(v[j] - m) : 0.0f;
+    s += v[j];
+  }
+  const float inv = 1.0f / block_sum(s, part);
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) {
+    const size_t i = threadIdx.x + static_cast<size_t>(j) * blockDim.x;
+    if (i < cols) xr[i] = v[j] * inv;
+  }
 }
 
 }  // namespace
@@ -134,8 +164,16 @@ cudaError_t launch_rope_table(float* x, const float* cos, const float* sin, size
 
 cudaError_t launch_softmax_rows(float* x, size_t rows, size_t cols, cudaStream_t stream) {
   if (rows == 0 || cols == 0) return cudaSuccess;
-  const int threads = cols >= 2048 ? 256 : (cols >= 256 ? 128 : 32);
-  softmax_rows_kernel<<<static_cast<unsigned>(rows), threads, 0, stream>>>(x, cols);
+  const unsigned grid = static_cast<unsigned>(rows);
+  if (cols <= 256) {
+    softmax_rows_regs_kernel<8><<<grid, 32, 0, stream>>>(x, cols);
+  } else if (cols <= 2048) {
+    softmax_rows_regs_kernel<8><<<grid, 256, 0, stream>>>(x, cols);
+  } else if (cols <= 4096) {
+    softmax_rows_regs_kernel<16><<<grid, 256, 0, stream>>>(x, cols);
+  } else {
+    softmax_rows_kernel<<<grid, 512, 0, stream>>>(x, cols);
+  }
   return cudaGetLastError();
 }
 
