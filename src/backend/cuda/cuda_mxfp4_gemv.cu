@@ -484,8 +484,23 @@ __global__ void __launch_bounds__(W * 32)
   for (int idx = threadIdx.x; idx < p.m * tile_rows; idx += blockDim.x) {
     const int tok = idx / tile_rows, row = tile_row0 + idx % tile_rows;
     const float* src = workspace + (static_cast<size_t>(p.slot) + tok) * n + row;
+    const size_t step = static_cast<size_t>(slots) * n;
+    // Loads in batches of 8 (independent, so they overlap), sums in split order.
     float s = 0.0f;
-    for (int sp = 0; sp < splits; ++sp) s += __ldcg(src + static_cast<size_t>(sp) * slots * n);
+    int sp = 0;
+    for (; sp + 8 <= splits; sp += 8) {
+      float v[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = __ldcg(src + (sp + i) * step);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) s += v[i];
+    }
+    float v[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = sp + i < splits ? __ldcg(src + (sp + i) * step) : 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      if (sp + i < splits) s += v[i];
     p.y[static_cast<size_t>(tok) * p.ldy + row] = s;
   }
 }
