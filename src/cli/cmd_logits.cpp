@@ -55,7 +55,9 @@ std::unique_ptr<backend::Backend> make_backend(const std::string& device, const 
   if (device == "cpu") return backend::make_cpu_backend();
   if (device == "cuda") {
 #ifdef MXLM_HAVE_CUDA
-    return backend::make_cuda_backend({.device = 0, .moe_backend = backend::parse_moe_backend(moe_backend)});
+    backend::CudaOptions options;
+    options.moe_backend = backend::parse_moe_backend(moe_backend);
+    return backend::make_cuda_backend(options);
 #else
     fail("--device cuda: this build has no CUDA backend (configure with -DMXLM_CUDA=ON on a machine with nvcc)");
 #endif
