@@ -286,13 +286,17 @@ void bench_end_to_end(const io::ModelConfig& full, int first_layer, bool quick) 
   o.prompt_len = 128;
   o.steps = quick ? 8 : 32;
   for (int batch : {1, 32}) {
-    const engine::DecodeBenchResult r = engine::run_decode_bench(*m, batch, o, bw);
-    row("  B=%2d ctx %d-%d: step %.3f ms (p10 %.3f, p90 %.3f) = %.1f tokens/s; touched %.3f GB weights (%.1f experts "
-        "per MoE layer) + %.1f MB KV -> roofline %.3f ms = %.1f tokens/s; achieved %.1f%% of roofline (logits D2H %.1f "
-        "MB/step, host argmax %.3f ms)",
-        batch, r.context_first, r.context_last, r.step_p50_s * 1e3, r.step_p10_s * 1e3, r.step_p90_s * 1e3,
-        r.tokens_per_s, r.weight_bytes / 1e9, r.distinct_experts, r.kv_bytes / 1e6, r.roofline_s * 1e3,
-        batch / r.roofline_s, 100.0 * r.roofline_fraction, r.logits_bytes / 1e6, r.host_argmax_s * 1e3);
+    for (bool greedy : {false, true}) {
+      o.device_greedy = greedy;
+      const engine::DecodeBenchResult r = engine::run_decode_bench(*m, batch, o, bw);
+      row("  B=%2d %s ctx %d-%d: step %.3f ms (p10 %.3f, p90 %.3f) = %.1f tokens/s; touched %.3f GB weights (%.1f "
+          "experts per MoE layer) + %.1f MB KV -> roofline %.3f ms = %.1f tokens/s; achieved %.1f%% of roofline "
+          "(logits D2H %.1f MB/step, host argmax %.3f ms)",
+          batch, greedy ? "device greedy" : "host logits  ", r.context_first, r.context_last, r.step_p50_s * 1e3,
+          r.step_p10_s * 1e3, r.step_p90_s * 1e3, r.tokens_per_s, r.weight_bytes / 1e9, r.distinct_experts,
+          r.kv_bytes / 1e6, r.roofline_s * 1e3, batch / r.roofline_s, 100.0 * r.roofline_fraction,
+          r.logits_bytes / 1e6, r.host_argmax_s * 1e3);
+    }
   }
 }
 

@@ -1,5 +1,6 @@
 #include "backend/backend.h"
 
+#include <algorithm>
 #include <vector>
 
 #include "core/error.h"
@@ -65,6 +66,23 @@ const char* weight_format_name(WeightFormat format) {
       return "MXFP4";
   }
   return "?";
+}
+
+void Backend::argmax_rows(const float* x, size_t rows, size_t cols, int32_t* out) {
+  if (rows == 0) return;
+  if (cols == 0) fail("argmax over rows of 0 columns");
+  auto values = alloc(rows * cols);
+  copy(x, values->f32(), rows * cols);
+  std::vector<float> host(rows * cols);
+  download(*values, 0, host.data(), host.size());
+  std::vector<int32_t> ids(rows);
+  for (size_t r = 0; r < rows; ++r) {
+    const float* row = host.data() + r * cols;
+    ids[r] = static_cast<int32_t>(std::max_element(row, row + cols) - row);  // first of equal maxima, as the sampler
+  }
+  auto result = alloc(rows);
+  upload(*result, 0, reinterpret_cast<const float*>(ids.data()), rows);
+  copy(result->f32(), reinterpret_cast<float*>(out), rows);
 }
 
 }  // namespace mxlm::backend

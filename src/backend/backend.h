@@ -128,6 +128,11 @@ class Backend {
   // out[i] = table[ids[i] - row_offset] for ids inside [row_offset, row_offset + table.rows), else 0 (vocab-parallel).
   virtual void embedding(const Weight& table, std::span<const int32_t> ids, int64_t row_offset, float* out) = 0;
 
+  // ---- decoding
+  // out[r] = the first index of the largest value of row r of x [rows, cols] (greedy sampling on the device, so only
+  // token ids travel to the host). out is backend memory. The default goes through the host.
+  virtual void argmax_rows(const float* x, size_t rows, size_t cols, int32_t* out);
+
   // ---- mixture of experts
   // Router: logits = x · wᵀ (f32), s = sigmoid(logits), choose top-k by s + bias (bias may be null), weights =
   // the chosen s renormalised to sum 1, times `scale`. ids/weights are [tokens, k].

@@ -369,6 +369,8 @@ void add_bench_decode(CLI::App* bench) {
       ->delimiter(',')
       ->capture_default_str();
   d->add_option("--prompt-len", o->run.prompt_len, "Prompt tokens per sequence (prefilled first)")->capture_default_str();
+  d->add_flag("--device-greedy", o->run.device_greedy,
+              "Greedy sampling on the device (token ids come back, not logits); default: logits to the host");
   d->add_option("--warmup-steps", o->run.warmup_steps, "Untimed decode steps (their routing counts the experts)")
       ->capture_default_str();
   d->add_option("--steps", o->run.steps, "Timed decode steps")->capture_default_str();

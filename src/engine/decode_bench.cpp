@@ -83,12 +83,12 @@ DecodeBenchResult run_decode_bench(model::M3Model& model, int batch, const Decod
   }
   DecodeBenchResult r;
   r.batch = batch;
-  r.logits_bytes = static_cast<uint64_t>(batch) * static_cast<uint64_t>(t.vocab_size) * 4;
+  r.logits_bytes = o.device_greedy ? 0 : static_cast<uint64_t>(batch) * static_cast<uint64_t>(t.vocab_size) * 4;
 
   std::vector<StepItem> items(static_cast<size_t>(batch));
   for (int i = 0; i < batch; ++i) items[static_cast<size_t>(i)] = {&seqs[static_cast<size_t>(i)], o.prompt_len, false};
   auto t0 = Clock::now();
-  StepOutput out = runner.step(items);
+  StepOutput out = runner.step(items, o.device_greedy);
   r.prefill_s = seconds_since(t0);
 
   // Routing of the warm-up steps: distinct experts per (step, MoE layer).
@@ -102,15 +102,20 @@ DecodeBenchResult run_decode_bench(model::M3Model& model, int batch, const Decod
     if (step == o.warmup_steps) model.set_routing_observer(nullptr);
     const auto a0 = Clock::now();
     for (int i = 0; i < batch; ++i) {
-      const auto row = out.row(static_cast<size_t>(i));
-      const auto best = std::max_element(row.begin(), row.end()) - row.begin();
-      seqs[static_cast<size_t>(i)].tokens.push_back(static_cast<int32_t>(best));
+      int32_t next = 0;
+      if (o.device_greedy) {
+        next = out.tokens[static_cast<size_t>(i)];
+      } else {
+        const auto row = out.row(static_cast<size_t>(i));
+        next = static_cast<int32_t>(std::max_element(row.begin(), row.end()) - row.begin());
+      }
+      seqs[static_cast<size_t>(i)].tokens.push_back(next);
       items[static_cast<size_t>(i)].num_tokens = 1;
     }
     const double argmax = seconds_since(a0);
     const int context = static_cast<int>(seqs[0].tokens.size());
     t0 = Clock::now();
-    out = runner.step(items);
+    out = runner.step(items, o.device_greedy);
     const double secs = seconds_since(t0);
     if (step >= o.warmup_steps) {
       if (step == o.warmup_steps) r.context_first = context;

@@ -9,6 +9,7 @@ namespace mxlm::engine {
 
 std::span<const float> StepOutput::row(size_t item, int32_t i) const {
   if (item >= first_row.size()) fail("step output has no item {}", item);
+  if (logits.empty()) fail("the step ran greedy on the device: it returned tokens, no logits");
   if (i < 0) i = num_rows[item] - 1;
   if (i < 0 || i >= num_rows[item]) fail("step item {} has no logit row {}", item, i);
   return {logits.data() + static_cast<size_t>(first_row[item] + i) * static_cast<size_t>(vocab),
@@ -79,7 +80,7 @@ void ModelRunner::admit(Sequence& seq) {
   blocks_.match_prefix(seq);
 }
 
-StepOutput ModelRunner::step(std::span<const StepItem> items) {
+StepOutput ModelRunner::step(std::span<const StepItem> items, bool greedy_on_device) {
   // Reserve first, all or nothing, so a failed step leaves every sequence as it was.
   std::vector<size_t> table_sizes;
   for (const auto& it : items) {
@@ -145,7 +146,7 @@ StepOutput ModelRunner::step(std::span<const StepItem> items) {
     // same bits). A rank's error is rethrown only after all ranks have left the forward.
     tp_ranks_->begin_forward(fb);
     try {
-      out.logits = model_.forward(fb, layers_);
+      run_forward();
     } catch (...) {
       try {
         tp_ranks_->end_forward();
@@ -155,9 +156,15 @@ StepOutput ModelRunner::step(std::span<const StepItem> items) {
     }
     tp_ranks_->end_forward();
   } else {
-    out.logits = model_.forward(fb, layers_);
+    run_forward();
   }
   for (const auto& it : items) {
+  const auto run_forward = [&] {
+    if (greedy_on_device)
+      out.tokens = model_.forward_greedy(fb, layers_);
+    else
+      out.logits = model_.forward(fb, layers_);
+  };
     it.seq->num_computed += it.num_tokens;
     blocks_.commit(*it.seq);
   }

@@ -31,7 +31,8 @@ struct StepItem {
 };
 
 struct StepOutput {
-  std::vector<float> logits;       // [rows, vocab]
+  std::vector<float> logits;       // [rows, vocab] (empty for a greedy_on_device step)
+  std::vector<int32_t> tokens;     // greedy_on_device: per row, its argmax token (the logits stay on the device)
   std::vector<int32_t> first_row;  // per item, its first row in `logits`
   std::vector<int32_t> num_rows;   // per item
   int32_t vocab = 0;
@@ -60,7 +61,8 @@ class ModelRunner {
   // Reserves pages, runs the batch (image tokens take their image's embedding rows, wherever the chunk boundaries
   // fall), advances num_computed and registers full blocks in the prefix cache. An Error when the cache has too few
   // pages (nothing is changed then).
-  StepOutput step(std::span<const StepItem> items);
+  // greedy_on_device: only each row's argmax token comes back (StepOutput::tokens), not its logits.
+  StepOutput step(std::span<const StepItem> items, bool greedy_on_device = false);
   void release(Sequence& seq) { blocks_.release(seq); }
 
   // Tensor parallelism (tp_ranks.h): ranks 1.. of the model's group run every step's forward on their own threads.

@@ -303,10 +303,27 @@ void M3Model::attention(const Layer& layer, const LayerCache& cache, const backe
 }
 
 std::vector<float> M3Model::forward(const ForwardBatch& batch, std::span<const LayerCache> caches) {
+  auto all = logits_on_device(batch, caches);
+  std::vector<float> logits(all ? all->size() : 0);
+  if (all) backend_.download(*all, 0, logits.data(), logits.size());
+  return logits;
+}
+
+std::vector<int32_t> M3Model::forward_greedy(const ForwardBatch& batch, std::span<const LayerCache> caches) {
+  auto all = logits_on_device(batch, caches);
+  std::vector<int32_t> ids(all ? batch.logit_rows.size() : 0);
+  if (ids.empty()) return ids;
+  auto d = backend_.alloc(ids.size());
+  backend_.argmax_rows(all->f32(), ids.size(), static_cast<size_t>(config_.text.vocab_size), d->i32());
+  backend_.download(*d, 0, reinterpret_cast<float*>(ids.data()), ids.size());
+  return ids;
+}
+
+std::unique_ptr<Buffer> M3Model::logits_on_device(const ForwardBatch& batch, std::span<const LayerCache> caches) {
   const io::TextConfig& t = config_.text;
   const auto& ab = batch.attention;
   const size_t T = batch.tokens.size();
-  if (T == 0) return {};
+  if (T == 0) return nullptr;
   if (static_cast<size_t>(ab.num_tokens) != T || ab.positions.size() != T || ab.slots.size() != T)
     fail("forward batch: {} tokens but {} positions / {} slots / num_tokens {}", T, ab.positions.size(),
          ab.slots.size(), ab.num_tokens);
@@ -354,8 +371,7 @@ std::vector<float> M3Model::forward(const ForwardBatch& batch, std::span<const L
   }
 
   const size_t R = batch.logit_rows.size();
-  std::vector<float> logits(R * static_cast<size_t>(t.vocab_size));
-  if (R == 0) return logits;
+  if (R == 0) return nullptr;
   float* rows = s(R * H);
   for (size_t r = 0; r < R; ++r) backend_.copy(h + static_cast<size_t>(batch.logit_rows[r]) * H, rows + r * H, H);
   backend_.rms_norm(rows, final_norm_->f32(), rows, R, H, eps, t.gemma_norm);
@@ -363,8 +379,7 @@ std::vector<float> M3Model::forward(const ForwardBatch& batch, std::span<const L
   linear(rows, R, *lm_head_, local);
   auto all = backend_.alloc(R * static_cast<size_t>(t.vocab_size));
   backend_.all_gather_cols(local, R, static_cast<size_t>(local_vocab_), all->f32());
-  backend_.download(*all, 0, logits.data(), logits.size());
-  return logits;
+  return all;
 }
 
 std::unique_ptr<M3Model> load_m3_model(const std::filesystem::path& dir, backend::Backend& backend,

@@ -84,11 +84,16 @@ class M3Model {
   // Writes the batch's K/V/index-K into `caches` (one per layer) at batch.attention.slots, runs every layer and
   // returns the logits of batch.logit_rows as [logit_rows, vocab] f32 on the host.
   std::vector<float> forward(const ForwardBatch& batch, std::span<const LayerCache> caches);
+  // The same step, but only the argmax token of each logit row comes back (greedy sampling on the device; the first
+  // index of equal maxima, as engine::Sampler). Every tensor-parallel rank runs forward or forward_greedy alike.
+  std::vector<int32_t> forward_greedy(const ForwardBatch& batch, std::span<const LayerCache> caches);
 
  private:
   struct Layer;
   struct Mlp;
   void bind(WeightSource& weights);
+  // The step's logits [logit_rows, vocab] in backend memory (null without logit rows).
+  std::unique_ptr<backend::Buffer> logits_on_device(const ForwardBatch& batch, std::span<const LayerCache> caches);
   void linear(const float* x, size_t m, const backend::Weight& w, float* y);
   void mlp(const Mlp& mlp, const float* x, size_t m, float* out);
   void attention(const Layer& layer, const LayerCache& cache, const backend::AttentionBatch& batch, const float* x,

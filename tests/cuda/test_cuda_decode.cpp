@@ -225,6 +225,30 @@ MXLM_GPU_CHECK(decode_attention_bf16_cache) {
   }
 }
 
+// Greedy sampling on the device: the first index of the largest value, as std::max_element (the CPU sampler).
+MXLM_GPU_CHECK(argmax_rows) {
+  for (size_t cols : {size_t{1}, size_t{7}, size_t{1000}, size_t{200064}}) {
+    const size_t rows = 6;
+    auto x = randn(rows * cols);
+    if (cols > 1) {
+      x[0 * cols + cols - 1] = 50.0f, x[0 * cols + cols / 2] = 50.0f;  // a tie: the lower index wins
+      for (size_t c = 0; c < cols; ++c) x[1 * cols + c] = -INFINITY;   // all -inf: index 0
+      x[2 * cols + cols - 1] = 1e30f;                                   // the last column
+    }
+    std::vector<float> want(rows), got(rows);
+    for (size_t r = 0; r < rows; ++r)
+      want[r] = static_cast<float>(std::max_element(x.begin() + static_cast<std::ptrdiff_t>(r * cols),
+                                                    x.begin() + static_cast<std::ptrdiff_t>((r + 1) * cols)) -
+                                   (x.begin() + static_cast<std::ptrdiff_t>(r * cols)));
+    auto dx = up(env.gpu, x);
+    auto out = env.gpu.alloc(rows);
+    env.gpu.argmax_rows(dx->f32(), rows, cols, out->i32());
+    const auto ids = down_i32(env.gpu, *out, rows);
+    for (size_t r = 0; r < rows; ++r) got[r] = static_cast<float>(ids[r]);
+    check_bits("argmax_rows cols=" + std::to_string(cols), got, want);
+  }
+}
+
 MXLM_GPU_CHECK(dummy_weights) {
   for (auto f : {backend::WeightFormat::F32, backend::WeightFormat::BF16, backend::WeightFormat::MXFP4}) {
     const std::string what = std::string("random_weight ") + backend::weight_format_name(f);
@@ -263,6 +287,12 @@ MXLM_GPU_CHECK(dummy_decode) {
   const engine::DecodeBenchResult r = engine::run_decode_bench(*m, 5, o, 1e12);
   report(r.step_p50_s > 0 && std::isfinite(r.tokens_per_s), "dummy model decode through the engine (tokens/s)",
          r.tokens_per_s, 0);
+  // Device greedy decodes the tokens host argmax does.
+  engine::DecodeBenchOptions og = o;
+  og.device_greedy = true;
+  const engine::DecodeBenchResult rg = engine::run_decode_bench(*m, 5, og, 1e12);
+  report(rg.step_p50_s > 0 && rg.logits_bytes == 0, "dummy model decode with device greedy (tokens/s)", rg.tokens_per_s,
+         0);
   // The same through a backend with a bf16 KV cache (the model allocates its cache with alloc_cache).
   backend::CudaOptions bf;
   bf.kv_cache_dtype = DType::BF16;

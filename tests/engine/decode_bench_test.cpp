@@ -2,12 +2,14 @@
 // touched, bytes) against the configuration, and the copy-bandwidth probe.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <fstream>
 #include <string>
 
 #include "backend/backend.h"
 #include "core/error.h"
 #include "engine/decode_bench.h"
+#include "engine/model_runner.h"
 #include "io/model_config.h"
 #include "model/dummy_weights.h"
 
@@ -64,6 +66,43 @@ TEST(DecodeBench, AccountsStepsExpertsAndBytes) {
   EXPECT_DOUBLE_EQ(r.roofline_s, static_cast<double>(r.weight_bytes + r.kv_bytes) / bw);
   EXPECT_DOUBLE_EQ(r.roofline_fraction, r.roofline_s / r.step_p50_s);
   EXPECT_THROW(run_decode_bench(*m, 0, o, bw), Error);
+}
+
+TEST(DecodeBench, DeviceGreedyDecodesTheSameTokensAsHostArgmax) {
+  auto cpu = backend::make_cpu_backend();
+  const io::ModelConfig c = config_file("tiny_text_only.json");
+  auto m = model::make_dummy_m3_model(c, *cpu, {}, 4);
+  CacheConfig cache = cache_config_for(*m, 16, 2);
+  cache.prefix_caching = false;
+  std::vector<int32_t> produced[2];
+  for (int greedy = 0; greedy < 2; ++greedy) {
+    ModelRunner runner(*m, cache);
+    Sequence a, b;
+    a.id = 1, b.id = 2;
+    a.tokens = {5, 9, 13, 2, 77};
+    b.tokens = {100, 3};
+    runner.admit(a);
+    runner.admit(b);
+    std::vector<StepItem> items = {{&a, 5, false}, {&b, 2, false}};
+    for (int step = 0; step < 4; ++step) {
+      const StepOutput out = runner.step(items, greedy == 1);
+      for (size_t i = 0; i < items.size(); ++i) {
+        int32_t next;
+        if (greedy) {
+          ASSERT_TRUE(out.logits.empty());
+          next = out.tokens[i];
+          EXPECT_THROW(out.row(i), Error);
+        } else {
+          const auto row = out.row(i);
+          next = static_cast<int32_t>(std::max_element(row.begin(), row.end()) - row.begin());
+        }
+        items[i].seq->tokens.push_back(next);
+        items[i].num_tokens = 1;
+        produced[greedy].push_back(next);
+      }
+    }
+  }
+  EXPECT_EQ(produced[0], produced[1]);
 }
 
 TEST(DecodeBench, CopyBandwidthIsPositive) {

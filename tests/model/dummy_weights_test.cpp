@@ -2,6 +2,7 @@
 // weights made by the backend (CPU here), and a whole dummy model that runs.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <string>
@@ -112,6 +113,18 @@ TEST(DummyWeights, BackendRandomWeightsHaveTheDocumentedRanges) {
   EXPECT_THROW(cpu->random_weight(WeightFormat::MXFP4, 4, 48, 1), Error);  // K % 32
 }
 
+TEST(DummyWeights, BackendArgmaxRowsTakesTheFirstOfEqualMaxima) {
+  auto cpu = backend::make_cpu_backend();
+  const std::vector<float> x = {1, 5, 5, 2,  -INFINITY, -INFINITY, -INFINITY, -INFINITY,  0, -1, 7, 7};
+  auto in = cpu->alloc(x.size());
+  cpu->upload(*in, 0, x.data(), x.size());
+  auto out = cpu->alloc(3);
+  cpu->argmax_rows(in->f32(), 3, 4, out->i32());
+  std::vector<int32_t> ids(3);
+  cpu->download(*out, 0, reinterpret_cast<float*>(ids.data()), 3);
+  EXPECT_EQ(ids, (std::vector<int32_t>{1, 0, 2}));
+}
+
 TEST(DummyWeights, DummyModelRunsAndIsDeterministic) {
   auto cpu = backend::make_cpu_backend();
   const io::ModelConfig c = tiny_mxfp4();
@@ -169,6 +182,33 @@ TEST(DummyWeights, DummyModelRunsAndIsDeterministic) {
     ++routed;
   });
   const auto l1 = run(*m1), l2 = run(*m2), l3 = run(*m3);
+  {  // forward_greedy: the argmax of the same logits (the first of equal maxima).
+    m1->set_routing_observer(nullptr);
+    std::vector<std::unique_ptr<backend::Buffer>> store;
+    std::vector<LayerCache> caches;
+    const size_t slots = static_cast<size_t>(pages * bs);
+    for (int l = 0; l < m1->num_layers(); ++l) {
+      LayerCache lc;
+      store.push_back(cpu->alloc_cache(slots * static_cast<size_t>(m1->kv_width())));
+      lc.k = store.back()->f32();
+      store.push_back(cpu->alloc_cache(slots * static_cast<size_t>(m1->kv_width())));
+      lc.v = store.back()->f32();
+      if (m1->layer_is_sparse(l)) {
+        store.push_back(cpu->alloc_cache(slots * static_cast<size_t>(m1->index_width())));
+        lc.index_k = store.back()->f32();
+      }
+      caches.push_back(lc);
+    }
+    ForwardBatch all_rows = fb;
+    all_rows.logit_rows = {0, 3, tokens - 1};
+    const auto ids = m1->forward_greedy(all_rows, caches);
+    const auto logits = m1->forward(all_rows, caches);
+    ASSERT_EQ(ids.size(), 3u);
+    for (size_t r = 0; r < ids.size(); ++r) {
+      const float* row = logits.data() + r * static_cast<size_t>(t.vocab_size);
+      EXPECT_EQ(ids[r], std::max_element(row, row + t.vocab_size) - row) << r;
+    }
+  }
   EXPECT_EQ(routed, moe);
   ASSERT_EQ(l1.size(), static_cast<size_t>(t.vocab_size));
   for (float v : l1) ASSERT_TRUE(std::isfinite(v));

@@ -340,6 +340,13 @@ class CudaBackend final : public Backend {
                                      row_offset, out, stream_));
   }
 
+  // ---- decoding
+  void argmax_rows(const float* x, size_t rows, size_t cols, int32_t* out) override {
+    if (rows == 0) return;
+    if (cols == 0) fail("argmax over rows of 0 columns");
+    MXLM_CUDA_CHECK(launch_argmax_rows(x, rows, cols, out, stream_));
+  }
+
   // ---- mixture of experts
   void router(const float* x, size_t tokens, const Weight& w, const float* bias, int k, float scale, int32_t* ids,
               float* weights) override {

@@ -208,6 +208,11 @@ cudaError_t launch_index_select(const float* iq, const AttentionRows& rows, int 
                                 CacheType cache, float* workspace, int multiprocessors, int32_t* blocks,
                                 cudaStream_t stream);
 
+// ---- decoding (cuda_decode.cu)
+// out[r] = the first index of the largest value of row r of x [rows, cols] (std::max_element's choice), one CTA per
+// row.
+cudaError_t launch_argmax_rows(const float* x, size_t rows, size_t cols, int32_t* out, cudaStream_t stream);
+
 // ---- vision encoder (cuda_vision.cu; Backend's "vision encoder" ops)
 // y[r, c] += bias[c] over rows of `cols`.
 cudaError_t launch_add_bias(float* y, const float* bias, size_t rows, size_t cols, cudaStream_t stream);
