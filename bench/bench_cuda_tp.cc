@@ -106,7 +106,10 @@ int main(int argc, char** argv) {
     std::vector<std::thread> t;
     for (int r = 0; r < kRanks; ++r)
       t.emplace_back([&, r] {
-        ranks[static_cast<size_t>(r)].be = backend::make_cuda_backend({.device = r, .tp = group, .tp_rank = r});
+        backend::CudaOptions options;
+        options.tp = group;
+        options.tp_rank = r;
+        ranks[static_cast<size_t>(r)].be = backend::make_cuda_backend(options);
         ranks[static_cast<size_t>(r)].stream = backend::cuda_stream(*ranks[static_cast<size_t>(r)].be);
       });
     for (auto& th : t) th.join();

@@ -32,7 +32,11 @@ LoadedModel load_model(const std::string& device, const std::string& moe_backend
     auto group = backend::make_cuda_tp_group(tp);
     const backend::MoeBackend moe = backend::parse_moe_backend(moe_backend);
     make = [group, moe](int rank) {
-      return backend::make_cuda_backend({.device = rank, .moe_backend = moe, .tp = group, .tp_rank = rank});
+      backend::CudaOptions options;  // by name: the struct grows
+      options.moe_backend = moe;
+      options.tp = group;
+      options.tp_rank = rank;
+      return backend::make_cuda_backend(options);
     };
 #else
     fail("--device cuda: this build has no CUDA backend (configure with -DMXLM_CUDA=ON on a machine with nvcc)");

@@ -23,6 +23,14 @@ namespace {
 
 constexpr int kRanks = 2;
 
+// Rank r's CUDA backend (native MoE); to be called on the thread that drives the rank.
+std::unique_ptr<Backend> rank_backend(const std::shared_ptr<backend::CudaTpGroup>& group, int r) {
+  backend::CudaOptions options;  // by name: the struct grows
+  options.tp = group;
+  options.tp_rank = r;
+  return backend::make_cuda_backend(options);
+}
+
 // Runs fn(rank, backend) on one thread per rank, each with the backend make(rank) built on that thread; returns
 // the ranks' error messages (empty: none).
 std::vector<std::string> on_ranks(const std::function<std::unique_ptr<Backend>(int)>& make,
@@ -94,12 +102,7 @@ void test_collectives(const std::shared_ptr<backend::CudaTpGroup>& group) {
   run_collectives(
       want, [cpu](int r) { return std::move((*cpu)[static_cast<size_t>(r)]); }, "cpu collectives");
   run_collectives(
-      cases,
-      [group](int r) {
-        return backend::make_cuda_backend(
-            {.device = r, .moe_backend = backend::MoeBackend::Native, .tp = group, .tp_rank = r});
-      },
-      "cuda collectives");
+      cases, [group](int r) { return rank_backend(group, r); }, "cuda collectives");
   for (size_t i = 0; i < cases.size(); ++i) {
     const auto& c = cases[i];
     const std::string what =
@@ -146,10 +149,7 @@ std::vector<float> run_steps(model::M3Model& m, engine::TpRanks* ranks, const st
 }
 
 void test_fixtures_tp(Env& env, const std::shared_ptr<backend::CudaTpGroup>& group) {
-  const auto make = [group](int r) {
-    return backend::make_cuda_backend(
-        {.device = r, .moe_backend = backend::MoeBackend::Native, .tp = group, .tp_rank = r});
-  };
+  const auto make = [group](int r) { return rank_backend(group, r); };
   for (const std::string name : {"dense", "mixed", "moe16", "mixed_mxfp4"}) {
     const fs::path dir = env.fixtures / "m3" / name;
     if (!fs::exists(dir / "reference.json")) {
