@@ -53,26 +53,44 @@ void ModelRunner::set_vision_tower(model::VisionTower* tower) {
   vision_ = tower;
 }
 
-void ModelRunner::encode_images(Sequence& seq, int32_t num_tokens) {
-  const int32_t begin = seq.num_computed, end = seq.num_computed + num_tokens;
-  for (auto& img : seq.images) {
-    if (img.begin >= end) break;
-    if (img.begin + img.length <= begin) continue;
-    if (!img.data) fail("sequence {}: the image at token {} has no data", seq.id, img.begin);
-    auto& d = *img.data;
-    const size_t want = static_cast<size_t>(img.length) * static_cast<size_t>(model_.text().hidden_size);
-    if (d.embeddings.size() == want) continue;
-    if (!vision_) fail("sequence {} has image input but the model has no vision tower", seq.id);
-    if (d.pixels.num_image_tokens() != img.length)
-      fail("sequence {}: the image at token {} has {} image tokens, its pixels give {}", seq.id, img.begin, img.length,
-           d.pixels.num_image_tokens());
-    auto e = vision_->embed(d.pixels);
-    if (e.size() != want)
-      fail("sequence {}: the vision tower gave {} floats for {} image tokens", seq.id, e.size(), img.length);
-    d.embeddings = std::move(e);
-    d.pixels.pixel_values = {};  // not needed again: preemption and recomputation reuse the embeddings
-    d.pixels.resized.pixels = {};
+void ModelRunner::encode_images(std::span<const StepItem> items) {
+  const auto hidden = static_cast<size_t>(model_.text().hidden_size);
+  std::vector<ImageData*> todo;
+  std::vector<const model::PreprocessedImage*> pixels;
+  for (const auto& it : items) {
+    const Sequence& seq = *it.seq;
+    const int32_t begin = seq.num_computed, end = seq.num_computed + it.num_tokens;
+    for (const auto& img : seq.images) {
+      if (img.begin >= end) break;
+      if (img.begin + img.length <= begin) continue;
+      if (!img.data) fail("sequence {}: the image at token {} has no data", seq.id, img.begin);
+      ImageData& d = *img.data;
+      if (d.embeddings.size() == static_cast<size_t>(img.length) * hidden) continue;
+      if (std::find(todo.begin(), todo.end(), &d) != todo.end()) continue;  // choices of one request share it
+      if (!vision_) fail("sequence {} has image input but the model has no vision tower", seq.id);
+      if (d.pixels.num_image_tokens() != img.length)
+        fail("sequence {}: the image at token {} has {} image tokens, its pixels give {}", seq.id, img.begin,
+             img.length, d.pixels.num_image_tokens());
+      todo.push_back(&d);
+      pixels.push_back(&d.pixels);
+    }
   }
+  if (todo.empty()) return;
+  auto out = vision_->embed_batch(pixels);
+  if (out.size() != todo.size()) fail("the vision tower encoded {} of {} images", out.size(), todo.size());
+  for (size_t i = 0; i < todo.size(); ++i)
+    if (out[i].size() != static_cast<size_t>(pixels[i]->num_image_tokens()) * hidden)
+      fail("the vision tower gave {} floats for {} image tokens", out[i].size(), pixels[i]->num_image_tokens());
+  for (size_t i = 0; i < todo.size(); ++i) {
+    todo[i]->embeddings = std::move(out[i]);
+    todo[i]->pixels.pixel_values = {};  // not needed again: preemption and recomputation reuse the embeddings
+    todo[i]->pixels.resized.pixels = {};
+  }
+}
+
+void ModelRunner::encode_images(Sequence& seq, int32_t num_tokens) {
+  const StepItem item{&seq, num_tokens, false};
+  encode_images({&item, 1});
 }
 
 void ModelRunner::admit(Sequence& seq) {
@@ -89,7 +107,7 @@ StepOutput ModelRunner::step(std::span<const StepItem> items, bool greedy_on_dev
       fail("sequence {}: cannot run {} tokens ({} uncomputed)", it.seq->id, it.num_tokens, it.seq->num_uncomputed());
     table_sizes.push_back(it.seq->block_table.size());
   }
-  for (const auto& it : items) encode_images(*it.seq, it.num_tokens);
+  encode_images(items);
   for (size_t i = 0; i < items.size(); ++i) {
     if (!blocks_.reserve(*items[i].seq, items[i].seq->num_computed + items[i].num_tokens)) {
       for (size_t j = 0; j <= i; ++j) {

@@ -54,9 +54,11 @@ class ModelRunner {
 
   // Prepares a new sequence: reuses cached prefix pages (sets num_computed). Call once before its first step.
   void admit(Sequence& seq);
-  // Encodes the images of seq whose tokens fall in its next `num_tokens` uncomputed tokens and have no embeddings
-  // yet (an image wholly inside cached prefix pages is never encoded). step() calls it too; the scheduler calls it
-  // first so that a failing image fails only its own request.
+  // Encodes, in one pass of the tower, the images whose tokens fall in the items' next tokens and have no
+  // embeddings yet (an image wholly inside cached prefix pages is never encoded; choices sharing an image encode it
+  // once). Nothing is assigned when it fails. step() calls it too; the scheduler calls it first, and per sequence
+  // when the batch fails, so that a failing image fails only its own request.
+  void encode_images(std::span<const StepItem> items);
   void encode_images(Sequence& seq, int32_t num_tokens);
   // Reserves pages, runs the batch (image tokens take their image's embedding rows, wherever the chunk boundaries
   // fall), advances num_computed and registers full blocks in the prefix cache. An Error when the cache has too few

@@ -230,8 +230,16 @@ bool Scheduler::step() {
     return false;
   }
 
-  // Images whose rows this step needs are encoded now; an image that fails ends only its own request.
-  for (size_t i = 0; i < scheduled.size();) {
+  // Images whose rows this step needs are encoded now, together; when that fails, request by request, so that an
+  // image that fails ends only its own request.
+  bool encoded = false;
+  try {
+    runner_.encode_images(items);
+    encoded = true;
+  } catch (const std::exception& e) {
+    spdlog::warn("batched image encoding failed ({}); encoding request by request", e.what());
+  }
+  for (size_t i = 0; !encoded && i < scheduled.size();) {
     try {
       runner_.encode_images(scheduled[i]->seq, items[i].num_tokens);
       ++i;

@@ -354,5 +354,43 @@ TEST(ImageInput, PreemptedImageRequestsKeepTheirOutputs) {
   EXPECT_EQ(runner.blocks().num_pages(), runner.blocks().num_available());
 }
 
+TEST(ImageInput, AFailingImageFailsOnlyItsRequest) {
+  auto& f = fixture();
+  auto prompts = scheduler_prompts();
+  ModelRunner runner(f.model, cache_config_for(f.model, 96, 8, 4));
+  runner.set_vision_tower(&f.tower);
+  SchedulerConfig cfg;
+  cfg.max_num_batched_tokens = 256;  // every prompt in the first step: the images are encoded in one batch
+  Scheduler sched(runner, cfg);
+  std::vector<std::shared_ptr<RequestStream>> streams;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    GenerationRequest r;
+    r.prompt = prompts[i].tokens;
+    r.params.temperature = 0.0f;
+    r.params.max_tokens = 2;
+    r.images = make_seq(0, prompts[i]).images;
+    if (i == 1) r.images[0].data->pixels.grid_w += 2;  // pixels that do not fit the image's token run
+    streams.push_back(sched.submit(std::move(r)));
+  }
+  for (int step = 0; step < 20; ++step) sched.step();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    std::vector<int32_t> got;
+    FinishReason finish = FinishReason::None;
+    std::string error;
+    for (auto& e : streams[i]->wait(std::chrono::milliseconds(0))) {
+      got.insert(got.end(), e.tokens.begin(), e.tokens.end());
+      if (e.finish != FinishReason::None) finish = e.finish, error = e.error;
+    }
+    if (i == 1) {
+      EXPECT_EQ(finish, FinishReason::Error);
+      EXPECT_NE(error.find("image tokens"), std::string::npos) << error;
+    } else {
+      EXPECT_EQ(finish, FinishReason::Length) << i;
+      EXPECT_EQ(got, greedy_solo(prompts[i], 2)) << i;
+    }
+  }
+  EXPECT_EQ(runner.blocks().num_pages(), runner.blocks().num_available());
+}
+
 }  // namespace
 }  // namespace mxlm::engine
