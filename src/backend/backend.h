@@ -185,9 +185,12 @@ class Backend {
                           int pairs) = 0;
   // Bidirectional (non-causal) attention within segments: rows [bounds[i], bounds[i + 1]) attend to the keys and
   // values of those same rows only (one segment per image). q, k, v, out: [tokens, heads * head_dim] with
-  // tokens = bounds.back(); bounds starts at 0 and never decreases. Softmax in f32.
+  // tokens = bounds.back(); bounds starts at 0 and never decreases. Softmax in f32. With bf16_products a backend
+  // may round q, k, v and the probabilities to bf16 for its two matrix products (f32 accumulation): the CUDA backend
+  // does (tensor cores), for towers with bf16 weights whose linears round their inputs to bf16 anyway; the CPU
+  // backend always computes in f32.
   virtual void segment_attention(const float* q, const float* k, const float* v, std::span<const int32_t> bounds,
-                                 int heads, int head_dim, float scale, float* out) = 0;
+                                 int heads, int head_dim, float scale, float* out, bool bf16_products = false) = 0;
 
   // ---- tensor parallelism (no-ops at TP = 1)
   virtual int tp_rank() const { return 0; }

@@ -130,6 +130,8 @@ VisionTower::VisionTower(const io::ModelConfig& config, const io::Checkpoint& ck
     layer->fc2 = lin(p + "mlp.fc2", H, I);
     layers_.push_back(std::move(layer));
   }
+  const WeightFormat layer_format = layers_.front()->q.w->format();
+  attention_bf16_ = layer_format == WeightFormat::BF16 || layer_format == WeightFormat::MXFP4;
   // Projector and merge: inner sizes from the checkpoint, checked against the tower and the text model.
   const int64_t p1 = shape_of(ckpt, "multi_modal_projector.linear_1.weight").at(0);
   const int64_t p2 = shape_of(ckpt, "multi_modal_projector.linear_2.weight").at(0);
@@ -202,7 +204,8 @@ std::unique_ptr<Buffer> VisionTower::encode(std::span<const PreprocessedImage* c
     linear(layer->v, x->f32(), N, v->f32());
     backend_.rope_table(q->f32(), cos_b->f32(), sin_b->f32(), N, heads_, head_dim_, pairs);
     backend_.rope_table(k->f32(), cos_b->f32(), sin_b->f32(), N, heads_, head_dim_, pairs);
-    backend_.segment_attention(q->f32(), k->f32(), v->f32(), bounds, heads_, head_dim_, scale, a->f32());
+    backend_.segment_attention(q->f32(), k->f32(), v->f32(), bounds, heads_, head_dim_, scale, a->f32(),
+                               attention_bf16_);
     linear(layer->o, a->f32(), N, x->f32());
     backend_.add(h->f32(), x->f32(), h->f32(), N * H);
     backend_.layer_norm(h->f32(), layer->ln2_w->f32(), layer->ln2_b->f32(), x->f32(), N, H, eps_);

@@ -78,6 +78,9 @@ class VisionTower {
   backend::Backend& backend_;
   int hidden_ = 0, heads_ = 0, head_dim_ = 0, patch_dim_ = 0, merge_ = 2, output_ = 0;
   float eps_ = 1e-5f;
+  // Attention products in bf16 (backend's choice) when the layers' weights are bf16 / MXFP4: their linears round
+  // activations to bf16 on a GPU anyway. F32 weights keep the whole tower in f32.
+  bool attention_bf16_ = false;
   std::unique_ptr<backend::Weight> patch_embed_;
   std::unique_ptr<backend::Buffer> pre_norm_w_, pre_norm_b_;
   std::vector<std::unique_ptr<Layer>> layers_;

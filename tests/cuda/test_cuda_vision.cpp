@@ -84,6 +84,10 @@ void test_vision_ops(Backend& cpu, Backend& gpu) {
     auto qd = up(gpu, q), kd = up(gpu, k), vd = up(gpu, v), od = gpu.alloc(n);
     gpu.segment_attention(qd->f32(), kd->f32(), vd->f32(), c.bounds, c.heads, c.head_dim, scale, od->f32());
     check_close(std::string("segment_attention ") + c.what, down(gpu, *od, n), want, 2e-5);
+    // bf16 products (tensor cores): q, k, v and the probabilities rounded to bf16, vs the CPU's f32.
+    gpu.segment_attention(qd->f32(), kd->f32(), vd->f32(), c.bounds, c.heads, c.head_dim, scale, od->f32(), true);
+    check_close(std::string("segment_attention bf16 products ") + c.what + " (vs cpu f32)", down(gpu, *od, n), want,
+                3e-2);
   }
 }
 

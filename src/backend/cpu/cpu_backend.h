@@ -90,7 +90,7 @@ class CpuBackend final : public Backend {
   void rope_table(float* x, const float* cos, const float* sin, size_t tokens, int heads, int head_dim,
                   int pairs) override;
   void segment_attention(const float* q, const float* k, const float* v, std::span<const int32_t> bounds, int heads,
-                         int head_dim, float scale, float* out) override;
+                         int head_dim, float scale, float* out, bool bf16_products = false) override;
 
   int tp_rank() const override { return rank_; }
   int tp_size() const override;

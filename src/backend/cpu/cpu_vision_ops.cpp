@@ -278,7 +278,7 @@ void CpuBackend::rope_table(float* x, const float* cos, const float* sin, size_t
 }
 
 void CpuBackend::segment_attention(const float* q, const float* k, const float* v, std::span<const int32_t> bounds,
-                                   int heads, int head_dim, float scale, float* out) {
+                                   int heads, int head_dim, float scale, float* out, bool /*bf16_products: f32 here*/) {
   if (heads <= 0 || head_dim <= 0) fail("segment_attention with {} heads of {} dims", heads, head_dim);
   if (bounds.size() < 2) return;
   if (bounds[0] != 0) fail("segment_attention: the first segment starts at row {}, not 0", bounds[0]);

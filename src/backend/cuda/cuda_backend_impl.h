@@ -413,7 +413,7 @@ class CudaBackend final : public Backend {
   void rope_table(float* x, const float* cos, const float* sin, size_t tokens, int heads, int head_dim,
                   int pairs) override;
   void segment_attention(const float* q, const float* k, const float* v, std::span<const int32_t> bounds, int heads,
-                         int head_dim, float scale, float* out) override;
+                         int head_dim, float scale, float* out, bool bf16_products = false) override;
 
   // ---- tensor parallelism (cuda_tp.cpp): NCCL collectives on stream_; at TP = 1 no-op / copy.
   int tp_rank() const override { return options_.tp ? options_.tp_rank : 0; }

@@ -226,5 +226,7 @@ cudaError_t launch_rope_table(float* x, const float* cos, const float* sin, size
                               int pairs, cudaStream_t stream);
 // In-place softmax of `rows` rows of `cols` (row stride `cols`), f32.
 cudaError_t launch_softmax_rows(float* x, size_t rows, size_t cols, cudaStream_t stream);
+// The same softmax (f32) written as bf16 to `out` (same layout).
+cudaError_t launch_softmax_rows_bf16(const float* x, uint16_t* out, size_t rows, size_t cols, cudaStream_t stream);
 
 }  // namespace mxlm::backend::cuda

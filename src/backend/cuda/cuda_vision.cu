@@ -1,6 +1,9 @@
 // Kernels of the vision encoder ops (backend.h "vision encoder"): bias, LayerNorm, exact GELU, the table rotary
-// and the row softmax between the two cuBLAS batched GEMMs of segment attention (cuda_vision.cpp). All
+// and the row softmax between the two cuBLAS batched GEMMs of segment attention (cuda_vision.cpp; f32 in, f32 or
+// bf16 probabilities out). All
 // memory-bound single passes in f32, like the CPU backend's versions (cpu_vision_ops.cpp).
+#include <cuda_bf16.h>
+
 #include <cfloat>
 #include <cstdint>
 
@@ -90,25 +93,31 @@ __global__ void rope_table_kernel(float* x, const float* cos, const float* sin, 
   }
 }
 
-// Rows too long for registers: max, Σ exp(x - max), then x = exp(x - max) / Σ; the row stays in L1/L2 between the
-// three passes.
-__global__ void softmax_rows_kernel(float* x, size_t cols) {
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(uint16_t* p, float v) { *p = __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+
+// Rows too long for registers: max, Σ exp(x - max), then y = exp(x - max) / Σ; the row stays in L1/L2 between the
+// three passes. y may be x (f32 in place).
+template <typename Out>
+__global__ void softmax_rows_kernel(const float* x, Out* y, size_t cols) {
   __shared__ float part[32];
-  float* xr = x + blockIdx.x * cols;
+  const float* xr = x + blockIdx.x * cols;
+  Out* yr = y + blockIdx.x * cols;
   float m = -FLT_MAX;
   for (size_t i = threadIdx.x; i < cols; i += blockDim.x) m = fmaxf(m, xr[i]);
   m = block_max(m, part);
   float s = 0.0f;
   for (size_t i = threadIdx.x; i < cols; i += blockDim.x) s += expf(xr[i] - m);
   const float inv = 1.0f / block_sum(s, part);
-  for (size_t i = threadIdx.x; i < cols; i += blockDim.x) xr[i] = expf(xr[i] - m) * inv;
+  for (size_t i = threadIdx.x; i < cols; i += blockDim.x) store(yr + i, expf(xr[i] - m) * inv);
 }
 
 // Rows of up to kPerThread * blockDim.x values: the row is read once into registers, then written once.
-template <int kPerThread>
-__global__ void softmax_rows_regs_kernel(float* x, size_t cols) {
+template <int kPerThread, typename Out>
+__global__ void softmax_rows_regs_kernel(const float* x, Out* y, size_t cols) {
   __shared__ float part[32];
-  float* xr = x + blockIdx.x * cols;
+  const float* xr = x + blockIdx.x * cols;
+  Out* yr = y + blockIdx.x * cols;
   float v[kPerThread];
   float m = -FLT_MAX;
 #pragma unroll
@@ -129,8 +138,24 @@ __global__ void softmax_rows_regs_kernel(float* x, size_t cols) {
 #pragma unroll
   for (int j = 0; j < kPerThread; ++j) {
     const size_t i = threadIdx.x + static_cast<size_t>(j) * blockDim.x;
-    if (i < cols) xr[i] = v[j] * inv;
+    if (i < cols) store(yr + i, v[j] * inv);
   }
+}
+
+template <typename Out>
+cudaError_t softmax_rows(const float* x, Out* y, size_t rows, size_t cols, cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return cudaSuccess;
+  const unsigned grid = static_cast<unsigned>(rows);
+  if (cols <= 256) {
+    softmax_rows_regs_kernel<8, Out><<<grid, 32, 0, stream>>>(x, y, cols);
+  } else if (cols <= 2048) {
+    softmax_rows_regs_kernel<8, Out><<<grid, 256, 0, stream>>>(x, y, cols);
+  } else if (cols <= 4096) {
+    softmax_rows_regs_kernel<16, Out><<<grid, 256, 0, stream>>>(x, y, cols);
+  } else {
+    softmax_rows_kernel<Out><<<grid, 512, 0, stream>>>(x, y, cols);
+  }
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -163,18 +188,11 @@ cudaError_t launch_rope_table(float* x, const float* cos, const float* sin, size
 }
 
 cudaError_t launch_softmax_rows(float* x, size_t rows, size_t cols, cudaStream_t stream) {
-  if (rows == 0 || cols == 0) return cudaSuccess;
-  const unsigned grid = static_cast<unsigned>(rows);
-  if (cols <= 256) {
-    softmax_rows_regs_kernel<8><<<grid, 32, 0, stream>>>(x, cols);
-  } else if (cols <= 2048) {
-    softmax_rows_regs_kernel<8><<<grid, 256, 0, stream>>>(x, cols);
-  } else if (cols <= 4096) {
-    softmax_rows_regs_kernel<16><<<grid, 256, 0, stream>>>(x, cols);
-  } else {
-    softmax_rows_kernel<<<grid, 512, 0, stream>>>(x, cols);
-  }
-  return cudaGetLastError();
+  return softmax_rows<float>(x, x, rows, cols, stream);
+}
+
+cudaError_t launch_softmax_rows_bf16(const float* x, uint16_t* out, size_t rows, size_t cols, cudaStream_t stream) {
+  return softmax_rows<uint16_t>(x, out, rows, cols, stream);
 }
 
 }  // namespace mxlm::backend::cuda
