@@ -159,6 +159,12 @@ StepOutput ModelRunner::step(std::span<const StepItem> items, bool greedy_on_dev
     row += it.num_tokens;
   }
   ab.num_tokens = row;
+  const auto run_forward = [&] {
+    if (greedy_on_device)
+      out.tokens = model_.forward_greedy(fb, layers_);
+    else
+      out.logits = model_.forward(fb, layers_);
+  };
   if (tp_ranks_) {
     // Every rank runs the same batch; rank 0's logits are the step's (the lm_head all-gather gives every rank the
     // same bits). A rank's error is rethrown only after all ranks have left the forward.
@@ -177,12 +183,6 @@ StepOutput ModelRunner::step(std::span<const StepItem> items, bool greedy_on_dev
     run_forward();
   }
   for (const auto& it : items) {
-  const auto run_forward = [&] {
-    if (greedy_on_device)
-      out.tokens = model_.forward_greedy(fb, layers_);
-    else
-      out.logits = model_.forward(fb, layers_);
-  };
     it.seq->num_computed += it.num_tokens;
     blocks_.commit(*it.seq);
   }

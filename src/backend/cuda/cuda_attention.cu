@@ -264,24 +264,79 @@ __global__ void __launch_bounds__(kAttnWarps * 32, 2)
   }
 }
 
-__global__ void attention_merge_kernel(const float* ws, int splits, int head_dim, float* out) {
-  const size_t head = blockIdx.x;  // row * num_heads + h
-  const float* base = ws + head * splits * static_cast<size_t>(head_dim + 2);
-  float M = -INFINITY;
-  for (int s = 0; s < splits; ++s) M = fmaxf(M, base[static_cast<size_t>(s) * (head_dim + 2)]);
-  float L = 0.0f;
-  for (int s = 0; s < splits; ++s) {
-    const float ms = base[static_cast<size_t>(s) * (head_dim + 2)];
-    if (ms != -INFINITY) L += base[static_cast<size_t>(s) * (head_dim + 2) + 1] * expf(ms - M);
+constexpr int kMergeThreads = 256;  // 8 groups of 32 lanes: groups take every 8th split, lanes the head dims
+
+__device__ __forceinline__ float block_reduce(float v, bool take_max, float* scratch) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = take_max ? fmaxf(v, w) : v + w;
   }
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  __syncthreads();  // scratch may still be read from a previous reduction
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = scratch[0];
+  for (int w = 1; w < kMergeThreads / 32; ++w) v = take_max ? fmaxf(v, scratch[w]) : v + scratch[w];
+  return v;
+}
+
+// One CTA per (row, head): split weights exp(m_s - M) computed once into shared memory, then every group of 32
+// lanes sums every 8th split's outputs (independent loads in flight), and the 8 partial sums are added.
+__global__ void __launch_bounds__(kMergeThreads) attention_merge_kernel(const float* ws, int splits, int head_dim,
+                                                                        float* out) {
+  extern __shared__ float msm[];  // [splits] weights, [8][head_dim] partial outputs, [8] reduction scratch
+  float* weight = msm;
+  float* partial = msm + splits;
+  float* scratch = partial + 8 * head_dim;
+  const size_t head = blockIdx.x;  // row * num_heads + h
+  const size_t stride = static_cast<size_t>(head_dim) + 2;
+  const float* base = ws + head * static_cast<size_t>(splits) * stride;
+  float mx = -INFINITY;
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) mx = fmaxf(mx, base[s * stride]);
+  const float M = block_reduce(mx, true, scratch);
+  float lsum = 0.0f;
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+    const float ms = base[s * stride];
+    const float w = ms == -INFINITY ? 0.0f : expf(ms - M);
+    weight[s] = w;
+    lsum += w * base[s * stride + 1];
+  }
+  const float L = block_reduce(lsum, false, scratch);  // its barriers also publish `weight`
+  const int group = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // dims lane + 32 j (head_dim <= 256)
+  for (int s = group; s < splits; s += 8) {
+    const float w = weight[s];
+    if (w == 0.0f) continue;
+    const float* v = base + s * stride + 2;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      if (lane + 32 * j < head_dim) acc[j] += w * v[lane + 32 * j];
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+    if (lane + 32 * j < head_dim) partial[group * head_dim + lane + 32 * j] = acc[j];
+  __syncthreads();
   for (int c = threadIdx.x; c < head_dim; c += blockDim.x) {
     float a = 0.0f;
-    for (int s = 0; s < splits; ++s) {
-      const float ms = base[static_cast<size_t>(s) * (head_dim + 2)];
-      if (ms != -INFINITY) a += base[static_cast<size_t>(s) * (head_dim + 2) + 2 + c] * expf(ms - M);
-    }
+    for (int g = 0; g < 8; ++g) a += partial[g * head_dim + c];
     out[head * head_dim + c] = L > 0.0f ? a / L : 0.0f;
   }
+}
+
+cudaError_t launch_merge(const float* ws, size_t heads, int splits, int head_dim, float* out, cudaStream_t stream) {
+  const size_t smem = (static_cast<size_t>(splits) + 8 * static_cast<size_t>(head_dim) + 8) * sizeof(float);
+  if (smem > 48 * 1024) {
+    static bool configured = false;
+    if (!configured) {
+      const cudaError_t e =
+          cudaFuncSetAttribute(attention_merge_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
+      if (e != cudaSuccess) return e;
+      configured = true;
+    }
+  }
+  attention_merge_kernel<<<static_cast<unsigned>(heads), kMergeThreads, smem, stream>>>(ws, splits, head_dim, out);
+  return cudaGetLastError();
 }
 
 // One CTA per (row, index head): block max scores into shared memory, forced blocks, then top-k by repeated
@@ -714,9 +769,7 @@ cudaError_t launch_attention(const float* q, const AttentionRows& rows, int num_
   }
 #undef MXLM_ATTENTION_CASE
   if (e != cudaSuccess) return e;
-  attention_merge_kernel<<<static_cast<unsigned>(rows.rows * num_heads), 128, 0, stream>>>(workspace, splits, head_dim,
-                                                                                           out);
-  return cudaGetLastError();
+  return launch_merge(workspace, static_cast<size_t>(rows.rows) * num_heads, splits, head_dim, out, stream);
 }
 
 // Blocks per scoring CTA: about four CTAs per multiprocessor over all rows.
@@ -808,9 +861,7 @@ cudaError_t launch_attention_simt(const float* q, const AttentionRows& rows, int
   const cudaError_t e = launch_simt<4>(q, rows, num_heads, num_kv_heads, head_dim, scale, k_cache, v_cache, blocks,
                                        topk, ups, splits, workspace, stream);
   if (e != cudaSuccess) return e;
-  attention_merge_kernel<<<static_cast<unsigned>(rows.rows * num_heads), 128, 0, stream>>>(workspace, splits, head_dim,
-                                                                                           out);
-  return cudaGetLastError();
+  return launch_merge(workspace, static_cast<size_t>(rows.rows) * num_heads, splits, head_dim, out, stream);
 }
 
 }  // namespace mxlm::backend::cuda
