@@ -146,14 +146,18 @@ MXLM_ALWAYS_INLINE void attend_body(const float* q_row, float* out_row, const Se
   const int d = shape.head_dim;
   const size_t width = static_cast<size_t>(shape.num_kv_heads) * static_cast<size_t>(d);
   scores.resize(keys.size());
+  // Where each key's row of this KV head is in the caches: computed once for all the group's query heads and
+  // both passes (not a page lookup and a division per key, head and pass).
+  static thread_local std::vector<size_t> rows;
+  rows.resize(keys.size());
+  for (size_t j = 0; j < keys.size(); ++j)
+    rows[j] = slot_of(s, keys[j], block_size) * width + static_cast<size_t>(kv_head) * static_cast<size_t>(d);
   for (int h = h0; h < h0 + group; ++h) {
     const float* q = q_row + static_cast<size_t>(h) * static_cast<size_t>(d);
     float* o = out_row + static_cast<size_t>(h) * static_cast<size_t>(d);
     float mx = -std::numeric_limits<float>::infinity();
     for (size_t j = 0; j < keys.size(); ++j) {
-      const float* k =
-          k_cache + slot_of(s, keys[j], block_size) * width + static_cast<size_t>(kv_head) * static_cast<size_t>(d);
-      scores[j] = dot<kIsa>(q, k, d) * shape.scale;
+      scores[j] = dot<kIsa>(q, k_cache + rows[j], d) * shape.scale;
       mx = std::max(mx, scores[j]);
     }
     float sum = 0.0f;
@@ -163,9 +167,7 @@ MXLM_ALWAYS_INLINE void attend_body(const float* q_row, float* out_row, const Se
     }
     std::fill(o, o + d, 0.0f);
     for (size_t j = 0; j < keys.size(); ++j) {
-      const float* v =
-          v_cache + slot_of(s, keys[j], block_size) * width + static_cast<size_t>(kv_head) * static_cast<size_t>(d);
-      add_scaled<kIsa>(o, scores[j] / sum, v, d);
+      add_scaled<kIsa>(o, scores[j] / sum, v_cache + rows[j], d);
     }
   }
 }
@@ -197,10 +199,14 @@ MXLM_ISA_DISPATCH(attend,
 template <Isa kIsa>
 MXLM_ALWAYS_INLINE void block_scores_body(const float* qh, const float* index_k_cache, const SequenceSlice& s,
                                           int32_t pos, int32_t bs, int d, float* score) {
-  for (int32_t t = 0; t <= pos; ++t) {
-    const float v = dot<kIsa>(qh, index_k_cache + slot_of(s, t, bs) * static_cast<size_t>(d), d);
-    float& b = score[t / bs];
-    if (!std::isnan(v)) b = std::max(b, v);
+  for (int32_t block = 0; block <= pos / bs; ++block) {
+    const size_t page = static_cast<size_t>(s.block_table[static_cast<size_t>(block)]) * static_cast<size_t>(bs);
+    float& b = score[block];
+    for (int32_t t = block * bs; t <= pos && t < (block + 1) * bs; ++t) {
+      const float v =
+          dot<kIsa>(qh, index_k_cache + (page + static_cast<size_t>(t - block * bs)) * static_cast<size_t>(d), d);
+      if (!std::isnan(v)) b = std::max(b, v);
+    }
   }
 }
 
