@@ -162,9 +162,21 @@ __global__ void __launch_bounds__(kAttnWarps * 32, 2)
   }
 
   const float* qrow = q + static_cast<size_t>(row) * num_heads * D + static_cast<size_t>(kvh) * G * D;
-  for (int i = tid; i < kMaxGroup * QP; i += blockDim.x) {
-    const int h = i / QP, d = i % QP;
-    qs[i] = h < G && d < D ? qrow[static_cast<size_t>(h) * D + d] * scale : 0.0f;
+  {  // The scaled queries as 16-byte chunks, every load of a thread issued before its stores (one memory latency).
+    constexpr int kChunks = kMaxGroup * QP / 4, kPer = (kChunks + kAttnWarps * 32 - 1) / (kAttnWarps * 32);
+    float4 v[kPer];
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int j = tid + k * kAttnWarps * 32, h = j / (QP / 4), d = j % (QP / 4) * 4;
+      v[k] = j < kChunks && h < G && d < D ? *reinterpret_cast<const float4*>(qrow + static_cast<size_t>(h) * D + d)
+                                           : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int j = tid + k * kAttnWarps * 32;
+      if (j < kChunks)
+        *reinterpret_cast<float4*>(qs + 4 * j) = make_float4(v[k].x * scale, v[k].y * scale, v[k].z * scale, v[k].w * scale);
+    }
   }
 
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // heads g and g + 8
@@ -463,6 +475,21 @@ __global__ void index_select_kernel(const float* iq, AttentionRows rows, int hea
   __syncthreads();
   int32_t* o = out + (static_cast<size_t>(row) * heads + h) * topk;
   const int take = min(topk, visible);
+  if (visible <= 1024) {
+    // Up to 1024 visible blocks: each block's rank in (score descending, id ascending) order by
+    // counting, one pass without barriers; the same order as the repeated arg-max below.
+    for (int b = threadIdx.x; b < visible; b += blockDim.x) {
+      const float sb = score[b];
+      int rank = 0;
+      for (int c = 0; c < visible; ++c) {
+        const float sc = score[c];
+        rank += sc > sb || (sc == sb && c < b);
+      }
+      if (rank < topk) o[rank] = b;
+    }
+    for (int j = take + threadIdx.x; j < topk; j += blockDim.x) o[j] = -1;
+    return;
+  }
   for (int j = 0; j < take; ++j) {
     float bsc = -INFINITY;
     int bid = -1;
@@ -745,7 +772,8 @@ cudaError_t launch_attention(const float* q, const AttentionRows& rows, int num_
                              float* out, cudaStream_t stream) {
   if (rows.rows == 0) return cudaSuccess;
   if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || num_heads / num_kv_heads > kMaxGroup || head_dim <= 0 ||
-      head_dim > 256 || head_dim % 8 != 0 || keys_per_split <= 0 || keys_per_split % kTileKeys != 0)
+      head_dim > 256 || head_dim % 8 != 0 || keys_per_split <= 0 || keys_per_split % kTileKeys != 0 ||
+      reinterpret_cast<uintptr_t>(q) % 16 != 0)
     return cudaErrorInvalidValue;
   const int splits = max_keys > 0 ? (max_keys + keys_per_split - 1) / keys_per_split : 1;
   cudaError_t e = cudaSuccess;
