@@ -228,6 +228,11 @@ cudaError_t launch_rope_table(float* x, const float* cos, const float* sin, size
 cudaError_t launch_softmax_rows(float* x, size_t rows, size_t cols, cudaStream_t stream);
 // The same softmax (f32) written as bf16 to `out` (same layout).
 cudaError_t launch_softmax_rows_bf16(const float* x, uint16_t* out, size_t rows, size_t cols, cudaStream_t stream);
+// Fused attention of one segment (rows [begin, begin + len)) on bf16 tensor cores: q, k, v bf16 [tokens, heads *
+// head_dim], out f32; online softmax in f32, probabilities rounded to bf16 for P·V. head_dim 64, 80 or 128.
+bool flash_segment_supported(int head_dim);
+cudaError_t launch_flash_segment(const uint16_t* q, const uint16_t* k, const uint16_t* v, int heads, int head_dim,
+                                 int begin, int len, float scale, float* out, cudaStream_t stream);
 
 }  // namespace mxlm::backend::cuda
 // Fused attention of one segment (rows [begin, begin + len)) on bf16 tensor cores: q, k, v bf16 [tokens, heads *

@@ -2,8 +2,9 @@
 // kernels of cuda_vision.cu. Segment attention is two cuBLAS strided-batched SGEMMs per segment (all heads in
 // one call: S = scale · Q Kᵀ, then O = softmax(S) V) with the row-softmax kernel between them; f32 throughout
 // (the backend's cuBLAS handle runs without TF32), so it matches the CPU backend to f32 summation-order rounding.
-// With bf16_products the two GEMMs take bf16 operands on tensor cores (f32 accumulation, f32 scores, f32 softmax
-// written as bf16 probabilities).
+// With bf16_products the operands are bf16 on tensor cores (f32 accumulation and softmax, bf16 probabilities):
+// for head_dim 64 / 80 / 128 one fused flash-style kernel per segment (cuda_vision.cu: the scores stay in
+// registers), for other sizes the two batched GEMMs with bf16 operands around the softmax.
 // Scores of a whole image at the default cap (16 heads x 2304² floats, 340 MB) fit at once; larger segments are
 // processed in tiles of query rows so the score buffer stays under kScoreBytes.
 #include "backend/cuda/cuda_backend_impl.h"
@@ -53,10 +54,16 @@ void CudaBackend::segment_attention(const float* q, const float* k, const float*
     MXLM_CUDA_CHECK(launch_f32_to_bf16(k, kb.as<uint16_t>(), n, stream_));
     MXLM_CUDA_CHECK(launch_f32_to_bf16(v, vb.as<uint16_t>(), n, stream_));
   }
+  const bool fused = bf16_products && flash_segment_supported(head_dim);
   for (size_t seg = 0; seg + 1 < bounds.size(); ++seg) {
     const size_t begin = static_cast<size_t>(bounds[seg]);
     const int len = bounds[seg + 1] - bounds[seg];
     if (len == 0) continue;
+    if (fused) {
+      MXLM_CUDA_CHECK(launch_flash_segment(qb.as<uint16_t>(), kb.as<uint16_t>(), vb.as<uint16_t>(), heads, head_dim,
+                                           bounds[seg], len, scale, out, stream_));
+      continue;
+    }
     const size_t per_row = static_cast<size_t>(heads) * static_cast<size_t>(len) * sizeof(float);
     const int tile = static_cast<int>(std::clamp<size_t>(kScoreBytes / per_row, 1, static_cast<size_t>(len)));
     Block scores(pool_, per_row * static_cast<size_t>(tile));

@@ -158,6 +158,173 @@ cudaError_t softmax_rows(const float* x, Out* y, size_t rows, size_t cols, cudaS
   return cudaGetLastError();
 }
 
+// ---- fused attention within one segment on bf16 tensor cores (mma.sync m16n8k16, f32 accumulation), flash
+// style: each warp owns 16 query rows, keys stream through shared memory in tiles of 64, the softmax is online
+// (running max and sum per row in f32) and the probabilities go from the score accumulators straight into the
+// A fragments of the P·V product, so the scores never touch memory. D = head_dim, a multiple of 16 up to 128.
+constexpr int kFlashWarps = 4, kFlashRows = 16 * kFlashWarps, kFlashKeys = 64;
+
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
+         (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
+}
+
+// grid (ceil(len / 64), heads); q, k, v bf16 [tokens, W] (W = heads * D), rows [begin, begin + len) of one segment.
+template <int D>
+__global__ void __launch_bounds__(32 * kFlashWarps)
+    flash_segment_kernel(const uint16_t* q, const uint16_t* k, const uint16_t* v, int W, int begin, int len,
+                         float scale_log2, float* out) {
+  constexpr int KS = D / 16;  // k-steps of Q·Kᵀ
+  constexpr int NT = D / 8;   // n-tiles of the output
+  constexpr int KP = D + 8;   // padded K row (bf16): conflict-free fragment loads
+  constexpr int VP = kFlashKeys + 8;
+  __shared__ __align__(16) uint16_t ks[kFlashKeys * KP];
+  __shared__ __align__(16) uint16_t vt[D * VP];  // V transposed: [dim][key]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int h = blockIdx.y;
+  const int row0 = blockIdx.x * kFlashRows + warp * 16;  // this warp's first query row within the segment
+  const size_t hoff = static_cast<size_t>(h) * D;
+
+  // Q fragments for all k-steps (rows beyond the segment are zero).
+  uint32_t qa[KS][4];
+  {
+    const int ra = row0 + g, rb = row0 + g + 8;
+    const uint32_t* qra =
+        ra < len ? reinterpret_cast<const uint32_t*>(q + (static_cast<size_t>(begin + ra)) * W + hoff) : nullptr;
+    const uint32_t* qrb =
+        rb < len ? reinterpret_cast<const uint32_t*>(q + (static_cast<size_t>(begin + rb)) * W + hoff) : nullptr;
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+      qa[kk][0] = qra ? qra[kk * 8 + t] : 0u;
+      qa[kk][1] = qrb ? qrb[kk * 8 + t] : 0u;
+      qa[kk][2] = qra ? qra[kk * 8 + 4 + t] : 0u;
+      qa[kk][3] = qrb ? qrb[kk * 8 + 4 + t] : 0u;
+    }
+  }
+  float o[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;  // rows g and g + 8
+
+  for (int key0 = 0; key0 < len; key0 += kFlashKeys) {
+    __syncthreads();  // the previous tile is no longer read
+    // K tile [64][D] and V tile transposed, 16-byte chunks (8 values), zeros beyond the segment.
+    for (int c = threadIdx.x; c < kFlashKeys * (D / 8); c += blockDim.x) {
+      const int key = c / (D / 8), d8 = (c % (D / 8)) * 8;
+      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+      if (key0 + key < len) {
+        const size_t off = static_cast<size_t>(begin + key0 + key) * W + hoff + d8;
+        kv = *reinterpret_cast<const uint4*>(k + off);
+        vv = *reinterpret_cast<const uint4*>(v + off);
+      }
+      *reinterpret_cast<uint4*>(ks + key * KP + d8) = kv;
+      const uint16_t* ve = reinterpret_cast<const uint16_t*>(&vv);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) vt[(d8 + e) * VP + key] = ve[e];
+    }
+    __syncthreads();
+    // S = Q·Kᵀ for 16 rows x 64 keys (8 n-tiles of 8 keys).
+    float sc[8][4];
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
+      const uint16_t* kr = ks + (n * 8 + g) * KP;
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk) {
+        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(kr + kk * 16 + 2 * t);
+        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(kr + kk * 16 + 8 + 2 * t);
+        mma_bf16(sc[n], qa[kk], b0, b1);
+      }
+    }
+    // Online softmax in the log2 domain; keys beyond the segment get -inf.
+    float mx_a = m_a, mx_b = m_b;
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      const int key = key0 + n * 8 + 2 * t;
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const bool ok = key + e < len;
+        sc[n][e] = ok ? sc[n][e] * scale_log2 : -INFINITY;
+        sc[n][2 + e] = ok ? sc[n][2 + e] * scale_log2 : -INFINITY;
+        mx_a = fmaxf(mx_a, sc[n][e]);
+        mx_b = fmaxf(mx_b, sc[n][2 + e]);
+      }
+    }
+#pragma unroll
+    for (int off = 1; off <= 2; off <<= 1) {
+      mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, off));
+      mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, off));
+    }
+    // A row whose every key so far is masked keeps max -inf: use 0 so exp2 gives 0, not NaN.
+    const float base_a = mx_a == -INFINITY ? 0.0f : mx_a, base_b = mx_b == -INFINITY ? 0.0f : mx_b;
+    const float alpha_a = exp2f(m_a - base_a), alpha_b = exp2f(m_b - base_b);
+    m_a = mx_a;
+    m_b = mx_b;
+    float sum_a = 0.0f, sum_b = 0.0f;
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      sc[n][0] = exp2f(sc[n][0] - base_a);
+      sc[n][1] = exp2f(sc[n][1] - base_a);
+      sc[n][2] = exp2f(sc[n][2] - base_b);
+      sc[n][3] = exp2f(sc[n][3] - base_b);
+      sum_a += sc[n][0] + sc[n][1];
+      sum_b += sc[n][2] + sc[n][3];
+    }
+    l_a = l_a * alpha_a + sum_a;  // lane-partial sums; reduced over the quad at the end
+    l_b = l_b * alpha_b + sum_b;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      o[j][0] *= alpha_a;
+      o[j][1] *= alpha_a;
+      o[j][2] *= alpha_b;
+      o[j][3] *= alpha_b;
+    }
+    // O += P·V: P's score fragments are the A fragments (keys 16kk .. 16kk + 15 = n-tiles 2kk, 2kk + 1).
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint32_t pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
+                              pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                              pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const uint16_t* vr = vt + (j * 8 + g) * VP + kk * 16;
+        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(vr + 2 * t);
+        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(vr + 8 + 2 * t);
+        mma_bf16(o[j], pa, b0, b1);
+      }
+    }
+  }
+#pragma unroll
+  for (int off = 1; off <= 2; off <<= 1) {
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, off);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, off);
+  }
+  const int ra = row0 + g, rb = row0 + g + 8;
+  const float inv_a = 1.0f / l_a, inv_b = 1.0f / l_b;
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const int d = j * 8 + 2 * t;
+    if (ra < len) {
+      float* orow = out + static_cast<size_t>(begin + ra) * W + hoff + d;
+      orow[0] = o[j][0] * inv_a;
+      orow[1] = o[j][1] * inv_a;
+    }
+    if (rb < len) {
+      float* orow = out + static_cast<size_t>(begin + rb) * W + hoff + d;
+      orow[0] = o[j][2] * inv_b;
+      orow[1] = o[j][3] * inv_b;
+    }
+  }
+}
+
 }  // namespace
 
 cudaError_t launch_add_bias(float* y, const float* bias, size_t rows, size_t cols, cudaStream_t stream) {
@@ -193,6 +360,30 @@ cudaError_t launch_softmax_rows(float* x, size_t rows, size_t cols, cudaStream_t
 
 cudaError_t launch_softmax_rows_bf16(const float* x, uint16_t* out, size_t rows, size_t cols, cudaStream_t stream) {
   return softmax_rows<uint16_t>(x, out, rows, cols, stream);
+}
+
+bool flash_segment_supported(int head_dim) { return head_dim == 64 || head_dim == 80 || head_dim == 128; }
+
+cudaError_t launch_flash_segment(const uint16_t* q, const uint16_t* k, const uint16_t* v, int heads, int head_dim,
+                                 int begin, int len, float scale, float* out, cudaStream_t stream) {
+  if (len <= 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>((len + kFlashRows - 1) / kFlashRows), static_cast<unsigned>(heads));
+  const int W = heads * head_dim;
+  const float scale_log2 = scale * 1.4426950408889634f;
+  switch (head_dim) {
+    case 64:
+      flash_segment_kernel<64><<<grid, 32 * kFlashWarps, 0, stream>>>(q, k, v, W, begin, len, scale_log2, out);
+      break;
+    case 80:
+      flash_segment_kernel<80><<<grid, 32 * kFlashWarps, 0, stream>>>(q, k, v, W, begin, len, scale_log2, out);
+      break;
+    case 128:
+      flash_segment_kernel<128><<<grid, 32 * kFlashWarps, 0, stream>>>(q, k, v, W, begin, len, scale_log2, out);
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
 }
 
 }  // namespace mxlm::backend::cuda
