@@ -82,7 +82,7 @@ void bench_attention(const Ceilings& c, int sms, bool quick) {
       const int dense_keys = per_seq * bs, sparse_keys = topk * bs;
       const int kps_dense = cu::attention_keys_per_split(batch, kvh, dense_keys, sms);
       const int kps_sparse = cu::attention_keys_per_split(batch, kvh, sparse_keys, sms);
-      const int max_splits = std::max({(dense_keys + kps_dense - 1) / kps_dense, cu::attention_simt_splits(per_seq, bs),
+      const int max_splits = std::max({(dense_keys + 31) / 32, cu::attention_simt_splits(per_seq, bs),
                                        cu::attention_simt_splits(topk, bs)});
       auto* ws = static_cast<float*>(dalloc(cu::attention_workspace_floats(batch, heads, d, max_splits) * 4));
       const int reps = quick ? 5 : 15;
@@ -91,6 +91,19 @@ void bench_attention(const Ceilings& c, int sms, bool quick) {
         return cu::launch_attention(q, rows, heads, kvh, d, scale, kc, vc, cu::CacheType::F32, nullptr, 0, dense_keys,
                                     kps_dense, ws, out, stream);
       });
+      {  // Keys per split: the heuristic's choice against a sweep (f32, dense).
+        std::string sweep;
+        for (int kps = 32; kps <= std::min(dense_keys, 8192); kps *= 2) {
+          const double us = time([&] {
+            return cu::launch_attention(q, rows, heads, kvh, d, scale, kc, vc, cu::CacheType::F32, nullptr, 0,
+                                        dense_keys, kps, ws, out, stream);
+          });
+          char buf[48];
+          std::snprintf(buf, sizeof buf, " %d:%.1f", kps, us);
+          sweep += buf;
+        }
+        row("split sweep B=%2d ctx=%5d (keys per split: us):%s; heuristic %d", batch, ctx, sweep.c_str(), kps_dense);
+      }
       const double dense_bf16_us = time([&] {
         return cu::launch_attention(q, rows, heads, kvh, d, scale, kb, vb, cu::CacheType::BF16, nullptr, 0, dense_keys,
                                     kps_dense, ws, out, stream);

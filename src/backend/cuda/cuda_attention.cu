@@ -752,9 +752,11 @@ cudaError_t launch_simt(const float* q, const AttentionRows& rows, int num_heads
 }  // namespace
 
 int attention_keys_per_split(int rows, int num_kv_heads, int max_keys, int multiprocessors) {
-  // About four CTAs per multiprocessor (two resident, two waves) over all (row, KV head) pairs.
+  // About two CTAs per multiprocessor (the two that are resident: one wave) over all (row, KV head) pairs: the best
+  // of a sweep of keys per split on an H100 (bench_cuda_decode "split sweep": 1 x 8K 36 us vs 50 us at four CTAs per
+  // multiprocessor, 1 x 64K 171 vs 188 us, 8 x 2K 58 vs 70 us, 32 x 2K 173 vs 185 us).
   const long long items = static_cast<long long>(rows > 0 ? rows : 1) * (num_kv_heads > 0 ? num_kv_heads : 1);
-  const long long want = 4LL * (multiprocessors > 0 ? multiprocessors : 1);
+  const long long want = 2LL * (multiprocessors > 0 ? multiprocessors : 1);
   const long long splits = want / items > 1 ? want / items : 1;
   const long long keys = max_keys > 0 ? max_keys : 1;
   const long long per = (keys + splits - 1) / splits;

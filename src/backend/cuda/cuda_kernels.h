@@ -235,8 +235,3 @@ cudaError_t launch_flash_segment(const uint16_t* q, const uint16_t* k, const uin
                                  int begin, int len, float scale, float* out, cudaStream_t stream);
 
 }  // namespace mxlm::backend::cuda
-// Fused attention of one segment (rows [begin, begin + len)) on bf16 tensor cores: q, k, v bf16 [tokens, heads *
-// head_dim], out f32; online softmax in f32, probabilities rounded to bf16 for P·V. head_dim 64, 80 or 128.
-bool flash_segment_supported(int head_dim);
-cudaError_t launch_flash_segment(const uint16_t* q, const uint16_t* k, const uint16_t* v, int heads, int head_dim,
-                                 int begin, int len, float scale, float* out, cudaStream_t stream);
