@@ -3,7 +3,8 @@
 // step (eager vs CUDA graph), and end-to-end decode tokens/s of the real MiniMax-M3 config with 4 layers and
 // random weights made on the GPU (`mxlm bench decode --load-format dummy`'s driver) against the weight-bytes
 // roofline. Ceilings measured in the same process. `--quick` for fewer reps; `--config FILE` for another
-// config.json (default: tests/fixtures/configs/minimax_m3_mxfp4_quark.json, the real config + AMD's MXFP4 exclude list).
+// config.json (default: tests/fixtures/configs/minimax_m3_mxfp4_quark.json, the real config + AMD's MXFP4 exclude
+// list).
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -82,11 +83,14 @@ void bench_attention(const Ceilings& c, int sms, bool quick) {
       const int dense_keys = per_seq * bs, sparse_keys = topk * bs;
       const int kps_dense = cu::attention_keys_per_split(batch, kvh, dense_keys, sms);
       const int kps_sparse = cu::attention_keys_per_split(batch, kvh, sparse_keys, sms);
-      const int max_splits = std::max({(dense_keys + 31) / 32, cu::attention_simt_splits(per_seq, bs),
-                                       cu::attention_simt_splits(topk, bs)});
+      const int max_splits = std::max(
+          {(dense_keys + 31) / 32, cu::attention_simt_splits(per_seq, bs), cu::attention_simt_splits(topk, bs)});
       auto* ws = static_cast<float*>(dalloc(cu::attention_workspace_floats(batch, heads, d, max_splits) * 4));
       const int reps = quick ? 5 : 15;
-      auto time = [&](auto launch) { return 1e3 * graph_ms(stream, [&](int) { CK(launch()); }, reps, 8); };
+      auto time = [&](auto launch) {
+        return 1e3 * graph_ms(
+                         stream, [&](int) { CK(launch()); }, reps, 8);
+      };
       const double dense_us = time([&] {
         return cu::launch_attention(q, rows, heads, kvh, d, scale, kc, vc, cu::CacheType::F32, nullptr, 0, dense_keys,
                                     kps_dense, ws, out, stream);
@@ -156,10 +160,10 @@ void bench_attention(const Ceilings& c, int sms, bool quick) {
           pct(index_bytes, index_old_us));
       for (void* p : {static_cast<void*>(ik), static_cast<void*>(iq), static_cast<void*>(sel), static_cast<void*>(iws)})
         CK(cudaFree(p));
-      for (void* p : {static_cast<void*>(kc), static_cast<void*>(vc), static_cast<void*>(kb), static_cast<void*>(vb),
-                      static_cast<void*>(d_tables),
-                      static_cast<void*>(d_pos), static_cast<void*>(d_offs), static_cast<void*>(d_blocks),
-                      static_cast<void*>(q), static_cast<void*>(out), static_cast<void*>(ws)})
+      for (void* p :
+           {static_cast<void*>(kc), static_cast<void*>(vc), static_cast<void*>(kb), static_cast<void*>(vb),
+            static_cast<void*>(d_tables), static_cast<void*>(d_pos), static_cast<void*>(d_offs),
+            static_cast<void*>(d_blocks), static_cast<void*>(q), static_cast<void*>(out), static_cast<void*>(ws)})
         CK(cudaFree(p));
     }
   }
@@ -270,7 +274,8 @@ void bench_step_overhead(const io::ModelConfig& full, int first, int count, bool
         quick ? 5 : 20, 3);
     be->download(*sink_buf, 0, &sink, 1);  // empties the staging ring: the capture must not wrap it
     std::string why;
-    const double graph = try_graph_ms(stream, [&] { m->forward(fb, caches); }, quick ? 5 : 20, why);
+    const double graph = try_graph_ms(
+        stream, [&] { m->forward(fb, caches); }, quick ? 5 : 20, why);
     if (graph < 0) {
       row("decode step, real config layers %d-%d, B=%2d ctx=%d: eager %.3f ms (host timed); not capturable as a CUDA "
           "graph (%s)",
@@ -307,8 +312,8 @@ void bench_end_to_end(const io::ModelConfig& full, int first_layer, bool quick) 
           "(logits D2H %.1f MB/step, host argmax %.3f ms)",
           batch, greedy ? "device greedy" : "host logits  ", r.context_first, r.context_last, r.step_p50_s * 1e3,
           r.step_p10_s * 1e3, r.step_p90_s * 1e3, r.tokens_per_s, r.weight_bytes / 1e9, r.distinct_experts,
-          r.kv_bytes / 1e6, r.roofline_s * 1e3, batch / r.roofline_s, 100.0 * r.roofline_fraction,
-          r.logits_bytes / 1e6, r.host_argmax_s * 1e3);
+          r.kv_bytes / 1e6, r.roofline_s * 1e3, batch / r.roofline_s, 100.0 * r.roofline_fraction, r.logits_bytes / 1e6,
+          r.host_argmax_s * 1e3);
     }
   }
 }

@@ -24,7 +24,7 @@ struct DecodeBenchOptions {
   int warmup_steps = 3;  // their routing gives the distinct experts per step
   int steps = 32;        // timed decode steps
   uint32_t seed = 0;
-  bool device_greedy = false;  // argmax on the device (only token ids come back), else logits to the host
+  bool device_greedy = false;   // argmax on the device (only token ids come back), else logits to the host
   TpRanks* tp_ranks = nullptr;  // the model's other tensor-parallel ranks (tp_ranks.h); null at TP = 1
 };
 
@@ -34,15 +34,15 @@ struct DecodeBenchResult {
   int context_last = 0;
   double prefill_s = 0;
   double step_p10_s = 0, step_p50_s = 0, step_p90_s = 0;
-  double tokens_per_s = 0;         // batch / median step
-  double host_argmax_s = 0;        // median per step, not part of the step time (0 with device_greedy)
-  double distinct_experts = 0;     // routed experts touched per MoE layer per step (warm-up mean); 0 without MoE
-  uint64_t weight_bytes = 0;       // weight bytes a step reads (as above)
-  uint64_t kv_bytes = 0;           // KV/index-K bytes a step reads (mean over the timed steps)
-  uint64_t logits_bytes = 0;       // bytes of logits each step brings back to the host (0 with device_greedy)
-  double roofline_weights_s = 0;   // weight_bytes / copy bandwidth
-  double roofline_s = 0;           // (weight_bytes + kv_bytes) / copy bandwidth
-  double roofline_fraction = 0;    // roofline_s / step_p50_s
+  double tokens_per_s = 0;        // batch / median step
+  double host_argmax_s = 0;       // median per step, not part of the step time (0 with device_greedy)
+  double distinct_experts = 0;    // routed experts touched per MoE layer per step (warm-up mean); 0 without MoE
+  uint64_t weight_bytes = 0;      // weight bytes a step reads (as above)
+  uint64_t kv_bytes = 0;          // KV/index-K bytes a step reads (mean over the timed steps)
+  uint64_t logits_bytes = 0;      // bytes of logits each step brings back to the host (0 with device_greedy)
+  double roofline_weights_s = 0;  // weight_bytes / copy bandwidth
+  double roofline_s = 0;          // (weight_bytes + kv_bytes) / copy bandwidth
+  double roofline_fraction = 0;   // roofline_s / step_p50_s
 };
 
 // Bytes per second of a device-to-device copy of `bytes` through backend.copy (read + write counted), median of

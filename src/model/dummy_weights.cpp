@@ -31,7 +31,8 @@ DummyWeights::DummyWeights(const io::ModelConfig& config, backend::Backend& back
                            std::optional<WeightFormat> float_format, uint64_t seed)
     : backend_(backend), float_format_(float_format), seed_(seed), tied_(config.text.tie_word_embeddings) {
   if (float_format_ && *float_format_ != WeightFormat::F32 && *float_format_ != WeightFormat::BF16)
-    fail("dummy weights: float weights must be float32 or bfloat16, not {}", backend::weight_format_name(*float_format_));
+    fail("dummy weights: float weights must be float32 or bfloat16, not {}",
+         backend::weight_format_name(*float_format_));
   if (!config.quantization_config) return;
   const nlohmann::json& q = *config.quantization_config;
   const std::string method = q.value("quant_method", "");
@@ -61,7 +62,9 @@ WeightFormat DummyWeights::format_of(const std::string& stem, bool force_f32) co
   return float_format_.value_or(WeightFormat::BF16);
 }
 
-uint64_t DummyWeights::seed_of(const std::string& name) const { return XXH3_64bits_withSeed(name.data(), name.size(), seed_); }
+uint64_t DummyWeights::seed_of(const std::string& name) const {
+  return XXH3_64bits_withSeed(name.data(), name.size(), seed_);
+}
 
 std::unique_ptr<backend::Weight> DummyWeights::matrix(const std::string& stem, int64_t rows, int64_t cols, Shard shard,
                                                       bool force_f32) {

@@ -72,7 +72,8 @@ void check_attention_case(Env& env, const AttnCase& c) {
                      " d=" + std::to_string(c.hd) + " bs=" + std::to_string(c.bs) + " ctx";
   for (auto s : c.seqs) what += " " + std::to_string(s[0] + s[1]) + (s[1] > 1 ? "x" + std::to_string(s[1]) : "");
   {  // The indexer at these contexts: block max scores spread over the card, then top-k.
-    const auto ik = randn(static_cast<size_t>(pages * c.bs * c.hd)), iq = randn(static_cast<size_t>(total * c.kv_heads * c.hd));
+    const auto ik = randn(static_cast<size_t>(pages * c.bs * c.hd)),
+               iq = randn(static_cast<size_t>(total * c.kv_heads * c.hd));
     const backend::IndexerShape ishape{c.kv_heads, c.hd, c.topk, 1, 1};
     const size_t nsel = static_cast<size_t>(total * c.kv_heads * c.topk);
     std::vector<int32_t> sel[2];
@@ -149,7 +150,8 @@ MXLM_GPU_CHECK(decode_attention_bf16_cache) {
     std::vector<std::array<int, 2>> seqs;
     int topk;
   };
-  for (const Case& c : std::vector<Case>{{64, 4, 128, 128, {{5000, 1}, {300, 1}}, 16}, {8, 2, 32, 16, {{100, 1}, {0, 7}}, 3}}) {
+  for (const Case& c :
+       std::vector<Case>{{64, 4, 128, 128, {{5000, 1}, {300, 1}}, 16}, {8, 2, 32, 16, {{100, 1}, {0, 7}}, 3}}) {
     int pages = 0, total = 0;
     std::vector<std::vector<int32_t>> tables;
     for (auto s : c.seqs) {
@@ -233,7 +235,7 @@ MXLM_GPU_CHECK(argmax_rows) {
     if (cols > 1) {
       x[0 * cols + cols - 1] = 50.0f, x[0 * cols + cols / 2] = 50.0f;  // a tie: the lower index wins
       for (size_t c = 0; c < cols; ++c) x[1 * cols + c] = -INFINITY;   // all -inf: index 0
-      x[2 * cols + cols - 1] = 1e30f;                                   // the last column
+      x[2 * cols + cols - 1] = 1e30f;                                  // the last column
     }
     std::vector<float> want(rows), got(rows);
     for (size_t r = 0; r < rows; ++r)

@@ -115,7 +115,7 @@ TEST(DummyWeights, BackendRandomWeightsHaveTheDocumentedRanges) {
 
 TEST(DummyWeights, BackendArgmaxRowsTakesTheFirstOfEqualMaxima) {
   auto cpu = backend::make_cpu_backend();
-  const std::vector<float> x = {1, 5, 5, 2,  -INFINITY, -INFINITY, -INFINITY, -INFINITY,  0, -1, 7, 7};
+  const std::vector<float> x = {1, 5, 5, 2, -INFINITY, -INFINITY, -INFINITY, -INFINITY, 0, -1, 7, 7};
   auto in = cpu->alloc(x.size());
   cpu->upload(*in, 0, x.data(), x.size());
   auto out = cpu->alloc(3);
@@ -135,7 +135,7 @@ TEST(DummyWeights, DummyModelRunsAndIsDeterministic) {
   const auto H = static_cast<uint64_t>(t.hidden_size), I = static_cast<uint64_t>(t.intermediate_size);
   const WeightBytes& wb = m1->weight_bytes_by_kind();
   EXPECT_EQ(wb.embedding, static_cast<uint64_t>(t.vocab_size) * H * 2);  // BF16
-  EXPECT_EQ(wb.one_expert, 3 * (I * H / 2 + I * H / 32));                 // MXFP4 gate, up, down
+  EXPECT_EQ(wb.one_expert, 3 * (I * H / 2 + I * H / 32));                // MXFP4 gate, up, down
   int moe = 0;
   for (bool b : t.layer_is_moe) moe += b ? 1 : 0;
   EXPECT_EQ(wb.routed_experts, static_cast<uint64_t>(moe * t.num_experts) * wb.one_expert);
