@@ -70,8 +70,10 @@ class ModelRunner {
   // Tensor parallelism (tp_ranks.h): ranks 1.. of the model's group run every step's forward on their own threads.
   // TpRanks::attach sets it; null at TP = 1.
   void set_tp_ranks(TpRanks* ranks) { tp_ranks_ = ranks; }
-  // One forward of a batch over this runner's cache, nothing else (another rank's side of rank 0's step).
-  std::vector<float> forward(const model::ForwardBatch& batch) { return model_.forward(batch, layers_); }
+  // Another rank's side of rank 0's step: one forward of the batch over this runner's cache, through the same
+  // collectives as rank 0's forward or forward_greedy (the lm_head all-gather included), but only the argmax ids come
+  // back to the host, not [rows, vocab] logits (a copy rank 0 would wait for: 26 MB per step at batch 32).
+  void peer_forward(const model::ForwardBatch& batch) { (void)model_.forward_greedy(batch, layers_); }
 
  private:
   model::M3Model& model_;

@@ -110,7 +110,7 @@ void TpRanks::attach(ModelRunner& runner) {
 }
 
 void TpRanks::begin_forward(const model::ForwardBatch& batch) {
-  post([&batch](Rank& self) { (void)self.runner->forward(batch); });
+  post([&batch](Rank& self) { self.runner->peer_forward(batch); });
 }
 
 void TpRanks::end_forward() { wait_all(); }
