@@ -88,6 +88,28 @@ void bench_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
         row("PDL launch in a CUDA graph failed (%s): PDL variants skipped, MXLM_CUDA_NO_PDL=1", cudaGetErrorString(e));
       }
     }
+    {
+      // Ceiling for one call: stream-read the packed weights + scales of a set once (64 calls, rotated sets).
+      auto* sink = static_cast<unsigned*>(dalloc(4));
+      const double pms = graph_ms(
+          stream,
+          [&](int i) {
+            CK(cu::launch_read_probe(wq[static_cast<size_t>(i % sets)], nk / 2, sink, sms, stream));
+            CK(cu::launch_read_probe(ws[static_cast<size_t>(i % sets)], nk / 32, sink, sms, stream));
+          },
+          quick ? 5 : 15, 64);
+      row("read probe N=%d K=%d (packed + scales, 2 streaming kernels): %6.2f us per call = %5.0f GB/s = %3.0f%% of copy",
+          n, k, pms * 1e3, static_cast<double>(wbytes) / (pms * 1e-3) / 1e9,
+          100.0 * static_cast<double>(wbytes) / (pms * 1e-3) / 1e9 / c.copy_gbs);
+      const double pms1 = graph_ms(
+          stream,
+          [&](int i) { CK(cu::launch_read_probe(wq[static_cast<size_t>(i % sets)], nk / 2, sink, sms, stream)); },
+          quick ? 5 : 15, 64);
+      row("read probe N=%d K=%d (packed only, 1 kernel): %6.2f us per call = %5.0f GB/s = %3.0f%% of copy", n, k,
+          pms1 * 1e3, static_cast<double>(nk / 2) / (pms1 * 1e-3) / 1e9,
+          100.0 * static_cast<double>(nk / 2) / (pms1 * 1e-3) / 1e9 / c.copy_gbs);
+      CK(cudaFree(sink));
+    }
     for (int m : {1, 2, 4, 8, 12, 16}) {
       std::vector<cu::Mxfp4GemvGroup> g(sets);
       for (int s = 0; s < sets; ++s)
@@ -116,39 +138,46 @@ void bench_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
           "%3.0f%% of copy; cuBLAS bf16 %6.2f us -> %.2fx",
           n, k, m, split, ms * 1e3, ms_stream * 1e3, gbs, 100.0 * gbs / c.copy_gbs, bms * 1e3, bms / ms);
       CK(cudaFree(dg));
-      // Version 2 (cp.async slice, PDL, memset-free deterministic split-K): CTA size x CTAs per SM x PDL.
+      // Version 2 (cp.async slice, PDL, memset-free deterministic split-K): CTA size, CTAs per SM, PDL, variant
+      // flags (1 row-contiguous copies, 8 math per landed group; diagnostics 2 no math, 4 no activations).
       double best = 1e30;
       std::string best_name;
-      for (int warps : {4, 8})
-        for (int cps : {2, 4, 6})
-          for (bool pdl : {false, true}) {
-            if (pdl && !pdl_ok) continue;
-            cu::Mxfp4GemvConfig cfg;
-            cfg.warps = warps;
-            cfg.ctas_per_sm = cps;
-            const cu::Mxfp4GemvPlan plan = cu::mxfp4_gemv_plan(n, k, 1, m, sms, cfg);
-            if (cu::mxfp4_gemv_workspace_floats(plan, n, m) > ws_floats ||
-                cu::mxfp4_gemv_counters(plan, 1) > counters_len) {
-              row("GEMV2 N=%d K=%d M=%2d: workspace too small for warps=%d cps=%d", n, k, m, warps, cps);
-              continue;
-            }
-            auto launch2 = [&](int i) {
-              const cu::Mxfp4GemvGroup one{wq[static_cast<size_t>(i % sets)], ws[static_cast<size_t>(i % sets)], x, y,
-                                           m, n};
-              CK(cu::launch_mxfp4_gemv2(one, n, k, plan, pdl, workspace, counters, stream));
-            };
-            const double ms2 = graph_ms(stream, launch2, quick ? 5 : 15, 64);
-            const double gbs2 = static_cast<double>(wbytes) / (ms2 * 1e-3) / 1e9;
-            row("GEMV2 N=%d K=%d M=%2d warps=%d cps=%d pdl=%d splits=%2d cta_chunks=%2d smem=%3zuK: %6.2f us (graph), "
-                "%5.0f GB/s = %3.0f%% of copy; %.2fx cuBLAS bf16, %.2fx v1",
-                n, k, m, warps, cps, pdl ? 1 : 0, plan.splits, plan.chunks_per_cta, plan.smem_bytes >> 10, ms2 * 1e3,
-                gbs2, 100.0 * gbs2 / c.copy_gbs, bms / ms2, ms / ms2);
-            if (ms2 < best) {
-              best = ms2;
-              best_name = "warps=" + std::to_string(warps) + " cps=" + std::to_string(cps) + " pdl=" +
-                          std::to_string(pdl ? 1 : 0);
-            }
-          }
+      struct Variant {
+        int warps, cps, pdl, flags;
+      };
+      const std::vector<Variant> variants = {{8, 2, 1, 9},  {8, 2, 1, 0}, {8, 2, 1, 1},  {8, 2, 1, 8},
+                                             {8, 2, 0, 9},  {4, 4, 1, 9}, {8, 6, 1, 9},  {4, 2, 1, 9},
+                                             {8, 2, 1, 11}, {8, 2, 1, 13}, {8, 2, 1, 15}};
+      for (const Variant& v : variants) {
+        const bool pdl = v.pdl != 0;
+        if (pdl && !pdl_ok) continue;
+        cu::Mxfp4GemvConfig cfg;
+        cfg.warps = v.warps;
+        cfg.ctas_per_sm = v.cps;
+        cfg.flags = v.flags;
+        const cu::Mxfp4GemvPlan plan = cu::mxfp4_gemv_plan(n, k, 1, m, sms, cfg);
+        if (cu::mxfp4_gemv_workspace_floats(plan, n, m) > ws_floats || cu::mxfp4_gemv_counters(plan, 1) > counters_len) {
+          row("GEMV2 N=%d K=%d M=%2d: workspace too small for warps=%d cps=%d", n, k, m, v.warps, v.cps);
+          continue;
+        }
+        auto launch2 = [&](int i) {
+          const cu::Mxfp4GemvGroup one{wq[static_cast<size_t>(i % sets)], ws[static_cast<size_t>(i % sets)], x, y, m,
+                                       n};
+          CK(cu::launch_mxfp4_gemv2(one, n, k, plan, pdl, workspace, counters, stream));
+        };
+        const double ms2 = graph_ms(stream, launch2, quick ? 5 : 15, 64);
+        const double gbs2 = static_cast<double>(wbytes) / (ms2 * 1e-3) / 1e9;
+        const bool diagnostic = (v.flags & 6) != 0;
+        row("GEMV2 N=%d K=%d M=%2d warps=%d cps=%d pdl=%d flags=%2d%s splits=%2d cta_chunks=%2d smem=%3zuK: %6.2f us "
+            "(graph), %5.0f GB/s = %3.0f%% of copy; %.2fx cuBLAS bf16, %.2fx v1",
+            n, k, m, v.warps, v.cps, v.pdl, v.flags, diagnostic ? " (diagnostic)" : "", plan.splits,
+            plan.chunks_per_cta, plan.smem_bytes >> 10, ms2 * 1e3, gbs2, 100.0 * gbs2 / c.copy_gbs, bms / ms2, ms / ms2);
+        if (!diagnostic && ms2 < best) {
+          best = ms2;
+          best_name = "warps=" + std::to_string(v.warps) + " cps=" + std::to_string(v.cps) +
+                      " pdl=" + std::to_string(v.pdl) + " flags=" + std::to_string(v.flags);
+        }
+      }
       const double best_gbs = static_cast<double>(wbytes) / (best * 1e-3) / 1e9;
       row("GEMV2 best N=%d K=%d M=%2d (%s): %6.2f us = %3.0f%% of copy (target 80%%), %.2fx cuBLAS bf16 (target 3x), "
           "v1 %6.2f us",
@@ -248,13 +277,27 @@ void bench_moe(const Ceilings& c, bool quick) {
       double gms = 0.0;
       if (graphable) {
         // GEMV plans of the backend (MXLM_CUDA_GEMV_CONFIG = warps,ctas_per_sm,k_split): default first, kept best.
-        for (const char* config : {"", "8,4,0", "4,4,24", "4,8,0"}) {
-          setenv("MXLM_CUDA_GEMV_CONFIG", config, 1);
+        // Routed-expert GEMV: version 1 over device-built lists (default) or version 2 with these plans.
+        for (const char* config : {"v1", "", "8,4,0", "8,4,0,0", "8,2,0"}) {
+          const bool v1 = std::strcmp(config, "v1") == 0;
+          if (!v1) {
+            setenv("MXLM_CUDA_MOE_GEMV", "2", 1);
+            setenv("MXLM_CUDA_GEMV_CONFIG", config, 1);
+          }
           const double t = graph_ms(backend::cuda_stream(*be), [&](int) { layer_ops(); }, quick ? 5 : 10, 4);
-          row("MoE layer native T=%3d GEMV config '%s': %7.3f ms graph", T, config[0] ? config : "default", t);
+          unsetenv("MXLM_CUDA_MOE_GEMV");
+          unsetenv("MXLM_CUDA_GEMV_CONFIG");
+          row("MoE layer native T=%3d routed GEMV %s%s: %7.3f ms graph", T, v1 ? "v1" : "v2 config ",
+              v1 ? "" : (config[0] ? config : "default"), t);
           if (gms == 0.0 || t < gms) gms = t;
         }
-        unsetenv("MXLM_CUDA_GEMV_CONFIG");
+        for (const char* rows : {"8", "16"}) {  // GEMV tile rows forced (v1 runs NT = 1 with 8)
+          setenv("MXLM_CUDA_MOE_TILE_ROWS", rows, 1);
+          const double t = graph_ms(backend::cuda_stream(*be), [&](int) { layer_ops(); }, quick ? 5 : 10, 4);
+          row("MoE layer native T=%3d routed GEMV v1, tiles of %s rows: %7.3f ms graph", T, rows, t);
+          if (t < gms) gms = t;
+        }
+        unsetenv("MXLM_CUDA_MOE_TILE_ROWS");
         setenv("MXLM_CUDA_MOE_PLAIN", "1", 1);  // the small MoE kernels without PDL
         const double plain = graph_ms(backend::cuda_stream(*be), [&](int) { layer_ops(); }, quick ? 5 : 10, 4);
         unsetenv("MXLM_CUDA_MOE_PLAIN");
@@ -388,9 +431,12 @@ int main(int argc, char** argv) {
   cublasHandle_t h;
   CB(cublasCreate(&h));
   const Ceilings c = measure_ceilings(h, quick);
-  bench_gemv(h, c, prop.multiProcessorCount, quick);
-  bench_attention(c, quick);
-  bench_moe(c, quick);
+  // MXLM_BENCH_SECTIONS: comma-separated subset of gemv, attention, moe (default all).
+  const char* sections = std::getenv("MXLM_BENCH_SECTIONS");
+  auto want = [&](const char* s) { return sections == nullptr || std::strstr(sections, s) != nullptr; };
+  if (want("gemv")) bench_gemv(h, c, prop.multiProcessorCount, quick);
+  if (want("attention")) bench_attention(c, quick);
+  if (want("moe")) bench_moe(c, quick);
   cublasDestroy(h);
   print_summary(prop.name);
   return 0;

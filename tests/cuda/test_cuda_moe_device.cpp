@@ -107,86 +107,101 @@ void check_gemv2(int sms) {
     auto* dgroups = d.put(groups);
     const double tol = 2e-6 * std::sqrt(static_cast<double>(c.k));
     for (int warps : {4, 8})
-      for (int split : {0, 1, 3, 1000}) {
-        cu::Mxfp4GemvConfig cfg;
-        cfg.warps = warps;
-        cfg.k_split = split;
-        const bool pdl = split != 1;
-        const std::string tag = "gemv2 n=" + std::to_string(c.n) + " k=" + std::to_string(c.k) +
-                                " warps=" + std::to_string(warps) + " split=" + std::to_string(split);
-        // Groups in one launch.
-        {
-          const auto plan = cu::mxfp4_gemv_plan(c.n, c.k, static_cast<int>(groups.size()), max_m, sms, cfg);
-          const int slots = 16 * static_cast<int>(groups.size());
-          auto* wsp = d.get<float>(cu::mxfp4_gemv_workspace_floats(plan, c.n, slots));
-          const size_t nc = cu::mxfp4_gemv_counters(plan, static_cast<int>(groups.size()));
-          auto* counters = d.get<int>(nc);
-          cudaMemset(counters, 0, std::max<size_t>(nc, 1) * sizeof(int));
-          std::vector<std::vector<float>> first;
-          for (int rep = 0; rep < 2; ++rep) {
-            for (size_t gi = 0; gi < groups.size(); ++gi)
-              cudaMemset(groups[gi].y, 0xff, static_cast<size_t>(c.ms[gi]) * c.n * 4);  // NaN: every element written
-            cudaDeviceSynchronize();
-            const cudaError_t e = cu::launch_mxfp4_gemv2_groups(dgroups, static_cast<int>(groups.size()), c.n, c.k,
-                                                                plan, pdl, wsp, counters, stream);
-            const cudaError_t e2 = cudaStreamSynchronize(stream);
-            if (e != cudaSuccess || e2 != cudaSuccess) {
-              report(false, tag + " launch: " + cudaGetErrorString(e != cudaSuccess ? e : e2), 0, 0);
-              break;
-            }
-            for (size_t gi = 0; gi < groups.size(); ++gi) {
-              auto got = fetch(groups[gi].y, want[gi].size());
-              if (rep == 0) {
-                check_close(tag + " splits=" + std::to_string(plan.splits) + " group " + std::to_string(gi) +
-                                " m=" + std::to_string(c.ms[gi]),
-                            got, want[gi], tol);
-                first.push_back(got);
-              } else {
-                check_bits(tag + " group " + std::to_string(gi) + " deterministic", got, first[gi]);
+      for (int split : {0, 1, 3, 1000})
+        for (int flags : {9, 0, 1, 8}) {
+          if (flags != 9 && split != 0) continue;  // the other copy / wait variants at the automatic split only
+          cu::Mxfp4GemvConfig cfg;
+          cfg.warps = warps;
+          cfg.k_split = split;
+          cfg.flags = flags;
+          const bool pdl = split != 1;
+          const std::string tag = "gemv2 n=" + std::to_string(c.n) + " k=" + std::to_string(c.k) +
+                                  " warps=" + std::to_string(warps) + " split=" + std::to_string(split) +
+                                  " flags=" + std::to_string(flags);
+          // Groups in one launch.
+          {
+            const auto plan = cu::mxfp4_gemv_plan(c.n, c.k, static_cast<int>(groups.size()), max_m, sms, cfg);
+            const int slots = 16 * static_cast<int>(groups.size());
+            auto* wsp = d.get<float>(cu::mxfp4_gemv_workspace_floats(plan, c.n, slots));
+            const size_t nc = cu::mxfp4_gemv_counters(plan, static_cast<int>(groups.size()));
+            auto* counters = d.get<int>(nc);
+            cudaMemset(counters, 0, std::max<size_t>(nc, 1) * sizeof(int));
+            std::vector<std::vector<float>> first;
+            for (int rep = 0; rep < 2; ++rep) {
+              for (size_t gi = 0; gi < groups.size(); ++gi)
+                cudaMemset(groups[gi].y, 0xff, static_cast<size_t>(c.ms[gi]) * c.n * 4);  // NaN: every element written
+              cudaDeviceSynchronize();
+              const cudaError_t e = cu::launch_mxfp4_gemv2_groups(dgroups, static_cast<int>(groups.size()), c.n, c.k,
+                                                                  plan, pdl, wsp, counters, stream);
+              const cudaError_t e2 = cudaStreamSynchronize(stream);
+              if (e != cudaSuccess || e2 != cudaSuccess) {
+                report(false, tag + " launch: " + cudaGetErrorString(e != cudaSuccess ? e : e2), 0, 0);
+                break;
+              }
+              for (size_t gi = 0; gi < groups.size(); ++gi) {
+                auto got = fetch(groups[gi].y, want[gi].size());
+                if (rep == 0) {
+                  check_close(tag + " splits=" + std::to_string(plan.splits) + " group " + std::to_string(gi) +
+                                  " m=" + std::to_string(c.ms[gi]),
+                              got, want[gi], tol);
+                  first.push_back(got);
+                } else {
+                  check_bits(tag + " group " + std::to_string(gi) + " deterministic", got, first[gi]);
+                }
               }
             }
+            if (nc > 0) {
+              auto cnt = fetch(counters, nc);
+              report(std::all_of(cnt.begin(), cnt.end(), [](int v) { return v == 0; }), tag + " counters left zero", 0,
+                     0);
+            }
           }
-          if (nc > 0) {
-            auto cnt = fetch(counters, nc);
-            report(std::all_of(cnt.begin(), cnt.end(), [](int v) { return v == 0; }), tag + " counters left zero", 0,
-                   0);
+          // One problem by value (the last group).
+          {
+            const size_t gi = groups.size() - 1;
+            const int m = c.ms[gi];
+            const auto plan = cu::mxfp4_gemv_plan(c.n, c.k, 1, m, sms, cfg);
+            auto* wsp = d.get<float>(cu::mxfp4_gemv_workspace_floats(plan, c.n, m));
+            const size_t nc = cu::mxfp4_gemv_counters(plan, 1);
+            auto* counters = d.get<int>(nc);
+            cudaMemset(counters, 0, std::max<size_t>(nc, 1) * sizeof(int));
+            cudaMemset(groups[gi].y, 0xff, static_cast<size_t>(m) * c.n * 4);
+            cudaDeviceSynchronize();
+            // Two launches back to back (the second one's prefetch overlaps the first under PDL).
+            cudaError_t e = cu::launch_mxfp4_gemv2(groups[gi], c.n, c.k, plan, pdl, wsp, counters, stream);
+            if (e == cudaSuccess) e = cu::launch_mxfp4_gemv2(groups[gi], c.n, c.k, plan, pdl, wsp, counters, stream);
+            const cudaError_t e2 = cudaStreamSynchronize(stream);
+            if (e != cudaSuccess || e2 != cudaSuccess) {
+              report(false, tag + " single launch: " + cudaGetErrorString(e != cudaSuccess ? e : e2), 0, 0);
+              continue;
+            }
+            check_close(tag + " single m=" + std::to_string(m), fetch(groups[gi].y, want[gi].size()), want[gi], tol);
+            // f32 activations rounded while staged: the same bits as the bf16 input.
+            const auto from_bf16 = fetch(groups[gi].y, want[gi].size());
+            cu::Mxfp4GemvGroup gf = groups[gi];
+            gf.x = nullptr;
+            cudaMemset(gf.y, 0xff, static_cast<size_t>(m) * c.n * 4);
+            cudaDeviceSynchronize();
+            const float* dxf = d.put(xfs[gi]);
+          // A pageable cudaMemcpy may return before its DMA lands, and `stream` does not wait for the legacy stream.
+          cudaDeviceSynchronize();
+          e = cu::launch_mxfp4_gemv2(gf, c.n, c.k, plan, pdl, wsp, counters, stream, dxf);
+            if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
+            if (e != cudaSuccess) {
+              report(false, tag + " f32 input: " + cudaGetErrorString(e), 0, 0);
+              continue;
+            }
+            const auto from_f32 = fetch(gf.y, want[gi].size());
+            check_bits(tag + " f32 input == bf16 input", from_f32, from_bf16);
+            for (size_t i = 0; i < from_f32.size(); ++i)
+              if (std::bit_cast<uint32_t>(from_f32[i]) != std::bit_cast<uint32_t>(from_bf16[i])) {
+                std::printf(
+                    "     first difference at token %zu row %zu: f32 input %.9g, bf16 input %.9g, reference %.9g\n",
+                    i / static_cast<size_t>(c.n), i % static_cast<size_t>(c.n), from_f32[i], from_bf16[i], want[gi][i]);
+                break;
+              }
           }
         }
-        // One problem by value (the last group).
-        {
-          const size_t gi = groups.size() - 1;
-          const int m = c.ms[gi];
-          const auto plan = cu::mxfp4_gemv_plan(c.n, c.k, 1, m, sms, cfg);
-          auto* wsp = d.get<float>(cu::mxfp4_gemv_workspace_floats(plan, c.n, m));
-          const size_t nc = cu::mxfp4_gemv_counters(plan, 1);
-          auto* counters = d.get<int>(nc);
-          cudaMemset(counters, 0, std::max<size_t>(nc, 1) * sizeof(int));
-          cudaMemset(groups[gi].y, 0xff, static_cast<size_t>(m) * c.n * 4);
-          cudaDeviceSynchronize();
-          // Two launches back to back (the second one's prefetch overlaps the first under PDL).
-          cudaError_t e = cu::launch_mxfp4_gemv2(groups[gi], c.n, c.k, plan, pdl, wsp, counters, stream);
-          if (e == cudaSuccess) e = cu::launch_mxfp4_gemv2(groups[gi], c.n, c.k, plan, pdl, wsp, counters, stream);
-          const cudaError_t e2 = cudaStreamSynchronize(stream);
-          if (e != cudaSuccess || e2 != cudaSuccess) {
-            report(false, tag + " single launch: " + cudaGetErrorString(e != cudaSuccess ? e : e2), 0, 0);
-            continue;
-          }
-          check_close(tag + " single m=" + std::to_string(m), fetch(groups[gi].y, want[gi].size()), want[gi], tol);
-          // f32 activations rounded while staged: the same bits as the bf16 input.
-          const auto from_bf16 = fetch(groups[gi].y, want[gi].size());
-          cu::Mxfp4GemvGroup gf = groups[gi];
-          gf.x = nullptr;
-          cudaMemset(gf.y, 0xff, static_cast<size_t>(m) * c.n * 4);
-          cudaDeviceSynchronize();
-          e = cu::launch_mxfp4_gemv2(gf, c.n, c.k, plan, pdl, wsp, counters, stream, d.put(xfs[gi]));
-          if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
-          if (e != cudaSuccess) {
-            report(false, tag + " f32 input: " + cudaGetErrorString(e), 0, 0);
-            continue;
-          }
-          check_bits(tag + " f32 input == bf16 input", fetch(gf.y, want[gi].size()), from_bf16);
-        }
-      }
   }
   cudaStreamDestroy(stream);
 }
@@ -366,19 +381,7 @@ void check_moe_device(Backend& cpu, Backend& gpu, Backend& gpu_emu) {
       }
       auto out = be.alloc(T * H);
       be.moe_experts(dx->f32(), T, dids->i32(), dw->f32(), c.k, gp, upp, dp, c.first, {1.702f, 7.0f}, true, out->f32());
-      auto first = down(be, *out, T * H);
-      // A second call on the same layer (cached expert table, counters reused) must give the same bits.
-      be.moe_experts(dx->f32(), T, dids->i32(), dw->f32(), c.k, gp, upp, dp, c.first, {1.702f, 7.0f}, true, out->f32());
-      auto second = down(be, *out, T * H);
-      // The PDL small kernels (cuda_moe_kernels.cu) against cuda_kernels.cu's: the same bits.
-      setenv("MXLM_CUDA_MOE_PLAIN", "1", 1);
-      be.moe_experts(dx->f32(), T, dids->i32(), dw->f32(), c.k, gp, upp, dp, c.first, {1.702f, 7.0f}, true, out->f32());
-      unsetenv("MXLM_CUDA_MOE_PLAIN");
-      auto plain = down(be, *out, T * H);
-      if (std::memcmp(first.data(), second.data(), first.size() * 4) != 0 ||
-          std::memcmp(first.data(), plain.data(), first.size() * 4) != 0)
-        first.push_back(NAN);
-      return first;
+      return down(be, *out, T * H);
     };
     const auto want = op(cpu);
     const auto native = op(gpu);
@@ -386,6 +389,18 @@ void check_moe_device(Backend& cpu, Backend& gpu, Backend& gpu_emu) {
     check_close(what + " native vs CPU", native, want, 2e-2);
     check_close(what + " emulation vs CPU", emu, want, 2e-2);
     check_close(what + " native vs emulation", native, emu, 2e-2);
+    // The other device-routed variants: version-2 GEMV (deterministic: twice the same bits), small kernels
+    // without PDL.
+    setenv("MXLM_CUDA_MOE_GEMV", "2", 1);
+    const auto v2 = op(gpu);
+    const auto v2_again = op(gpu);
+    unsetenv("MXLM_CUDA_MOE_GEMV");
+    check_close(what + " native GEMV v2 vs CPU", v2, want, 2e-2);
+    check_bits(what + " native GEMV v2 twice", v2_again, v2);
+    setenv("MXLM_CUDA_MOE_PLAIN", "1", 1);
+    const auto plain = op(gpu);
+    unsetenv("MXLM_CUDA_MOE_PLAIN");
+    check_close(what + " native, small kernels without PDL, vs CPU", plain, want, 2e-2);
   }
 }
 

@@ -70,8 +70,11 @@ int mxfp4_gemv_k_split(int n, int k, int num_groups, int multiprocessors);
 // found with `counters`, which must be zero before the first launch and are left zero again by every launch.
 struct Mxfp4GemvConfig {
   int warps = 4;        // 4 or 8 warps per CTA (64 or 128 weight rows)
-  int ctas_per_sm = 4;  // automatic K split aims at this many CTAs per SM
+  int ctas_per_sm = 2;  // automatic K split aims at this many CTAs per SM (2: fastest at M = 1 on H100, run B)
   int k_split = 0;      // > 0: force (clamped to what shared memory allows)
+  // Variants: 1 = row-contiguous weight copies, 8 = math per commit group as it lands (both are used by default);
+  // diagnostics for benchmarks only (wrong results): 2 = no math, 4 = no activation staging.
+  int flags = 1 | 8;
 };
 struct Mxfp4GemvPlan {
   int warps = 4, nt = 1;   // CTA size, token tiles of 8 (2 when max_m > 8)
@@ -79,10 +82,11 @@ struct Mxfp4GemvPlan {
   int chunks_per_cta = 1;  // 128-wide K chunks per CTA
   int splits = 1;          // CTAs along K
   size_t smem_bytes = 0;
+  int flags = 0;  // Mxfp4GemvConfig::flags
 };
 Mxfp4GemvPlan mxfp4_gemv_plan(int n, int k, int num_problems, int max_m, int multiprocessors,
                               const Mxfp4GemvConfig& config = {});
-// The configuration the backend plans with: the defaults, or MXLM_CUDA_GEMV_CONFIG="warps,ctas_per_sm,k_split"
+// The configuration the backend plans with: the defaults, or MXLM_CUDA_GEMV_CONFIG="warps,ctas_per_sm,k_split,flags"
 // (read at every call; the benchmark sweeps it).
 Mxfp4GemvConfig mxfp4_gemv_backend_config();
 // Workspace floats / counters a launch with `plan` needs (0 without a K split). `slots`: partial-sum rows, i.e.
@@ -119,6 +123,9 @@ struct Mxfp4MoeTiles {
 cudaError_t launch_mxfp4_moe_gemv(const Mxfp4MoeTiles& moe, int max_tiles, int n, int k, const Mxfp4GemvPlan& plan,
                                   bool pdl, float* workspace, int* counters, cudaStream_t stream);
 
+// Benchmark ceiling: stream-read `bytes` (multiple of 16) once with 16-byte loads.
+cudaError_t launch_read_probe(const void* data, size_t bytes, unsigned* sink, int multiprocessors, cudaStream_t stream);
+
 // ---- MoE routing on the device (cudamoe): from ids [tokens, k] (global expert ids; those outside
 // [first_expert, first_expert + num_local) are another rank's) build, without a host round trip:
 //   offsets [num_local + 1]   rows of each local expert in the expert-sorted order,
@@ -142,6 +149,12 @@ cudaError_t launch_moe_gather_qdq_bf16(const float* x, const int32_t* gather, co
 cudaError_t launch_moe_swiglu_qdq_bf16(const float* gate, const float* up, const int32_t* counts, size_t rows,
                                        size_t k, float alpha, float limit, bool qdq, uint16_t* out,
                                        cudaStream_t stream);
+// Version-1 GEMV problems of the device-routed layer (gate/up: 2 per tile, down: 1 per tile; m = 0 past the tile
+// count): table as CudaBackend's expert table ([gate, up, down data, then their scales][num_local]).
+cudaError_t launch_moe_build_groups(const int32_t* tiles, const int32_t* counts, int max_tiles,
+                                    const uint8_t* const* table, int num_local, const uint16_t* xs, float* g, float* u,
+                                    const uint16_t* act, float* y, int hidden, int inter, Mxfp4GemvGroup* gu,
+                                    Mxfp4GemvGroup* dn, cudaStream_t stream);
 cudaError_t launch_moe_combine_pdl(const float* y, const int32_t* combine, const float* weights, size_t tokens, int k,
                                    size_t hidden, float* out, cudaStream_t stream);
 

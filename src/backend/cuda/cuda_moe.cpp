@@ -70,6 +70,50 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
   const size_t n = gate.size();
   const int max_m = moe_tile_rows(tokens, k, num_local);
   const int rows_max = static_cast<int>(tk);
+  auto swiglu_qdq = [&] {
+    if (pdl) {
+      MXLM_CUDA_CHECK(launch_moe_swiglu_qdq_bf16(g.as<float>(), u.as<float>(), counts.as<int32_t>(), tk, I, p.alpha,
+                                                 p.limit, qdq_inputs, act.as<uint16_t>(), stream_));
+    } else {
+      MXLM_CUDA_CHECK(launch_swiglu_qdq_bf16(g.as<float>(), u.as<float>(), tk, I, p.alpha, p.limit, qdq_inputs,
+                                             act.as<uint16_t>(), stream_));
+    }
+  };
+  auto combine_rows = [&] {
+    if (pdl) {
+      MXLM_CUDA_CHECK(
+          launch_moe_combine_pdl(y.as<float>(), combine.as<int32_t>(), row_w.as<float>(), tokens, k, H, out, stream_));
+    } else {
+      MXLM_CUDA_CHECK(
+          launch_moe_combine(y.as<float>(), combine.as<int32_t>(), row_w.as<float>(), tokens, k, H, out, stream_));
+    }
+  };
+
+  // GEMV version: 1 (default: the register-batch kernel with atomic K split, over device-built problem lists and
+  // zeroed outputs) or MXLM_CUDA_MOE_GEMV=2 (version 2 over the tile list).
+  const char* gemv_env = std::getenv("MXLM_CUDA_MOE_GEMV");
+  if (gemv_env == nullptr || gemv_env[0] != '2') {
+    Block gu_groups(pool_, 2 * static_cast<size_t>(max_tiles) * sizeof(Mxfp4GemvGroup)),
+        dn_groups(pool_, static_cast<size_t>(max_tiles) * sizeof(Mxfp4GemvGroup));
+    MXLM_CUDA_CHECK(launch_moe_build_groups(tiles.as<int32_t>(), counts.as<int32_t>(), max_tiles, table, num_local,
+                                            xs.as<uint16_t>(), g.as<float>(), u.as<float>(), act.as<uint16_t>(),
+                                            y.as<float>(), hidden, inter, gu_groups.as<Mxfp4GemvGroup>(),
+                                            dn_groups.as<Mxfp4GemvGroup>(), stream_));
+    const int split1 = mxfp4_gemv_k_split(inter, hidden, 2 * max_tiles, sms_);
+    if (split1 > 1) {
+      MXLM_CUDA_CHECK(cudaMemsetAsync(g.as<void>(), 0, tk * I * 4, stream_));
+      MXLM_CUDA_CHECK(cudaMemsetAsync(u.as<void>(), 0, tk * I * 4, stream_));
+    }
+    MXLM_CUDA_CHECK(
+        launch_mxfp4_gemv(gu_groups.as<Mxfp4GemvGroup>(), 2 * max_tiles, max_m, inter, hidden, split1, stream_));
+    swiglu_qdq();
+    const int split2 = mxfp4_gemv_k_split(hidden, inter, max_tiles, sms_);
+    if (split2 > 1) MXLM_CUDA_CHECK(cudaMemsetAsync(y.as<void>(), 0, tk * H * 4, stream_));
+    MXLM_CUDA_CHECK(
+        launch_mxfp4_gemv(dn_groups.as<Mxfp4GemvGroup>(), max_tiles, max_m, hidden, inter, split2, stream_));
+    combine_rows();
+    return true;
+  }
 
   Mxfp4MoeTiles gu;
   gu.tiles = tiles.as<int32_t>();
@@ -89,13 +133,7 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
   Block ws1(pool_, std::max<size_t>(mxfp4_gemv_workspace_floats(plan1, inter, 2 * rows_max), 1) * 4);
   MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv(gu, max_tiles, inter, hidden, plan1, true, ws1.as<float>(),
                                         gemv_counters(mxfp4_gemv_counters(plan1, max_tiles * 2)), stream_));
-  if (pdl) {
-    MXLM_CUDA_CHECK(launch_moe_swiglu_qdq_bf16(g.as<float>(), u.as<float>(), counts.as<int32_t>(), tk, I, p.alpha,
-                                               p.limit, qdq_inputs, act.as<uint16_t>(), stream_));
-  } else {
-    MXLM_CUDA_CHECK(launch_swiglu_qdq_bf16(g.as<float>(), u.as<float>(), tk, I, p.alpha, p.limit, qdq_inputs,
-                                           act.as<uint16_t>(), stream_));
-  }
+  swiglu_qdq();
 
   Mxfp4MoeTiles dn;
   dn.tiles = tiles.as<int32_t>();
@@ -112,13 +150,7 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
   Block ws2(pool_, std::max<size_t>(mxfp4_gemv_workspace_floats(plan2, hidden, rows_max), 1) * 4);
   MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv(dn, max_tiles, hidden, inter, plan2, true, ws2.as<float>(),
                                         gemv_counters(mxfp4_gemv_counters(plan2, max_tiles)), stream_));
-  if (pdl) {
-    MXLM_CUDA_CHECK(
-        launch_moe_combine_pdl(y.as<float>(), combine.as<int32_t>(), row_w.as<float>(), tokens, k, H, out, stream_));
-  } else {
-    MXLM_CUDA_CHECK(
-        launch_moe_combine(y.as<float>(), combine.as<int32_t>(), row_w.as<float>(), tokens, k, H, out, stream_));
-  }
+  combine_rows();
   return true;
 }
 
