@@ -60,6 +60,8 @@ struct Mxfp4GemvGroup {
 // zeros first. max_m is the largest m over the groups (picks the kernel variant). k % 32 == 0.
 cudaError_t launch_mxfp4_gemv(const Mxfp4GemvGroup* groups, int num_groups, int max_m, int n, int k, int k_split,
                               cudaStream_t stream);
+// One problem, descriptor by value (no device copy: safe to capture in a CUDA graph); same rules.
+cudaError_t launch_mxfp4_gemv_one(const Mxfp4GemvGroup& problem, int n, int k, int k_split, cudaStream_t stream);
 // k_split that fills the card for `ctas_per_split` CTAs of the launch (n / 128 row blocks times the groups).
 int mxfp4_gemv_k_split(int n, int k, int num_groups, int multiprocessors);
 

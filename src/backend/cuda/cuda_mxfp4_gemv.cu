@@ -118,9 +118,9 @@ constexpr int kXStride = kBatch * 16 + 2;  // uint4 per staged token row: 256 B 
 
 template <int NT>  // token tiles of 8
 __global__ void __launch_bounds__(kWarps * 32, 3)
-    mxfp4_gemv_kernel(const Mxfp4GemvGroup* groups, int n, int k, int chunks_per_split) {
+    mxfp4_gemv_kernel(const Mxfp4GemvGroup* groups, Mxfp4GemvGroup single, int n, int k, int chunks_per_split) {
   extern __shared__ uint4 xs[];  // [NT * 8 tokens][kXStride]: this CTA's slice of the activations, swizzled
-  const Mxfp4GemvGroup grp = groups[blockIdx.z];
+  const Mxfp4GemvGroup grp = groups != nullptr ? groups[blockIdx.z] : single;
   if (grp.m <= 0) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
@@ -637,19 +637,31 @@ int mxfp4_gemv_k_split(int n, int k, int num_groups, int multiprocessors) {
   return (chunks + per - 1) / per;
 }
 
-cudaError_t launch_mxfp4_gemv(const Mxfp4GemvGroup* groups, int num_groups, int max_m, int n, int k, int k_split,
-                              cudaStream_t stream) {
+namespace {
+cudaError_t launch_v1(const Mxfp4GemvGroup* groups, const Mxfp4GemvGroup& single, int num_groups, int max_m, int n,
+                      int k, int k_split, cudaStream_t stream) {
   if (num_groups == 0 || n == 0) return cudaSuccess;
   if (k % 32 != 0 || max_m < 1 || max_m > 16 || k_split < 1) return cudaErrorInvalidValue;
   const int chunks = (k / 32 + 3) / 4;
   const int per = (chunks + k_split - 1) / k_split;
   const dim3 grid((n + kRowsPerCta - 1) / kRowsPerCta, (chunks + per - 1) / per, num_groups);
   if (max_m <= 8) {
-    mxfp4_gemv_kernel<1><<<grid, kWarps * 32, 8 * kXStride * sizeof(uint4), stream>>>(groups, n, k, per);
+    mxfp4_gemv_kernel<1><<<grid, kWarps * 32, 8 * kXStride * sizeof(uint4), stream>>>(groups, single, n, k, per);
   } else {
-    mxfp4_gemv_kernel<2><<<grid, kWarps * 32, 16 * kXStride * sizeof(uint4), stream>>>(groups, n, k, per);
+    mxfp4_gemv_kernel<2><<<grid, kWarps * 32, 16 * kXStride * sizeof(uint4), stream>>>(groups, single, n, k, per);
   }
   return cudaGetLastError();
+}
+}  // namespace
+
+cudaError_t launch_mxfp4_gemv(const Mxfp4GemvGroup* groups, int num_groups, int max_m, int n, int k, int k_split,
+                              cudaStream_t stream) {
+  return launch_v1(groups, Mxfp4GemvGroup{}, num_groups, max_m, n, k, k_split, stream);
+}
+
+cudaError_t launch_mxfp4_gemv_one(const Mxfp4GemvGroup& problem, int n, int k, int k_split, cudaStream_t stream) {
+  if (problem.m < 1 || problem.m > 16) return cudaErrorInvalidValue;
+  return launch_v1(nullptr, problem, 1, problem.m, n, k, k_split, stream);
 }
 
 namespace {
