@@ -254,6 +254,10 @@ class CudaBackend final : public Backend {
     return w;
   }
 
+  std::unique_ptr<Weight> random_weight(WeightFormat format, int64_t rows, int64_t cols, uint64_t seed) override {
+    return make_random_cuda_weight(format, rows, cols, seed);  // generated on the device: no host data, no upload
+  }
+
   std::unique_ptr<Buffer> upload_vector(std::span<const float> values) override {
     auto b = std::make_unique<DeviceBuffer>(pool_, values.size());
     MXLM_CUDA_CHECK(
@@ -262,10 +266,6 @@ class CudaBackend final : public Backend {
   }
 
   // ---- elementwise
-  std::unique_ptr<Weight> random_weight(WeightFormat format, int64_t rows, int64_t cols, uint64_t seed) override {
-    return make_random_cuda_weight(format, rows, cols, seed);  // generated on the device: no host data, no upload
-  }
-
   void add(const float* a, const float* b, float* out, size_t n) override {
     MXLM_CUDA_CHECK(launch_add(a, b, out, n, stream_));
   }
