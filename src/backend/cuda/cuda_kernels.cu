@@ -6,6 +6,7 @@
 #include <cfloat>
 #include <cstdint>
 
+#include "backend/cuda/cuda_device_math.cuh"
 #include "backend/cuda/cuda_kernels.h"
 
 namespace mxlm::backend::cuda {
@@ -18,47 +19,6 @@ unsigned blocks_for(size_t n, int per_block = kThreads) {
   size_t b = (n + static_cast<size_t>(per_block) - 1) / static_cast<size_t>(per_block);
   if (b > 1u << 30) b = 1u << 30;
   return static_cast<unsigned>(b == 0 ? 1 : b);
-}
-
-// RNE; NaN keeps its sign and payload top bits (quiet), as core/dtype.h's f32_to_bf16 (CUDA's conversion would
-// return the canonical 0x7FFF).
-__device__ __forceinline__ uint16_t to_bf16_bits(float v) {
-  if (isnan(v)) return static_cast<uint16_t>((__float_as_uint(v) >> 16) | 0x0040u);
-  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-}
-
-// ---- MX QDQ of one 32-element block held one element per lane (the whole warp takes part).
-// Same function as mx::ref::qdq_block: "even" scale from the f32 bits of amax, y = x * 2^-e (exact), RNE onto
-// the E2M1 grid with saturation at 6, times 2^e (exact), sign kept (also for zero). A NaN anywhere makes the
-// whole block the canonical NaN; an Inf element passes through.
-__device__ __forceinline__ float pow2_exact(int k) {
-  return k == -127 ? __uint_as_float(0x00400000u) : __uint_as_float(static_cast<uint32_t>(k + 127) << 23);
-}
-
-__device__ __forceinline__ float e2m1_round_magnitude(float a) {
-  if (a <= 0.25f) return 0.0f;
-  if (a < 0.75f) return 0.5f;
-  if (a <= 1.25f) return 1.0f;
-  if (a < 1.75f) return 1.5f;
-  if (a <= 2.5f) return 2.0f;
-  if (a < 3.5f) return 3.0f;
-  if (a <= 5.0f) return 4.0f;
-  return 6.0f;
-}
-
-__device__ __forceinline__ float qdq_lane(float v) {
-  const unsigned full = 0xffffffffu;
-  if (__any_sync(full, isnan(v))) return __uint_as_float(0x7fc00000u);
-  float amax = fabsf(v);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(full, amax, o));
-  uint32_t bits = (__float_as_uint(amax) + 0x00200000u) & 0xff800000u;
-  const int biased = static_cast<int>(bits >> 23);
-  int e = biased >= 255 ? 127 : biased - 129;
-  e = e < -127 ? -127 : (e > 127 ? 127 : e);
-  const float y = v * pow2_exact(-e);
-  if (isinf(y)) return v;
-  return copysignf(e2m1_round_magnitude(fabsf(y)) * pow2_exact(e), v);
 }
 
 __global__ void add_kernel(const float* a, const float* b, float* out, size_t n) {
@@ -130,11 +90,6 @@ __global__ void rope_kernel(float* x, const int32_t* positions, int heads, int h
   }
 }
 
-__device__ __forceinline__ float swiglu(float gate, float up, float alpha, float limit) {
-  const float g = fminf(gate, limit);
-  const float u = fminf(fmaxf(up, -limit), limit);
-  return (u + 1.0f) * (g * (1.0f / (1.0f + expf(-alpha * g))));
-}
 
 __global__ void swiglu_kernel(const float* gate, const float* up, float* out, size_t n, float alpha, float limit) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;

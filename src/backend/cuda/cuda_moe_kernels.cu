@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "backend/cuda/cuda_device_math.cuh"
 #include "backend/cuda/cuda_kernels.h"
 
 namespace mxlm::backend::cuda {
@@ -22,49 +23,6 @@ constexpr int kThreads = 256;
 __device__ __forceinline__ void pdl_wait_then_release() {
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;");
-}
-
-// ---- copies of cuda_kernels.cu's device helpers (file-local there): bf16 RNE with NaN payload, MX QDQ of one
-// 32-element block held one element per lane (mx::ref::qdq_block), SwiGLU-OAI.
-__device__ __forceinline__ uint16_t to_bf16_bits(float v) {
-  if (isnan(v)) return static_cast<uint16_t>((__float_as_uint(v) >> 16) | 0x0040u);
-  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-}
-
-__device__ __forceinline__ float pow2_exact(int k) {
-  return k == -127 ? __uint_as_float(0x00400000u) : __uint_as_float(static_cast<uint32_t>(k + 127) << 23);
-}
-
-__device__ __forceinline__ float e2m1_round_magnitude(float a) {
-  if (a <= 0.25f) return 0.0f;
-  if (a < 0.75f) return 0.5f;
-  if (a <= 1.25f) return 1.0f;
-  if (a < 1.75f) return 1.5f;
-  if (a <= 2.5f) return 2.0f;
-  if (a < 3.5f) return 3.0f;
-  if (a <= 5.0f) return 4.0f;
-  return 6.0f;
-}
-
-__device__ __forceinline__ float qdq_lane(float v) {
-  const unsigned full = 0xffffffffu;
-  if (__any_sync(full, isnan(v))) return __uint_as_float(0x7fc00000u);
-  float amax = fabsf(v);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(full, amax, o));
-  uint32_t bits = (__float_as_uint(amax) + 0x00200000u) & 0xff800000u;
-  const int biased = static_cast<int>(bits >> 23);
-  int e = biased >= 255 ? 127 : biased - 129;
-  e = e < -127 ? -127 : (e > 127 ? 127 : e);
-  const float y = v * pow2_exact(-e);
-  if (isinf(y)) return v;
-  return copysignf(e2m1_round_magnitude(fabsf(y)) * pow2_exact(e), v);
-}
-
-__device__ __forceinline__ float swiglu(float gate, float up, float alpha, float limit) {
-  const float g = fminf(gate, limit);
-  const float u = fminf(fmaxf(up, -limit), limit);
-  return (u + 1.0f) * (g * (1.0f / (1.0f + expf(-alpha * g))));
 }
 
 // One thread per element of the [rows, k] output; k % 32 == 0, so a warp covers one QDQ block of one row and the
