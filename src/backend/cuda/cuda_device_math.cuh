@@ -57,4 +57,22 @@ __device__ __forceinline__ float swiglu(float gate, float up, float alpha, float
   return (u + 1.0f) * (g * (1.0f / (1.0f + expf(-alpha * g))));
 }
 
+// MoE combine for token blockIdx.y over the hidden columns this thread strides across: out[t] = Σ_j w[r] * y[r]
+// over the token's rows r = combine[t, j] (-1 = no row; rows listed in ascending expert order, the CPU backend's
+// summation order). The plain and the PDL kernels both run this body.
+__device__ __forceinline__ void moe_combine_token(const float* y, const int32_t* combine, const float* weights, int k,
+                                                  size_t hidden, float* out) {
+  const size_t t = blockIdx.y;
+  for (size_t c = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; c < hidden;
+       c += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    float acc = 0.0f;
+    for (int j = 0; j < k; ++j) {
+      const int32_t r = combine[t * static_cast<size_t>(k) + static_cast<size_t>(j)];
+      if (r < 0) continue;
+      acc += weights[r] * y[static_cast<size_t>(r) * hidden + c];
+    }
+    out[t * hidden + c] = acc;
+  }
+}
+
 }  // namespace mxlm::backend::cuda

@@ -167,17 +167,7 @@ __global__ void dequant_kernel(const uint8_t* packed, const uint8_t* scales, siz
 
 __global__ void moe_combine_kernel(const float* y, const int32_t* combine, const float* weights, int k, size_t hidden,
                                    float* out) {
-  const size_t t = blockIdx.y;
-  for (size_t c = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; c < hidden;
-       c += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    float acc = 0.0f;
-    for (int j = 0; j < k; ++j) {
-      const int32_t r = combine[t * static_cast<size_t>(k) + static_cast<size_t>(j)];
-      if (r < 0) continue;
-      acc += weights[r] * y[static_cast<size_t>(r) * hidden + c];
-    }
-    out[t * hidden + c] = acc;
-  }
+  moe_combine_token(y, combine, weights, k, hidden, out);
 }
 
 // One warp per token; repeated arg-max over the experts (k is small).

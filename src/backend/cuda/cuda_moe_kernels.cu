@@ -5,8 +5,8 @@
 // wait keeps "everything two kernels back has completed" true at a successor's start, which the GEMVs rely on
 // to read the tile list early (Mxfp4MoeTiles::tiles_ready).
 //
-// Same arithmetic as gather_qdq_bf16 / swiglu_qdq_bf16 / moe_combine of cuda_kernels.cu; rows past the routed
-// count (counts[1]) are skipped.
+// Same arithmetic as gather_qdq_bf16 / swiglu_qdq_bf16 / moe_combine of cuda_kernels.cu (shared device code in
+// cuda_device_math.cuh); rows past the routed count (counts[1]) are skipped.
 #include <cuda_bf16.h>
 
 #include <cstdint>
@@ -53,17 +53,7 @@ __global__ void swiglu_qdq_bf16_kernel(const float* gate, const float* up, const
 __global__ void combine_kernel(const float* y, const int32_t* combine, const float* weights, int k, size_t hidden,
                                float* out) {
   pdl_wait_then_release();
-  const size_t t = blockIdx.y;
-  for (size_t c = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; c < hidden;
-       c += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    float acc = 0.0f;
-    for (int j = 0; j < k; ++j) {
-      const int32_t r = combine[t * static_cast<size_t>(k) + static_cast<size_t>(j)];
-      if (r < 0) continue;
-      acc += weights[r] * y[static_cast<size_t>(r) * hidden + c];
-    }
-    out[t * hidden + c] = acc;
-  }
+  moe_combine_token(y, combine, weights, k, hidden, out);
 }
 
 // Version-1 GEMV problem lists from the tile list: gate/up [2 * max_tiles] and down [max_tiles]; entries past the
