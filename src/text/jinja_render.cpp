@@ -328,6 +328,10 @@ class Renderer {
       case Expr::Kind::GetItem:
         return get_item(eval(*e.args[0], scope), eval(*e.args[1], scope));
       case Expr::Kind::Slice: {
+        // A slice inside a tuple subscript (x[1:2, 3]) has no object of its own: Jinja2 builds a slice object there,
+        // the subscript's TypeError is swallowed by its getitem and the result is undefined; so is ours (found by
+        // fuzz_jinja).
+        if (!e.args[0]) return Value::undefined("a slice inside a tuple index");
         Value obj = eval(*e.args[0], scope);
         auto part = [&](size_t i) { return e.args[i] ? eval(*e.args[i], scope) : Value::none(); };
         return slice_value(obj, part(1), part(2), part(3));
