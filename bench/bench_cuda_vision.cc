@@ -24,6 +24,7 @@
 #include "io/safetensors.h"
 #include "model/image_preprocess.h"
 #include "model/vision_tower.h"
+#include "vision_checkpoint_plan.h"
 
 namespace {
 
@@ -56,37 +57,7 @@ uint64_t mix(uint64_t z) {
 fs::path write_checkpoint(int layers) {
   const fs::path dir = fs::temp_directory_path() / ("mxlm_bench_cuda_vision_" + std::to_string(getpid()));
   fs::create_directories(dir);
-  std::vector<io::PlannedTensor> plan;
-  auto add = [&](const std::string& name, std::vector<int64_t> shape, DType dt = DType::BF16) {
-    plan.push_back({name, dt, std::move(shape)});
-  };
-  const std::string t = "vision_tower.vision_model.";
-  add(t + "embeddings.patch_embedding.weight", {kHidden, 3, 2, 14, 14}, DType::F32);
-  add(t + "pre_layrnorm.weight", {kHidden});
-  add(t + "pre_layrnorm.bias", {kHidden});
-  for (int l = 0; l < layers; ++l) {
-    const std::string p = t + "encoder.layers." + std::to_string(l) + ".";
-    for (const char* n : {"layer_norm1", "layer_norm2"}) {
-      add(p + n + ".weight", {kHidden});
-      add(p + n + ".bias", {kHidden});
-    }
-    for (const char* n : {"q_proj", "k_proj", "v_proj", "out_proj"}) {
-      add(p + "self_attn." + n + ".weight", {kHidden, kHidden});
-      add(p + "self_attn." + n + ".bias", {kHidden});
-    }
-    add(p + "mlp.fc1.weight", {kInter, kHidden});
-    add(p + "mlp.fc1.bias", {kInter});
-    add(p + "mlp.fc2.weight", {kHidden, kInter});
-    add(p + "mlp.fc2.bias", {kHidden});
-  }
-  add("multi_modal_projector.linear_1.weight", {kProj, kHidden});
-  add("multi_modal_projector.linear_1.bias", {kProj});
-  add("multi_modal_projector.linear_2.weight", {kProj, kProj});
-  add("multi_modal_projector.linear_2.bias", {kProj});
-  add("patch_merge_mlp.linear_1.weight", {kProj, 4 * kProj});
-  add("patch_merge_mlp.linear_1.bias", {kProj});
-  add("patch_merge_mlp.linear_2.weight", {kProj, kProj});
-  add("patch_merge_mlp.linear_2.bias", {kProj});
+  const std::vector<io::PlannedTensor> plan = bench::vision_checkpoint_plan(layers, kHidden, kInter, kProj);
   io::SafetensorsWriter w(dir / "model.safetensors", plan);
   uint64_t seed = 1;
   for (const auto& pt : plan) {
