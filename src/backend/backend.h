@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/sampling.h"
 #include "core/dtype.h"
 
 namespace mxlm::backend {
@@ -132,6 +133,10 @@ class Backend {
   // out[r] = the first index of the largest value of row r of x [rows, cols] (greedy sampling on the device, so only
   // token ids travel to the host). out is backend memory. The default goes through the host.
   virtual void argmax_rows(const float* x, size_t rows, size_t cols, int32_t* out);
+  // out[r] = sample_row(row r of x, params[r]) (sampling.h: one exact algorithm, so every backend draws the same
+  // token), so that only token ids travel to the host. out is backend memory. The default goes through the host.
+  virtual void sample_rows(const float* x, size_t rows, size_t cols, std::span<const SampleParams> params,
+                           int32_t* out);
 
   // ---- mixture of experts
   // Router: logits = x · wᵀ (f32), s = sigmoid(logits), choose top-k by s + bias (bias may be null), weights =

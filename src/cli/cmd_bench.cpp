@@ -258,6 +258,7 @@ struct BenchDecodeOptions {
   std::string device = "cpu";
   std::string moe_backend = "native";
   std::string dtype = "auto";
+  std::string kv_cache_dtype = "auto";
   int tensor_parallel_size = 1;
   std::vector<int> batch = {1, 32};
   engine::DecodeBenchOptions run;
@@ -298,7 +299,7 @@ void run_bench_decode(const BenchDecodeOptions& o) {
     if (o.load_format == "dummy") return model::make_dummy_m3_model(config, rank_be, rank_mo, o.run.seed);
     return std::make_unique<model::M3Model>(config, io::Checkpoint(o.model), rank_be, rank_mo);
   };
-  LoadedModel lm = load_model(o.device, o.moe_backend, o.tensor_parallel_size, mo, load_rank);
+  LoadedModel lm = load_model(o.device, o.moe_backend, o.tensor_parallel_size, mo, load_rank, o.kv_cache_dtype);
   auto& m = lm.model;
   auto& be = lm.backend;
   engine::DecodeBenchOptions run = o.run;
@@ -317,7 +318,7 @@ void run_bench_decode(const BenchDecodeOptions& o) {
   const double bw = engine::measure_copy_bandwidth(*be, static_cast<size_t>(o.copy_mib * 1048576.0));
   fmt::print("copy bandwidth (backend copy of {:.0f} MiB, read + write): {:.1f} GB/s\n", o.copy_mib, bw / 1e9);
   fmt::print("{:>5} {:>9} {:>9} {:>9} {:>10} {:>8} {:>9} {:>8} {:>9} {:>9} {:>8} {:>9}\n", "batch", "ctx", "step p50",
-             "p10-p90", "tokens/s", "experts", "weights", "KV", "roofline", "roof t/s", "ratio", "argmax");
+             "p10-p90", "tokens/s", "experts", "weights", "KV", "roofline", "roof t/s", "ratio", "host smp");
   nlohmann::json report = nlohmann::json::array();
   for (const int b : o.batch) {
     const engine::DecodeBenchResult r = engine::run_decode_bench(*m, b, run, bw);
@@ -369,8 +370,14 @@ void add_bench_decode(CLI::App* bench) {
       ->delimiter(',')
       ->capture_default_str();
   d->add_option("--prompt-len", o->run.prompt_len, "Prompt tokens per sequence (prefilled first)")->capture_default_str();
-  d->add_flag("--device-greedy", o->run.device_greedy,
-              "Greedy sampling on the device (token ids come back, not logits); default: logits to the host");
+  d->add_flag("--device-greedy,--device-sampling", o->run.device_greedy,
+              "Sample on the device (token ids come back, not logits); default: logits to the host");
+  d->add_option("--temperature", o->run.temperature, "Sampling temperature of the decode steps (0: greedy)")
+      ->capture_default_str();
+  d->add_option("--top-p", o->run.top_p)->capture_default_str();
+  d->add_option("--top-k", o->run.top_k)->capture_default_str();
+  d->add_option("--kv-cache-dtype", o->kv_cache_dtype, "KV cache element: auto (float32), float32, bfloat16 (cuda)")
+      ->capture_default_str();
   d->add_option("--warmup-steps", o->run.warmup_steps, "Untimed decode steps (their routing counts the experts)")
       ->capture_default_str();
   d->add_option("--steps", o->run.steps, "Timed decode steps")->capture_default_str();

@@ -39,6 +39,7 @@ struct GenerateOptions {
   bool ignore_eos = false;
   std::string device = "cpu";
   std::string dtype = "auto";
+  std::string kv_cache_dtype = "auto";
   int tensor_parallel_size = 1;
 };
 
@@ -68,7 +69,7 @@ void run_generate(const GenerateOptions& o) {
 
   model::ModelOptions mo;
   mo.float_format = parse_weight_dtype(o.dtype);
-  LoadedModel lm = load_model(o.device, "native", o.tensor_parallel_size, mo, o.model);
+  LoadedModel lm = load_model(o.device, "native", o.tensor_parallel_size, mo, o.model, o.kv_cache_dtype);
   auto& model = lm.model;
   const int32_t total = static_cast<int32_t>(prompt.size()) + o.max_tokens;
   if (model->text().max_position_embeddings > 0 && total > model->text().max_position_embeddings)
@@ -101,9 +102,12 @@ void run_generate(const GenerateOptions& o) {
   auto t_first = t0;
   for (int i = 0; i < o.max_tokens; ++i) {
     engine::StepItem item{&seq, seq.num_uncomputed(), false};
-    const auto out = runner.step({&item, 1});
+    // Without penalties the token is drawn on the backend (only its id comes back); either way the same token.
+    const bool on_device = !sampler.needs_token_history();
+    const backend::SampleParams draw = on_device ? sampler.device_draw() : backend::SampleParams{};
+    const auto out = on_device ? runner.step({&item, 1}, {&draw, 1}) : runner.step({&item, 1});
     if (i == 0) t_first = std::chrono::steady_clock::now();
-    const int32_t next = sampler.sample(out.row(0), {prompt.data(), prompt.size()}, output);
+    const int32_t next = on_device ? out.tokens[0] : sampler.sample(out.row(0), {prompt.data(), prompt.size()}, output);
     output.push_back(next);
     seq.tokens.push_back(next);
     const bool stop = sampler.is_stop(next);
@@ -141,6 +145,8 @@ void add_generate(CLI::App& app) {
   cmd->add_flag("--ignore-eos", o->ignore_eos, "Do not stop at end-of-sequence tokens");
   cmd->add_option("--device", o->device, "cpu|cuda")->capture_default_str();
   cmd->add_option("--dtype", o->dtype, "Weight storage: auto, float32 or bfloat16")->capture_default_str();
+  cmd->add_option("--kv-cache-dtype", o->kv_cache_dtype, "KV cache element: auto (float32), float32, bfloat16 (cuda)")
+      ->capture_default_str();
   cmd->add_option("--tensor-parallel-size", o->tensor_parallel_size,
                   "Ranks the model is sharded over (threads on cpu, GPUs 0..N-1 with NCCL on cuda)")
       ->capture_default_str();

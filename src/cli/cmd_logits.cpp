@@ -49,14 +49,26 @@ std::optional<backend::WeightFormat> parse_weight_dtype(const std::string& dtype
   fail("--dtype must be auto, float32 or bfloat16, got '{}'", dtype);
 }
 
-std::unique_ptr<backend::Backend> make_backend(const std::string& device, const std::string& moe_backend) {
+DType parse_kv_cache_dtype(const std::string& kv_cache_dtype, const std::string& device) {
+  if (kv_cache_dtype == "auto" || kv_cache_dtype == "float32") return DType::F32;
+  if (kv_cache_dtype != "bfloat16")
+    fail("--kv-cache-dtype must be auto, float32 or bfloat16, got '{}'", kv_cache_dtype);
+  if (device != "cuda")
+    fail("--kv-cache-dtype bfloat16 needs --device cuda (the CPU backend keeps its KV cache in float32)");
+  return DType::BF16;
+}
+
+std::unique_ptr<backend::Backend> make_backend(const std::string& device, const std::string& moe_backend,
+                                               const std::string& kv_cache_dtype) {
   if (moe_backend != "native" && moe_backend != "emulation")
     fail("--moe-backend must be native or emulation, got '{}'", moe_backend);
+  const DType kv = parse_kv_cache_dtype(kv_cache_dtype, device);
   if (device == "cpu") return backend::make_cpu_backend();
   if (device == "cuda") {
 #ifdef MXLM_HAVE_CUDA
     backend::CudaOptions options;
     options.moe_backend = backend::parse_moe_backend(moe_backend);
+    options.kv_cache_dtype = kv;
     return backend::make_cuda_backend(options);
 #else
     fail("--device cuda: this build has no CUDA backend (configure with -DMXLM_CUDA=ON on a machine with nvcc)");
@@ -75,6 +87,7 @@ struct LogitsOptions {
   std::string output;
   std::string device = "cpu";
   std::string dtype = "auto";
+  std::string kv_cache_dtype = "auto";
   int tensor_parallel_size = 1;
 };
 
@@ -82,7 +95,7 @@ void run_logits(const LogitsOptions& o) {
   const auto ids = parse_token_list(o.tokens);
   model::ModelOptions mo;
   mo.float_format = parse_weight_dtype(o.dtype);
-  LoadedModel lm = load_model(o.device, "native", o.tensor_parallel_size, mo, o.model);
+  LoadedModel lm = load_model(o.device, "native", o.tensor_parallel_size, mo, o.model, o.kv_cache_dtype);
   auto& model = lm.model;
   engine::CacheConfig cc = engine::cache_config_for(*model, static_cast<int32_t>(ids.size()));
   cc.prefix_caching = false;
@@ -105,6 +118,9 @@ void add_logits(CLI::App& app) {
   cmd->add_option("--output", opts->output, "Output .npy file ([T, vocab] float32)")->required();
   cmd->add_option("--device", opts->device, "cpu|cuda")->capture_default_str();
   cmd->add_option("--dtype", opts->dtype, "Weight storage: auto (as in the checkpoint), float32 or bfloat16")
+      ->capture_default_str();
+  cmd->add_option("--kv-cache-dtype", opts->kv_cache_dtype,
+                  "KV cache element: auto (float32), float32, bfloat16 (cuda)")
       ->capture_default_str();
   cmd->add_option("--tensor-parallel-size", opts->tensor_parallel_size,
                   "Ranks the model is sharded over (threads on cpu, GPUs 0..N-1 with NCCL on cuda)")

@@ -40,6 +40,7 @@ struct ServeOptions {
   std::string host = "127.0.0.1";
   int port = 8000;
   std::string device = "cpu";
+  std::string kv_cache_dtype = "auto";
   int tensor_parallel_size = 1;
   std::optional<int> block_size;  // default: the model's sparse block size (128 without sparse layers)
   int max_model_len = 0;
@@ -186,7 +187,7 @@ void run_serve(ServeOptions o) {
 
   model::ModelOptions mo;
   mo.float_format = parse_weight_dtype(o.dtype);
-  LoadedModel lm = load_model(o.device, o.moe_backend, o.tensor_parallel_size, mo, o.model);
+  LoadedModel lm = load_model(o.device, o.moe_backend, o.tensor_parallel_size, mo, o.model, o.kv_cache_dtype);
   auto& model = lm.model;
   if (!o.block_size) o.block_size = model->has_sparse_layers() ? model->text().sparse.block_size : 128;
   const int block_size = *o.block_size;
@@ -345,6 +346,8 @@ void add_serve(CLI::App& app) {
   cmd->add_flag("--enable-auto-tool-choice", o->enable_auto_tool_choice, "Allow tool_choice auto");
   cmd->add_option("--reasoning-parser", o->reasoning_parser, "minimax_m3");
   cmd->add_option("--moe-backend", o->moe_backend, "emulation|native")->capture_default_str();
+  cmd->add_option("--kv-cache-dtype", o->kv_cache_dtype, "KV cache element: auto (float32), float32, bfloat16 (cuda)")
+      ->capture_default_str();
   cmd->add_option("--api-key", o->api_key, "Require this bearer token on /v1 routes (or $VLLM_API_KEY)");
   cmd->add_option("--generation-config", o->generation_config,
                   "auto (MODEL_DIR/generation_config.json sampling defaults), vllm/none (none), or a folder")

@@ -11,12 +11,13 @@
 namespace mxlm::cli {
 
 LoadedModel load_model(const std::string& device, const std::string& moe_backend, int tensor_parallel_size,
-                       const model::ModelOptions& options, const RankLoader& load) {
+                       const model::ModelOptions& options, const RankLoader& load, const std::string& kv_cache_dtype) {
   const int tp = tensor_parallel_size;
   if (tp < 1) fail("--tensor-parallel-size must be >= 1, got {}", tp);
+  [[maybe_unused]] const DType kv = parse_kv_cache_dtype(kv_cache_dtype, device);  // checked before loading
   LoadedModel lm;
   if (tp == 1) {
-    lm.backend = make_backend(device, moe_backend);
+    lm.backend = make_backend(device, moe_backend, kv_cache_dtype);
     lm.model = load(*lm.backend, options);
     return lm;
   }
@@ -31,9 +32,10 @@ LoadedModel load_model(const std::string& device, const std::string& moe_backend
 #ifdef MXLM_HAVE_CUDA
     auto group = backend::make_cuda_tp_group(tp);
     const backend::MoeBackend moe = backend::parse_moe_backend(moe_backend);
-    make = [group, moe](int rank) {
+    make = [group, moe, kv](int rank) {
       backend::CudaOptions options;  // by name: the struct grows
       options.moe_backend = moe;
+      options.kv_cache_dtype = kv;
       options.tp = group;
       options.tp_rank = rank;
       return backend::make_cuda_backend(options);
@@ -56,11 +58,14 @@ LoadedModel load_model(const std::string& device, const std::string& moe_backend
 }
 
 LoadedModel load_model(const std::string& device, const std::string& moe_backend, int tensor_parallel_size,
-                       const model::ModelOptions& options, const std::string& model_dir) {
-  return load_model(device, moe_backend, tensor_parallel_size, options,
-                    [model_dir](backend::Backend& be, const model::ModelOptions& o) {
-                      return model::load_m3_model(model_dir, be, o);
-                    });
+                       const model::ModelOptions& options, const std::string& model_dir,
+                       const std::string& kv_cache_dtype) {
+  return load_model(
+      device, moe_backend, tensor_parallel_size, options,
+      [model_dir](backend::Backend& be, const model::ModelOptions& o) {
+        return model::load_m3_model(model_dir, be, o);
+      },
+      kv_cache_dtype);
 }
 
 }  // namespace mxlm::cli

@@ -22,7 +22,11 @@ std::vector<int32_t> parse_token_list(const std::string& text);
 std::optional<backend::WeightFormat> parse_weight_dtype(const std::string& dtype);
 // device: cpu | cuda; moe_backend: native | emulation (MXFP4 experts on CUDA; the CPU backend always computes the
 // emulation math exactly).
-std::unique_ptr<backend::Backend> make_backend(const std::string& device, const std::string& moe_backend);
+// --kv-cache-dtype: auto (the backend's own, float32), float32 or bfloat16 (CUDA only: half the bytes decode attention
+// reads); an Error naming the flag otherwise, or for bfloat16 on the CPU.
+DType parse_kv_cache_dtype(const std::string& kv_cache_dtype, const std::string& device);
+std::unique_ptr<backend::Backend> make_backend(const std::string& device, const std::string& moe_backend,
+                                               const std::string& kv_cache_dtype = "auto");
 std::unique_ptr<backend::Backend> make_backend(const std::string& device);
 
 // A model on --tensor-parallel-size ranks of one --device (load_model.cpp). Rank 0's backend and model are the
@@ -41,9 +45,11 @@ struct LoadedModel {
 // Loads one rank's model on its backend (options.tp says which rank).
 using RankLoader = std::function<std::unique_ptr<model::M3Model>(backend::Backend&, const model::ModelOptions&)>;
 LoadedModel load_model(const std::string& device, const std::string& moe_backend, int tensor_parallel_size,
-                       const model::ModelOptions& options, const RankLoader& load);
+                       const model::ModelOptions& options, const RankLoader& load,
+                       const std::string& kv_cache_dtype = "auto");
 // A model directory (config.json + safetensors).
 LoadedModel load_model(const std::string& device, const std::string& moe_backend, int tensor_parallel_size,
-                       const model::ModelOptions& options, const std::string& model_dir);
+                       const model::ModelOptions& options, const std::string& model_dir,
+                       const std::string& kv_cache_dtype = "auto");
 
 }  // namespace mxlm::cli

@@ -97,6 +97,18 @@ DecodeBenchResult run_decode_bench(model::M3Model& model, int batch, const Decod
     distinct.push_back(std::set<int32_t>(ids.begin(), ids.end()).size());
   });
   std::vector<double> step_s, argmax_s;
+  const bool sampling = o.temperature > 0.0f;
+  const auto draw = [&](int seq, int step) {
+    backend::SampleParams p;
+    p.temperature = o.temperature;
+    p.top_p = o.top_p;
+    p.top_k = o.top_k;
+    p.seed = o.seed + static_cast<uint64_t>(seq);
+    p.counter = static_cast<uint64_t>(step);
+    return p;
+  };
+  std::vector<backend::SampleParams> draws(static_cast<size_t>(batch));
+  backend::validate(draw(0, 0));
   uint64_t kv_sum = 0;
   for (int step = 0; step < o.warmup_steps + o.steps; ++step) {
     if (step == o.warmup_steps) model.set_routing_observer(nullptr);
@@ -105,6 +117,8 @@ DecodeBenchResult run_decode_bench(model::M3Model& model, int batch, const Decod
       int32_t next = 0;
       if (o.device_greedy) {
         next = out.tokens[static_cast<size_t>(i)];
+      } else if (sampling) {
+        next = backend::sample_row(out.row(static_cast<size_t>(i)), draw(i, step));
       } else {
         const auto row = out.row(static_cast<size_t>(i));
         next = static_cast<int32_t>(std::max_element(row.begin(), row.end()) - row.begin());
@@ -115,7 +129,12 @@ DecodeBenchResult run_decode_bench(model::M3Model& model, int batch, const Decod
     const double argmax = seconds_since(a0);
     const int context = static_cast<int>(seqs[0].tokens.size());
     t0 = Clock::now();
-    out = runner.step(items, o.device_greedy);
+    if (o.device_greedy && sampling) {
+      for (int i = 0; i < batch; ++i) draws[static_cast<size_t>(i)] = draw(i, step + 1);
+      out = runner.step(items, draws);
+    } else {
+      out = runner.step(items, o.device_greedy);
+    }
     const double secs = seconds_since(t0);
     if (step >= o.warmup_steps) {
       if (step == o.warmup_steps) r.context_first = context;

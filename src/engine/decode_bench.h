@@ -1,7 +1,8 @@
 // `mxlm bench decode`: decode throughput of a model (real or `--load-format dummy`) at fixed batch sizes against
 // the memory-bandwidth roofline. Each run prefills `batch` random prompts in one step, then decodes all of them
-// together for warm-up + timed steps (greedy, on the host, from the logits the runner returns), each step timed
-// wall-clock as the engine sees it (the logits download included).
+// together for warm-up + timed steps (greedy or --temperature/--top-p/--top-k sampling, on the host from the logits
+// the runner returns or on the device), each step timed wall-clock as the engine sees it (the logits download
+// included; the host's sampling is timed apart).
 //
 // Roofline: a decode step must read every weight it uses once: all non-expert weights, one embedding row per
 // token, and for each MoE layer the routed experts its batch touches (counted from the routing of the warm-up
@@ -24,7 +25,11 @@ struct DecodeBenchOptions {
   int warmup_steps = 3;  // their routing gives the distinct experts per step
   int steps = 32;        // timed decode steps
   uint32_t seed = 0;
-  bool device_greedy = false;   // argmax on the device (only token ids come back), else logits to the host
+  bool device_greedy = false;  // sample on the device (only token ids come back), else logits to the host
+  // Sampling of the decode steps (backend/sampling.h; temperature 0: greedy); each sequence its own seed.
+  float temperature = 0.0f;
+  float top_p = 1.0f;
+  int32_t top_k = 0;
   TpRanks* tp_ranks = nullptr;  // the model's other tensor-parallel ranks (tp_ranks.h); null at TP = 1
 };
 
@@ -35,7 +40,7 @@ struct DecodeBenchResult {
   double prefill_s = 0;
   double step_p10_s = 0, step_p50_s = 0, step_p90_s = 0;
   double tokens_per_s = 0;        // batch / median step
-  double host_argmax_s = 0;       // median per step, not part of the step time (0 with device_greedy)
+  double host_argmax_s = 0;       // host sampling (argmax or draw), median per step, not in the step time (0 on device)
   double distinct_experts = 0;    // routed experts touched per MoE layer per step (warm-up mean); 0 without MoE
   uint64_t weight_bytes = 0;      // weight bytes a step reads (as above)
   uint64_t kv_bytes = 0;          // KV/index-K bytes a step reads (mean over the timed steps)

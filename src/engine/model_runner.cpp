@@ -9,7 +9,7 @@ namespace mxlm::engine {
 
 std::span<const float> StepOutput::row(size_t item, int32_t i) const {
   if (item >= first_row.size()) fail("step output has no item {}", item);
-  if (logits.empty()) fail("the step ran greedy on the device: it returned tokens, no logits");
+  if (logits.empty()) fail("the step sampled on the device: it returned tokens, no logits");
   if (i < 0) i = num_rows[item] - 1;
   if (i < 0 || i >= num_rows[item]) fail("step item {} has no logit row {}", item, i);
   return {logits.data() + static_cast<size_t>(first_row[item] + i) * static_cast<size_t>(vocab),
@@ -99,6 +99,18 @@ void ModelRunner::admit(Sequence& seq) {
 }
 
 StepOutput ModelRunner::step(std::span<const StepItem> items, bool greedy_on_device) {
+  return run_step(items, greedy_on_device, {});
+}
+
+StepOutput ModelRunner::step(std::span<const StepItem> items, std::span<const backend::SampleParams> sample) {
+  if (sample.size() != items.size()) fail("step: {} sampling parameter sets for {} items", sample.size(), items.size());
+  for (const auto& it : items)
+    if (it.all_logits) fail("step: sampling on the backend takes one logit row per item (no all_logits)");
+  return run_step(items, false, sample);
+}
+
+StepOutput ModelRunner::run_step(std::span<const StepItem> items, bool greedy_on_device,
+                                 std::span<const backend::SampleParams> sample) {
   // Reserve first, all or nothing, so a failed step leaves every sequence as it was.
   std::vector<size_t> table_sizes;
   for (const auto& it : items) {
@@ -160,7 +172,9 @@ StepOutput ModelRunner::step(std::span<const StepItem> items, bool greedy_on_dev
   }
   ab.num_tokens = row;
   const auto run_forward = [&] {
-    if (greedy_on_device)
+    if (!sample.empty())
+      out.tokens = model_.forward_sample(fb, layers_, sample);
+    else if (greedy_on_device)
       out.tokens = model_.forward_greedy(fb, layers_);
     else
       out.logits = model_.forward(fb, layers_);

@@ -32,7 +32,7 @@ struct StepItem {
 
 struct StepOutput {
   std::vector<float> logits;       // [rows, vocab] (empty for a greedy_on_device step)
-  std::vector<int32_t> tokens;     // greedy_on_device: per row, its argmax token (the logits stay on the device)
+  std::vector<int32_t> tokens;     // greedy_on_device / sampling on the device: per row, its token (no logits)
   std::vector<int32_t> first_row;  // per item, its first row in `logits`
   std::vector<int32_t> num_rows;   // per item
   int32_t vocab = 0;
@@ -65,6 +65,9 @@ class ModelRunner {
   // pages (nothing is changed then).
   // greedy_on_device: only each row's argmax token comes back (StepOutput::tokens), not its logits.
   StepOutput step(std::span<const StepItem> items, bool greedy_on_device = false);
+  // Sampling on the backend: sample[i] draws item i's token from its logit row (Backend::sample_rows; no item may ask
+  // for all_logits); only the tokens come back (StepOutput::tokens), the logits stay where they were computed.
+  StepOutput step(std::span<const StepItem> items, std::span<const backend::SampleParams> sample);
   void release(Sequence& seq) { blocks_.release(seq); }
 
   // Tensor parallelism (tp_ranks.h): ranks 1.. of the model's group run every step's forward on their own threads.
@@ -76,6 +79,8 @@ class ModelRunner {
   void peer_forward(const model::ForwardBatch& batch) { (void)model_.forward_greedy(batch, layers_); }
 
  private:
+  StepOutput run_step(std::span<const StepItem> items, bool greedy_on_device,
+                      std::span<const backend::SampleParams> sample);
   model::M3Model& model_;
   model::VisionTower* vision_ = nullptr;
   CacheConfig cache_;

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <random>
 #include <unordered_map>
 
 #include "core/error.h"
@@ -23,7 +24,32 @@ void SamplingParams::validate() const {
 
 Sampler::Sampler(SamplingParams params) : params_(std::move(params)) {
   params_.validate();
-  rng_.seed(params_.seed ? *params_.seed : std::random_device{}());
+  if (params_.seed) {
+    seed_ = *params_.seed;
+  } else {
+    std::random_device rd;
+    seed_ = (static_cast<uint64_t>(rd()) << 32) ^ rd();
+  }
+}
+
+bool Sampler::needs_token_history() const {
+  return params_.repetition_penalty != 1.0f || params_.presence_penalty != 0.0f || params_.frequency_penalty != 0.0f;
+}
+
+backend::SampleParams Sampler::draw_params() {
+  backend::SampleParams p;
+  p.temperature = params_.temperature;
+  p.top_k = params_.top_k;
+  p.top_p = params_.top_p;
+  p.min_p = params_.min_p;
+  p.seed = seed_;
+  p.counter = draws_++;
+  return p;
+}
+
+backend::SampleParams Sampler::device_draw() {
+  if (needs_token_history()) fail("a request with penalties samples on the host");
+  return draw_params();
 }
 
 bool Sampler::is_stop(int32_t token) const {
@@ -108,19 +134,11 @@ std::vector<float> Sampler::probabilities(std::span<const float> logits, std::sp
 
 int32_t Sampler::sample(std::span<const float> logits, std::span<const int32_t> prompt,
                         std::span<const int32_t> output) {
-  const std::vector<float> p = probabilities(logits, prompt, output);
-  if (params_.temperature == 0.0f) return static_cast<int32_t>(std::max_element(p.begin(), p.end()) - p.begin());
-  // 53 random bits -> a double in [0, 1): the same on every platform for a given seed.
-  const double u = static_cast<double>(rng_() >> 11) * 0x1.0p-53;
-  double cum = 0.0;
-  int32_t last = -1;
-  for (size_t i = 0; i < p.size(); ++i) {
-    if (p[i] <= 0.0f) continue;
-    cum += p[i];
-    last = static_cast<int32_t>(i);
-    if (u < cum) return last;
-  }
-  return last;
+  if (logits.empty()) fail("sampling from an empty vocabulary");
+  const backend::SampleParams p = draw_params();
+  if (!needs_token_history()) return backend::sample_row(logits, p);
+  const std::vector<float> l = penalized(logits, prompt, output);
+  return backend::sample_row(l, p);
 }
 
 }  // namespace mxlm::engine

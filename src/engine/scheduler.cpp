@@ -260,9 +260,31 @@ bool Scheduler::step() {
     prompt_tokens += static_cast<uint64_t>(std::clamp(prompt_left, 0, item.num_tokens));
   }
 
+  // Sampling on the backend (only token ids come back) unless a row that samples this step needs its logits on the
+  // host: logprobs, a tool-call constraint, or penalties (they need the sequence's tokens). Both paths draw the same
+  // token (backend/sampling.h); rows that sample nothing (mid-prefill, scripted) take a greedy placeholder.
+  bool on_device = true;
+  for (size_t i = 0; i < scheduled.size() && on_device; ++i) {
+    const Active& a = *scheduled[i];
+    if (items[i].num_tokens < a.seq.num_uncomputed() || !a.request.scripted.empty()) continue;
+    const std::span<const int32_t> output(a.seq.tokens.data() + a.seq.num_prompt_tokens,
+                                          a.seq.tokens.size() - static_cast<size_t>(a.seq.num_prompt_tokens));
+    if (a.request.top_logprobs >= 0 || a.sampler.needs_token_history() ||
+        (a.request.constraint && a.request.constraint->active(output)))
+      on_device = false;
+  }
+  std::vector<backend::SampleParams> draws;
+  if (on_device) {
+    for (size_t i = 0; i < scheduled.size(); ++i) {
+      Active& a = *scheduled[i];
+      const bool samples = items[i].num_tokens == a.seq.num_uncomputed() && a.request.scripted.empty();
+      draws.push_back(samples ? a.sampler.device_draw() : backend::SampleParams{});
+    }
+  }
+
   StepOutput out;
   try {
-    out = runner_.step(items);
+    out = on_device ? runner_.step(items, draws) : runner_.step(items);
   } catch (const std::exception& e) {
     spdlog::error("engine step failed: {}", e.what());
     for (Active* a : scheduled) {
@@ -282,7 +304,7 @@ bool Scheduler::step() {
   for (size_t i = 0; i < scheduled.size(); ++i) {
     Active& a = *scheduled[i];
     if (a.seq.num_uncomputed() > 0) continue;  // mid-prefill
-    const auto logits = out.row(i);
+    const auto logits = on_device ? std::span<const float>() : out.row(i);
     const std::span<const int32_t> prompt(a.seq.tokens.data(), static_cast<size_t>(a.seq.num_prompt_tokens));
     const std::span<const int32_t> output(a.seq.tokens.data() + a.seq.num_prompt_tokens,
                                           a.seq.tokens.size() - static_cast<size_t>(a.seq.num_prompt_tokens));
@@ -301,6 +323,8 @@ bool Scheduler::step() {
     int32_t token = 0;
     if (!script.empty()) {
       token = script[static_cast<size_t>(a.num_generated)];
+    } else if (on_device) {
+      token = out.tokens[i];
     } else if (a.request.constraint && a.request.constraint->active(output)) {
       std::vector<float> masked(logits.begin(), logits.end());
       try {

@@ -319,6 +319,19 @@ std::vector<int32_t> M3Model::forward_greedy(const ForwardBatch& batch, std::spa
   return ids;
 }
 
+std::vector<int32_t> M3Model::forward_sample(const ForwardBatch& batch, std::span<const LayerCache> caches,
+                                             std::span<const backend::SampleParams> params) {
+  if (params.size() != batch.logit_rows.size())
+    fail("forward_sample: {} sampling parameter sets for {} logit rows", params.size(), batch.logit_rows.size());
+  auto all = logits_on_device(batch, caches);
+  std::vector<int32_t> ids(all ? batch.logit_rows.size() : 0);
+  if (ids.empty()) return ids;
+  auto d = backend_.alloc(ids.size());
+  backend_.sample_rows(all->f32(), ids.size(), static_cast<size_t>(config_.text.vocab_size), params, d->i32());
+  backend_.download(*d, 0, reinterpret_cast<float*>(ids.data()), ids.size());
+  return ids;
+}
+
 std::unique_ptr<Buffer> M3Model::logits_on_device(const ForwardBatch& batch, std::span<const LayerCache> caches) {
   const io::TextConfig& t = config_.text;
   const auto& ab = batch.attention;

@@ -87,6 +87,10 @@ class M3Model {
   // The same step, but only the argmax token of each logit row comes back (greedy sampling on the device; the first
   // index of equal maxima, as engine::Sampler). Every tensor-parallel rank runs forward or forward_greedy alike.
   std::vector<int32_t> forward_greedy(const ForwardBatch& batch, std::span<const LayerCache> caches);
+  // The same step, but each logit row's token is drawn on the backend with params[row] (backend/sampling.h: every
+  // backend draws the same token from the same logits); only the tokens come back.
+  std::vector<int32_t> forward_sample(const ForwardBatch& batch, std::span<const LayerCache> caches,
+                                      std::span<const backend::SampleParams> params);
 
  private:
   struct Layer;

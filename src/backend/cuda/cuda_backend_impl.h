@@ -346,6 +346,15 @@ class CudaBackend final : public Backend {
     if (cols == 0) fail("argmax over rows of 0 columns");
     MXLM_CUDA_CHECK(launch_argmax_rows(x, rows, cols, out, stream_));
   }
+  void sample_rows(const float* x, size_t rows, size_t cols, std::span<const SampleParams> params,
+                   int32_t* out) override {  // cuda_sample.cu
+    if (rows == 0) return;
+    if (params.size() != rows) fail("sample_rows: {} parameter sets for {} rows", params.size(), rows);
+    if (cols == 0 || cols > 0xFFFFFFFFu) fail("sampling from rows of {} columns", cols);
+    for (const SampleParams& p : params) validate(p);
+    Block d = to_device(params);
+    MXLM_CUDA_CHECK(launch_sample_rows(x, rows, cols, d.as<SampleParams>(), out, stream_));
+  }
 
   // ---- mixture of experts
   void router(const float* x, size_t tokens, const Weight& w, const float* bias, int k, float scale, int32_t* ids,

@@ -9,6 +9,10 @@
 #include <cstddef>
 #include <cstdint>
 
+namespace mxlm::backend {
+struct SampleParams;  // backend/sampling_math.h
+}  // namespace mxlm::backend
+
 namespace mxlm::backend::cuda {
 
 // ---- elementwise / conversion
@@ -227,6 +231,12 @@ cudaError_t launch_index_select(const float* iq, const AttentionRows& rows, int 
 // out[r] = the first index of the largest value of row r of x [rows, cols] (std::max_element's choice), one CTA per
 // row.
 cudaError_t launch_argmax_rows(const float* x, size_t rows, size_t cols, int32_t* out, cudaStream_t stream);
+
+// ---- sampling (cuda_sample.cu)
+// out[r] = backend::sample_row(row r of x, params[r]) token for token (backend/sampling.h), one CTA per row; params
+// [rows] on the device, validated by the caller; cols < 2^32.
+cudaError_t launch_sample_rows(const float* x, size_t rows, size_t cols, const SampleParams* params, int32_t* out,
+                               cudaStream_t stream);
 
 // ---- vision encoder (cuda_vision.cu; Backend's "vision encoder" ops)
 // y[r, c] += bias[c] over rows of `cols`.

@@ -1,0 +1,262 @@
+// Token sampling on the device (Backend::sample_rows): the algorithm of backend/sampling.h, with its arithmetic from
+// sampling_math.h, so that a row gives the token the CPU reference gives. One CTA per row, no per-row sort:
+//   1. one pass for the best order key (z descending, id ascending) and so z_max;
+//   2. top-k and top-p thresholds by radix select over the 64-bit order key (digits of 11/11/10/10/11/11 bits,
+//      high first), each pass a shared-memory histogram of the candidates' count and integer weight under the prefix
+//      chosen so far; the scan over a histogram is a block scan, and a select stops as soon as the chosen bin holds one
+//      candidate (usually after the second digit). Integer sums: the same result in any order, as on the host;
+//   3. the draw: per-warp weight totals over contiguous column ranges, a scan of the 32 totals, then the warp whose
+//      range holds the drawn point walks it 32 columns at a time.
+// Every pass recomputes z, the key and the weight from the logits (cheap), so no scratch memory is needed.
+#include <cstdint>
+
+#include "backend/cuda/cuda_kernels.h"
+#include "backend/sampling_math.h"
+
+namespace mxlm::backend::cuda {
+
+namespace {
+
+namespace sm = mxlm::backend::sampling;
+
+constexpr int kThreads = 1024;
+constexpr int kWarps = kThreads / 32;
+constexpr int kBins = 2048;  // 2 per thread in the scan
+
+struct RowState {
+  const float* x;
+  uint32_t cols;
+  float temperature;
+  float min_p;
+  float z_max;
+  uint32_t best_fkey;
+};
+
+struct Token {
+  uint64_t key;
+  uint64_t weight;
+  bool min_p_ok;
+};
+
+__device__ __forceinline__ Token token_at(const RowState& r, uint32_t c) {
+  const float z = sm::scaled_logit(r.x[c], r.temperature);
+  Token t;
+  t.key = sm::order_key(z, c);
+  const float rel = sm::relative_prob(z, r.z_max, static_cast<uint32_t>(t.key >> 32) == r.best_fkey);
+  t.weight = sm::integer_weight(rel);
+  t.min_p_ok = rel >= r.min_p;
+  return t;
+}
+
+__device__ __forceinline__ uint64_t shfl_up_u64(uint64_t v, int o) {
+  return __shfl_up_sync(0xffffffffu, static_cast<unsigned long long>(v), o);
+}
+
+// Exclusive prefix sum of one value per thread in thread order; `total` gets the block's sum. Syncs inside.
+__device__ uint64_t block_exclusive_scan(uint64_t v, unsigned long long* warp_sums, uint64_t& total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint64_t x = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const uint64_t n = shfl_up_u64(x, o);
+    if (lane >= o) x += n;
+  }
+  if (lane == 31) warp_sums[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    uint64_t s = warp_sums[lane];
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const uint64_t n = shfl_up_u64(s, o);
+      if (lane >= o) s += n;
+    }
+    warp_sums[lane] = s;
+  }
+  __syncthreads();
+  total = warp_sums[kWarps - 1];
+  const uint64_t before = (warp > 0 ? warp_sums[warp - 1] : 0) + x - v;
+  __syncthreads();
+  return before;
+}
+
+struct SelectShared {
+  unsigned int count[kBins];
+  unsigned long long mass[kBins];
+  unsigned long long warp_sums[kWarps];
+  unsigned long long above;
+  unsigned int sel;
+  unsigned int sel_count;
+};
+
+enum class Cut { TopK, TopP };
+
+// The lowest key tau such that the candidates with key >= tau are the shortest prefix (candidate order) whose mass
+// reaches the target; 0 when all candidates are needed. TopK: candidates pass min-p, mass 1 each, target top_k.
+// TopP: candidates pass min-p, have key >= tau_k and a positive weight; mass = weight, target ceil(top_p * total).
+__device__ uint64_t select_threshold(const RowState& r, Cut cut, uint64_t tau_k, int32_t top_k, float top_p,
+                                     SelectShared& sh) {
+  uint64_t prefix = 0, prefix_mask = 0, above = 0, target = 0;
+  const int t = threadIdx.x;
+  int shift = 64;
+  for (int d = 0; d < 6; ++d) {
+    const int bits = d == 2 || d == 3 ? 10 : 11;  // 11 + 11 + 10 | 10 + 11 + 11: the float key, then the id
+    shift -= bits;
+    for (int i = t; i < kBins; i += kThreads) sh.count[i] = 0, sh.mass[i] = 0;
+    __syncthreads();
+    const uint64_t digit_mask = (uint64_t{1} << bits) - 1;
+    for (uint32_t c = t; c < r.cols; c += kThreads) {
+      const Token tok = token_at(r, c);
+      bool cand = tok.min_p_ok;
+      if (cut == Cut::TopP) cand = cand && tok.key >= tau_k && tok.weight > 0;
+      if (cand && (tok.key & prefix_mask) == prefix) {
+        const unsigned b = static_cast<unsigned>((tok.key >> shift) & digit_mask);
+        atomicAdd(&sh.count[b], 1u);
+        atomicAdd(&sh.mass[b], static_cast<unsigned long long>(cut == Cut::TopK ? 1 : tok.weight));
+      }
+    }
+    __syncthreads();
+    // Bins in descending order: thread t holds j = 2t, 2t + 1, i.e. bins kBins-1-2t and kBins-2-2t.
+    const unsigned b0 = kBins - 1 - 2 * t, b1 = kBins - 2 - 2 * t;
+    const uint64_t m0 = sh.mass[b0], m1 = sh.mass[b1];
+    uint64_t total = 0;
+    const uint64_t before = above + block_exclusive_scan(m0 + m1, sh.warp_sums, total);
+    if (d == 0) {
+      target = cut == Cut::TopK ? static_cast<uint64_t>(top_k) : sm::top_p_target(top_p, total);
+      if (total <= target) return 0;  // uniform over the block: every candidate stays
+    }
+    if (before < target && target <= before + m0) {
+      sh.sel = b0, sh.above = before, sh.sel_count = sh.count[b0];
+    } else if (before + m0 < target && target <= before + m0 + m1) {
+      sh.sel = b1, sh.above = before + m0, sh.sel_count = sh.count[b1];
+    }
+    __syncthreads();
+    prefix |= static_cast<uint64_t>(sh.sel) << shift;
+    prefix_mask |= digit_mask << shift;
+    above = sh.above;
+    const bool done = sh.sel_count == 1;
+    __syncthreads();
+    if (done) break;
+  }
+  return prefix;
+}
+
+__device__ __forceinline__ uint64_t warp_sum_u64(uint64_t v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, static_cast<unsigned long long>(v), o);
+  return v;
+}
+
+__global__ void __launch_bounds__(kThreads)
+    sample_rows_kernel(const float* x, size_t cols, const SampleParams* params, int32_t* out) {
+  __shared__ SelectShared sh;
+  __shared__ unsigned long long best_keys[kWarps];
+  __shared__ float best_vals[kWarps];
+  __shared__ int best_ids[kWarps];
+  const SampleParams p = params[blockIdx.x];
+  const float* row = x + blockIdx.x * cols;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const uint32_t n = static_cast<uint32_t>(cols);
+
+  if (p.temperature == 0.0f) {
+    // Greedy: the first index of the largest logit (a strictly larger value replaces the best).
+    float bv = -INFINITY;
+    int bi = -1;
+    for (uint32_t c = threadIdx.x; c < n; c += kThreads) {
+      const float v = row[c];
+      if (bi < 0 || v > bv) bv = v, bi = static_cast<int>(c);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) bv = ov, bi = oi;
+    }
+    if (lane == 0) best_vals[warp] = bv, best_ids[warp] = bi;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (int w = 1; w < kWarps; ++w) {
+        const float ov = best_vals[w];
+        const int oi = best_ids[w];
+        if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) bv = ov, bi = oi;
+      }
+      out[blockIdx.x] = bi;
+    }
+    return;
+  }
+
+  // 1. The best order key.
+  RowState r{row, n, p.temperature, p.min_p, 0.0f, 0};
+  uint64_t best = 0;
+  for (uint32_t c = threadIdx.x; c < n; c += kThreads) {
+    const uint64_t k = sm::order_key(sm::scaled_logit(row[c], p.temperature), c);
+    best = k > best ? k : best;
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const uint64_t ok = __shfl_xor_sync(0xffffffffu, static_cast<unsigned long long>(best), o);
+    best = ok > best ? ok : best;
+  }
+  if (lane == 0) best_keys[warp] = best;
+  __syncthreads();
+  best = best_keys[0];
+  for (int w = 1; w < kWarps; ++w) best = best_keys[w] > best ? best_keys[w] : best;
+  const uint32_t best_id = 0xFFFFFFFFu - static_cast<uint32_t>(best);
+  r.z_max = sm::scaled_logit(row[best_id], p.temperature);
+  r.best_fkey = static_cast<uint32_t>(best >> 32);
+
+  // 2. Thresholds.
+  uint64_t tau_k = 0, tau_p = 0;
+  if (p.top_k > 0) tau_k = select_threshold(r, Cut::TopK, 0, p.top_k, 1.0f, sh);
+  if (p.top_p < 1.0f) tau_p = select_threshold(r, Cut::TopP, tau_k, 0, p.top_p, sh);
+  const uint64_t tau = tau_k > tau_p ? tau_k : tau_p;
+
+  // 3. The draw, in id order: warp w covers columns [w * span, (w + 1) * span).
+  const uint32_t span = ((n + kWarps - 1) / kWarps + 31) / 32 * 32;
+  const uint32_t begin = static_cast<uint32_t>(warp) * span;
+  const uint32_t end = begin + span < n ? begin + span : n;
+  auto kept_weight = [&](uint32_t c) -> uint64_t {
+    if (c >= end) return 0;
+    const Token tok = token_at(r, c);
+    return tok.min_p_ok && tok.key >= tau ? tok.weight : 0;
+  };
+  uint64_t mine = 0;
+  for (uint32_t c = begin + lane; c < end; c += 32) mine += kept_weight(c);
+  mine = warp_sum_u64(mine);
+  if (lane == 0) sh.warp_sums[warp] = mine;
+  __syncthreads();
+  // Every thread scans the 32 totals (a broadcast read), so every warp knows whether the point is its own.
+  uint64_t total = 0, start = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    if (w == warp) start = total;
+    total += sh.warp_sums[w];
+  }
+  const uint64_t point = sm::mul_hi_u64(sm::random_u64(p.seed, p.counter), total);
+  if (!(start <= point && point < start + mine)) return;
+  uint64_t base = start;
+  for (uint32_t c0 = begin; c0 < end; c0 += 32) {
+    const uint64_t v = kept_weight(c0 + lane);
+    uint64_t incl = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const uint64_t nb = shfl_up_u64(incl, o);
+      if (lane >= o) incl += nb;
+    }
+    const unsigned hit = __ballot_sync(0xffffffffu, base + incl > point);
+    if (hit) {
+      if (lane == 0) out[blockIdx.x] = static_cast<int32_t>(c0 + static_cast<uint32_t>(__ffs(hit) - 1));
+      return;
+    }
+    base += __shfl_sync(0xffffffffu, static_cast<unsigned long long>(incl), 31);
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_sample_rows(const float* x, size_t rows, size_t cols, const SampleParams* params, int32_t* out,
+                               cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  sample_rows_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(x, cols, params, out);
+  return cudaGetLastError();
+}
+
+}  // namespace mxlm::backend::cuda

@@ -1,0 +1,138 @@
+#include "backend/sampling.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "backend/backend.h"
+#include "backend/sampling_math.h"
+#include "core/error.h"
+
+namespace mxlm::backend {
+
+namespace sm = sampling;
+
+void validate(const SampleParams& p) {
+  if (!(p.temperature >= 0.0f) || !std::isfinite(p.temperature))
+    fail("temperature must be >= 0, got {}", p.temperature);
+  if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) fail("top_p must be in (0, 1], got {}", p.top_p);
+  if (!(p.min_p >= 0.0f && p.min_p <= 1.0f)) fail("min_p must be in [0, 1], got {}", p.min_p);
+}
+
+namespace {
+
+int32_t first_argmax(std::span<const float> logits) {
+  // The device argmax's rule: a strictly larger value replaces the best (NaN never does).
+  int32_t best = 0;
+  for (size_t i = 1; i < logits.size(); ++i)
+    if (logits[i] > logits[static_cast<size_t>(best)]) best = static_cast<int32_t>(i);
+  return best;
+}
+
+// The first `n` of `candidates` by descending order key (n < candidates.size()): the n-th key, a threshold.
+uint64_t nth_key(std::vector<uint64_t>& keys, size_t n) {
+  std::nth_element(keys.begin(), keys.begin() + static_cast<std::ptrdiff_t>(n - 1), keys.end(), std::greater<>());
+  return keys[n - 1];
+}
+
+}  // namespace
+
+std::vector<uint64_t> sample_weights(std::span<const float> logits, const SampleParams& p) {
+  validate(p);
+  const size_t n = logits.size();
+  if (n == 0) fail("sampling from an empty vocabulary");
+  if (n > 0xFFFFFFFFu) fail("a vocabulary of {} tokens is too large to sample from", n);
+  std::vector<uint64_t> w(n, 0);
+  if (p.temperature == 0.0f) {
+    w[static_cast<size_t>(first_argmax(logits))] = 1;
+    return w;
+  }
+  std::vector<float> z(n);
+  std::vector<uint64_t> key(n);
+  uint64_t best_key = 0;
+  for (size_t i = 0; i < n; ++i) {
+    z[i] = sm::scaled_logit(logits[i], p.temperature);
+    key[i] = sm::order_key(z[i], static_cast<uint32_t>(i));
+    best_key = std::max(best_key, key[i]);
+  }
+  const size_t best = 0xFFFFFFFFu - static_cast<uint32_t>(best_key);
+  const float z_max = z[best];
+  const uint32_t best_float_key = static_cast<uint32_t>(best_key >> 32);
+  // 1-2: weights and min-p; `keep` marks candidates.
+  std::vector<char> keep(n);
+  for (size_t i = 0; i < n; ++i) {
+    const float rel = sm::relative_prob(z[i], z_max, static_cast<uint32_t>(key[i] >> 32) == best_float_key);
+    w[i] = sm::integer_weight(rel);
+    keep[i] = rel >= p.min_p;
+  }
+  // 3. top-k: keys at or above the k-th largest key among the candidates.
+  if (p.top_k > 0) {
+    std::vector<uint64_t> keys;
+    for (size_t i = 0; i < n; ++i)
+      if (keep[i]) keys.push_back(key[i]);
+    if (static_cast<size_t>(p.top_k) < keys.size()) {
+      const uint64_t threshold = nth_key(keys, static_cast<size_t>(p.top_k));
+      for (size_t i = 0; i < n; ++i) keep[i] = keep[i] && key[i] >= threshold;
+    }
+  }
+  // 4. top-p: walk the positive-weight candidates in order (zero weights never change the cumulative sum, and are
+  // never drawn); sort a growing head of them until the target is reached.
+  if (p.top_p < 1.0f) {
+    uint64_t total = 0;
+    std::vector<std::pair<uint64_t, uint64_t>> cand;  // (key, weight)
+    for (size_t i = 0; i < n; ++i)
+      if (keep[i] && w[i] > 0) {
+        total += w[i];
+        cand.emplace_back(key[i], w[i]);
+      }
+    const uint64_t target = sm::top_p_target(p.top_p, total);
+    uint64_t threshold = 0;
+    for (size_t head = std::min<size_t>(256, cand.size());; head = std::min(head * 4, cand.size())) {
+      std::partial_sort(cand.begin(), cand.begin() + static_cast<std::ptrdiff_t>(head), cand.end(),
+                        [](const auto& a, const auto& b) { return a.first > b.first; });
+      uint64_t cum = 0;
+      size_t k = 0;
+      while (k < head && cum < target) cum += cand[k++].second;
+      if (cum >= target) {
+        threshold = cand[k - 1].first;
+        break;
+      }
+      if (head == cand.size()) fail("top-p: the candidates' weight {} never reaches {}", cum, target);
+    }
+    for (size_t i = 0; i < n; ++i) keep[i] = keep[i] && key[i] >= threshold;
+  }
+  for (size_t i = 0; i < n; ++i)
+    if (!keep[i]) w[i] = 0;
+  return w;
+}
+
+int32_t sample_row(std::span<const float> logits, const SampleParams& p) {
+  const std::vector<uint64_t> w = sample_weights(logits, p);
+  if (p.temperature == 0.0f) return static_cast<int32_t>(std::max_element(w.begin(), w.end()) - w.begin());
+  uint64_t total = 0;
+  for (uint64_t v : w) total += v;
+  const uint64_t r = sm::mul_hi_u64(sm::random_u64(p.seed, p.counter), total);
+  uint64_t cum = 0;
+  for (size_t i = 0; i < w.size(); ++i) {
+    cum += w[i];
+    if (cum > r) return static_cast<int32_t>(i);
+  }
+  fail("sampling: no token drawn (total weight {})", total);
+}
+
+void Backend::sample_rows(const float* x, size_t rows, size_t cols, std::span<const SampleParams> params,
+                          int32_t* out) {
+  if (rows == 0) return;
+  if (params.size() != rows) fail("sample_rows: {} parameter sets for {} rows", params.size(), rows);
+  if (cols == 0) fail("sampling from rows of 0 columns");
+  auto values = alloc(rows * cols);
+  copy(x, values->f32(), rows * cols);
+  std::vector<float> host(rows * cols);
+  download(*values, 0, host.data(), host.size());
+  std::vector<int32_t> ids(rows);
+  for (size_t r = 0; r < rows; ++r) ids[r] = sample_row({host.data() + r * cols, cols}, params[r]);
+  auto result = alloc(rows);
+  upload(*result, 0, reinterpret_cast<const float*>(ids.data()), rows);
+  copy(result->f32(), reinterpret_cast<float*>(out), rows);
+}
+
+}  // namespace mxlm::backend
