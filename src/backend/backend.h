@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -87,6 +88,22 @@ struct IndexerShape {
 struct SwigluParams {
   float alpha = 1.702f;
   float limit = 7.0f;
+};
+
+// A step's metadata bound for the ops of one forward (Backend::bind_step); unbinds when destroyed.
+class StepBinding {
+ public:
+  virtual ~StepBinding() = default;
+};
+
+// A captured decode step of a fixed row count over at most a fixed number of KV pages per sequence
+// (Backend::make_step_graph).
+class StepGraph {
+ public:
+  virtual ~StepGraph() = default;
+  virtual int rows() const = 0;
+  virtual int pages() const = 0;
+  virtual bool captured() const = 0;
 };
 
 class Backend {
@@ -196,6 +213,31 @@ class Backend {
   // backend always computes in f32.
   virtual void segment_attention(const float* q, const float* k, const float* v, std::span<const int32_t> bounds,
                                  int heads, int head_dim, float scale, float* out, bool bf16_products = false) = 0;
+
+  // ---- step metadata and captured decode steps (CUDA graphs; model/step_graphs.h says how the model uses them)
+  // Binds one step's host metadata (`batch`, and `tokens` for the embedding) for the ops of one forward: while the
+  // returned binding lives, an op handed the bound arrays themselves (the batch object, or spans with the data
+  // pointers of tokens / batch.positions / batch.slots) may read copies the backend made once for the step instead
+  // of uploading per op. With a StepGraph the copies go to that graph's fixed buffers and the attention / indexer
+  // grids are sized for the graph's rows and pages instead of the step's (splits past a row's context do nothing);
+  // the batch must then have exactly graph.rows() rows, one token per sequence, and every sequence must fit in
+  // graph.pages() pages. The default binds nothing (null): ops read their host arguments (the CPU backend).
+  virtual std::unique_ptr<StepBinding> bind_step(const AttentionBatch& batch, std::span<const int32_t> tokens,
+                                                 StepGraph* graph = nullptr);
+  // Whether make_step_graph / run_step / capture_step / replay_step work (default: no).
+  virtual bool supports_step_graphs() const { return false; }
+  // A graph of a decode step of `rows` rows over at most `pages` KV pages per sequence: its fixed metadata buffers
+  // and its own scratch memory; nothing is captured yet.
+  virtual std::unique_ptr<StepGraph> make_step_graph(int rows, int pages);
+  // Runs `body` now, eagerly, with the graph's scratch memory (the step before a capture, and the eager path the
+  // replays are checked against). `body` binds the step with the graph (bind_step) before its ops.
+  virtual void run_step(StepGraph& graph, const std::function<void()>& body);
+  // Records `body`'s launches without running them (after run_step warmed every lazily made resource up). An
+  // Error (the graph stays uncaptured) when an op of `body` needs the host (a download, a host upload).
+  virtual void capture_step(StepGraph& graph, const std::function<void()>& body);
+  // Copies `batch` / `tokens` into the graph's fixed buffers and launches the captured step (asynchronously: read
+  // its output with download()). The batch must fit the graph as for bind_step.
+  virtual void replay_step(StepGraph& graph, const AttentionBatch& batch, std::span<const int32_t> tokens);
 
   // ---- tensor parallelism (no-ops at TP = 1)
   virtual int tp_rank() const { return 0; }

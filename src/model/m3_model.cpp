@@ -2,10 +2,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <string>
+#include <tuple>
 
 #include "core/error.h"
 #include "core/log.h"
+#include "model/step_graphs.h"
 
 namespace mxlm::model {
 
@@ -32,6 +35,18 @@ struct M3Model::Layer {
   std::unique_ptr<Buffer> router_bias;
   std::vector<std::unique_ptr<Weight>> w1, w3, w2;
   std::vector<const Weight*> w1_ptr, w3_ptr, w2_ptr;
+};
+
+// Captured decode steps by (rows, pages, greedy), for one set of layer caches (the graphs hold their addresses).
+struct M3Model::Graphs {
+  struct Entry {
+    std::unique_ptr<backend::StepGraph> graph;
+    std::unique_ptr<Buffer> out;  // ids [rows] (greedy) or logits [rows, vocab]: the graph's output
+    bool capture_failed = false;
+  };
+  std::map<std::tuple<int, int, bool>, Entry> entries;
+  std::vector<const float*> caches;
+  StepGraphStats stats;
 };
 
 namespace {
@@ -185,7 +200,15 @@ void M3Model::bind(WeightSource& load) {
   bytes_.total = load.bytes_loaded();
 }
 
-M3Model::~M3Model() = default;
+M3Model::~M3Model() {
+  // Graphs before the weights and scratch they refer to; no replay may still run.
+  graphs_.reset();
+}
+
+const StepGraphStats& M3Model::step_graph_stats() const {
+  static const StepGraphStats none;
+  return graphs_ ? graphs_->stats : none;
+}
 
 bool M3Model::layer_is_sparse(int layer) const { return layers_.at(static_cast<size_t>(layer))->sparse; }
 
@@ -303,6 +326,8 @@ void M3Model::attention(const Layer& layer, const LayerCache& cache, const backe
 }
 
 std::vector<float> M3Model::forward(const ForwardBatch& batch, std::span<const LayerCache> caches) {
+  std::vector<float> graph_logits;
+  if (graph_step(batch, caches, false, &graph_logits, nullptr)) return graph_logits;
   auto all = logits_on_device(batch, caches);
   std::vector<float> logits(all ? all->size() : 0);
   if (all) backend_.download(*all, 0, logits.data(), logits.size());
@@ -310,6 +335,8 @@ std::vector<float> M3Model::forward(const ForwardBatch& batch, std::span<const L
 }
 
 std::vector<int32_t> M3Model::forward_greedy(const ForwardBatch& batch, std::span<const LayerCache> caches) {
+  std::vector<int32_t> graph_ids;
+  if (graph_step(batch, caches, true, nullptr, &graph_ids)) return graph_ids;
   auto all = logits_on_device(batch, caches);
   std::vector<int32_t> ids(all ? batch.logit_rows.size() : 0);
   if (ids.empty()) return ids;
@@ -317,6 +344,22 @@ std::vector<int32_t> M3Model::forward_greedy(const ForwardBatch& batch, std::spa
   backend_.argmax_rows(all->f32(), ids.size(), static_cast<size_t>(config_.text.vocab_size), d->i32());
   backend_.download(*d, 0, reinterpret_cast<float*>(ids.data()), ids.size());
   return ids;
+}
+
+void M3Model::validate(const ForwardBatch& batch, std::span<const LayerCache> caches) const {
+  const io::TextConfig& t = config_.text;
+  const auto& ab = batch.attention;
+  const size_t T = batch.tokens.size();
+  if (static_cast<size_t>(ab.num_tokens) != T || ab.positions.size() != T || ab.slots.size() != T)
+    fail("forward batch: {} tokens but {} positions / {} slots / num_tokens {}", T, ab.positions.size(),
+         ab.slots.size(), ab.num_tokens);
+  if (caches.size() != layers_.size()) fail("forward: {} layer caches for {} layers", caches.size(), layers_.size());
+  if (has_sparse_layers() && ab.block_size != t.sparse.block_size)
+    fail("KV page size {} differs from the sparse attention block size {}", ab.block_size, t.sparse.block_size);
+  for (int32_t id : batch.tokens)
+    if (id < 0 || id >= t.vocab_size) fail("token id {} outside the vocabulary [0, {})", id, t.vocab_size);
+  for (int32_t r : batch.logit_rows)
+    if (r < 0 || static_cast<size_t>(r) >= T) fail("logit row {} outside the batch of {} tokens", r, T);
 }
 
 std::vector<int32_t> M3Model::forward_sample(const ForwardBatch& batch, std::span<const LayerCache> caches,
@@ -333,21 +376,20 @@ std::vector<int32_t> M3Model::forward_sample(const ForwardBatch& batch, std::spa
 }
 
 std::unique_ptr<Buffer> M3Model::logits_on_device(const ForwardBatch& batch, std::span<const LayerCache> caches) {
+  if (batch.tokens.empty()) return nullptr;
+  validate(batch, caches);
+  // The step's token ids, positions, slots and block tables go to the device once, not per op.
+  auto binding = backend_.bind_step(batch.attention, batch.tokens);
+  std::unique_ptr<Buffer> all;
+  if (!batch.logit_rows.empty()) all = backend_.alloc(batch.logit_rows.size() * static_cast<size_t>(vocab_size()));
+  run_layers(batch, caches, all ? all->f32() : nullptr);
+  return all;
+}
+
+void M3Model::run_layers(const ForwardBatch& batch, std::span<const LayerCache> caches, float* logits) {
   const io::TextConfig& t = config_.text;
   const auto& ab = batch.attention;
   const size_t T = batch.tokens.size();
-  if (T == 0) return nullptr;
-  if (static_cast<size_t>(ab.num_tokens) != T || ab.positions.size() != T || ab.slots.size() != T)
-    fail("forward batch: {} tokens but {} positions / {} slots / num_tokens {}", T, ab.positions.size(),
-         ab.slots.size(), ab.num_tokens);
-  if (caches.size() != layers_.size()) fail("forward: {} layer caches for {} layers", caches.size(), layers_.size());
-  if (has_sparse_layers() && ab.block_size != t.sparse.block_size)
-    fail("KV page size {} differs from the sparse attention block size {}", ab.block_size, t.sparse.block_size);
-  for (int32_t id : batch.tokens)
-    if (id < 0 || id >= t.vocab_size) fail("token id {} outside the vocabulary [0, {})", id, t.vocab_size);
-  for (int32_t r : batch.logit_rows)
-    if (r < 0 || static_cast<size_t>(r) >= T) fail("logit row {} outside the batch of {} tokens", r, T);
-
   const size_t H = static_cast<size_t>(t.hidden_size);
   const float eps = static_cast<float>(t.rms_norm_eps);
   Scratch s(backend_);
@@ -384,15 +426,94 @@ std::unique_ptr<Buffer> M3Model::logits_on_device(const ForwardBatch& batch, std
   }
 
   const size_t R = batch.logit_rows.size();
-  if (R == 0) return nullptr;
+  if (R == 0) return;
   float* rows = s(R * H);
   for (size_t r = 0; r < R; ++r) backend_.copy(h + static_cast<size_t>(batch.logit_rows[r]) * H, rows + r * H, H);
   backend_.rms_norm(rows, final_norm_->f32(), rows, R, H, eps, t.gemma_norm);
   float* local = s(R * static_cast<size_t>(local_vocab_));
   linear(rows, R, *lm_head_, local);
-  auto all = backend_.alloc(R * static_cast<size_t>(t.vocab_size));
-  backend_.all_gather_cols(local, R, static_cast<size_t>(local_vocab_), all->f32());
-  return all;
+  backend_.all_gather_cols(local, R, static_cast<size_t>(local_vocab_), logits);
+}
+
+bool M3Model::graph_step(const ForwardBatch& batch, std::span<const LayerCache> caches, bool greedy,
+                         std::vector<float>* logits, std::vector<int32_t>* ids) {
+  const StepGraphs mode = options_.step_graphs;
+  if (mode == StepGraphs::Off || batch.enforce_eager || routing_observer_ || !backend_.supports_step_graphs() ||
+      batch.logit_rows.empty() || !is_decode_step(batch))
+    return false;
+  const int T = static_cast<int>(batch.tokens.size());
+  const int R = step_graph_rows(T, options_.max_graph_rows);
+  if (R == 0) return false;
+  validate(batch, caches);
+  const int P = step_graph_pages(step_pages_needed(batch));
+  if (!graphs_) graphs_ = std::make_unique<Graphs>();
+  Graphs& g = *graphs_;
+  std::vector<const float*> cache_ptrs;
+  for (const LayerCache& c : caches) cache_ptrs.insert(cache_ptrs.end(), {c.k, c.v, c.index_k});
+  if (cache_ptrs != g.caches) {  // other caches: the graphs would write into the old ones
+    g.entries.clear();
+    g.caches = std::move(cache_ptrs);
+  }
+  Graphs::Entry& e = g.entries[{R, P, greedy}];
+  if (e.capture_failed) return false;
+  const size_t V = static_cast<size_t>(vocab_size());
+  const ForwardBatch padded = pad_decode_step(batch, R);
+  if (!e.graph) {
+    e.graph = backend_.make_step_graph(R, P);
+    e.out = backend_.alloc(greedy ? static_cast<size_t>(R) : static_cast<size_t>(R) * V);
+  }
+  backend::StepGraph& graph = *e.graph;
+  Buffer& out = *e.out;
+  const auto body = [&] {
+    auto binding = backend_.bind_step(padded.attention, padded.tokens, &graph);
+    if (!greedy) {
+      run_layers(padded, caches, out.f32());
+      return;
+    }
+    auto all = backend_.alloc(static_cast<size_t>(R) * V);
+    run_layers(padded, caches, all->f32());
+    backend_.argmax_rows(all->f32(), static_cast<size_t>(R), V, out.i32());
+  };
+  if (graph.captured()) {
+    backend_.replay_step(graph, padded.attention, padded.tokens);
+    ++g.stats.replays;
+  } else {
+    backend_.run_step(graph, body);
+    ++g.stats.padded_eager;
+    if (mode == StepGraphs::On) {
+      try {
+        backend_.capture_step(graph, body);
+        ++g.stats.captures;
+      } catch (const Error& err) {
+        // This bucket runs eagerly from now on; this step's output (run_step's) stands.
+        spdlog::warn("decode steps of {} rows / {} pages run eagerly: {}", R, P, err.what());
+        e.capture_failed = true;
+        ++g.stats.capture_failures;
+      }
+    }
+  }
+  // Rows 0 .. T-1 are the step's own (padding rows come after them).
+  const size_t n = batch.logit_rows.size();
+  if (greedy) {
+    std::vector<int32_t> all(static_cast<size_t>(T));
+    backend_.download(out, 0, reinterpret_cast<float*>(all.data()), all.size());
+    ids->resize(n);
+    for (size_t j = 0; j < n; ++j) (*ids)[j] = all[static_cast<size_t>(batch.logit_rows[j])];
+    return true;
+  }
+  std::vector<float> all(static_cast<size_t>(T) * V);
+  backend_.download(out, 0, all.data(), all.size());
+  bool identity = n == static_cast<size_t>(T);
+  for (size_t j = 0; identity && j < n; ++j) identity = batch.logit_rows[j] == static_cast<int32_t>(j);
+  if (identity) {
+    *logits = std::move(all);
+    return true;
+  }
+  logits->resize(n * V);
+  for (size_t j = 0; j < n; ++j)
+    std::copy_n(all.begin() + static_cast<ptrdiff_t>(static_cast<size_t>(batch.logit_rows[j]) * V), V,
+                logits->begin() + static_cast<ptrdiff_t>(j * V));
+  return true;
 }
 
 std::unique_ptr<M3Model> load_m3_model(const std::filesystem::path& dir, backend::Backend& backend,

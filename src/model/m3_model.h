@@ -19,10 +19,26 @@
 
 namespace mxlm::model {
 
+// Decode steps as captured graphs (model/step_graphs.h) on backends that have them (CUDA): Off runs every step
+// eagerly (`--enforce-eager`); On pads decode steps to their row / page bucket, runs a bucket's first step eagerly,
+// captures it and replays it afterwards; EagerPadded pads and binds the same way but never captures (the eager
+// path the replays are checked against).
+enum class StepGraphs { Off, On, EagerPadded };
+
 struct ModelOptions {
   // Store float weights in this format (F32 or BF16); nullopt keeps each tensor's checkpoint dtype. MXFP4 stays.
   std::optional<backend::WeightFormat> float_format;
   TensorParallel tp;
+  StepGraphs step_graphs = StepGraphs::Off;  // the CLI turns it On for CUDA unless --enforce-eager
+  int max_graph_rows = 256;                  // larger decode steps run eagerly
+};
+
+// What the captured-step path did so far (tests and benchmarks).
+struct StepGraphStats {
+  uint64_t captures = 0;        // graphs captured
+  uint64_t replays = 0;         // steps run by replaying a graph
+  uint64_t padded_eager = 0;    // padded steps run eagerly (a bucket's first step, EagerPadded)
+  uint64_t capture_failures = 0;  // buckets whose capture failed (they run eagerly, unpadded)
 };
 
 // One layer's cache pages: [num_pages, block_size, width] elements of the backend's cache_dtype() (f32 unless
@@ -43,6 +59,7 @@ struct ForwardBatch {
   // embeddings is [embedding_rows.size(), hidden_size] f32 on the host.
   std::vector<int32_t> embedding_rows;
   std::vector<float> embeddings;
+  bool enforce_eager = false;  // never a captured step, whatever ModelOptions::step_graphs says
 };
 
 // Bytes of the stored weights (this rank's), split the way a decode step touches them: the embedding table is
@@ -80,6 +97,9 @@ class M3Model {
   uint64_t weight_bytes() const { return bytes_.total; }
   const WeightBytes& weight_bytes_by_kind() const { return bytes_; }
   void set_routing_observer(RoutingObserver observer) { routing_observer_ = std::move(observer); }
+  StepGraphs step_graphs() const { return options_.step_graphs; }
+  void set_step_graphs(StepGraphs mode) { options_.step_graphs = mode; }
+  const StepGraphStats& step_graph_stats() const;
 
   // Writes the batch's K/V/index-K into `caches` (one per layer) at batch.attention.slots, runs every layer and
   // returns the logits of batch.logit_rows as [logit_rows, vocab] f32 on the host.
@@ -95,9 +115,18 @@ class M3Model {
  private:
   struct Layer;
   struct Mlp;
+  struct Graphs;
   void bind(WeightSource& weights);
+  void validate(const ForwardBatch& batch, std::span<const LayerCache> caches) const;
   // The step's logits [logit_rows, vocab] in backend memory (null without logit rows).
   std::unique_ptr<backend::Buffer> logits_on_device(const ForwardBatch& batch, std::span<const LayerCache> caches);
+  // Every layer, then the logits of batch.logit_rows into `logits` (backend memory; may be null without logit rows).
+  // The step's metadata must be bound (Backend::bind_step) for the backend to read it once.
+  void run_layers(const ForwardBatch& batch, std::span<const LayerCache> caches, float* logits);
+  // A decode step as a captured graph (step_graphs.h); false when the step does not qualify (run it eagerly).
+  // Fills `logits` ([logit_rows, vocab]) or, with greedy, `ids`.
+  bool graph_step(const ForwardBatch& batch, std::span<const LayerCache> caches, bool greedy,
+                  std::vector<float>* logits, std::vector<int32_t>* ids);
   void linear(const float* x, size_t m, const backend::Weight& w, float* y);
   void mlp(const Mlp& mlp, const float* x, size_t m, float* out);
   void attention(const Layer& layer, const LayerCache& cache, const backend::AttentionBatch& batch, const float* x,
@@ -117,6 +146,7 @@ class M3Model {
   std::vector<std::unique_ptr<Layer>> layers_;
   WeightBytes bytes_;
   RoutingObserver routing_observer_;
+  std::unique_ptr<Graphs> graphs_;
 };
 
 // Loads config.json and the checkpoint of a model directory and binds the weights.

@@ -555,6 +555,7 @@ __global__ void cache_write_bf16_kernel(const float* x, size_t width, const int6
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
     const size_t r = i / width, c = i % width;
+    if (slots[r] < 0) continue;  // a padding row of a captured decode step: writes nowhere
     cache[static_cast<size_t>(slots[r]) * width + c] = __bfloat16_as_ushort(__float2bfloat16_rn(x[i]));
   }
 }

@@ -10,6 +10,7 @@
 #include <bit>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <span>
@@ -283,10 +284,17 @@ class CudaBackend final : public Backend {
     for (int j = 0; j < half; ++j)  // as the CPU backend (transformers): theta ** (2j / dim) in f32, reciprocal
       inv_freq[static_cast<size_t>(j)] =
           1.0f / std::pow(theta, static_cast<float>(2 * j) / static_cast<float>(rotary_dim));
-    Block f = to_device(std::span<const float>(inv_freq));
-    Block p = to_device(positions);
-    MXLM_CUDA_CHECK(
-        launch_rope(x, p.as<int32_t>(), positions.size(), heads, head_dim, rotary_dim, f.as<float>(), stream_));
+    // The table outlives the call (a captured step reads it at every replay): one per (theta, rotary_dim).
+    const uint64_t key = (uint64_t{std::bit_cast<uint32_t>(theta)} << 32) | static_cast<uint32_t>(rotary_dim);
+    auto f = inv_freq_.find(key);
+    if (f == inv_freq_.end()) f = inv_freq_.emplace(key, to_device(std::span<const float>(inv_freq))).first;
+    Block p;
+    const int32_t* pos = bound_positions(positions);
+    if (!pos) {
+      p = to_device(positions);
+      pos = p.as<int32_t>();
+    }
+    MXLM_CUDA_CHECK(launch_rope(x, pos, positions.size(), heads, head_dim, rotary_dim, f->second.as<float>(), stream_));
   }
   void swiglu_oai(const float* gate, const float* up, float* out, size_t n, SwigluParams p) override {
     MXLM_CUDA_CHECK(launch_swiglu_oai(gate, up, out, n, p.alpha, p.limit, stream_));
@@ -335,9 +343,14 @@ class CudaBackend final : public Backend {
     const TableFormat f = table.format() == WeightFormat::MXFP4  ? TableFormat::MXFP4
                           : table.format() == WeightFormat::BF16 ? TableFormat::BF16
                                                                  : TableFormat::F32;
-    Block d = to_device(ids);
-    MXLM_CUDA_CHECK(launch_embedding(dw.data_, dw.scales_, f, table.rows(), table.cols(), d.as<int32_t>(), ids.size(),
-                                     row_offset, out, stream_));
+    Block d;
+    const int32_t* dids = bound_tokens(ids);
+    if (!dids) {
+      d = to_device(ids);
+      dids = d.as<int32_t>();
+    }
+    MXLM_CUDA_CHECK(
+        launch_embedding(dw.data_, dw.scales_, f, table.rows(), table.cols(), dids, ids.size(), row_offset, out, stream_));
   }
 
   // ---- decoding
@@ -380,13 +393,18 @@ class CudaBackend final : public Backend {
 
   void cache_write(const float* x, size_t width, std::span<const int64_t> slots, float* cache) override {
     if (slots.empty()) return;
-    Block s = to_device(slots);
+    Block s;
+    const int64_t* dslots = bound_slots(slots);
+    if (!dslots) {
+      s = to_device(slots);
+      dslots = s.as<int64_t>();
+    }
     if (cache_type() == CacheType::BF16) {
       MXLM_CUDA_CHECK(
-          launch_cache_write_bf16(x, width, s.as<int64_t>(), slots.size(), reinterpret_cast<uint16_t*>(cache), stream_));
+          launch_cache_write_bf16(x, width, dslots, slots.size(), reinterpret_cast<uint16_t*>(cache), stream_));
       return;
     }
-    MXLM_CUDA_CHECK(launch_cache_write(x, width, s.as<int64_t>(), slots.size(), cache, stream_));
+    MXLM_CUDA_CHECK(launch_cache_write(x, width, dslots, slots.size(), cache, stream_));
   }
 
   void attention(const float* q, const AttentionBatch& batch, const AttentionShape& shape, const float* k_cache,
@@ -424,6 +442,15 @@ class CudaBackend final : public Backend {
   void segment_attention(const float* q, const float* k, const float* v, std::span<const int32_t> bounds, int heads,
                          int head_dim, float scale, float* out, bool bf16_products = false) override;
 
+  // ---- step metadata and captured decode steps (cuda_graph.cpp)
+  std::unique_ptr<StepBinding> bind_step(const AttentionBatch& batch, std::span<const int32_t> tokens,
+                                         StepGraph* graph = nullptr) override;
+  bool supports_step_graphs() const override { return true; }
+  std::unique_ptr<StepGraph> make_step_graph(int rows, int pages) override;
+  void run_step(StepGraph& graph, const std::function<void()>& body) override;
+  void capture_step(StepGraph& graph, const std::function<void()>& body) override;
+  void replay_step(StepGraph& graph, const AttentionBatch& batch, std::span<const int32_t> tokens) override;
+
   // ---- tensor parallelism (cuda_tp.cpp): NCCL collectives on stream_; at TP = 1 no-op / copy.
   int tp_rank() const override { return options_.tp ? options_.tp_rank : 0; }
   int tp_size() const override;
@@ -437,6 +464,8 @@ class CudaBackend final : public Backend {
   template <typename T>
   Block to_device(std::span<const T> host) {
     const size_t bytes = host.size() * sizeof(T);
+    // A captured copy would read the staging ring at replay time, when it holds other data.
+    if (capturing_) fail("a host upload of {} bytes in a captured step (only bound step metadata can change)", bytes);
     Block b(pool_, std::max<size_t>(bytes, 4));
     if (bytes == 0) return b;
     if (bytes > kRingBytes / 4) {
@@ -543,6 +572,12 @@ class CudaBackend final : public Backend {
   };
 
   RowsOnDevice rows_of(const AttentionBatch& batch) {
+    if (bound_ && bound_->batch == &batch) {
+      RowsOnDevice d;
+      d.rows = bound_->rows;
+      d.max_pos = bound_->max_pos;
+      return d;
+    }
     std::vector<int32_t> pos(static_cast<size_t>(batch.num_tokens), 0), offs(static_cast<size_t>(batch.num_tokens), 0);
     std::vector<int32_t> tables;
     int max_pos = 0;
@@ -587,6 +622,39 @@ class CudaBackend final : public Backend {
                                      k_cache, v_cache, cache_type(), blocks, topk, max_keys, per_split, ws.as<float>(),
                                      out, stream_));
   }
+
+  // The step bound by bind_step (cuda_graph.cpp): device copies of its metadata, recognised by the host arrays'
+  // identity. Ops given other arrays upload them as before.
+  struct BoundStep {
+    const AttentionBatch* batch = nullptr;
+    const int32_t* host_tokens = nullptr;
+    size_t num_tokens = 0;
+    const int32_t* tokens = nullptr;     // device
+    const int32_t* positions = nullptr;  // device, batch.positions
+    const int64_t* slots = nullptr;      // device, batch.slots
+    AttentionRows rows;                  // device positions / table offsets / tables from batch.sequences
+    int max_pos = 0;                     // grids are sized for it
+  };
+  BoundStep* bound_ = nullptr;
+  bool capturing_ = false;
+  std::shared_ptr<Pool> graph_pool_ = std::make_shared<Pool>();  // scratch of run_step / capture_step
+  std::unordered_map<uint64_t, Block> inv_freq_;                  // RoPE tables by (theta bits, rotary_dim)
+
+  const int32_t* bound_tokens(std::span<const int32_t> ids) const {
+    return bound_ && ids.data() == bound_->host_tokens && ids.size() == bound_->num_tokens ? bound_->tokens : nullptr;
+  }
+  const int32_t* bound_positions(std::span<const int32_t> positions) const {
+    return bound_ && positions.data() == bound_->batch->positions.data() &&
+                   positions.size() == bound_->batch->positions.size()
+               ? bound_->positions
+               : nullptr;
+  }
+  const int64_t* bound_slots(std::span<const int64_t> slots) const {
+    return bound_ && slots.data() == bound_->batch->slots.data() && slots.size() == bound_->batch->slots.size()
+               ? bound_->slots
+               : nullptr;
+  }
+  friend class CudaStepBinding;
 
   CudaOptions options_;
   std::shared_ptr<Pool> pool_;

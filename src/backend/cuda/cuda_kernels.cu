@@ -245,6 +245,7 @@ __global__ void embedding_kernel(const void* table, const uint8_t* scales, int f
 
 __global__ void cache_write_kernel(const float* x, size_t width, const int64_t* slots, float* cache) {
   const size_t i = blockIdx.y;
+  if (slots[i] < 0) return;  // a padding row of a captured decode step: writes nowhere
   const size_t slot = static_cast<size_t>(slots[i]);
   for (size_t c = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; c < width;
        c += static_cast<size_t>(gridDim.x) * blockDim.x)

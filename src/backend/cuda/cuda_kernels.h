@@ -183,6 +183,7 @@ cudaError_t launch_fill_random_f32(float* out, size_t n, uint64_t seed, float am
 enum class TableFormat : int { F32 = 0, BF16 = 1, MXFP4 = 2 };
 cudaError_t launch_embedding(const void* table, const uint8_t* scales, TableFormat format, int64_t rows, int64_t cols,
                              const int32_t* ids, size_t count, int64_t row_offset, float* out, cudaStream_t stream);
+// Rows whose slot is negative are skipped (padding rows of a captured decode step).
 cudaError_t launch_cache_write(const float* x, size_t width, const int64_t* slots, size_t count, float* cache,
                                cudaStream_t stream);
 
