@@ -104,14 +104,32 @@ __device__ uint64_t select_threshold(const RowState& r, Cut cut, uint64_t tau_k,
     for (int i = t; i < kBins; i += kThreads) sh.count[i] = 0, sh.mass[i] = 0;
     __syncthreads();
     const uint64_t digit_mask = (uint64_t{1} << bits) - 1;
-    for (uint32_t c = t; c < r.cols; c += kThreads) {
-      const Token tok = token_at(r, c);
-      bool cand = tok.min_p_ok;
-      if (cut == Cut::TopP) cand = cand && tok.key >= tau_k && tok.weight > 0;
-      if (cand && (tok.key & prefix_mask) == prefix) {
-        const unsigned b = static_cast<unsigned>((tok.key >> shift) & digit_mask);
-        atomicAdd(&sh.count[b], 1u);
-        atomicAdd(&sh.mass[b], static_cast<unsigned long long>(cut == Cut::TopK ? 1 : tok.weight));
+    // Warp-aggregated: the lanes of a warp that hit one bin add once (logits crowd a few bins of the high digits).
+    const int lane = t & 31;
+    for (uint32_t c0 = static_cast<uint32_t>(t - lane); c0 < r.cols; c0 += kThreads) {
+      const uint32_t c = c0 + static_cast<uint32_t>(lane);
+      bool hit = false;
+      unsigned b = 0xFFFFFFFFu;
+      uint64_t w = 0;
+      if (c < r.cols) {
+        const Token tok = token_at(r, c);
+        hit = tok.min_p_ok && (cut == Cut::TopK || (tok.key >= tau_k && tok.weight > 0)) &&
+              (tok.key & prefix_mask) == prefix;
+        if (hit) b = static_cast<unsigned>((tok.key >> shift) & digit_mask), w = tok.weight;
+      }
+      const unsigned peers = __match_any_sync(0xffffffffu, b);
+      if (hit) {
+        const unsigned n = __popc(peers);
+        uint64_t m = n;
+        if (cut == Cut::TopP) {  // weights <= 2^40: two 20-bit halves, each summed in 32 bits
+          const unsigned hi = __reduce_add_sync(peers, static_cast<unsigned>(w >> 20));
+          const unsigned lo = __reduce_add_sync(peers, static_cast<unsigned>(w & 0xFFFFFu));
+          m = (static_cast<uint64_t>(hi) << 20) + lo;
+        }
+        if (lane == __ffs(peers) - 1) {
+          atomicAdd(&sh.count[b], n);
+          atomicAdd(&sh.mass[b], static_cast<unsigned long long>(m));
+        }
       }
     }
     __syncthreads();
