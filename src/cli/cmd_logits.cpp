@@ -62,7 +62,7 @@ std::unique_ptr<backend::Backend> make_backend(const std::string& device, const 
                                                const std::string& kv_cache_dtype) {
   if (moe_backend != "native" && moe_backend != "emulation")
     fail("--moe-backend must be native or emulation, got '{}'", moe_backend);
-  const DType kv = parse_kv_cache_dtype(kv_cache_dtype, device);
+  [[maybe_unused]] const DType kv = parse_kv_cache_dtype(kv_cache_dtype, device);  // checked on every device
   if (device == "cpu") return backend::make_cpu_backend();
   if (device == "cuda") {
 #ifdef MXLM_HAVE_CUDA
