@@ -203,6 +203,34 @@ void bench_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
     row("MXFP4 GEMM N=%d K=%d M=4096 (dequant->bf16 + cuBLAS): %.3f ms %.0f TFLOP/s; cuBLAS bf16 %.3f ms %.0f TFLOP/s "
         "-> %.0f%%",
         n, k, ours, flops / (ours * 1e-3) / 1e12, ref, flops / (ref * 1e-3) / 1e12, 100.0 * ref / ours);
+    // Medium M (the shared expert and the dense MXFP4 linears of a decode batch): version-1 token tiles of 16 in
+    // one launch (the native linear up to kMxfp4GemvMaxTokens) against dequantize + cuBLAS, same weights.
+    for (int mm : {32, 64, 128, 192, 256}) {
+      const int split = cu::mxfp4_gemv_k_split(n, k, cu::mxfp4_gemv_token_tiles(mm), sms);
+      const double tiled = graph_ms(
+          stream,
+          [&](int i) {
+            if (split > 1) CK(cudaMemsetAsync(yl, 0, size_t{4} * mm * n, stream));
+            const cu::Mxfp4GemvGroup g{wq[static_cast<size_t>(i % sets)], ws[static_cast<size_t>(i % sets)], xl, yl, mm,
+                                       n};
+            CK(cu::launch_mxfp4_gemv_one(g, n, k, split, stream));
+          },
+          quick ? 5 : 10, 16);
+      const double deq = graph_ms(
+          stream,
+          [&](int i) {
+            CK(cu::launch_dequant_mxfp4_bf16(wq[static_cast<size_t>(i % sets)], ws[static_cast<size_t>(i % sets)],
+                                             static_cast<size_t>(n), static_cast<size_t>(k), tmp, stream));
+            gemm_bf16(h, tmp, xl, yl, n, mm, k);
+          },
+          quick ? 5 : 10, 16);
+      const double bf = graph_ms(
+          stream, [&](int i) { gemm_bf16(h, wb[static_cast<size_t>(i % bsets)], xl, yl, n, mm, k); }, quick ? 5 : 10, 16);
+      row("MXFP4 linear N=%d K=%d M=%3d: token-tiled GEMV %7.2f us (%4.0f%% of copy), dequant + cuBLAS %7.2f us, "
+          "cuBLAS on bf16 weights %7.2f us -> tiled %.2fx dequant%s",
+          n, k, mm, tiled * 1e3, 100.0 * static_cast<double>(wbytes) / (tiled * 1e-3) / 1e9 / c.copy_gbs, deq * 1e3,
+          bf * 1e3, deq / tiled, mm <= cu::kMxfp4GemvMaxTokens ? " (backend: tiled)" : " (backend: dequant)");
+    }
     for (auto* p : wq) CK(cudaFree(p));
     for (auto* p : ws) CK(cudaFree(p));
     for (auto* p : wb) CK(cudaFree(p));

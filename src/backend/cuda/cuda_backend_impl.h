@@ -510,11 +510,12 @@ class CudaBackend final : public Backend {
       mxfp4_gemv(w, xb, nullptr, m, y);
       return;
     }
-    if (options_.moe_backend == MoeBackend::Native && m <= 16) {
+    if (options_.moe_backend == MoeBackend::Native && m <= kMxfp4GemvMaxTokens) {
       // 9..16 tokens: version 1 (H100: 11 us vs 16-18 us for version 2 per 10 MB), descriptor by value, K split
-      // into zeroed outputs.
+      // into zeroed outputs. Up to kMxfp4GemvMaxTokens tokens as tiles of 16 in one launch: at 32 tokens the
+      // dequantize-to-bf16 + cuBLAS path below moves ~8x the weight bytes (a bf16 copy written and read back).
       const Mxfp4GemvGroup g{static_cast<const uint8_t*>(w.data_), w.scales_, xb, y, static_cast<int>(m), n};
-      const int split = mxfp4_gemv_k_split(n, k, 1, sms_);
+      const int split = mxfp4_gemv_k_split(n, k, mxfp4_gemv_token_tiles(static_cast<int>(m)), sms_);
       if (split > 1) MXLM_CUDA_CHECK(cudaMemsetAsync(y, 0, m * static_cast<size_t>(n) * 4, stream_));
       MXLM_CUDA_CHECK(launch_mxfp4_gemv_one(g, n, k, split, stream_));
       return;

@@ -64,8 +64,13 @@ struct Mxfp4GemvGroup {
 // zeros first. max_m is the largest m over the groups (picks the kernel variant). k % 32 == 0.
 cudaError_t launch_mxfp4_gemv(const Mxfp4GemvGroup* groups, int num_groups, int max_m, int n, int k, int k_split,
                               cudaStream_t stream);
-// One problem, descriptor by value (no device copy: safe to capture in a CUDA graph); same rules.
+// One problem, descriptor by value (no device copy: safe to capture in a CUDA graph); same rules, except that m may
+// exceed 16: the tokens then run as tiles of 16 along the grid's z (each tile reads the weights; the tiles of one
+// launch run together, so the re-reads mostly hit L2). k_split from mxfp4_gemv_k_split(n, k, token tiles, SMs).
 cudaError_t launch_mxfp4_gemv_one(const Mxfp4GemvGroup& problem, int n, int k, int k_split, cudaStream_t stream);
+inline int mxfp4_gemv_token_tiles(int m) { return (m + 15) / 16; }
+// The native MXFP4 linear uses the GEMV up to this many tokens and dequantize + cuBLAS above.
+constexpr int kMxfp4GemvMaxTokens = 128;
 // k_split that fills the card for `ctas_per_split` CTAs of the launch (n / 128 row blocks times the groups).
 int mxfp4_gemv_k_split(int n, int k, int num_groups, int multiprocessors);
 

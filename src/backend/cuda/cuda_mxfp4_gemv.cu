@@ -120,7 +120,13 @@ template <int NT>  // token tiles of 8
 __global__ void __launch_bounds__(kWarps * 32, 3)
     mxfp4_gemv_kernel(const Mxfp4GemvGroup* groups, Mxfp4GemvGroup single, int n, int k, int chunks_per_split) {
   extern __shared__ uint4 xs[];  // [NT * 8 tokens][kXStride]: this CTA's slice of the activations, swizzled
-  const Mxfp4GemvGroup grp = groups != nullptr ? groups[blockIdx.z] : single;
+  Mxfp4GemvGroup grp = groups != nullptr ? groups[blockIdx.z] : single;
+  if (groups == nullptr) {  // one problem by value, tokens in tiles of 16 along grid z
+    const int first = 16 * static_cast<int>(blockIdx.z);
+    grp.x += static_cast<size_t>(first) * static_cast<size_t>(k);
+    grp.y += static_cast<size_t>(first) * static_cast<size_t>(grp.ldy);
+    grp.m = min(16, single.m - first);
+  }
   if (grp.m <= 0) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
@@ -660,8 +666,9 @@ cudaError_t launch_mxfp4_gemv(const Mxfp4GemvGroup* groups, int num_groups, int 
 }
 
 cudaError_t launch_mxfp4_gemv_one(const Mxfp4GemvGroup& problem, int n, int k, int k_split, cudaStream_t stream) {
-  if (problem.m < 1 || problem.m > 16) return cudaErrorInvalidValue;
-  return launch_v1(nullptr, problem, 1, problem.m, n, k, k_split, stream);
+  if (problem.m < 1 || problem.m > 16 * 65535) return cudaErrorInvalidValue;
+  return launch_v1(nullptr, problem, mxfp4_gemv_token_tiles(problem.m), std::min(problem.m, 16), n, k, k_split,
+                   stream);
 }
 
 namespace {
