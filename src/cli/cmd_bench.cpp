@@ -264,6 +264,7 @@ struct BenchDecodeOptions {
   engine::DecodeBenchOptions run;
   double copy_mib = 1024;
   std::string output_json;
+  bool enforce_eager = false;  // else, where the backend captures decode steps, each batch runs captured and eager
 };
 
 void run_bench_decode(const BenchDecodeOptions& o) {
@@ -293,6 +294,7 @@ void run_bench_decode(const BenchDecodeOptions& o) {
 
   model::ModelOptions mo;
   mo.float_format = parse_weight_dtype(o.dtype);
+  mo.step_graphs = o.enforce_eager ? model::StepGraphs::Off : model::StepGraphs::On;
   const auto t0 = Clock::now();
   // Every rank loads its shard (with dummy weights, of the same seed).
   const auto load_rank = [&](backend::Backend& rank_be, const model::ModelOptions& rank_mo) {
@@ -317,33 +319,51 @@ void run_bench_decode(const BenchDecodeOptions& o) {
              wb.total / 1e9, wb.embedding / 1e9, wb.routed_experts / 1e9, wb.one_expert / 1e6, load_s, be->name());
   const double bw = engine::measure_copy_bandwidth(*be, static_cast<size_t>(o.copy_mib * 1048576.0));
   fmt::print("copy bandwidth (backend copy of {:.0f} MiB, read + write): {:.1f} GB/s\n", o.copy_mib, bw / 1e9);
-  fmt::print("{:>5} {:>9} {:>9} {:>9} {:>10} {:>8} {:>9} {:>8} {:>9} {:>9} {:>8} {:>9}\n", "batch", "ctx", "step p50",
-             "p10-p90", "tokens/s", "experts", "weights", "KV", "roofline", "roof t/s", "ratio", "host smp");
+  // Decode steps as CUDA graphs (model/step_graphs.h) where the backend has them: each batch then runs twice, captured
+  // and eager (--enforce-eager: eager only), and the graph's gain is the ratio of the two in one process.
+  const bool both = !o.enforce_eager && be->supports_step_graphs();
+  fmt::print("{:>5} {:>5} {:>9} {:>9} {:>9} {:>10} {:>8} {:>9} {:>8} {:>9} {:>9} {:>8} {:>9}\n", "batch", "mode", "ctx",
+             "step p50", "p10-p90", "tokens/s", "experts", "weights", "KV", "roofline", "roof t/s", "ratio",
+             "host smp");
   nlohmann::json report = nlohmann::json::array();
   for (const int b : o.batch) {
-    const engine::DecodeBenchResult r = engine::run_decode_bench(*m, b, run, bw);
-    fmt::print("{:>5} {:>4}-{:<4} {:>7.3f}ms {:>4.2f}-{:<4.2f} {:>10.1f} {:>8.1f} {:>7.3f}GB {:>6.1f}MB {:>7.3f}ms "
-               "{:>9.1f} {:>8.3f} {:>7.3f}ms\n",
-               b, r.context_first, r.context_last, r.step_p50_s * 1e3, r.step_p10_s * 1e3, r.step_p90_s * 1e3,
-               r.tokens_per_s, r.distinct_experts, r.weight_bytes / 1e9, r.kv_bytes / 1e6, r.roofline_s * 1e3,
-               b / r.roofline_s, r.roofline_fraction, r.host_argmax_s * 1e3);
-    report.push_back({{"batch", b},
-                      {"context_first", r.context_first},
-                      {"context_last", r.context_last},
-                      {"prefill_s", r.prefill_s},
-                      {"step_p10_s", r.step_p10_s},
-                      {"step_p50_s", r.step_p50_s},
-                      {"step_p90_s", r.step_p90_s},
-                      {"tokens_per_s", r.tokens_per_s},
-                      {"distinct_experts_per_moe_layer", r.distinct_experts},
-                      {"weight_bytes_per_step", r.weight_bytes},
-                      {"kv_bytes_per_step", r.kv_bytes},
-                      {"logits_bytes_per_step", r.logits_bytes},
-                      {"copy_bytes_per_s", bw},
-                      {"roofline_weights_s", r.roofline_weights_s},
-                      {"roofline_s", r.roofline_s},
-                      {"roofline_fraction", r.roofline_fraction},
-                      {"host_argmax_s", r.host_argmax_s}});
+    double graph_step_s = 0;
+    for (const bool eager : both ? std::vector<bool>{false, true} : std::vector<bool>{true}) {
+      run.enforce_eager = eager;
+      const engine::DecodeBenchResult r = engine::run_decode_bench(*m, b, run, bw);
+      const char* mode = run.enforce_eager ? "eager" : "graph";
+      if (!run.enforce_eager && r.graph_replays == 0)
+        fmt::print("warning: no timed step replayed a graph (the step did not qualify or its capture failed)\n");
+      fmt::print(
+          "{:>5} {:>5} {:>4}-{:<4} {:>7.3f}ms {:>4.2f}-{:<4.2f} {:>10.1f} {:>8.1f} {:>7.3f}GB {:>6.1f}MB {:>7.3f}ms "
+          "{:>9.1f} {:>8.3f} {:>7.3f}ms\n",
+          b, mode, r.context_first, r.context_last, r.step_p50_s * 1e3, r.step_p10_s * 1e3, r.step_p90_s * 1e3,
+          r.tokens_per_s, r.distinct_experts, r.weight_bytes / 1e9, r.kv_bytes / 1e6, r.roofline_s * 1e3,
+          b / r.roofline_s, r.roofline_fraction, r.host_argmax_s * 1e3);
+      if (!run.enforce_eager) graph_step_s = r.step_p50_s;
+      if (both && run.enforce_eager)
+        fmt::print("{:>5} graph vs eager: step {:.3f} / {:.3f} ms = {:.3f}x tokens/s\n", b, graph_step_s * 1e3,
+                   r.step_p50_s * 1e3, r.step_p50_s / graph_step_s);
+      report.push_back({{"batch", b},
+                        {"mode", mode},
+                        {"graph_replays", r.graph_replays},
+                        {"context_first", r.context_first},
+                        {"context_last", r.context_last},
+                        {"prefill_s", r.prefill_s},
+                        {"step_p10_s", r.step_p10_s},
+                        {"step_p50_s", r.step_p50_s},
+                        {"step_p90_s", r.step_p90_s},
+                        {"tokens_per_s", r.tokens_per_s},
+                        {"distinct_experts_per_moe_layer", r.distinct_experts},
+                        {"weight_bytes_per_step", r.weight_bytes},
+                        {"kv_bytes_per_step", r.kv_bytes},
+                        {"logits_bytes_per_step", r.logits_bytes},
+                        {"copy_bytes_per_s", bw},
+                        {"roofline_weights_s", r.roofline_weights_s},
+                        {"roofline_s", r.roofline_s},
+                        {"roofline_fraction", r.roofline_fraction},
+                        {"host_argmax_s", r.host_argmax_s}});
+    }
   }
   if (!o.output_json.empty()) {
     std::ofstream out(o.output_json);
@@ -384,6 +404,8 @@ void add_bench_decode(CLI::App* bench) {
   d->add_option("--seed", o->run.seed, "Seed of the prompts and the dummy weights")->capture_default_str();
   d->add_option("--copy-mib", o->copy_mib, "Size of the copy that measures the bandwidth")->capture_default_str();
   d->add_option("--output-json", o->output_json, "Also write the numbers as JSON");
+  d->add_flag("--enforce-eager", o->enforce_eager,
+              "Decode steps eagerly only (default on cuda: each batch captured as a CUDA graph and eager, compared)");
   d->callback([o] { run_bench_decode(*o); });
 }
 

@@ -88,6 +88,7 @@ struct LogitsOptions {
   std::string device = "cpu";
   std::string dtype = "auto";
   std::string kv_cache_dtype = "auto";
+  bool enforce_eager = false;  // decode steps never as CUDA graphs
   int tensor_parallel_size = 1;
 };
 
@@ -95,6 +96,7 @@ void run_logits(const LogitsOptions& o) {
   const auto ids = parse_token_list(o.tokens);
   model::ModelOptions mo;
   mo.float_format = parse_weight_dtype(o.dtype);
+  mo.step_graphs = o.enforce_eager ? model::StepGraphs::Off : model::StepGraphs::On;  // on cuda
   LoadedModel lm = load_model(o.device, "native", o.tensor_parallel_size, mo, o.model, o.kv_cache_dtype);
   auto& model = lm.model;
   engine::CacheConfig cc = engine::cache_config_for(*model, static_cast<int32_t>(ids.size()));
@@ -122,6 +124,8 @@ void add_logits(CLI::App& app) {
   cmd->add_option("--kv-cache-dtype", opts->kv_cache_dtype,
                   "KV cache element: auto (float32), float32, bfloat16 (cuda)")
       ->capture_default_str();
+  cmd->add_flag("--enforce-eager", opts->enforce_eager,
+                "Run decode steps eagerly (default on cuda: captured once per batch size as CUDA graphs and replayed)");
   cmd->add_option("--tensor-parallel-size", opts->tensor_parallel_size,
                   "Ranks the model is sharded over (threads on cpu, GPUs 0..N-1 with NCCL on cuda)")
       ->capture_default_str();

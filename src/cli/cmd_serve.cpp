@@ -41,6 +41,7 @@ struct ServeOptions {
   int port = 8000;
   std::string device = "cpu";
   std::string kv_cache_dtype = "auto";
+  bool enforce_eager = false;  // decode steps never as CUDA graphs
   int tensor_parallel_size = 1;
   std::optional<int> block_size;  // default: the model's sparse block size (128 without sparse layers)
   int max_model_len = 0;
@@ -187,6 +188,7 @@ void run_serve(ServeOptions o) {
 
   model::ModelOptions mo;
   mo.float_format = parse_weight_dtype(o.dtype);
+  mo.step_graphs = o.enforce_eager ? model::StepGraphs::Off : model::StepGraphs::On;  // on cuda
   LoadedModel lm = load_model(o.device, o.moe_backend, o.tensor_parallel_size, mo, o.model, o.kv_cache_dtype);
   auto& model = lm.model;
   if (!o.block_size) o.block_size = model->has_sparse_layers() ? model->text().sparse.block_size : 128;
@@ -348,6 +350,8 @@ void add_serve(CLI::App& app) {
   cmd->add_option("--moe-backend", o->moe_backend, "emulation|native")->capture_default_str();
   cmd->add_option("--kv-cache-dtype", o->kv_cache_dtype, "KV cache element: auto (float32), float32, bfloat16 (cuda)")
       ->capture_default_str();
+  cmd->add_flag("--enforce-eager", o->enforce_eager,
+                "Run decode steps eagerly (default on cuda: captured once per batch size as CUDA graphs and replayed)");
   cmd->add_option("--api-key", o->api_key, "Require this bearer token on /v1 routes (or $VLLM_API_KEY)");
   cmd->add_option("--generation-config", o->generation_config,
                   "auto (MODEL_DIR/generation_config.json sampling defaults), vllm/none (none), or a folder")

@@ -31,6 +31,9 @@ struct DecodeBenchOptions {
   float top_p = 1.0f;
   int32_t top_k = 0;
   TpRanks* tp_ranks = nullptr;  // the model's other tensor-parallel ranks (tp_ranks.h); null at TP = 1
+  // Every step eagerly, even where the model captures decode steps (ModelOptions::step_graphs). Either way one
+  // untimed decode step runs between the warm-up and the timed steps (where a graph is captured).
+  bool enforce_eager = false;
 };
 
 struct DecodeBenchResult {
@@ -42,6 +45,7 @@ struct DecodeBenchResult {
   double tokens_per_s = 0;        // batch / median step
   double host_argmax_s = 0;       // host sampling (argmax or draw), median per step, not in the step time (0 on device)
   double distinct_experts = 0;    // routed experts touched per MoE layer per step (warm-up mean); 0 without MoE
+  uint64_t graph_replays = 0;     // timed steps that replayed a captured graph (rank 0's model)
   uint64_t weight_bytes = 0;      // weight bytes a step reads (as above)
   uint64_t kv_bytes = 0;          // KV/index-K bytes a step reads (mean over the timed steps)
   uint64_t logits_bytes = 0;      // bytes of logits each step brings back to the host (0 with device_greedy)

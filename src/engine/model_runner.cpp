@@ -133,6 +133,7 @@ StepOutput ModelRunner::run_step(std::span<const StepItem> items, bool greedy_on
     }
   }
   model::ForwardBatch fb;
+  fb.enforce_eager = enforce_eager_;
   auto& ab = fb.attention;
   ab.block_size = cache_.block_size;
   StepOutput out;

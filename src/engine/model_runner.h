@@ -69,6 +69,8 @@ class ModelRunner {
   // for all_logits); only the tokens come back (StepOutput::tokens), the logits stay where they were computed.
   StepOutput step(std::span<const StepItem> items, std::span<const backend::SampleParams> sample);
   void release(Sequence& seq) { blocks_.release(seq); }
+  // Every step eagerly, never as a captured graph (ForwardBatch::enforce_eager), whatever the model's options say.
+  void set_enforce_eager(bool eager) { enforce_eager_ = eager; }
 
   // Tensor parallelism (tp_ranks.h): ranks 1.. of the model's group run every step's forward on their own threads.
   // TpRanks::attach sets it; null at TP = 1.
@@ -88,6 +90,7 @@ class ModelRunner {
   std::vector<std::unique_ptr<backend::Buffer>> storage_;
   std::vector<model::LayerCache> layers_;
   TpRanks* tp_ranks_ = nullptr;
+  bool enforce_eager_ = false;
 };
 
 // Pages needed to hold `tokens` tokens.

@@ -326,8 +326,20 @@ void M3Model::attention(const Layer& layer, const LayerCache& cache, const backe
 }
 
 std::vector<float> M3Model::forward(const ForwardBatch& batch, std::span<const LayerCache> caches) {
-  std::vector<float> graph_logits;
-  if (graph_step(batch, caches, false, &graph_logits, nullptr)) return graph_logits;
+  if (Buffer* out = graph_step(batch, caches, false)) {
+    // Rows 0 .. T-1 of the graph's logits are the step's own (padding rows come after them).
+    const size_t T = batch.tokens.size(), V = static_cast<size_t>(vocab_size()), n = batch.logit_rows.size();
+    std::vector<float> all(T * V);
+    backend_.download(*out, 0, all.data(), all.size());
+    bool identity = n == T;
+    for (size_t j = 0; identity && j < n; ++j) identity = batch.logit_rows[j] == static_cast<int32_t>(j);
+    if (identity) return all;
+    std::vector<float> picked(n * V);
+    for (size_t j = 0; j < n; ++j)
+      std::copy_n(all.begin() + static_cast<ptrdiff_t>(static_cast<size_t>(batch.logit_rows[j]) * V), V,
+                  picked.begin() + static_cast<ptrdiff_t>(j * V));
+    return picked;
+  }
   auto all = logits_on_device(batch, caches);
   std::vector<float> logits(all ? all->size() : 0);
   if (all) backend_.download(*all, 0, logits.data(), logits.size());
@@ -335,8 +347,13 @@ std::vector<float> M3Model::forward(const ForwardBatch& batch, std::span<const L
 }
 
 std::vector<int32_t> M3Model::forward_greedy(const ForwardBatch& batch, std::span<const LayerCache> caches) {
-  std::vector<int32_t> graph_ids;
-  if (graph_step(batch, caches, true, nullptr, &graph_ids)) return graph_ids;
+  if (Buffer* out = graph_step(batch, caches, true)) {
+    std::vector<int32_t> all(batch.tokens.size());
+    backend_.download(*out, 0, reinterpret_cast<float*>(all.data()), all.size());
+    std::vector<int32_t> ids(batch.logit_rows.size());
+    for (size_t j = 0; j < ids.size(); ++j) ids[j] = all[static_cast<size_t>(batch.logit_rows[j])];
+    return ids;
+  }
   auto all = logits_on_device(batch, caches);
   std::vector<int32_t> ids(all ? batch.logit_rows.size() : 0);
   if (ids.empty()) return ids;
@@ -366,6 +383,17 @@ std::vector<int32_t> M3Model::forward_sample(const ForwardBatch& batch, std::spa
                                              std::span<const backend::SampleParams> params) {
   if (params.size() != batch.logit_rows.size())
     fail("forward_sample: {} sampling parameter sets for {} logit rows", params.size(), batch.logit_rows.size());
+  // A decode step with its logit rows in row order draws from the captured step's logits (rows 0 .. T-1).
+  bool in_order = batch.logit_rows.size() == batch.tokens.size();
+  for (size_t j = 0; in_order && j < batch.logit_rows.size(); ++j)
+    in_order = batch.logit_rows[j] == static_cast<int32_t>(j);
+  if (Buffer* out = in_order ? graph_step(batch, caches, false) : nullptr) {
+    std::vector<int32_t> ids(batch.logit_rows.size());
+    auto d = backend_.alloc(ids.size());
+    backend_.sample_rows(out->f32(), ids.size(), static_cast<size_t>(config_.text.vocab_size), params, d->i32());
+    backend_.download(*d, 0, reinterpret_cast<float*>(ids.data()), ids.size());
+    return ids;
+  }
   auto all = logits_on_device(batch, caches);
   std::vector<int32_t> ids(all ? batch.logit_rows.size() : 0);
   if (ids.empty()) return ids;
@@ -435,15 +463,14 @@ void M3Model::run_layers(const ForwardBatch& batch, std::span<const LayerCache> 
   backend_.all_gather_cols(local, R, static_cast<size_t>(local_vocab_), logits);
 }
 
-bool M3Model::graph_step(const ForwardBatch& batch, std::span<const LayerCache> caches, bool greedy,
-                         std::vector<float>* logits, std::vector<int32_t>* ids) {
+Buffer* M3Model::graph_step(const ForwardBatch& batch, std::span<const LayerCache> caches, bool greedy) {
   const StepGraphs mode = options_.step_graphs;
   if (mode == StepGraphs::Off || batch.enforce_eager || routing_observer_ || !backend_.supports_step_graphs() ||
       batch.logit_rows.empty() || !is_decode_step(batch))
-    return false;
+    return nullptr;
   const int T = static_cast<int>(batch.tokens.size());
   const int R = step_graph_rows(T, options_.max_graph_rows);
-  if (R == 0) return false;
+  if (R == 0) return nullptr;
   validate(batch, caches);
   const int P = step_graph_pages(step_pages_needed(batch));
   if (!graphs_) graphs_ = std::make_unique<Graphs>();
@@ -455,7 +482,7 @@ bool M3Model::graph_step(const ForwardBatch& batch, std::span<const LayerCache> 
     g.caches = std::move(cache_ptrs);
   }
   Graphs::Entry& e = g.entries[{R, P, greedy}];
-  if (e.capture_failed) return false;
+  if (e.capture_failed) return nullptr;
   const size_t V = static_cast<size_t>(vocab_size());
   const ForwardBatch padded = pad_decode_step(batch, R);
   if (!e.graph) {
@@ -492,28 +519,7 @@ bool M3Model::graph_step(const ForwardBatch& batch, std::span<const LayerCache> 
       }
     }
   }
-  // Rows 0 .. T-1 are the step's own (padding rows come after them).
-  const size_t n = batch.logit_rows.size();
-  if (greedy) {
-    std::vector<int32_t> all(static_cast<size_t>(T));
-    backend_.download(out, 0, reinterpret_cast<float*>(all.data()), all.size());
-    ids->resize(n);
-    for (size_t j = 0; j < n; ++j) (*ids)[j] = all[static_cast<size_t>(batch.logit_rows[j])];
-    return true;
-  }
-  std::vector<float> all(static_cast<size_t>(T) * V);
-  backend_.download(out, 0, all.data(), all.size());
-  bool identity = n == static_cast<size_t>(T);
-  for (size_t j = 0; identity && j < n; ++j) identity = batch.logit_rows[j] == static_cast<int32_t>(j);
-  if (identity) {
-    *logits = std::move(all);
-    return true;
-  }
-  logits->resize(n * V);
-  for (size_t j = 0; j < n; ++j)
-    std::copy_n(all.begin() + static_cast<ptrdiff_t>(static_cast<size_t>(batch.logit_rows[j]) * V), V,
-                logits->begin() + static_cast<ptrdiff_t>(j * V));
-  return true;
+  return &out;
 }
 
 std::unique_ptr<M3Model> load_m3_model(const std::filesystem::path& dir, backend::Backend& backend,

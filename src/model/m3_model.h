@@ -123,10 +123,10 @@ class M3Model {
   // Every layer, then the logits of batch.logit_rows into `logits` (backend memory; may be null without logit rows).
   // The step's metadata must be bound (Backend::bind_step) for the backend to read it once.
   void run_layers(const ForwardBatch& batch, std::span<const LayerCache> caches, float* logits);
-  // A decode step as a captured graph (step_graphs.h); false when the step does not qualify (run it eagerly).
-  // Fills `logits` ([logit_rows, vocab]) or, with greedy, `ids`.
-  bool graph_step(const ForwardBatch& batch, std::span<const LayerCache> caches, bool greedy,
-                  std::vector<float>* logits, std::vector<int32_t>* ids);
+  // A decode step as a captured graph (step_graphs.h): its output in backend memory, rows 0 .. T-1 the step's own
+  // (argmax ids [rows] with greedy, else logits [rows, vocab]), enqueued, not yet read; null when the step does not
+  // qualify (run it eagerly).
+  backend::Buffer* graph_step(const ForwardBatch& batch, std::span<const LayerCache> caches, bool greedy);
   void linear(const float* x, size_t m, const backend::Weight& w, float* y);
   void mlp(const Mlp& mlp, const float* x, size_t m, float* out);
   void attention(const Layer& layer, const LayerCache& cache, const backend::AttentionBatch& batch, const float* x,
