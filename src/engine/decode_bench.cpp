@@ -115,6 +115,8 @@ DecodeBenchResult run_decode_bench(model::M3Model& model, int batch, const Decod
   const int first_timed = o.warmup_steps + 1;
   uint64_t replays_before = 0;
   for (int step = 0; step < first_timed + o.steps; ++step) {
+    // The routing-counted warm-up steps run unpadded (padding rows would add experts to the count).
+    runner.set_enforce_eager(step < o.warmup_steps || o.enforce_eager);
     if (step == o.warmup_steps) model.set_routing_observer(nullptr);
     if (step == first_timed) replays_before = model.step_graph_stats().replays;
     const auto a0 = Clock::now();

@@ -465,8 +465,10 @@ void M3Model::run_layers(const ForwardBatch& batch, std::span<const LayerCache> 
 
 Buffer* M3Model::graph_step(const ForwardBatch& batch, std::span<const LayerCache> caches, bool greedy) {
   const StepGraphs mode = options_.step_graphs;
-  if (mode == StepGraphs::Off || batch.enforce_eager || routing_observer_ || !backend_.supports_step_graphs() ||
-      batch.logit_rows.empty() || !is_decode_step(batch))
+  // Whether a step is padded depends on the batch and the options only, never on this rank's state: tensor-parallel
+  // ranks must run collectives of the same sizes.
+  if (mode == StepGraphs::Off || batch.enforce_eager || !backend_.supports_step_graphs() || batch.logit_rows.empty() ||
+      !is_decode_step(batch))
     return nullptr;
   const int T = static_cast<int>(batch.tokens.size());
   const int R = step_graph_rows(T, options_.max_graph_rows);
@@ -482,7 +484,8 @@ Buffer* M3Model::graph_step(const ForwardBatch& batch, std::span<const LayerCach
     g.caches = std::move(cache_ptrs);
   }
   Graphs::Entry& e = g.entries[{R, P, greedy}];
-  if (e.capture_failed) return nullptr;
+  // A routing observer downloads inside the step: such steps (and buckets whose capture failed) run padded, eagerly.
+  const bool capture = mode == StepGraphs::On && !routing_observer_ && !e.capture_failed;
   const size_t V = static_cast<size_t>(vocab_size());
   const ForwardBatch padded = pad_decode_step(batch, R);
   if (!e.graph) {
@@ -501,18 +504,18 @@ Buffer* M3Model::graph_step(const ForwardBatch& batch, std::span<const LayerCach
     run_layers(padded, caches, all->f32());
     backend_.argmax_rows(all->f32(), static_cast<size_t>(R), V, out.i32());
   };
-  if (graph.captured()) {
+  if (capture && graph.captured()) {
     backend_.replay_step(graph, padded.attention, padded.tokens);
     ++g.stats.replays;
   } else {
     backend_.run_step(graph, body);
     ++g.stats.padded_eager;
-    if (mode == StepGraphs::On) {
+    if (capture && !graph.captured()) {
       try {
         backend_.capture_step(graph, body);
         ++g.stats.captures;
       } catch (const Error& err) {
-        // This bucket runs eagerly from now on; this step's output (run_step's) stands.
+        // This bucket runs padded and eagerly from now on; this step's output (run_step's) stands.
         spdlog::warn("decode steps of {} rows / {} pages run eagerly: {}", R, P, err.what());
         e.capture_failed = true;
         ++g.stats.capture_failures;

@@ -22,7 +22,9 @@ namespace mxlm::model {
 // Decode steps as captured graphs (model/step_graphs.h) on backends that have them (CUDA): Off runs every step
 // eagerly (`--enforce-eager`); On pads decode steps to their row / page bucket, runs a bucket's first step eagerly,
 // captures it and replays it afterwards; EagerPadded pads and binds the same way but never captures (the eager
-// path the replays are checked against).
+// path the replays are checked against). Steps while a routing observer is set, and buckets whose capture failed,
+// run padded and eagerly; whether a step is padded depends only on the batch and these options, so that
+// tensor-parallel ranks agree.
 enum class StepGraphs { Off, On, EagerPadded };
 
 struct ModelOptions {
@@ -38,7 +40,7 @@ struct StepGraphStats {
   uint64_t captures = 0;        // graphs captured
   uint64_t replays = 0;         // steps run by replaying a graph
   uint64_t padded_eager = 0;    // padded steps run eagerly (a bucket's first step, EagerPadded)
-  uint64_t capture_failures = 0;  // buckets whose capture failed (they run eagerly, unpadded)
+  uint64_t capture_failures = 0;  // buckets whose capture failed (they run padded, eagerly)
 };
 
 // One layer's cache pages: [num_pages, block_size, width] elements of the backend's cache_dtype() (f32 unless

@@ -6,6 +6,7 @@
 // P >= the longest sequence's pages (1, 2, 3, 4, 6, 8, 12, 16, ...: powers of two and 1.5 times them, so the
 // attention grids, sized for P pages, are at most 1.5x the step's context). Rows T .. R-1 are padding: token 0 at
 // position 0, KV slot -1 (written nowhere), a one-page block table {0} (read only); their outputs are dropped.
+// (vLLM pads the same way; its dummy slot is a reserved page, ours writes nothing at all.)
 #pragma once
 
 #include <cstdint>
