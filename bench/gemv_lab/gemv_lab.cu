@@ -592,6 +592,234 @@ __global__ void __launch_bounds__(W * 32, 2) gemv8_kernel(Gemv p, int flags) {
   cluster.sync();
   TRACE(5);
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Version 3 / wgmma FP8: the block-exact FP8 path of gemv8_kernel on Hopper's native FP8 tensor-core instruction.
+// Each warpgroup (4 warps, 64 weight rows) issues wgmma.m64nNk32 e4m3 per MX block with A (weights, converted in
+// registers exactly as gemv8_kernel) from registers and B (the activations as e4m3 v, N = 8 or 16 tokens) from
+// shared memory in the 128-byte-swizzled K-major layout (one 1 KB atom = 8 tokens x 128 k per chunk), a fresh D per
+// block (scale-d = 0), then the block scales in f32.
+__device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t addr) {
+  uint64_t d = 0;
+  d |= static_cast<uint64_t>((addr >> 4) & 0x3FFF);
+  d |= static_cast<uint64_t>((1024u >> 4) & 0x3FFF) << 32;  // SBO: next 8-token atom
+  d |= static_cast<uint64_t>(1) << 62;                      // 128-byte swizzle
+  return d;
+}
+template <int NT>
+__device__ __forceinline__ void wgmma_fp8(float (&d)[NT * 4], const uint32_t (&a)[4], uint64_t desc) {
+  if constexpr (NT == 1) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {%0,%1,%2,%3}, {%4,%5,%6,%7}, %8, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(0));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9,%10,%11}, %12, p, 1, "
+        "1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(0));
+  }
+}
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+
+template <int NT, int CH>
+__global__ void __launch_bounds__(384, 1) gemvw_kernel(Gemv p, int flags) {
+  constexpr int W = 12, TPW = 1;
+  constexpr int R = 16 * W * TPW;
+  constexpr int NB = CH * 4;
+  extern __shared__ __align__(128) uint4 smem[];
+  uint4* ws = smem;                                                    // [CH][R][4 blocks, swizzled]
+  float* fx = reinterpret_cast<float*>(smem + CH * R * 4);             // [NB][16]
+  // B atoms [CH][NT][1 KB], 1024-byte aligned (the swizzle pattern follows address bits)
+  const uint32_t braw = smem_addr(fx + NB * 16);
+  const uint32_t bbase = (braw + 1023u) & ~1023u;
+  uint8_t* bsm = reinterpret_cast<uint8_t*>(fx + NB * 16) + (bbase - braw);
+  float* part = reinterpret_cast<float*>(smem);
+  __shared__ __align__(8) uint64_t bars[W][CH];
+
+  cg::cluster_group cluster = cg::this_cluster();
+  const int C = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int row0 = (blockIdx.x / C) * R;
+  const int k0 = rank * CH * 128;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int wrow0 = row0 + warp * 16;
+  const size_t row_bytes = static_cast<size_t>(p.k) / 2;
+  TRACE(0);
+  if (lane == 0) {
+#pragma unroll
+    for (int c = 0; c < CH; ++c) mbar_init(&bars[warp][c], 32u);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncwarp();
+#pragma unroll
+  for (int c = 0; c < CH; ++c) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int idx = lane + 32 * i;
+      const int r = idx >> 2, b = idx & 3;
+      if (wrow0 + r < p.n) {
+        const int lrow = warp * 16 + r;
+        cp_async_16(ws + (c * R + lrow) * 4 + (b ^ ((lrow >> 1) & 3)),
+                    p.w + static_cast<size_t>(wrow0 + r) * row_bytes + (k0 / 2) + c * 64 + b * 16);
+      }
+    }
+    cp_async_arrive(&bars[warp][c]);
+  }
+  uint32_t sw[2][CH];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = wrow0 + g + 8 * h;
+#pragma unroll
+    for (int c = 0; c < CH; ++c)
+      sw[h][c] = row < p.n ? *reinterpret_cast<const uint32_t*>(p.scales + static_cast<size_t>(row) * (p.k / 32) +
+                                                                k0 / 32 + c * 4)
+                           : 0x7f7f7f7fu;
+  }
+  if (flags & kFlagEarlyTrigger) pdl_launch_dependents();
+  if (flags & kFlagWarp0Wait) {
+    if (warp == 0) pdl_wait();
+    __syncthreads();
+  } else {
+    pdl_wait();
+  }
+  TRACE(1);
+  // Activations -> e4m3 in the B atoms: block blk = chunk c, step s; mma k j = h*16 + 4t + i holds real k = 8t + 2i
+  // + h, i.e. the even k of the block in order (16 bytes), then the odd ones (16 bytes).
+  for (int idx = threadIdx.x; idx < NT * 8 * NB; idx += W * 32) {
+    const int tok = idx / NB, blk = idx % NB;
+    uint4 v4[4] = {};
+    if (tok < p.m) {
+      const uint4* src = reinterpret_cast<const uint4*>(p.x + static_cast<size_t>(tok) * p.k + k0 + blk * 32);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) v4[q] = src[q];
+    }
+    uint32_t emax = 0;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t w4[4] = {v4[q].x, v4[q].y, v4[q].z, v4[q].w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) emax = max(emax, max((w4[i] >> 7) & 0xffu, (w4[i] >> 23) & 0xffu));
+    }
+    const int f = min(max(static_cast<int>(emax == 0 ? 1 : emax) - 127 - 2, -120), 121);
+    const float down = __uint_as_float(static_cast<uint32_t>(127 - f) << 23);
+    float vals[32];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t w4[4] = {v4[q].x, v4[q].y, v4[q].z, v4[q].w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        vals[q * 8 + 2 * i] = __uint_as_float(w4[i] << 16) * down;
+        vals[q * 8 + 2 * i + 1] = __uint_as_float(w4[i] & 0xffff0000u) * down;
+      }
+    }
+    uint32_t out[2][4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int wd = 0; wd < 4; ++wd) {  // bytes 4wd..4wd+3 of half h: real k = 2(4wd + b) + h, b = 0..3
+        uint16_t a, b;
+        asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(a) : "f"(vals[8 * wd + 2 + h]), "f"(vals[8 * wd + h]));
+        asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(b) : "f"(vals[8 * wd + 6 + h]), "f"(vals[8 * wd + 4 + h]));
+        out[h][wd] = static_cast<uint32_t>(a) | (static_cast<uint32_t>(b) << 16);
+      }
+    const int c = blk / 4, s = blk % 4, r8 = tok & 7;
+    uint8_t* atom = bsm + (c * NT + tok / 8) * 1024 + r8 * 128;
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      *reinterpret_cast<uint4*>(atom + (((2 * s + h) ^ r8) * 16)) = make_uint4(out[h][0], out[h][1], out[h][2], out[h][3]);
+    fx[blk * 16 + tok] = tok >= p.m ? 0.0f : (emax == 255 ? __uint_as_float(0x7fc00000u)
+                                                         : __uint_as_float(static_cast<uint32_t>(f + 6 + 127) << 23));
+  }
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the B atoms are read by the tensor cores
+  if (!(flags & kFlagEarlyTrigger)) pdl_launch_dependents();
+  __syncthreads();
+  TRACE(2);
+  TRACE(6);
+
+  float acc[NT * 4];
+#pragma unroll
+  for (int i = 0; i < NT * 4; ++i) acc[i] = 0.0f;
+  const uint32_t* ws32 = reinterpret_cast<const uint32_t*>(ws);
+  if (!(flags & kFlagNoMath)) {
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+      mbar_wait(&bars[warp][c], 0);
+      uint32_t a[4][4];
+      float fwg[4], fwh[4];
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        const int lrow = warp * 16 + g;
+        const uint32_t wg_ = ws32[((c * R + lrow) * 4 + (b ^ ((lrow >> 1) & 3))) * 4 + t];
+        const uint32_t wh_ = ws32[((c * R + lrow + 8) * 4 + (b ^ ((lrow >> 1) & 3))) * 4 + t];
+        a[b][0] = ((wg_ << 2) & 0x1c1c1c1cu) | ((wg_ << 4) & 0x80808080u);
+        a[b][1] = ((wh_ << 2) & 0x1c1c1c1cu) | ((wh_ << 4) & 0x80808080u);
+        a[b][2] = ((wg_ >> 2) & 0x1c1c1c1cu) | (wg_ & 0x80808080u);
+        a[b][3] = ((wh_ >> 2) & 0x1c1c1c1cu) | (wh_ & 0x80808080u);
+        const uint32_t sg = (sw[0][c] >> (8 * b)) & 0xffu, sh = (sw[1][c] >> (8 * b)) & 0xffu;
+        fwg[b] = __uint_as_float(sg == 0 ? 0x00400000u : (sg == 255 ? 0x7fc00000u : sg << 23));
+        fwh[b] = __uint_as_float(sh == 0 ? 0x00400000u : (sh == 255 ? 0x7fc00000u : sh << 23));
+      }
+      float d[4][NT * 4];
+      wg_fence();
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+#pragma unroll
+        for (int i = 0; i < NT * 4; ++i) d[b][i] = 0.0f;
+        wgmma_fp8<NT>(d[b], a[b], wgmma_desc_sw128(bbase + c * NT * 1024 + b * 32));
+      }
+      wg_commit();
+      wg_wait0();
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        const int blk = c * 4 + b;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const float2 fxv = *reinterpret_cast<const float2*>(fx + blk * 16 + j * 8 + 2 * t);
+          acc[j * 4 + 0] = fmaf(d[b][j * 4 + 0], fwg[b] * fxv.x, acc[j * 4 + 0]);
+          acc[j * 4 + 1] = fmaf(d[b][j * 4 + 1], fwg[b] * fxv.y, acc[j * 4 + 1]);
+          acc[j * 4 + 2] = fmaf(d[b][j * 4 + 2], fwh[b] * fxv.x, acc[j * 4 + 2]);
+          acc[j * 4 + 3] = fmaf(d[b][j * 4 + 3], fwh[b] * fxv.y, acc[j * 4 + 3]);
+        }
+      }
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < CH; ++c) mbar_wait(&bars[warp][c], 0);
+  }
+  __syncthreads();
+  TRACE(3);
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int tok = j * 8 + 2 * t + (i & 1);
+      const int lrow = warp * 16 + g + (i >= 2 ? 8 : 0);
+      part[lrow * 16 + tok] = acc[j * 4 + i];
+    }
+  cluster.sync();
+  TRACE(4);
+  const int rows_per_rank = R / C;
+  for (int idx = threadIdx.x; idx < rows_per_rank * p.m; idx += W * 32) {
+    const int tok = idx / rows_per_rank, lrow = rank * rows_per_rank + idx % rows_per_rank;
+    float v[8];
+#pragma unroll
+    for (int r = 0; r < 8; ++r) v[r] = r < C ? cluster.map_shared_rank(part, r)[lrow * 16 + tok] : 0.0f;
+    float s = 0.0f;
+#pragma unroll
+    for (int r = 0; r < 8; ++r)
+      if (r < C) s += v[r];
+    if (row0 + lrow < p.n) p.y[static_cast<size_t>(tok) * p.ldy + row0 + lrow] = s;
+  }
+  cluster.sync();
+  TRACE(5);
+}
 // ---------------------------------------------------------------------------------------------------------------
 // Baselines and references
 __global__ void read_probe_kernel(const uint4* p, size_t n, unsigned* out) {
@@ -687,6 +915,17 @@ Variant make_variant8(const char* name) {
   auto* k = gemv8_kernel<NT, W, TPW, CH>;
   CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
   return {name, k, W, TPW, CH, smem};
+}
+
+template <int NT, int CH>
+Variant make_variantw(const char* name) {
+  constexpr int R = 192, NB = CH * 4;
+  const size_t smem = std::max(static_cast<size_t>(CH) * R * 64 + static_cast<size_t>(NB) * 16 * 4 + 1024 +
+                                   static_cast<size_t>(CH) * NT * 1024,
+                               static_cast<size_t>(R) * 16 * 4);
+  auto* k = gemvw_kernel<NT, CH>;
+  CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+  return {name, k, 12, 1, CH, smem};
 }
 
 // Cluster size for (n, k) with this variant: K split so that each rank takes ch chunks.
@@ -838,6 +1077,7 @@ int main(int argc, char** argv) {
       make_variant<1, 6, 2, 6, 0>("v3 cpas W6x2"),   make_variant<2, 6, 2, 6, 0>("v3 cpas W6x2"),
       make_variant8<1, 12, 1, 6>("fp8 W12x1"),       make_variant8<2, 12, 1, 6>("fp8 W12x1"),
       make_variant8<1, 6, 2, 6>("fp8 W6x2"),         make_variant8<2, 6, 2, 6>("fp8 W6x2"),
+      make_variantw<1, 6>("wgmma fp8"),              make_variantw<2, 6>("wgmma fp8"),
   };
   // variants come in (NT=1, NT=2) pairs
   auto pick = [&](int base, int m) -> const Variant& { return variants[base + (m > 8 ? 1 : 0)]; };
@@ -1045,7 +1285,8 @@ int main(int argc, char** argv) {
         const Variant& v = pick(2 * base, m);
         if (sh.k % (v.ch * 128) != 0 || cluster_for(sh.k, v.ch) > 8) continue;
         for (int mode = 0; mode < 4; ++mode) {  // 0: PDL, 1: PDL with the early trigger, 2: no PDL, 3: no math
-          if (base == 2 && mode != 0) continue;
+          if (base >= 1 && base <= 4 && mode != 0) continue;
+          if (mode == 1) continue;  // early trigger: measured slower in every variant (runs of 2026-11-26)
           if (quick && mode == 2 && base > 0) continue;
           const bool pdl = mode != 2;
           const int flags = mode == 3 ? kFlagNoMath : (mode == 1 ? kFlagEarlyTrigger : 0);
@@ -1065,8 +1306,8 @@ int main(int argc, char** argv) {
     {
       unsigned long long* trace;
       const int calls = 64;
-      for (int tflags : {0, kFlagWaitAllFirst, kFlagWarp0Wait, kFlagOneCta, kFlagOneCta | kFlagWaitAllFirst})
-      for (int base : {0, 3, 4})
+      for (int tflags : {0, kFlagOneCta})
+      for (int base : {0, 5})
         for (int m : {1, 16}) {
           const Variant& v = pick(2 * base, m);
           const int C = cluster_for(sh.k, v.ch), R = 16 * v.warps * v.tpw;
