@@ -65,8 +65,10 @@ std::vector<float> slice_rows(const std::vector<float>& v, size_t rows, size_t v
 // Decodes `schedule` (each entry: the sequences of one step, in row order) on every lane, feeding all lanes the
 // tokens lane 0 (StepGraphs::On) chose. When two lanes of the eager path disagree with each other (the eager path is
 // not bit-reproducible), the replays are compared within `off_tol` instead of bit for bit, and the output says so.
+// `capturable`: false for models whose routed experts are sorted on the host (float experts): their captures must
+// fail and every decode step run padded and eagerly.
 void run_schedule(const std::string& name, const MakeModel& make, const std::vector<std::vector<int32_t>>& prompts,
-                  const std::vector<std::vector<int>>& schedule, bool greedy, double off_tol) {
+                  const std::vector<std::vector<int>>& schedule, bool greedy, double off_tol, bool capturable = true) {
   int max_tokens = 0;
   for (const auto& p : prompts) max_tokens = std::max(max_tokens, static_cast<int>(p.size()));
   max_tokens += static_cast<int>(schedule.size()) + 1;
@@ -127,8 +129,14 @@ void run_schedule(const std::string& name, const MakeModel& make, const std::vec
               name.c_str(), mode.c_str(), schedule.size(), rows_checked, static_cast<unsigned long long>(st.captures),
               static_cast<unsigned long long>(st.replays), static_cast<unsigned long long>(st.padded_eager),
               static_cast<unsigned long long>(st.capture_failures), deterministic ? "yes" : "no");
-  report(st.capture_failures == 0 && st.captures > 0 && st.replays > 0,
-         name + mode + ": steps captured and replayed", static_cast<double>(st.replays), 0);
+  if (capturable) {
+    report(st.capture_failures == 0 && st.captures > 0 && st.replays > 0,
+           name + mode + ": steps captured and replayed", static_cast<double>(st.replays), 0);
+  } else {
+    report(st.capture_failures > 0 && st.captures == 0 && st.replays == 0 && st.padded_eager == schedule.size(),
+           name + mode + ": host-sorted experts are not captured (padded eager)",
+           static_cast<double>(st.capture_failures), 0);
+  }
   if (greedy) {
     report(ids_bad == 0 || !deterministic, name + mode + ": graph == padded eager (tokens)",
            static_cast<double>(ids_bad), 0);
@@ -188,12 +196,17 @@ MXLM_GPU_CHECK(step_graphs_fixtures) {
     auto probe = make(StepGraphs::Off);
     const int bs = probe->has_sparse_layers() ? probe->text().sparse.block_size : 16;
     const int vocab = probe->vocab_size();
+    const std::vector<bool> probe_moe = probe->text().layer_is_moe;
     probe.reset();
     // Contexts just below a page boundary (they cross it during the schedule), one short, one long.
+    bool moe = false;
+    for (bool m : probe_moe) moe = moe || m;
     const auto prompts = prompts_of({bs - 2, 2 * bs - 1, 3, bs + 1, 5, 3 * bs - 3}, vocab, 7);
     const double tol = name == "mixed_mxfp4" ? 2e-2 : 1e-4;
+    // The float-expert fixtures' MoE sorts tokens on the host (cuda_moe.cpp): not capturable.
+    const bool capturable = !moe || name == "mixed_mxfp4";
     for (bool greedy : {false, true})
-      run_schedule("model " + name, make, prompts, mixed_schedule(2 * bs + 2), greedy, tol);
+      run_schedule("model " + name, make, prompts, mixed_schedule(2 * bs + 2), greedy, tol, capturable);
   }
 }
 
