@@ -184,6 +184,24 @@ void test_fixtures_tp(Env& env, const std::shared_ptr<backend::CudaTpGroup>& gro
       }
       check_close(what + ": cuda vs transformers", tp2, ref.logits, tol);
       check_close(what + ": cuda TP 2 vs cuda TP 1", tp2, tp1, tol);
+      if (chunk == 1 && name == "dense") {
+        // Decode steps as CUDA graphs on both ranks (NCCL collectives captured in each rank's graph).
+        const auto load_graphs = [dir](Backend& be, int r) {
+          model::ModelOptions o;
+          o.tp = {r, kRanks};
+          o.step_graphs = model::StepGraphs::On;
+          return model::load_m3_model(dir, be, o);
+        };
+        engine::TpRanks ranks(kRanks, make, load_graphs);
+        auto be0 = make(0);
+        auto m0 = load_graphs(*be0, 0);
+        const auto graphs = run_steps(*m0, &ranks, ref.tokens, chunk);
+        const model::StepGraphStats& st = m0->step_graph_stats();
+        report(st.captures > 0 && st.replays > 0 && st.capture_failures == 0,
+               what + " CUDA graphs: rank 0 captured and replayed", static_cast<double>(st.replays), 0);
+        check_close(what + " CUDA graphs: vs transformers", graphs, ref.logits, tol);
+        check_close(what + " CUDA graphs: vs TP 2 eager", graphs, tp2, tol);
+      }
     }
   }
 }
