@@ -34,6 +34,55 @@ uint64_t nth_key(std::vector<uint64_t>& keys, size_t n) {
   return keys[n - 1];
 }
 
+// The key of the candidate at which the cumulative weight, in descending key order, first reaches `target`
+// (0 < target <= the total weight; keys are unique): a weighted quickselect, O(n) expected, no sort.
+uint64_t weighted_cut(std::vector<std::pair<uint64_t, uint64_t>>& cand, uint64_t target) {
+  auto lo = cand.begin(), hi = cand.end();
+  uint64_t need = target;
+  while (true) {
+    if (lo == hi) fail("top-p: the candidates' weight never reaches {}", target);
+    // Median of three keys as the pivot.
+    uint64_t a = lo->first, b = (lo + (hi - lo) / 2)->first, c = (hi - 1)->first;
+    const uint64_t pivot = std::max(std::min(a, b), std::min(std::max(a, b), c));
+    const auto above_end = std::partition(lo, hi, [&](const auto& e) { return e.first > pivot; });
+    uint64_t above = 0;
+    for (auto it = lo; it != above_end; ++it) above += it->second;
+    if (above >= need) {
+      hi = above_end;
+      continue;
+    }
+    need -= above;
+    const auto at = std::partition(above_end, hi, [&](const auto& e) { return e.first == pivot; });
+    const uint64_t w = above_end->second;  // exactly one candidate holds the pivot key
+    if (w >= need) return pivot;
+    need -= w;
+    lo = at;
+  }
+}
+
+// Keys, weights and min-p of every token (the hot loop: FMA instructions where the CPU has them; fma is exact
+// either way, so the results are the same bits).
+__attribute__((target_clones("fma", "default"))) void weigh(std::span<const float> logits, float inv_t,
+                                                            std::vector<float>& z, std::vector<uint64_t>& key,
+                                                            std::vector<uint64_t>& w, std::vector<char>& keep,
+                                                            float min_p) {
+  const size_t n = logits.size();
+  uint64_t best_key = 0;
+  for (size_t i = 0; i < n; ++i) {
+    z[i] = sm::scaled_logit(logits[i], inv_t);
+    key[i] = sm::order_key(z[i], static_cast<uint32_t>(i));
+    best_key = std::max(best_key, key[i]);
+  }
+  const size_t best = 0xFFFFFFFFu - static_cast<uint32_t>(best_key);
+  const float z_max = z[best];
+  const uint32_t best_float_key = static_cast<uint32_t>(best_key >> 32);
+  for (size_t i = 0; i < n; ++i) {
+    const float rel = sm::relative_prob(z[i], z_max, static_cast<uint32_t>(key[i] >> 32) == best_float_key);
+    w[i] = sm::integer_weight(rel);
+    keep[i] = rel >= min_p;
+  }
+}
+
 }  // namespace
 
 std::vector<uint64_t> sample_weights(std::span<const float> logits, const SampleParams& p) {
@@ -46,24 +95,11 @@ std::vector<uint64_t> sample_weights(std::span<const float> logits, const Sample
     w[static_cast<size_t>(first_argmax(logits))] = 1;
     return w;
   }
+  // 1-2: weights and min-p; `keep` marks candidates.
   std::vector<float> z(n);
   std::vector<uint64_t> key(n);
-  uint64_t best_key = 0;
-  for (size_t i = 0; i < n; ++i) {
-    z[i] = sm::scaled_logit(logits[i], p.temperature);
-    key[i] = sm::order_key(z[i], static_cast<uint32_t>(i));
-    best_key = std::max(best_key, key[i]);
-  }
-  const size_t best = 0xFFFFFFFFu - static_cast<uint32_t>(best_key);
-  const float z_max = z[best];
-  const uint32_t best_float_key = static_cast<uint32_t>(best_key >> 32);
-  // 1-2: weights and min-p; `keep` marks candidates.
   std::vector<char> keep(n);
-  for (size_t i = 0; i < n; ++i) {
-    const float rel = sm::relative_prob(z[i], z_max, static_cast<uint32_t>(key[i] >> 32) == best_float_key);
-    w[i] = sm::integer_weight(rel);
-    keep[i] = rel >= p.min_p;
-  }
+  weigh(logits, sm::inverse_temperature(p.temperature), z, key, w, keep, p.min_p);
   // 3. top-k: keys at or above the k-th largest key among the candidates.
   if (p.top_k > 0) {
     std::vector<uint64_t> keys;
@@ -74,8 +110,7 @@ std::vector<uint64_t> sample_weights(std::span<const float> logits, const Sample
       for (size_t i = 0; i < n; ++i) keep[i] = keep[i] && key[i] >= threshold;
     }
   }
-  // 4. top-p: walk the positive-weight candidates in order (zero weights never change the cumulative sum, and are
-  // never drawn); sort a growing head of them until the target is reached.
+  // 4. top-p over the positive-weight candidates (zero weights never change the cumulative sum, and are never drawn).
   if (p.top_p < 1.0f) {
     uint64_t total = 0;
     std::vector<std::pair<uint64_t, uint64_t>> cand;  // (key, weight)
@@ -85,19 +120,7 @@ std::vector<uint64_t> sample_weights(std::span<const float> logits, const Sample
         cand.emplace_back(key[i], w[i]);
       }
     const uint64_t target = sm::top_p_target(p.top_p, total);
-    uint64_t threshold = 0;
-    for (size_t head = std::min<size_t>(256, cand.size());; head = std::min(head * 4, cand.size())) {
-      std::partial_sort(cand.begin(), cand.begin() + static_cast<std::ptrdiff_t>(head), cand.end(),
-                        [](const auto& a, const auto& b) { return a.first > b.first; });
-      uint64_t cum = 0;
-      size_t k = 0;
-      while (k < head && cum < target) cum += cand[k++].second;
-      if (cum >= target) {
-        threshold = cand[k - 1].first;
-        break;
-      }
-      if (head == cand.size()) fail("top-p: the candidates' weight {} never reaches {}", cum, target);
-    }
+    const uint64_t threshold = weighted_cut(cand, target);
     for (size_t i = 0; i < n; ++i) keep[i] = keep[i] && key[i] >= threshold;
   }
   for (size_t i = 0; i < n; ++i)

@@ -2,7 +2,7 @@
 // the host reference here, Backend::sample_rows on a device (the CUDA kernel must match it token for token).
 //
 //   temperature 0: the first index of the largest logit (greedy).
-//   otherwise, with z = logit / temperature and the candidates ordered by (z descending, id ascending):
+//   otherwise, with z = logit * (1 / temperature) (f32) and the candidates ordered by (z descending, id ascending):
 //   1. weights q = floor(2^40 exp(z - z_max)) in f32 with sampling_math.h's exp (integers: no rounding of sums);
 //   2. min-p: keep tokens whose exp(z - z_max) >= min_p;
 //   3. top-k: keep the first top_k of those in candidate order;

@@ -99,9 +99,12 @@ MXLM_HD float sub_rn(float a, float b) {
 #endif
 }
 
+// 1 / temperature, once per row: every token's logit is multiplied by it (a product, not a quotient per token).
+MXLM_HD float inverse_temperature(float temperature) { return div_rn(1.0f, temperature); }
+
 // The temperature-scaled logit: NaN counts as -inf, -0 as +0 (so that equal values have equal keys).
-MXLM_HD float scaled_logit(float logit, float temperature) {
-  float z = div_rn(logit, temperature);
+MXLM_HD float scaled_logit(float logit, float inv_temperature) {
+  float z = mul_rn(logit, inv_temperature);
   if (z != z) z = -INFINITY;
   if (z == 0.0f) z = 0.0f;
   return z;
@@ -123,7 +126,7 @@ MXLM_HD uint64_t order_key(float z, uint32_t id) {
   return (static_cast<uint64_t>(float_key(z)) << 32) | (0xFFFFFFFFu - id);
 }
 
-// exp(d) for d in [kWeightCutoff, 0]: 2^n * 2^f with n = round(d log2 e), |f| <= 1/2, 2^f by its Taylor polynomial
+// exp(d) for d in [kWeightCutoff, 0] (callers check the range): 2^n * 2^f with n = round(d log2 e), |f| <= 1/2, 2^f by its Taylor polynomial
 // of degree 7 (truncation error < 6e-9; with f32 rounding a few ulps), every step an exactly rounded operation.
 MXLM_HD float weight_exp(float d) {
   constexpr float kLog2e = 1.44269504088896341f;
@@ -138,7 +141,15 @@ MXLM_HD float weight_exp(float d) {
   p = fma_rn(p, f, 2.4022650695910071e-01f);
   p = fma_rn(p, f, 6.9314718055994531e-01f);
   p = fma_rn(p, f, 1.0f);
-  const float e = ldexpf(p, static_cast<int>(n));
+  // * 2^n, n in [-41, 0]: a normal power of two, so the product is exact (no ldexpf: a call on the device).
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int>(n) + 127) << 23;
+  float scale;
+#ifdef __CUDA_ARCH__
+  scale = __uint_as_float(bits);
+#else
+  __builtin_memcpy(&scale, &bits, 4);
+#endif
+  const float e = mul_rn(p, scale);
   return e < 1.0f ? e : 1.0f;
 }
 

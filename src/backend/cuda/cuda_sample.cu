@@ -8,7 +8,9 @@
 //   3. the draw: per-warp weight totals over contiguous column ranges, a scan of the 32 totals, then the warp whose
 //      range holds the drawn point walks it 32 columns at a time.
 // Every pass recomputes z, the key and the weight from the logits (cheap), so no scratch memory is needed.
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "backend/cuda/cuda_kernels.h"
 #include "backend/sampling_math.h"
@@ -26,7 +28,7 @@ constexpr int kBins = 2048;  // 2 per thread in the scan
 struct RowState {
   const float* x;
   uint32_t cols;
-  float temperature;
+  float inv_t;
   float min_p;
   float z_max;
   uint32_t best_fkey;
@@ -38,13 +40,18 @@ struct Token {
   bool min_p_ok;
 };
 
-__device__ __forceinline__ Token token_at(const RowState& r, uint32_t c) {
-  const float z = sm::scaled_logit(r.x[c], r.temperature);
+// need_weight false: only the key and min-p (the weight stays 0, and min-p costs the exp only when min_p > 0).
+__device__ __forceinline__ Token token_at(const RowState& r, uint32_t c, bool need_weight = true) {
+  const float z = sm::scaled_logit(r.x[c], r.inv_t);
   Token t;
   t.key = sm::order_key(z, c);
-  const float rel = sm::relative_prob(z, r.z_max, static_cast<uint32_t>(t.key >> 32) == r.best_fkey);
-  t.weight = sm::integer_weight(rel);
-  t.min_p_ok = rel >= r.min_p;
+  t.weight = 0;
+  t.min_p_ok = true;
+  if (need_weight || r.min_p > 0.0f) {
+    const float rel = sm::relative_prob(z, r.z_max, static_cast<uint32_t>(t.key >> 32) == r.best_fkey);
+    t.weight = sm::integer_weight(rel);
+    t.min_p_ok = rel >= r.min_p;
+  }
   return t;
 }
 
@@ -79,14 +86,23 @@ __device__ uint64_t block_exclusive_scan(uint64_t v, unsigned long long* warp_su
   return before;
 }
 
+// The histogram lives in dynamic shared memory as `copies` copies (warp w adds to copy w % copies), so that the
+// crowded bins of the first digit are contended by fewer warps; the scan sums the copies.
 struct SelectShared {
-  unsigned int count[kBins];
-  unsigned long long mass[kBins];
+  unsigned long long* mass;  // [copies][kBins]
+  unsigned int* count;       // [copies][kBins]
+  int copies;
   unsigned long long warp_sums[kWarps];
   unsigned long long above;
   unsigned int sel;
   unsigned int sel_count;
 };
+
+__device__ __forceinline__ unsigned bin_count(const SelectShared& sh, unsigned b) {
+  unsigned n = 0;
+  for (int k = 0; k < sh.copies; ++k) n += sh.count[k * kBins + b];
+  return n;
+}
 
 enum class Cut { TopK, TopP };
 
@@ -101,22 +117,26 @@ __device__ uint64_t select_threshold(const RowState& r, Cut cut, uint64_t tau_k,
   for (int d = 0; d < 6; ++d) {
     const int bits = d == 2 || d == 3 ? 10 : 11;  // 11 + 11 + 10 | 10 + 11 + 11: the float key, then the id
     shift -= bits;
-    for (int i = t; i < kBins; i += kThreads) sh.count[i] = 0, sh.mass[i] = 0;
+    for (int i = t; i < kBins * sh.copies; i += kThreads) sh.count[i] = 0, sh.mass[i] = 0;
     __syncthreads();
     const uint64_t digit_mask = (uint64_t{1} << bits) - 1;
     // Warp-aggregated: the lanes of a warp that hit one bin add once (logits crowd a few bins of the high digits).
     const int lane = t & 31;
+    const int copy = (t >> 5) % sh.copies;
+    unsigned long long* const mass = sh.mass + copy * kBins;
+    unsigned int* const count = sh.count + copy * kBins;
     for (uint32_t c0 = static_cast<uint32_t>(t - lane); c0 < r.cols; c0 += kThreads) {
       const uint32_t c = c0 + static_cast<uint32_t>(lane);
       bool hit = false;
       unsigned b = 0xFFFFFFFFu;
       uint64_t w = 0;
       if (c < r.cols) {
-        const Token tok = token_at(r, c);
+        const Token tok = token_at(r, c, cut == Cut::TopP);
         hit = tok.min_p_ok && (cut == Cut::TopK || (tok.key >= tau_k && tok.weight > 0)) &&
               (tok.key & prefix_mask) == prefix;
         if (hit) b = static_cast<unsigned>((tok.key >> shift) & digit_mask), w = tok.weight;
       }
+      if (!__any_sync(0xffffffffu, hit)) continue;  // past the first digit, most warps hold no candidate
       const unsigned peers = __match_any_sync(0xffffffffu, b);
       if (hit) {
         const unsigned n = __popc(peers);
@@ -127,15 +147,16 @@ __device__ uint64_t select_threshold(const RowState& r, Cut cut, uint64_t tau_k,
           m = (static_cast<uint64_t>(hi) << 20) + lo;
         }
         if (lane == __ffs(peers) - 1) {
-          atomicAdd(&sh.count[b], n);
-          atomicAdd(&sh.mass[b], static_cast<unsigned long long>(m));
+          atomicAdd(&count[b], n);
+          atomicAdd(&mass[b], static_cast<unsigned long long>(m));
         }
       }
     }
     __syncthreads();
     // Bins in descending order: thread t holds j = 2t, 2t + 1, i.e. bins kBins-1-2t and kBins-2-2t.
     const unsigned b0 = kBins - 1 - 2 * t, b1 = kBins - 2 - 2 * t;
-    const uint64_t m0 = sh.mass[b0], m1 = sh.mass[b1];
+    uint64_t m0 = 0, m1 = 0;
+    for (int k = 0; k < sh.copies; ++k) m0 += sh.mass[k * kBins + b0], m1 += sh.mass[k * kBins + b1];
     uint64_t total = 0;
     const uint64_t before = above + block_exclusive_scan(m0 + m1, sh.warp_sums, total);
     if (d == 0) {
@@ -143,9 +164,9 @@ __device__ uint64_t select_threshold(const RowState& r, Cut cut, uint64_t tau_k,
       if (total <= target) return 0;  // uniform over the block: every candidate stays
     }
     if (before < target && target <= before + m0) {
-      sh.sel = b0, sh.above = before, sh.sel_count = sh.count[b0];
+      sh.sel = b0, sh.above = before, sh.sel_count = bin_count(sh, b0);
     } else if (before + m0 < target && target <= before + m0 + m1) {
-      sh.sel = b1, sh.above = before + m0, sh.sel_count = sh.count[b1];
+      sh.sel = b1, sh.above = before + m0, sh.sel_count = bin_count(sh, b1);
     }
     __syncthreads();
     prefix |= static_cast<uint64_t>(sh.sel) << shift;
@@ -165,8 +186,15 @@ __device__ __forceinline__ uint64_t warp_sum_u64(uint64_t v) {
 }
 
 __global__ void __launch_bounds__(kThreads)
-    sample_rows_kernel(const float* x, size_t cols, const SampleParams* params, int32_t* out) {
+    sample_rows_kernel(const float* x, size_t cols, const SampleParams* params, int copies, int32_t* out) {
+  extern __shared__ unsigned long long histogram[];  // copies * kBins * (8 + 4) bytes
   __shared__ SelectShared sh;
+  if (threadIdx.x == 0) {
+    sh.copies = copies;
+    sh.mass = histogram;
+    sh.count = reinterpret_cast<unsigned int*>(histogram + copies * kBins);
+  }
+  __syncthreads();
   __shared__ unsigned long long best_keys[kWarps];
   __shared__ float best_vals[kWarps];
   __shared__ int best_ids[kWarps];
@@ -203,10 +231,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   // 1. The best order key.
-  RowState r{row, n, p.temperature, p.min_p, 0.0f, 0};
+  RowState r{row, n, sm::inverse_temperature(p.temperature), p.min_p, 0.0f, 0};
   uint64_t best = 0;
   for (uint32_t c = threadIdx.x; c < n; c += kThreads) {
-    const uint64_t k = sm::order_key(sm::scaled_logit(row[c], p.temperature), c);
+    const uint64_t k = sm::order_key(sm::scaled_logit(row[c], r.inv_t), c);
     best = k > best ? k : best;
   }
 #pragma unroll
@@ -219,7 +247,7 @@ __global__ void __launch_bounds__(kThreads)
   best = best_keys[0];
   for (int w = 1; w < kWarps; ++w) best = best_keys[w] > best ? best_keys[w] : best;
   const uint32_t best_id = 0xFFFFFFFFu - static_cast<uint32_t>(best);
-  r.z_max = sm::scaled_logit(row[best_id], p.temperature);
+  r.z_max = sm::scaled_logit(row[best_id], r.inv_t);
   r.best_fkey = static_cast<uint32_t>(best >> 32);
 
   // 2. Thresholds.
@@ -273,7 +301,15 @@ __global__ void __launch_bounds__(kThreads)
 cudaError_t launch_sample_rows(const float* x, size_t rows, size_t cols, const SampleParams* params, int32_t* out,
                                cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  sample_rows_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(x, cols, params, out);
+  // Histogram copies (1..8; MXLM_CUDA_SAMPLE_COPIES overrides, for the benchmark).
+  int copies = 8;
+  if (const char* env = std::getenv("MXLM_CUDA_SAMPLE_COPIES")) copies = std::clamp(std::atoi(env), 1, 8);
+  const size_t smem = static_cast<size_t>(copies) * kBins * (8 + 4);
+  // Per device context, so set on every call (a cheap driver call next to the kernel).
+  const cudaError_t e =
+      cudaFuncSetAttribute(sample_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (e != cudaSuccess) return e;
+  sample_rows_kernel<<<static_cast<unsigned>(rows), kThreads, smem, stream>>>(x, cols, params, copies, out);
   return cudaGetLastError();
 }
 
