@@ -132,7 +132,7 @@ struct Gemv {
   unsigned long long* trace;  // null, or [launches][ctas][kTracePoints] globaltimer stamps (launch index in `launch`)
   int launch;
 };
-constexpr int kTracePoints = 7;
+constexpr int kTracePoints = 8;  // 0..6 times, 7: the SM id
 __device__ __forceinline__ unsigned long long global_ns() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
@@ -144,7 +144,7 @@ __device__ __forceinline__ unsigned long long global_ns() {
       p.trace[(static_cast<size_t>(p.launch) * gridDim.x + blockIdx.x) * kTracePoints + (i)] = global_ns(); \
   } while (0)
 
-constexpr int kFlagNoMath = 1, kFlagEarlyTrigger = 2, kFlagWaitAllFirst = 4, kFlagWarp0Wait = 8, kFlagOneCta = 16;
+constexpr int kFlagNoMath = 1, kFlagEarlyTrigger = 2, kFlagWaitAllFirst = 4, kFlagWarp0Wait = 8, kFlagOneCta = 16, kFlagLoadAfterWait = 32, kFlagAlternate = 64, kFlagTriggerAfterMath = 128, kFlagSpread = 256;
 
 // CTA: R = 16 * W * TPW weight rows times CH 128-wide K chunks (rank r of the cluster takes chunks r*CH ..).
 // Shared memory: weights [CH][R][64 B] (row-major per chunk: a quarter-warp's 16-byte reads cover 128 contiguous
@@ -175,6 +175,11 @@ __global__ void __launch_bounds__(W * 32, 2) gemv3_kernel(Gemv p, int flags) {
   const size_t row_bytes = static_cast<size_t>(p.k) / 2;
 
   TRACE(0);
+  if (p.trace != nullptr && threadIdx.x == 0) {
+    unsigned smid;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+    p.trace[(static_cast<size_t>(p.launch) * gridDim.x + blockIdx.x) * kTracePoints + 7] = smid;
+  }
   if (lane == 0) {
 #pragma unroll
     for (int c = 0; c < CH; ++c) mbar_init(&bars[warp][c], kBulk ? 1u : 32u);
@@ -182,6 +187,7 @@ __global__ void __launch_bounds__(W * 32, 2) gemv3_kernel(Gemv p, int flags) {
   }
   __syncwarp();
   // Weights: this warp's TPW*16 rows of every chunk, chunk-major so chunk 0 lands first.
+  auto issue_weights = [&]() {
   if constexpr (kBulk) {
     const int valid_rows = max(0, min(TPW * 16, p.n - wrow0));
     if (lane == 0) {
@@ -227,6 +233,11 @@ __global__ void __launch_bounds__(W * 32, 2) gemv3_kernel(Gemv p, int flags) {
       cp_async_arrive(&bars[warp][c]);
     }
   }
+  };
+  // kFlagAlternate: odd launches queue their weights only after the wait, so an even launch's math runs beside a
+  // co-resident successor that waits without filling shared memory.
+  const bool load_after_wait = (flags & kFlagLoadAfterWait) || ((flags & kFlagAlternate) && (p.launch & 1));
+  if (!load_after_wait) issue_weights();
   // Scale bytes of block (chunk c, t) for rows g and g + 8 of each tile, packed 4 chunks per register.
   constexpr int SW = (CH + 3) / 4;
   uint32_t sreg[TPW][2][SW];
@@ -255,6 +266,7 @@ __global__ void __launch_bounds__(W * 32, 2) gemv3_kernel(Gemv p, int flags) {
     pdl_wait();  // the activations and the output belong to the previous kernel's world from here on
   }
   TRACE(1);
+  if (load_after_wait) issue_weights();
 
   // Activations: tokens past m are zeros. Quarter q of MX block b of chunk c at c*16 + b*4 + (q ^ bit 1 of b). All
   // of a thread's loads are issued before its first store (one L2 round trip, not one per element).
@@ -279,7 +291,7 @@ __global__ void __launch_bounds__(W * 32, 2) gemv3_kernel(Gemv p, int flags) {
       if (idx < kXItems) xs[tok * XS + c * 16 + b * 4 + (q ^ ((b >> 1) & 1))] = xv_stage[it];
     }
   }
-  if (!(flags & kFlagEarlyTrigger)) pdl_launch_dependents();  // the next kernel's weight flood starts after our x is in
+  if (!(flags & (kFlagEarlyTrigger | kFlagTriggerAfterMath))) pdl_launch_dependents();  // after our x is in
   __syncthreads();
   TRACE(2);
   if (flags & kFlagWaitAllFirst) {
@@ -353,6 +365,7 @@ __global__ void __launch_bounds__(W * 32, 2) gemv3_kernel(Gemv p, int flags) {
 
   __syncthreads();  // every warp is done with the weights: the partials reuse that memory
   TRACE(3);
+  if (flags & kFlagTriggerAfterMath) pdl_launch_dependents();
 #pragma unroll
   for (int tile = 0; tile < TPW; ++tile)
 #pragma unroll
@@ -940,15 +953,18 @@ cudaError_t launch_v3(const Variant& v, const Gemv& p, bool pdl, int flags, cuda
   cfg.blockDim = dim3(v.warps * 32);
   cfg.dynamicSmemBytes = (flags & kFlagOneCta) ? 200 * 1024 : v.smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attrs[2];
+  cudaLaunchAttribute attrs[3];
   attrs[0].id = cudaLaunchAttributeClusterDimension;
   attrs[0].val.clusterDim.x = C;
   attrs[0].val.clusterDim.y = 1;
   attrs[0].val.clusterDim.z = 1;
   attrs[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attrs[1].val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
+  attrs[2].id = cudaLaunchAttributeClusterSchedulingPolicyPreference;
+  attrs[2].val.clusterSchedulingPolicyPreference =
+      (flags & kFlagSpread) ? cudaClusterSchedulingPolicySpread : cudaClusterSchedulingPolicyDefault;
   cfg.attrs = attrs;
-  cfg.numAttrs = 2;
+  cfg.numAttrs = 3;
   return cudaLaunchKernelEx(&cfg, v.kernel, p, flags);
 }
 
@@ -1284,17 +1300,17 @@ int main(int argc, char** argv) {
       for (int base = 0; base < num_bases; ++base) {
         const Variant& v = pick(2 * base, m);
         if (sh.k % (v.ch * 128) != 0 || cluster_for(sh.k, v.ch) > 8) continue;
-        for (int mode = 0; mode < 4; ++mode) {  // 0: PDL, 1: PDL with the early trigger, 2: no PDL, 3: no math
+        for (int mode = 0; mode < 5; ++mode) {  // 0: PDL, 1: early trigger, 2: no PDL, 3: no math, 4: trigger after math
           if (base >= 1 && base <= 4 && mode != 0) continue;
           if (mode == 1) continue;  // early trigger: measured slower in every variant (runs of 2026-11-26)
           if (quick && mode == 2 && base > 0) continue;
           const bool pdl = mode != 2;
-          const int flags = mode == 3 ? kFlagNoMath : (mode == 1 ? kFlagEarlyTrigger : 0);
+          const int flags = mode == 3 ? kFlagNoMath : (mode == 1 ? kFlagEarlyTrigger : (mode == 4 ? kFlagSpread : 0));
           const double us = graph_time_us(stream, calls, [&](int i) {
             Gemv p{ws[i % sets].w, ws[i % sets].s, dx, dy, m, sh.n, sh.n, sh.k, nullptr, 0};
             CK(launch_v3(v, p, pdl, flags, stream));
           });
-          const char* mode_name[] = {"PDL", "PDL early", "no PDL", "PDL no math"};
+          const char* mode_name[] = {"PDL", "PDL early", "no PDL", "PDL no math", "PDL spread"};
           std::printf("M=%2d %-14s %-12s %7.2f us  %5.0f GB/s  %3.0f %% of copy  %.2fx cuBLAS\n", m, v.name,
                       mode_name[mode], us, bytes / (us * 1e3), 100.0 * bytes / (us * 1e3) / copy_gbs, blas_us / us);
         }
@@ -1306,8 +1322,8 @@ int main(int argc, char** argv) {
     {
       unsigned long long* trace;
       const int calls = 64;
-      for (int tflags : {0, kFlagOneCta})
-      for (int base : {0, 5})
+      for (int tflags : {0, kFlagSpread})
+      for (int base : {0})
         for (int m : {1, 16}) {
           const Variant& v = pick(2 * base, m);
           const int C = cluster_for(sh.k, v.ch), R = 16 * v.warps * v.tpw;
@@ -1322,6 +1338,7 @@ int main(int argc, char** argv) {
           std::vector<std::vector<double>> d(kTracePoints + 2);
           auto at = [&](int l, int c, int pt) { return h[(static_cast<size_t>(l) * ctas + c) * kTracePoints + pt]; };
           for (int l = 8; l < calls; ++l) {
+            if ((tflags & kFlagAlternate) && (l & 1)) continue;  // the even (prefetching) launches only
             unsigned long long prev_end = 0, first_start = ~0ull;
             unsigned long long last[kTracePoints] = {};
             for (int c = 0; c < ctas; ++c) {
@@ -1334,7 +1351,26 @@ int main(int argc, char** argv) {
               d[pt].push_back((static_cast<double>(last[pt]) - static_cast<double>(prev_end)) / 1e3);
             d[kTracePoints].push_back((static_cast<double>(last[0]) - static_cast<double>(prev_end)) / 1e3);
           }
-          auto med = [](std::vector<double> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; };
+          auto med = [](std::vector<double> v) {
+            if (v.empty()) return 0.0;
+            std::sort(v.begin(), v.end());
+            return v[v.size() / 2];
+          };
+          {
+            std::vector<double> alone, shared_sm, max_per_sm;
+            for (int l = 8; l < calls; ++l) {
+              std::vector<int> per_sm(1024, 0);
+              for (int c = 0; c < ctas; ++c) per_sm[at(l, c, 7) & 1023]++;
+              max_per_sm.push_back(*std::max_element(per_sm.begin(), per_sm.end()));
+              for (int c = 0; c < ctas; ++c) {
+                const double mt = (static_cast<double>(at(l, c, 3)) - static_cast<double>(at(l, c, 2))) / 1e3;
+                (per_sm[at(l, c, 7) & 1023] > 1 ? shared_sm : alone).push_back(mt);
+              }
+            }
+            std::printf("placement[%d] M=%2d %s: max CTAs of one launch per SM (median) %.0f; math per CTA: alone %.2f us "
+                        "(%zu), sharing an SM %.2f us (%zu)\n",
+                        tflags, m, v.name, med(max_per_sm), med(alone), alone.size(), med(shared_sm), shared_sm.size());
+          }
           std::printf("trace[%2d] M=%2d %s: starts %+.2f..%+.2f | wait done %.2f | x staged %.2f | landed %.2f | math done %.2f | partials %.2f | end %.2f us\n",
                       tflags, m, v.name, med(d[0]), med(d[kTracePoints]), med(d[1]), med(d[2]), med(d[6]), med(d[3]), med(d[4]), med(d[5]));
           CK(cudaFree(trace));
