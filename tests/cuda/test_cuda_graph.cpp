@@ -6,12 +6,15 @@
 // tokens.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <functional>
 #include <memory>
 #include <string>
 #include <vector>
+
+#include <cuda_runtime.h>
 
 #include "backend/backend.h"
 #include "backend/cuda/cuda_backend.h"
@@ -27,6 +30,13 @@ namespace mxlm::gpucheck {
 namespace {
 
 using model::StepGraphs;
+
+// MXLM_GRAPH_CHECK_TRACE=1: print each lane's step before it runs and synchronise after it (finds the step that
+// faults).
+bool trace() {
+  const char* e = std::getenv("MXLM_GRAPH_CHECK_TRACE");
+  return e && e[0] == '1';
+}
 
 // One model decoding its own copy of the sequences.
 struct Lane {
@@ -72,6 +82,7 @@ void run_schedule(const std::string& name, const MakeModel& make, const std::vec
   int max_tokens = 0;
   for (const auto& p : prompts) max_tokens = std::max(max_tokens, static_cast<int>(p.size()));
   max_tokens += static_cast<int>(schedule.size()) + 1;
+  if (trace()) std::printf("trace %s: prefill of 4 lanes\n", name.c_str());
   Lane on = make_lane(make, StepGraphs::On, prompts, max_tokens);
   Lane padded = make_lane(make, StepGraphs::EagerPadded, prompts, max_tokens);
   Lane padded2 = make_lane(make, StepGraphs::EagerPadded, prompts, max_tokens);
@@ -97,7 +108,10 @@ void run_schedule(const std::string& name, const MakeModel& make, const std::vec
         seq.tokens.push_back(next[static_cast<size_t>(s)]);
         items.push_back({&seq, 1, false});
       }
+      if (trace()) std::printf("trace %s step %zu lane %d rows %zu\n", name.c_str(), step, li, items.size());
+      std::fflush(stdout);
       out[li] = lanes[li]->runner->step(items, greedy);
+      if (trace()) cudaDeviceSynchronize();
     }
     const size_t B = which.size();
     rows_checked += B;
@@ -214,7 +228,10 @@ MXLM_GPU_CHECK(step_graphs_dummy) {
   // Full-size layers of the real config (dummy weights): 0-2 (dense MLP, full attention) and 3-4 (MoE MXFP4, sparse
   // attention), prompts around the 128-token page.
   io::ModelConfig full = graph_config_file(env.fixtures, "minimax_m3_mxfp4_quark.json");
+  // MXLM_GRAPH_CHECK_FIRST_LAYER=3: only the MoE layers.
+  const char* only = std::getenv("MXLM_GRAPH_CHECK_FIRST_LAYER");
   for (const auto& [first, count] : {std::pair{0, 3}, std::pair{3, 2}}) {
+    if (only && std::atoi(only) != first) continue;
     const io::ModelConfig c = model::slice_layers(full, first, count);
     const MakeModel make = [&](StepGraphs mode) {
       model::ModelOptions o;

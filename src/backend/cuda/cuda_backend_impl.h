@@ -42,6 +42,10 @@ inline void check(cublasStatus_t s, const char* what) {
 // so a block reused by a later op is stream-ordered after the ops that used it before.
 class Pool {
  public:
+  Pool() = default;
+  // A pool whose cached blocks captured graphs refer to: it never frees them; when the driver is out of memory it
+  // frees `spill`'s cached blocks instead.
+  explicit Pool(std::shared_ptr<Pool> spill) : spill_(std::move(spill)) {}
   ~Pool() {
     for (auto& [bytes, list] : free_)
       for (void* p : list) cudaFree(p);
@@ -70,7 +74,11 @@ class Pool {
     if (e != cudaSuccess) {
       // Give cached blocks back to the driver and try once more.
       (void)cudaGetLastError();
-      release_cached();
+      if (spill_) {
+        spill_->release_cached();
+      } else {
+        release_cached();
+      }
       MXLM_CUDA_CHECK(cudaMalloc(&p, b));
     }
     return p;
@@ -93,6 +101,7 @@ class Pool {
  private:
   std::mutex mutex_;
   std::unordered_map<size_t, std::vector<void*>> free_;
+  std::shared_ptr<Pool> spill_;
 };
 
 // A pooled device allocation, returned to the pool on destruction.
@@ -170,6 +179,7 @@ int tp_group_device(const CudaTpGroup& group, int rank);
 class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(CudaOptions o) : options_(o), pool_(std::make_shared<Pool>()) {
+    graph_pool_ = std::make_shared<Pool>(pool_);
     if (o.kv_cache_dtype != DType::F32 && o.kv_cache_dtype != DType::BF16)
       fail("CUDA KV cache dtype must be F32 or BF16, not {}", dtype_name(o.kv_cache_dtype));
     MXLM_CUDA_CHECK(cudaSetDevice(o.device));
@@ -638,7 +648,7 @@ class CudaBackend final : public Backend {
   };
   BoundStep* bound_ = nullptr;
   bool capturing_ = false;
-  std::shared_ptr<Pool> graph_pool_ = std::make_shared<Pool>();  // scratch of run_step / capture_step
+  std::shared_ptr<Pool> graph_pool_;  // scratch of run_step / capture_step (never released: graphs refer to it)
   std::unordered_map<uint64_t, Block> inv_freq_;                  // RoPE tables by (theta bits, rotary_dim)
 
   const int32_t* bound_tokens(std::span<const int32_t> ids) const {
