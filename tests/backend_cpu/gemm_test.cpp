@@ -536,6 +536,44 @@ TEST(GemmMxfp4Activations, RowsOfDifferentPathsInOneBatchGiveTheRowsAlone) {
   }
 }
 
+TEST(GemmMxfp4Activations, LargeCallsGiveTheSameBitsWithAnyThreadCount) {
+  // Big enough to be split across threads (runs of 8-row tiles claimed from a shared counter, shrinking towards
+  // the end; N not a multiple of 8): every thread count, oversubscribed ones included, must give the bits of one
+  // thread, and those must be within the summation bound of the double sums.
+  const size_t m = 3, k = 288, n = 1029;  // K = 2 groups of 128 and a 32-wide tail
+  Problem p = make_problem(Format::Mxfp4, m, k, n, 41, false);
+  std::mt19937 rng(42);
+  for (size_t i = 0; i < m; ++i) {
+    const auto kind = i == 0 ? Activations::Uniform : i == 1 ? Activations::Qdq : Activations::Huge;
+    const auto row = activation_row(kind, k, rng);
+    std::copy(row.begin(), row.end(), p.x.begin() + static_cast<long>(i * k));
+  }
+  set_scales(p, rng, 90, 105);
+  const Exact e = exact_product(p);
+  const int threads = omp_get_max_threads();
+  for (GemmIsa isa : supported_isas()) {
+    ForcedIsa forced(isa);
+    omp_set_num_threads(1);
+    std::vector<float> one_thread = poisoned(m * n);
+    run_dispatched(p, one_thread.data());
+    expect_near_exact(p, e, one_thread, gemm_isa_name(isa));
+    for (int t : {2, 3, 5}) {
+      omp_set_num_threads(t);
+      for (size_t rows : {size_t{1}, m}) {  // M = 1 (the GEMV) and the whole batch
+        Problem q = p;
+        q.m = rows;
+        q.x.resize(rows * k);
+        std::vector<float> y = poisoned(rows * n);
+        run_dispatched(q, y.data());
+        for (size_t u = 0; u < rows * n; ++u)
+          ASSERT_EQ(std::bit_cast<uint32_t>(one_thread[u]), std::bit_cast<uint32_t>(y[u]))
+              << gemm_isa_name(isa) << " threads " << t << " m " << rows << " at " << u;
+      }
+    }
+    omp_set_num_threads(threads);
+  }
+}
+
 TEST(GemmMxfp4Activations, InfiniteAndNanActivationsGiveTheReferenceClass) {
   // One +Inf (row 0) or NaN (row 1) among finite values: outputs are NaN where the reference has NaN (Inf times a
   // zero weight, or Infs of both signs) and the same infinity otherwise.

@@ -35,8 +35,11 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <array>
+#include <atomic>
 #include <bit>
+#include <chrono>
 #include <cstring>
 #include <vector>
 
@@ -334,15 +337,51 @@ void gemm_mxfp4(const float* x, size_t m, size_t k, const uint8_t* w_packed, con
                               {x_f32[0].data(), y_rows[1].data(), w_packed, w_scales, k},
                               {x_f32[1].data(), y_rows[2].data(), w_packed, w_scales, k}};
   const size_t count[kModes] = {y_rows[0].size(), y_rows[1].size(), y_rows[2].size()};
-  // Tiles of 8 weight rows, 4 at a time per thread, dynamically (a core busy with something else does not
-  // hold up the call); threads only when there is enough work to pay for waking them.
-  const long long chunks = static_cast<long long>((n + 7) / 8);
-#pragma omp parallel for schedule(dynamic, 4) if (m * k * n >= (size_t{1} << 18))
-  for (long long c = 0; c < chunks; ++c) {
-    const size_t r0 = static_cast<size_t>(c) * 8, r1 = r0 + 8 < n ? r0 + 8 : n;
+  const auto run = [&](size_t r0, size_t r1) {
     if (count[0]) rows<Mode::Bf16>(tiles[0], count[0], r0, r1);
     if (count[1]) rows<Mode::F32>(tiles[1], count[1], r0, r1);
     if (count[2]) rows<Mode::F32Scaled>(tiles[2], count[2], r0, r1);
+  };
+  if (m * k * n < (size_t{1} << 18) || omp_get_max_threads() == 1) return run(0, n);
+  // Threads claim runs of 8-row tiles, big ones first (a quarter of what is left per thread), shrinking to 4
+  // tiles at the end, so each thread streams long contiguous runs of W (each tile prefetches the next one: with
+  // OpenMP's dynamic chunks of 4 tiles the threads alternated chunks, every chunk's last tile prefetched rows of
+  // the other thread and M = 1 ran 10-25 % slower), while a core busy with something else still does not hold
+  // up the call. When the main thread runs out of tiles while the other threads work on their last ones, it
+  // spins for them instead of sleeping in OpenMP's barrier: under OMP_WAIT_POLICY=passive, waking a thread of
+  // an idle vCPU took ~26 us on the dev VM, a tenth of a 10 MB GEMV, while their last tiles take a few us
+  // (bench/RESULTS.md). The spin is bounded, so a descheduled worker only makes it fall back to the barrier; a
+  // worker that has not started yet (woken late) is waited for in the barrier as before.
+  const size_t tiles_total = (n + 7) / 8;
+  std::atomic<size_t> next_tile{0};
+  std::atomic<int> started{0}, finished{0};
+#pragma omp parallel
+  {
+    const size_t threads = static_cast<size_t>(omp_get_num_threads());
+    const bool main_thread = omp_get_thread_num() == 0;
+    if (!main_thread) started.fetch_add(1, std::memory_order_relaxed);
+    for (;;) {
+      size_t claim = next_tile.load(std::memory_order_relaxed), take = 0;
+      do {
+        if (claim >= tiles_total) break;
+        take = std::max<size_t>(4, (tiles_total - claim) / (4 * threads));
+      } while (!next_tile.compare_exchange_weak(claim, claim + take, std::memory_order_relaxed));
+      if (claim >= tiles_total) break;
+      run(claim * 8, std::min(n, (claim + take) * 8));
+    }
+    if (!main_thread) {
+      finished.fetch_add(1, std::memory_order_release);
+    } else {
+      const int others = static_cast<int>(threads) - 1;
+      const auto others_working = [&] {
+        return started.load(std::memory_order_relaxed) == others && finished.load(std::memory_order_acquire) < others;
+      };
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
+      for (int spin = 1; others_working(); ++spin) {
+        _mm_pause();
+        if (spin % 64 == 0 && std::chrono::steady_clock::now() > deadline) break;
+      }
+    }
   }
 }
 
