@@ -8,7 +8,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdio>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -87,15 +86,9 @@ void bench_sampling(const Ceilings& c, bool quick) {
                                         ps[static_cast<size_t>(r)]);
           },
           quick ? 3 : 5, 1);
-      // The same with one histogram copy (the kernel's default is 8: MXLM_CUDA_SAMPLE_COPIES).
-      setenv("MXLM_CUDA_SAMPLE_COPIES", "1", 1);
-      const double one_copy_ms =
-          time_ms([&](int) { CK(cu::launch_sample_rows(x, static_cast<size_t>(rows), vocab, dp, ids, stream)); }, reps);
-      unsetenv("MXLM_CUDA_SAMPLE_COPIES");
-      row("rows %2d %-26s device %.4f ms (1 histogram copy %.4f; %.1fx argmax, %.1fx read floor) | host path %.2f ms "
-          "(download %.2f) = %.0fx device",
-          rows, cs.name, dev_ms, one_copy_ms, dev_ms / argmax_ms, dev_ms / floor_ms, host_ms, download_ms,
-          host_ms / dev_ms);
+      row("rows %2d %-26s device %.4f ms (%.1fx argmax, %.1fx read floor) | host path %.2f ms (download %.2f) = "
+          "%.0fx device",
+          rows, cs.name, dev_ms, dev_ms / argmax_ms, dev_ms / floor_ms, host_ms, download_ms, host_ms / dev_ms);
     }
     CK(cudaFree(x));
     CK(cudaFree(ids));

@@ -8,9 +8,7 @@
 //   3. the draw: per-warp weight totals over contiguous column ranges, a scan of the 32 totals, then the warp whose
 //      range holds the drawn point walks it 32 columns at a time.
 // Every pass recomputes z, the key and the weight from the logits (cheap), so no scratch memory is needed.
-#include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 
 #include "backend/cuda/cuda_kernels.h"
 #include "backend/sampling_math.h"
@@ -86,23 +84,14 @@ __device__ uint64_t block_exclusive_scan(uint64_t v, unsigned long long* warp_su
   return before;
 }
 
-// The histogram lives in dynamic shared memory as `copies` copies (warp w adds to copy w % copies), so that the
-// crowded bins of the first digit are contended by fewer warps; the scan sums the copies.
 struct SelectShared {
-  unsigned long long* mass;  // [copies][kBins]
-  unsigned int* count;       // [copies][kBins]
-  int copies;
+  unsigned int count[kBins];
+  unsigned long long mass[kBins];
   unsigned long long warp_sums[kWarps];
   unsigned long long above;
   unsigned int sel;
   unsigned int sel_count;
 };
-
-__device__ __forceinline__ unsigned bin_count(const SelectShared& sh, unsigned b) {
-  unsigned n = 0;
-  for (int k = 0; k < sh.copies; ++k) n += sh.count[k * kBins + b];
-  return n;
-}
 
 enum class Cut { TopK, TopP };
 
@@ -117,46 +106,32 @@ __device__ uint64_t select_threshold(const RowState& r, Cut cut, uint64_t tau_k,
   for (int d = 0; d < 6; ++d) {
     const int bits = d == 2 || d == 3 ? 10 : 11;  // 11 + 11 + 10 | 10 + 11 + 11: the float key, then the id
     shift -= bits;
-    for (int i = t; i < kBins * sh.copies; i += kThreads) sh.count[i] = 0, sh.mass[i] = 0;
+    for (int i = t; i < kBins; i += kThreads) sh.count[i] = 0, sh.mass[i] = 0;
     __syncthreads();
     const uint64_t digit_mask = (uint64_t{1} << bits) - 1;
-    // Warp-aggregated: the lanes of a warp that hit one bin add once (logits crowd a few bins of the high digits).
+    // Every lane adds for itself (H100, bench_cuda_sample: warp aggregation with __match_any_sync /
+    // __reduce_add_sync, or 8 histogram copies, were up to 2.4x slower for top-p, never faster).
     const int lane = t & 31;
-    const int copy = (t >> 5) % sh.copies;
-    unsigned long long* const mass = sh.mass + copy * kBins;
-    unsigned int* const count = sh.count + copy * kBins;
     for (uint32_t c0 = static_cast<uint32_t>(t - lane); c0 < r.cols; c0 += kThreads) {
       const uint32_t c = c0 + static_cast<uint32_t>(lane);
       bool hit = false;
-      unsigned b = 0xFFFFFFFFu;
-      uint64_t w = 0;
+      Token tok{};
       if (c < r.cols) {
-        const Token tok = token_at(r, c, cut == Cut::TopP);
+        tok = token_at(r, c, cut == Cut::TopP);
         hit = tok.min_p_ok && (cut == Cut::TopK || (tok.key >= tau_k && tok.weight > 0)) &&
               (tok.key & prefix_mask) == prefix;
-        if (hit) b = static_cast<unsigned>((tok.key >> shift) & digit_mask), w = tok.weight;
       }
       if (!__any_sync(0xffffffffu, hit)) continue;  // past the first digit, most warps hold no candidate
-      const unsigned peers = __match_any_sync(0xffffffffu, b);
       if (hit) {
-        const unsigned n = __popc(peers);
-        uint64_t m = n;
-        if (cut == Cut::TopP) {  // weights <= 2^40: two 20-bit halves, each summed in 32 bits
-          const unsigned hi = __reduce_add_sync(peers, static_cast<unsigned>(w >> 20));
-          const unsigned lo = __reduce_add_sync(peers, static_cast<unsigned>(w & 0xFFFFFu));
-          m = (static_cast<uint64_t>(hi) << 20) + lo;
-        }
-        if (lane == __ffs(peers) - 1) {
-          atomicAdd(&count[b], n);
-          atomicAdd(&mass[b], static_cast<unsigned long long>(m));
-        }
+        const unsigned b = static_cast<unsigned>((tok.key >> shift) & digit_mask);
+        atomicAdd(&sh.count[b], 1u);
+        atomicAdd(&sh.mass[b], static_cast<unsigned long long>(cut == Cut::TopK ? 1 : tok.weight));
       }
     }
     __syncthreads();
     // Bins in descending order: thread t holds j = 2t, 2t + 1, i.e. bins kBins-1-2t and kBins-2-2t.
     const unsigned b0 = kBins - 1 - 2 * t, b1 = kBins - 2 - 2 * t;
-    uint64_t m0 = 0, m1 = 0;
-    for (int k = 0; k < sh.copies; ++k) m0 += sh.mass[k * kBins + b0], m1 += sh.mass[k * kBins + b1];
+    const uint64_t m0 = sh.mass[b0], m1 = sh.mass[b1];
     uint64_t total = 0;
     const uint64_t before = above + block_exclusive_scan(m0 + m1, sh.warp_sums, total);
     if (d == 0) {
@@ -164,9 +139,9 @@ __device__ uint64_t select_threshold(const RowState& r, Cut cut, uint64_t tau_k,
       if (total <= target) return 0;  // uniform over the block: every candidate stays
     }
     if (before < target && target <= before + m0) {
-      sh.sel = b0, sh.above = before, sh.sel_count = bin_count(sh, b0);
+      sh.sel = b0, sh.above = before, sh.sel_count = sh.count[b0];
     } else if (before + m0 < target && target <= before + m0 + m1) {
-      sh.sel = b1, sh.above = before + m0, sh.sel_count = bin_count(sh, b1);
+      sh.sel = b1, sh.above = before + m0, sh.sel_count = sh.count[b1];
     }
     __syncthreads();
     prefix |= static_cast<uint64_t>(sh.sel) << shift;
@@ -186,15 +161,8 @@ __device__ __forceinline__ uint64_t warp_sum_u64(uint64_t v) {
 }
 
 __global__ void __launch_bounds__(kThreads)
-    sample_rows_kernel(const float* x, size_t cols, const SampleParams* params, int copies, int32_t* out) {
-  extern __shared__ unsigned long long histogram[];  // copies * kBins * (8 + 4) bytes
+    sample_rows_kernel(const float* x, size_t cols, const SampleParams* params, int32_t* out) {
   __shared__ SelectShared sh;
-  if (threadIdx.x == 0) {
-    sh.copies = copies;
-    sh.mass = histogram;
-    sh.count = reinterpret_cast<unsigned int*>(histogram + copies * kBins);
-  }
-  __syncthreads();
   __shared__ unsigned long long best_keys[kWarps];
   __shared__ float best_vals[kWarps];
   __shared__ int best_ids[kWarps];
@@ -301,15 +269,7 @@ __global__ void __launch_bounds__(kThreads)
 cudaError_t launch_sample_rows(const float* x, size_t rows, size_t cols, const SampleParams* params, int32_t* out,
                                cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  // Histogram copies (1..8; MXLM_CUDA_SAMPLE_COPIES overrides, for the benchmark).
-  int copies = 8;
-  if (const char* env = std::getenv("MXLM_CUDA_SAMPLE_COPIES")) copies = std::clamp(std::atoi(env), 1, 8);
-  const size_t smem = static_cast<size_t>(copies) * kBins * (8 + 4);
-  // Per device context, so set on every call (a cheap driver call next to the kernel).
-  const cudaError_t e =
-      cudaFuncSetAttribute(sample_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (e != cudaSuccess) return e;
-  sample_rows_kernel<<<static_cast<unsigned>(rows), kThreads, smem, stream>>>(x, cols, params, copies, out);
+  sample_rows_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(x, cols, params, out);
   return cudaGetLastError();
 }
 
