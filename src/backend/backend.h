@@ -229,11 +229,12 @@ class Backend {
   // A graph of a decode step of `rows` rows over at most `pages` KV pages per sequence: its fixed metadata buffers
   // and its own scratch memory; nothing is captured yet.
   virtual std::unique_ptr<StepGraph> make_step_graph(int rows, int pages);
-  // Runs `body` now, eagerly, with the graph's scratch memory (the step before a capture, and the eager path the
-  // replays are checked against). `body` binds the step with the graph (bind_step) before its ops.
+  // Runs `body` now, eagerly (the step before a capture, and the eager path the replays are checked against).
+  // `body` binds the step with the graph (bind_step) before its ops.
   virtual void run_step(StepGraph& graph, const std::function<void()>& body);
-  // Records `body`'s launches without running them (after run_step warmed every lazily made resource up). An
-  // Error (the graph stays uncaptured) when an op of `body` needs the host (a download, a host upload).
+  // Records `body`'s launches for replay_step (after run_step made every lazily made resource; `body` may run once
+  // more eagerly first, recomputing the same step). An Error (the graph stays uncaptured) when an op of `body` needs
+  // the host (a download, a host upload).
   virtual void capture_step(StepGraph& graph, const std::function<void()>& body);
   // Copies `batch` / `tokens` into the graph's fixed buffers and launches the captured step (asynchronously: read
   // its output with download()). The batch must fit the graph as for bind_step.
@@ -243,6 +244,10 @@ class Backend {
   virtual int tp_rank() const { return 0; }
   virtual int tp_size() const { return 1; }
   virtual void all_reduce_sum(float* x, size_t n) = 0;
+  // A rank of this backend's tensor-parallel group failed in the middle of a step: every rank's pending and later
+  // collectives fail with an Error naming `reason` instead of waiting for the failed rank forever (NCCL: the group's
+  // communicators are aborted). The group cannot be used again. No-op at TP = 1.
+  virtual void abort_collectives(const std::string& reason) { (void)reason; }
   // Concatenates each rank's [rows, cols_per_rank] along columns into out [rows, cols_per_rank * tp_size].
   virtual void all_gather_cols(const float* x, size_t rows, size_t cols_per_rank, float* out) = 0;
 };

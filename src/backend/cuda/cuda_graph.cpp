@@ -3,7 +3,7 @@
 // lives in the graph's fixed device buffers, refreshed before each replay by one copy out of the graph's fixed pinned
 // staging (the copy is the graph's first node), and the attention / indexer grids are sized for the graph's page
 // capacity instead of the step's context. Scratch memory of captured steps comes from a pool of its own, so eager
-// steps never reuse (or free) a block a graph refers to.
+// steps never reuse (or free) a block a graph refers to, and nothing persistent is ever allocated from it.
 #include "backend/cuda/cuda_backend_impl.h"
 
 namespace mxlm::backend::cuda {
@@ -189,7 +189,8 @@ class PoolSwap {
 
 void CudaBackend::run_step(StepGraph&, const std::function<void()>& body) {
   if (capturing_) fail("run_step inside a capture");
-  PoolSwap swap(pool_, graph_pool_);
+  // The backend's own pool: whatever the step makes lazily and keeps (expert pointer tables, RoPE tables) must not
+  // come from the graph pool, whose free blocks captured graphs use as scratch.
   body();
 }
 
@@ -200,10 +201,14 @@ void CudaBackend::capture_step(StepGraph& graph, const std::function<void()>& bo
     cudaGraphExecDestroy(g.exec);
     g.exec = nullptr;
   }
+  PoolSwap swap(pool_, graph_pool_);
+  // Once eagerly on the graph pool (after run_step made every lazy resource), so that the capture finds every block
+  // it needs cached there and calls no cudaMalloc. It recomputes the step run_step ran (same inputs, same cache
+  // slots), so it changes nothing.
+  body();
   // Nothing of an earlier step may still read the staging ring or the pool when the capture starts.
   MXLM_CUDA_CHECK(cudaStreamSynchronize(stream_));
   ring_used_ = 0;
-  PoolSwap swap(pool_, graph_pool_);
   // Relaxed: other threads (tensor-parallel ranks capturing their own steps) keep allocating meanwhile.
   MXLM_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed));
   capturing_ = true;
