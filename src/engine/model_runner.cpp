@@ -186,7 +186,9 @@ StepOutput ModelRunner::run_step(std::span<const StepItem> items, bool greedy_on
     tp_ranks_->begin_forward(fb);
     try {
       run_forward();
-    } catch (...) {
+    } catch (const std::exception& e) {
+      // The other ranks may wait in a collective that this rank will not reach.
+      model_.backend().abort_collectives(std::string("rank 0 failed: ") + e.what());
       try {
         tp_ranks_->end_forward();
       } catch (...) {

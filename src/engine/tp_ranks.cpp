@@ -2,7 +2,11 @@
 
 #include <pthread.h>
 
+#include <fmt/format.h>
+
 #include <csignal>
+#include <cstdio>
+#include <cstdlib>
 
 #include "core/error.h"
 #include "engine/model_runner.h"
@@ -32,8 +36,13 @@ struct TpRanks::Rank {
       std::exception_ptr e;
       try {
         job(*this);
+      } catch (const std::exception& ex) {
+        e = std::current_exception();
+        // Peers blocked in a collective that this rank will never reach would wait forever.
+        if (backend) backend->abort_collectives(fmt::format("rank {} failed: {}", index, ex.what()));
       } catch (...) {
         e = std::current_exception();
+        if (backend) backend->abort_collectives(fmt::format("rank {} failed", index));
       }
       lock.lock();
       if (e && !error) error = e;
@@ -48,7 +57,19 @@ struct TpRanks::Rank {
   }
 };
 
+namespace {
+// The tests' way to show that the other ranks return an error instead of waiting for a failed rank forever.
+TpRanks::InjectedFailure injected_failure() {
+  TpRanks::InjectedFailure f;
+  if (const char* v = std::getenv("MXLM_TP_INJECT_FAILURE")) {
+    if (std::sscanf(v, "%d:%ld", &f.rank, &f.step) != 2) fail("MXLM_TP_INJECT_FAILURE={}: expected RANK:STEP", v);
+  }
+  return f;
+}
+}  // namespace
+
 TpRanks::TpRanks(int size, MakeBackend make_backend, LoadModel load_model) {
+  fault_ = injected_failure();
   if (size < 2) fail("a tensor-parallel group of {} ranks needs no rank threads", size);
   for (int r = 1; r < size; ++r) {
     ranks_.push_back(std::make_unique<Rank>());
@@ -110,7 +131,12 @@ void TpRanks::attach(ModelRunner& runner) {
 }
 
 void TpRanks::begin_forward(const model::ForwardBatch& batch) {
-  post([&batch](Rank& self) { self.runner->peer_forward(batch); });
+  const long step = forwards_++;
+  post([&batch, step, fault = fault_](Rank& self) {
+    if (self.index == fault.rank && step == fault.step)
+      fail("injected failure of rank {} at forward {} (MXLM_TP_INJECT_FAILURE)", self.index, step);
+    self.runner->peer_forward(batch);
+  });
 }
 
 void TpRanks::end_forward() { wait_all(); }

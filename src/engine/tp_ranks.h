@@ -38,13 +38,22 @@ class TpRanks {
 
   int size() const { return static_cast<int>(ranks_.size()) + 1; }
 
+  // A fault for tests, read from MXLM_TP_INJECT_FAILURE=RANK:STEP at construction: rank RANK (>= 1) fails its forward
+  // number STEP (0-based) as a GPU running out of memory in the middle of a step would.
+  struct InjectedFailure {
+    int rank = -1;
+    long step = -1;
+  };
+
   // Waits until ranks 1.. are loaded (rethrowing the first load error), gives each a KV cache of runner's
   // configuration and makes every runner.step() run on all ranks. Call once rank 0's model is loaded, before the
   // first step; the runner must not outlive this object.
   void attach(ModelRunner& runner);
 
   // ModelRunner::step's side: every other rank starts the forward of `batch` (which must stay alive until
-  // end_forward), then end_forward waits for them and rethrows the first rank's error.
+  // end_forward), then end_forward waits for them and rethrows the first rank's error. A rank that fails aborts the
+  // group's collectives (Backend::abort_collectives), so the others return with an error instead of waiting for it;
+  // every later step then fails at once.
   void begin_forward(const model::ForwardBatch& batch);
   void end_forward();
 
@@ -54,6 +63,8 @@ class TpRanks {
   void wait_all();                                   // rethrows the first error
 
   std::vector<std::unique_ptr<Rank>> ranks_;
+  long forwards_ = 0;
+  InjectedFailure fault_;
 };
 
 }  // namespace mxlm::engine

@@ -5,8 +5,12 @@
 // check prints a skip line and counts nothing.
 #include <nlohmann/json.hpp>
 
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <functional>
+#include <future>
 #include <thread>
 
 #include "backend/cpu/cpu_tp_group.h"
@@ -206,7 +210,68 @@ void test_fixtures_tp(Env& env, const std::shared_ptr<backend::CudaTpGroup>& gro
   }
 }
 
+// A rank that fails in the middle of a step (MXLM_TP_INJECT_FAILURE: rank 1's second forward, before its first
+// collective, as an out-of-memory error would) must make rank 0's step return that error instead of leaving rank 0's
+// NCCL all-reduce waiting for rank 1 forever; later steps fail at once. Uses its own group (an aborted one is gone).
+void test_rank_failure(Env& env) {
+  auto group = backend::make_cuda_tp_group(kRanks);
+  const auto make = [group](int r) { return rank_backend(group, r); };
+  const fs::path dir = env.fixtures / "m3" / "dense";
+  const auto load = [dir](Backend& be, int r) {
+    model::ModelOptions o;
+    o.tp = {r, kRanks};
+    return model::load_m3_model(dir, be, o);
+  };
+  ::setenv("MXLM_TP_INJECT_FAILURE", "1:1", 1);
+  engine::TpRanks ranks(kRanks, make, load);
+  ::unsetenv("MXLM_TP_INJECT_FAILURE");
+  auto be0 = make(0);
+  auto m0 = load(*be0, 0);
+  engine::ModelRunner runner(*m0, engine::cache_config_for(*m0, 64, 1));
+  ranks.attach(runner);
+  engine::Sequence a;
+  a.id = 1;
+  a.tokens = {1, 2, 3, 4, 5, 6, 7, 8};
+  runner.admit(a);
+  engine::StepItem first{&a, 4, false};
+  runner.step({&first, 1});
+  auto step = std::async(std::launch::async, [&] {
+    engine::StepItem rest{&a, 4, false};
+    try {
+      runner.step({&rest, 1});
+      return std::string("no error");
+    } catch (const std::exception& e) {
+      return std::string(e.what());
+    }
+  });
+  if (step.wait_for(std::chrono::seconds(60)) != std::future_status::ready) {
+    report(false, "TP 2 rank failure: rank 0 still waits after 60 s (the process will hang)", 0, 0);
+    std::fflush(stdout);
+  }
+  const std::string err = step.get();
+  report(err.find("injected failure of rank 1") != std::string::npos,
+         "TP 2 rank failure: rank 0's step fails with rank 1's reason: " + err, 0, 0);
+  std::string again;
+  try {
+    engine::StepItem more{&a, 4, false};
+    runner.step({&more, 1});
+  } catch (const std::exception& e) {
+    again = e.what();
+  }
+  report(again.find("aborted") != std::string::npos, "TP 2 rank failure: the next step fails at once: " + again, 0,
+         0);
+}
+
 }  // namespace
+
+MXLM_GPU_CHECK(tp_abort) {
+  const int devices = backend::cuda_device_count();
+  if (devices < kRanks) {
+    std::printf("skip: needs 2 GPUs (%d present)\n", devices);
+    return;
+  }
+  test_rank_failure(env);
+}
 
 MXLM_GPU_CHECK(tp) {
   const int devices = backend::cuda_device_count();

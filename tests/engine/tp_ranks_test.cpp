@@ -1,13 +1,17 @@
 // engine::TpRanks with CPU ranks (the same driver runs NCCL ranks on GPUs): rank 0's ModelRunner, driven as at
 // TP = 1, runs batched steps of two sequences with prefix caching on both ranks and must give the transformers
-// reference logits; a rank's load error reaches the caller of attach().
+// reference logits; a rank's load error reaches the caller of attach(); a rank that fails in the middle of a step
+// makes rank 0's step fail with its reason instead of leaving rank 0 waiting in a collective forever.
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
 
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <future>
 
 #include "backend/cpu/cpu_tp_group.h"
 #include "core/error.h"
@@ -102,6 +106,53 @@ TEST(TpRanks, LoadErrorsReachAttach) {
     FAIL() << "no error";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("rank 1 cannot load"), std::string::npos) << e.what();
+  }
+}
+
+TEST(TpRanks, ARankFailingMidStepAbortsTheGroupInsteadOfHanging) {
+  const std::string name = "mixed";
+  const int tp = 2;
+  CpuRanks cpu(tp);
+  auto load = [&](backend::Backend& be, int rank) {
+    model::ModelOptions o;
+    o.tp = {rank, tp};
+    return model::load_m3_model(fixture(name), be, o);
+  };
+  ::setenv("MXLM_TP_INJECT_FAILURE", "1:1", 1);  // rank 1 fails its second forward, before its first collective
+  TpRanks ranks(tp, cpu.make(), load);
+  ::unsetenv("MXLM_TP_INJECT_FAILURE");
+  auto be0 = cpu.make()(0);
+  auto m0 = load(*be0, 0);
+  ModelRunner runner(*m0, cache_config_for(*m0, 64, 1));
+  ranks.attach(runner);
+  Sequence a;
+  a.id = 1;
+  a.tokens = {1, 2, 3, 4, 5, 6, 7, 8};
+  runner.admit(a);
+  StepItem first{&a, 4, false};
+  runner.step({&first, 1});  // forward 0: both ranks
+  // Forward 1: rank 0 would wait for rank 1 in the first all-reduce forever without the abort; run it on a thread
+  // so that a regression fails the test instead of hanging it.
+  auto step = std::async(std::launch::async, [&] {
+    StepItem rest{&a, 4, false};
+    try {
+      runner.step({&rest, 1});
+      return std::string("no error");
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+  });
+  ASSERT_EQ(step.wait_for(std::chrono::seconds(60)), std::future_status::ready) << "rank 0 hangs";
+  const std::string err = step.get();
+  EXPECT_NE(err.find("injected failure of rank 1"), std::string::npos) << err;
+  EXPECT_EQ(a.num_computed, 4) << "a failed step must not advance the sequence";
+  // The group is unusable from now on: the next step fails at once, naming the original failure.
+  try {
+    StepItem again{&a, 4, false};
+    runner.step({&again, 1});
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("aborted"), std::string::npos) << e.what();
   }
 }
 

@@ -195,6 +195,10 @@ void CpuBackend::cache_write(const float* x, size_t width, std::span<const int64
 
 int CpuBackend::tp_size() const { return group_ ? group_->size() : 1; }
 
+void CpuBackend::abort_collectives(const std::string& reason) {
+  if (group_) group_->abort(reason);
+}
+
 void CpuBackend::all_reduce_sum(float* x, size_t n) {
   if (group_) group_->all_reduce_sum(rank_, x, n);
 }

@@ -96,6 +96,7 @@ class CpuBackend final : public Backend {
   int tp_size() const override;
   void all_reduce_sum(float* x, size_t n) override;
   void all_gather_cols(const float* x, size_t rows, size_t cols_per_rank, float* out) override;
+  void abort_collectives(const std::string& reason) override;
 
  private:
   std::shared_ptr<CpuTpGroup> group_;

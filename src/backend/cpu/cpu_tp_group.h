@@ -3,8 +3,11 @@
 // sharding rules are tested where CI runs; a GPU backend implements the same collectives with NCCL.
 #pragma once
 
-#include <barrier>
+#include <condition_variable>
+#include <cstdint>
 #include <memory>
+#include <mutex>
+#include <string>
 #include <vector>
 
 #include "backend/backend.h"
@@ -18,10 +21,20 @@ class CpuTpGroup {
   // Every rank must call these in the same order with the same sizes (as with NCCL).
   void all_reduce_sum(int rank, float* x, size_t n);
   void all_gather_cols(int rank, const float* x, size_t rows, size_t cols_per_rank, float* out);
+  // Backend::abort_collectives: ranks waiting in a collective, and every later collective, throw an Error with
+  // `reason` (a failed rank never arrives; without this its peers would wait forever).
+  void abort(const std::string& reason);
 
  private:
+  void arrive_and_wait();  // a barrier of all ranks that an abort breaks
+
   int size_;
-  std::barrier<> barrier_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  int arrived_ = 0;
+  uint64_t generation_ = 0;
+  bool aborted_ = false;
+  std::string reason_;
   std::vector<const float*> posted_;
 };
 

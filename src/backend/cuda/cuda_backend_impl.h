@@ -465,6 +465,7 @@ class CudaBackend final : public Backend {
   int tp_rank() const override { return options_.tp ? options_.tp_rank : 0; }
   int tp_size() const override;
   void all_reduce_sum(float* x, size_t n) override;
+  void abort_collectives(const std::string& reason) override;  // cuda_tp.cpp
   void all_gather_cols(const float* x, size_t rows, size_t cols_per_rank, float* out) override;
 
  private:

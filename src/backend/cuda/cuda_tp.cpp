@@ -4,7 +4,10 @@
 // op, so they order with the kernels around them without host synchronisation.
 #include <nccl.h>
 
+#include <atomic>
 #include <cstdlib>
+#include <mutex>
+#include <string>
 #include <vector>
 
 #include "backend/cuda/cuda_backend_impl.h"
@@ -19,6 +22,7 @@ class CudaTpGroup {
     check(ncclCommInitAll(comms_.data(), size, devices.data()), "ncclCommInitAll");
   }
   ~CudaTpGroup() {
+    if (aborted_) return;  // ncclCommAbort freed them
     for (ncclComm_t c : comms_)
       if (c) ncclCommDestroy(c);
   }
@@ -27,7 +31,24 @@ class CudaTpGroup {
 
   int size() const { return static_cast<int>(comms_.size()); }
   int device(int rank) const { return rank; }
-  ncclComm_t comm(int rank) const { return comms_[static_cast<size_t>(rank)]; }
+  // The rank's communicator; an Error once the group was aborted.
+  ncclComm_t comm(int rank) const {
+    if (aborted_) {
+      std::lock_guard lock(mutex_);
+      fail("tensor-parallel group aborted: {}", reason_);
+    }
+    return comms_[static_cast<size_t>(rank)];
+  }
+  // Backend::abort_collectives: ncclCommAbort on every rank's communicator makes the NCCL kernels that wait for the
+  // failed rank return, so their ranks' host threads come back from their stream waits; the next collective fails.
+  void abort(const std::string& reason) {
+    std::lock_guard lock(mutex_);
+    if (aborted_) return;
+    reason_ = reason;
+    aborted_ = true;
+    for (ncclComm_t c : comms_)
+      if (c) (void)ncclCommAbort(c);
+  }
 
   static void check(ncclResult_t r, const char* what) {
     if (r != ncclSuccess) fail("NCCL error in {}: {} ({})", what, ncclGetErrorString(r), ncclGetLastError(nullptr));
@@ -35,6 +56,9 @@ class CudaTpGroup {
 
  private:
   std::vector<ncclComm_t> comms_;
+  mutable std::mutex mutex_;
+  std::atomic<bool> aborted_{false};
+  std::string reason_;
 };
 
 std::shared_ptr<CudaTpGroup> make_cuda_tp_group(int size) {
@@ -69,6 +93,10 @@ int tp_group_size(const CudaTpGroup& group) { return group.size(); }
 int tp_group_device(const CudaTpGroup& group, int rank) { return group.device(rank); }
 
 int CudaBackend::tp_size() const { return options_.tp ? options_.tp->size() : 1; }
+
+void CudaBackend::abort_collectives(const std::string& reason) {
+  if (options_.tp) options_.tp->abort(reason);
+}
 
 void CudaBackend::all_reduce_sum(float* x, size_t n) {
   if (!options_.tp || options_.tp->size() == 1 || n == 0) return;
