@@ -8,7 +8,9 @@
 //   3. the draw: per-warp weight totals over contiguous column ranges, a scan of the 32 totals, then the warp whose
 //      range holds the drawn point walks it 32 columns at a time.
 // Every pass recomputes z, the key and the weight from the logits (cheap), so no scratch memory is needed.
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "backend/cuda/cuda_kernels.h"
 #include "backend/sampling_math.h"
@@ -84,14 +86,24 @@ __device__ uint64_t block_exclusive_scan(uint64_t v, unsigned long long* warp_su
   return before;
 }
 
+// The histogram lives in dynamic shared memory as `copies` copies (warp w adds to copy w % copies), so that the
+// crowded bins of the first digit are contended by fewer warps; the scan sums the copies.
 struct SelectShared {
-  unsigned int count[kBins];
-  unsigned long long mass[kBins];
+  unsigned long long* mass;  // [copies][kBins]
+  unsigned int* count;       // [copies][kBins]
+  int copies;
+  int aggregate;  // 0: every lane adds; 1: counts per bin and warp, weights per lane; 2: both per bin and warp
   unsigned long long warp_sums[kWarps];
   unsigned long long above;
   unsigned int sel;
   unsigned int sel_count;
 };
+
+__device__ __forceinline__ unsigned bin_count(const SelectShared& sh, unsigned b) {
+  unsigned n = 0;
+  for (int k = 0; k < sh.copies; ++k) n += sh.count[k * kBins + b];
+  return n;
+}
 
 enum class Cut { TopK, TopP };
 
@@ -106,32 +118,54 @@ __device__ uint64_t select_threshold(const RowState& r, Cut cut, uint64_t tau_k,
   for (int d = 0; d < 6; ++d) {
     const int bits = d == 2 || d == 3 ? 10 : 11;  // 11 + 11 + 10 | 10 + 11 + 11: the float key, then the id
     shift -= bits;
-    for (int i = t; i < kBins; i += kThreads) sh.count[i] = 0, sh.mass[i] = 0;
+    for (int i = t; i < kBins * sh.copies; i += kThreads) sh.count[i] = 0, sh.mass[i] = 0;
     __syncthreads();
     const uint64_t digit_mask = (uint64_t{1} << bits) - 1;
-    // Every lane adds for itself (H100, bench_cuda_sample: warp aggregation with __match_any_sync /
-    // __reduce_add_sync, or 8 histogram copies, were up to 2.4x slower for top-p, never faster).
+    // Adds per lane (aggregate 0, the default) or warp-aggregated per bin (logits crowd a few bins of the high digits).
     const int lane = t & 31;
+    const int copy = (t >> 5) % sh.copies;
+    unsigned long long* const mass = sh.mass + copy * kBins;
+    unsigned int* const count = sh.count + copy * kBins;
     for (uint32_t c0 = static_cast<uint32_t>(t - lane); c0 < r.cols; c0 += kThreads) {
       const uint32_t c = c0 + static_cast<uint32_t>(lane);
       bool hit = false;
-      Token tok{};
+      unsigned b = 0xFFFFFFFFu;
+      uint64_t w = 0;
       if (c < r.cols) {
-        tok = token_at(r, c, cut == Cut::TopP);
+        const Token tok = token_at(r, c, cut == Cut::TopP);
         hit = tok.min_p_ok && (cut == Cut::TopK || (tok.key >= tau_k && tok.weight > 0)) &&
               (tok.key & prefix_mask) == prefix;
+        if (hit) b = static_cast<unsigned>((tok.key >> shift) & digit_mask), w = tok.weight;
       }
       if (!__any_sync(0xffffffffu, hit)) continue;  // past the first digit, most warps hold no candidate
+      if (sh.aggregate == 0) {                      // every lane adds for itself
+        if (hit) {
+          atomicAdd(&count[b], 1u);
+          atomicAdd(&mass[b], static_cast<unsigned long long>(cut == Cut::TopK ? 1 : w));
+        }
+        continue;
+      }
+      const unsigned peers = __match_any_sync(0xffffffffu, b);
       if (hit) {
-        const unsigned b = static_cast<unsigned>((tok.key >> shift) & digit_mask);
-        atomicAdd(&sh.count[b], 1u);
-        atomicAdd(&sh.mass[b], static_cast<unsigned long long>(cut == Cut::TopK ? 1 : tok.weight));
+        const unsigned n = __popc(peers);
+        const bool leader = lane == __ffs(peers) - 1;
+        if (cut == Cut::TopK) {
+          if (leader) atomicAdd(&count[b], n), atomicAdd(&mass[b], static_cast<unsigned long long>(n));
+        } else if (sh.aggregate == 1) {  // counts by the bin's leader, weights by every lane
+          if (leader) atomicAdd(&count[b], n);
+          atomicAdd(&mass[b], static_cast<unsigned long long>(w));
+        } else {  // weights <= 2^40: two 20-bit halves, each summed in 32 bits
+          const unsigned hi = __reduce_add_sync(peers, static_cast<unsigned>(w >> 20));
+          const unsigned lo = __reduce_add_sync(peers, static_cast<unsigned>(w & 0xFFFFFu));
+          if (leader) atomicAdd(&count[b], n), atomicAdd(&mass[b], (static_cast<unsigned long long>(hi) << 20) + lo);
+        }
       }
     }
     __syncthreads();
     // Bins in descending order: thread t holds j = 2t, 2t + 1, i.e. bins kBins-1-2t and kBins-2-2t.
     const unsigned b0 = kBins - 1 - 2 * t, b1 = kBins - 2 - 2 * t;
-    const uint64_t m0 = sh.mass[b0], m1 = sh.mass[b1];
+    uint64_t m0 = 0, m1 = 0;
+    for (int k = 0; k < sh.copies; ++k) m0 += sh.mass[k * kBins + b0], m1 += sh.mass[k * kBins + b1];
     uint64_t total = 0;
     const uint64_t before = above + block_exclusive_scan(m0 + m1, sh.warp_sums, total);
     if (d == 0) {
@@ -139,9 +173,9 @@ __device__ uint64_t select_threshold(const RowState& r, Cut cut, uint64_t tau_k,
       if (total <= target) return 0;  // uniform over the block: every candidate stays
     }
     if (before < target && target <= before + m0) {
-      sh.sel = b0, sh.above = before, sh.sel_count = sh.count[b0];
+      sh.sel = b0, sh.above = before, sh.sel_count = bin_count(sh, b0);
     } else if (before + m0 < target && target <= before + m0 + m1) {
-      sh.sel = b1, sh.above = before + m0, sh.sel_count = sh.count[b1];
+      sh.sel = b1, sh.above = before + m0, sh.sel_count = bin_count(sh, b1);
     }
     __syncthreads();
     prefix |= static_cast<uint64_t>(sh.sel) << shift;
@@ -160,9 +194,17 @@ __device__ __forceinline__ uint64_t warp_sum_u64(uint64_t v) {
   return v;
 }
 
-__global__ void __launch_bounds__(kThreads)
-    sample_rows_kernel(const float* x, size_t cols, const SampleParams* params, int32_t* out) {
+__global__ void __launch_bounds__(kThreads) sample_rows_kernel(const float* x, size_t cols, const SampleParams* params,
+                                                               int copies, int aggregate, int32_t* out) {
+  extern __shared__ unsigned long long histogram[];  // copies * kBins * (8 + 4) bytes
   __shared__ SelectShared sh;
+  if (threadIdx.x == 0) {
+    sh.copies = copies;
+    sh.aggregate = aggregate;
+    sh.mass = histogram;
+    sh.count = reinterpret_cast<unsigned int*>(histogram + copies * kBins);
+  }
+  __syncthreads();
   __shared__ unsigned long long best_keys[kWarps];
   __shared__ float best_vals[kWarps];
   __shared__ int best_ids[kWarps];
@@ -269,7 +311,20 @@ __global__ void __launch_bounds__(kThreads)
 cudaError_t launch_sample_rows(const float* x, size_t rows, size_t cols, const SampleParams* params, int32_t* out,
                                cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  sample_rows_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(x, cols, params, out);
+  // Histogram copies (1..8) and the warp aggregation of its adds (0..2): MXLM_CUDA_SAMPLE_COPIES /
+  // MXLM_CUDA_SAMPLE_AGGREGATE override them, for the benchmark. H100 (bench_cuda_sample, 200064-token rows): one
+  // copy with every lane adding for itself is the fastest (top-p 0.9 at 1 row 0.44 ms; aggregate 2: 1.03 ms; 8 copies:
+  // no gain). The same per-lane adds into a static __shared__ array (ATOMS instead of these generic atomics) took
+  // 0.98 ms in another run: keep this form.
+  int copies = 1, aggregate = 0;
+  if (const char* env = std::getenv("MXLM_CUDA_SAMPLE_COPIES")) copies = std::clamp(std::atoi(env), 1, 8);
+  if (const char* env = std::getenv("MXLM_CUDA_SAMPLE_AGGREGATE")) aggregate = std::clamp(std::atoi(env), 0, 2);
+  const size_t smem = static_cast<size_t>(copies) * kBins * (8 + 4);
+  // Per device context, so set on every call (a cheap driver call next to the kernel).
+  const cudaError_t e =
+      cudaFuncSetAttribute(sample_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (e != cudaSuccess) return e;
+  sample_rows_kernel<<<static_cast<unsigned>(rows), kThreads, smem, stream>>>(x, cols, params, copies, aggregate, out);
   return cudaGetLastError();
 }
 
