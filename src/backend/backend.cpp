@@ -54,15 +54,12 @@ std::unique_ptr<Weight> Backend::random_weight(WeightFormat format, int64_t rows
   fail("random weight of unknown format {}", static_cast<int>(format));
 }
 
-std::unique_ptr<StepBinding> Backend::bind_step(const AttentionBatch&, std::span<const int32_t>,
-                                                         StepGraph* graph) {
+std::unique_ptr<StepBinding> Backend::bind_step(const AttentionBatch&, std::span<const int32_t>, StepGraph* graph) {
   if (graph) fail("backend {} has no captured steps", name());
   return nullptr;
 }
 
-std::unique_ptr<StepGraph> Backend::make_step_graph(int, int) {
-  fail("backend {} has no captured steps", name());
-}
+std::unique_ptr<StepGraph> Backend::make_step_graph(int, int) { fail("backend {} has no captured steps", name()); }
 
 void Backend::run_step(StepGraph&, const std::function<void()>&) { fail("backend {} has no captured steps", name()); }
 

@@ -37,9 +37,9 @@ struct ModelOptions {
 
 // What the captured-step path did so far (tests and benchmarks).
 struct StepGraphStats {
-  uint64_t captures = 0;        // graphs captured
-  uint64_t replays = 0;         // steps run by replaying a graph
-  uint64_t padded_eager = 0;    // padded steps run eagerly (a bucket's first step, EagerPadded)
+  uint64_t captures = 0;          // graphs captured
+  uint64_t replays = 0;           // steps run by replaying a graph
+  uint64_t padded_eager = 0;      // padded steps run eagerly (a bucket's first step, EagerPadded)
   uint64_t capture_failures = 0;  // buckets whose capture failed (they run padded, eagerly)
 };
 

@@ -359,8 +359,8 @@ class CudaBackend final : public Backend {
       d = to_device(ids);
       dids = d.as<int32_t>();
     }
-    MXLM_CUDA_CHECK(
-        launch_embedding(dw.data_, dw.scales_, f, table.rows(), table.cols(), dids, ids.size(), row_offset, out, stream_));
+    MXLM_CUDA_CHECK(launch_embedding(dw.data_, dw.scales_, f, table.rows(), table.cols(), dids, ids.size(), row_offset,
+                                     out, stream_));
   }
 
   // ---- decoding
@@ -650,7 +650,7 @@ class CudaBackend final : public Backend {
   BoundStep* bound_ = nullptr;
   bool capturing_ = false;
   std::shared_ptr<Pool> graph_pool_;  // scratch of run_step / capture_step (never released: graphs refer to it)
-  std::unordered_map<uint64_t, Block> inv_freq_;                  // RoPE tables by (theta bits, rotary_dim)
+  std::unordered_map<uint64_t, Block> inv_freq_;  // RoPE tables by (theta bits, rotary_dim)
 
   const int32_t* bound_tokens(std::span<const int32_t> ids) const {
     return bound_ && ids.data() == bound_->host_tokens && ids.size() == bound_->num_tokens ? bound_->tokens : nullptr;

@@ -139,8 +139,8 @@ class CudaStepBinding final : public StepBinding {
   CudaBackend::BoundStep step_;
 };
 
-std::unique_ptr<StepBinding> CudaBackend::bind_step(const AttentionBatch& batch,
-                                                             std::span<const int32_t> tokens, StepGraph* graph) {
+std::unique_ptr<StepBinding> CudaBackend::bind_step(const AttentionBatch& batch, std::span<const int32_t> tokens,
+                                                    StepGraph* graph) {
   auto binding = std::make_unique<CudaStepBinding>(*this, batch, tokens);
   if (batch.num_tokens <= 0) return binding;  // nothing to bind: ops of an empty step return early
   if (!graph) {
