@@ -63,21 +63,20 @@ uint64_t weighted_cut(std::vector<std::pair<uint64_t, uint64_t>>& cand, uint64_t
 // Keys, weights and min-p of every token (the hot loop: FMA instructions where the CPU has them; fma is exact
 // either way, so the results are the same bits).
 __attribute__((target_clones("fma", "default"))) void weigh(std::span<const float> logits, float inv_t,
-                                                            std::vector<float>& z, std::vector<uint64_t>& key,
-                                                            std::vector<uint64_t>& w, std::vector<char>& keep,
-                                                            float min_p) {
+                                                            std::vector<uint64_t>& key, std::vector<uint64_t>& w,
+                                                            std::vector<char>& keep, float min_p) {
   const size_t n = logits.size();
   uint64_t best_key = 0;
   for (size_t i = 0; i < n; ++i) {
-    z[i] = sm::scaled_logit(logits[i], inv_t);
-    key[i] = sm::order_key(z[i], static_cast<uint32_t>(i));
+    key[i] = sm::order_key(sm::scaled_logit(logits[i], inv_t), static_cast<uint32_t>(i));
     best_key = std::max(best_key, key[i]);
   }
   const size_t best = 0xFFFFFFFFu - static_cast<uint32_t>(best_key);
-  const float z_max = z[best];
+  const float z_max = sm::scaled_logit(logits[best], inv_t);
   const uint32_t best_float_key = static_cast<uint32_t>(best_key >> 32);
   for (size_t i = 0; i < n; ++i) {
-    const float rel = sm::relative_prob(z[i], z_max, static_cast<uint32_t>(key[i] >> 32) == best_float_key);
+    const float z = sm::scaled_logit(logits[i], inv_t);
+    const float rel = sm::relative_prob(z, z_max, static_cast<uint32_t>(key[i] >> 32) == best_float_key);
     w[i] = sm::integer_weight(rel);
     keep[i] = rel >= min_p;
   }
@@ -95,14 +94,18 @@ std::vector<uint64_t> sample_weights(std::span<const float> logits, const Sample
     w[static_cast<size_t>(first_argmax(logits))] = 1;
     return w;
   }
-  // 1-2: weights and min-p; `keep` marks candidates.
-  std::vector<float> z(n);
-  std::vector<uint64_t> key(n);
-  std::vector<char> keep(n);
-  weigh(logits, sm::inverse_temperature(p.temperature), z, key, w, keep, p.min_p);
+  // 1-2: weights and min-p; `keep` marks candidates. Scratch per thread: a row of 200064 tokens would otherwise
+  // page-fault its 2 MB in on every call.
+  thread_local std::vector<uint64_t> key;
+  thread_local std::vector<char> keep;
+  thread_local std::vector<uint64_t> keys;
+  thread_local std::vector<std::pair<uint64_t, uint64_t>> cand;  // (key, weight)
+  key.resize(n);
+  keep.resize(n);
+  weigh(logits, sm::inverse_temperature(p.temperature), key, w, keep, p.min_p);
   // 3. top-k: keys at or above the k-th largest key among the candidates.
   if (p.top_k > 0) {
-    std::vector<uint64_t> keys;
+    keys.clear();
     for (size_t i = 0; i < n; ++i)
       if (keep[i]) keys.push_back(key[i]);
     if (static_cast<size_t>(p.top_k) < keys.size()) {
@@ -113,7 +116,7 @@ std::vector<uint64_t> sample_weights(std::span<const float> logits, const Sample
   // 4. top-p over the positive-weight candidates (zero weights never change the cumulative sum, and are never drawn).
   if (p.top_p < 1.0f) {
     uint64_t total = 0;
-    std::vector<std::pair<uint64_t, uint64_t>> cand;  // (key, weight)
+    cand.clear();
     for (size_t i = 0; i < n; ++i)
       if (keep[i] && w[i] > 0) {
         total += w[i];
