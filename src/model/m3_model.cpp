@@ -41,10 +41,12 @@ struct M3Model::Layer {
 struct M3Model::Graphs {
   struct Entry {
     std::unique_ptr<backend::StepGraph> graph;
-    std::unique_ptr<Buffer> out;  // ids [rows] (greedy) or logits [rows, vocab]: the graph's output
     bool capture_failed = false;
   };
   std::map<std::tuple<int, int, bool>, Entry> entries;
+  // The graphs' output by (rows, greedy), shared by every page bucket (a replay's output is read before the next
+  // step): ids [rows] with greedy, else logits [rows, vocab].
+  std::map<std::pair<int, bool>, std::unique_ptr<Buffer>> outputs;
   std::vector<const float*> caches;
   StepGraphStats stats;
 };
@@ -488,12 +490,11 @@ Buffer* M3Model::graph_step(const ForwardBatch& batch, std::span<const LayerCach
   const bool capture = mode == StepGraphs::On && !routing_observer_ && !e.capture_failed;
   const size_t V = static_cast<size_t>(vocab_size());
   const ForwardBatch padded = pad_decode_step(batch, R);
-  if (!e.graph) {
-    e.graph = backend_.make_step_graph(R, P);
-    e.out = backend_.alloc(greedy ? static_cast<size_t>(R) : static_cast<size_t>(R) * V);
-  }
+  if (!e.graph) e.graph = backend_.make_step_graph(R, P);
+  std::unique_ptr<Buffer>& out_buffer = g.outputs[{R, greedy}];
+  if (!out_buffer) out_buffer = backend_.alloc(greedy ? static_cast<size_t>(R) : static_cast<size_t>(R) * V);
   backend::StepGraph& graph = *e.graph;
-  Buffer& out = *e.out;
+  Buffer& out = *out_buffer;
   const auto body = [&] {
     auto binding = backend_.bind_step(padded.attention, padded.tokens, &graph);
     if (!greedy) {
