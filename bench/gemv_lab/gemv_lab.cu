@@ -24,7 +24,10 @@
 #include <string>
 #include <vector>
 
+#include "backend/cuda/cuda_mxfp4_mma.cuh"
+
 namespace cg = cooperative_groups;
+using namespace mxlm::backend::cuda;
 
 #define CK(x)                                                                                   \
   do {                                                                                          \
@@ -36,54 +39,7 @@ namespace cg = cooperative_groups;
   } while (0)
 
 // ---------------------------------------------------------------------------------------------------------------
-// Device helpers (the math of src/backend/cuda/cuda_mxfp4_gemv.cu version 1)
-__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
-  __nv_bfloat162 x = *reinterpret_cast<__nv_bfloat162*>(&a);
-  __nv_bfloat162 y = *reinterpret_cast<__nv_bfloat162*>(&b);
-  __nv_bfloat162 r = __hmul2(x, y);
-  return *reinterpret_cast<uint32_t*>(&r);
-}
-__device__ __forceinline__ uint32_t scale_first(uint32_t s) {
-  const uint32_t bits = s == 255u ? 0x7fc0u : (s <= 128u ? (s + 126u) << 7 : 253u << 7);
-  return bits | (bits << 16);
-}
-__device__ __forceinline__ bool scale_capped(uint32_t s) { return s > 128u && s != 255u; }
-__device__ __forceinline__ uint32_t scale_second(uint32_t s) {
-  const uint32_t bits = scale_capped(s) ? s << 7 : 0x3f80u;
-  return bits | (bits << 16);
-}
-template <bool kCapped>
-__device__ __forceinline__ void dequant_word(uint32_t w, uint32_t first, uint32_t second, uint32_t out[4]) {
-  constexpr uint32_t kMag = 0x01c001c0u, kSign = 0x80008000u;
-  out[0] = ((w << 6) & kMag) | ((w << 12) & kSign);
-  out[1] = ((w << 2) & kMag) | ((w << 8) & kSign);
-  out[2] = ((w >> 2) & kMag) | ((w << 4) & kSign);
-  out[3] = ((w >> 6) & kMag) | (w & kSign);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    out[i] = bf16x2_mul(out[i], first);
-    if (kCapped) out[i] = bf16x2_mul(out[i], second);
-  }
-}
-__device__ __forceinline__ void pair_x(const uint4& v, uint32_t out[4]) {
-  out[0] = __byte_perm(v.x, v.z, 0x5410);
-  out[1] = __byte_perm(v.x, v.z, 0x7632);
-  out[2] = __byte_perm(v.y, v.w, 0x5410);
-  out[3] = __byte_perm(v.y, v.w, 0x7632);
-}
-__device__ __forceinline__ void mma_bf16(float d[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                         uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
-  return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
-}
-__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-__device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;"); }
+// Device helpers (the version-1 MMA math itself comes from the backend: backend/cuda/cuda_mxfp4_mma.cuh)
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -403,6 +359,47 @@ __global__ void __launch_bounds__(W * 32, 2) gemv3_kernel(Gemv p, int flags) {
 // Lane (g, t) owns 32-bit word t (8 codes) of every MX block for weight rows g and g + 8: low nibbles (k = 8t, +2,
 // +4, +6) form A registers 0/1, high nibbles (k = 8t + 1, +3, ..) registers 2/3; the activations are staged in the
 // same order. Weights are staged per 16-byte block with the block slot swizzled by row (conflict-free word reads).
+// One MX block of 32 bf16 activations (null: zeros) as e4m3 v = x * 2^-f, f = the block's largest exponent - 2
+// (exact for MX-QDQ'd blocks), in the lane order of the FP8 paths: words[h][t] holds k = 8t + h, +2, +4, +6 (h = 0:
+// the even k, 1: the odd k). Returns 2^(f + 6), the factor that undoes both this and the weights' 2^-6 placement;
+// NaN for a block holding Inf or NaN.
+__device__ __forceinline__ float block_to_e4m3(const uint16_t* x, uint32_t words[2][4]) {
+  uint4 v4[4] = {};
+  if (x != nullptr) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) v4[q] = reinterpret_cast<const uint4*>(x)[q];
+  }
+  uint32_t emax = 0;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const uint32_t w4[4] = {v4[q].x, v4[q].y, v4[q].z, v4[q].w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) emax = max(emax, max((w4[i] >> 7) & 0xffu, (w4[i] >> 23) & 0xffu));
+  }
+  const int f = min(max(static_cast<int>(emax == 0 ? 1 : emax) - 127 - 2, -120), 121);
+  const float down = __uint_as_float(static_cast<uint32_t>(127 - f) << 23);
+  float vals[32];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const uint32_t w4[4] = {v4[q].x, v4[q].y, v4[q].z, v4[q].w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      vals[q * 8 + 2 * i] = __uint_as_float(w4[i] << 16) * down;
+      vals[q * 8 + 2 * i + 1] = __uint_as_float(w4[i] & 0xffff0000u) * down;
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      uint16_t a, b;
+      asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(a) : "f"(vals[8 * t + 2 + h]), "f"(vals[8 * t + h]));
+      asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(b) : "f"(vals[8 * t + 6 + h]), "f"(vals[8 * t + 4 + h]));
+      words[h][t] = static_cast<uint32_t>(a) | (static_cast<uint32_t>(b) << 16);
+    }
+  return emax == 255 ? __uint_as_float(0x7fc00000u) : __uint_as_float(static_cast<uint32_t>(f + 6 + 127) << 23);
+}
+
 template <int NT, int W, int TPW, int CH>
 __global__ void __launch_bounds__(W * 32, 2) gemv8_kernel(Gemv p, int flags) {
   constexpr int R = 16 * W * TPW;
@@ -471,46 +468,12 @@ __global__ void __launch_bounds__(W * 32, 2) gemv8_kernel(Gemv p, int flags) {
   // in the lane order of the weights and 2^(f + 6) (NaN for a block with Inf/NaN; 0 past m).
   for (int idx = threadIdx.x; idx < NT * 8 * NB; idx += W * 32) {
     const int tok = idx / NB, blk = idx % NB;
-    uint4 v4[4] = {};
-    if (tok < p.m) {
-      const uint4* src = reinterpret_cast<const uint4*>(p.x + static_cast<size_t>(tok) * p.k + k0 + blk * 32);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) v4[q] = src[q];
-    }
-    uint32_t emax = 0;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const uint32_t w4[4] = {v4[q].x, v4[q].y, v4[q].z, v4[q].w};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) emax = max(emax, max((w4[i] >> 7) & 0xffu, (w4[i] >> 23) & 0xffu));
-    }
-    const int f = min(max(static_cast<int>(emax == 0 ? 1 : emax) - 127 - 2, -120), 121);
-    const float down = __uint_as_float(static_cast<uint32_t>(127 - f) << 23);
-    float vals[32];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const uint32_t w4[4] = {v4[q].x, v4[q].y, v4[q].z, v4[q].w};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        vals[q * 8 + 2 * i] = __uint_as_float(w4[i] << 16) * down;
-        vals[q * 8 + 2 * i + 1] = __uint_as_float(w4[i] & 0xffff0000u) * down;
-      }
-    }
+    uint32_t words[2][4];
+    const float scale = block_to_e4m3(tok < p.m ? p.x + static_cast<size_t>(tok) * p.k + k0 + blk * 32 : nullptr, words);
     uint32_t* dst = x8 + tok * TS + blk * 8;
 #pragma unroll
-    for (int tt = 0; tt < 4; ++tt) {
-      uint32_t lohi[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        uint16_t a, b;
-        asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(a) : "f"(vals[8 * tt + h + 2]), "f"(vals[8 * tt + h]));
-        asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(b) : "f"(vals[8 * tt + h + 6]), "f"(vals[8 * tt + h + 4]));
-        lohi[h] = static_cast<uint32_t>(a) | (static_cast<uint32_t>(b) << 16);
-      }
-      *reinterpret_cast<uint2*>(dst + tt * 2) = make_uint2(lohi[0], lohi[1]);
-    }
-    fx[blk * 16 + tok] = tok >= p.m ? 0.0f : (emax == 255 ? __uint_as_float(0x7fc00000u)
-                                                         : __uint_as_float(static_cast<uint32_t>(f + 6 + 127) << 23));
+    for (int tt = 0; tt < 4; ++tt) *reinterpret_cast<uint2*>(dst + tt * 2) = make_uint2(words[0][tt], words[1][tt]);
+    fx[blk * 16 + tok] = tok >= p.m ? 0.0f : scale;
   }
   if (!(flags & kFlagEarlyTrigger)) pdl_launch_dependents();
   __syncthreads();
@@ -707,48 +670,14 @@ __global__ void __launch_bounds__(384, 1) gemvw_kernel(Gemv p, int flags) {
   // + h, i.e. the even k of the block in order (16 bytes), then the odd ones (16 bytes).
   for (int idx = threadIdx.x; idx < NT * 8 * NB; idx += W * 32) {
     const int tok = idx / NB, blk = idx % NB;
-    uint4 v4[4] = {};
-    if (tok < p.m) {
-      const uint4* src = reinterpret_cast<const uint4*>(p.x + static_cast<size_t>(tok) * p.k + k0 + blk * 32);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) v4[q] = src[q];
-    }
-    uint32_t emax = 0;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const uint32_t w4[4] = {v4[q].x, v4[q].y, v4[q].z, v4[q].w};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) emax = max(emax, max((w4[i] >> 7) & 0xffu, (w4[i] >> 23) & 0xffu));
-    }
-    const int f = min(max(static_cast<int>(emax == 0 ? 1 : emax) - 127 - 2, -120), 121);
-    const float down = __uint_as_float(static_cast<uint32_t>(127 - f) << 23);
-    float vals[32];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const uint32_t w4[4] = {v4[q].x, v4[q].y, v4[q].z, v4[q].w};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        vals[q * 8 + 2 * i] = __uint_as_float(w4[i] << 16) * down;
-        vals[q * 8 + 2 * i + 1] = __uint_as_float(w4[i] & 0xffff0000u) * down;
-      }
-    }
     uint32_t out[2][4];
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int wd = 0; wd < 4; ++wd) {  // bytes 4wd..4wd+3 of half h: real k = 2(4wd + b) + h, b = 0..3
-        uint16_t a, b;
-        asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(a) : "f"(vals[8 * wd + 2 + h]), "f"(vals[8 * wd + h]));
-        asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(b) : "f"(vals[8 * wd + 6 + h]), "f"(vals[8 * wd + 4 + h]));
-        out[h][wd] = static_cast<uint32_t>(a) | (static_cast<uint32_t>(b) << 16);
-      }
+    const float scale = block_to_e4m3(tok < p.m ? p.x + static_cast<size_t>(tok) * p.k + k0 + blk * 32 : nullptr, out);
     const int c = blk / 4, s = blk % 4, r8 = tok & 7;
     uint8_t* atom = bsm + (c * NT + tok / 8) * 1024 + r8 * 128;
 #pragma unroll
     for (int h = 0; h < 2; ++h)
       *reinterpret_cast<uint4*>(atom + (((2 * s + h) ^ r8) * 16)) = make_uint4(out[h][0], out[h][1], out[h][2], out[h][3]);
-    fx[blk * 16 + tok] = tok >= p.m ? 0.0f : (emax == 255 ? __uint_as_float(0x7fc00000u)
-                                                         : __uint_as_float(static_cast<uint32_t>(f + 6 + 127) << 23));
+    fx[blk * 16 + tok] = tok >= p.m ? 0.0f : scale;
   }
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the B atoms are read by the tensor cores
   if (!(flags & kFlagEarlyTrigger)) pdl_launch_dependents();

@@ -8,7 +8,7 @@ case "${1:-all}" in
   build|all)
     mkdir -p build-lab
     "${NVCC:-/usr/local/cuda/bin/nvcc}" -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -Xptxas -v \
-      -o build-lab/gemv_lab bench/gemv_lab/gemv_lab.cu -lcublas 2>&1 | grep -E "error|warning|registers|spill" || true
+      -Isrc -o build-lab/gemv_lab bench/gemv_lab/gemv_lab.cu -lcublas 2>&1 | grep -E "error|warning|registers|spill" || true
     ;;&
   run|all)
     out=${OUT:-build-lab}

@@ -10,12 +10,8 @@
 // k, so the permutation only changes the f32 summation order; every dequantized product is exact, as in the
 // emulation (DESIGN.md numerics contract).
 //
-// E2M1 -> bf16 by bit placement: the code's e1 e0 m bits go to bf16 bits 8..6 and its sign to bit 15, which is
-// the bf16 number value * 2^-126 (code 1 = 0.5 lands on the bf16 subnormal 2^-127, exactly as wanted); one bf16x2
-// multiply by 2^126 * scale = 2^(s-1) then gives value * scale exactly (powers of two). Scale bytes 129..254 would
-// need 2^(s-1) >= 2^128: such chunks take a second multiply (warp-uniform branch, never taken on real weights).
-// A register pairs nibbles p and p + 4 of a 32-bit word (both halves need the same shift), so the activations are
-// paired the same way (four byte-permutes per 8 values after the shared-memory load).
+// E2M1 -> bf16 by bit placement and one bf16x2 multiply by the block scale: cuda_mxfp4_mma.cuh (scale bytes
+// 129..254 take a second multiply on a warp-uniform branch, never taken on real weights).
 //
 // The activation slice of a batch is staged with cp.async issued before the weight loads, so it arrives ahead of
 // the weight stream and every chunk's math can start as soon as that chunk's weights land.
@@ -29,6 +25,7 @@
 #include <type_traits>
 
 #include "backend/cuda/cuda_kernels.h"
+#include "backend/cuda/cuda_mxfp4_mma.cuh"
 
 namespace mxlm::backend::cuda {
 
@@ -47,68 +44,12 @@ __device__ __forceinline__ uint4 load_stream_v4(const void* p) {
   return v;
 }
 
-__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
-  __nv_bfloat162 x = *reinterpret_cast<__nv_bfloat162*>(&a);
-  __nv_bfloat162 y = *reinterpret_cast<__nv_bfloat162*>(&b);
-  __nv_bfloat162 r = __hmul2(x, y);
-  return *reinterpret_cast<uint32_t*>(&r);
-}
-
-// Multipliers for one E8M0 byte: first = 2^(s-1) (2^126 when that overflows; NaN for 255), second = 2^(s-127)
-// when the first was capped, else 1.
-__device__ __forceinline__ uint32_t scale_first(uint32_t s) {
-  const uint32_t bits = s == 255u ? 0x7fc0u : (s <= 128u ? (s + 126u) << 7 : 253u << 7);
-  return bits | (bits << 16);
-}
-__device__ __forceinline__ bool scale_capped(uint32_t s) { return s > 128u && s != 255u; }
-__device__ __forceinline__ uint32_t scale_second(uint32_t s) {
-  const uint32_t bits = scale_capped(s) ? s << 7 : 0x3f80u;
-  return bits | (bits << 16);
-}
-
-// 8 E2M1 codes (one 32-bit word, element i in nibble i) to four bf16x2 registers: out[p] = (element p, element
-// p + 4) times the scale.
-template <bool kCapped>
-__device__ __forceinline__ void dequant_word(uint32_t w, uint32_t first, uint32_t second, uint32_t out[4]) {
-  constexpr uint32_t kMag = 0x01c001c0u, kSign = 0x80008000u;
-  out[0] = ((w << 6) & kMag) | ((w << 12) & kSign);
-  out[1] = ((w << 2) & kMag) | ((w << 8) & kSign);
-  out[2] = ((w >> 2) & kMag) | ((w << 4) & kSign);
-  out[3] = ((w >> 6) & kMag) | (w & kSign);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    out[i] = bf16x2_mul(out[i], first);
-    if (kCapped) out[i] = bf16x2_mul(out[i], second);
-  }
-}
-
-// Eight bf16 activations (pairs (0,1) .. (6,7) in x..w) re-paired as (0,4), (1,5), (2,6), (3,7) to match.
-__device__ __forceinline__ void pair_x(const uint4& v, uint32_t out[4]) {
-  out[0] = __byte_perm(v.x, v.z, 0x5410);
-  out[1] = __byte_perm(v.x, v.z, 0x7632);
-  out[2] = __byte_perm(v.y, v.w, 0x5410);
-  out[3] = __byte_perm(v.y, v.w, 0x7632);
-}
-
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const int src_bytes = valid ? 16 : 0;  // 0: zero-fill
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(gmem), "r"(src_bytes) : "memory");
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
-
-__device__ __forceinline__ void mma_bf16(float d[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                         uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
-  return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
-}
 
 // Chunks whose weight loads are all issued before the first is used (memory-level parallelism). Four keep the
 // kernel at <= 80 registers, so three CTAs of 8 warps share an SM: with two (kBatch 8, 124 registers) Nsight
@@ -285,8 +226,6 @@ __device__ __forceinline__ void cp_async_wait_stage(int st) {
       break;
   }
 }
-__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-__device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;"); }
 
 struct Problem {
   const uint8_t* w;
