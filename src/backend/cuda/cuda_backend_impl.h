@@ -34,7 +34,10 @@ inline void check(cublasStatus_t s, const char* what) {
   if (s != CUBLAS_STATUS_SUCCESS) fail("cuBLAS error {} in {}", static_cast<int>(s), what);
 }
 
-#define MXLM_CUDA_CHECK(expr) check((expr), #expr)
+// The failing call and where it is (a captured decode step that fails names the op that broke the capture).
+#define MXLM_CUDA_STR2(x) #x
+#define MXLM_CUDA_STR(x) MXLM_CUDA_STR2(x)
+#define MXLM_CUDA_CHECK(expr) check((expr), #expr " at " __FILE_NAME__ ":" MXLM_CUDA_STR(__LINE__))
 
 // Caching device allocator: freed blocks go back to a per-size free list instead of cudaFree, so the model's
 // per-step scratch buffers cost no driver calls after the first step. Sizes are rounded (powers of two up to
