@@ -40,6 +40,7 @@ struct GenerateOptions {
   std::string device = "cpu";
   std::string dtype = "auto";
   std::string kv_cache_dtype = "auto";
+  std::string moe_backend = "native";
   bool enforce_eager = false;  // decode steps never as CUDA graphs
   int tensor_parallel_size = 1;
 };
@@ -71,7 +72,7 @@ void run_generate(const GenerateOptions& o) {
   model::ModelOptions mo;
   mo.float_format = parse_weight_dtype(o.dtype);
   mo.step_graphs = o.enforce_eager ? model::StepGraphs::Off : model::StepGraphs::On;  // on cuda
-  LoadedModel lm = load_model(o.device, "native", o.tensor_parallel_size, mo, o.model, o.kv_cache_dtype);
+  LoadedModel lm = load_model(o.device, o.moe_backend, o.tensor_parallel_size, mo, o.model, o.kv_cache_dtype);
   auto& model = lm.model;
   const int32_t total = static_cast<int32_t>(prompt.size()) + o.max_tokens;
   if (model->text().max_position_embeddings > 0 && total > model->text().max_position_embeddings)
@@ -149,6 +150,7 @@ void add_generate(CLI::App& app) {
   cmd->add_option("--dtype", o->dtype, "Weight storage: auto, float32 or bfloat16")->capture_default_str();
   cmd->add_option("--kv-cache-dtype", o->kv_cache_dtype, "KV cache element: auto (float32), float32, bfloat16 (cuda)")
       ->capture_default_str();
+  cmd->add_option("--moe-backend", o->moe_backend, "MXFP4 experts on cuda: native (the fused kernels) or emulation (dequantize + QDQ + cuBLAS, the reference)")->capture_default_str();
   cmd->add_flag("--enforce-eager", o->enforce_eager,
                 "Run decode steps eagerly (default on cuda: captured once per batch size as CUDA graphs and replayed)");
   cmd->add_option("--tensor-parallel-size", o->tensor_parallel_size,

@@ -88,6 +88,7 @@ struct LogitsOptions {
   std::string device = "cpu";
   std::string dtype = "auto";
   std::string kv_cache_dtype = "auto";
+  std::string moe_backend = "native";
   bool enforce_eager = false;  // decode steps never as CUDA graphs
   int tensor_parallel_size = 1;
 };
@@ -97,7 +98,7 @@ void run_logits(const LogitsOptions& o) {
   model::ModelOptions mo;
   mo.float_format = parse_weight_dtype(o.dtype);
   mo.step_graphs = o.enforce_eager ? model::StepGraphs::Off : model::StepGraphs::On;  // on cuda
-  LoadedModel lm = load_model(o.device, "native", o.tensor_parallel_size, mo, o.model, o.kv_cache_dtype);
+  LoadedModel lm = load_model(o.device, o.moe_backend, o.tensor_parallel_size, mo, o.model, o.kv_cache_dtype);
   auto& model = lm.model;
   engine::CacheConfig cc = engine::cache_config_for(*model, static_cast<int32_t>(ids.size()));
   cc.prefix_caching = false;
@@ -121,6 +122,7 @@ void add_logits(CLI::App& app) {
   cmd->add_option("--device", opts->device, "cpu|cuda")->capture_default_str();
   cmd->add_option("--dtype", opts->dtype, "Weight storage: auto (as in the checkpoint), float32 or bfloat16")
       ->capture_default_str();
+  cmd->add_option("--moe-backend", opts->moe_backend, "MXFP4 experts on cuda: native (the fused kernels) or emulation (dequantize + QDQ + cuBLAS, the reference)")->capture_default_str();
   cmd->add_option("--kv-cache-dtype", opts->kv_cache_dtype,
                   "KV cache element: auto (float32), float32, bfloat16 (cuda)")
       ->capture_default_str();
