@@ -12,6 +12,7 @@
 #include "backend/sampling.h"
 #include "engine/model_runner.h"
 #include "engine/scheduler.h"
+#include "mixed_fixture.h"
 #include "model/m3_model.h"
 
 namespace mxlm::engine {
@@ -19,31 +20,8 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct Fixture {
-  std::unique_ptr<backend::Backend> be = backend::make_cpu_backend();
-  std::unique_ptr<model::M3Model> model;
-  Fixture() {
-    model::ModelOptions o;
-    o.float_format = backend::WeightFormat::F32;
-    model = model::load_m3_model(fs::path(MXLM_SOURCE_DIR) / "tests/fixtures/m3/mixed", *be, o);
-  }
-};
-
-Fixture& fixture() {
-  static Fixture f;
-  return f;
-}
-
-std::vector<std::vector<int32_t>> make_prompts(int count, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<std::vector<int32_t>> prompts;
-  for (int i = 0; i < count; ++i) {
-    std::vector<int32_t> p(3 + rng() % 30);
-    for (auto& t : p) t = static_cast<int32_t>(3 + rng() % 500);
-    prompts.push_back(p);
-  }
-  return prompts;
-}
+using testing::make_prompts;
+testing::MixedFixture& fixture() { return testing::mixed_fixture(); }
 
 GenerationRequest sampled(const std::vector<int32_t>& prompt, uint64_t seed, int max_tokens) {
   GenerationRequest r;
