@@ -256,7 +256,7 @@ struct BenchDecodeOptions {
   int layers = 0;  // 0: all
   int first_layer = 0;
   std::string device = "cpu";
-  std::string moe_backend = "native";
+  std::string moe_backend = kDefaultMoeBackend;
   std::string dtype = "auto";
   std::string kv_cache_dtype = "auto";
   int tensor_parallel_size = 1;
@@ -381,7 +381,7 @@ void add_bench_decode(CLI::App* bench) {
   d->add_option("--layers", o->layers, "Keep this many layers (0: all), with their real dense/MoE and full/sparse kinds");
   d->add_option("--first-layer", o->first_layer, "First kept layer (e.g. 3: MiniMax-M3's MoE/sparse layers only)");
   d->add_option("--device", o->device)->capture_default_str();
-  d->add_option("--moe-backend", o->moe_backend, "native or emulation (MXFP4 experts on CUDA)")->capture_default_str();
+  add_moe_backend_option(*d, o->moe_backend);
   d->add_option("--tensor-parallel-size", o->tensor_parallel_size,
                 "Ranks the model is sharded over (threads on cpu, GPUs 0..N-1 with NCCL on cuda); numbers are rank 0's")
       ->capture_default_str();

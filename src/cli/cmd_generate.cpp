@@ -40,7 +40,7 @@ struct GenerateOptions {
   std::string device = "cpu";
   std::string dtype = "auto";
   std::string kv_cache_dtype = "auto";
-  std::string moe_backend = "native";
+  std::string moe_backend = kDefaultMoeBackend;
   bool enforce_eager = false;  // decode steps never as CUDA graphs
   int tensor_parallel_size = 1;
 };
@@ -150,7 +150,7 @@ void add_generate(CLI::App& app) {
   cmd->add_option("--dtype", o->dtype, "Weight storage: auto, float32 or bfloat16")->capture_default_str();
   cmd->add_option("--kv-cache-dtype", o->kv_cache_dtype, "KV cache element: auto (float32), float32, bfloat16 (cuda)")
       ->capture_default_str();
-  cmd->add_option("--moe-backend", o->moe_backend, "MXFP4 experts on cuda: native (the fused kernels) or emulation (dequantize + QDQ + cuBLAS, the reference)")->capture_default_str();
+  add_moe_backend_option(*cmd, o->moe_backend);
   cmd->add_flag("--enforce-eager", o->enforce_eager,
                 "Run decode steps eagerly (default on cuda: captured once per batch size as CUDA graphs and replayed)");
   cmd->add_option("--tensor-parallel-size", o->tensor_parallel_size,

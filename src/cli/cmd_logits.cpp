@@ -88,7 +88,7 @@ struct LogitsOptions {
   std::string device = "cpu";
   std::string dtype = "auto";
   std::string kv_cache_dtype = "auto";
-  std::string moe_backend = "native";
+  std::string moe_backend = kDefaultMoeBackend;
   bool enforce_eager = false;  // decode steps never as CUDA graphs
   int tensor_parallel_size = 1;
 };
@@ -122,7 +122,7 @@ void add_logits(CLI::App& app) {
   cmd->add_option("--device", opts->device, "cpu|cuda")->capture_default_str();
   cmd->add_option("--dtype", opts->dtype, "Weight storage: auto (as in the checkpoint), float32 or bfloat16")
       ->capture_default_str();
-  cmd->add_option("--moe-backend", opts->moe_backend, "MXFP4 experts on cuda: native (the fused kernels) or emulation (dequantize + QDQ + cuBLAS, the reference)")->capture_default_str();
+  add_moe_backend_option(*cmd, opts->moe_backend);
   cmd->add_option("--kv-cache-dtype", opts->kv_cache_dtype,
                   "KV cache element: auto (float32), float32, bfloat16 (cuda)")
       ->capture_default_str();

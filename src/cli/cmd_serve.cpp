@@ -55,7 +55,7 @@ struct ServeOptions {
   std::string tool_call_parser;
   bool enable_auto_tool_choice = false;
   std::string reasoning_parser;
-  std::string moe_backend = "native";
+  std::string moe_backend = kDefaultMoeBackend;
   std::string api_key;
   std::string generation_config = "auto";
   std::string dtype = "auto";
@@ -347,7 +347,7 @@ void add_serve(CLI::App& app) {
   cmd->add_option("--tool-call-parser", o->tool_call_parser, "minimax_m3");
   cmd->add_flag("--enable-auto-tool-choice", o->enable_auto_tool_choice, "Allow tool_choice auto");
   cmd->add_option("--reasoning-parser", o->reasoning_parser, "minimax_m3");
-  cmd->add_option("--moe-backend", o->moe_backend, "MXFP4 experts on cuda: native (the fused kernels) or emulation (dequantize + QDQ + cuBLAS, the reference)")->capture_default_str();
+  add_moe_backend_option(*cmd, o->moe_backend);
   cmd->add_option("--kv-cache-dtype", o->kv_cache_dtype, "KV cache element: auto (float32), float32, bfloat16 (cuda)")
       ->capture_default_str();
   cmd->add_flag("--enforce-eager", o->enforce_eager,

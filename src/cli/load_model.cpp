@@ -1,4 +1,6 @@
 // Loading a model on --tensor-parallel-size ranks (model_options.h).
+#include <CLI/CLI.hpp>
+
 #include <utility>
 
 #include "backend/cpu/cpu_tp_group.h"
@@ -9,6 +11,14 @@
 #include "core/error.h"
 
 namespace mxlm::cli {
+
+void add_moe_backend_option(CLI::App& cmd, std::string& moe_backend) {
+  cmd.add_option("--moe-backend", moe_backend,
+                 "MXFP4 experts on cuda: native (the fused kernels) or emulation (dequantize + QDQ + cuBLAS, the "
+                 "reference); cpu computes the one exact path")
+      ->check(CLI::IsMember({"native", "emulation"}))
+      ->capture_default_str();
+}
 
 LoadedModel load_model(const std::string& device, const std::string& moe_backend, int tensor_parallel_size,
                        const model::ModelOptions& options, const RankLoader& load, const std::string& kv_cache_dtype) {

@@ -14,7 +14,16 @@
 #include "engine/tp_ranks.h"
 #include "model/m3_model.h"
 
+namespace CLI {
+class App;
+}
+
 namespace mxlm::cli {
+
+// --moe-backend of every command that loads a model (logits, generate, serve, bench decode): one default and one
+// help text, so that no command serves through a different MoE path by accident (serve once defaulted to emulation).
+inline constexpr const char* kDefaultMoeBackend = "native";
+void add_moe_backend_option(CLI::App& cmd, std::string& moe_backend);
 
 // "1,2,3" -> {1, 2, 3}; an Error naming the bad entry.
 std::vector<int32_t> parse_token_list(const std::string& text);
