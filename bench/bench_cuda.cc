@@ -138,6 +138,20 @@ void bench_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
           "%3.0f%% of copy; cuBLAS bf16 %6.2f us -> %.2fx",
           n, k, m, split, ms * 1e3, ms_stream * 1e3, gbs, 100.0 * gbs / c.copy_gbs, bms * 1e3, bms / ms);
       CK(cudaFree(dg));
+      if (cu::mxfp4_gemv4_supports(k, m)) {  // version 4 (the backend's choice at these sizes), PDL
+        const double ms4 = graph_ms(
+            stream,
+            [&](int i) {
+              const cu::Mxfp4GemvGroup one{wq[static_cast<size_t>(i % sets)], ws[static_cast<size_t>(i % sets)], x, y,
+                                           m, n};
+              CK(cu::launch_mxfp4_gemv4(one, n, k, pdl_ok, stream));
+            },
+            quick ? 5 : 15, 64);
+        const double gbs4 = static_cast<double>(wbytes) / (ms4 * 1e-3) / 1e9;
+        row("GEMV4 N=%d K=%d M=%2d pdl=%d: %6.2f us (graph), %5.0f GB/s = %3.0f%% of copy (target 80%%); %.2fx cuBLAS "
+            "bf16 (target 3x), %.2fx v1",
+            n, k, m, pdl_ok ? 1 : 0, ms4 * 1e3, gbs4, 100.0 * gbs4 / c.copy_gbs, bms / ms4, ms / ms4);
+      }
       // Version 2 (cp.async slice, PDL, memset-free deterministic split-K): CTA size, CTAs per SM, PDL, variant
       // flags (1 row-contiguous copies, 8 math per landed group; diagnostics 2 no math, 4 no activations).
       double best = 1e30;

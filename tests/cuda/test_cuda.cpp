@@ -271,7 +271,7 @@ void test_linear(Backend& cpu, Backend& gpu, Backend& gpu_emu) {
     std::vector<uint16_t> wb(wf32.size());
     for (size_t i = 0; i < wb.size(); ++i) wb[i] = f32_to_bf16(wf32[i]);
     // 17..128 rows: the native MXFP4 linear's token tiles of 16 (one launch); 129: dequantize + cuBLAS.
-    for (int rows : {1, 5, 16, 17, 33, 64, 128, 129}) {
+    for (int rows : {1, 2, 4, 5, 16, 17, 33, 64, 128, 129}) {
       if (rows >= 128 && c.n * c.k > 1000 * 160) continue;  // keeps the CPU reference quick
       auto x = randn(static_cast<size_t>(rows) * c.k);
       auto xq = x;

@@ -206,6 +206,74 @@ void check_gemv2(int sms) {
   cudaStreamDestroy(stream);
 }
 
+// Version-4 kernel (one CTA per 16 rows over the whole K): every supported K, ragged n, 1..4 tokens, capped scale
+// bytes, f32 input == bf16 input bit for bit, two runs bit-identical, nothing written past m, unsupported shapes
+// refused.
+void check_gemv4() {
+  cudaStream_t stream = nullptr;
+  cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+  struct Case {
+    int n, k;
+    int scale_lo = 118, scale_hi = 128;
+  };
+  const std::vector<Case> cases = {{3072, 6144}, {6144, 3072}, {200, 2048}, {1000, 4096, 100, 150},
+                                   {77, 8192},   {16, 6144},   {33, 3072, 126, 140}};
+  for (const auto& c : cases) {
+    DeviceAllocs d;
+    const Mx w = random_mx(c.n, c.k, c.scale_lo, c.scale_hi);
+    const auto xf = randn(static_cast<size_t>(cu::kMxfp4Gemv4MaxTokens) * c.k);
+    const auto xb = to_bf16(xf);
+    const auto want = reference_gemv(w, xb, cu::kMxfp4Gemv4MaxTokens);
+    auto* dw = d.put(w.packed);
+    auto* ds = d.put(w.scales);
+    auto* dx = d.put(xb);
+    auto* dxf = d.put(xf);
+    const size_t ylen = static_cast<size_t>(cu::kMxfp4Gemv4MaxTokens + 1) * c.n;  // one row more: must stay poison
+    auto* dy = d.get<float>(ylen);
+    const double tol = 2e-6 * std::sqrt(static_cast<double>(c.k));
+    for (int m = 1; m <= cu::kMxfp4Gemv4MaxTokens; ++m) {
+      const std::string tag =
+          "gemv4 n=" + std::to_string(c.n) + " k=" + std::to_string(c.k) + " m=" + std::to_string(m);
+      if (!cu::mxfp4_gemv4_supports(c.k, m)) {
+        report(false, tag + " not supported", 0, 0);
+        continue;
+      }
+      std::vector<float> first;
+      for (int run = 0; run < 3; ++run) {  // 0, 1: bf16 input (with / without PDL), 2: f32 input
+        cudaMemset(dy, 0xff, ylen * 4);
+        cudaDeviceSynchronize();
+        cu::Mxfp4GemvGroup g{dw, ds, run < 2 ? dx : nullptr, dy, m, c.n};
+        const cudaError_t e = cu::launch_mxfp4_gemv4(g, c.n, c.k, run != 1, stream, run == 2 ? dxf : nullptr);
+        const cudaError_t e2 = cudaStreamSynchronize(stream);
+        if (e != cudaSuccess || e2 != cudaSuccess) {
+          report(false, tag + " launch: " + cudaGetErrorString(e != cudaSuccess ? e : e2), 0, 0);
+          break;
+        }
+        auto got = fetch(dy, ylen);
+        const bool tail_untouched = std::all_of(got.begin() + static_cast<std::ptrdiff_t>(m) * c.n, got.end(),
+                                                [](float v) { return std::bit_cast<uint32_t>(v) == 0xffffffffu; });
+        got.resize(static_cast<size_t>(m) * c.n);
+        if (run == 0) {
+          check_close(tag, got, std::vector<float>(want.begin(), want.begin() + static_cast<std::ptrdiff_t>(m) * c.n),
+                      tol);
+          report(tail_untouched, tag + " rows past m untouched", 0, 0);
+          first = got;
+        } else {
+          check_bits(tag + (run == 1 ? " without PDL == with PDL" : " f32 input == bf16 input"), got, first);
+        }
+      }
+    }
+  }
+  // Refused: 5 tokens, K not a supported multiple of 1024, both or neither activation pointer.
+  const cu::Mxfp4GemvGroup none{};
+  report(!cu::mxfp4_gemv4_supports(6144, 5) && !cu::mxfp4_gemv4_supports(5120, 1) &&
+             !cu::mxfp4_gemv4_supports(6144 + 32, 1) &&
+             cu::launch_mxfp4_gemv4(none, 16, 6144, true, stream) == cudaErrorInvalidValue,
+         "gemv4 refuses unsupported shapes", 0, 0);
+  (void)cudaGetLastError();
+  cudaStreamDestroy(stream);
+}
+
 // Host version of the routing lists, to check the kernel's.
 struct HostRouting {
   std::vector<int> count;                 // per local expert
@@ -380,7 +448,8 @@ void check_moe_device(Backend& cpu, Backend& gpu, Backend& gpu_emu) {
         dp.push_back(dn.back().get());
       }
       auto out = be.alloc(T * H);
-      be.moe_experts(dx->f32(), T, dids->i32(), dw->f32(), c.k, gp, upp, dp, c.first, {1.702f, 7.0f}, true, out->f32());
+      be.moe_experts(dx->f32(), T, dids->i32(), dw->f32(), c.k, gp, upp, dp, c.first, {1.702f, 7.0f}, true, nullptr,
+                     out->f32());
       return down(be, *out, T * H);
     };
     const auto want = op(cpu);
@@ -407,5 +476,6 @@ void check_moe_device(Backend& cpu, Backend& gpu, Backend& gpu_emu) {
 }  // namespace
 
 MXLM_GPU_CHECK(gemv2_kernel) { check_gemv2(env.multiprocessors); }
+MXLM_GPU_CHECK(gemv4_kernel) { check_gemv4(); }
 MXLM_GPU_CHECK(moe_route) { check_route(); }
 MXLM_GPU_CHECK(moe_device) { check_moe_device(env.cpu, env.gpu, env.gpu_emu); }

@@ -507,11 +507,15 @@ class CudaBackend final : public Backend {
           "cublasGemmEx(bf16)");
   }
 
-  // Version-2 GEMV (m <= 16): descriptor by value, PDL, deterministic memset-free K split (cuda_mxfp4_gemv.cu);
-  // activations bf16 (xb) or f32 (xf).
+  // Version-4 GEMV where it applies (m <= 4, k = 1024 * {2, 3, 4, 6, 8}), else version 2 (m <= 16): descriptor by
+  // value, PDL, deterministic, no memset (cuda_mxfp4_gemv.cu); activations bf16 (xb) or f32 (xf).
   void mxfp4_gemv(const DeviceWeight& w, const uint16_t* xb, const float* xf, size_t m, float* y) {
     const int n = static_cast<int>(w.rows()), k = static_cast<int>(w.cols());
     const Mxfp4GemvGroup g{static_cast<const uint8_t*>(w.data_), w.scales_, xb, y, static_cast<int>(m), n};
+    if (mxfp4_gemv4_supports(k, static_cast<int>(m))) {  // version 4: 1.4-1.6x version 2 at m <= 4 (H100)
+      MXLM_CUDA_CHECK(launch_mxfp4_gemv4(g, n, k, true, stream_, xf));
+      return;
+    }
     const Mxfp4GemvPlan plan = mxfp4_gemv_plan(n, k, 1, static_cast<int>(m), sms_, mxfp4_gemv_backend_config());
     Block ws(pool_, std::max<size_t>(mxfp4_gemv_workspace_floats(plan, n, static_cast<int>(m)), 1) * 4);
     MXLM_CUDA_CHECK(launch_mxfp4_gemv2(g, n, k, plan, true, ws.as<float>(),

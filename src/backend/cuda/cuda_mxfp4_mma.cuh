@@ -34,14 +34,18 @@ __device__ __forceinline__ uint32_t scale_second(uint32_t s) {
 }
 
 // 8 E2M1 codes (one 32-bit word, element i in nibble i) to four bf16x2 registers: out[p] = (element p, element
-// p + 4) times the scale.
+// p + 4) times the scale. Each output needs its nibble pair moved by two different shifts (magnitude to bits 6..8,
+// sign to bit 15); one multiply by 2^a + 2^b of the masked pair does both, as the two copies cannot overlap (no
+// carries), and one mask keeps the magnitude of the first copy and the sign of the second: 13 integer instructions
+// per word instead of 16 with shifts.
 template <bool kCapped>
 __device__ __forceinline__ void dequant_word(uint32_t w, uint32_t first, uint32_t second, uint32_t out[4]) {
-  constexpr uint32_t kMag = 0x01c001c0u, kSign = 0x80008000u;
-  out[0] = ((w << 6) & kMag) | ((w << 12) & kSign);
-  out[1] = ((w << 2) & kMag) | ((w << 8) & kSign);
-  out[2] = ((w >> 2) & kMag) | ((w << 4) & kSign);
-  out[3] = ((w >> 6) & kMag) | (w & kSign);
+  constexpr uint32_t kKeep = 0x81c081c0u;  // bf16 bits 6..8 and 15 of both halves
+  const uint32_t hi = w >> 8;              // nibbles 2, 3, 6, 7 where 0, 1, 4, 5 were
+  out[0] = ((w & 0x000f000fu) * 0x1040u) & kKeep;
+  out[1] = ((w & 0x00f000f0u) * 0x0104u) & kKeep;
+  out[2] = ((hi & 0x000f000fu) * 0x1040u) & kKeep;
+  out[3] = ((hi & 0x00f000f0u) * 0x0104u) & kKeep;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     out[i] = bf16x2_mul(out[i], first);
