@@ -257,7 +257,9 @@ void bench_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
   CK(cudaStreamDestroy(stream));
 }
 
-// One full-size MoE layer through the backend (router + routed experts + shared expert), both MoE paths.
+// One full-size MoE layer through the backend (router + routed experts + shared expert), both MoE paths. The "MoE
+// layer" rows pass the shared expert to moe_experts (native: fused into the routed launches); one row per T runs it
+// unfused as the model did before (8 ops after the routed experts), the baseline of the same run.
 void bench_moe(const Ceilings& c, bool quick) {
   const int E = 128, K = 4, H = 6144, I = 3072;
   std::vector<std::unique_ptr<backend::Weight>> w1, w3, w2;
@@ -274,6 +276,7 @@ void bench_moe(const Ceilings& c, bool quick) {
   auto su = backend::make_random_cuda_weight(backend::WeightFormat::MXFP4, I, H, 8);
   auto sd = backend::make_random_cuda_weight(backend::WeightFormat::MXFP4, H, I, 9);
   auto router = backend::make_random_cuda_weight(backend::WeightFormat::F32, E, H, 10);
+  const backend::SharedExpert shared_expert{sg.get(), su.get(), sd.get()};
   const double expert_bytes = 3.0 * (static_cast<double>(I) * H / 2 + static_cast<double>(I) * H / 32);
   std::map<int, double> native_ms;   // per T: graph time (device routing) or wall time
   std::map<int, double> experts_ms;  // per T: routed experts alone, graph time
@@ -294,11 +297,18 @@ void bench_moe(const Ceilings& c, bool quick) {
       auto g = be->alloc(static_cast<size_t>(T) * I), u = be->alloc(static_cast<size_t>(T) * I);
       auto xq = be->alloc(hx.size()), aq = be->alloc(static_cast<size_t>(T) * I);
       float sink = 0;
+      // The layer with the shared expert handed to moe_experts (fused where the backend can).
       auto layer_ops = [&]() {
         be->router(x->f32(), static_cast<size_t>(T), *router, bias->f32(), K, 2.0f, ids->i32(), wts->f32());
         be->moe_experts(x->f32(), static_cast<size_t>(T), ids->i32(), wts->f32(), K, p1, p3, p2, 0, {1.702f, 7.0f},
-                        true, out->f32());
-        // Shared expert, as the model runs it (QDQ before each MXFP4 linear).
+                        true, &shared_expert, out->f32());
+      };
+      // Baseline: the routed experts, then the shared expert as the model ran it before (QDQ before each MXFP4
+      // linear).
+      auto layer_ops_unfused = [&]() {
+        be->router(x->f32(), static_cast<size_t>(T), *router, bias->f32(), K, 2.0f, ids->i32(), wts->f32());
+        be->moe_experts(x->f32(), static_cast<size_t>(T), ids->i32(), wts->f32(), K, p1, p3, p2, 0, {1.702f, 7.0f},
+                        true, nullptr, out->f32());
         be->copy(x->f32(), xq->f32(), hx.size());
         be->qdq_mxfp4(xq->f32(), static_cast<size_t>(T), H);
         be->linear(xq->f32(), static_cast<size_t>(T), *sg, g->f32());
@@ -316,8 +326,11 @@ void bench_moe(const Ceilings& c, bool quick) {
       // Native with tokens * k <= 1024 routes on the device: the whole layer is capturable (a CUDA graph of 4
       // layers, as a graph-captured decode step would run it).
       const bool graphable = mode == backend::MoeBackend::Native && T * K <= 1024;
-      double gms = 0.0;
+      double gms = 0.0, unfused_ms = 0.0, fused_v1 = 0.0;
       if (graphable) {
+        unfused_ms = graph_ms(backend::cuda_stream(*be), [&](int) { layer_ops_unfused(); }, quick ? 5 : 10, 4);
+        row("MoE layer native T=%3d shared expert unfused (baseline: 8 ops after the routed experts): %7.3f ms graph",
+            T, unfused_ms);
         // GEMV plans of the backend (MXLM_CUDA_GEMV_CONFIG = warps,ctas_per_sm,k_split): default first, kept best.
         // Routed-expert GEMV: version 1 over device-built lists (default) or version 2 with these plans.
         for (const char* config : {"v1", "", "8,4,0", "8,4,0,0", "8,2,0"}) {
@@ -332,6 +345,7 @@ void bench_moe(const Ceilings& c, bool quick) {
           row("MoE layer native T=%3d routed GEMV %s%s: %7.3f ms graph", T, v1 ? "v1" : "v2 config ",
               v1 ? "" : (config[0] ? config : "default"), t);
           if (gms == 0.0 || t < gms) gms = t;
+          if (v1) fused_v1 = t;
         }
         for (const char* rows : {"8", "16"}) {  // GEMV tile rows forced (v1 runs NT = 1 with 8)
           setenv("MXLM_CUDA_MOE_TILE_ROWS", rows, 1);
@@ -347,7 +361,7 @@ void bench_moe(const Ceilings& c, bool quick) {
         // The routed experts alone (device routing), and the host-sorted path of before as the baseline.
         auto experts = [&]() {
           be->moe_experts(x->f32(), static_cast<size_t>(T), ids->i32(), wts->f32(), K, p1, p3, p2, 0, {1.702f, 7.0f},
-                          true, out->f32());
+                          true, nullptr, out->f32());
         };
         const double eg = graph_ms(backend::cuda_stream(*be), [&](int) { experts(); }, quick ? 5 : 10, 4);
         setenv("MXLM_CUDA_MOE_HOST", "1", 1);
@@ -394,6 +408,10 @@ void bench_moe(const Ceilings& c, bool quick) {
           graphable ? (", " + std::to_string(gms).substr(0, 5) + " ms graph").c_str() : "", distinct.size(),
           bytes / 1e6, roof_ms, 100.0 * roof_ms / (graphable ? gms : ms),
           emu_ratio > 0 ? (", native is " + std::to_string(emu_ratio).substr(0, 5) + "x faster").c_str() : "");
+      if (unfused_ms > 0)  // both with the default GEMV settings
+        row("MoE layer native T=%3d: shared expert fused %7.3f ms (%3.0f%% of roofline), unfused %7.3f ms (%3.0f%% of "
+            "roofline) -> fused %.2fx faster",
+            T, fused_v1, 100.0 * roof_ms / fused_v1, unfused_ms, 100.0 * roof_ms / unfused_ms, unfused_ms / fused_v1);
     }
   }
 }

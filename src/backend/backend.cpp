@@ -54,6 +54,39 @@ std::unique_ptr<Weight> Backend::random_weight(WeightFormat format, int64_t rows
   fail("random weight of unknown format {}", static_cast<int>(format));
 }
 
+void Backend::check_shared_expert(const SharedExpert& s, size_t hidden) {
+  if (!s.gate || !s.up || !s.down) fail("shared expert without its gate, up or down weight");
+  const int64_t h = static_cast<int64_t>(hidden), inter = s.gate->rows();
+  if (s.gate->cols() != h || s.up->rows() != inter || s.up->cols() != h || s.down->rows() != h ||
+      s.down->cols() != inter)
+    fail("shared expert of gate [{}, {}], up [{}, {}], down [{}, {}] for hidden size {}", s.gate->rows(),
+         s.gate->cols(), s.up->rows(), s.up->cols(), s.down->rows(), s.down->cols(), h);
+}
+
+void Backend::add_shared_expert(const float* x, size_t tokens, size_t hidden, const SharedExpert& s, SwigluParams p,
+                                float* out) {
+  check_shared_expert(s, hidden);
+  if (tokens == 0) return;
+  const size_t inter = static_cast<size_t>(s.gate->rows());
+  // M3Model::linear: an MXFP4 weight's input is QDQ'd per token in groups of 32 (the MXFP4 emulation).
+  auto linear_qdq = [&](const float* in, size_t k, const Weight& w, float* y) {
+    if (!w.mxfp4()) {
+      linear(in, tokens, w, y);
+      return;
+    }
+    auto tmp = alloc(tokens * k);
+    copy(in, tmp->f32(), tokens * k);
+    qdq_mxfp4(tmp->f32(), tokens, k);
+    linear(tmp->f32(), tokens, w, y);
+  };
+  auto g = alloc(tokens * inter), u = alloc(tokens * inter), y = alloc(tokens * hidden);
+  linear_qdq(x, hidden, *s.gate, g->f32());
+  linear_qdq(x, hidden, *s.up, u->f32());
+  swiglu_oai(g->f32(), u->f32(), g->f32(), tokens * inter, p);
+  linear_qdq(g->f32(), inter, *s.down, y->f32());
+  add(out, y->f32(), out, tokens * hidden);
+}
+
 std::unique_ptr<StepBinding> Backend::bind_step(const AttentionBatch&, std::span<const int32_t>, StepGraph* graph) {
   if (graph) fail("backend {} has no captured steps", name());
   return nullptr;

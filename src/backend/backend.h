@@ -90,6 +90,14 @@ struct SwigluParams {
   float limit = 7.0f;
 };
 
+// The shared expert of a MoE layer: a SwiGLU-OAI MLP every token runs (gate/up [inter, hidden], down [hidden,
+// inter]), handed to moe_experts so a backend can run it inside the routed experts' launches.
+struct SharedExpert {
+  const Weight* gate = nullptr;
+  const Weight* up = nullptr;
+  const Weight* down = nullptr;
+};
+
 // A step's metadata bound for the ops of one forward (Backend::bind_step); unbinds when destroyed.
 class StepBinding {
  public:
@@ -163,10 +171,15 @@ class Backend {
   // Routed experts: out[t] = Σ_j weights[t, j] · down_e(act(gate_e(x_t), up_e(x_t))) with e = ids[t, j], for
   // experts this rank holds (first_expert .. first_expert + gate.size() - 1; other ids are skipped). With
   // qdq_inputs the inputs of both GEMMs are quantize-dequantized first (MXFP4 emulation).
+  // With `shared` (null: none) every token also runs the shared expert, added last with weight 1:
+  // out[t] = routed[t] + shared(x_t), rounded as add(routed, shared) - the routed sum first, in ascending expert
+  // order, then the shared expert's output. Each of its linears QDQs its input when that weight is MXFP4 (the
+  // model's emulation of an MXFP4 linear), whatever qdq_inputs says. A backend may run it inside the routed
+  // experts' launches (CUDA native) or unfused (add_shared_expert); the results agree up to f32 summation order.
   virtual void moe_experts(const float* x, size_t tokens, const int32_t* ids, const float* weights, int k,
                            std::span<const Weight* const> gate, std::span<const Weight* const> up,
                            std::span<const Weight* const> down, int first_expert, SwigluParams p, bool qdq_inputs,
-                           float* out) = 0;
+                           const SharedExpert* shared, float* out) = 0;
 
   // ---- paged attention. A cache layer is [num_pages, block_size, width] (width = kv_heads * head_dim for K and V,
   // index_dim for index-K) elements of cache_dtype(): f32 unless the backend was configured otherwise (the CUDA
@@ -250,6 +263,15 @@ class Backend {
   virtual void abort_collectives(const std::string& reason) { (void)reason; }
   // Concatenates each rank's [rows, cols_per_rank] along columns into out [rows, cols_per_rank * tp_size].
   virtual void all_gather_cols(const float* x, size_t rows, size_t cols_per_rank, float* out) = 0;
+
+ protected:
+  // moe_experts' shared expert unfused, as the model ran it before moe_experts took it: out += the shared MLP of
+  // x [tokens, hidden] through this backend's own ops (copy + qdq_mxfp4 before each MXFP4 linear, linear,
+  // swiglu_oai, add). An Error when the shared expert's shapes do not fit `hidden` and each other.
+  void add_shared_expert(const float* x, size_t tokens, size_t hidden, const SharedExpert& shared, SwigluParams p,
+                         float* out);
+  // The Error of add_shared_expert for a shared expert that does not fit (for backends that fuse it).
+  static void check_shared_expert(const SharedExpert& shared, size_t hidden);
 };
 
 // The CPU backend (f32 activations, OpenMP), the reference every other backend is tested against.

@@ -261,15 +261,12 @@ void M3Model::moe(const Layer& layer, const float* x, size_t m, float* out) {
     backend_.download(*host, 0, reinterpret_cast<float*>(h.data()), h.size());
     routing_observer_(layer.index, h, k);
   }
+  // The shared expert goes with the routed ones (out = routed + shared, added last): a backend may run it inside
+  // the routed experts' launches (CUDA native) instead of as the separate MLP + add it was before.
+  const backend::SharedExpert shared{layer.dense.gate.get(), layer.dense.up.get(), layer.dense.down.get()};
   backend_.moe_experts(x, m, ids, weights, k, layer.w1_ptr, layer.w3_ptr, layer.w2_ptr, 0,
                        {static_cast<float>(t.swiglu_alpha), static_cast<float>(t.swiglu_limit)},
-                       layer.w1.front()->mxfp4(), out);
-  if (layer.dense) {
-    const size_t h = static_cast<size_t>(t.hidden_size);
-    float* shared = s(m * h);
-    mlp(layer.dense, x, m, shared);
-    backend_.add(out, shared, out, m * h);
-  }
+                       layer.w1.front()->mxfp4(), layer.dense ? &shared : nullptr, out);
 }
 
 void M3Model::attention(const Layer& layer, const LayerCache& cache, const backend::AttentionBatch& batch,

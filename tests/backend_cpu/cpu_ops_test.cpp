@@ -218,7 +218,8 @@ TEST(CpuOps, MoeExpertsSumWeightedExpertOutputs) {
   std::vector<int32_t> ids = {0, 2, 1, 0, 2, 1, 2, 0};
   std::vector<float> wts = {0.7f, 0.3f, 0.5f, 0.5f, 1.2f, 0.8f, 0.1f, 1.9f};
   std::vector<float> out(tokens * hidden);
-  be->moe_experts(x.data(), tokens, ids.data(), wts.data(), k, p1, p3, p2, 0, {1.702f, 7.0f}, false, out.data());
+  be->moe_experts(x.data(), tokens, ids.data(), wts.data(), k, p1, p3, p2, 0, {1.702f, 7.0f}, false, nullptr,
+                  out.data());
   for (int t = 0; t < tokens; ++t) {
     std::vector<double> want(hidden, 0.0);
     for (int j = 0; j < k; ++j) {

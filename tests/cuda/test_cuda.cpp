@@ -376,7 +376,8 @@ void test_moe(Backend& cpu, Backend& gpu, Backend& gpu_emu) {
         dp.push_back(d.back().get());
       }
       auto out = be.alloc(T * H);
-      be.moe_experts(dx->f32(), T, ids->i32(), wts->f32(), c.k, gp, upp, dp, 0, {1.702f, 7.0f}, c.mxfp4, out->f32());
+      be.moe_experts(dx->f32(), T, ids->i32(), wts->f32(), c.k, gp, upp, dp, 0, {1.702f, 7.0f}, c.mxfp4, nullptr,
+                     out->f32());
       auto res = down(be, *out, T * H);
       auto id = down_i32(be, *ids, T * static_cast<size_t>(c.k));
       auto wv = down(be, *wts, T * static_cast<size_t>(c.k));

@@ -448,7 +448,8 @@ void check_moe_device(Backend& cpu, Backend& gpu, Backend& gpu_emu) {
         dp.push_back(dn.back().get());
       }
       auto out = be.alloc(T * H);
-      be.moe_experts(dx->f32(), T, dids->i32(), dw->f32(), c.k, gp, upp, dp, c.first, {1.702f, 7.0f}, true, out->f32());
+      be.moe_experts(dx->f32(), T, dids->i32(), dw->f32(), c.k, gp, upp, dp, c.first, {1.702f, 7.0f}, true, nullptr,
+                     out->f32());
       return down(be, *out, T * H);
     };
     const auto want = op(cpu);

@@ -72,7 +72,7 @@ class CpuBackend final : public Backend {
   void moe_experts(const float* x, size_t tokens, const int32_t* ids, const float* weights, int k,
                    std::span<const Weight* const> gate, std::span<const Weight* const> up,
                    std::span<const Weight* const> down, int first_expert, SwigluParams p, bool qdq_inputs,
-                   float* out) override;
+                   const SharedExpert* shared, float* out) override;
 
   void cache_write(const float* x, size_t width, std::span<const int64_t> slots, float* cache) override;
   void attention(const float* q, const AttentionBatch& batch, const AttentionShape& shape, const float* k_cache,

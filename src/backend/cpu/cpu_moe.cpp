@@ -42,9 +42,12 @@ void CpuBackend::router(const float* x, size_t tokens, const Weight& w, const fl
 void CpuBackend::moe_experts(const float* x, size_t tokens, const int32_t* ids, const float* weights, int k,
                              std::span<const Weight* const> gate, std::span<const Weight* const> up,
                              std::span<const Weight* const> down, int first_expert, SwigluParams p, bool qdq_inputs,
-                             float* out) {
-  if (gate.empty()) return;
-  const size_t hidden = static_cast<size_t>(gate[0]->cols());
+                             const SharedExpert* shared, float* out) {
+  if (gate.empty() && !shared) return;
+  const Weight* first = gate.empty() ? shared->gate : gate[0];
+  if (!first) fail("shared expert without its gate weight");
+  const size_t hidden = static_cast<size_t>(first->cols());
+  if (shared) check_shared_expert(*shared, hidden);
   std::fill(out, out + tokens * hidden, 0.0f);
   const int num_local = static_cast<int>(gate.size());
   // Tokens per local expert, in token order (so every token sums its experts in ascending id order).
@@ -79,6 +82,8 @@ void CpuBackend::moe_experts(const float* x, size_t tokens, const int32_t* ids, 
       for (size_t c = 0; c < hidden; ++c) o[c] += w * y[i * hidden + c];
     }
   }
+  // The shared expert unfused, after the routed sum: the reference the fused CUDA path is checked against.
+  if (shared) add_shared_expert(x, tokens, hidden, *shared, p, out);
 }
 
 }  // namespace mxlm::backend::cpu

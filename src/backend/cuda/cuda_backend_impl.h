@@ -396,7 +396,7 @@ class CudaBackend final : public Backend {
   void moe_experts(const float* x, size_t tokens, const int32_t* ids, const float* weights, int k,
                    std::span<const Weight* const> gate, std::span<const Weight* const> up,
                    std::span<const Weight* const> down, int first_expert, SwigluParams p, bool qdq_inputs,
-                   float* out) override;
+                   const SharedExpert* shared, float* out) override;
 
   // ---- attention
   DType cache_dtype() const override { return options_.kv_cache_dtype; }
@@ -566,19 +566,27 @@ class CudaBackend final : public Backend {
     return counters_.ptr;
   }
 
-  // Device arrays of the routed experts' weight pointers of one MoE layer (cuda_moe.cpp), kept per layer and
-  // re-uploaded only when the pointers change.
+  // Device arrays of the routed experts' weight pointers of one MoE layer (cuda_moe.cpp), kept per layer (and per
+  // shared expert fused in) and re-uploaded only when the pointers change.
   struct ExpertTable {
-    std::vector<const void*> host;  // gate, up, down data, then their scales: [6][num_local]
+    std::vector<const void*> host;  // gate, up, down data, then their scales: [6][num_local (+ 1: shared)]
     Block device;
   };
   std::unordered_map<const Weight*, ExpertTable> expert_tables_;
   const uint8_t* const* expert_table(std::span<const Weight* const> gate, std::span<const Weight* const> up,
-                                     std::span<const Weight* const> down);
+                                     std::span<const Weight* const> down, const SharedExpert* shared);
+  // Whether moe_experts can run `shared` as one more expert of the device-routed launches (cuda_moe.cpp).
+  bool shared_expert_fusable(std::span<const Weight* const> gate, const SharedExpert& shared, bool qdq_inputs) const;
+  // The device-routed layer (false, having launched nothing, when the step does not fit it); with `shared`, the
+  // shared expert runs as local expert num_local of the same launches.
   bool moe_experts_on_device(const float* x, size_t tokens, const int32_t* ids, const float* weights, int k,
                              std::span<const Weight* const> gate, std::span<const Weight* const> up,
                              std::span<const Weight* const> down, int first_expert, SwigluParams p, bool qdq_inputs,
-                             float* out);
+                             const SharedExpert* shared, float* out);
+  // The routed experts alone: device routing when it fits, else sorted on the host.
+  void moe_routed(const float* x, size_t tokens, const int32_t* ids, const float* weights, int k,
+                  std::span<const Weight* const> gate, std::span<const Weight* const> up,
+                  std::span<const Weight* const> down, int first_expert, SwigluParams p, bool qdq_inputs, float* out);
 
   CacheType cache_type() const {
     return options_.kv_cache_dtype == DType::BF16 ? CacheType::BF16 : CacheType::F32;

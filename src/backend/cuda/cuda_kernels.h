@@ -155,12 +155,18 @@ cudaError_t launch_read_probe(const void* data, size_t bytes, unsigned* sink, in
 //   tiles [max_tiles * 3], counts[0] = number of tiles, counts[1] = number of rows.
 // Row order inside an expert is not fixed (atomics); results do not depend on it (each row's GEMV column is
 // computed independently). num_local <= 1024.
-// Rows per GEMV tile (8 or 16: the GEMV variant with one or two token tiles) and the most tiles a step can have.
+// With shared_expert (sharedfuse) a shared expert every token runs is local expert num_local (num_local + 1 <=
+// 1024): its rows come last (row offsets[num_local] + t is token t, weight 1), and each token's combine list has
+// k + 1 slots, the shared row in the last (after the routed rows and their -1s); gather / row_weight / combine then
+// hold tokens * (k + 1) entries, offsets num_local + 2.
+// Rows per GEMV tile (8 or 16: the GEMV variant with one or two token tiles) and the most tiles a step can have
+// (with a shared expert: k + 1 and num_local + 1).
 int moe_tile_rows(size_t tokens, int k, int num_local);
 int moe_max_tiles(size_t tokens, int k, int num_local);
 cudaError_t launch_moe_route(const int32_t* ids, const float* weights, size_t tokens, int k, int first_expert,
                              int num_local, int32_t* offsets, int32_t* gather, float* row_weight, int32_t* combine,
-                             int32_t* tiles, int32_t* counts, cudaStream_t stream, bool pdl = false);
+                             int32_t* tiles, int32_t* counts, cudaStream_t stream, bool pdl = false,
+                             bool shared_expert = false);
 // The other small kernels of the device-routed layer, launched with Programmatic Dependent Launch (each waits for
 // its predecessor, then releases its successor; cuda_moe_kernels.cu). Same results as launch_gather_qdq_bf16 /
 // launch_swiglu_qdq_bf16 / launch_moe_combine; rows at or past counts[1] (the routed rows) are skipped.

@@ -7,6 +7,12 @@
 // combine) with no synchronisation, capturable in a CUDA graph, all with Programmatic Dependent Launch (each
 // kernel's CTAs are resident while its predecessor finishes; the GEMVs queue their weights meanwhile). Larger steps and
 // the emulation path sort on the host (the split-K workspace of the fixed grid grows with the rows).
+//
+// The MoE layer's shared expert (moe_experts' `shared`) rides in the device-routed launches as one more local expert
+// (sharedfuse, as SGLang fuses DeepSeek's shared experts): every token routed to it with weight 1, its rows gathered
+// and QDQ'd by the same gather, its tiles inside the same two grouped GEMVs, and its output added by the same combine
+// in each token's last slot, after the routed experts: out = routed + shared with the unfused summation order. Paths
+// that do not fuse it (host-sorted, emulation, float or odd-shaped shared experts) run it unfused afterwards.
 #include <cstdlib>
 
 #include "backend/cuda/cuda_backend_impl.h"
@@ -15,20 +21,28 @@ namespace mxlm::backend::cuda {
 
 namespace {
 constexpr size_t kDeviceRoutingRows = 1024;
+
+// MXLM_CUDA_MOE_HOST=1 forces the host-sorted path (benchmark baseline).
+bool moe_host_only() {
+  const char* force_host = std::getenv("MXLM_CUDA_MOE_HOST");
+  return force_host != nullptr && force_host[0] != '\0' && force_host[0] != '0';
+}
 }  // namespace
 
 const uint8_t* const* CudaBackend::expert_table(std::span<const Weight* const> gate, std::span<const Weight* const> up,
-                                                std::span<const Weight* const> down) {
-  const size_t n = gate.size();
+                                                std::span<const Weight* const> down, const SharedExpert* shared) {
+  const size_t n = gate.size() + (shared ? 1 : 0);
   std::vector<const void*> host(6 * n);
   for (size_t e = 0; e < n; ++e) {
-    const Weight* const ws[3] = {gate[e], up[e], down[e]};
+    const bool s = e == gate.size();  // the shared expert: local expert num_local
+    const Weight* const ws[3] = {s ? shared->gate : gate[e], s ? shared->up : up[e], s ? shared->down : down[e]};
     for (size_t i = 0; i < 3; ++i) {
       host[i * n + e] = dev(*ws[i]).data_;
       host[(3 + i) * n + e] = dev(*ws[i]).scales_;
     }
   }
-  ExpertTable& t = expert_tables_[gate[0]];
+  // Keyed by the shared expert's gate when it is fused in, so a layer's routed-only and fused tables both stay.
+  ExpertTable& t = expert_tables_[shared ? shared->gate : gate[0]];
   if (t.host != host) {
     // A kernel still in flight may read the old table: wait before overwriting it.
     MXLM_CUDA_CHECK(cudaStreamSynchronize(stream_));
@@ -39,25 +53,46 @@ const uint8_t* const* CudaBackend::expert_table(std::span<const Weight* const> g
   return t.device.as<const uint8_t* const>();
 }
 
+bool CudaBackend::shared_expert_fusable(std::span<const Weight* const> gate, const SharedExpert& shared,
+                                        bool qdq_inputs) const {
+  // Same math as the unfused shared expert (add_shared_expert) only when the fused gather / SwiGLU QDQ its inputs
+  // as that path's MXFP4 linears do (qdq_inputs with MXFP4 weights) and its per-rank shapes are the routed experts'
+  // (one tile list and weight table). Tensor parallel: M3Model shards the shared expert like the routed ones
+  // (Shard::even_rows of the intermediate size), so the per-rank shapes match when the intermediate sizes do, and
+  // each rank adds its partial shared output before the layer's all-reduce either way. An expert-parallel subset
+  // (first_expert, num_local) fuses too: the routed part only ever covers this rank's experts, the shared expert
+  // is added for every token as the unfused path does. Anything else (float / mixed formats, other sizes): unfused.
+  const Weight* const ws[3] = {shared.gate, shared.up, shared.down};
+  for (const Weight* w : ws)
+    if (!w->mxfp4()) return false;
+  return qdq_inputs && gate[0]->mxfp4() && shared.gate->rows() == gate[0]->rows() &&
+         shared.gate->cols() == gate[0]->cols() && shared.up->rows() == gate[0]->rows() &&
+         shared.up->cols() == gate[0]->cols() && shared.down->rows() == gate[0]->cols() &&
+         shared.down->cols() == gate[0]->rows();
+}
+
 bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int32_t* ids, const float* weights, int k,
                                         std::span<const Weight* const> gate, std::span<const Weight* const> up,
                                         std::span<const Weight* const> down, int first_expert, SwigluParams p,
-                                        bool qdq_inputs, float* out) {
+                                        bool qdq_inputs, const SharedExpert* shared, float* out) {
   const int num_local = static_cast<int>(gate.size());
-  const size_t tk = tokens * static_cast<size_t>(k);
-  if (tk > kDeviceRoutingRows || num_local > 1024) return false;
+  // With a shared expert: one more local expert (num_local) and one more row per token (the last combine slot).
+  const int experts = num_local + (shared ? 1 : 0), slots = k + (shared ? 1 : 0);
+  // The routed rows decide (tokens take the same path fused or not); the buffers hold the shared rows too.
+  if (tokens * static_cast<size_t>(k) > kDeviceRoutingRows || experts > 1024) return false;
+  const size_t tk = tokens * static_cast<size_t>(slots);
   const int hidden = static_cast<int>(gate[0]->cols()), inter = static_cast<int>(gate[0]->rows());
   const size_t H = static_cast<size_t>(hidden), I = static_cast<size_t>(inter);
-  const int max_tiles = moe_max_tiles(tokens, k, num_local);
-  const uint8_t* const* table = expert_table(gate, up, down);  // may synchronise (first call, new weights)
+  const int max_tiles = moe_max_tiles(tokens, slots, experts);
+  const uint8_t* const* table = expert_table(gate, up, down, shared);  // may synchronise (first call, new weights)
   // MXLM_CUDA_MOE_PLAIN=1: the small kernels without Programmatic Dependent Launch (cuda_kernels.cu's).
   const char* plain_env = std::getenv("MXLM_CUDA_MOE_PLAIN");
   const bool pdl = plain_env == nullptr || plain_env[0] == '\0' || plain_env[0] == '0';
-  Block offsets(pool_, (static_cast<size_t>(num_local) + 1) * 4), gather(pool_, tk * 4), row_w(pool_, tk * 4),
+  Block offsets(pool_, (static_cast<size_t>(experts) + 1) * 4), gather(pool_, tk * 4), row_w(pool_, tk * 4),
       combine(pool_, tk * 4), tiles(pool_, static_cast<size_t>(max_tiles) * 12), counts(pool_, 8);
   MXLM_CUDA_CHECK(launch_moe_route(ids, weights, tokens, k, first_expert, num_local, offsets.as<int32_t>(),
                                    gather.as<int32_t>(), row_w.as<float>(), combine.as<int32_t>(), tiles.as<int32_t>(),
-                                   counts.as<int32_t>(), stream_, pdl));
+                                   counts.as<int32_t>(), stream_, pdl, shared != nullptr));
   // Every buffer is sized for all tk rows; rows past the routed count hold token 0's row (gather pads with 0) or
   // unused values and are read by no tile and no combine entry.
   Block xs(pool_, tk * H * 2), g(pool_, tk * I * 4), u(pool_, tk * I * 4), act(pool_, tk * I * 2), y(pool_, tk * H * 4);
@@ -67,8 +102,8 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
   } else {
     MXLM_CUDA_CHECK(launch_gather_qdq_bf16(x, gather.as<int32_t>(), tk, H, qdq_inputs, xs.as<uint16_t>(), stream_));
   }
-  const size_t n = gate.size();
-  const int max_m = moe_tile_rows(tokens, k, num_local);
+  const size_t n = static_cast<size_t>(experts);
+  const int max_m = moe_tile_rows(tokens, slots, experts);
   const int rows_max = static_cast<int>(tk);
   auto swiglu_qdq = [&] {
     if (pdl) {
@@ -81,11 +116,11 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
   };
   auto combine_rows = [&] {
     if (pdl) {
-      MXLM_CUDA_CHECK(
-          launch_moe_combine_pdl(y.as<float>(), combine.as<int32_t>(), row_w.as<float>(), tokens, k, H, out, stream_));
+      MXLM_CUDA_CHECK(launch_moe_combine_pdl(y.as<float>(), combine.as<int32_t>(), row_w.as<float>(), tokens, slots, H,
+                                             out, stream_));
     } else {
       MXLM_CUDA_CHECK(
-          launch_moe_combine(y.as<float>(), combine.as<int32_t>(), row_w.as<float>(), tokens, k, H, out, stream_));
+          launch_moe_combine(y.as<float>(), combine.as<int32_t>(), row_w.as<float>(), tokens, slots, H, out, stream_));
     }
   };
 
@@ -95,7 +130,7 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
   if (gemv_env == nullptr || gemv_env[0] != '2') {
     Block gu_groups(pool_, 2 * static_cast<size_t>(max_tiles) * sizeof(Mxfp4GemvGroup)),
         dn_groups(pool_, static_cast<size_t>(max_tiles) * sizeof(Mxfp4GemvGroup));
-    MXLM_CUDA_CHECK(launch_moe_build_groups(tiles.as<int32_t>(), counts.as<int32_t>(), max_tiles, table, num_local,
+    MXLM_CUDA_CHECK(launch_moe_build_groups(tiles.as<int32_t>(), counts.as<int32_t>(), max_tiles, table, experts,
                                             xs.as<uint16_t>(), g.as<float>(), u.as<float>(), act.as<uint16_t>(),
                                             y.as<float>(), hidden, inter, gu_groups.as<Mxfp4GemvGroup>(),
                                             dn_groups.as<Mxfp4GemvGroup>(), stream_));
@@ -157,17 +192,36 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
 void CudaBackend::moe_experts(const float* x, size_t tokens, const int32_t* ids, const float* weights, int k,
                               std::span<const Weight* const> gate, std::span<const Weight* const> up,
                               std::span<const Weight* const> down, int first_expert, SwigluParams p, bool qdq_inputs,
-                              float* out) {
-  if (gate.empty() || tokens == 0) return;
+                              const SharedExpert* shared, float* out) {
+  if (tokens == 0 || (gate.empty() && !shared)) return;
+  if (gate.empty()) {  // no routed expert on this rank: the shared expert alone
+    if (!shared->gate) fail("shared expert without its gate weight");
+    const size_t hidden = static_cast<size_t>(shared->gate->cols());
+    MXLM_CUDA_CHECK(cudaMemsetAsync(out, 0, tokens * hidden * 4, stream_));
+    add_shared_expert(x, tokens, hidden, *shared, p, out);
+    return;
+  }
+  if (shared) check_shared_expert(*shared, static_cast<size_t>(gate[0]->cols()));
+  // The shared expert inside the device-routed launches where that is the same math (shared_expert_fusable) and
+  // the step routes on the device; otherwise the routed experts, then the shared expert unfused.
+  if (shared && options_.moe_backend == MoeBackend::Native && !moe_host_only() &&
+      shared_expert_fusable(gate, *shared, qdq_inputs) &&
+      moe_experts_on_device(x, tokens, ids, weights, k, gate, up, down, first_expert, p, qdq_inputs, shared, out))
+    return;
+  moe_routed(x, tokens, ids, weights, k, gate, up, down, first_expert, p, qdq_inputs, out);
+  if (shared) add_shared_expert(x, tokens, static_cast<size_t>(gate[0]->cols()), *shared, p, out);
+}
+
+void CudaBackend::moe_routed(const float* x, size_t tokens, const int32_t* ids, const float* weights, int k,
+                             std::span<const Weight* const> gate, std::span<const Weight* const> up,
+                             std::span<const Weight* const> down, int first_expert, SwigluParams p, bool qdq_inputs,
+                             float* out) {
   const size_t hidden = static_cast<size_t>(gate[0]->cols());
   const size_t inter = static_cast<size_t>(gate[0]->rows());
   const int num_local = static_cast<int>(gate.size());
   const size_t tk = tokens * static_cast<size_t>(k);
-  // MXLM_CUDA_MOE_HOST=1 forces the host-sorted path (benchmark baseline).
-  const char* force_host = std::getenv("MXLM_CUDA_MOE_HOST");
-  const bool host_only = force_host != nullptr && force_host[0] != '\0' && force_host[0] != '0';
-  if (options_.moe_backend == MoeBackend::Native && gate[0]->mxfp4() && !host_only &&
-      moe_experts_on_device(x, tokens, ids, weights, k, gate, up, down, first_expert, p, qdq_inputs, out))
+  if (options_.moe_backend == MoeBackend::Native && gate[0]->mxfp4() && !moe_host_only() &&
+      moe_experts_on_device(x, tokens, ids, weights, k, gate, up, down, first_expert, p, qdq_inputs, nullptr, out))
     return;
   // Routing decisions to the host to sort tokens by expert.
   std::vector<int32_t> h_ids(tk);

@@ -16,9 +16,9 @@ namespace {
 constexpr int kRouteThreads = 1024;
 
 __global__ void __launch_bounds__(kRouteThreads)
-    moe_route_kernel(const int32_t* ids, const float* weights, int total, int k, int first_expert, int num_local,
-                     int tile_rows, int32_t* offsets, int32_t* gather, float* row_weight, int32_t* combine,
-                     int32_t* tiles, int32_t* counts) {
+    moe_route_kernel(const int32_t* ids, const float* weights, int tokens, int k, int first_expert, int num_local,
+                     bool shared, int tile_rows, int32_t* offsets, int32_t* gather, float* row_weight,
+                     int32_t* combine, int32_t* tiles, int32_t* counts) {
   using Scan = cub::BlockScan<int, kRouteThreads>;
   __shared__ typename Scan::TempStorage scan_tmp;
   __shared__ int count[kRouteThreads], fill[kRouteThreads], first_row[kRouteThreads];
@@ -26,17 +26,23 @@ __global__ void __launch_bounds__(kRouteThreads)
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;");
   const int tid = threadIdx.x;
+  const int total = tokens * k;  // routed assignments
+  // The shared expert: local expert num_local, every token once, in the last of k + 1 combine slots per token.
+  const int experts = num_local + (shared ? 1 : 0), slots = k + (shared ? 1 : 0);
   count[tid] = 0;
   fill[tid] = 0;
   __syncthreads();
   for (int a = tid; a < total; a += kRouteThreads) {
     const int e = ids[a] - first_expert;
     if (e >= 0 && e < num_local) atomicAdd(&count[e], 1);
+  }
+  for (int a = tid; a < tokens * slots; a += kRouteThreads) {
     combine[a] = -1;
     gather[a] = 0;
   }
+  if (shared && tid == 0) count[num_local] = tokens;
   __syncthreads();
-  const int c = tid < num_local ? count[tid] : 0;
+  const int c = tid < experts ? count[tid] : 0;
   int row0 = 0, rows = 0;
   Scan(scan_tmp).ExclusiveSum(c, row0, rows);
   first_row[tid] = row0;
@@ -44,9 +50,9 @@ __global__ void __launch_bounds__(kRouteThreads)
   const int nt = (c + tile_rows - 1) / tile_rows;
   int tile0 = 0, ntiles = 0;
   Scan(scan_tmp).ExclusiveSum(nt, tile0, ntiles);
-  if (tid < num_local) offsets[tid] = row0;
+  if (tid < experts) offsets[tid] = row0;
   if (tid == 0) {
-    offsets[num_local] = rows;
+    offsets[experts] = rows;
     counts[0] = ntiles;
     counts[1] = rows;
   }
@@ -69,7 +75,16 @@ __global__ void __launch_bounds__(kRouteThreads)
       const int e2 = ids[t * k + jj] - first_expert;
       if (e2 >= 0 && e2 < num_local && (e2 < e || (e2 == e && jj < j))) ++slot;
     }
-    combine[a - j + slot] = r;
+    combine[t * slots + slot] = r;
+  }
+  if (shared) {
+    // Rows in token order; each token's last slot, so its sum adds the shared expert after the routed ones.
+    for (int t = tid; t < tokens; t += kRouteThreads) {
+      const int r = first_row[num_local] + t;
+      gather[r] = t;
+      row_weight[r] = 1.0f;
+      combine[t * slots + k] = r;
+    }
   }
 }
 
@@ -96,11 +111,12 @@ int moe_max_tiles(size_t tokens, int k, int num_local) {
 
 cudaError_t launch_moe_route(const int32_t* ids, const float* weights, size_t tokens, int k, int first_expert,
                              int num_local, int32_t* offsets, int32_t* gather, float* row_weight, int32_t* combine,
-                             int32_t* tiles, int32_t* counts, cudaStream_t stream, bool pdl) {
+                             int32_t* tiles, int32_t* counts, cudaStream_t stream, bool pdl, bool shared_expert) {
   if (tokens == 0) return cudaSuccess;
-  if (num_local < 1 || num_local > kRouteThreads || k < 1 || tokens * static_cast<size_t>(k) > (1u << 30))
+  const int experts = num_local + (shared_expert ? 1 : 0), slots = k + (shared_expert ? 1 : 0);
+  if (num_local < 1 || experts > kRouteThreads || k < 1 || tokens * static_cast<size_t>(slots) > (1u << 30))
     return cudaErrorInvalidValue;
-  const int tile_rows = moe_tile_rows(tokens, k, num_local);
+  const int tile_rows = moe_tile_rows(tokens, slots, experts);
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(1);
   cfg.blockDim = dim3(kRouteThreads);
@@ -110,8 +126,8 @@ cudaError_t launch_moe_route(const int32_t* ids, const float* weights, size_t to
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, moe_route_kernel, ids, weights, static_cast<int>(tokens) * k, k, first_expert,
-                            num_local, tile_rows, offsets, gather, row_weight, combine, tiles, counts);
+  return cudaLaunchKernelEx(&cfg, moe_route_kernel, ids, weights, static_cast<int>(tokens), k, first_expert,
+                            num_local, shared_expert, tile_rows, offsets, gather, row_weight, combine, tiles, counts);
 }
 
 }  // namespace mxlm::backend::cuda
