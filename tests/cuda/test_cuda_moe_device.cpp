@@ -206,12 +206,13 @@ void check_gemv2(int sms) {
   cudaStreamDestroy(stream);
 }
 
-// Version-4 kernel (one CTA per 16 rows over the whole K): every supported K, ragged n, 1..4 tokens, capped scale
-// bytes, f32 input == bf16 input bit for bit, two runs bit-identical, nothing written past m, unsupported shapes
-// refused.
+// Version-4 kernel (one CTA per 16 rows over the whole K, tokens in passes of 4): every supported K, ragged n, 1..16
+// tokens, capped scale bytes, f32 input == bf16 input bit for bit, with and without PDL bit-identical, nothing written
+// past m, unsupported shapes refused; and the MoE form over a hand-made tile list (tiles past the count untouched).
 void check_gemv4() {
   cudaStream_t stream = nullptr;
   cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+  constexpr int kMaxM = 16;
   struct Case {
     int n, k;
     int scale_lo = 118, scale_hi = 128;
@@ -221,17 +222,17 @@ void check_gemv4() {
   for (const auto& c : cases) {
     DeviceAllocs d;
     const Mx w = random_mx(c.n, c.k, c.scale_lo, c.scale_hi);
-    const auto xf = randn(static_cast<size_t>(cu::kMxfp4Gemv4MaxTokens) * c.k);
+    const auto xf = randn(static_cast<size_t>(kMaxM) * c.k);
     const auto xb = to_bf16(xf);
-    const auto want = reference_gemv(w, xb, cu::kMxfp4Gemv4MaxTokens);
+    const auto want = reference_gemv(w, xb, kMaxM);
     auto* dw = d.put(w.packed);
     auto* ds = d.put(w.scales);
     auto* dx = d.put(xb);
     auto* dxf = d.put(xf);
-    const size_t ylen = static_cast<size_t>(cu::kMxfp4Gemv4MaxTokens + 1) * c.n;  // one row more: must stay poison
+    const size_t ylen = static_cast<size_t>(kMaxM + 1) * c.n;  // one row more than any m: must stay poison
     auto* dy = d.get<float>(ylen);
     const double tol = 2e-6 * std::sqrt(static_cast<double>(c.k));
-    for (int m = 1; m <= cu::kMxfp4Gemv4MaxTokens; ++m) {
+    for (int m : {1, 2, 3, 4, 5, 8, 13, 16}) {
       const std::string tag =
           "gemv4 n=" + std::to_string(c.n) + " k=" + std::to_string(c.k) + " m=" + std::to_string(m);
       if (!cu::mxfp4_gemv4_supports(c.k, m)) {
@@ -264,9 +265,62 @@ void check_gemv4() {
       }
     }
   }
-  // Refused: 5 tokens, K not a supported multiple of 1024, both or neither activation pointer.
+  // MoE form: two matrices per tile (gate / up), three experts, tiles of 1..16 rows, six slots of which four are used.
+  {
+    DeviceAllocs d;
+    const int n = 520, k = 2048, experts = 3, rows = 25;
+    std::vector<Mx> w[2];
+    std::vector<const uint8_t*> wp[2], sp[2];
+    for (int mat = 0; mat < 2; ++mat)
+      for (int e = 0; e < experts; ++e) {
+        w[mat].push_back(random_mx(n, k));
+        wp[mat].push_back(d.put(w[mat].back().packed));
+        sp[mat].push_back(d.put(w[mat].back().scales));
+      }
+    const std::vector<int32_t> tiles = {0, 0, 1, 2, 1, 5, 1, 6, 16, 0, 22, 3, 1, 0, 16, 2, 0, 16};  // last two unused
+    const auto xb = to_bf16(randn(static_cast<size_t>(rows) * k));
+    cu::Mxfp4MoeTiles moe;
+    moe.tiles = d.put(tiles);
+    moe.num_tiles = d.put(std::vector<int32_t>{4});
+    for (int mat = 0; mat < 2; ++mat) {
+      moe.w[mat] = d.put(wp[mat]);
+      moe.scales[mat] = d.put(sp[mat]);
+      moe.y[mat] = d.get<float>(static_cast<size_t>(rows) * n);
+      cudaMemset(moe.y[mat], 0xff, static_cast<size_t>(rows) * n * 4);
+    }
+    moe.x = d.put(xb);
+    moe.ldy = n;
+    moe.mats = 2;
+    moe.rows_max = rows;
+    cudaDeviceSynchronize();
+    const cudaError_t e = cu::launch_mxfp4_moe_gemv4(moe, 6, n, k, true, stream);
+    const cudaError_t e2 = cudaStreamSynchronize(stream);
+    report(e == cudaSuccess && e2 == cudaSuccess, "gemv4 moe launch", 0, 0);
+    for (int mat = 0; mat < 2 && e == cudaSuccess; ++mat) {
+      const auto got = fetch(moe.y[mat], static_cast<size_t>(rows) * n);
+      std::vector<bool> written(rows, false);
+      for (int tile = 0; tile < 4; ++tile) {
+        const int ex = tiles[3 * tile], r0 = tiles[3 * tile + 1], m = tiles[3 * tile + 2];
+        const std::vector<uint16_t> xt(xb.begin() + static_cast<std::ptrdiff_t>(r0) * k,
+                                       xb.begin() + static_cast<std::ptrdiff_t>(r0 + m) * k);
+        const auto want = reference_gemv(w[mat][static_cast<size_t>(ex)], xt, m);
+        check_close("gemv4 moe mat " + std::to_string(mat) + " tile " + std::to_string(tile) + " m=" + std::to_string(m),
+                    std::vector<float>(got.begin() + static_cast<std::ptrdiff_t>(r0) * n,
+                                       got.begin() + static_cast<std::ptrdiff_t>(r0 + m) * n),
+                    want, 2e-6 * std::sqrt(static_cast<double>(k)));
+        for (int r = r0; r < r0 + m; ++r) written[static_cast<size_t>(r)] = true;
+      }
+      bool untouched = true;
+      for (int r = 0; r < rows; ++r)
+        if (!written[static_cast<size_t>(r)])
+          for (int i = 0; i < n; ++i)
+            untouched = untouched && std::bit_cast<uint32_t>(got[static_cast<size_t>(r) * n + i]) == 0xffffffffu;
+      report(untouched, "gemv4 moe mat " + std::to_string(mat) + ": rows of no tile untouched", 0, 0);
+    }
+  }
+  // Refused: 17 tokens, K not a supported multiple of 1024, neither activation pointer.
   const cu::Mxfp4GemvGroup none{};
-  report(!cu::mxfp4_gemv4_supports(6144, 5) && !cu::mxfp4_gemv4_supports(5120, 1) &&
+  report(!cu::mxfp4_gemv4_supports(6144, 17) && !cu::mxfp4_gemv4_supports(5120, 1) &&
              !cu::mxfp4_gemv4_supports(6144 + 32, 1) &&
              cu::launch_mxfp4_gemv4(none, 16, 6144, true, stream) == cudaErrorInvalidValue,
          "gemv4 refuses unsupported shapes", 0, 0);

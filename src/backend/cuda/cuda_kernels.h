@@ -135,13 +135,15 @@ cudaError_t launch_mxfp4_moe_gemv(const Mxfp4MoeTiles& moe, int max_tiles, int n
                                   bool pdl, float* workspace, int* counters, cudaStream_t stream);
 
 // Version 4 (session 4): one CTA per 16 weight rows over the whole K (no K split across CTAs: no workspace, memset,
-// atomics; deterministic), weights and scales queued with cp.async before griddepcontrol.wait, PDL. For m <= 4
-// tokens and k = 1024 * {2, 3, 4, 6, 8} (mxfp4_gemv4_supports); activations bf16 (problem.x) or f32 (x_f32, rounded
-// to bf16 while staged). y is written, not accumulated.
-constexpr int kMxfp4Gemv4MaxTokens = 4;
+// atomics; deterministic), weights and scales queued with cp.async before griddepcontrol.wait, PDL; tokens in passes
+// of 4 over the weights held in shared memory. For m <= 16 and k = 1024 * {2, 3, 4, 6, 8} (mxfp4_gemv4_supports);
+// activations bf16 (problem.x) or f32 (x_f32, rounded to bf16 while staged). y is written, not accumulated.
 bool mxfp4_gemv4_supports(int k, int m);
 cudaError_t launch_mxfp4_gemv4(const Mxfp4GemvGroup& problem, int n, int k, bool pdl, cudaStream_t stream,
                                const float* x_f32 = nullptr);
+// Routed experts (the tile list of launch_moe_route, as launch_mxfp4_moe_gemv; tiles of up to 16 rows) by version 4.
+cudaError_t launch_mxfp4_moe_gemv4(const Mxfp4MoeTiles& moe, int max_tiles, int n, int k, bool pdl,
+                                   cudaStream_t stream);
 
 // Benchmark ceiling: stream-read `bytes` (multiple of 16) once with 16-byte loads.
 cudaError_t launch_read_probe(const void* data, size_t bytes, unsigned* sink, int multiprocessors, cudaStream_t stream);

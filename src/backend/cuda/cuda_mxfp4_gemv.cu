@@ -700,17 +700,19 @@ cudaError_t launch_mxfp4_moe_gemv(const Mxfp4MoeTiles& moe, int max_tiles, int n
 // The traces of version 3 showed the K split's partial sums and cluster barriers costing ~1.8 µs per launch, and CTAs
 // that share an SM with a second CTA of the same launch doubling their math. Here nothing is split across CTAs: the
 // CTA's 8 warps take K / 8 each and add their partials in shared memory in warp order (deterministic; no workspace,
-// memset or atomics), and the grid has many small CTAs (n / 16, 25-49 KB of weights each) so that an SM holding two
-// of them just holds a larger share of equal pieces. Every lane queues, with cp.async, exactly the 16-byte MX blocks
-// it multiplies plus (lanes t = 0, 1) the chunk's scale words, one commit group per chunk, before
-// griddepcontrol.wait: nothing that waits for memory stands before the trigger, and the math of chunk c starts when
-// chunk c has landed. The activations of the real tokens only (m <= 4: lanes of other tokens feed zeros) are staged
-// per warp after the wait, pre-paired for the math (pair_x). Trigger placement by K: with 6+ chunks per warp the
-// next kernel's CTAs start after this CTA's activation loads are issued (their weight prefetch then queues behind
-// them: 6.6 -> 5.8 µs on 3072 x 6144), otherwise at once (6144 x 3072 was 3 % slower the other way).
+// memset or atomics), and the grid has many small CTAs (n / 16 per problem, 25-49 KB of weights each) so that an SM
+// holding two of them just holds a larger share of equal pieces. Every lane queues, with cp.async, exactly the
+// 16-byte MX blocks it multiplies plus (lanes t = 0, 1) the chunk's scale words, one commit group per chunk, before
+// griddepcontrol.wait where the problem is known by then: nothing that waits for memory stands before the trigger,
+// and the math of chunk c starts when chunk c has landed. The activations are staged per warp after the wait, four
+// tokens at a time (lanes of tokens past m feed zeros), pre-paired for the math (pair_x); more tokens run further
+// passes over the weights already in shared memory (the math repeats, the weight bytes are read once). Trigger
+// placement by K: with 6+ chunks per warp the next kernel's CTAs start after this CTA's first activation loads are
+// issued (their weight prefetch then queues behind them: 6.6 -> 5.8 µs on 3072 x 6144), otherwise at once.
 namespace {
 
 constexpr int kGemv4Warps = 8;
+constexpr int kGemv4PassTokens = 4;
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait_pending() {
@@ -730,22 +732,29 @@ template <int CH>
 __host__ __device__ constexpr int gemv4_x_stride() {
   return CH * 16 + 1;  // uint4 per staged token row; odd, so that token rows fall in different banks
 }
-// Shared memory: weights [W][CH][16 rows][4 uint4], scale words [W][CH][16], activations [W][m][x_stride];
-// partials [W][16][kMxfp4Gemv4MaxTokens] f32 alias the weights at the end.
+// Shared memory (uint4 units): weights [W][CH][16 rows][4], scale words [W][CH][16] u32, partials
+// [W][16][kGemv4PassTokens] f32, activations [W][kGemv4PassTokens][x_stride].
 template <int CH>
-size_t gemv4_smem_bytes(int m) {
-  return static_cast<size_t>(kGemv4Warps) * CH * (64 * 16 + 16 * 4) +
-         static_cast<size_t>(kGemv4Warps) * m * gemv4_x_stride<CH>() * 16;
+__host__ __device__ constexpr int gemv4_smem_uint4() {
+  return kGemv4Warps * (CH * 64 + CH * 4 + 16 * kGemv4PassTokens / 4 + kGemv4PassTokens * gemv4_x_stride<CH>());
 }
 
-template <int CH>
+template <int CH, int kMode>
 __global__ void __launch_bounds__(kGemv4Warps * 32, 3)
-    mxfp4_gemv4_kernel(Mxfp4GemvGroup p, const float* x_f32, int n, int k) {
-  constexpr int W = kGemv4Warps, XS = gemv4_x_stride<CH>();
+    mxfp4_gemv4_kernel(Mxfp4GemvGroup single, Mxfp4MoeTiles moe, const float* x_f32, int n, int k) {
+  constexpr int W = kGemv4Warps, XS = gemv4_x_stride<CH>(), PT = kGemv4PassTokens;
   constexpr bool kTriggerAfterX = CH >= 6;
   extern __shared__ __align__(128) uint4 smem4[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
+  // The MoE tile list may come from the previous kernel: read it after the wait unless it is older (tiles_ready).
+  const bool early = kMode == kSingle || moe.tiles_ready;
+  if (!early) pdl_wait();
+  Problem p;
+  if (!resolve<kMode>(single, nullptr, moe, blockIdx.y, k, p)) {
+    if (early) pdl_wait();  // no CTA completes before the previous kernel has
+    return;
+  }
   const int row0 = blockIdx.x * 16;
   const int c0 = warp * CH;  // this warp's first 128-wide chunk
   const size_t row_bytes = static_cast<size_t>(k) / 2;
@@ -753,7 +762,8 @@ __global__ void __launch_bounds__(kGemv4Warps * 32, 3)
   const bool ok_a = ra < n, ok_b = rb < n;
   uint4* wl = smem4 + warp * CH * 64;
   uint32_t* sc = reinterpret_cast<uint32_t*>(smem4 + W * CH * 64) + warp * CH * 16;
-  uint4* xw = smem4 + W * CH * 64 + W * CH * 4 + warp * p.m * XS;
+  float* part = reinterpret_cast<float*>(smem4 + W * CH * 68);  // [W][16][PT]
+  uint4* xw = smem4 + W * CH * 68 + W * 16 * PT / 4 + warp * PT * XS;
 
   const uint8_t* wa = p.w + static_cast<size_t>(ok_a ? ra : 0) * row_bytes + static_cast<size_t>(c0) * 64 + t * 16;
   const uint8_t* wb = p.w + static_cast<size_t>(ok_b ? rb : 0) * row_bytes + static_cast<size_t>(c0) * 64 + t * 16;
@@ -768,120 +778,125 @@ __global__ void __launch_bounds__(kGemv4Warps * 32, 3)
     cp_async_commit();
   }
   if (!kTriggerAfterX) pdl_launch_dependents();
-  pdl_wait();  // the activations and the output belong to the previous kernel's world from here on
+  if (early) pdl_wait();  // the activations and the output belong to the previous kernel's world from here on
 
-  {  // the warp's chunks of the real tokens: all loads of a batch before its stores
-    const int items = p.m * CH * 16;
-    constexpr int kBatch = 8;
-    for (int base = 0; base < items; base += 32 * kBatch) {
-      uint4 v[kBatch];
+  for (int tok0 = 0; tok0 < p.m; tok0 += PT) {
+    const int pm = min(PT, p.m - tok0);
+    {  // the warp's chunks of this pass's tokens: all loads of a batch before its stores
+      const int items = pm * CH * 16;
+      constexpr int kBatch = 8;
+      for (int base = 0; base < items; base += 32 * kBatch) {
+        uint4 v[kBatch];
 #pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        const int idx = base + j * 32 + lane;
-        v[j] = make_uint4(0, 0, 0, 0);
-        if (idx < items) {
-          const int tok = idx / (CH * 16), rem = idx % (CH * 16);
-          const size_t off = static_cast<size_t>(tok) * k + static_cast<size_t>(c0) * 128 + static_cast<size_t>(rem) * 8;
-          if (x_f32 != nullptr) {
-            const float4 lo = *reinterpret_cast<const float4*>(x_f32 + off);
-            const float4 hi = *reinterpret_cast<const float4*>(x_f32 + off + 4);
-            v[j] = make_uint4(bf16_bits(lo.x) | (bf16_bits(lo.y) << 16), bf16_bits(lo.z) | (bf16_bits(lo.w) << 16),
-                              bf16_bits(hi.x) | (bf16_bits(hi.y) << 16), bf16_bits(hi.z) | (bf16_bits(hi.w) << 16));
-          } else {
-            v[j] = *reinterpret_cast<const uint4*>(p.x + off);
+        for (int j = 0; j < kBatch; ++j) {
+          const int idx = base + j * 32 + lane;
+          v[j] = make_uint4(0, 0, 0, 0);
+          if (idx < items) {
+            const int tok = tok0 + idx / (CH * 16), rem = idx % (CH * 16);
+            const size_t off =
+                static_cast<size_t>(tok) * k + static_cast<size_t>(c0) * 128 + static_cast<size_t>(rem) * 8;
+            if (kMode == kSingle && x_f32 != nullptr) {
+              const float4 lo = *reinterpret_cast<const float4*>(x_f32 + off);
+              const float4 hi = *reinterpret_cast<const float4*>(x_f32 + off + 4);
+              v[j] = make_uint4(bf16_bits(lo.x) | (bf16_bits(lo.y) << 16), bf16_bits(lo.z) | (bf16_bits(lo.w) << 16),
+                                bf16_bits(hi.x) | (bf16_bits(hi.y) << 16), bf16_bits(hi.z) | (bf16_bits(hi.w) << 16));
+            } else {
+              v[j] = *reinterpret_cast<const uint4*>(p.x + off);
+            }
+          }
+        }
+        if (kTriggerAfterX && tok0 == 0 && base == 0) pdl_launch_dependents();
+#pragma unroll
+        for (int j = 0; j < kBatch; ++j) {
+          const int idx = base + j * 32 + lane;
+          if (idx < items) {
+            const int tok = idx / (CH * 16), rem = idx % (CH * 16);
+            const int c = rem / 16, u = rem % 16, b = u / 4, q = u % 4;
+            uint32_t xp[4];
+            pair_x(v[j], xp);
+            xw[tok * XS + c * 16 + b * 4 + (q ^ ((b >> 1) & 1))] = make_uint4(xp[0], xp[1], xp[2], xp[3]);
           }
         }
       }
-      if (kTriggerAfterX && base == 0) pdl_launch_dependents();
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        const int idx = base + j * 32 + lane;
-        if (idx < items) {
-          const int tok = idx / (CH * 16), rem = idx % (CH * 16);
-          const int c = rem / 16, u = rem % 16, b = u / 4, q = u % 4;
-          uint32_t xp[4];
-          pair_x(v[j], xp);
-          xw[tok * XS + c * 16 + b * 4 + (q ^ ((b >> 1) & 1))] = make_uint4(xp[0], xp[1], xp[2], xp[3]);
-        }
-      }
     }
-  }
-  __syncwarp();
+    __syncwarp();
 
-  float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-  const bool has_x = g < p.m;
+    float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    const bool has_x = g < pm;
 #pragma unroll
-  for (int c = 0; c < CH; ++c) {
-    gemv4_wait_chunk<CH>(c);
-    __syncwarp();  // the scale words were copied by lanes t = 0, 1
-    uint32_t xp[4][4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const uint4 v = has_x ? xw[g * XS + c * 16 + t * 4 + (q ^ ((t >> 1) & 1))] : make_uint4(0, 0, 0, 0);
-      xp[q][0] = v.x;
-      xp[q][1] = v.y;
-      xp[q][2] = v.z;
-      xp[q][3] = v.w;
-    }
-    const uint4 a = wl[c * 64 + g * 4 + t];
-    const uint4 b = wl[c * 64 + (g + 8) * 4 + t];
-    const uint32_t sa = (sc[c * 16 + g] >> (8 * t)) & 0xffu;
-    const uint32_t sb = (sc[c * 16 + g + 8] >> (8 * t)) & 0xffu;
-    const bool capped = scale_capped(sa) || scale_capped(sb);
-    auto chunk_math = [&](auto capped_tag) {
-      constexpr bool kCapped = decltype(capped_tag)::value;
-      const uint32_t fa = scale_first(sa), fb = scale_first(sb);
-      const uint32_t ca = kCapped ? scale_second(sa) : 0u, cb = kCapped ? scale_second(sb) : 0u;
+    for (int c = 0; c < CH; ++c) {
+      if (tok0 == 0) {
+        gemv4_wait_chunk<CH>(c);
+        __syncwarp();  // the scale words were copied by lanes t = 0, 1
+      }
+      uint32_t xp[4][4];
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        uint32_t pa[4], pb[4];
-        dequant_word<kCapped>(word(a, q), fa, ca, pa);
-        dequant_word<kCapped>(word(b, q), fb, cb, pb);
-#pragma unroll
-        for (int ss = 0; ss < 2; ++ss)
-          mma_bf16(acc[ss], pa[2 * ss], pb[2 * ss], pa[2 * ss + 1], pb[2 * ss + 1], xp[q][2 * ss], xp[q][2 * ss + 1]);
+        const uint4 v = has_x ? xw[g * XS + c * 16 + t * 4 + (q ^ ((t >> 1) & 1))] : make_uint4(0, 0, 0, 0);
+        xp[q][0] = v.x;
+        xp[q][1] = v.y;
+        xp[q][2] = v.z;
+        xp[q][3] = v.w;
       }
-    };
-    if (__any_sync(0xffffffffu, capped)) {
-      chunk_math(std::true_type{});
-    } else {
-      chunk_math(std::false_type{});
+      const uint4 a = wl[c * 64 + g * 4 + t];
+      const uint4 b = wl[c * 64 + (g + 8) * 4 + t];
+      const uint32_t sa = (sc[c * 16 + g] >> (8 * t)) & 0xffu;
+      const uint32_t sb = (sc[c * 16 + g + 8] >> (8 * t)) & 0xffu;
+      const bool capped = scale_capped(sa) || scale_capped(sb);
+      auto chunk_math = [&](auto capped_tag) {
+        constexpr bool kCapped = decltype(capped_tag)::value;
+        const uint32_t fa = scale_first(sa), fb = scale_first(sb);
+        const uint32_t ca = kCapped ? scale_second(sa) : 0u, cb = kCapped ? scale_second(sb) : 0u;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          uint32_t pa[4], pb[4];
+          dequant_word<kCapped>(word(a, q), fa, ca, pa);
+          dequant_word<kCapped>(word(b, q), fb, cb, pb);
+#pragma unroll
+          for (int ss = 0; ss < 2; ++ss)
+            mma_bf16(acc[ss], pa[2 * ss], pb[2 * ss], pa[2 * ss + 1], pb[2 * ss + 1], xp[q][2 * ss],
+                     xp[q][2 * ss + 1]);
+        }
+      };
+      if (__any_sync(0xffffffffu, capped)) {
+        chunk_math(std::true_type{});
+      } else {
+        chunk_math(std::false_type{});
+      }
     }
-  }
-  __syncthreads();  // every warp is done with its weights: the partials reuse that memory
-  float* part = reinterpret_cast<float*>(smem4);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int tok = 2 * t + (i & 1), row = g + (i >= 2 ? 8 : 0);
-    if (tok < kMxfp4Gemv4MaxTokens) part[(warp * 16 + row) * kMxfp4Gemv4MaxTokens + tok] = acc[0][i] + acc[1][i];
-  }
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < 16 * p.m; idx += W * 32) {
-    const int row = idx % 16, tok = idx / 16;
-    float s = 0.0f;
+    for (int i = 0; i < 4; ++i) {
+      const int tok = 2 * t + (i & 1), row = g + (i >= 2 ? 8 : 0);
+      if (tok < PT) part[(warp * 16 + row) * PT + tok] = acc[0][i] + acc[1][i];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < 16 * pm; idx += W * 32) {
+      const int row = idx % 16, tok = idx / 16;
+      float s = 0.0f;
 #pragma unroll
-    for (int w = 0; w < W; ++w) s += part[(w * 16 + row) * kMxfp4Gemv4MaxTokens + tok];
-    if (row0 + row < n) p.y[static_cast<size_t>(tok) * p.ldy + row0 + row] = s;
+      for (int w = 0; w < W; ++w) s += part[(w * 16 + row) * PT + tok];
+      if (row0 + row < n) p.y[static_cast<size_t>(tok0 + tok) * p.ldy + row0 + row] = s;
+    }
+    __syncthreads();  // partials read before the next pass writes them; x read before it is restaged
   }
 }
 
-template <int CH>
-cudaError_t launch_gemv4_t(const Mxfp4GemvGroup& problem, const float* x_f32, int n, int k, bool pdl,
-                           cudaStream_t stream) {
+template <int CH, int kMode>
+cudaError_t launch_gemv4_t(const Mxfp4GemvGroup& single, const Mxfp4MoeTiles& moe, int num_z, const float* x_f32,
+                           int n, int k, bool pdl, cudaStream_t stream) {
   static std::atomic<uint64_t> devices_done{0};  // the shared-memory opt-in is per device
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   const uint64_t bit = uint64_t{1} << (device & 63);
-  const size_t smem = gemv4_smem_bytes<CH>(problem.m);
+  constexpr int smem = gemv4_smem_uint4<CH>() * 16;
   if (!(devices_done.load() & bit)) {
-    err = cudaFuncSetAttribute(mxfp4_gemv4_kernel<CH>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(gemv4_smem_bytes<CH>(kMxfp4Gemv4MaxTokens)));
+    err = cudaFuncSetAttribute(mxfp4_gemv4_kernel<CH, kMode>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
     devices_done.fetch_or(bit);
   }
   cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>((n + 15) / 16));
+  cfg.gridDim = dim3(static_cast<unsigned>((n + 15) / 16), static_cast<unsigned>(num_z));
   cfg.blockDim = dim3(kGemv4Warps * 32);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
@@ -890,13 +905,33 @@ cudaError_t launch_gemv4_t(const Mxfp4GemvGroup& problem, const float* x_f32, in
   la[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = la;
   cfg.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, mxfp4_gemv4_kernel<CH>, problem, x_f32, n, k);
+  return cudaLaunchKernelEx(&cfg, mxfp4_gemv4_kernel<CH, kMode>, single, moe, x_f32, n, k);
+}
+
+template <int kMode>
+cudaError_t launch_gemv4(const Mxfp4GemvGroup& single, const Mxfp4MoeTiles& moe, int num_z, const float* x_f32,
+                         int n, int k, bool pdl, cudaStream_t stream) {
+  if (n == 0 || num_z == 0) return cudaSuccess;
+  const char* no_pdl = std::getenv("MXLM_CUDA_NO_PDL");
+  if (no_pdl != nullptr && no_pdl[0] != '\0' && no_pdl[0] != '0') pdl = false;
+  switch (k / (128 * kGemv4Warps)) {
+    case 2:
+      return launch_gemv4_t<2, kMode>(single, moe, num_z, x_f32, n, k, pdl, stream);
+    case 3:
+      return launch_gemv4_t<3, kMode>(single, moe, num_z, x_f32, n, k, pdl, stream);
+    case 4:
+      return launch_gemv4_t<4, kMode>(single, moe, num_z, x_f32, n, k, pdl, stream);
+    case 6:
+      return launch_gemv4_t<6, kMode>(single, moe, num_z, x_f32, n, k, pdl, stream);
+    default:
+      return launch_gemv4_t<8, kMode>(single, moe, num_z, x_f32, n, k, pdl, stream);
+  }
 }
 
 }  // namespace
 
 bool mxfp4_gemv4_supports(int k, int m) {
-  if (m < 1 || m > kMxfp4Gemv4MaxTokens || k % (128 * kGemv4Warps) != 0) return false;
+  if (m < 1 || m > 16 || k % (128 * kGemv4Warps) != 0) return false;
   const int ch = k / (128 * kGemv4Warps);
   return ch == 2 || ch == 3 || ch == 4 || ch == 6 || ch == 8;
 }
@@ -905,21 +940,13 @@ cudaError_t launch_mxfp4_gemv4(const Mxfp4GemvGroup& problem, int n, int k, bool
                                const float* x_f32) {
   if (!mxfp4_gemv4_supports(k, problem.m) || (problem.x == nullptr) == (x_f32 == nullptr) || problem.ldy < n)
     return cudaErrorInvalidValue;
-  if (n == 0) return cudaSuccess;
-  const char* no_pdl = std::getenv("MXLM_CUDA_NO_PDL");
-  if (no_pdl != nullptr && no_pdl[0] != '\0' && no_pdl[0] != '0') pdl = false;
-  switch (k / (128 * kGemv4Warps)) {
-    case 2:
-      return launch_gemv4_t<2>(problem, x_f32, n, k, pdl, stream);
-    case 3:
-      return launch_gemv4_t<3>(problem, x_f32, n, k, pdl, stream);
-    case 4:
-      return launch_gemv4_t<4>(problem, x_f32, n, k, pdl, stream);
-    case 6:
-      return launch_gemv4_t<6>(problem, x_f32, n, k, pdl, stream);
-    default:
-      return launch_gemv4_t<8>(problem, x_f32, n, k, pdl, stream);
-  }
+  return launch_gemv4<kSingle>(problem, Mxfp4MoeTiles{}, 1, x_f32, n, k, pdl, stream);
+}
+
+cudaError_t launch_mxfp4_moe_gemv4(const Mxfp4MoeTiles& moe, int max_tiles, int n, int k, bool pdl,
+                                   cudaStream_t stream) {
+  if (moe.mats < 1 || moe.mats > 2 || !mxfp4_gemv4_supports(k, 1) || moe.ldy < n) return cudaErrorInvalidValue;
+  return launch_gemv4<kMoe>(Mxfp4GemvGroup{}, moe, max_tiles * moe.mats, nullptr, n, k, pdl, stream);
 }
 
 }  // namespace mxlm::backend::cuda
