@@ -326,31 +326,34 @@ void bench_moe(const Ceilings& c, bool quick) {
       // Native with tokens * k <= 1024 routes on the device: the whole layer is capturable (a CUDA graph of 4
       // layers, as a graph-captured decode step would run it).
       const bool graphable = mode == backend::MoeBackend::Native && T * K <= 1024;
-      double gms = 0.0, unfused_ms = 0.0, fused_v1 = 0.0;
+      double gms = 0.0, unfused_ms = 0.0, fused_default = 0.0;
       if (graphable) {
         unfused_ms = graph_ms(backend::cuda_stream(*be), [&](int) { layer_ops_unfused(); }, quick ? 5 : 10, 4);
         row("MoE layer native T=%3d shared expert unfused (baseline: 8 ops after the routed experts): %7.3f ms graph",
             T, unfused_ms);
-        // GEMV plans of the backend (MXLM_CUDA_GEMV_CONFIG = warps,ctas_per_sm,k_split): default first, kept best.
-        // Routed-expert GEMV: version 1 over device-built lists (default) or version 2 with these plans.
-        for (const char* config : {"v1", "", "8,4,0", "8,4,0,0", "8,2,0"}) {
-          const bool v1 = std::strcmp(config, "v1") == 0;
-          if (!v1) {
+        // Routed-expert GEMV: the backend's default (version 4 where it applies), version 1 over device-built
+        // lists (MXLM_CUDA_MOE_GEMV=1), version 2 with these plans (MXLM_CUDA_GEMV_CONFIG =
+        // warps,ctas_per_sm,k_split); the default first, the best kept.
+        for (const char* config : {"default", "v1", "", "8,4,0", "8,4,0,0", "8,2,0"}) {
+          const bool is_default = std::strcmp(config, "default") == 0, v1 = std::strcmp(config, "v1") == 0;
+          if (v1) setenv("MXLM_CUDA_MOE_GEMV", "1", 1);
+          if (!v1 && !is_default) {
             setenv("MXLM_CUDA_MOE_GEMV", "2", 1);
             setenv("MXLM_CUDA_GEMV_CONFIG", config, 1);
           }
           const double t = graph_ms(backend::cuda_stream(*be), [&](int) { layer_ops(); }, quick ? 5 : 10, 4);
           unsetenv("MXLM_CUDA_MOE_GEMV");
           unsetenv("MXLM_CUDA_GEMV_CONFIG");
-          row("MoE layer native T=%3d routed GEMV %s%s: %7.3f ms graph", T, v1 ? "v1" : "v2 config ",
-              v1 ? "" : (config[0] ? config : "default"), t);
+          row("MoE layer native T=%3d routed GEMV %s%s: %7.3f ms graph", T,
+              is_default ? "default (v4)" : (v1 ? "v1" : "v2 config "), is_default || v1 ? "" : (config[0] ? config : "default"),
+              t);
           if (gms == 0.0 || t < gms) gms = t;
-          if (v1) fused_v1 = t;
+          if (is_default) fused_default = t;
         }
-        for (const char* rows : {"8", "16"}) {  // GEMV tile rows forced (v1 runs NT = 1 with 8)
+        for (const char* rows : {"8", "16"}) {  // GEMV tile rows forced
           setenv("MXLM_CUDA_MOE_TILE_ROWS", rows, 1);
           const double t = graph_ms(backend::cuda_stream(*be), [&](int) { layer_ops(); }, quick ? 5 : 10, 4);
-          row("MoE layer native T=%3d routed GEMV v1, tiles of %s rows: %7.3f ms graph", T, rows, t);
+          row("MoE layer native T=%3d routed GEMV default, tiles of %s rows: %7.3f ms graph", T, rows, t);
           if (t < gms) gms = t;
         }
         unsetenv("MXLM_CUDA_MOE_TILE_ROWS");
@@ -411,7 +414,8 @@ void bench_moe(const Ceilings& c, bool quick) {
       if (unfused_ms > 0)  // both with the default GEMV settings
         row("MoE layer native T=%3d: shared expert fused %7.3f ms (%3.0f%% of roofline), unfused %7.3f ms (%3.0f%% of "
             "roofline) -> fused %.2fx faster",
-            T, fused_v1, 100.0 * roof_ms / fused_v1, unfused_ms, 100.0 * roof_ms / unfused_ms, unfused_ms / fused_v1);
+            T, fused_default, 100.0 * roof_ms / fused_default, unfused_ms, 100.0 * roof_ms / unfused_ms,
+            unfused_ms / fused_default);
     }
   }
 }

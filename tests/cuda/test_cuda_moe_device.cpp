@@ -465,7 +465,9 @@ void check_moe_device(Backend& cpu, Backend& gpu, Backend& gpu_emu) {
   const std::vector<Case> cases = {
       {16, 4, 128, 64, 1, "random"},         {16, 4, 256, 128, 7, "random"}, {32, 4, 256, 96, 33, "skewed"},
       {16, 4, 128, 64, 33, "same"},          {8, 2, 96, 160, 130, "random"}, {32, 4, 128, 64, 130, "same"},
-      {32, 4, 256, 128, 7, "random", 8, 16}, {8, 4, 64, 32, 300, "random"},  {128, 4, 128, 64, 33, "same"}};
+      {32, 4, 256, 128, 7, "random", 8, 16}, {8, 4, 64, 32, 300, "random"},  {128, 4, 128, 64, 33, "same"},
+      // shapes the version-4 GEMV takes (K = 2048, 3072: the default GEMV of device-routed steps there)
+      {16, 4, 2048, 3072, 1, "random"},      {16, 4, 3072, 2048, 33, "skewed"}, {8, 2, 2048, 2048, 130, "same"}};
   for (const auto& c : cases) {
     const int num_local = c.num_local > 0 ? c.num_local : c.experts;
     const size_t T = static_cast<size_t>(c.tokens), H = static_cast<size_t>(c.hidden);
@@ -512,8 +514,15 @@ void check_moe_device(Backend& cpu, Backend& gpu, Backend& gpu_emu) {
     check_close(what + " native vs CPU", native, want, 2e-2);
     check_close(what + " emulation vs CPU", emu, want, 2e-2);
     check_close(what + " native vs emulation", native, emu, 2e-2);
-    // The other device-routed variants: version-2 GEMV (deterministic: twice the same bits), small kernels
-    // without PDL.
+    // The default GEMV where it is version 4 (device routing, supported K) is deterministic.
+    if (c.tokens * c.k <= 1024 && cu::mxfp4_gemv4_supports(c.hidden, 16) && cu::mxfp4_gemv4_supports(c.inter, 16))
+      check_bits(what + " native (GEMV v4) twice", op(gpu), native);
+    // The other device-routed variants: version-1 GEMV, version-2 GEMV (deterministic: twice the same bits), small
+    // kernels without PDL.
+    setenv("MXLM_CUDA_MOE_GEMV", "1", 1);
+    const auto v1 = op(gpu);
+    unsetenv("MXLM_CUDA_MOE_GEMV");
+    check_close(what + " native GEMV v1 vs CPU", v1, want, 2e-2);
     setenv("MXLM_CUDA_MOE_GEMV", "2", 1);
     const auto v2 = op(gpu);
     const auto v2_again = op(gpu);

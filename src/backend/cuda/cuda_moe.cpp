@@ -124,10 +124,44 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
     }
   };
 
-  // GEMV version: 1 (default: the register-batch kernel with atomic K split, over device-built problem lists and
-  // zeroed outputs) or MXLM_CUDA_MOE_GEMV=2 (version 2 over the tile list).
+  // GEMV version: 4 (default where it applies: one CTA per 16 rows of a tile's expert over the whole K, no K split,
+  // no memset; H100 session 4), MXLM_CUDA_MOE_GEMV=1 (the register-batch kernel with atomic K split, over
+  // device-built problem lists and zeroed outputs) or =2 (version 2 over the tile list).
   const char* gemv_env = std::getenv("MXLM_CUDA_MOE_GEMV");
-  if (gemv_env == nullptr || gemv_env[0] != '2') {
+  const char gemv_choice = gemv_env != nullptr && gemv_env[0] != '\0' ? gemv_env[0] : '4';
+  Mxfp4MoeTiles gu;
+  gu.tiles = tiles.as<int32_t>();
+  gu.num_tiles = counts.as<int32_t>();
+  gu.w[0] = table;
+  gu.w[1] = table + n;
+  gu.scales[0] = table + 3 * n;
+  gu.scales[1] = table + 4 * n;
+  gu.x = xs.as<uint16_t>();
+  gu.y[0] = g.as<float>();
+  gu.y[1] = u.as<float>();
+  gu.ldy = inter;
+  gu.mats = 2;
+  gu.rows_max = rows_max;
+  gu.tiles_ready = true;  // route ran before the gather, the gather right before this GEMV
+  Mxfp4MoeTiles dn;
+  dn.tiles = tiles.as<int32_t>();
+  dn.num_tiles = counts.as<int32_t>();
+  dn.w[0] = table + 2 * n;
+  dn.scales[0] = table + 5 * n;
+  dn.x = act.as<uint16_t>();
+  dn.y[0] = y.as<float>();
+  dn.ldy = hidden;
+  dn.mats = 1;
+  dn.rows_max = rows_max;
+  dn.tiles_ready = true;
+  if (gemv_choice == '4' && mxfp4_gemv4_supports(hidden, max_m) && mxfp4_gemv4_supports(inter, max_m)) {
+    MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv4(gu, max_tiles, inter, hidden, true, stream_));
+    swiglu_qdq();
+    MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv4(dn, max_tiles, hidden, inter, true, stream_));
+    combine_rows();
+    return true;
+  }
+  if (gemv_choice != '2') {
     Block gu_groups(pool_, 2 * static_cast<size_t>(max_tiles) * sizeof(Mxfp4GemvGroup)),
         dn_groups(pool_, static_cast<size_t>(max_tiles) * sizeof(Mxfp4GemvGroup));
     MXLM_CUDA_CHECK(launch_moe_build_groups(tiles.as<int32_t>(), counts.as<int32_t>(), max_tiles, table, experts,
@@ -150,37 +184,12 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
     return true;
   }
 
-  Mxfp4MoeTiles gu;
-  gu.tiles = tiles.as<int32_t>();
-  gu.num_tiles = counts.as<int32_t>();
-  gu.w[0] = table;
-  gu.w[1] = table + n;
-  gu.scales[0] = table + 3 * n;
-  gu.scales[1] = table + 4 * n;
-  gu.x = xs.as<uint16_t>();
-  gu.y[0] = g.as<float>();
-  gu.y[1] = u.as<float>();
-  gu.ldy = inter;
-  gu.mats = 2;
-  gu.rows_max = rows_max;
-  gu.tiles_ready = true;  // route ran before the gather, the gather right before this GEMV
   const Mxfp4GemvPlan plan1 = mxfp4_gemv_plan(inter, hidden, max_tiles * 2, max_m, sms_, mxfp4_gemv_backend_config());
   Block ws1(pool_, std::max<size_t>(mxfp4_gemv_workspace_floats(plan1, inter, 2 * rows_max), 1) * 4);
   MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv(gu, max_tiles, inter, hidden, plan1, true, ws1.as<float>(),
                                         gemv_counters(mxfp4_gemv_counters(plan1, max_tiles * 2)), stream_));
   swiglu_qdq();
 
-  Mxfp4MoeTiles dn;
-  dn.tiles = tiles.as<int32_t>();
-  dn.num_tiles = counts.as<int32_t>();
-  dn.w[0] = table + 2 * n;
-  dn.scales[0] = table + 5 * n;
-  dn.x = act.as<uint16_t>();
-  dn.y[0] = y.as<float>();
-  dn.ldy = hidden;
-  dn.mats = 1;
-  dn.rows_max = rows_max;
-  dn.tiles_ready = true;
   const Mxfp4GemvPlan plan2 = mxfp4_gemv_plan(hidden, inter, max_tiles, max_m, sms_, mxfp4_gemv_backend_config());
   Block ws2(pool_, std::max<size_t>(mxfp4_gemv_workspace_floats(plan2, hidden, rows_max), 1) * 4);
   MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv(dn, max_tiles, hidden, inter, plan2, true, ws2.as<float>(),
