@@ -195,10 +195,12 @@ void check_moe_shared(Backend& cpu, Backend& gpu, Backend& gpu_emu) {
     int first = 0, num_local = 0;  // num_local 0: all experts
   };
   // T = 130 still routes on the device (130 * 4 <= 1024); T = 300 does not (host-sorted, shared expert unfused).
-  const std::vector<Case> cases = {{16, 4, 256, 128, 1, false},        {16, 4, 256, 128, 8, false},
-                                   {32, 4, 256, 96, 33, false},        {32, 4, 128, 64, 130, false},
-                                   {16, 4, 128, 64, 33, true},         {32, 4, 128, 64, 130, true},
-                                   {32, 4, 256, 128, 8, false, 8, 16}, {8, 4, 64, 32, 300, false}};
+  // H, I in {2048, 3072}: the grouped GEMV is version 4 by default (mxfp4_gemv4_supports), else version 1.
+  const std::vector<Case> cases = {
+      {16, 4, 256, 128, 1, false},        {16, 4, 256, 128, 8, false}, {32, 4, 256, 96, 33, false},
+      {32, 4, 128, 64, 130, false},       {16, 4, 128, 64, 33, true},  {32, 4, 128, 64, 130, true},
+      {32, 4, 256, 128, 8, false, 8, 16}, {8, 4, 64, 32, 300, false},  {8, 4, 2048, 3072, 1, false},
+      {8, 4, 2048, 3072, 33, false},      {8, 4, 3072, 2048, 8, true}};
   for (const auto& c : cases) {
     const int num_local = c.num_local > 0 ? c.num_local : c.experts;
     const size_t T = static_cast<size_t>(c.tokens), H = static_cast<size_t>(c.hidden), I = static_cast<size_t>(c.inter);
@@ -284,7 +286,15 @@ void check_moe_shared(Backend& cpu, Backend& gpu, Backend& gpu_emu) {
                   unfused_nodes);
       report(ok, what + " fused into the routed launches (graph nodes)", static_cast<double>(fused_nodes),
              static_cast<double>(routed_nodes + 3));
-      // The other device-routed variants: version-2 GEMV (deterministic: twice the same bits), no PDL.
+      // The other device-routed variants: version-4 GEMV (the default where it applies; deterministic: twice the
+      // same bits), version 1, version 2 (deterministic too), no PDL.
+      const int tile_rows = cu::moe_tile_rows(T, c.k + 1, num_local + 1);
+      if (cu::mxfp4_gemv4_supports(c.hidden, tile_rows) && cu::mxfp4_gemv4_supports(c.inter, tile_rows))
+        check_bits(what + " native fused GEMV v4 twice", run(gpu, true), fused);
+      setenv("MXLM_CUDA_MOE_GEMV", "1", 1);
+      const auto v1 = run(gpu, true);
+      unsetenv("MXLM_CUDA_MOE_GEMV");
+      check_close(what + " native fused GEMV v1 vs CPU", v1, want, 2e-2);
       setenv("MXLM_CUDA_MOE_GEMV", "2", 1);
       const auto v2 = run(gpu, true);
       const auto v2_again = run(gpu, true);
