@@ -293,7 +293,7 @@ void check_gemv4() {
     moe.mats = 2;
     moe.rows_max = rows;
     cudaDeviceSynchronize();
-    const cudaError_t e = cu::launch_mxfp4_moe_gemv4(moe, 6, n, k, true, stream);
+    const cudaError_t e = cu::launch_mxfp4_moe_gemv4(moe, 6, 16, n, k, true, stream);
     const cudaError_t e2 = cudaStreamSynchronize(stream);
     report(e == cudaSuccess && e2 == cudaSuccess, "gemv4 moe launch", 0, 0);
     for (int mat = 0; mat < 2 && e == cudaSuccess; ++mat) {
@@ -514,9 +514,16 @@ void check_moe_device(Backend& cpu, Backend& gpu, Backend& gpu_emu) {
     check_close(what + " native vs CPU", native, want, 2e-2);
     check_close(what + " emulation vs CPU", emu, want, 2e-2);
     check_close(what + " native vs emulation", native, emu, 2e-2);
-    // The default GEMV where it is version 4 (device routing, supported K) is deterministic.
-    if (c.tokens * c.k <= 1024 && cu::mxfp4_gemv4_supports(c.hidden, 16) && cu::mxfp4_gemv4_supports(c.inter, 16))
-      check_bits(what + " native (GEMV v4) twice", op(gpu), native);
+    // Version 4 (the default up to 4 tokens; forced here at every token count it takes: tiles of up to 16 rows in
+    // passes of 4) vs CPU, and deterministic.
+    if (c.tokens * c.k <= 1024 && cu::mxfp4_gemv4_supports(c.hidden, 16) && cu::mxfp4_gemv4_supports(c.inter, 16)) {
+      setenv("MXLM_CUDA_MOE_GEMV", "4", 1);
+      const auto v4 = op(gpu);
+      const auto v4_again = op(gpu);
+      unsetenv("MXLM_CUDA_MOE_GEMV");
+      check_close(what + " native GEMV v4 vs CPU", v4, want, 2e-2);
+      check_bits(what + " native GEMV v4 twice", v4_again, v4);
+    }
     // The other device-routed variants: version-1 GEMV, version-2 GEMV (deterministic: twice the same bits), small
     // kernels without PDL.
     setenv("MXLM_CUDA_MOE_GEMV", "1", 1);

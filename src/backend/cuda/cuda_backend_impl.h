@@ -507,12 +507,13 @@ class CudaBackend final : public Backend {
           "cublasGemmEx(bf16)");
   }
 
-  // Version-4 GEMV where it applies (m <= 4, k = 1024 * {2, 3, 4, 6, 8}), else version 2 (m <= 16): descriptor by
-  // value, PDL, deterministic, no memset (cuda_mxfp4_gemv.cu); activations bf16 (xb) or f32 (xf).
+  // Version-4 GEMV where it is the fastest (m <= 4, k = 1024 * {2, 3, 4, 6, 8}), else version 2 (m <= 16):
+  // descriptor by value, PDL, deterministic, no memset (cuda_mxfp4_gemv.cu); activations bf16 (xb) or f32 (xf).
   void mxfp4_gemv(const DeviceWeight& w, const uint16_t* xb, const float* xf, size_t m, float* y) {
     const int n = static_cast<int>(w.rows()), k = static_cast<int>(w.cols());
     const Mxfp4GemvGroup g{static_cast<const uint8_t*>(w.data_), w.scales_, xb, y, static_cast<int>(m), n};
-    if (mxfp4_gemv4_supports(k, static_cast<int>(m))) {  // version 4: 1.4-1.6x version 2 at m <= 4 (H100)
+    // Version 4 up to 4 tokens (H100: 1.4-1.7x versions 1 and 2 there; from 5 tokens on it repeats its math per 4).
+    if (m <= 4 && mxfp4_gemv4_supports(k, static_cast<int>(m))) {
       MXLM_CUDA_CHECK(launch_mxfp4_gemv4(g, n, k, true, stream_, xf));
       return;
     }

@@ -141,8 +141,9 @@ cudaError_t launch_mxfp4_moe_gemv(const Mxfp4MoeTiles& moe, int max_tiles, int n
 bool mxfp4_gemv4_supports(int k, int m);
 cudaError_t launch_mxfp4_gemv4(const Mxfp4GemvGroup& problem, int n, int k, bool pdl, cudaStream_t stream,
                                const float* x_f32 = nullptr);
-// Routed experts (the tile list of launch_moe_route, as launch_mxfp4_moe_gemv; tiles of up to 16 rows) by version 4.
-cudaError_t launch_mxfp4_moe_gemv4(const Mxfp4MoeTiles& moe, int max_tiles, int n, int k, bool pdl,
+// Routed experts (the tile list of launch_moe_route, as launch_mxfp4_moe_gemv) by version 4; max_m: the most rows a
+// tile can hold (<= 16; sizes the activation staging).
+cudaError_t launch_mxfp4_moe_gemv4(const Mxfp4MoeTiles& moe, int max_tiles, int max_m, int n, int k, bool pdl,
                                    cudaStream_t stream);
 
 // Benchmark ceiling: stream-read `bytes` (multiple of 16) once with 16-byte loads.

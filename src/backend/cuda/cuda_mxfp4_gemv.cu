@@ -733,15 +733,17 @@ __host__ __device__ constexpr int gemv4_x_stride() {
   return CH * 16 + 1;  // uint4 per staged token row; odd, so that token rows fall in different banks
 }
 // Shared memory (uint4 units): weights [W][CH][16 rows][4], scale words [W][CH][16] u32, partials
-// [W][16][kGemv4PassTokens] f32, activations [W][kGemv4PassTokens][x_stride].
+// [W][16][kGemv4PassTokens] f32, activations [W][pass_tokens][x_stride]. Sized by the launch's pass_tokens
+// (min(largest m, kGemv4PassTokens)): at one token a CTA takes ~65 KB on K = 6144, so three share an SM (two
+// of this launch's and one of the next's under PDL); staging room for four would leave two.
 template <int CH>
-__host__ __device__ constexpr int gemv4_smem_uint4() {
-  return kGemv4Warps * (CH * 64 + CH * 4 + 16 * kGemv4PassTokens / 4 + kGemv4PassTokens * gemv4_x_stride<CH>());
+__host__ __device__ constexpr int gemv4_smem_uint4(int pass_tokens) {
+  return kGemv4Warps * (CH * 64 + CH * 4 + 16 * kGemv4PassTokens / 4 + pass_tokens * gemv4_x_stride<CH>());
 }
 
 template <int CH, int kMode>
 __global__ void __launch_bounds__(kGemv4Warps * 32, 3)
-    mxfp4_gemv4_kernel(Mxfp4GemvGroup single, Mxfp4MoeTiles moe, const float* x_f32, int n, int k) {
+    mxfp4_gemv4_kernel(Mxfp4GemvGroup single, Mxfp4MoeTiles moe, const float* x_f32, int n, int k, int pass_tokens) {
   constexpr int W = kGemv4Warps, XS = gemv4_x_stride<CH>(), PT = kGemv4PassTokens;
   constexpr bool kTriggerAfterX = CH >= 6;
   extern __shared__ __align__(128) uint4 smem4[];
@@ -763,7 +765,7 @@ __global__ void __launch_bounds__(kGemv4Warps * 32, 3)
   uint4* wl = smem4 + warp * CH * 64;
   uint32_t* sc = reinterpret_cast<uint32_t*>(smem4 + W * CH * 64) + warp * CH * 16;
   float* part = reinterpret_cast<float*>(smem4 + W * CH * 68);  // [W][16][PT]
-  uint4* xw = smem4 + W * CH * 68 + W * 16 * PT / 4 + warp * PT * XS;
+  uint4* xw = smem4 + W * CH * 68 + W * 16 * PT / 4 + warp * pass_tokens * XS;
 
   const uint8_t* wa = p.w + static_cast<size_t>(ok_a ? ra : 0) * row_bytes + static_cast<size_t>(c0) * 64 + t * 16;
   const uint8_t* wb = p.w + static_cast<size_t>(ok_b ? rb : 0) * row_bytes + static_cast<size_t>(c0) * 64 + t * 16;
@@ -780,8 +782,8 @@ __global__ void __launch_bounds__(kGemv4Warps * 32, 3)
   if (!kTriggerAfterX) pdl_launch_dependents();
   if (early) pdl_wait();  // the activations and the output belong to the previous kernel's world from here on
 
-  for (int tok0 = 0; tok0 < p.m; tok0 += PT) {
-    const int pm = min(PT, p.m - tok0);
+  for (int tok0 = 0; tok0 < p.m; tok0 += pass_tokens) {
+    const int pm = min(pass_tokens, p.m - tok0);
     {  // the warp's chunks of this pass's tokens: all loads of a batch before its stores
       const int items = pm * CH * 16;
       constexpr int kBatch = 8;
@@ -882,16 +884,18 @@ __global__ void __launch_bounds__(kGemv4Warps * 32, 3)
 }
 
 template <int CH, int kMode>
-cudaError_t launch_gemv4_t(const Mxfp4GemvGroup& single, const Mxfp4MoeTiles& moe, int num_z, const float* x_f32,
-                           int n, int k, bool pdl, cudaStream_t stream) {
+cudaError_t launch_gemv4_t(const Mxfp4GemvGroup& single, const Mxfp4MoeTiles& moe, int num_z, int max_m,
+                           const float* x_f32, int n, int k, bool pdl, cudaStream_t stream) {
   static std::atomic<uint64_t> devices_done{0};  // the shared-memory opt-in is per device
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   const uint64_t bit = uint64_t{1} << (device & 63);
-  constexpr int smem = gemv4_smem_uint4<CH>() * 16;
+  const int pass_tokens = std::min(max_m, kGemv4PassTokens);
+  const int smem = gemv4_smem_uint4<CH>(pass_tokens) * 16;
   if (!(devices_done.load() & bit)) {
-    err = cudaFuncSetAttribute(mxfp4_gemv4_kernel<CH, kMode>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    err = cudaFuncSetAttribute(mxfp4_gemv4_kernel<CH, kMode>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               gemv4_smem_uint4<CH>(kGemv4PassTokens) * 16);
     if (err != cudaSuccess) return err;
     devices_done.fetch_or(bit);
   }
@@ -905,26 +909,26 @@ cudaError_t launch_gemv4_t(const Mxfp4GemvGroup& single, const Mxfp4MoeTiles& mo
   la[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = la;
   cfg.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, mxfp4_gemv4_kernel<CH, kMode>, single, moe, x_f32, n, k);
+  return cudaLaunchKernelEx(&cfg, mxfp4_gemv4_kernel<CH, kMode>, single, moe, x_f32, n, k, pass_tokens);
 }
 
 template <int kMode>
-cudaError_t launch_gemv4(const Mxfp4GemvGroup& single, const Mxfp4MoeTiles& moe, int num_z, const float* x_f32,
-                         int n, int k, bool pdl, cudaStream_t stream) {
+cudaError_t launch_gemv4(const Mxfp4GemvGroup& single, const Mxfp4MoeTiles& moe, int num_z, int max_m,
+                         const float* x_f32, int n, int k, bool pdl, cudaStream_t stream) {
   if (n == 0 || num_z == 0) return cudaSuccess;
   const char* no_pdl = std::getenv("MXLM_CUDA_NO_PDL");
   if (no_pdl != nullptr && no_pdl[0] != '\0' && no_pdl[0] != '0') pdl = false;
   switch (k / (128 * kGemv4Warps)) {
     case 2:
-      return launch_gemv4_t<2, kMode>(single, moe, num_z, x_f32, n, k, pdl, stream);
+      return launch_gemv4_t<2, kMode>(single, moe, num_z, max_m, x_f32, n, k, pdl, stream);
     case 3:
-      return launch_gemv4_t<3, kMode>(single, moe, num_z, x_f32, n, k, pdl, stream);
+      return launch_gemv4_t<3, kMode>(single, moe, num_z, max_m, x_f32, n, k, pdl, stream);
     case 4:
-      return launch_gemv4_t<4, kMode>(single, moe, num_z, x_f32, n, k, pdl, stream);
+      return launch_gemv4_t<4, kMode>(single, moe, num_z, max_m, x_f32, n, k, pdl, stream);
     case 6:
-      return launch_gemv4_t<6, kMode>(single, moe, num_z, x_f32, n, k, pdl, stream);
+      return launch_gemv4_t<6, kMode>(single, moe, num_z, max_m, x_f32, n, k, pdl, stream);
     default:
-      return launch_gemv4_t<8, kMode>(single, moe, num_z, x_f32, n, k, pdl, stream);
+      return launch_gemv4_t<8, kMode>(single, moe, num_z, max_m, x_f32, n, k, pdl, stream);
   }
 }
 
@@ -940,13 +944,13 @@ cudaError_t launch_mxfp4_gemv4(const Mxfp4GemvGroup& problem, int n, int k, bool
                                const float* x_f32) {
   if (!mxfp4_gemv4_supports(k, problem.m) || (problem.x == nullptr) == (x_f32 == nullptr) || problem.ldy < n)
     return cudaErrorInvalidValue;
-  return launch_gemv4<kSingle>(problem, Mxfp4MoeTiles{}, 1, x_f32, n, k, pdl, stream);
+  return launch_gemv4<kSingle>(problem, Mxfp4MoeTiles{}, 1, problem.m, x_f32, n, k, pdl, stream);
 }
 
-cudaError_t launch_mxfp4_moe_gemv4(const Mxfp4MoeTiles& moe, int max_tiles, int n, int k, bool pdl,
+cudaError_t launch_mxfp4_moe_gemv4(const Mxfp4MoeTiles& moe, int max_tiles, int max_m, int n, int k, bool pdl,
                                    cudaStream_t stream) {
-  if (moe.mats < 1 || moe.mats > 2 || !mxfp4_gemv4_supports(k, 1) || moe.ldy < n) return cudaErrorInvalidValue;
-  return launch_gemv4<kMoe>(Mxfp4GemvGroup{}, moe, max_tiles * moe.mats, nullptr, n, k, pdl, stream);
+  if (moe.mats < 1 || moe.mats > 2 || !mxfp4_gemv4_supports(k, max_m) || moe.ldy < n) return cudaErrorInvalidValue;
+  return launch_gemv4<kMoe>(Mxfp4GemvGroup{}, moe, max_tiles * moe.mats, max_m, nullptr, n, k, pdl, stream);
 }
 
 }  // namespace mxlm::backend::cuda
