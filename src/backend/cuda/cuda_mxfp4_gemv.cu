@@ -784,8 +784,8 @@ __global__ void __launch_bounds__(kGemv4Warps * 32, 3)
   if (!kTriggerAfterX) pdl_launch_dependents();
   if (early) pdl_wait();  // the activations and the output belong to the previous kernel's world from here on
 
-  for (int tok0 = 0; tok0 < (kOnePass ? 1 : p.m); tok0 += pass_tokens) {
-    const int pm = kOnePass ? p.m : min(pass_tokens, p.m - tok0);
+  // One pass: the activations of tokens tok0 .. tok0 + pm - 1 (pm <= pass_tokens) times the weights in shared memory.
+  auto pass = [&](const int tok0, const int pm, const bool first) {
     {  // the warp's chunks of this pass's tokens: all loads of a batch before its stores
       const int items = pm * CH * 16;
       constexpr int kBatch = 8;
@@ -809,7 +809,7 @@ __global__ void __launch_bounds__(kGemv4Warps * 32, 3)
             }
           }
         }
-        if (kTriggerAfterX && tok0 == 0 && base == 0) pdl_launch_dependents();
+        if (kTriggerAfterX && first && base == 0) pdl_launch_dependents();
 #pragma unroll
         for (int j = 0; j < kBatch; ++j) {
           const int idx = base + j * 32 + lane;
@@ -829,7 +829,7 @@ __global__ void __launch_bounds__(kGemv4Warps * 32, 3)
     const bool has_x = g < pm;
 #pragma unroll
     for (int c = 0; c < CH; ++c) {
-      if (tok0 == 0) {
+      if (first) {
         gemv4_wait_chunk<CH>(c);
         __syncwarp();  // the scale words were copied by lanes t = 0, 1
       }
@@ -882,6 +882,11 @@ __global__ void __launch_bounds__(kGemv4Warps * 32, 3)
       if (row0 + row < n) p.y[static_cast<size_t>(tok0 + tok) * p.ldy + row0 + row] = s;
     }
     __syncthreads();  // partials read before the next pass writes them; x read before it is restaged
+  };
+  if constexpr (kOnePass) {
+    pass(0, p.m, true);
+  } else {
+    for (int tok0 = 0; tok0 < p.m; tok0 += pass_tokens) pass(tok0, min(pass_tokens, p.m - tok0), tok0 == 0);
   }
 }
 
