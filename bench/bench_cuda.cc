@@ -334,10 +334,15 @@ void bench_moe(const Ceilings& c, bool quick) {
         // Routed-expert GEMV: the backend's default (version 4 where it applies), version 1 over device-built
         // lists (MXLM_CUDA_MOE_GEMV=1), version 2 with these plans (MXLM_CUDA_GEMV_CONFIG =
         // warps,ctas_per_sm,k_split); the default first, the best kept.
-        for (const char* config : {"default", "v1", "", "8,4,0", "8,4,0,0", "8,2,0"}) {
+        // MXLM_CUDA_MOE_GEMV = versions for gate/up and down ("14": v1 gate/up, v4 down).
+        for (const char* config : {"default", "v1", "v4", "14", "41", "", "8,4,0,0"}) {
           const bool is_default = std::strcmp(config, "default") == 0, v1 = std::strcmp(config, "v1") == 0;
+          const bool v4 = std::strcmp(config, "v4") == 0, mixed = config[0] == '1' || config[0] == '4';
+          const bool v2 = !is_default && !v1 && !v4 && !mixed;
           if (v1) setenv("MXLM_CUDA_MOE_GEMV", "1", 1);
-          if (!v1 && !is_default) {
+          if (v4) setenv("MXLM_CUDA_MOE_GEMV", "4", 1);
+          if (mixed) setenv("MXLM_CUDA_MOE_GEMV", config, 1);
+          if (v2) {
             setenv("MXLM_CUDA_MOE_GEMV", "2", 1);
             setenv("MXLM_CUDA_GEMV_CONFIG", config, 1);
           }
@@ -345,8 +350,8 @@ void bench_moe(const Ceilings& c, bool quick) {
           unsetenv("MXLM_CUDA_MOE_GEMV");
           unsetenv("MXLM_CUDA_GEMV_CONFIG");
           row("MoE layer native T=%3d routed GEMV %s%s: %7.3f ms graph", T,
-              is_default ? "default (v4)" : (v1 ? "v1" : "v2 config "), is_default || v1 ? "" : (config[0] ? config : "default"),
-              t);
+              is_default ? "default" : (v2 ? "v2 config " : (mixed ? "gate/up + down versions " : "")),
+              is_default ? "" : (v2 && !config[0] ? "default" : config), t);
           if (gms == 0.0 || t < gms) gms = t;
           if (is_default) fused_default = t;
         }
@@ -361,6 +366,13 @@ void bench_moe(const Ceilings& c, bool quick) {
         const double plain = graph_ms(backend::cuda_stream(*be), [&](int) { layer_ops(); }, quick ? 5 : 10, 4);
         unsetenv("MXLM_CUDA_MOE_PLAIN");
         row("MoE layer native T=%3d small kernels without PDL: %7.3f ms graph", T, plain);
+        const double router_ms = graph_ms(
+            backend::cuda_stream(*be),
+            [&](int) {
+              be->router(x->f32(), static_cast<size_t>(T), *router, bias->f32(), K, 2.0f, ids->i32(), wts->f32());
+            },
+            quick ? 5 : 10, 4);
+        row("MoE router alone T=%3d (f32 [%d, %d] logits + top-k): %7.3f ms graph", T, E, H, router_ms);
         // The routed experts alone (device routing), and the host-sorted path of before as the baseline.
         auto experts = [&]() {
           be->moe_experts(x->f32(), static_cast<size_t>(T), ids->i32(), wts->f32(), K, p1, p3, p2, 0, {1.702f, 7.0f},

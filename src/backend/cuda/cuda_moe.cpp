@@ -124,15 +124,20 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
     }
   };
 
-  // GEMV version: 4 (one CTA per 16 rows of a tile's expert over the whole K, no K split, no memset) for steps of up
-  // to 4 tokens (H100, session 4: T = 1 layer 0.109 -> 0.097 ms; from T = 8 on version 1 was as fast or faster, as
-  // version 4 repeats its math per 4 tokens of a tile), else 1 (the register-batch kernel with atomic K split, over
-  // device-built problem lists and zeroed outputs); MXLM_CUDA_MOE_GEMV=1 / 2 / 4 picks version 1 / 2 (over the tile
-  // list) / 4 where it applies.
+  // GEMV version per launch: 4 (one CTA per 16 rows of a tile's expert over the whole K, no K split, no memset) for
+  // steps of up to 4 tokens (H100, session 4: T = 1 layer 0.109 -> 0.097 ms; from T = 8 on version 1 was as fast or
+  // faster, as version 4 repeats its math per 4 tokens of a tile), else 1 (the register-batch kernel with atomic K
+  // split, over device-built problem lists and zeroed outputs). MXLM_CUDA_MOE_GEMV="<gate/up>[<down>]" with 1, 2
+  // (version 2 over the tile list) or 4 overrides (e.g. "14": version 1 for gate/up, 4 for down).
   const char* gemv_env = std::getenv("MXLM_CUDA_MOE_GEMV");
+  const bool env_set = gemv_env != nullptr && gemv_env[0] != '\0';
+  const char gu_choice = env_set ? gemv_env[0] : (tokens <= 4 ? '4' : '1');
+  const char dn_choice = env_set && gemv_env[1] != '\0' ? gemv_env[1] : gu_choice;
   // A tile holds at most min(tile rows, tokens) rows: a token picks a routed expert once, the shared expert once.
   const int v4_rows = std::min(max_m, static_cast<int>(tokens));
-  const char gemv_choice = gemv_env != nullptr && gemv_env[0] != '\0' ? gemv_env[0] : (tokens <= 4 ? '4' : '1');
+  const bool gu_v4 = gu_choice == '4' && mxfp4_gemv4_supports(hidden, v4_rows);
+  const bool dn_v4 = dn_choice == '4' && mxfp4_gemv4_supports(inter, v4_rows);
+  const bool gu_v2 = gu_choice == '2', dn_v2 = dn_choice == '2';
   Mxfp4MoeTiles gu;
   gu.tiles = tiles.as<int32_t>();
   gu.num_tiles = counts.as<int32_t>();
@@ -158,20 +163,25 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
   dn.mats = 1;
   dn.rows_max = rows_max;
   dn.tiles_ready = true;
-  if (gemv_choice == '4' && mxfp4_gemv4_supports(hidden, v4_rows) && mxfp4_gemv4_supports(inter, v4_rows)) {
-    MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv4(gu, max_tiles, v4_rows, inter, hidden, true, stream_));
-    swiglu_qdq();
-    MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv4(dn, max_tiles, v4_rows, hidden, inter, true, stream_));
-    combine_rows();
-    return true;
-  }
-  if (gemv_choice != '2') {
-    Block gu_groups(pool_, 2 * static_cast<size_t>(max_tiles) * sizeof(Mxfp4GemvGroup)),
-        dn_groups(pool_, static_cast<size_t>(max_tiles) * sizeof(Mxfp4GemvGroup));
+  // Version 1 reads device-built problem lists (one build kernel for both launches).
+  Block gu_groups, dn_groups;
+  if ((!gu_v4 && !gu_v2) || (!dn_v4 && !dn_v2)) {
+    gu_groups = Block(pool_, 2 * static_cast<size_t>(max_tiles) * sizeof(Mxfp4GemvGroup));
+    dn_groups = Block(pool_, static_cast<size_t>(max_tiles) * sizeof(Mxfp4GemvGroup));
     MXLM_CUDA_CHECK(launch_moe_build_groups(tiles.as<int32_t>(), counts.as<int32_t>(), max_tiles, table, experts,
                                             xs.as<uint16_t>(), g.as<float>(), u.as<float>(), act.as<uint16_t>(),
                                             y.as<float>(), hidden, inter, gu_groups.as<Mxfp4GemvGroup>(),
                                             dn_groups.as<Mxfp4GemvGroup>(), stream_));
+  }
+  if (gu_v4) {
+    MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv4(gu, max_tiles, v4_rows, inter, hidden, true, stream_));
+  } else if (gu_v2) {
+    const Mxfp4GemvPlan plan1 =
+        mxfp4_gemv_plan(inter, hidden, max_tiles * 2, max_m, sms_, mxfp4_gemv_backend_config());
+    Block ws1(pool_, std::max<size_t>(mxfp4_gemv_workspace_floats(plan1, inter, 2 * rows_max), 1) * 4);
+    MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv(gu, max_tiles, inter, hidden, plan1, true, ws1.as<float>(),
+                                          gemv_counters(mxfp4_gemv_counters(plan1, max_tiles * 2)), stream_));
+  } else {
     const int split1 = mxfp4_gemv_k_split(inter, hidden, 2 * max_tiles, sms_);
     if (split1 > 1) {
       MXLM_CUDA_CHECK(cudaMemsetAsync(g.as<void>(), 0, tk * I * 4, stream_));
@@ -179,25 +189,21 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
     }
     MXLM_CUDA_CHECK(
         launch_mxfp4_gemv(gu_groups.as<Mxfp4GemvGroup>(), 2 * max_tiles, max_m, inter, hidden, split1, stream_));
-    swiglu_qdq();
+  }
+  swiglu_qdq();
+  if (dn_v4) {
+    MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv4(dn, max_tiles, v4_rows, hidden, inter, true, stream_));
+  } else if (dn_v2) {
+    const Mxfp4GemvPlan plan2 = mxfp4_gemv_plan(hidden, inter, max_tiles, max_m, sms_, mxfp4_gemv_backend_config());
+    Block ws2(pool_, std::max<size_t>(mxfp4_gemv_workspace_floats(plan2, hidden, rows_max), 1) * 4);
+    MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv(dn, max_tiles, hidden, inter, plan2, true, ws2.as<float>(),
+                                          gemv_counters(mxfp4_gemv_counters(plan2, max_tiles)), stream_));
+  } else {
     const int split2 = mxfp4_gemv_k_split(hidden, inter, max_tiles, sms_);
     if (split2 > 1) MXLM_CUDA_CHECK(cudaMemsetAsync(y.as<void>(), 0, tk * H * 4, stream_));
     MXLM_CUDA_CHECK(
         launch_mxfp4_gemv(dn_groups.as<Mxfp4GemvGroup>(), max_tiles, max_m, hidden, inter, split2, stream_));
-    combine_rows();
-    return true;
   }
-
-  const Mxfp4GemvPlan plan1 = mxfp4_gemv_plan(inter, hidden, max_tiles * 2, max_m, sms_, mxfp4_gemv_backend_config());
-  Block ws1(pool_, std::max<size_t>(mxfp4_gemv_workspace_floats(plan1, inter, 2 * rows_max), 1) * 4);
-  MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv(gu, max_tiles, inter, hidden, plan1, true, ws1.as<float>(),
-                                        gemv_counters(mxfp4_gemv_counters(plan1, max_tiles * 2)), stream_));
-  swiglu_qdq();
-
-  const Mxfp4GemvPlan plan2 = mxfp4_gemv_plan(hidden, inter, max_tiles, max_m, sms_, mxfp4_gemv_backend_config());
-  Block ws2(pool_, std::max<size_t>(mxfp4_gemv_workspace_floats(plan2, hidden, rows_max), 1) * 4);
-  MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv(dn, max_tiles, hidden, inter, plan2, true, ws2.as<float>(),
-                                        gemv_counters(mxfp4_gemv_counters(plan2, max_tiles)), stream_));
   combine_rows();
   return true;
 }
