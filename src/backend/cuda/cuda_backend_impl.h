@@ -325,6 +325,10 @@ class CudaBackend final : public Backend {
     switch (w.format()) {
       case WeightFormat::F32:
       case WeightFormat::F16: {
+        if (m <= kF32GemvMaxTokens && k % 4 == 0) {  // the router at decode: 13-20 -> ~4 µs (H100)
+          MXLM_CUDA_CHECK(launch_f32_gemv(static_cast<const float*>(dw.data_), x, y, n, static_cast<int>(m), k, stream_));
+          break;
+        }
         const float one = 1.0f, zero = 0.0f;
         check(cublasSgemm(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, n, static_cast<int>(m), k, &one,
                           static_cast<const float*>(dw.data_), k, x, k, &zero, y, n),

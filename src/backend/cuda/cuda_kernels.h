@@ -191,6 +191,10 @@ cudaError_t launch_moe_combine_pdl(const float* y, const int32_t* combine, const
 // out[t] = Σ_j weights[row] · y[row] over rows = combine[t, 0..k-1] (-1 = none), in that order.
 cudaError_t launch_moe_combine(const float* y, const int32_t* combine, const float* weights, size_t tokens, int k,
                                size_t hidden, float* out, cudaStream_t stream);
+// y[m, n] = x[m, k] · W[n, k]ᵀ in f32 for 1..kF32GemvMaxTokens tokens (k % 4 == 0): the router and other small
+// f32 linears (cuBLAS sgemm reads these at a tenth of the bandwidth). Deterministic.
+constexpr int kF32GemvMaxTokens = 8;
+cudaError_t launch_f32_gemv(const float* w, const float* x, float* y, int n, int m, int k, cudaStream_t stream);
 // Router top-k on logits [tokens, experts]: s = sigmoid, choice = s + bias (bias may be null), top-k by choice
 // (ties: lower id), weights = s / Σ s * scale.
 cudaError_t launch_router_topk(const float* logits, const float* bias, size_t tokens, int experts, int k, float scale,
