@@ -222,12 +222,148 @@ __global__ void __launch_bounds__(W * 32, 3) gemv4_kernel(Gemv p, int flags) {
   TRACE(5);
 }
 
+// Version 4, 8-row CTAs ("rows8"): the same pipeline with the MMA not swapped (activations as A, tokens 0..7 in its
+// rows; weights as B, 8 weight rows in its columns), so a CTA owns 8 weight rows over the whole K: twice the CTAs
+// (384 / 768 on the expert shapes), half the math per CTA, for an even spread over 132 SMs (192 CTAs of 16 rows put
+// two on 60 SMs and one on the rest, and the doubled math on those sets the launch's time).
+template <int W, int CH>
+__global__ void __launch_bounds__(W * 32, W >= 12 ? 2 : 4) gemv4r8_kernel(Gemv p, int flags) {
+  constexpr int XS = x_stride<CH>();
+  extern __shared__ __align__(128) uint4 smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int row0 = blockIdx.x * 8;
+  const int c0 = warp * CH;
+  const size_t row_bytes = static_cast<size_t>(p.k) / 2;
+  const int row = row0 + g;
+  const bool ok = row < p.n;
+  uint4* wl = smem + warp * CH * 32;
+  uint32_t* sc = reinterpret_cast<uint32_t*>(smem + W * CH * 32) + warp * CH * 8;
+  uint4* xw = smem + W * CH * 32 + W * CH * 2 + warp * p.m * XS;
+
+  TRACE(0);
+  if (p.trace != nullptr && threadIdx.x == 0) {
+    unsigned smid;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+    p.trace[(static_cast<size_t>(p.launch) * gridDim.x + blockIdx.x) * kTracePoints + 7] = smid;
+  }
+  const uint8_t* wr = p.w + static_cast<size_t>(ok ? row : 0) * row_bytes + static_cast<size_t>(c0) * 64 + t * 16;
+  const uint8_t* sp = p.scales + static_cast<size_t>(ok ? row : 0) * (p.k / 32) + static_cast<size_t>(c0) * 4;
+#pragma unroll
+  for (int c = 0; c < CH; ++c) {
+    if (ok) cp_async_16(wl + c * 32 + g * 4 + t, wr + c * 64);
+    if (ok && t == 0)
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_addr(sc + c * 8 + g)), "l"(sp + c * 4)
+                   : "memory");
+    asm volatile("cp.async.commit_group;" ::: "memory");
+  }
+  const bool trigger_early = !(flags & (kFlagTriggerAfterMath | kFlagTriggerAfterX | kFlagTriggerAfterXStaged));
+  if (trigger_early) pdl_launch_dependents();
+  pdl_wait();
+  TRACE(1);
+  {
+    const int items = p.m * CH * 16;
+    constexpr int kBatch = 8;
+    for (int base = 0; base < items; base += 32 * kBatch) {
+      uint4 v[kBatch];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const int idx = base + j * 32 + lane;
+        v[j] = make_uint4(0, 0, 0, 0);
+        if (idx < items) {
+          const int tok = idx / (CH * 16), rem = idx % (CH * 16);
+          v[j] = *reinterpret_cast<const uint4*>(p.x + static_cast<size_t>(tok) * p.k + static_cast<size_t>(c0) * 128 +
+                                                 static_cast<size_t>(rem) * 8);
+        }
+      }
+      if (base == 0 && (flags & kFlagTriggerAfterX)) pdl_launch_dependents();
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const int idx = base + j * 32 + lane;
+        if (idx < items) {
+          const int tok = idx / (CH * 16), rem = idx % (CH * 16);
+          const int c = rem / 16, u = rem % 16, b = u / 4, q = u % 4;
+          uint32_t xp[4];
+          pair_x(v[j], xp);
+          xw[tok * XS + c * 16 + b * 4 + (q ^ ((b >> 1) & 1))] = make_uint4(xp[0], xp[1], xp[2], xp[3]);
+        }
+      }
+    }
+  }
+  __syncwarp();
+  if (flags & kFlagTriggerAfterXStaged) pdl_launch_dependents();
+  TRACE(2);
+  float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+  const bool has_x = g < p.m;
+  if (!(flags & kFlagNoMath)) {
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+      wait_chunk<CH>(c);
+      __syncwarp();  // the scale words were copied by lanes t = 0
+      uint4 xv[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        xv[q] = has_x ? xw[g * XS + c * 16 + t * 4 + (q ^ ((t >> 1) & 1))] : make_uint4(0, 0, 0, 0);
+      const uint4 wv = wl[c * 32 + g * 4 + t];
+      const uint32_t sw = (sc[c * 8 + g] >> (8 * t)) & 0xffu;
+      auto chunk_math = [&](auto capped_tag) {
+        constexpr bool kCapped = decltype(capped_tag)::value;
+        const uint32_t f = scale_first(sw), f2 = kCapped ? scale_second(sw) : 0u;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          uint32_t pw[4];
+          dequant_word<kCapped>(word(wv, q), f, f2, pw);
+          const uint32_t xq[4] = {xv[q].x, xv[q].y, xv[q].z, xv[q].w};
+#pragma unroll
+          for (int ss = 0; ss < 2; ++ss) mma_bf16(acc[ss], xq[2 * ss], 0u, xq[2 * ss + 1], 0u, pw[2 * ss], pw[2 * ss + 1]);
+        }
+      };
+      if (__any_sync(0xffffffffu, scale_capped(sw))) {
+        chunk_math(std::true_type{});
+      } else {
+        chunk_math(std::false_type{});
+      }
+    }
+  } else {
+    asm volatile("cp.async.wait_all;" ::: "memory");
+  }
+  TRACE(3);
+  __syncthreads();
+  float* part = reinterpret_cast<float*>(smem);  // [W][8 rows][8 tokens], aliasing the weights
+  if (g < kMaxTokens) {
+    part[(warp * 8 + 2 * t) * kMaxTokens + g] = acc[0][0] + acc[1][0];
+    part[(warp * 8 + 2 * t + 1) * kMaxTokens + g] = acc[0][1] + acc[1][1];
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < 8 * p.m; idx += W * 32) {
+    const int r = idx % 8, tok = idx / 8;
+    float s = 0.0f;
+#pragma unroll
+    for (int w = 0; w < W; ++w) s += part[(w * 8 + r) * kMaxTokens + tok];
+    if (row0 + r < p.n) p.y[static_cast<size_t>(tok) * p.ldy + row0 + r] = s;
+  }
+  if (flags & kFlagTriggerAfterMath) pdl_launch_dependents();
+  TRACE(5);
+}
+
 struct Variant4 {
   const char* name;
   void (*kernel)(Gemv, int);
   int warps, ch;  // chunks per warp: this variant serves K = warps * ch * 128
   size_t (*smem)(int m);
+  int rows = 16;  // weight rows per CTA
 };
+
+template <int W, int CH>
+Variant4 make_rows8() {
+  auto* k = gemv4r8_kernel<W, CH>;
+  CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+  return {"rows8", k, W, CH,
+          [](int m) {
+            return static_cast<size_t>(W) * CH * (32 + 2) * 16 + static_cast<size_t>(W) * m * x_stride<CH>() * 16;
+          },
+          8};
+}
 
 template <int W, int CH, int kLoad>
 Variant4 make() {
@@ -239,7 +375,7 @@ Variant4 make() {
 
 inline cudaError_t launch(const Variant4& v, const Gemv& p, bool pdl, int flags, cudaStream_t stream) {
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((p.n + 15) / 16);
+  cfg.gridDim = dim3((p.n + v.rows - 1) / v.rows);
   cfg.blockDim = dim3(v.warps * 32);
   cfg.dynamicSmemBytes = v.smem(p.m);
   cfg.stream = stream;
