@@ -16,6 +16,7 @@
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_kernels.h"
 #include "gpu_check.h"
+#include "moe_tile_check.h"
 
 namespace {
 
@@ -129,20 +130,7 @@ void check_route_shared() {
     }
     if (off[static_cast<size_t>(experts)] != rows || cnt[1] != rows) ++bad;
     // Tiles cover every row (shared ones included) exactly once, within one expert, at most tile_rows each.
-    std::vector<int> covered(static_cast<size_t>(rows), 0);
-    if (cnt[0] > max_tiles) ++bad;
-    for (int i = 0; i < std::min(cnt[0], max_tiles); ++i) {
-      const int x = tl[static_cast<size_t>(3 * i)], r0 = tl[static_cast<size_t>(3 * i + 1)],
-                m = tl[static_cast<size_t>(3 * i + 2)];
-      if (x < 0 || x >= experts || m < 1 || m > tile_rows || r0 < off[static_cast<size_t>(x)] ||
-          r0 + m > off[static_cast<size_t>(x) + 1]) {
-        ++bad;
-        continue;
-      }
-      for (int r = r0; r < r0 + m; ++r) ++covered[static_cast<size_t>(r)];
-    }
-    for (int r = 0; r < rows; ++r)
-      if (covered[static_cast<size_t>(r)] != 1) ++bad;
+    bad += tile_list_errors(tl, cnt[0], max_tiles, experts, tile_rows, off, rows);
     // Combine: k + 1 slots per token: its routed rows in ascending expert order, -1, and the shared row last.
     for (int t = 0; t < c.tokens; ++t) {
       std::vector<int> local;
