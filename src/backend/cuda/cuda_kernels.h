@@ -133,6 +133,9 @@ struct Mxfp4MoeTiles {
 };
 cudaError_t launch_mxfp4_moe_gemv(const Mxfp4MoeTiles& moe, int max_tiles, int n, int k, const Mxfp4GemvPlan& plan,
                                   bool pdl, float* workspace, int* counters, cudaStream_t stream);
+// The same tile list by version 1 (max_m: the most rows a tile holds; k_split > 1: y[mat] must hold zeros first).
+cudaError_t launch_mxfp4_moe_gemv1(const Mxfp4MoeTiles& moe, int max_tiles, int max_m, int n, int k, int k_split,
+                                   cudaStream_t stream);
 
 // Version 4 (session 4): one CTA per 16 weight rows over the whole K (no K split across CTAs: no workspace, memset,
 // atomics; deterministic), weights and scales queued with cp.async before griddepcontrol.wait, PDL; tokens in passes
@@ -178,12 +181,6 @@ cudaError_t launch_moe_gather_qdq_bf16(const float* x, const int32_t* gather, co
 cudaError_t launch_moe_swiglu_qdq_bf16(const float* gate, const float* up, const int32_t* counts, size_t rows,
                                        size_t k, float alpha, float limit, bool qdq, uint16_t* out,
                                        cudaStream_t stream);
-// Version-1 GEMV problems of the device-routed layer (gate/up: 2 per tile, down: 1 per tile; m = 0 past the tile
-// count): table as CudaBackend's expert table ([gate, up, down data, then their scales][num_local]).
-cudaError_t launch_moe_build_groups(const int32_t* tiles, const int32_t* counts, int max_tiles,
-                                    const uint8_t* const* table, int num_local, const uint16_t* xs, float* g, float* u,
-                                    const uint16_t* act, float* y, int hidden, int inter, Mxfp4GemvGroup* gu,
-                                    Mxfp4GemvGroup* dn, cudaStream_t stream);
 cudaError_t launch_moe_combine_pdl(const float* y, const int32_t* combine, const float* weights, size_t tokens, int k,
                                    size_t hidden, float* out, cudaStream_t stream);
 

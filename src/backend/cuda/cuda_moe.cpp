@@ -127,7 +127,7 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
   // GEMV version per launch: 4 (one CTA per 16 rows of a tile's expert over the whole K, no K split, no memset) for
   // steps of up to 4 tokens (H100, session 4: T = 1 layer 0.109 -> 0.097 ms; from T = 8 on version 1 was as fast or
   // faster, as version 4 repeats its math per 4 tokens of a tile), else 1 (the register-batch kernel with atomic K
-  // split, over device-built problem lists and zeroed outputs). MXLM_CUDA_MOE_GEMV="<gate/up>[<down>]" with 1, 2
+  // split into zeroed outputs, reading the tile list itself). MXLM_CUDA_MOE_GEMV="<gate/up>[<down>]" with 1, 2
   // (version 2 over the tile list) or 4 overrides (e.g. "14": version 1 for gate/up, 4 for down).
   const char* gemv_env = std::getenv("MXLM_CUDA_MOE_GEMV");
   const bool env_set = gemv_env != nullptr && gemv_env[0] != '\0';
@@ -163,16 +163,6 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
   dn.mats = 1;
   dn.rows_max = rows_max;
   dn.tiles_ready = true;
-  // Version 1 reads device-built problem lists (one build kernel for both launches).
-  Block gu_groups, dn_groups;
-  if ((!gu_v4 && !gu_v2) || (!dn_v4 && !dn_v2)) {
-    gu_groups = Block(pool_, 2 * static_cast<size_t>(max_tiles) * sizeof(Mxfp4GemvGroup));
-    dn_groups = Block(pool_, static_cast<size_t>(max_tiles) * sizeof(Mxfp4GemvGroup));
-    MXLM_CUDA_CHECK(launch_moe_build_groups(tiles.as<int32_t>(), counts.as<int32_t>(), max_tiles, table, experts,
-                                            xs.as<uint16_t>(), g.as<float>(), u.as<float>(), act.as<uint16_t>(),
-                                            y.as<float>(), hidden, inter, gu_groups.as<Mxfp4GemvGroup>(),
-                                            dn_groups.as<Mxfp4GemvGroup>(), stream_));
-  }
   if (gu_v4) {
     MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv4(gu, max_tiles, v4_rows, inter, hidden, true, stream_));
   } else if (gu_v2) {
@@ -187,8 +177,7 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
       MXLM_CUDA_CHECK(cudaMemsetAsync(g.as<void>(), 0, tk * I * 4, stream_));
       MXLM_CUDA_CHECK(cudaMemsetAsync(u.as<void>(), 0, tk * I * 4, stream_));
     }
-    MXLM_CUDA_CHECK(
-        launch_mxfp4_gemv(gu_groups.as<Mxfp4GemvGroup>(), 2 * max_tiles, max_m, inter, hidden, split1, stream_));
+    MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv1(gu, max_tiles, max_m, inter, hidden, split1, stream_));
   }
   swiglu_qdq();
   if (dn_v4) {
@@ -201,8 +190,7 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
   } else {
     const int split2 = mxfp4_gemv_k_split(hidden, inter, max_tiles, sms_);
     if (split2 > 1) MXLM_CUDA_CHECK(cudaMemsetAsync(y.as<void>(), 0, tk * H * 4, stream_));
-    MXLM_CUDA_CHECK(
-        launch_mxfp4_gemv(dn_groups.as<Mxfp4GemvGroup>(), max_tiles, max_m, hidden, inter, split2, stream_));
+    MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv1(dn, max_tiles, max_m, hidden, inter, split2, stream_));
   }
   combine_rows();
   return true;

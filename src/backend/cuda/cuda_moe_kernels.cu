@@ -58,26 +58,6 @@ __global__ void combine_kernel(const float* y, const int32_t* combine, const flo
 
 // Version-1 GEMV problem lists from the tile list: gate/up [2 * max_tiles] and down [max_tiles]; entries past the
 // real tile count get m = 0 (the v1 kernel's CTAs return at once for them).
-__global__ void build_groups_kernel(const int32_t* tiles, const int32_t* counts, int max_tiles,
-                                    const uint8_t* const* table, int num_local, const uint16_t* xs, float* g, float* u,
-                                    const uint16_t* act, float* y, int hidden, int inter, Mxfp4GemvGroup* gu,
-                                    Mxfp4GemvGroup* dn) {
-  pdl_wait_then_release();
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= max_tiles) return;
-  Mxfp4GemvGroup a{}, b{}, d{};
-  if (i < counts[0]) {
-    const int e = tiles[3 * i], row = tiles[3 * i + 1], m = tiles[3 * i + 2];
-    const size_t n = static_cast<size_t>(num_local), r = static_cast<size_t>(row);
-    a = {table[e], table[3 * n + e], xs + r * hidden, g + r * inter, m, inter};
-    b = {table[n + e], table[4 * n + e], xs + r * hidden, u + r * inter, m, inter};
-    d = {table[2 * n + e], table[5 * n + e], act + r * inter, y + r * hidden, m, hidden};
-  }
-  gu[2 * i] = a;
-  gu[2 * i + 1] = b;
-  dn[i] = d;
-}
-
 unsigned blocks_for(size_t n) {
   size_t b = (n + kThreads - 1) / kThreads;
   if (b > (1u << 30)) b = 1u << 30;
@@ -113,15 +93,6 @@ cudaError_t launch_moe_swiglu_qdq_bf16(const float* gate, const float* up, const
   if (k % 32 != 0) return cudaErrorInvalidValue;
   return launch_pdl(swiglu_qdq_bf16_kernel, dim3(blocks_for(rows * k)), stream, gate, up, counts, rows, k, alpha, limit,
                     qdq, out);
-}
-
-cudaError_t launch_moe_build_groups(const int32_t* tiles, const int32_t* counts, int max_tiles,
-                                    const uint8_t* const* table, int num_local, const uint16_t* xs, float* g, float* u,
-                                    const uint16_t* act, float* y, int hidden, int inter, Mxfp4GemvGroup* gu,
-                                    Mxfp4GemvGroup* dn, cudaStream_t stream) {
-  if (max_tiles == 0) return cudaSuccess;
-  return launch_pdl(build_groups_kernel, dim3(blocks_for(static_cast<size_t>(max_tiles))), stream, tiles, counts,
-                    max_tiles, table, num_local, xs, g, u, act, y, hidden, inter, gu, dn);
 }
 
 cudaError_t launch_moe_combine_pdl(const float* y, const int32_t* combine, const float* weights, size_t tokens, int k,

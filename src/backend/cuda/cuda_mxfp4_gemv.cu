@@ -57,12 +57,59 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 constexpr int kBatch = 4;
 constexpr int kXStride = kBatch * 16 + 2;  // uint4 per staged token row: 256 B per chunk + 32 B pad (banks)
 
+struct Problem {
+  const uint8_t* w;
+  const uint8_t* scales;
+  const uint16_t* x;
+  float* y;
+  int m, ldy;
+  int slot;  // first workspace row of this problem's partial sums
+};
+
+enum Mode : int { kSingle = 0, kGroups = 1, kMoe = 2 };
+
+template <int kMode>
+__device__ __forceinline__ bool resolve(const Mxfp4GemvGroup& single, const Mxfp4GemvGroup* groups,
+                                        const Mxfp4MoeTiles& moe, int z, int k, Problem& p) {
+  if constexpr (kMode == kSingle) {
+    p = {single.w, single.scales, single.x, single.y, single.m, single.ldy, 0};
+  } else if constexpr (kMode == kGroups) {
+    const Mxfp4GemvGroup gr = groups[z];
+    p = {gr.w, gr.scales, gr.x, gr.y, gr.m, gr.ldy, z * 16};
+  } else {
+    const int tile = z / moe.mats, mat = z - tile * moe.mats;
+    if (tile >= *moe.num_tiles) return false;
+    const int expert = moe.tiles[3 * tile], row = moe.tiles[3 * tile + 1], m = moe.tiles[3 * tile + 2];
+    // Selects, not moe.w[mat]: a runtime index into the parameter arrays would copy them to local memory.
+    const bool second = mat != 0;
+    const uint8_t* const* w = second ? moe.w[1] : moe.w[0];
+    const uint8_t* const* sc = second ? moe.scales[1] : moe.scales[0];
+    float* y = second ? moe.y[1] : moe.y[0];
+    p = {w[expert],
+         sc[expert],
+         moe.x + static_cast<size_t>(row) * static_cast<size_t>(k),
+         y + static_cast<size_t>(row) * static_cast<size_t>(moe.ldy),
+         m,
+         moe.ldy,
+         mat * moe.rows_max + row};
+  }
+  return p.m > 0;
+}
+
 template <int NT>  // token tiles of 8
 __global__ void __launch_bounds__(kWarps * 32, 3)
-    mxfp4_gemv_kernel(const Mxfp4GemvGroup* groups, Mxfp4GemvGroup single, int n, int k, int chunks_per_split) {
+    mxfp4_gemv_kernel(const Mxfp4GemvGroup* groups, Mxfp4GemvGroup single, Mxfp4MoeTiles moe, int n, int k,
+                      int chunks_per_split) {
   extern __shared__ uint4 xs[];  // [NT * 8 tokens][kXStride]: this CTA's slice of the activations, swizzled
-  Mxfp4GemvGroup grp = groups != nullptr ? groups[blockIdx.z] : single;
-  if (groups == nullptr) {  // one problem by value, tokens in tiles of 16 along grid z
+  Mxfp4GemvGroup grp;
+  if (moe.tiles != nullptr) {  // routed experts: problem z of the device-built tile list (no PDL: it is complete)
+    Problem p;
+    if (!resolve<kMoe>(single, nullptr, moe, blockIdx.z, k, p)) return;
+    grp = {p.w, p.scales, p.x, p.y, p.m, p.ldy};
+  } else if (groups != nullptr) {
+    grp = groups[blockIdx.z];
+  } else {  // one problem by value, tokens in tiles of 16 along grid z
+    grp = single;
     const int first = 16 * static_cast<int>(blockIdx.z);
     grp.x += static_cast<size_t>(first) * static_cast<size_t>(k);
     grp.y += static_cast<size_t>(first) * static_cast<size_t>(grp.ldy);
@@ -225,45 +272,6 @@ __device__ __forceinline__ void cp_async_wait_stage(int st) {
       asm volatile("cp.async.wait_group 3;" ::: "memory");
       break;
   }
-}
-
-struct Problem {
-  const uint8_t* w;
-  const uint8_t* scales;
-  const uint16_t* x;
-  float* y;
-  int m, ldy;
-  int slot;  // first workspace row of this problem's partial sums
-};
-
-enum Mode : int { kSingle = 0, kGroups = 1, kMoe = 2 };
-
-template <int kMode>
-__device__ __forceinline__ bool resolve(const Mxfp4GemvGroup& single, const Mxfp4GemvGroup* groups,
-                                        const Mxfp4MoeTiles& moe, int z, int k, Problem& p) {
-  if constexpr (kMode == kSingle) {
-    p = {single.w, single.scales, single.x, single.y, single.m, single.ldy, 0};
-  } else if constexpr (kMode == kGroups) {
-    const Mxfp4GemvGroup gr = groups[z];
-    p = {gr.w, gr.scales, gr.x, gr.y, gr.m, gr.ldy, z * 16};
-  } else {
-    const int tile = z / moe.mats, mat = z - tile * moe.mats;
-    if (tile >= *moe.num_tiles) return false;
-    const int expert = moe.tiles[3 * tile], row = moe.tiles[3 * tile + 1], m = moe.tiles[3 * tile + 2];
-    // Selects, not moe.w[mat]: a runtime index into the parameter arrays would copy them to local memory.
-    const bool second = mat != 0;
-    const uint8_t* const* w = second ? moe.w[1] : moe.w[0];
-    const uint8_t* const* sc = second ? moe.scales[1] : moe.scales[0];
-    float* y = second ? moe.y[1] : moe.y[0];
-    p = {w[expert],
-         sc[expert],
-         moe.x + static_cast<size_t>(row) * static_cast<size_t>(k),
-         y + static_cast<size_t>(row) * static_cast<size_t>(moe.ldy),
-         m,
-         moe.ldy,
-         mat * moe.rows_max + row};
-  }
-  return p.m > 0;
 }
 
 template <int NT, int W, int kMode>
@@ -583,17 +591,18 @@ int mxfp4_gemv_k_split(int n, int k, int num_groups, int multiprocessors) {
 }
 
 namespace {
-cudaError_t launch_v1(const Mxfp4GemvGroup* groups, const Mxfp4GemvGroup& single, int num_groups, int max_m, int n,
-                      int k, int k_split, cudaStream_t stream) {
+cudaError_t launch_v1(const Mxfp4GemvGroup* groups, const Mxfp4GemvGroup& single, const Mxfp4MoeTiles& moe,
+                      int num_groups, int max_m, int n, int k, int k_split, cudaStream_t stream) {
   if (num_groups == 0 || n == 0) return cudaSuccess;
   if (k % 32 != 0 || max_m < 1 || max_m > 16 || k_split < 1) return cudaErrorInvalidValue;
   const int chunks = (k / 32 + 3) / 4;
   const int per = (chunks + k_split - 1) / k_split;
   const dim3 grid((n + kRowsPerCta - 1) / kRowsPerCta, (chunks + per - 1) / per, num_groups);
   if (max_m <= 8) {
-    mxfp4_gemv_kernel<1><<<grid, kWarps * 32, 8 * kXStride * sizeof(uint4), stream>>>(groups, single, n, k, per);
+    mxfp4_gemv_kernel<1><<<grid, kWarps * 32, 8 * kXStride * sizeof(uint4), stream>>>(groups, single, moe, n, k, per);
   } else {
-    mxfp4_gemv_kernel<2><<<grid, kWarps * 32, 16 * kXStride * sizeof(uint4), stream>>>(groups, single, n, k, per);
+    mxfp4_gemv_kernel<2><<<grid, kWarps * 32, 16 * kXStride * sizeof(uint4), stream>>>(groups, single, moe, n, k,
+                                                                                        per);
   }
   return cudaGetLastError();
 }
@@ -601,13 +610,19 @@ cudaError_t launch_v1(const Mxfp4GemvGroup* groups, const Mxfp4GemvGroup& single
 
 cudaError_t launch_mxfp4_gemv(const Mxfp4GemvGroup* groups, int num_groups, int max_m, int n, int k, int k_split,
                               cudaStream_t stream) {
-  return launch_v1(groups, Mxfp4GemvGroup{}, num_groups, max_m, n, k, k_split, stream);
+  return launch_v1(groups, Mxfp4GemvGroup{}, Mxfp4MoeTiles{}, num_groups, max_m, n, k, k_split, stream);
+}
+
+cudaError_t launch_mxfp4_moe_gemv1(const Mxfp4MoeTiles& moe, int max_tiles, int max_m, int n, int k, int k_split,
+                                   cudaStream_t stream) {
+  if (moe.tiles == nullptr || moe.mats < 1 || moe.mats > 2) return cudaErrorInvalidValue;
+  return launch_v1(nullptr, Mxfp4GemvGroup{}, moe, max_tiles * moe.mats, max_m, n, k, k_split, stream);
 }
 
 cudaError_t launch_mxfp4_gemv_one(const Mxfp4GemvGroup& problem, int n, int k, int k_split, cudaStream_t stream) {
   if (problem.m < 1 || problem.m > 16 * 65535) return cudaErrorInvalidValue;
-  return launch_v1(nullptr, problem, mxfp4_gemv_token_tiles(problem.m), std::min(problem.m, 16), n, k, k_split,
-                   stream);
+  return launch_v1(nullptr, problem, Mxfp4MoeTiles{}, mxfp4_gemv_token_tiles(problem.m), std::min(problem.m, 16), n, k,
+                   k_split, stream);
 }
 
 namespace {
