@@ -197,7 +197,6 @@ class CudaBackend final : public Backend {
     void* ring = nullptr;
     MXLM_CUDA_CHECK(cudaHostAlloc(&ring, kRingBytes, cudaHostAllocDefault));
     ring_ = static_cast<char*>(ring);
-    gemv_counters(1);  // allocated (and zeroed) now: the first user may run inside a CUDA graph capture
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
@@ -394,15 +393,6 @@ class CudaBackend final : public Backend {
     if (k <= 0 || k > experts) fail("router top-k {} with {} experts", k, experts);
     if (tokens == 0) return;
     Block logits(pool_, tokens * static_cast<size_t>(experts) * 4);
-    const int hidden = static_cast<int>(w.cols());
-    if (w.format() == WeightFormat::F32 && tokens <= static_cast<size_t>(kF32GemvMaxTokens) && hidden % 4 == 0 &&
-        (tokens * static_cast<size_t>(experts) + 8 * static_cast<size_t>((experts + 31) / 32)) * 4 <= 48 * 1024) {
-      // One launch (GEMV + top-k by the last CTA): a decode step's router (H100: ~10 -> ~7 us at one token).
-      MXLM_CUDA_CHECK(launch_router_f32(static_cast<const float*>(dev(w).data_), x, bias, experts,
-                                        static_cast<int>(tokens), hidden, k, scale, logits.as<float>(),
-                                        gemv_counters(1), ids, weights, stream_));
-      return;
-    }
     linear(x, tokens, w, logits.as<float>());
     MXLM_CUDA_CHECK(launch_router_topk(logits.as<float>(), bias, tokens, experts, k, scale, ids, weights, stream_));
   }

@@ -176,9 +176,9 @@ __global__ void moe_combine_kernel(const float* y, const int32_t* combine, const
 // partial sums added over the CTA in a fixed order (deterministic). cuBLAS's sgemm took 13-20 µs for the router's
 // [128, 6144] at 1-8 tokens (H100), a tenth of the bandwidth.
 constexpr int kF32GemvThreads = 256, kF32GemvUnroll = 8;
-// One CTA's row: y[t, row] for t < m.
-__device__ __forceinline__ void f32_gemv_row(const float* w, const float* x, float* y, int n, int m, int k, int row) {
-  const int tid = threadIdx.x;
+__global__ void __launch_bounds__(kF32GemvThreads) f32_gemv_kernel(const float* w, const float* x, float* y, int n,
+                                                                   int m, int k) {
+  const int row = blockIdx.x, tid = threadIdx.x;
   const int k4 = k / 4;
   const float4* wr = reinterpret_cast<const float4*>(w + static_cast<size_t>(row) * k);
   float acc[kF32GemvMaxTokens] = {};
@@ -221,19 +221,17 @@ __device__ __forceinline__ void f32_gemv_row(const float* w, const float* x, flo
   }
 }
 
-__global__ void __launch_bounds__(kF32GemvThreads) f32_gemv_kernel(const float* w, const float* x, float* y, int n,
-                                                                   int m, int k) {
-  f32_gemv_row(w, x, y, n, m, k, blockIdx.x);
-}
-
-// Top-k of one token's router logits l[experts] by one warp: s = sigmoid, choice = s + bias, ties to the lower id;
-// weights = s / Σ s * scale. taken: the warp's experts/32 words of scratch.
-__device__ __forceinline__ void router_topk_warp(const float* l, const float* bias, int experts, int k, float scale,
-                                                 uint32_t* taken, int32_t* ids, float* weights) {
+__global__ void router_topk_kernel(const float* logits, const float* bias, size_t tokens, int experts, int k,
+                                   float scale, int32_t* ids, float* weights) {
+  const size_t t = blockIdx.x * static_cast<size_t>(blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
+  if (t >= tokens) return;
+  extern __shared__ uint32_t taken_all[];
   const int words = (experts + 31) / 32;
+  uint32_t* taken = taken_all + static_cast<size_t>(threadIdx.x / 32) * static_cast<size_t>(words);
   for (int w = lane; w < words; w += 32) taken[w] = 0u;
   __syncwarp();
+  const float* l = logits + t * static_cast<size_t>(experts);
   float sum = 0.0f;
   for (int j = 0; j < k; ++j) {
     float best = -INFINITY;
@@ -259,50 +257,16 @@ __device__ __forceinline__ void router_topk_warp(const float* l, const float* bi
     if (lane == 0) {
       taken[best_id / 32] |= 1u << (best_id % 32);
       const float s = 1.0f / (1.0f + expf(-l[best_id]));
-      ids[j] = best_id;
-      weights[j] = s;
+      ids[t * static_cast<size_t>(k) + static_cast<size_t>(j)] = best_id;
+      weights[t * static_cast<size_t>(k) + static_cast<size_t>(j)] = s;
       sum += s;
     }
     __syncwarp();
   }
   if (lane == 0)
-    for (int j = 0; j < k; ++j) weights[j] = weights[j] / sum * scale;
-}
-
-// The router of a decode step in one launch: one CTA per expert row computes its logits (f32_gemv_row); the last
-// CTA to finish (a counter it leaves at zero again) copies all logits to shared memory and takes each token's top-k
-// (router_topk_warp). Saves the second launch of linear + launch_router_topk (~3 us of ~10 at one token, H100).
-__global__ void __launch_bounds__(kF32GemvThreads) router_f32_kernel(const float* w, const float* x, const float* bias,
-                                                                     int experts, int tokens, int k, int top_k,
-                                                                     float scale, float* logits, int* counter,
-                                                                     int32_t* ids, float* weights) {
-  f32_gemv_row(w, x, logits, experts, tokens, k, blockIdx.x);
-  __shared__ bool last;
-  __threadfence();  // this CTA's logits are visible before its arrival is counted
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(counter, 1) == static_cast<int>(gridDim.x) - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  extern __shared__ float router_smem[];  // logits [tokens][experts], then taken words per warp
-  for (int i = threadIdx.x; i < tokens * experts; i += blockDim.x) router_smem[i] = __ldcg(logits + i);
-  __syncthreads();
-  const int words = (experts + 31) / 32, warp = threadIdx.x / 32;
-  uint32_t* taken = reinterpret_cast<uint32_t*>(router_smem + tokens * experts) + warp * words;
-  for (int t = warp; t < tokens; t += kF32GemvThreads / 32)
-    router_topk_warp(router_smem + static_cast<size_t>(t) * experts, bias, experts, top_k, scale, taken,
-                     ids + static_cast<size_t>(t) * top_k, weights + static_cast<size_t>(t) * top_k);
-  if (threadIdx.x == 0) *counter = 0;
-}
-
-__global__ void router_topk_kernel(const float* logits, const float* bias, size_t tokens, int experts, int k,
-                                   float scale, int32_t* ids, float* weights) {
-  const size_t t = blockIdx.x * static_cast<size_t>(blockDim.x / 32) + threadIdx.x / 32;
-  if (t >= tokens) return;
-  extern __shared__ uint32_t taken_all[];
-  uint32_t* taken = taken_all + static_cast<size_t>(threadIdx.x / 32) * static_cast<size_t>((experts + 31) / 32);
-  router_topk_warp(logits + t * static_cast<size_t>(experts), bias, experts, k, scale, taken,
-                   ids + t * static_cast<size_t>(k), weights + t * static_cast<size_t>(k));
+    for (int j = 0; j < k; ++j)
+      weights[t * static_cast<size_t>(k) + static_cast<size_t>(j)] =
+          weights[t * static_cast<size_t>(k) + static_cast<size_t>(j)] / sum * scale;
 }
 
 __global__ void embedding_kernel(const void* table, const uint8_t* scales, int format, int64_t rows, int64_t cols,
@@ -496,20 +460,6 @@ cudaError_t launch_moe_combine(const float* y, const int32_t* combine, const flo
 cudaError_t launch_f32_gemv(const float* w, const float* x, float* y, int n, int m, int k, cudaStream_t stream) {
   if (m < 1 || m > kF32GemvMaxTokens || k % 4 != 0 || n < 1) return cudaErrorInvalidValue;
   f32_gemv_kernel<<<static_cast<unsigned>(n), kF32GemvThreads, 0, stream>>>(w, x, y, n, m, k);
-  return cudaGetLastError();
-}
-
-cudaError_t launch_router_f32(const float* w, const float* x, const float* bias, int experts, int tokens, int k,
-                              int top_k, float scale, float* logits, int* counter, int32_t* ids, float* weights,
-                              cudaStream_t stream) {
-  if (tokens < 1 || tokens > kF32GemvMaxTokens || k % 4 != 0 || experts < 1 || top_k < 1 || top_k > experts)
-    return cudaErrorInvalidValue;
-  const size_t smem = (static_cast<size_t>(tokens) * experts + static_cast<size_t>(kF32GemvThreads / 32) *
-                                                                    static_cast<size_t>((experts + 31) / 32)) *
-                      4;
-  if (smem > 48 * 1024) return cudaErrorInvalidValue;
-  router_f32_kernel<<<static_cast<unsigned>(experts), kF32GemvThreads, smem, stream>>>(
-      w, x, bias, experts, tokens, k, top_k, scale, logits, counter, ids, weights);
   return cudaGetLastError();
 }
 

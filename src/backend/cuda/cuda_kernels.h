@@ -192,12 +192,6 @@ cudaError_t launch_moe_combine(const float* y, const int32_t* combine, const flo
 // f32 linears (cuBLAS sgemm reads these at a tenth of the bandwidth). Deterministic.
 constexpr int kF32GemvMaxTokens = 8;
 cudaError_t launch_f32_gemv(const float* w, const float* x, float* y, int n, int m, int k, cudaStream_t stream);
-// The router for 1..kF32GemvMaxTokens tokens in one launch: logits = x · Wᵀ (launch_f32_gemv's math, into `logits`
-// [tokens, experts]), then launch_router_topk's top-k by the last CTA to finish. counter: one int, zero before, left
-// zero. Needs (tokens * experts + 8 * ceil(experts / 32)) * 4 <= 48 KB of shared memory (else cudaErrorInvalidValue).
-cudaError_t launch_router_f32(const float* w, const float* x, const float* bias, int experts, int tokens, int k,
-                              int top_k, float scale, float* logits, int* counter, int32_t* ids, float* weights,
-                              cudaStream_t stream);
 // Router top-k on logits [tokens, experts]: s = sigmoid, choice = s + bias (bias may be null), top-k by choice
 // (ties: lower id), weights = s / Σ s * scale.
 cudaError_t launch_router_topk(const float* logits, const float* bias, size_t tokens, int experts, int k, float scale,
