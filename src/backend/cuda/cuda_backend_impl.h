@@ -197,6 +197,7 @@ class CudaBackend final : public Backend {
     void* ring = nullptr;
     MXLM_CUDA_CHECK(cudaHostAlloc(&ring, kRingBytes, cudaHostAllocDefault));
     ring_ = static_cast<char*>(ring);
+    gemv_counters(1);  // allocated (and zeroed) now: the first user may run inside a CUDA graph capture
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
