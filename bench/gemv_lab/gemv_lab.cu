@@ -964,6 +964,33 @@ struct WeightSet {
   uint8_t* s;
   __nv_bfloat16* wbf;
 };
+// `sets` random MXFP4 weight sets of [n, k] (scale bytes 118-124) with bf16 copies for cuBLAS: rotated through, they
+// exceed L2 as the real experts' weights do.
+std::vector<WeightSet> make_weight_sets(int n, int k, int sets, std::mt19937_64& rng, cudaStream_t stream) {
+  const size_t wbytes = static_cast<size_t>(n) * k / 2, sbytes = static_cast<size_t>(n) * k / 32;
+  std::vector<WeightSet> ws(static_cast<size_t>(sets));
+  for (auto& s : ws) {
+    CK(cudaMalloc(&s.w, wbytes));
+    CK(cudaMalloc(&s.s, sbytes));
+    CK(cudaMalloc(&s.wbf, static_cast<size_t>(n) * k * 2));
+    std::vector<uint8_t> hw(wbytes), hs(sbytes);
+    for (auto& b : hw) b = static_cast<uint8_t>(rng());
+    for (auto& b : hs) b = static_cast<uint8_t>(118 + rng() % 7);
+    CK(cudaMemcpy(s.w, hw.data(), wbytes, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(s.s, hs.data(), sbytes, cudaMemcpyHostToDevice));
+    dequant_bf16_kernel<<<1024, 256, 0, stream>>>(s.w, s.s, n, k, s.wbf);
+    CK(cudaGetLastError());
+  }
+  return ws;
+}
+void free_weight_sets(std::vector<WeightSet>& ws) {
+  for (auto& s : ws) {
+    CK(cudaFree(s.w));
+    CK(cudaFree(s.s));
+    CK(cudaFree(s.wbf));
+  }
+  ws.clear();
+}
 
 // --v4: the backend's version 4 (src/backend/cuda/cuda_mxfp4_gemv.cu, compiled into this binary by run.sh) timed on
 // the expert shapes against the same-process copy ceiling and cuBLAS. Its checks are the GPU check gemv4_kernel
@@ -978,19 +1005,7 @@ int run_v4(bool quick, cudaStream_t stream, cublasHandle_t blas, double copy_gbs
   const int sets = 8, calls = 64;
   for (const Shape sh : {Shape{3072, 6144}, Shape{6144, 3072}}) {
     const size_t wbytes = static_cast<size_t>(sh.n) * sh.k / 2, sbytes = static_cast<size_t>(sh.n) * sh.k / 32;
-    std::vector<WeightSet> ws(sets);
-    for (auto& s : ws) {
-      CK(cudaMalloc(&s.w, wbytes));
-      CK(cudaMalloc(&s.s, sbytes));
-      CK(cudaMalloc(&s.wbf, static_cast<size_t>(sh.n) * sh.k * 2));
-      std::vector<uint8_t> hw(wbytes), hs(sbytes);
-      for (auto& b : hw) b = static_cast<uint8_t>(rng());
-      for (auto& b : hs) b = static_cast<uint8_t>(118 + rng() % 7);
-      CK(cudaMemcpy(s.w, hw.data(), wbytes, cudaMemcpyHostToDevice));
-      CK(cudaMemcpy(s.s, hs.data(), sbytes, cudaMemcpyHostToDevice));
-      dequant_bf16_kernel<<<1024, 256, 0, stream>>>(s.w, s.s, sh.n, sh.k, s.wbf);
-      CK(cudaGetLastError());
-    }
+    std::vector<WeightSet> ws = make_weight_sets(sh.n, sh.k, sets, rng, stream);
     uint16_t* dx;
     float* dy;
     CK(cudaMalloc(&dx, static_cast<size_t>(16) * sh.k * 2));
@@ -1021,11 +1036,7 @@ int run_v4(bool quick, cudaStream_t stream, cublasHandle_t blas, double copy_gbs
                     pdl ? "PDL" : "no PDL", us, 100.0 * bytes / (us * 1e3) / copy_gbs, blas_us / us, blas_us);
       }
     }
-    for (auto& s : ws) {
-      CK(cudaFree(s.w));
-      CK(cudaFree(s.s));
-      CK(cudaFree(s.wbf));
-    }
+    free_weight_sets(ws);
     CK(cudaFree(dx));
     CK(cudaFree(dy));
   }
@@ -1229,19 +1240,7 @@ int main(int argc, char** argv) {
   // ---- timing on the real shapes, 8 rotated weight sets (> L2), graph of 64 calls
   for (const Shape& sh : shapes) {
     const size_t wbytes = static_cast<size_t>(sh.n) * sh.k / 2, sbytes = static_cast<size_t>(sh.n) * sh.k / 32;
-    std::vector<WeightSet> ws(sets);
-    for (auto& s : ws) {
-      CK(cudaMalloc(&s.w, wbytes));
-      CK(cudaMalloc(&s.s, sbytes));
-      CK(cudaMalloc(&s.wbf, static_cast<size_t>(sh.n) * sh.k * 2));
-      std::vector<uint8_t> hw(wbytes), hs(sbytes);
-      for (auto& b : hw) b = static_cast<uint8_t>(rng());
-      for (auto& b : hs) b = static_cast<uint8_t>(118 + rng() % 7);
-      CK(cudaMemcpy(s.w, hw.data(), wbytes, cudaMemcpyHostToDevice));
-      CK(cudaMemcpy(s.s, hs.data(), sbytes, cudaMemcpyHostToDevice));
-      dequant_bf16_kernel<<<1024, 256, 0, stream>>>(s.w, s.s, sh.n, sh.k, s.wbf);
-      CK(cudaGetLastError());
-    }
+    std::vector<WeightSet> ws = make_weight_sets(sh.n, sh.k, sets, rng, stream);
     uint16_t* dx;
     float* dy;
     CK(cudaMalloc(&dx, static_cast<size_t>(16) * sh.k * 2));
@@ -1375,11 +1374,7 @@ int main(int argc, char** argv) {
           CK(cudaFree(trace));
         }
     }
-    for (auto& s : ws) {
-      CK(cudaFree(s.w));
-      CK(cudaFree(s.s));
-      CK(cudaFree(s.wbf));
-    }
+    free_weight_sets(ws);
     CK(cudaFree(dx));
     CK(cudaFree(dy));
   }
