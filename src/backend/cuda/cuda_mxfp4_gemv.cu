@@ -899,6 +899,7 @@ __global__ void __launch_bounds__(kGemv4Warps * 32, 3)
     __syncthreads();  // partials read before the next pass writes them; x read before it is restaged
   };
   if constexpr (kOnePass) {
+    if (p.m > pass_tokens) __trap();  // a tile above the launch's max_m would overrun the activation staging
     pass(0, p.m, true);
   } else {
     for (int tok0 = 0; tok0 < p.m; tok0 += pass_tokens) pass(tok0, min(pass_tokens, p.m - tok0), tok0 == 0);
