@@ -283,37 +283,22 @@ __global__ void __launch_bounds__(W * 32, 2) gemv3_kernel(Gemv p, int flags) {
         sb[tile] = (sreg[tile][1][c / 4] >> (8 * (c % 4))) & 0xffu;
         capped |= scale_capped(sa[tile]) || scale_capped(sb[tile]);
       }
-      auto chunk_math = [&](auto capped_tag) {
-        constexpr bool kCapped = decltype(capped_tag)::value;
+      with_scale_path(capped, [&](auto capped_tag) {
 #pragma unroll
         for (int tile = 0; tile < TPW; ++tile) {
           const int lrow = warp * TPW * 16 + tile * 16 + g;
-          const uint4 a = ws[woff(c, lrow) + t];
-          const uint4 b = ws[woff(c, lrow + 8) + t];
-          const uint32_t fa = scale_first(sa[tile]), fb = scale_first(sb[tile]);
-          const uint32_t ca = kCapped ? scale_second(sa[tile]) : 0u, cb = kCapped ? scale_second(sb[tile]) : 0u;
+          dequant_block_pair<decltype(capped_tag)::value>(
+              ws[woff(c, lrow) + t], ws[woff(c, lrow + 8) + t], sa[tile], sb[tile],
+              [&](int q, const uint32_t* pa, const uint32_t* pb) {
 #pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            uint32_t pa[4], pb[4];
-            dequant_word<kCapped>(word(a, q), fa, ca, pa);
-            dequant_word<kCapped>(word(b, q), fb, cb, pb);
-#pragma unroll
-            for (int j = 0; j < NT; ++j) {
-              uint32_t xp[4];
-              pair_x(xv[j][q], xp);
-#pragma unroll
-              for (int ss = 0; ss < 2; ++ss)
-                mma_bf16(acc[tile][j][ss], pa[2 * ss], pb[2 * ss], pa[2 * ss + 1], pb[2 * ss + 1], xp[2 * ss],
-                         xp[2 * ss + 1]);
-            }
-          }
+                for (int j = 0; j < NT; ++j) {
+                  uint32_t xp[4];
+                  pair_x(xv[j][q], xp);
+                  mma_word(acc[tile][j][0], acc[tile][j][1], pa, pb, xp);
+                }
+              });
         }
-      };
-      if (__any_sync(0xffffffffu, capped)) {
-        chunk_math(std::true_type{});
-      } else {
-        chunk_math(std::false_type{});
-      }
+      });
     }
   } else {
 #pragma unroll
@@ -991,6 +976,19 @@ void free_weight_sets(std::vector<WeightSet>& ws) {
   }
   ws.clear();
 }
+// cuBLAS bf16 on the bf16 copies of the weight sets: the baseline of every timing row (graph of `calls`, rotated).
+double cublas_time_us(cublasHandle_t blas, cudaStream_t stream, int calls, const std::vector<WeightSet>& ws, int n,
+                      int m, int k, const uint16_t* x, float* y) {
+  const float one = 1.0f, zero = 0.0f;
+  return graph_time_us(stream, calls, [&](int i) {
+    if (cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one, ws[i % ws.size()].wbf, CUDA_R_16BF, k, x,
+                     CUDA_R_16BF, k, &zero, y, CUDA_R_32F, n, CUBLAS_COMPUTE_32F,
+                     CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS) {
+      std::fprintf(stderr, "cublas failed\n");
+      std::exit(1);
+    }
+  });
+}
 
 // --v4: the backend's version 4 (src/backend/cuda/cuda_mxfp4_gemv.cu, compiled into this binary by run.sh) timed on
 // the expert shapes against the same-process copy ceiling and cuBLAS. Its checks are the GPU check gemv4_kernel
@@ -1018,15 +1016,7 @@ int run_v4(bool quick, cudaStream_t stream, cublasHandle_t blas, double copy_gbs
     std::printf("\n== N=%d K=%d: weight bytes %.2f MB, floor at copy bandwidth %.2f us (80 %%: %.2f us)\n", sh.n,
                 sh.k, bytes / 1e6, bytes / (copy_gbs * 1e3), bytes / (copy_gbs * 1e3) / 0.8);
     for (int m : quick ? std::vector<int>{1, 4, 8, 16} : std::vector<int>{1, 2, 3, 4, 5, 8, 12, 16}) {
-      const float one = 1.0f, zero = 0.0f;
-      const double blas_us = graph_time_us(stream, calls, [&](int i) {
-        if (cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, sh.n, m, sh.k, &one, ws[i % sets].wbf, CUDA_R_16BF, sh.k, dx,
-                         CUDA_R_16BF, sh.k, &zero, dy, CUDA_R_32F, sh.n, CUBLAS_COMPUTE_32F,
-                         CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS) {
-          std::fprintf(stderr, "cublas failed\n");
-          std::exit(1);
-        }
-      });
+      const double blas_us = cublas_time_us(blas, stream, calls, ws, sh.n, m, sh.k, dx, dy);
       for (const bool pdl : {true, false}) {
         const double us = graph_time_us(stream, calls, [&](int i) {
           const cu::Mxfp4GemvGroup g{ws[i % sets].w, ws[i % sets].s, dx, dy, m, sh.n};
@@ -1284,16 +1274,7 @@ int main(int argc, char** argv) {
     const int n_ms = quick ? 3 : 5;
     for (int mi = 0; mi < n_ms; ++mi) {
       const int m = ms_list[mi];
-      const float one = 1.0f, zero = 0.0f;
-      const double blas_us = graph_time_us(stream, calls, [&](int i) {
-        cublasStatus_t st = cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, sh.n, m, sh.k, &one, ws[i % sets].wbf,
-                                         CUDA_R_16BF, sh.k, dx, CUDA_R_16BF, sh.k, &zero, dy, CUDA_R_32F, sh.n,
-                                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-        if (st != CUBLAS_STATUS_SUCCESS) {
-          std::fprintf(stderr, "cublas failed\n");
-          std::exit(1);
-        }
-      });
+      const double blas_us = cublas_time_us(blas, stream, calls, ws, sh.n, m, sh.k, dx, dy);
       std::printf("M=%2d cuBLAS bf16 (bf16 copy of the weights)  %7.2f us\n", m, blas_us);
       for (int base = 0; base < num_bases; ++base) {
         const Variant& v = pick(2 * base, m);

@@ -110,14 +110,29 @@ MXLM_HD float scaled_logit(float logit, float inv_temperature) {
   return z;
 }
 
+// The bits of a float and back, on host and device alike.
+MXLM_HD uint32_t float_bits(float f) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+MXLM_HD float bits_float(uint32_t u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
 // Order key of a scaled logit: a larger key is a larger z.
 MXLM_HD uint32_t float_key(float z) {
-  uint32_t u;
-#ifdef __CUDA_ARCH__
-  u = __float_as_uint(z);
-#else
-  __builtin_memcpy(&u, &z, 4);
-#endif
+  const uint32_t u = float_bits(z);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
@@ -143,14 +158,7 @@ MXLM_HD float weight_exp(float d) {
   p = fma_rn(p, f, 6.9314718055994531e-01f);
   p = fma_rn(p, f, 1.0f);
   // * 2^n, n in [-41, 0]: a normal power of two, so the product is exact (no ldexpf: a call on the device).
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int>(n) + 127) << 23;
-  float scale;
-#ifdef __CUDA_ARCH__
-  scale = __uint_as_float(bits);
-#else
-  __builtin_memcpy(&scale, &bits, 4);
-#endif
-  const float e = mul_rn(p, scale);
+  const float e = mul_rn(p, bits_float(static_cast<uint32_t>(static_cast<int>(n) + 127) << 23));
   return e < 1.0f ? e : 1.0f;
 }
 

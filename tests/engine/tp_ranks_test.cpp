@@ -36,6 +36,15 @@ double rel_err(std::span<const float> got, std::span<const float> want) {
   return e / s;
 }
 
+// Loads rank `rank` of `tp` of a fixture model.
+auto rank_loader(const std::string& name, int tp) {
+  return [name, tp](backend::Backend& be, int rank) {
+    model::ModelOptions o;
+    o.tp = {rank, tp};
+    return model::load_m3_model(fixture(name), be, o);
+  };
+}
+
 struct CpuRanks {
   explicit CpuRanks(int size) : all(backend::cpu::make_cpu_tp_backends(size)) {}
   std::vector<std::unique_ptr<backend::Backend>> all;
@@ -52,11 +61,7 @@ TEST(TpRanks, BatchedStepsWithPrefixCachingMatchTheReference) {
   const int vocab = static_cast<int>(ref.shape.at(1));
   const int tp = 2;
   CpuRanks cpu(tp);
-  auto load = [&](backend::Backend& be, int rank) {
-    model::ModelOptions o;
-    o.tp = {rank, tp};
-    return model::load_m3_model(fixture(name), be, o);
-  };
+  const auto load = rank_loader(name, tp);
   TpRanks ranks(tp, cpu.make(), load);
   auto be0 = cpu.make()(0);
   auto m0 = load(*be0, 0);
@@ -113,11 +118,7 @@ TEST(TpRanks, ARankFailingMidStepAbortsTheGroupInsteadOfHanging) {
   const std::string name = "mixed";
   const int tp = 2;
   CpuRanks cpu(tp);
-  auto load = [&](backend::Backend& be, int rank) {
-    model::ModelOptions o;
-    o.tp = {rank, tp};
-    return model::load_m3_model(fixture(name), be, o);
-  };
+  const auto load = rank_loader(name, tp);
   ::setenv("MXLM_TP_INJECT_FAILURE", "1:1", 1);  // rank 1 fails its second forward, before its first collective
   TpRanks ranks(tp, cpu.make(), load);
   ::unsetenv("MXLM_TP_INJECT_FAILURE");

@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
     bool capped = false;
 #pragma unroll
     for (int i = 0; i < kBatch; ++i) capped |= scale_capped(sa[i]) || scale_capped(sb[i]);
-    auto batch_math = [&](auto capped_tag) {
+    with_scale_path(capped, [&](auto capped_tag) {
       constexpr bool kCapped = decltype(capped_tag)::value;
 #pragma unroll
       for (int i = 0; i < kBatch; ++i) {
@@ -187,29 +187,16 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
         for (int j = 0; j < NT; ++j)
 #pragma unroll
           for (int q = 0; q < 4; ++q) xv[j][q] = xs[(j * 8 + g) * kXStride + i * 16 + t * 4 + (q ^ ((t >> 1) & 1))];
-        const uint32_t fa = scale_first(sa[i]), fb = scale_first(sb[i]);
-        const uint32_t ca = kCapped ? scale_second(sa[i]) : 0u, cb2 = kCapped ? scale_second(sb[i]) : 0u;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          uint32_t pa[4], pb[4];
-          dequant_word<kCapped>(word(a[i], q), fa, ca, pa);
-          dequant_word<kCapped>(word(b[i], q), fb, cb2, pb);
+        dequant_block_pair<kCapped>(a[i], b[i], sa[i], sb[i], [&](int q, const uint32_t* pa, const uint32_t* pb) {
 #pragma unroll
           for (int j = 0; j < NT; ++j) {
             uint32_t xp[4];
             pair_x(xv[j][q], xp);
-#pragma unroll
-            for (int ss = 0; ss < 2; ++ss)
-              mma_bf16(acc[j], pa[2 * ss], pb[2 * ss], pa[2 * ss + 1], pb[2 * ss + 1], xp[2 * ss], xp[2 * ss + 1]);
+            mma_word(acc[j], acc[j], pa, pb, xp);
           }
-        }
+        });
       }
-    };
-    if (__any_sync(0xffffffffu, capped)) {
-      batch_math(std::true_type{});
-    } else {
-      batch_math(std::false_type{});
-    }
+    });
   }
   if (!active) return;
 
@@ -422,7 +409,7 @@ __global__ void __launch_bounds__(W * 32)
     for (int c = c_begin; c < c_end; ++c) {
       const uint4 a = wsm[c * 64 + lane], b = wsm[c * 64 + 32 + lane];
       const uint32_t sa = (ssm[c * 16 + g] >> (8 * t)) & 255u, sb = (ssm[c * 16 + g + 8] >> (8 * t)) & 255u;
-      auto chunk_math = [&](auto capped_tag) {
+      with_scale_path(scale_capped(sa) || scale_capped(sb), [&](auto capped_tag) {
         constexpr bool kCapped = decltype(capped_tag)::value;
         uint4 xv[NT][4];
 #pragma unroll
@@ -431,29 +418,16 @@ __global__ void __launch_bounds__(W * 32)
           for (int q = 0; q < 4; ++q)
             xv[j][q] = j < tiles_used ? xs[(j * 8 + g) * xstride + c * 16 + t * 4 + (q ^ ((t >> 1) & 1))]
                                       : make_uint4(0, 0, 0, 0);
-        const uint32_t fa = scale_first(sa), fb = scale_first(sb);
-        const uint32_t ca = kCapped ? scale_second(sa) : 0u, cb = kCapped ? scale_second(sb) : 0u;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          uint32_t pa[4], pb[4];
-          dequant_word<kCapped>(word(a, q), fa, ca, pa);
-          dequant_word<kCapped>(word(b, q), fb, cb, pb);
+        dequant_block_pair<kCapped>(a, b, sa, sb, [&](int q, const uint32_t* pa, const uint32_t* pb) {
 #pragma unroll
           for (int j = 0; j < NT; ++j) {
             if (j >= tiles_used) break;  // warp-uniform: a second token tile only when m > 8
             uint32_t xp[4];
             pair_x(xv[j][q], xp);
-#pragma unroll
-            for (int ss = 0; ss < 2; ++ss)
-              mma_bf16(acc[j], pa[2 * ss], pb[2 * ss], pa[2 * ss + 1], pb[2 * ss + 1], xp[2 * ss], xp[2 * ss + 1]);
+            mma_word(acc[j], acc[j], pa, pb, xp);
           }
-        }
-      };
-      if (__any_sync(0xffffffffu, scale_capped(sa) || scale_capped(sb))) {
-        chunk_math(std::true_type{});
-      } else {
-        chunk_math(std::false_type{});
-      }
+        });
+      });
     }
   }
 
@@ -861,27 +835,11 @@ __global__ void __launch_bounds__(kGemv4Warps * 32, 3)
       const uint4 b = wl[c * 64 + (g + 8) * 4 + t];
       const uint32_t sa = (sc[c * 16 + g] >> (8 * t)) & 0xffu;
       const uint32_t sb = (sc[c * 16 + g + 8] >> (8 * t)) & 0xffu;
-      const bool capped = scale_capped(sa) || scale_capped(sb);
-      auto chunk_math = [&](auto capped_tag) {
-        constexpr bool kCapped = decltype(capped_tag)::value;
-        const uint32_t fa = scale_first(sa), fb = scale_first(sb);
-        const uint32_t ca = kCapped ? scale_second(sa) : 0u, cb = kCapped ? scale_second(sb) : 0u;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          uint32_t pa[4], pb[4];
-          dequant_word<kCapped>(word(a, q), fa, ca, pa);
-          dequant_word<kCapped>(word(b, q), fb, cb, pb);
-#pragma unroll
-          for (int ss = 0; ss < 2; ++ss)
-            mma_bf16(acc[ss], pa[2 * ss], pb[2 * ss], pa[2 * ss + 1], pb[2 * ss + 1], xp[q][2 * ss],
-                     xp[q][2 * ss + 1]);
-        }
-      };
-      if (__any_sync(0xffffffffu, capped)) {
-        chunk_math(std::true_type{});
-      } else {
-        chunk_math(std::false_type{});
-      }
+      with_scale_path(scale_capped(sa) || scale_capped(sb), [&](auto capped_tag) {
+        dequant_block_pair<decltype(capped_tag)::value>(
+            a, b, sa, sb,
+            [&](int q, const uint32_t* pa, const uint32_t* pb) { mma_word(acc[0], acc[1], pa, pb, xp[q]); });
+      });
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {

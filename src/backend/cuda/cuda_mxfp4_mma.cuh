@@ -11,6 +11,7 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace mxlm::backend::cuda {
 
@@ -53,6 +54,36 @@ __device__ __forceinline__ void dequant_word(uint32_t w, uint32_t first, uint32_
   }
 }
 
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+  return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
+}
+
+// A lane's two MX blocks (16 bytes each: rows g and g + 8 of its MMA tile, scale bytes sa / sb), word by word: the
+// dequantized bf16x2 registers of both rows for word q go to use(q, pa, pb), the kernel's MMAs for that word.
+template <bool kCapped, typename Use>
+__device__ __forceinline__ void dequant_block_pair(const uint4& a, const uint4& b, uint32_t sa, uint32_t sb, Use&& use) {
+  const uint32_t fa = scale_first(sa), fb = scale_first(sb);
+  const uint32_t ca = kCapped ? scale_second(sa) : 0u, cb = kCapped ? scale_second(sb) : 0u;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    uint32_t pa[4], pb[4];
+    dequant_word<kCapped>(word(a, q), fa, ca, pa);
+    dequant_word<kCapped>(word(b, q), fb, cb, pb);
+    use(q, pa, pb);
+  }
+}
+
+// math(std::true_type) where any lane of the warp holds a scale byte that needs the second multiply (warp-uniform,
+// never on real weights), else math(std::false_type).
+template <typename Math>
+__device__ __forceinline__ void with_scale_path(bool capped, Math&& math) {
+  if (__any_sync(0xffffffffu, capped)) {
+    math(std::true_type{});
+  } else {
+    math(std::false_type{});
+  }
+}
+
 // Eight bf16 activations (pairs (0,1) .. (6,7) in x..w) re-paired as (0,4), (1,5), (2,6), (3,7) to match.
 __device__ __forceinline__ void pair_x(const uint4& v, uint32_t out[4]) {
   out[0] = __byte_perm(v.x, v.z, 0x5410);
@@ -70,8 +101,12 @@ __device__ __forceinline__ void mma_bf16(float d[4], uint32_t a0, uint32_t a1, u
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
-  return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
+// Both k16 steps of one dequantized word: rows g (pa) and g + 8 (pb) as A, the word's paired activations xp as B; the
+// steps accumulate into d0 and d1 (the same array for one chain).
+__device__ __forceinline__ void mma_word(float d0[4], float d1[4], const uint32_t pa[4], const uint32_t pb[4],
+                                         const uint32_t xp[4]) {
+  mma_bf16(d0, pa[0], pb[0], pa[1], pb[1], xp[0], xp[1]);
+  mma_bf16(d1, pa[2], pb[2], pa[3], pb[3], xp[2], xp[3]);
 }
 
 // Programmatic Dependent Launch: wait for the previous kernel's memory / let the next kernel's CTAs start.
