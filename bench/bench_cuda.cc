@@ -257,6 +257,25 @@ void bench_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
   CK(cudaStreamDestroy(stream));
 }
 
+// MXLM_BENCH_MOE_TOKENS: comma-separated tokens per step for the MoE rows (default 1,8,32,128); one size alone keeps
+// a profiler's launch count small.
+std::vector<int> moe_token_counts() {
+  const char* env = std::getenv("MXLM_BENCH_MOE_TOKENS");
+  if (env == nullptr || env[0] == '\0') return {1, 8, 32, 128};
+  std::vector<int> counts;
+  for (const char* p = env; *p != '\0';) {
+    char* end = nullptr;
+    const long v = std::strtol(p, &end, 10);
+    if (end == p || v < 1 || v > 4096) {
+      std::fprintf(stderr, "MXLM_BENCH_MOE_TOKENS: expected comma-separated counts in 1..4096, got \"%s\"\n", env);
+      std::exit(2);
+    }
+    counts.push_back(static_cast<int>(v));
+    p = *end == ',' ? end + 1 : end;
+  }
+  return counts;
+}
+
 // One full-size MoE layer through the backend (router + routed experts + shared expert), both MoE paths. The "MoE
 // layer" rows pass the shared expert to moe_experts (native: fused into the routed launches); one row per T runs it
 // unfused as the model did before (8 ops after the routed experts), the baseline of the same run.
@@ -284,7 +303,7 @@ void bench_moe(const Ceilings& c, bool quick) {
     backend::CudaOptions options;
     options.moe_backend = mode;
     auto be = backend::make_cuda_backend(options);
-    for (int T : {1, 8, 32, 128}) {
+    for (int T : moe_token_counts()) {
       std::mt19937 rng(T);
       std::normal_distribution<float> nd(0.0f, 1.0f);
       std::vector<float> hx(static_cast<size_t>(T) * H);
