@@ -381,6 +381,15 @@ void bench_moe(const Ceilings& c, bool quick) {
           if (t < gms) gms = t;
         }
         unsetenv("MXLM_CUDA_MOE_TILE_ROWS");
+        // Version 4's weight chunks queued before the wait (per warp; the backend's MoE default is 1, 99 = all).
+        for (const char* pre : {"0", "1", "2", "99"}) {
+          setenv("MXLM_CUDA_GEMV4_PRE", pre, 1);
+          const double t = graph_ms(backend::cuda_stream(*be), [&](int) { layer_ops(); }, quick ? 5 : 10, 4);
+          row("MoE layer native T=%3d routed GEMV default, version 4 chunks before the wait %s: %7.3f ms graph", T, pre,
+              t);
+          if (t < gms) gms = t;
+        }
+        unsetenv("MXLM_CUDA_GEMV4_PRE");
         setenv("MXLM_CUDA_MOE_PLAIN", "1", 1);  // the small MoE kernels without PDL
         const double plain = graph_ms(backend::cuda_stream(*be), [&](int) { layer_ops(); }, quick ? 5 : 10, 4);
         unsetenv("MXLM_CUDA_MOE_PLAIN");

@@ -22,9 +22,9 @@
 #include "core/dtype.h"
 #include "engine/model_runner.h"
 #include "engine/npy.h"
+#include "gpu_check.h"
 #include "model/m3_model.h"
 #include "mx/mxfp4.h"
-#include "gpu_check.h"
 
 namespace {
 
@@ -322,6 +322,78 @@ void test_embedding(Backend& cpu, Backend& gpu) {
         0);
 }
 
+// The router's top-k on exact logits: one-hot activation rows make x · wᵀ exact on both backends (one product, the
+// rest zeros), so the logits are the chosen column of w, drawn from a grid with many exact ties (ties must go to
+// the lower id), biases from a small set; the grid is checked to keep distinct biased scores apart by far more than
+// the last-bit difference of the two backends' expf. ids must match exactly, weights to 1e-6.
+void test_router(Backend& cpu, Backend& gpu) {
+  const std::vector<float> bias_set = {0.0f, 0.5f, -0.25f};
+  {
+    std::vector<double> choices;
+    for (int q = -16; q <= 16; ++q)
+      for (float b : bias_set) choices.push_back(1.0 / (1.0 + std::exp(-0.25 * q)) + b);
+    std::sort(choices.begin(), choices.end());
+    double gap = INFINITY;
+    for (size_t i = 1; i < choices.size(); ++i)
+      if (choices[i] != choices[i - 1]) gap = std::min(gap, choices[i] - choices[i - 1]);
+    report(gap > 1e-4, "router test grid: distinct biased scores stay apart", gap, 1e-4);
+  }
+  struct Case {
+    int experts, k, hidden, tokens;
+    bool bias;
+  };
+  std::uniform_int_distribution<int> grid(-16, 16), pick(0, 2);
+  for (auto c : std::vector<Case>{{128, 4, 64, 1, true},
+                                  {128, 4, 64, 8, true},
+                                  {128, 8, 64, 9, false},
+                                  {16, 16, 32, 5, true},
+                                  {1024, 8, 48, 40, true},
+                                  {33, 1, 40, 3, true}}) {
+    const size_t T = static_cast<size_t>(c.tokens), H = static_cast<size_t>(c.hidden),
+                 E = static_cast<size_t>(c.experts);
+    std::vector<float> w(E * H), x(T * H, 0.0f), bias(E);
+    for (auto& v : w) v = 0.25f * static_cast<float>(grid(g_rng));
+    for (auto& v : bias) v = bias_set[static_cast<size_t>(pick(g_rng))];
+    for (size_t t = 0; t < T; ++t) x[t * H + (t * 7) % H] = 1.0f;
+    const std::string what = "router E=" + std::to_string(c.experts) + " k=" + std::to_string(c.k) +
+                             " T=" + std::to_string(c.tokens) + (c.bias ? " bias" : " no bias");
+    std::vector<int32_t> ids[2];
+    std::vector<float> wts[2];
+    Backend* backends[2] = {&cpu, &gpu};
+    for (int b = 0; b < 2; ++b) {
+      Backend& be = *backends[b];
+      auto dx = up(be, x);
+      auto router = be.upload_weight({backend::WeightFormat::F32, c.experts, c.hidden, w.data(), nullptr});
+      auto db = up(be, bias);
+      auto di = be.alloc(T * static_cast<size_t>(c.k)), dw = be.alloc(T * static_cast<size_t>(c.k));
+      be.router(dx->f32(), T, *router, c.bias ? db->f32() : nullptr, c.k, 2.5f, di->i32(), dw->f32());
+      ids[b] = down_i32(be, *di, T * static_cast<size_t>(c.k));
+      wts[b] = down(be, *dw, T * static_cast<size_t>(c.k));
+    }
+    size_t bad = 0;
+    for (size_t i = 0; i < ids[0].size(); ++i) bad += ids[0][i] != ids[1][i];
+    report(bad == 0, what + " ids", static_cast<double>(bad), 0);
+    check_close(what + " weights", wts[1], wts[0], 1e-6);
+  }
+  // Beyond the CUDA router's limits: a clear error, not a wrong answer.
+  for (auto [experts, k] : std::vector<std::pair<int, int>>{{64, backend::cuda::kRouterMaxTopK + 1},
+                                                            {backend::cuda::kRouterMaxExperts + 1, 4}}) {
+    const size_t H = 32;
+    std::vector<float> w(static_cast<size_t>(experts) * H, 0.5f), x(H, 1.0f);
+    auto dx = up(gpu, x);
+    auto router = gpu.upload_weight({backend::WeightFormat::F32, experts, static_cast<int64_t>(H), w.data(), nullptr});
+    auto di = gpu.alloc(static_cast<size_t>(k)), dw = gpu.alloc(static_cast<size_t>(k));
+    std::string message;
+    try {
+      gpu.router(dx->f32(), 1, *router, nullptr, k, 1.0f, di->i32(), dw->f32());
+    } catch (const std::exception& e) {
+      message = e.what();
+    }
+    report(message.find("limits") != std::string::npos,
+           "router E=" + std::to_string(experts) + " k=" + std::to_string(k) + " refused: " + message, 0, 0);
+  }
+}
+
 void test_moe(Backend& cpu, Backend& gpu, Backend& gpu_emu) {
   struct Case {
     int experts, k, hidden, inter, tokens;
@@ -579,6 +651,7 @@ MXLM_GPU_CHECK(gemv_kernel) { test_gemv_kernel(env.multiprocessors); }
 MXLM_GPU_CHECK(elementwise) { test_elementwise(env.cpu, env.gpu); }
 MXLM_GPU_CHECK(linear) { test_linear(env.cpu, env.gpu, env.gpu_emu); }
 MXLM_GPU_CHECK(embedding) { test_embedding(env.cpu, env.gpu); }
+MXLM_GPU_CHECK(router) { test_router(env.cpu, env.gpu); }
 MXLM_GPU_CHECK(moe) { test_moe(env.cpu, env.gpu, env.gpu_emu); }
 MXLM_GPU_CHECK(attention) { test_attention(env.cpu, env.gpu); }
 MXLM_GPU_CHECK(fixtures) { test_fixtures(env.cpu, env.gpu, env.gpu_emu, env.fixtures / "m3"); }

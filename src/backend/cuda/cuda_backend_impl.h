@@ -392,6 +392,9 @@ class CudaBackend final : public Backend {
               float* weights) override {
     const int experts = static_cast<int>(w.rows());
     if (k <= 0 || k > experts) fail("router top-k {} with {} experts", k, experts);
+    if (k > kRouterMaxTopK || experts > kRouterMaxExperts)
+      fail("CUDA router: top-k {} of {} experts is beyond this backend's limits (top-k <= {}, experts <= {})", k,
+           experts, kRouterMaxTopK, kRouterMaxExperts);
     if (tokens == 0) return;
     Block logits(pool_, tokens * static_cast<size_t>(experts) * 4);
     linear(x, tokens, w, logits.as<float>());

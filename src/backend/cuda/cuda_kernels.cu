@@ -8,6 +8,7 @@
 
 #include "backend/cuda/cuda_device_math.cuh"
 #include "backend/cuda/cuda_kernels.h"
+#include "backend/cuda/cuda_launch.cuh"
 
 namespace mxlm::backend::cuda {
 
@@ -90,7 +91,6 @@ __global__ void rope_kernel(float* x, const int32_t* positions, int heads, int h
   }
 }
 
-
 __global__ void swiglu_kernel(const float* gate, const float* up, float* out, size_t n, float alpha, float limit) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x)
@@ -170,25 +170,32 @@ __global__ void moe_combine_kernel(const float* y, const int32_t* combine, const
   moe_combine_token(y, combine, weights, k, hidden, out);
 }
 
-// One warp per token; repeated arg-max over the experts (k is small).
 // y[t, r] = Σ_k w[r, k] x[t, k] in f32 for a few tokens (m <= kF32GemvMaxTokens): one CTA per weight row, its
 // threads striding the row by float4 with all of a thread's weight loads issued before the first use, per-token
 // partial sums added over the CTA in a fixed order (deterministic). cuBLAS's sgemm took 13-20 µs for the router's
-// [128, 6144] at 1-8 tokens (H100), a tenth of the bandwidth.
+// [128, 6144] at 1-8 tokens (H100), a tenth of the bandwidth. Launched with PDL: the first 8 float4 of weights per
+// thread (the whole row up to k = 8192) are loaded before the wait, while the previous kernel (the norm that makes x)
+// still runs.
 constexpr int kF32GemvThreads = 256, kF32GemvUnroll = 8;
-__global__ void __launch_bounds__(kF32GemvThreads) f32_gemv_kernel(const float* w, const float* x, float* y, int n,
-                                                                   int m, int k) {
+__global__ void __launch_bounds__(kF32GemvThreads)
+    f32_gemv_kernel(const float* w, const float* x, float* y, int n, int m, int k) {
   const int row = blockIdx.x, tid = threadIdx.x;
   const int k4 = k / 4;
   const float4* wr = reinterpret_cast<const float4*>(w + static_cast<size_t>(row) * k);
   float acc[kF32GemvMaxTokens] = {};
-  for (int base = 0; base < k4; base += kF32GemvThreads * kF32GemvUnroll) {
-    float4 wv[kF32GemvUnroll];
+  float4 wv[kF32GemvUnroll];
+  auto load_weights = [&](const int base) {
 #pragma unroll
     for (int u = 0; u < kF32GemvUnroll; ++u) {
       const int i = base + u * kF32GemvThreads + tid;
       wv[u] = i < k4 ? __ldcs(wr + i) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
+  };
+  load_weights(0);
+  pdl_wait();
+  pdl_launch_dependents();
+  for (int base = 0; base < k4; base += kF32GemvThreads * kF32GemvUnroll) {
+    if (base > 0) load_weights(base);
 #pragma unroll
     for (int t = 0; t < kF32GemvMaxTokens; ++t) {
       if (t >= m) break;
@@ -221,25 +228,36 @@ __global__ void __launch_bounds__(kF32GemvThreads) f32_gemv_kernel(const float* 
   }
 }
 
+// One warp per token: the sigmoid scores and their biased copies computed once into shared memory (one pass over
+// the logits), then k arg-max rounds over shared memory, ties to the lower expert id (the CPU backend's order).
+// Launched with PDL (the logits come from the previous kernel).
 __global__ void router_topk_kernel(const float* logits, const float* bias, size_t tokens, int experts, int k,
                                    float scale, int32_t* ids, float* weights) {
+  pdl_wait();
+  pdl_launch_dependents();
   const size_t t = blockIdx.x * static_cast<size_t>(blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
   if (t >= tokens) return;
-  extern __shared__ uint32_t taken_all[];
-  const int words = (experts + 31) / 32;
-  uint32_t* taken = taken_all + static_cast<size_t>(threadIdx.x / 32) * static_cast<size_t>(words);
-  for (int w = lane; w < words; w += 32) taken[w] = 0u;
-  __syncwarp();
+  extern __shared__ float topk_smem[];  // per warp: sigmoid [experts], biased [experts]
+  float* sig = topk_smem + static_cast<size_t>(threadIdx.x / 32) * 2 * static_cast<size_t>(experts);
+  float* biased = sig + experts;
   const float* l = logits + t * static_cast<size_t>(experts);
+  for (int e = lane; e < experts; e += 32) {
+    const float s = 1.0f / (1.0f + expf(-l[e]));
+    sig[e] = s;
+    biased[e] = bias ? s + bias[e] : s;
+  }
+  __syncwarp();
+  uint32_t taken = 0;  // bit j: this lane's j-th expert (lane + 32 j) was picked; experts <= 1024 (launcher)
+  float picked[kRouterMaxTopK];
+  int picked_id[kRouterMaxTopK];
   float sum = 0.0f;
   for (int j = 0; j < k; ++j) {
     float best = -INFINITY;
     int best_id = experts;
-    for (int e = lane; e < experts; e += 32) {
-      if (taken[e / 32] & (1u << (e % 32))) continue;
-      const float s = 1.0f / (1.0f + expf(-l[e]));
-      const float c = bias ? s + bias[e] : s;
+    for (int e = lane, b = 0; e < experts; e += 32, ++b) {
+      if (taken & (1u << b)) continue;
+      const float c = biased[e];
       if (best_id == experts || c > best || (c == best && e < best_id)) {
         best = c;
         best_id = e;
@@ -254,19 +272,19 @@ __global__ void router_topk_kernel(const float* logits, const float* bias, size_
         best_id = oi;
       }
     }
-    if (lane == 0) {
-      taken[best_id / 32] |= 1u << (best_id % 32);
-      const float s = 1.0f / (1.0f + expf(-l[best_id]));
-      ids[t * static_cast<size_t>(k) + static_cast<size_t>(j)] = best_id;
-      weights[t * static_cast<size_t>(k) + static_cast<size_t>(j)] = s;
-      sum += s;
+    if ((best_id & 31) == lane) taken |= 1u << (best_id / 32);
+    const float s = sig[best_id];
+    if (j < kRouterMaxTopK) {
+      picked[j] = s;
+      picked_id[j] = best_id;
     }
-    __syncwarp();
+    sum += s;
   }
   if (lane == 0)
-    for (int j = 0; j < k; ++j)
-      weights[t * static_cast<size_t>(k) + static_cast<size_t>(j)] =
-          weights[t * static_cast<size_t>(k) + static_cast<size_t>(j)] / sum * scale;
+    for (int j = 0; j < k && j < kRouterMaxTopK; ++j) {
+      ids[t * static_cast<size_t>(k) + static_cast<size_t>(j)] = picked_id[j];
+      weights[t * static_cast<size_t>(k) + static_cast<size_t>(j)] = picked[j] / sum * scale;
+    }
 }
 
 __global__ void embedding_kernel(const void* table, const uint8_t* scales, int format, int64_t rows, int64_t cols,
@@ -459,18 +477,18 @@ cudaError_t launch_moe_combine(const float* y, const int32_t* combine, const flo
 
 cudaError_t launch_f32_gemv(const float* w, const float* x, float* y, int n, int m, int k, cudaStream_t stream) {
   if (m < 1 || m > kF32GemvMaxTokens || k % 4 != 0 || n < 1) return cudaErrorInvalidValue;
-  f32_gemv_kernel<<<static_cast<unsigned>(n), kF32GemvThreads, 0, stream>>>(w, x, y, n, m, k);
-  return cudaGetLastError();
+  return launch_kernel(f32_gemv_kernel, dim3(static_cast<unsigned>(n)), dim3(kF32GemvThreads), 0, stream, true, w, x, y,
+                       n, m, k);
 }
 
 cudaError_t launch_router_topk(const float* logits, const float* bias, size_t tokens, int experts, int k, float scale,
                                int32_t* ids, float* weights, cudaStream_t stream) {
   if (tokens == 0) return cudaSuccess;
+  if (k < 1 || k > kRouterMaxTopK || experts < k || experts > kRouterMaxExperts) return cudaErrorInvalidValue;
   const int warps = 4;
-  const size_t smem = static_cast<size_t>(warps) * static_cast<size_t>((experts + 31) / 32) * sizeof(uint32_t);
-  router_topk_kernel<<<blocks_for(tokens, warps), warps * 32, smem, stream>>>(logits, bias, tokens, experts, k, scale,
-                                                                              ids, weights);
-  return cudaGetLastError();
+  const size_t smem = static_cast<size_t>(warps) * 2 * static_cast<size_t>(experts) * sizeof(float);
+  return launch_kernel(router_topk_kernel, dim3(blocks_for(tokens, warps)), dim3(warps * 32), smem, stream, true,
+                       logits, bias, tokens, experts, k, scale, ids, weights);
 }
 
 cudaError_t launch_embedding(const void* table, const uint8_t* scales, TableFormat format, int64_t rows, int64_t cols,

@@ -193,7 +193,8 @@ cudaError_t launch_moe_combine(const float* y, const int32_t* combine, const flo
 constexpr int kF32GemvMaxTokens = 8;
 cudaError_t launch_f32_gemv(const float* w, const float* x, float* y, int n, int m, int k, cudaStream_t stream);
 // Router top-k on logits [tokens, experts]: s = sigmoid, choice = s + bias (bias may be null), top-k by choice
-// (ties: lower id), weights = s / Σ s * scale.
+// (ties: lower id), weights = s / Σ s * scale. k <= kRouterMaxTopK, experts <= kRouterMaxExperts.
+constexpr int kRouterMaxTopK = 16, kRouterMaxExperts = 1024;
 cudaError_t launch_router_topk(const float* logits, const float* bias, size_t tokens, int experts, int k, float scale,
                                int32_t* ids, float* weights, cudaStream_t stream);
 

@@ -13,6 +13,7 @@
 
 #include "backend/cuda/cuda_device_math.cuh"
 #include "backend/cuda/cuda_kernels.h"
+#include "backend/cuda/cuda_launch.cuh"
 
 namespace mxlm::backend::cuda {
 
@@ -21,8 +22,8 @@ namespace {
 constexpr int kThreads = 256;
 
 __device__ __forceinline__ void pdl_wait_then_release() {
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;");
+  pdl_wait();
+  pdl_launch_dependents();
 }
 
 // One thread per element of the [rows, k] output; k % 32 == 0, so a warp covers one QDQ block of one row and the
@@ -66,16 +67,7 @@ unsigned blocks_for(size_t n) {
 
 template <typename... Params, typename... Args>
 cudaError_t launch_pdl(void (*kernel)(Params...), dim3 grid, cudaStream_t stream, Args... args) {
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(kThreads);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+  return launch_kernel(kernel, grid, dim3(kThreads), 0, stream, true, args...);
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "backend/cuda/cuda_kernels.h"
+#include "backend/cuda/cuda_launch.cuh"
 
 namespace mxlm::backend::cuda {
 
@@ -17,14 +18,14 @@ constexpr int kRouteThreads = 1024;
 
 __global__ void __launch_bounds__(kRouteThreads)
     moe_route_kernel(const int32_t* ids, const float* weights, int tokens, int k, int first_expert, int num_local,
-                     bool shared, int tile_rows, int32_t* offsets, int32_t* gather, float* row_weight,
-                     int32_t* combine, int32_t* tiles, int32_t* counts) {
+                     bool shared, int tile_rows, int32_t* offsets, int32_t* gather, float* row_weight, int32_t* combine,
+                     int32_t* tiles, int32_t* counts) {
   using Scan = cub::BlockScan<int, kRouteThreads>;
   __shared__ typename Scan::TempStorage scan_tmp;
   __shared__ int count[kRouteThreads], fill[kRouteThreads], first_row[kRouteThreads];
   // Under PDL: wait for the router, then let the gather launch (its CTAs wait for this kernel in turn).
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;");
+  pdl_wait();
+  pdl_launch_dependents();
   const int tid = threadIdx.x;
   const int total = tokens * k;  // routed assignments
   // The shared expert: local expert num_local, every token once, in the last of k + 1 combine slots per token.
@@ -117,17 +118,9 @@ cudaError_t launch_moe_route(const int32_t* ids, const float* weights, size_t to
   if (num_local < 1 || experts > kRouteThreads || k < 1 || tokens * static_cast<size_t>(slots) > (1u << 30))
     return cudaErrorInvalidValue;
   const int tile_rows = moe_tile_rows(tokens, slots, experts);
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(1);
-  cfg.blockDim = dim3(kRouteThreads);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, moe_route_kernel, ids, weights, static_cast<int>(tokens), k, first_expert,
-                            num_local, shared_expert, tile_rows, offsets, gather, row_weight, combine, tiles, counts);
+  return launch_kernel(moe_route_kernel, dim3(1), dim3(kRouteThreads), 0, stream, pdl, ids, weights,
+                       static_cast<int>(tokens), k, first_expert, num_local, shared_expert, tile_rows, offsets, gather,
+                       row_weight, combine, tiles, counts);
 }
 
 }  // namespace mxlm::backend::cuda

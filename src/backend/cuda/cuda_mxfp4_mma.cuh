@@ -13,6 +13,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "backend/cuda/cuda_launch.cuh"
+
 namespace mxlm::backend::cuda {
 
 __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
@@ -108,9 +110,5 @@ __device__ __forceinline__ void mma_word(float d0[4], float d1[4], const uint32_
   mma_bf16(d0, pa[0], pb[0], pa[1], pb[1], xp[0], xp[1]);
   mma_bf16(d1, pa[2], pb[2], pa[3], pb[3], xp[2], xp[3]);
 }
-
-// Programmatic Dependent Launch: wait for the previous kernel's memory / let the next kernel's CTAs start.
-__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-__device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;"); }
 
 }  // namespace mxlm::backend::cuda
