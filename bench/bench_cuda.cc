@@ -354,11 +354,9 @@ void bench_moe(const Ceilings& c, bool quick) {
         // lists (MXLM_CUDA_MOE_GEMV=1), version 2 with these plans (MXLM_CUDA_GEMV_CONFIG =
         // warps,ctas_per_sm,k_split); the default first, the best kept.
         // MXLM_CUDA_MOE_GEMV = versions for gate/up and down ("14": v1 gate/up, v4 down).
-        // "5": version 4's persistent form (where it applies).
-        for (const char* config : {"default", "v1", "v4", "14", "41", "5", "45", "54", "", "8,4,0,0"}) {
+        for (const char* config : {"default", "v1", "v4", "14", "41", "", "8,4,0,0"}) {
           const bool is_default = std::strcmp(config, "default") == 0, v1 = std::strcmp(config, "v1") == 0;
-          const bool v4 = std::strcmp(config, "v4") == 0,
-                     mixed = config[0] == '1' || config[0] == '4' || config[0] == '5';
+          const bool v4 = std::strcmp(config, "v4") == 0, mixed = config[0] == '1' || config[0] == '4';
           const bool v2 = !is_default && !v1 && !v4 && !mixed;
           if (v1) setenv("MXLM_CUDA_MOE_GEMV", "1", 1);
           if (v4) setenv("MXLM_CUDA_MOE_GEMV", "4", 1);

@@ -184,9 +184,9 @@ void check_gemv2(int sms) {
             cudaMemset(gf.y, 0xff, static_cast<size_t>(m) * c.n * 4);
             cudaDeviceSynchronize();
             const float* dxf = d.put(xfs[gi]);
-            // A pageable cudaMemcpy may return before its DMA lands, and `stream` does not wait for the legacy stream.
-            cudaDeviceSynchronize();
-            e = cu::launch_mxfp4_gemv2(gf, c.n, c.k, plan, pdl, wsp, counters, stream, dxf);
+          // A pageable cudaMemcpy may return before its DMA lands, and `stream` does not wait for the legacy stream.
+          cudaDeviceSynchronize();
+          e = cu::launch_mxfp4_gemv2(gf, c.n, c.k, plan, pdl, wsp, counters, stream, dxf);
             if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
             if (e != cudaSuccess) {
               report(false, tag + " f32 input: " + cudaGetErrorString(e), 0, 0);
@@ -218,7 +218,7 @@ void check_gemv4() {
     int n, k;
     int scale_lo = 118, scale_hi = 128;
   };
-  const std::vector<Case> cases = {{3072, 6144}, {6144, 3072}, {200, 2048},         {1000, 4096, 100, 150},
+  const std::vector<Case> cases = {{3072, 6144}, {6144, 3072}, {200, 2048}, {1000, 4096, 100, 150},
                                    {77, 8192},   {16, 6144},   {33, 3072, 126, 140}};
   for (const auto& c : cases) {
     DeviceAllocs d;
@@ -266,23 +266,10 @@ void check_gemv4() {
       }
     }
   }
-  // MoE forms: two matrices per tile (gate / up), three experts, four tiles in use of the slots given, rows of no
-  // tile left untouched. Version 4 with tiles of 1..16 rows; its persistent form (tiles of <= 4 rows) with more
-  // (tile, matrix, row block) items than CTAs (n = 1000 .. 6100), so that CTAs walk several items, cross tiles and
-  // matrices, and end on a ragged row block; bit-identical from run to run, and at k = 3072 to version 4.
-  struct MoeForm {
-    const char* name;
-    int n, k;
-    std::vector<int32_t> tiles;  // expert, first row, rows; the last slot unused
-    bool persistent;
-  };
-  for (const MoeForm& f :
-       std::vector<MoeForm>{{"gemv4 moe", 520, 2048, {0, 0, 1, 2, 1, 5, 1, 6, 16, 0, 22, 3, 1, 0, 16, 2, 0, 16}, false},
-                            {"gemv4p moe k=3072", 6100, 3072, {0, 0, 1, 2, 1, 4, 1, 5, 3, 0, 8, 2, 1, 0, 4}, true},
-                            {"gemv4p moe k=6144", 3000, 6144, {2, 0, 4, 0, 4, 1, 1, 5, 3, 2, 8, 2, 1, 0, 4}, true},
-                            {"gemv4p moe k=1536", 1000, 1536, {1, 0, 2, 0, 2, 4, 2, 6, 1, 1, 7, 3, 0, 0, 4}, true}}) {
+  // MoE form: two matrices per tile (gate / up), three experts, tiles of 1..16 rows, six slots of which four are used.
+  {
     DeviceAllocs d;
-    const int n = f.n, k = f.k, experts = 3, rows = 25;
+    const int n = 520, k = 2048, experts = 3, rows = 25;
     std::vector<Mx> w[2];
     std::vector<const uint8_t*> wp[2], sp[2];
     for (int mat = 0; mat < 2; ++mat)
@@ -291,65 +278,47 @@ void check_gemv4() {
         wp[mat].push_back(d.put(w[mat].back().packed));
         sp[mat].push_back(d.put(w[mat].back().scales));
       }
+    const std::vector<int32_t> tiles = {0, 0, 1, 2, 1, 5, 1, 6, 16, 0, 22, 3, 1, 0, 16, 2, 0, 16};  // last two unused
     const auto xb = to_bf16(randn(static_cast<size_t>(rows) * k));
     cu::Mxfp4MoeTiles moe;
-    moe.tiles = d.put(f.tiles);
+    moe.tiles = d.put(tiles);
     moe.num_tiles = d.put(std::vector<int32_t>{4});
     for (int mat = 0; mat < 2; ++mat) {
       moe.w[mat] = d.put(wp[mat]);
       moe.scales[mat] = d.put(sp[mat]);
       moe.y[mat] = d.get<float>(static_cast<size_t>(rows) * n);
+      cudaMemset(moe.y[mat], 0xff, static_cast<size_t>(rows) * n * 4);
     }
     moe.x = d.put(xb);
     moe.ldy = n;
     moe.mats = 2;
     moe.rows_max = rows;
-    const int slots = static_cast<int>(f.tiles.size()) / 3;
-    std::vector<float> first_run;
-    // Runs: the form; the form again (run to run); at k = 3072 version 4 on the same inputs.
-    const int runs = !f.persistent ? 1 : (k == 3072 ? 3 : 2);
-    for (int run = 0; run < runs; ++run) {
-      for (int mat = 0; mat < 2; ++mat) cudaMemset(moe.y[mat], 0xff, static_cast<size_t>(rows) * n * 4);
-      cudaDeviceSynchronize();
-      const cudaError_t e = f.persistent && run < 2 ? cu::launch_mxfp4_moe_gemv4p(moe, 4, n, k, true, stream)
-                                                    : cu::launch_mxfp4_moe_gemv4(moe, slots, 16, n, k, true, stream);
-      const cudaError_t e2 = cudaStreamSynchronize(stream);
-      report(e == cudaSuccess && e2 == cudaSuccess, std::string(f.name) + " launch", 0, 0);
-      if (e != cudaSuccess) break;
-      std::vector<float> all;
-      for (int mat = 0; mat < 2; ++mat) {
-        const auto got = fetch(moe.y[mat], static_cast<size_t>(rows) * n);
-        all.insert(all.end(), got.begin(), got.end());
-        if (run > 0) continue;
-        std::vector<bool> written(rows, false);
-        for (int tile = 0; tile < 4; ++tile) {
-          const int ex = f.tiles[3 * tile], r0 = f.tiles[3 * tile + 1], m = f.tiles[3 * tile + 2];
-          const std::vector<uint16_t> xt(xb.begin() + static_cast<std::ptrdiff_t>(r0) * k,
-                                         xb.begin() + static_cast<std::ptrdiff_t>(r0 + m) * k);
-          const auto want = reference_gemv(w[mat][static_cast<size_t>(ex)], xt, m);
-          check_close(std::string(f.name) + " mat " + std::to_string(mat) + " tile " + std::to_string(tile) +
-                          " m=" + std::to_string(m),
-                      std::vector<float>(got.begin() + static_cast<std::ptrdiff_t>(r0) * n,
-                                         got.begin() + static_cast<std::ptrdiff_t>(r0 + m) * n),
-                      want, 2e-6 * std::sqrt(static_cast<double>(k)));
-          for (int r = r0; r < r0 + m; ++r) written[static_cast<size_t>(r)] = true;
-        }
-        bool untouched = true;
-        for (int r = 0; r < rows; ++r)
-          if (!written[static_cast<size_t>(r)])
-            for (int i = 0; i < n; ++i)
-              untouched = untouched && std::bit_cast<uint32_t>(got[static_cast<size_t>(r) * n + i]) == 0xffffffffu;
-        report(untouched, std::string(f.name) + " mat " + std::to_string(mat) + ": rows of no tile untouched", 0, 0);
+    cudaDeviceSynchronize();
+    const cudaError_t e = cu::launch_mxfp4_moe_gemv4(moe, 6, 16, n, k, true, stream);
+    const cudaError_t e2 = cudaStreamSynchronize(stream);
+    report(e == cudaSuccess && e2 == cudaSuccess, "gemv4 moe launch", 0, 0);
+    for (int mat = 0; mat < 2 && e == cudaSuccess; ++mat) {
+      const auto got = fetch(moe.y[mat], static_cast<size_t>(rows) * n);
+      std::vector<bool> written(rows, false);
+      for (int tile = 0; tile < 4; ++tile) {
+        const int ex = tiles[3 * tile], r0 = tiles[3 * tile + 1], m = tiles[3 * tile + 2];
+        const std::vector<uint16_t> xt(xb.begin() + static_cast<std::ptrdiff_t>(r0) * k,
+                                       xb.begin() + static_cast<std::ptrdiff_t>(r0 + m) * k);
+        const auto want = reference_gemv(w[mat][static_cast<size_t>(ex)], xt, m);
+        check_close("gemv4 moe mat " + std::to_string(mat) + " tile " + std::to_string(tile) + " m=" + std::to_string(m),
+                    std::vector<float>(got.begin() + static_cast<std::ptrdiff_t>(r0) * n,
+                                       got.begin() + static_cast<std::ptrdiff_t>(r0 + m) * n),
+                    want, 2e-6 * std::sqrt(static_cast<double>(k)));
+        for (int r = r0; r < r0 + m; ++r) written[static_cast<size_t>(r)] = true;
       }
-      if (run == 0) first_run = all;
-      if (run > 0)
-        check_bits(std::string(f.name) + (run == 1 ? " run to run" : " == version 4 (same sums at k = 3072)"), all,
-                   first_run);
+      bool untouched = true;
+      for (int r = 0; r < rows; ++r)
+        if (!written[static_cast<size_t>(r)])
+          for (int i = 0; i < n; ++i)
+            untouched = untouched && std::bit_cast<uint32_t>(got[static_cast<size_t>(r) * n + i]) == 0xffffffffu;
+      report(untouched, "gemv4 moe mat " + std::to_string(mat) + ": rows of no tile untouched", 0, 0);
     }
   }
-  report(!cu::mxfp4_moe_gemv4p_supports(6144, 5) && !cu::mxfp4_moe_gemv4p_supports(4096, 1) &&
-             cu::mxfp4_moe_gemv4p_supports(1536, 4),
-         "gemv4p supports tiles of <= 4 rows at k = 1536 / 3072 / 6144 only", 0, 0);
   // Refused: 17 tokens, K not a supported multiple of 1024, neither activation pointer.
   const cu::Mxfp4GemvGroup none{};
   report(!cu::mxfp4_gemv4_supports(6144, 17) && !cu::mxfp4_gemv4_supports(5120, 1) &&
@@ -482,23 +451,11 @@ void check_moe_device(Backend& cpu, Backend& gpu, Backend& gpu_emu) {
     int first = 0, num_local = 0;  // num_local 0: all experts
   };
   const std::vector<Case> cases = {
-      {16, 4, 128, 64, 1, "random"},
-      {16, 4, 256, 128, 7, "random"},
-      {32, 4, 256, 96, 33, "skewed"},
-      {16, 4, 128, 64, 33, "same"},
-      {8, 2, 96, 160, 130, "random"},
-      {32, 4, 128, 64, 130, "same"},
-      {32, 4, 256, 128, 7, "random", 8, 16},
-      {8, 4, 64, 32, 300, "random"},
-      {128, 4, 128, 64, 33, "same"},
+      {16, 4, 128, 64, 1, "random"},         {16, 4, 256, 128, 7, "random"}, {32, 4, 256, 96, 33, "skewed"},
+      {16, 4, 128, 64, 33, "same"},          {8, 2, 96, 160, 130, "random"}, {32, 4, 128, 64, 130, "same"},
+      {32, 4, 256, 128, 7, "random", 8, 16}, {8, 4, 64, 32, 300, "random"},  {128, 4, 128, 64, 33, "same"},
       // shapes the version-4 GEMV takes (K = 2048, 3072: the default GEMV of device-routed steps there)
-      {16, 4, 2048, 3072, 1, "random"},
-      {16, 4, 3072, 2048, 33, "skewed"},
-      {8, 2, 2048, 2048, 130, "same"},
-      // and its persistent form (tiles of <= 4 rows, K = 1536 / 3072 / 6144)
-      {16, 4, 3072, 1536, 3, "random"},
-      {16, 4, 6144, 3072, 2, "random"},
-      {16, 4, 3072, 3072, 4, "same"}};
+      {16, 4, 2048, 3072, 1, "random"},      {16, 4, 3072, 2048, 33, "skewed"}, {8, 2, 2048, 2048, 130, "same"}};
   for (const auto& c : cases) {
     const int num_local = c.num_local > 0 ? c.num_local : c.experts;
     const size_t T = static_cast<size_t>(c.tokens), H = static_cast<size_t>(c.hidden);
@@ -550,12 +507,8 @@ void check_moe_device(Backend& cpu, Backend& gpu, Backend& gpu_emu) {
     // to 16 rows in passes of 4).
     const bool v4_applies =
         c.tokens * c.k <= 1024 && cu::mxfp4_gemv4_supports(c.hidden, 16) && cu::mxfp4_gemv4_supports(c.inter, 16);
-    // Version 5 = version 4's persistent form where it applies (tiles of <= 4 rows), else version 4.
-    for (const char* version : {"1", "2", "4", "5"}) {
-      if ((version[0] == '4' || version[0] == '5') && !v4_applies) continue;
-      if (version[0] == '5' && (c.tokens > 4 || (!cu::mxfp4_moe_gemv4p_supports(c.hidden, c.tokens) &&
-                                                 !cu::mxfp4_moe_gemv4p_supports(c.inter, c.tokens))))
-        continue;
+    for (const char* version : {"1", "2", "4"}) {
+      if (version[0] == '4' && !v4_applies) continue;
       setenv("MXLM_CUDA_MOE_GEMV", version, 1);
       const auto got = op(gpu);
       const auto again = version[0] == '1' ? got : op(gpu);

@@ -142,13 +142,6 @@ cudaError_t launch_mxfp4_moe_gemv1(const Mxfp4MoeTiles& moe, int max_tiles, int 
 // of 4 over the weights held in shared memory. For m <= 16 and k = 1024 * {2, 3, 4, 6, 8} (mxfp4_gemv4_supports);
 // activations bf16 (problem.x) or f32 (x_f32, rounded to bf16 while staged). y is written, not accumulated.
 bool mxfp4_gemv4_supports(int k, int m);
-// Version 4's persistent MoE form: a fixed grid (the CTAs that fit on the device at once) walks the launch's
-// (tile, matrix, 16-row block) items in contiguous ranges, queueing the next item's weights into a second shared-memory
-// stage while it multiplies the current one; the activations are staged once per tile. Deterministic; k / 384 warps of
-// three chunks each (bit for bit launch_mxfp4_moe_gemv4's sums where that also has 8 warps of three: k = 3072). For
-// tiles of at most 4 rows (max_m) and k = 1536, 3072 or 6144; y is written.
-bool mxfp4_moe_gemv4p_supports(int k, int max_m);
-cudaError_t launch_mxfp4_moe_gemv4p(const Mxfp4MoeTiles& moe, int max_m, int n, int k, bool pdl, cudaStream_t stream);
 cudaError_t launch_mxfp4_gemv4(const Mxfp4GemvGroup& problem, int n, int k, bool pdl, cudaStream_t stream,
                                const float* x_f32 = nullptr);
 // Routed experts (the tile list of launch_moe_route, as launch_mxfp4_moe_gemv) by version 4; max_m: the most rows a
@@ -185,8 +178,9 @@ cudaError_t launch_moe_route(const int32_t* ids, const float* weights, size_t to
 // launch_swiglu_qdq_bf16 / launch_moe_combine; rows at or past counts[1] (the routed rows) are skipped.
 cudaError_t launch_moe_gather_qdq_bf16(const float* x, const int32_t* gather, const int32_t* counts, size_t rows,
                                        size_t k, bool qdq, uint16_t* out, cudaStream_t stream);
-cudaError_t launch_moe_swiglu_qdq_bf16(const float* gate, const float* up, const int32_t* counts, size_t rows, size_t k,
-                                       float alpha, float limit, bool qdq, uint16_t* out, cudaStream_t stream);
+cudaError_t launch_moe_swiglu_qdq_bf16(const float* gate, const float* up, const int32_t* counts, size_t rows,
+                                       size_t k, float alpha, float limit, bool qdq, uint16_t* out,
+                                       cudaStream_t stream);
 cudaError_t launch_moe_combine_pdl(const float* y, const int32_t* combine, const float* weights, size_t tokens, int k,
                                    size_t hidden, float* out, cudaStream_t stream);
 

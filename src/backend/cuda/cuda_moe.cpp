@@ -128,18 +128,15 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
   // steps of up to 4 tokens (H100, session 4: T = 1 layer 0.109 -> 0.097 ms; from T = 8 on version 1 was as fast or
   // faster, as version 4 repeats its math per 4 tokens of a tile), else 1 (the register-batch kernel with atomic K
   // split into zeroed outputs, reading the tile list itself). MXLM_CUDA_MOE_GEMV="<gate/up>[<down>]" with 1, 2
-  // (version 2 over the tile list), 4 or 5 (version 4's persistent form; where it does not apply, 4) overrides
-  // (e.g. "14": version 1 for gate/up, 4 for down).
+  // (version 2 over the tile list) or 4 overrides (e.g. "14": version 1 for gate/up, 4 for down).
   const char* gemv_env = std::getenv("MXLM_CUDA_MOE_GEMV");
   const bool env_set = gemv_env != nullptr && gemv_env[0] != '\0';
   const char gu_choice = env_set ? gemv_env[0] : (tokens <= 4 ? '4' : '1');
   const char dn_choice = env_set && gemv_env[1] != '\0' ? gemv_env[1] : gu_choice;
   // A tile holds at most min(tile rows, tokens) rows: a token picks a routed expert once, the shared expert once.
   const int v4_rows = std::min(max_m, static_cast<int>(tokens));
-  const bool gu_v4p = gu_choice == '5' && mxfp4_moe_gemv4p_supports(hidden, v4_rows);
-  const bool dn_v4p = dn_choice == '5' && mxfp4_moe_gemv4p_supports(inter, v4_rows);
-  const bool gu_v4 = (gu_choice == '4' || (gu_choice == '5' && !gu_v4p)) && mxfp4_gemv4_supports(hidden, v4_rows);
-  const bool dn_v4 = (dn_choice == '4' || (dn_choice == '5' && !dn_v4p)) && mxfp4_gemv4_supports(inter, v4_rows);
+  const bool gu_v4 = gu_choice == '4' && mxfp4_gemv4_supports(hidden, v4_rows);
+  const bool dn_v4 = dn_choice == '4' && mxfp4_gemv4_supports(inter, v4_rows);
   const bool gu_v2 = gu_choice == '2', dn_v2 = dn_choice == '2';
   Mxfp4MoeTiles gu;
   gu.tiles = tiles.as<int32_t>();
@@ -166,12 +163,11 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
   dn.mats = 1;
   dn.rows_max = rows_max;
   dn.tiles_ready = true;
-  if (gu_v4p) {
-    MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv4p(gu, v4_rows, inter, hidden, true, stream_));
-  } else if (gu_v4) {
+  if (gu_v4) {
     MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv4(gu, max_tiles, v4_rows, inter, hidden, true, stream_));
   } else if (gu_v2) {
-    const Mxfp4GemvPlan plan1 = mxfp4_gemv_plan(inter, hidden, max_tiles * 2, max_m, sms_, mxfp4_gemv_backend_config());
+    const Mxfp4GemvPlan plan1 =
+        mxfp4_gemv_plan(inter, hidden, max_tiles * 2, max_m, sms_, mxfp4_gemv_backend_config());
     Block ws1(pool_, std::max<size_t>(mxfp4_gemv_workspace_floats(plan1, inter, 2 * rows_max), 1) * 4);
     MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv(gu, max_tiles, inter, hidden, plan1, true, ws1.as<float>(),
                                           gemv_counters(mxfp4_gemv_counters(plan1, max_tiles * 2)), stream_));
@@ -184,9 +180,7 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
     MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv1(gu, max_tiles, max_m, inter, hidden, split1, stream_));
   }
   swiglu_qdq();
-  if (dn_v4p) {
-    MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv4p(dn, v4_rows, hidden, inter, true, stream_));
-  } else if (dn_v4) {
+  if (dn_v4) {
     MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv4(dn, max_tiles, v4_rows, hidden, inter, true, stream_));
   } else if (dn_v2) {
     const Mxfp4GemvPlan plan2 = mxfp4_gemv_plan(hidden, inter, max_tiles, max_m, sms_, mxfp4_gemv_backend_config());

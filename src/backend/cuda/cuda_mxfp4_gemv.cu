@@ -728,107 +728,6 @@ __host__ __device__ constexpr int gemv4_smem_uint4(int pass_tokens) {
   return kGemv4Warps * (CH * 64 + CH * 4 + 16 * kGemv4PassTokens / 4 + pass_tokens * gemv4_x_stride<CH>());
 }
 
-// The pieces of version 4 that its one-launch-per-row-block form and its persistent MoE form share. A warp owns
-// CH 128-wide chunks of K starting at chunk c0, for 16 weight rows: wl = its weights [CH][16 rows][4 uint4],
-// sc = its scale words [CH][16], xw = its staged activations [tokens][x_stride], part = the CTA's partials.
-
-// Stages the activations of tokens tok0 .. tok0 + pm - 1 for this warp's chunks, pre-paired for the math (pair_x);
-// all loads of a batch before its stores. after_first_loads() runs once the first batch's loads are issued (the
-// place for work that should queue behind them).
-template <int CH, bool kF32, typename AfterFirstLoads>
-__device__ __forceinline__ void gemv4_stage_x(const uint16_t* x, const float* x_f32, int k, int c0, int lane, int tok0,
-                                              int pm, uint4* xw, AfterFirstLoads after_first_loads) {
-  constexpr int XS = gemv4_x_stride<CH>();
-  const int items = pm * CH * 16;
-  constexpr int kBatch = 8;
-  for (int base = 0; base < items; base += 32 * kBatch) {
-    uint4 v[kBatch];
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      const int idx = base + j * 32 + lane;
-      v[j] = make_uint4(0, 0, 0, 0);
-      if (idx < items) {
-        const int tok = tok0 + idx / (CH * 16), rem = idx % (CH * 16);
-        const size_t off = static_cast<size_t>(tok) * k + static_cast<size_t>(c0) * 128 + static_cast<size_t>(rem) * 8;
-        if constexpr (kF32) {
-          const float4 lo = *reinterpret_cast<const float4*>(x_f32 + off);
-          const float4 hi = *reinterpret_cast<const float4*>(x_f32 + off + 4);
-          v[j] = make_uint4(bf16_bits(lo.x) | (bf16_bits(lo.y) << 16), bf16_bits(lo.z) | (bf16_bits(lo.w) << 16),
-                            bf16_bits(hi.x) | (bf16_bits(hi.y) << 16), bf16_bits(hi.z) | (bf16_bits(hi.w) << 16));
-        } else {
-          v[j] = *reinterpret_cast<const uint4*>(x + off);
-        }
-      }
-    }
-    if (base == 0) after_first_loads();
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      const int idx = base + j * 32 + lane;
-      if (idx < items) {
-        const int tok = idx / (CH * 16), rem = idx % (CH * 16);
-        const int c = rem / 16, u = rem % 16, b = u / 4, q = u % 4;
-        uint32_t xp[4];
-        pair_x(v[j], xp);
-        xw[tok * XS + c * 16 + b * 4 + (q ^ ((b >> 1) & 1))] = make_uint4(xp[0], xp[1], xp[2], xp[3]);
-      }
-    }
-  }
-  __syncwarp();
-}
-
-// acc += this warp's 16 rows x its chunks x tokens g < pm of the staged activations; before_chunk(c) runs before
-// chunk c is read (the wait for its copy, where it may still be landing).
-template <int CH, typename BeforeChunk>
-__device__ __forceinline__ void gemv4_math(const uint4* wl, const uint32_t* sc, const uint4* xw, int g, int t, int pm,
-                                           float acc[2][4], BeforeChunk before_chunk) {
-  constexpr int XS = gemv4_x_stride<CH>();
-  const bool has_x = g < pm;
-#pragma unroll
-  for (int c = 0; c < CH; ++c) {
-    before_chunk(c);
-    uint32_t xp[4][4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const uint4 v = has_x ? xw[g * XS + c * 16 + t * 4 + (q ^ ((t >> 1) & 1))] : make_uint4(0, 0, 0, 0);
-      xp[q][0] = v.x;
-      xp[q][1] = v.y;
-      xp[q][2] = v.z;
-      xp[q][3] = v.w;
-    }
-    const uint4 a = wl[c * 64 + g * 4 + t];
-    const uint4 b = wl[c * 64 + (g + 8) * 4 + t];
-    const uint32_t sa = (sc[c * 16 + g] >> (8 * t)) & 0xffu;
-    const uint32_t sb = (sc[c * 16 + g + 8] >> (8 * t)) & 0xffu;
-    with_scale_path(scale_capped(sa) || scale_capped(sb), [&](auto capped_tag) {
-      dequant_block_pair<decltype(capped_tag)::value>(a, b, sa, sb, [&](int q, const uint32_t* pa, const uint32_t* pb) {
-        mma_word(acc[0], acc[1], pa, pb, xp[q]);
-      });
-    });
-  }
-}
-
-// y rows row0 .. row0 + 15 (< n), tokens tok0 .. tok0 + pm - 1 = the W warps' partials added in warp order
-// (deterministic). Every thread of the CTA takes part (two CTA barriers: partials written / read).
-template <int W>
-__device__ __forceinline__ void gemv4_reduce_store(float* part, const float acc[2][4], int warp, int g, int t,
-                                                   const Problem& p, int row0, int n, int tok0, int pm) {
-  constexpr int PT = kGemv4PassTokens;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int tok = 2 * t + (i & 1), row = g + (i >= 2 ? 8 : 0);
-    if (tok < PT) part[(warp * 16 + row) * PT + tok] = acc[0][i] + acc[1][i];
-  }
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < 16 * pm; idx += W * 32) {
-    const int row = idx % 16, tok = idx / 16;
-    float s = 0.0f;
-#pragma unroll
-    for (int w = 0; w < W; ++w) s += part[(w * 16 + row) * PT + tok];
-    if (row0 + row < n) p.y[static_cast<size_t>(tok0 + tok) * p.ldy + row0 + row] = s;
-  }
-  __syncthreads();
-}
-
 // kOnePass: every problem of the launch has m <= pass_tokens (the loop over passes compiled away: 64 instead of
 // 72-80 registers).
 template <int CH, int kMode, bool kOnePass>
@@ -884,133 +783,95 @@ __global__ void __launch_bounds__(kGemv4Warps * 32, 3)
 
   // One pass: the activations of tokens tok0 .. tok0 + pm - 1 (pm <= pass_tokens) times the weights in shared memory.
   auto pass = [&](const int tok0, const int pm, const bool first) {
-    auto after_first_loads = [&] {
-      if (!first) return;
-      if (kTriggerAfterX) pdl_launch_dependents();
-      queue_chunks(pre, CH);
-    };
-    if (kMode == kSingle && x_f32 != nullptr) {
-      gemv4_stage_x<CH, true>(nullptr, x_f32, k, c0, lane, tok0, pm, xw, after_first_loads);
-    } else {
-      gemv4_stage_x<CH, false>(p.x, nullptr, k, c0, lane, tok0, pm, xw, after_first_loads);
+    {  // the warp's chunks of this pass's tokens: all loads of a batch before its stores
+      const int items = pm * CH * 16;
+      constexpr int kBatch = 8;
+      for (int base = 0; base < items; base += 32 * kBatch) {
+        uint4 v[kBatch];
+#pragma unroll
+        for (int j = 0; j < kBatch; ++j) {
+          const int idx = base + j * 32 + lane;
+          v[j] = make_uint4(0, 0, 0, 0);
+          if (idx < items) {
+            const int tok = tok0 + idx / (CH * 16), rem = idx % (CH * 16);
+            const size_t off =
+                static_cast<size_t>(tok) * k + static_cast<size_t>(c0) * 128 + static_cast<size_t>(rem) * 8;
+            if (kMode == kSingle && x_f32 != nullptr) {
+              const float4 lo = *reinterpret_cast<const float4*>(x_f32 + off);
+              const float4 hi = *reinterpret_cast<const float4*>(x_f32 + off + 4);
+              v[j] = make_uint4(bf16_bits(lo.x) | (bf16_bits(lo.y) << 16), bf16_bits(lo.z) | (bf16_bits(lo.w) << 16),
+                                bf16_bits(hi.x) | (bf16_bits(hi.y) << 16), bf16_bits(hi.z) | (bf16_bits(hi.w) << 16));
+            } else {
+              v[j] = *reinterpret_cast<const uint4*>(p.x + off);
+            }
+          }
+        }
+        if (first && base == 0) {
+          if (kTriggerAfterX) pdl_launch_dependents();
+          queue_chunks(pre, CH);
+        }
+#pragma unroll
+        for (int j = 0; j < kBatch; ++j) {
+          const int idx = base + j * 32 + lane;
+          if (idx < items) {
+            const int tok = idx / (CH * 16), rem = idx % (CH * 16);
+            const int c = rem / 16, u = rem % 16, b = u / 4, q = u % 4;
+            uint32_t xp[4];
+            pair_x(v[j], xp);
+            xw[tok * XS + c * 16 + b * 4 + (q ^ ((b >> 1) & 1))] = make_uint4(xp[0], xp[1], xp[2], xp[3]);
+          }
+        }
+      }
     }
+    __syncwarp();
+
     float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-    gemv4_math<CH>(wl, sc, xw, g, t, pm, acc, [&](int c) {
+    const bool has_x = g < pm;
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
       if (first) {
         gemv4_wait_chunk<CH>(c);
         __syncwarp();  // the scale words were copied by lanes t = 0, 1
       }
-    });
-    // partials read before the next pass writes them; x read before it is restaged
-    gemv4_reduce_store<W>(part, acc, warp, g, t, p, row0, n, tok0, pm);
+      uint32_t xp[4][4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const uint4 v = has_x ? xw[g * XS + c * 16 + t * 4 + (q ^ ((t >> 1) & 1))] : make_uint4(0, 0, 0, 0);
+        xp[q][0] = v.x;
+        xp[q][1] = v.y;
+        xp[q][2] = v.z;
+        xp[q][3] = v.w;
+      }
+      const uint4 a = wl[c * 64 + g * 4 + t];
+      const uint4 b = wl[c * 64 + (g + 8) * 4 + t];
+      const uint32_t sa = (sc[c * 16 + g] >> (8 * t)) & 0xffu;
+      const uint32_t sb = (sc[c * 16 + g + 8] >> (8 * t)) & 0xffu;
+      with_scale_path(scale_capped(sa) || scale_capped(sb), [&](auto capped_tag) {
+        dequant_block_pair<decltype(capped_tag)::value>(
+            a, b, sa, sb,
+            [&](int q, const uint32_t* pa, const uint32_t* pb) { mma_word(acc[0], acc[1], pa, pb, xp[q]); });
+      });
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int tok = 2 * t + (i & 1), row = g + (i >= 2 ? 8 : 0);
+      if (tok < PT) part[(warp * 16 + row) * PT + tok] = acc[0][i] + acc[1][i];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < 16 * pm; idx += W * 32) {
+      const int row = idx % 16, tok = idx / 16;
+      float s = 0.0f;
+#pragma unroll
+      for (int w = 0; w < W; ++w) s += part[(w * 16 + row) * PT + tok];
+      if (row0 + row < n) p.y[static_cast<size_t>(tok0 + tok) * p.ldy + row0 + row] = s;
+    }
+    __syncthreads();  // partials read before the next pass writes them; x read before it is restaged
   };
   if constexpr (kOnePass) {
     if (p.m > pass_tokens) __trap();  // a tile above the launch's max_m would overrun the activation staging
     pass(0, p.m, true);
   } else {
     for (int tok0 = 0; tok0 < p.m; tok0 += pass_tokens) pass(tok0, min(pass_tokens, p.m - tok0), tok0 == 0);
-  }
-}
-
-// The persistent MoE form: a fixed grid of CTAs (as many as fit on the device at once) walks the launch's work
-// items (tile, matrix, 16-row block) in contiguous ranges, with the weights of its next item queued into the other of
-// two shared-memory stages while it multiplies the current one. In the one-launch-per-row-block form every CTA waits
-// for its tile entry, its activations and its whole slice before its math and then exits, so a CTA holds memory
-// requests for only part of its life (ncu, H100, T = 1: 65 % / 52 % of DRAM peak for gate/up / down); here the
-// next item's bytes are in flight during the math, the tile list is read once per item ahead of need, and the
-// activations are staged once per tile. W warps of 3 chunks each (W = k / 384: 16 for k = 6144, 8 for k = 3072),
-// tiles of at most kGemv4PassTokens rows.
-constexpr int kGemv4PersistentChunks = 3;
-template <int W>
-__host__ __device__ constexpr int gemv4p_stage_uint4() {
-  return W * kGemv4PersistentChunks * 68;  // weights [W][CH][16][4] + scale words [W][CH][16]
-}
-template <int W>
-__host__ __device__ constexpr int gemv4p_smem_uint4(int stage_tokens) {
-  constexpr int CH = kGemv4PersistentChunks;
-  return 2 * gemv4p_stage_uint4<W>() + W * 16 * kGemv4PassTokens / 4 + W * stage_tokens * gemv4_x_stride<CH>();
-}
-
-template <int W>
-__global__ void __launch_bounds__(W * 32) mxfp4_moe_gemv4p_kernel(Mxfp4MoeTiles moe, int n, int k, int stage_tokens) {
-  constexpr int CH = kGemv4PersistentChunks, PT = kGemv4PassTokens, XS = gemv4_x_stride<CH>();
-  extern __shared__ __align__(128) uint4 smem4[];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, t = lane & 3;
-  if (!moe.tiles_ready) pdl_wait();
-  const int row_blocks = (n + 15) / 16;
-  const long long total = static_cast<long long>(*moe.num_tiles) * moe.mats * row_blocks;
-  const int begin = static_cast<int>(total * blockIdx.x / gridDim.x);
-  const int end = static_cast<int>(total * (blockIdx.x + 1) / gridDim.x);
-  const int c0 = warp * CH;
-  const size_t row_bytes = static_cast<size_t>(k) / 2;
-  float* part = reinterpret_cast<float*>(smem4 + 2 * gemv4p_stage_uint4<W>());  // [W][16][PT]
-  uint4* xw = smem4 + 2 * gemv4p_stage_uint4<W>() + W * 16 * PT / 4 + warp * stage_tokens * XS;
-
-  // Item i: z = tile * mats + mat (as resolve<kMoe>), then the 16-row block.
-  auto item_problem = [&](int item, Problem& p, int& row0) {
-    const int z = item / row_blocks;
-    row0 = (item - z * row_blocks) * 16;
-    resolve<kMoe>(Mxfp4GemvGroup{}, nullptr, moe, z, k, p);
-    return z;
-  };
-  auto queue_item = [&](const Problem& p, int row0, int stage) {
-    uint4* wl = smem4 + stage * gemv4p_stage_uint4<W>() + warp * CH * 64;
-    uint32_t* sc = reinterpret_cast<uint32_t*>(smem4 + stage * gemv4p_stage_uint4<W>() + W * CH * 64) + warp * CH * 16;
-    const int ra = row0 + g, rb = row0 + g + 8;
-    const bool ok_a = ra < n, ok_b = rb < n;
-    const uint8_t* wa = p.w + static_cast<size_t>(ok_a ? ra : 0) * row_bytes + static_cast<size_t>(c0) * 64 + t * 16;
-    const uint8_t* wb = p.w + static_cast<size_t>(ok_b ? rb : 0) * row_bytes + static_cast<size_t>(c0) * 64 + t * 16;
-    const int srow = t == 0 ? ra : rb;
-    const bool s_ok = t < 2 && srow < n;
-    const uint8_t* sp = p.scales + static_cast<size_t>(s_ok ? srow : 0) * (k / 32) + static_cast<size_t>(c0) * 4;
-#pragma unroll
-    for (int c = 0; c < CH; ++c) {
-      if (ok_a) cp_async_16(wl + c * 64 + g * 4 + t, wa + c * 64, true);
-      if (ok_b) cp_async_16(wl + c * 64 + (g + 8) * 4 + t, wb + c * 64, true);
-      if (s_ok) cp_async_4(sc + c * 16 + g + 8 * t, sp + c * 4);
-    }
-    cp_async_commit();  // one group per item
-  };
-
-  Problem cur{};
-  int cur_row0 = 0, cur_z = -1;
-  if (begin < end) {
-    cur_z = item_problem(begin, cur, cur_row0);
-    queue_item(cur, cur_row0, 0);
-  }
-  pdl_launch_dependents();
-  if (moe.tiles_ready) pdl_wait();  // the activations and outputs belong to the previous kernel's world
-  int staged_tile = -1;
-  for (int item = begin, stage = 0; item < end; ++item, stage ^= 1) {
-    Problem next{};
-    int next_row0 = 0, next_z = -1;
-    if (item + 1 < end) {
-      next_z = item_problem(item + 1, next, next_row0);
-      queue_item(next, next_row0, stage ^ 1);
-    }
-    if (cur.m > stage_tokens) __trap();  // a tile above the launch's max_m would overrun the activation staging
-    const int tile = cur_z / moe.mats;
-    if (tile != staged_tile) {  // gate and up of one tile share the activations
-      gemv4_stage_x<CH, false>(cur.x, nullptr, k, c0, lane, 0, cur.m, xw, [] {});
-      staged_tile = tile;
-    }
-    if (item + 1 < end) {
-      cp_async_wait_pending<1>();  // this item's group has landed, the next one's may still be in flight
-    } else {
-      cp_async_wait_pending<0>();
-    }
-    __syncwarp();  // the scale words were copied by lanes t = 0, 1
-    const uint4* wl = smem4 + stage * gemv4p_stage_uint4<W>() + warp * CH * 64;
-    const uint32_t* sc =
-        reinterpret_cast<const uint32_t*>(smem4 + stage * gemv4p_stage_uint4<W>() + W * CH * 64) + warp * CH * 16;
-    float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-    gemv4_math<CH>(wl, sc, xw, g, t, cur.m, acc, [](int) {});
-    // Also orders this stage's reads before the refill two items later, and x's reads before a restage.
-    gemv4_reduce_store<W>(part, acc, warp, g, t, cur, cur_row0, n, 0, cur.m);
-    cur = next;
-    cur_row0 = next_row0;
-    cur_z = next_z;
   }
 }
 
@@ -1065,51 +926,7 @@ cudaError_t launch_gemv4(const Mxfp4GemvGroup& single, const Mxfp4MoeTiles& moe,
   }
 }
 
-template <int W>
-cudaError_t launch_gemv4p_t(const Mxfp4MoeTiles& moe, int max_m, int n, int k, bool pdl, cudaStream_t stream) {
-  // Per device: the shared-memory opt-in (set for the largest staging) and the CTAs that fit on it at once.
-  static std::atomic<int> grid_by_device[64][kGemv4PassTokens + 1] = {};
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  const int stage_tokens = std::min(max_m, kGemv4PassTokens);
-  const size_t smem = static_cast<size_t>(gemv4p_smem_uint4<W>(stage_tokens)) * 16;
-  std::atomic<int>& cached = grid_by_device[device & 63][stage_tokens];
-  int grid = cached.load();
-  if (grid == 0) {
-    err = cudaFuncSetAttribute(mxfp4_moe_gemv4p_kernel<W>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               gemv4p_smem_uint4<W>(kGemv4PassTokens) * 16);
-    if (err != cudaSuccess) return err;
-    int per_sm = 0, sms = 0;
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, mxfp4_moe_gemv4p_kernel<W>, W * 32, smem);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    if (err != cudaSuccess) return err;
-    if (per_sm < 1) return cudaErrorInvalidConfiguration;
-    grid = per_sm * sms;
-    cached.store(grid);
-  }
-  return launch_kernel(mxfp4_moe_gemv4p_kernel<W>, dim3(static_cast<unsigned>(grid)), dim3(W * 32), smem, stream, pdl,
-                       moe, n, k, stage_tokens);
-}
-
 }  // namespace
-
-bool mxfp4_moe_gemv4p_supports(int k, int max_m) {
-  return max_m >= 1 && max_m <= kGemv4PassTokens && (k == 1536 || k == 3072 || k == 6144);
-}
-
-cudaError_t launch_mxfp4_moe_gemv4p(const Mxfp4MoeTiles& moe, int max_m, int n, int k, bool pdl, cudaStream_t stream) {
-  if (moe.mats < 1 || moe.mats > 2 || !mxfp4_moe_gemv4p_supports(k, max_m) || moe.ldy < n || n < 1)
-    return cudaErrorInvalidValue;
-  switch (k / (128 * kGemv4PersistentChunks)) {
-    case 4:
-      return launch_gemv4p_t<4>(moe, max_m, n, k, pdl, stream);
-    case 8:
-      return launch_gemv4p_t<8>(moe, max_m, n, k, pdl, stream);
-    default:
-      return launch_gemv4p_t<16>(moe, max_m, n, k, pdl, stream);
-  }
-}
 
 bool mxfp4_gemv4_supports(int k, int m) {
   if (m < 1 || m > 16 || k % (128 * kGemv4Warps) != 0) return false;
