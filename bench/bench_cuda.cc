@@ -138,7 +138,10 @@ void bench_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
           "%3.0f%% of copy; cuBLAS bf16 %6.2f us -> %.2fx",
           n, k, m, split, ms * 1e3, ms_stream * 1e3, gbs, 100.0 * gbs / c.copy_gbs, bms * 1e3, bms / ms);
       CK(cudaFree(dg));
-      if (cu::mxfp4_gemv4_supports(k, m)) {  // version 4 (the backend's choice at these sizes), PDL
+      // Version 4 (the backend's choice at these sizes), PDL; at K <= 3072 its default 4-warp CTAs and 8-warp ones.
+      for (const char* warps : {"", "8"}) {
+        if (!cu::mxfp4_gemv4_supports(k, m) || (warps[0] != '\0' && k > 3072)) continue;
+        if (warps[0] != '\0') setenv("MXLM_CUDA_GEMV4_WARPS", warps, 1);
         const double ms4 = graph_ms(
             stream,
             [&](int i) {
@@ -147,10 +150,12 @@ void bench_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
               CK(cu::launch_mxfp4_gemv4(one, n, k, pdl_ok, stream));
             },
             quick ? 5 : 15, 64);
+        unsetenv("MXLM_CUDA_GEMV4_WARPS");
         const double gbs4 = static_cast<double>(wbytes) / (ms4 * 1e-3) / 1e9;
-        row("GEMV4 N=%d K=%d M=%2d pdl=%d: %6.2f us (graph), %5.0f GB/s = %3.0f%% of copy (target 80%%); %.2fx cuBLAS "
+        row("GEMV4 N=%d K=%d M=%2d pdl=%d%s: %6.2f us (graph), %5.0f GB/s = %3.0f%% of copy (target 80%%); %.2fx cuBLAS "
             "bf16 (target 3x), %.2fx v1",
-            n, k, m, pdl_ok ? 1 : 0, ms4 * 1e3, gbs4, 100.0 * gbs4 / c.copy_gbs, bms / ms4, ms / ms4);
+            n, k, m, pdl_ok ? 1 : 0, warps[0] != '\0' ? " 8-warp CTAs" : "", ms4 * 1e3, gbs4,
+            100.0 * gbs4 / c.copy_gbs, bms / ms4, ms / ms4);
       }
       // Version 2 (cp.async slice, PDL, memset-free deterministic split-K): CTA size, CTAs per SM, PDL, variant
       // flags (1 row-contiguous copies, 8 math per landed group; diagnostics 2 no math, 4 no activations).
@@ -162,7 +167,11 @@ void bench_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
       const std::vector<Variant> variants = {{8, 2, 1, 9},  {8, 2, 1, 0}, {8, 2, 1, 1},  {8, 2, 1, 8},
                                              {8, 2, 0, 9},  {4, 4, 1, 9}, {8, 6, 1, 9},  {4, 2, 1, 9},
                                              {8, 2, 1, 11}, {8, 2, 1, 13}, {8, 2, 1, 15}};
+      // MXLM_BENCH_GEMV2=0 leaves version 2's sweep out (a shorter device run).
+      const char* v2_env = std::getenv("MXLM_BENCH_GEMV2");
+      const bool sweep_v2 = v2_env == nullptr || std::strcmp(v2_env, "0") != 0;
       for (const Variant& v : variants) {
+        if (!sweep_v2) break;
         const bool pdl = v.pdl != 0;
         if (pdl && !pdl_ok) continue;
         cu::Mxfp4GemvConfig cfg;
@@ -193,7 +202,8 @@ void bench_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
         }
       }
       const double best_gbs = static_cast<double>(wbytes) / (best * 1e-3) / 1e9;
-      row("GEMV2 best N=%d K=%d M=%2d (%s): %6.2f us = %3.0f%% of copy (target 80%%), %.2fx cuBLAS bf16 (target 3x), "
+      if (sweep_v2)
+        row("GEMV2 best N=%d K=%d M=%2d (%s): %6.2f us = %3.0f%% of copy (target 80%%), %.2fx cuBLAS bf16 (target 3x), "
           "v1 %6.2f us",
           n, k, m, best_name.c_str(), best * 1e3, 100.0 * best_gbs / c.copy_gbs, bms / best, ms * 1e3);
     }
@@ -381,15 +391,12 @@ void bench_moe(const Ceilings& c, bool quick) {
           if (t < gms) gms = t;
         }
         unsetenv("MXLM_CUDA_MOE_TILE_ROWS");
-        // Version 4's weight chunks queued before the wait (per warp; the backend's MoE default is 1, 99 = all).
-        for (const char* pre : {"0", "1", "2", "99"}) {
-          setenv("MXLM_CUDA_GEMV4_PRE", pre, 1);
-          const double t = graph_ms(backend::cuda_stream(*be), [&](int) { layer_ops(); }, quick ? 5 : 10, 4);
-          row("MoE layer native T=%3d routed GEMV default, version 4 chunks before the wait %s: %7.3f ms graph", T, pre,
-              t);
-          if (t < gms) gms = t;
-        }
-        unsetenv("MXLM_CUDA_GEMV4_PRE");
+        // Version 4's CTAs at K <= 3072 (the down projection): 4 warps (default) or 8.
+        setenv("MXLM_CUDA_GEMV4_WARPS", "8", 1);
+        const double w8 = graph_ms(backend::cuda_stream(*be), [&](int) { layer_ops(); }, quick ? 5 : 10, 4);
+        unsetenv("MXLM_CUDA_GEMV4_WARPS");
+        row("MoE layer native T=%3d routed GEMV default, version 4 with 8-warp CTAs at K <= 3072: %7.3f ms graph", T, w8);
+        if (w8 < gms) gms = w8;
         setenv("MXLM_CUDA_MOE_PLAIN", "1", 1);  // the small MoE kernels without PDL
         const double plain = graph_ms(backend::cuda_stream(*be), [&](int) { layer_ops(); }, quick ? 5 : 10, 4);
         unsetenv("MXLM_CUDA_MOE_PLAIN");

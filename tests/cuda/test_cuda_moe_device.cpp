@@ -218,9 +218,13 @@ void check_gemv4() {
     int n, k;
     int scale_lo = 118, scale_hi = 128;
   };
+  // K <= 3072 runs on 4-warp CTAs by default (and 1024 / 1536 only there); "w8" forces 8 warps where they apply.
   const std::vector<Case> cases = {{3072, 6144}, {6144, 3072}, {200, 2048}, {1000, 4096, 100, 150},
-                                   {77, 8192},   {16, 6144},   {33, 3072, 126, 140}};
+                                   {77, 8192},   {16, 6144},   {33, 3072, 126, 140}, {700, 1536}, {50, 1024}};
+  for (const bool force8 : {false, true})
   for (const auto& c : cases) {
+    if (force8 && c.k != 2048 && c.k != 3072) continue;
+    if (force8) setenv("MXLM_CUDA_GEMV4_WARPS", "8", 1);
     DeviceAllocs d;
     const Mx w = random_mx(c.n, c.k, c.scale_lo, c.scale_hi);
     const auto xf = randn(static_cast<size_t>(kMaxM) * c.k);
@@ -234,8 +238,8 @@ void check_gemv4() {
     auto* dy = d.get<float>(ylen);
     const double tol = 2e-6 * std::sqrt(static_cast<double>(c.k));
     for (int m : {1, 2, 3, 4, 5, 8, 13, 16}) {
-      const std::string tag =
-          "gemv4 n=" + std::to_string(c.n) + " k=" + std::to_string(c.k) + " m=" + std::to_string(m);
+      const std::string tag = "gemv4 n=" + std::to_string(c.n) + " k=" + std::to_string(c.k) +
+                              " m=" + std::to_string(m) + (force8 ? " w8" : "");
       if (!cu::mxfp4_gemv4_supports(c.k, m)) {
         report(false, tag + " not supported", 0, 0);
         continue;
@@ -265,6 +269,7 @@ void check_gemv4() {
         }
       }
     }
+    unsetenv("MXLM_CUDA_GEMV4_WARPS");
   }
   // MoE form: two matrices per tile (gate / up), three experts, tiles of 1..16 rows, six slots of which four are used.
   {

@@ -691,15 +691,19 @@ cudaError_t launch_mxfp4_moe_gemv(const Mxfp4MoeTiles& moe, int max_tiles, int n
 // issued (their weight prefetch then queues behind them: 6.6 -> 5.8 µs on 3072 x 6144), otherwise at once.
 namespace {
 
+// Warps per CTA: 8, or 4 (twice the chunks per warp) for K <= 3072, where a CTA holds half the bytes: smaller CTAs
+// let more of them, hence more bytes in flight, share an SM (MXLM_CUDA_GEMV4_WARPS=4|8 forces one where it applies).
 constexpr int kGemv4Warps = 8;
+constexpr int kGemv4SmallWarps = 4;
 constexpr int kGemv4PassTokens = 4;
 // Weight chunks per warp queued before griddepcontrol.wait. One launch (linear): all of them, the whole slice
-// prefetched while the previous kernel runs. The grouped MoE GEMVs run several waves of CTAs, and a CTA whose
-// activations land behind its whole slice does all its math after the slice has landed, in step with the other CTAs
-// of its SM (ncu, H100: 65 % / 55 % of DRAM peak for gate/up / down at T = 1): one chunk first, the rest after the
-// activation loads.
-constexpr int kGemv4AllChunks = 1 << 20;
-constexpr int kGemv4MoePreChunks = 1;
+// prefetched while the previous kernel runs. The grouped MoE GEMVs run several waves of CTAs, where a CTA's
+// activations would land behind its whole slice: one chunk first, the rest after the activation loads are issued
+// (H100, T = 1 layer: 0.085-0.086 ms vs 0.089-0.090 ms with all chunks first; no difference from T = 4 on).
+template <int kMode, int CH>
+__host__ __device__ constexpr int gemv4_pre_chunks() {
+  return kMode == kMoe ? 1 : CH;
+}
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait_pending() {
@@ -723,18 +727,17 @@ __host__ __device__ constexpr int gemv4_x_stride() {
 // [W][16][kGemv4PassTokens] f32, activations [W][pass_tokens][x_stride]. Sized by the launch's pass_tokens
 // (min(largest m, kGemv4PassTokens)): at one token a CTA takes ~65 KB on K = 6144, so three share an SM (two
 // of this launch's and one of the next's under PDL); staging room for four would leave two.
-template <int CH>
+template <int W, int CH>
 __host__ __device__ constexpr int gemv4_smem_uint4(int pass_tokens) {
-  return kGemv4Warps * (CH * 64 + CH * 4 + 16 * kGemv4PassTokens / 4 + pass_tokens * gemv4_x_stride<CH>());
+  return W * (CH * 64 + CH * 4 + 16 * kGemv4PassTokens / 4 + pass_tokens * gemv4_x_stride<CH>());
 }
 
 // kOnePass: every problem of the launch has m <= pass_tokens (the loop over passes compiled away: 64 instead of
 // 72-80 registers).
-template <int CH, int kMode, bool kOnePass>
-__global__ void __launch_bounds__(kGemv4Warps * 32, 3)
-    mxfp4_gemv4_kernel(Mxfp4GemvGroup single, Mxfp4MoeTiles moe, const float* x_f32, int n, int k, int pass_tokens,
-                       int pre_chunks) {
-  constexpr int W = kGemv4Warps, XS = gemv4_x_stride<CH>(), PT = kGemv4PassTokens;
+template <int W, int CH, int kMode, bool kOnePass>
+__global__ void __launch_bounds__(W * 32, 24 / W)
+    mxfp4_gemv4_kernel(Mxfp4GemvGroup single, Mxfp4MoeTiles moe, const float* x_f32, int n, int k, int pass_tokens) {
+  constexpr int XS = gemv4_x_stride<CH>(), PT = kGemv4PassTokens;
   constexpr bool kTriggerAfterX = CH >= 6;
   extern __shared__ __align__(128) uint4 smem4[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -773,10 +776,7 @@ __global__ void __launch_bounds__(kGemv4Warps * 32, 3)
       cp_async_commit();
     }
   };
-  // pre_chunks < CH: the rest is queued after the first activation loads are issued, so that in a launch of many
-  // waves (the grouped MoE GEMVs) the activations of a CTA do not land behind its whole weight slice and the math of
-  // chunk c overlaps the landing of later chunks; the first wave still prefetches pre_chunks before the wait.
-  const int pre = early ? pre_chunks : CH;
+  const int pre = early ? gemv4_pre_chunks<kMode, CH>() : CH;
   queue_chunks(0, pre);
   if (!kTriggerAfterX) pdl_launch_dependents();
   if (early) pdl_wait();  // the activations and the output belong to the previous kernel's world from here on
@@ -875,77 +875,96 @@ __global__ void __launch_bounds__(kGemv4Warps * 32, 3)
   }
 }
 
-template <int CH, int kMode, bool kOnePass>
+template <int W, int CH, int kMode, bool kOnePass>
 cudaError_t launch_gemv4_t(const Mxfp4GemvGroup& single, const Mxfp4MoeTiles& moe, int num_z, int max_m,
-                           const float* x_f32, int n, int k, bool pdl, int pre_chunks, cudaStream_t stream) {
+                           const float* x_f32, int n, int k, bool pdl, cudaStream_t stream) {
   static std::atomic<uint64_t> devices_done{0};  // the shared-memory opt-in is per device
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   const uint64_t bit = uint64_t{1} << (device & 63);
   const int pass_tokens = std::min(max_m, kGemv4PassTokens);
-  const int smem = gemv4_smem_uint4<CH>(pass_tokens) * 16;
+  const int smem = gemv4_smem_uint4<W, CH>(pass_tokens) * 16;
   if (!(devices_done.load() & bit)) {
-    err = cudaFuncSetAttribute(mxfp4_gemv4_kernel<CH, kMode, kOnePass>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               gemv4_smem_uint4<CH>(kGemv4PassTokens) * 16);
+    err = cudaFuncSetAttribute(mxfp4_gemv4_kernel<W, CH, kMode, kOnePass>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               gemv4_smem_uint4<W, CH>(kGemv4PassTokens) * 16);
     if (err != cudaSuccess) return err;
     devices_done.fetch_or(bit);
   }
-  return launch_kernel(mxfp4_gemv4_kernel<CH, kMode, kOnePass>,
-                       dim3(static_cast<unsigned>((n + 15) / 16), static_cast<unsigned>(num_z)), dim3(kGemv4Warps * 32),
-                       static_cast<size_t>(smem), stream, pdl, single, moe, x_f32, n, k, pass_tokens,
-                       std::clamp(pre_chunks, 0, CH));
+  return launch_kernel(mxfp4_gemv4_kernel<W, CH, kMode, kOnePass>,
+                       dim3(static_cast<unsigned>((n + 15) / 16), static_cast<unsigned>(num_z)), dim3(W * 32),
+                       static_cast<size_t>(smem), stream, pdl, single, moe, x_f32, n, k, pass_tokens);
+}
+
+// Chunks per warp of W warps over k, when the kernel is built for that count (2, 3, 4, 6, 8), else 0.
+constexpr int gemv4_chunks(int k, int w) {
+  if (k % (128 * w) != 0) return 0;
+  const int ch = k / (128 * w);
+  return ch == 2 || ch == 3 || ch == 4 || ch == 6 || ch == 8 ? ch : 0;
+}
+
+int gemv4_warps(int k) {
+  if (const char* forced = std::getenv("MXLM_CUDA_GEMV4_WARPS"); forced != nullptr && forced[0] != '\0') {
+    const int w = std::atoi(forced);
+    if ((w == kGemv4Warps || w == kGemv4SmallWarps) && gemv4_chunks(k, w) != 0) return w;
+  }
+  return gemv4_chunks(k, kGemv4Warps) != 0 && k > 3072 ? kGemv4Warps
+         : gemv4_chunks(k, kGemv4SmallWarps) != 0     ? kGemv4SmallWarps
+                                                      : kGemv4Warps;
 }
 
 template <int kMode>
 cudaError_t launch_gemv4(const Mxfp4GemvGroup& single, const Mxfp4MoeTiles& moe, int num_z, int max_m,
-                         const float* x_f32, int n, int k, bool pdl, int pre_chunks, cudaStream_t stream) {
+                         const float* x_f32, int n, int k, bool pdl, cudaStream_t stream) {
   if (n == 0 || num_z == 0) return cudaSuccess;
   const char* no_pdl = std::getenv("MXLM_CUDA_NO_PDL");
   if (no_pdl != nullptr && no_pdl[0] != '\0' && no_pdl[0] != '0') pdl = false;
-  // MXLM_CUDA_GEMV4_PRE = chunks per warp queued before the wait (benchmark sweep; clamped to the chunk count).
-  if (const char* pre = std::getenv("MXLM_CUDA_GEMV4_PRE"); pre != nullptr && pre[0] != '\0')
-    pre_chunks = std::atoi(pre);
-  auto by_passes = [&](auto ch) {
-    constexpr int CH = decltype(ch)::value;
+  const int w = gemv4_warps(k);
+  auto by_passes = [&](auto warps, auto ch) {
+    constexpr int W = decltype(warps)::value, CH = decltype(ch)::value;
     return max_m <= kGemv4PassTokens
-               ? launch_gemv4_t<CH, kMode, true>(single, moe, num_z, max_m, x_f32, n, k, pdl, pre_chunks, stream)
-               : launch_gemv4_t<CH, kMode, false>(single, moe, num_z, max_m, x_f32, n, k, pdl, pre_chunks, stream);
+               ? launch_gemv4_t<W, CH, kMode, true>(single, moe, num_z, max_m, x_f32, n, k, pdl, stream)
+               : launch_gemv4_t<W, CH, kMode, false>(single, moe, num_z, max_m, x_f32, n, k, pdl, stream);
   };
-  switch (k / (128 * kGemv4Warps)) {
-    case 2:
-      return by_passes(std::integral_constant<int, 2>{});
-    case 3:
-      return by_passes(std::integral_constant<int, 3>{});
-    case 4:
-      return by_passes(std::integral_constant<int, 4>{});
-    case 6:
-      return by_passes(std::integral_constant<int, 6>{});
-    default:
-      return by_passes(std::integral_constant<int, 8>{});
-  }
+  auto by_chunks = [&](auto warps) {
+    constexpr int W = decltype(warps)::value;
+    switch (gemv4_chunks(k, W)) {
+      case 2:
+        return by_passes(warps, std::integral_constant<int, 2>{});
+      case 3:
+        return by_passes(warps, std::integral_constant<int, 3>{});
+      case 4:
+        return by_passes(warps, std::integral_constant<int, 4>{});
+      case 6:
+        return by_passes(warps, std::integral_constant<int, 6>{});
+      case 8:
+        return by_passes(warps, std::integral_constant<int, 8>{});
+      default:
+        return cudaErrorInvalidValue;
+    }
+  };
+  return w == kGemv4SmallWarps ? by_chunks(std::integral_constant<int, kGemv4SmallWarps>{})
+                               : by_chunks(std::integral_constant<int, kGemv4Warps>{});
 }
 
 }  // namespace
 
 bool mxfp4_gemv4_supports(int k, int m) {
-  if (m < 1 || m > 16 || k % (128 * kGemv4Warps) != 0) return false;
-  const int ch = k / (128 * kGemv4Warps);
-  return ch == 2 || ch == 3 || ch == 4 || ch == 6 || ch == 8;
+  return m >= 1 && m <= 16 && (gemv4_chunks(k, kGemv4Warps) != 0 || gemv4_chunks(k, kGemv4SmallWarps) != 0);
 }
 
 cudaError_t launch_mxfp4_gemv4(const Mxfp4GemvGroup& problem, int n, int k, bool pdl, cudaStream_t stream,
                                const float* x_f32) {
   if (!mxfp4_gemv4_supports(k, problem.m) || (problem.x == nullptr) == (x_f32 == nullptr) || problem.ldy < n)
     return cudaErrorInvalidValue;
-  return launch_gemv4<kSingle>(problem, Mxfp4MoeTiles{}, 1, problem.m, x_f32, n, k, pdl, kGemv4AllChunks, stream);
+  return launch_gemv4<kSingle>(problem, Mxfp4MoeTiles{}, 1, problem.m, x_f32, n, k, pdl, stream);
 }
 
 cudaError_t launch_mxfp4_moe_gemv4(const Mxfp4MoeTiles& moe, int max_tiles, int max_m, int n, int k, bool pdl,
                                    cudaStream_t stream) {
   if (moe.mats < 1 || moe.mats > 2 || !mxfp4_gemv4_supports(k, max_m) || moe.ldy < n) return cudaErrorInvalidValue;
-  return launch_gemv4<kMoe>(Mxfp4GemvGroup{}, moe, max_tiles * moe.mats, max_m, nullptr, n, k, pdl, kGemv4MoePreChunks,
-                            stream);
+  return launch_gemv4<kMoe>(Mxfp4GemvGroup{}, moe, max_tiles * moe.mats, max_m, nullptr, n, k, pdl, stream);
 }
 
 }  // namespace mxlm::backend::cuda
