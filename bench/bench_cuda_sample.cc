@@ -52,12 +52,14 @@ void bench_sampling(const Ceilings& c, bool quick) {
     auto* x = static_cast<float*>(dalloc(n * 4));
     auto* ids = static_cast<int32_t*>(dalloc(static_cast<size_t>(rows) * 4));
     auto* dp = static_cast<SampleParams*>(dalloc(static_cast<size_t>(rows) * sizeof(SampleParams)));
+    void* argmax_ws = dalloc(cu::argmax_rows_workspace_bytes(static_cast<size_t>(rows), vocab));
     // Logits uniform in +-8 (the kernel's passes do not depend much on the shape; a flat shape keeps many tokens
     // inside the top-p mass, the slower case for the cut).
     CK(cu::launch_fill_random_f32(x, n, 7, 8.0f, stream));
     const double floor_ms = static_cast<double>(n) * 4 / (c.copy_gbs * 1e9 / 2) * 1e3;  // one read at copy speed
     const double argmax_ms =
-        time_ms([&](int) { CK(cu::launch_argmax_rows(x, static_cast<size_t>(rows), vocab, ids, stream)); }, reps);
+        time_ms([&](int) { CK(cu::launch_argmax_rows(x, static_cast<size_t>(rows), vocab, ids, argmax_ws, stream)); },
+                reps);
     row("rows %2d: logits %.1f MB, read floor %.4f ms; argmax kernel %.4f ms", rows, n * 4 / 1e6, floor_ms, argmax_ms);
     // The host path: download + CPU sampling of every row.
     std::vector<float> host(n);
@@ -93,6 +95,7 @@ void bench_sampling(const Ceilings& c, bool quick) {
     CK(cudaFree(x));
     CK(cudaFree(ids));
     CK(cudaFree(dp));
+    CK(cudaFree(argmax_ws));
   }
   CK(cudaStreamDestroy(stream));
   g_time_stream = nullptr;

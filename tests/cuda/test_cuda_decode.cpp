@@ -229,13 +229,17 @@ MXLM_GPU_CHECK(decode_attention_bf16_cache) {
 
 // Greedy sampling on the device: the first index of the largest value, as std::max_element (the CPU sampler).
 MXLM_GPU_CHECK(argmax_rows) {
-  for (size_t cols : {size_t{1}, size_t{7}, size_t{1000}, size_t{200064}}) {
+  // Rows are spread over CTAs of 2048 columns: sizes around that split too.
+  for (size_t cols : {size_t{1}, size_t{7}, size_t{1000}, size_t{2048}, size_t{2049}, size_t{6145}, size_t{200064}}) {
     const size_t rows = 6;
     auto x = randn(rows * cols);
     if (cols > 1) {
       x[0 * cols + cols - 1] = 50.0f, x[0 * cols + cols / 2] = 50.0f;  // a tie: the lower index wins
       for (size_t c = 0; c < cols; ++c) x[1 * cols + c] = -INFINITY;   // all -inf: index 0
       x[2 * cols + cols - 1] = 1e30f;                                  // the last column
+      x[3 * cols] = NAN;                                               // NaN first: index 0 (std::max_element)
+      x[4 * cols + cols / 3] = NAN;                                    // NaN elsewhere: never the answer
+      x[4 * cols + cols - 2] = 40.0f;
     }
     std::vector<float> want(rows), got(rows);
     for (size_t r = 0; r < rows; ++r)

@@ -375,7 +375,8 @@ class CudaBackend final : public Backend {
   void argmax_rows(const float* x, size_t rows, size_t cols, int32_t* out) override {
     if (rows == 0) return;
     if (cols == 0) fail("argmax over rows of 0 columns");
-    MXLM_CUDA_CHECK(launch_argmax_rows(x, rows, cols, out, stream_));
+    Block workspace(pool_, argmax_rows_workspace_bytes(rows, cols));
+    MXLM_CUDA_CHECK(launch_argmax_rows(x, rows, cols, out, workspace.as<void>(), stream_));
   }
   void sample_rows(const float* x, size_t rows, size_t cols, std::span<const SampleParams> params,
                    int32_t* out) override {  // cuda_sample.cu

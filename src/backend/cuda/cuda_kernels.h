@@ -254,9 +254,12 @@ cudaError_t launch_index_select(const float* iq, const AttentionRows& rows, int 
                                 cudaStream_t stream);
 
 // ---- decoding (cuda_decode.cu)
-// out[r] = the first index of the largest value of row r of x [rows, cols] (std::max_element's choice), one CTA per
-// row.
-cudaError_t launch_argmax_rows(const float* x, size_t rows, size_t cols, int32_t* out, cudaStream_t stream);
+// out[r] = the first index of the largest value of row r of x [rows, cols] (std::max_element's choice, NaN included),
+// the row spread over CTAs of 2048 columns whose partials (workspace: argmax_rows_workspace_bytes) one warp per row
+// merges. rows <= 65535.
+size_t argmax_rows_workspace_bytes(size_t rows, size_t cols);
+cudaError_t launch_argmax_rows(const float* x, size_t rows, size_t cols, int32_t* out, void* workspace,
+                               cudaStream_t stream);
 
 // ---- sampling (cuda_sample.cu)
 // out[r] = backend::sample_row(row r of x, params[r]) token for token (backend/sampling.h), one CTA per row; params
