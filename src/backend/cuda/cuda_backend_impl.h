@@ -25,7 +25,6 @@
 
 namespace mxlm::backend::cuda {
 
-
 inline void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) fail("CUDA error in {}: {}", what, cudaGetErrorString(e));
 }
@@ -327,7 +326,8 @@ class CudaBackend final : public Backend {
       case WeightFormat::F32:
       case WeightFormat::F16: {
         if (m <= kF32GemvMaxTokens && k % 4 == 0) {  // the router at decode: 13-20 -> ~4 µs (H100)
-          MXLM_CUDA_CHECK(launch_f32_gemv(static_cast<const float*>(dw.data_), x, y, n, static_cast<int>(m), k, stream_));
+          MXLM_CUDA_CHECK(
+              launch_f32_gemv(static_cast<const float*>(dw.data_), x, y, n, static_cast<int>(m), k, stream_));
           break;
         }
         const float one = 1.0f, zero = 0.0f;
@@ -528,8 +528,8 @@ class CudaBackend final : public Backend {
     }
     const Mxfp4GemvPlan plan = mxfp4_gemv_plan(n, k, 1, static_cast<int>(m), sms_, mxfp4_gemv_backend_config());
     Block ws(pool_, std::max<size_t>(mxfp4_gemv_workspace_floats(plan, n, static_cast<int>(m)), 1) * 4);
-    MXLM_CUDA_CHECK(launch_mxfp4_gemv2(g, n, k, plan, true, ws.as<float>(),
-                                       gemv_counters(mxfp4_gemv_counters(plan, 1)), stream_, xf));
+    MXLM_CUDA_CHECK(launch_mxfp4_gemv2(g, n, k, plan, true, ws.as<float>(), gemv_counters(mxfp4_gemv_counters(plan, 1)),
+                                       stream_, xf));
   }
 
   void mxfp4_linear_bf16(const DeviceWeight& w, const uint16_t* xb, size_t m, float* y) {
@@ -598,9 +598,7 @@ class CudaBackend final : public Backend {
                   std::span<const Weight* const> gate, std::span<const Weight* const> up,
                   std::span<const Weight* const> down, int first_expert, SwigluParams p, bool qdq_inputs, float* out);
 
-  CacheType cache_type() const {
-    return options_.kv_cache_dtype == DType::BF16 ? CacheType::BF16 : CacheType::F32;
-  }
+  CacheType cache_type() const { return options_.kv_cache_dtype == DType::BF16 ? CacheType::BF16 : CacheType::F32; }
 
   struct RowsOnDevice {
     AttentionRows rows;

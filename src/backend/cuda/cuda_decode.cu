@@ -45,7 +45,8 @@ __global__ void __launch_bounds__(kArgmaxThreads)
   int bi = -1;
 #pragma unroll
   for (int j = 0; j < kArgmaxPerThread; ++j)  // ascending columns: the first of equal maxima stays
-    if (!isnan(v[j]) && (bi < 0 || v[j] > bv)) bv = v[j], bi = static_cast<int>(base + static_cast<size_t>(j) * kArgmaxThreads);
+    if (!isnan(v[j]) && (bi < 0 || v[j] > bv))
+      bv = v[j], bi = static_cast<int>(base + static_cast<size_t>(j) * kArgmaxThreads);
   warp_best(bv, bi);
   __shared__ float sv[kArgmaxThreads / 32];
   __shared__ int si[kArgmaxThreads / 32];

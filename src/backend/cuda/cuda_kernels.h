@@ -178,9 +178,8 @@ cudaError_t launch_moe_route(const int32_t* ids, const float* weights, size_t to
 // launch_swiglu_qdq_bf16 / launch_moe_combine; rows at or past counts[1] (the routed rows) are skipped.
 cudaError_t launch_moe_gather_qdq_bf16(const float* x, const int32_t* gather, const int32_t* counts, size_t rows,
                                        size_t k, bool qdq, uint16_t* out, cudaStream_t stream);
-cudaError_t launch_moe_swiglu_qdq_bf16(const float* gate, const float* up, const int32_t* counts, size_t rows,
-                                       size_t k, float alpha, float limit, bool qdq, uint16_t* out,
-                                       cudaStream_t stream);
+cudaError_t launch_moe_swiglu_qdq_bf16(const float* gate, const float* up, const int32_t* counts, size_t rows, size_t k,
+                                       float alpha, float limit, bool qdq, uint16_t* out, cudaStream_t stream);
 cudaError_t launch_moe_combine_pdl(const float* y, const int32_t* combine, const float* weights, size_t tokens, int k,
                                    size_t hidden, float* out, cudaStream_t stream);
 
