@@ -528,6 +528,64 @@ void bench_attention(const Ceilings& c, bool quick) {
   }
 }
 
+// bf16-weight GEMV for decode-sized steps (launch_bf16_gemv, f32 activations) against cuBLAS bf16 on the same
+// weights, with and without the f32 -> bf16 conversion kernel the cuBLAS path of linear() runs first. Shapes: a
+// MiniMax-M3 decode step's q / o projections, its k / v projection, and the lm_head. Weight sets rotated past L2.
+void bench_bf16_gemv(cublasHandle_t h, const Ceilings& c, bool quick) {
+  cudaStream_t stream;
+  CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  CB(cublasSetStream(h, stream));
+  g_time_stream = stream;
+  struct Shape {
+    int n, k;
+    const char* what;
+  };
+  for (const Shape& s : {Shape{8192, 6144, "q_proj"}, Shape{6144, 8192, "o_proj"}, Shape{512, 6144, "k/v_proj"},
+                         Shape{200064, 6144, "lm_head"}}) {
+    const size_t wbytes = size_t{2} * s.n * s.k;
+    const int sets = static_cast<int>(std::max<size_t>(1, std::min<size_t>(16, (size_t{160} << 20) / wbytes)));
+    std::vector<uint16_t*> ws;
+    for (int i = 0; i < sets; ++i) {
+      ws.push_back(static_cast<uint16_t*>(dalloc(wbytes)));
+      CK(cu::launch_fill_random_bf16(ws.back(), wbytes / 2, 50 + i, 0.05f, stream));
+    }
+    const int kMaxM = cu::kBf16GemvMaxTokens;
+    auto* x = static_cast<float*>(dalloc(size_t{4} * kMaxM * s.k));
+    auto* xb = static_cast<uint16_t*>(dalloc(size_t{2} * kMaxM * s.k));
+    auto* y = static_cast<float*>(dalloc(size_t{4} * kMaxM * s.n));
+    CK(cu::launch_fill_random_f32(x, size_t{1} * kMaxM * s.k, 9, 1.0f, stream));
+    const int inner = s.n > 100000 ? 4 : 32;
+    for (int m : {1, 2, 4, 8}) {
+      const double ours = graph_ms(
+          stream, [&](int i) { CK(cu::launch_bf16_gemv(ws[static_cast<size_t>(i % sets)], x, y, s.n, m, s.k, true, stream)); },
+          quick ? 5 : 15, inner);
+      const double cublas = graph_ms(
+          stream, [&](int i) { gemm_bf16(h, ws[static_cast<size_t>(i % sets)], xb, y, s.n, m, s.k); }, quick ? 5 : 15,
+          inner);
+      const double cublas_conv = graph_ms(
+          stream,
+          [&](int i) {
+            CK(cu::launch_f32_to_bf16(x, xb, static_cast<size_t>(m) * s.k, stream));
+            gemm_bf16(h, ws[static_cast<size_t>(i % sets)], xb, y, s.n, m, s.k);
+          },
+          quick ? 5 : 15, inner);
+      const double gbs = static_cast<double>(wbytes) / (ours * 1e-3) / 1e9;
+      row("bf16 GEMV %-8s N=%6d K=%d M=%d: %8.2f us (graph) = %3.0f%% of copy; cuBLAS %8.2f us (%3.0f%%), with the "
+          "conversion %8.2f us -> %.2fx",
+          s.what, s.n, s.k, m, ours * 1e3, 100.0 * gbs / c.copy_gbs, cublas * 1e3,
+          100.0 * static_cast<double>(wbytes) / (cublas * 1e-3) / 1e9 / c.copy_gbs, cublas_conv * 1e3,
+          cublas_conv / ours);
+    }
+    for (auto* p : ws) CK(cudaFree(p));
+    CK(cudaFree(x));
+    CK(cudaFree(xb));
+    CK(cudaFree(y));
+  }
+  CB(cublasSetStream(h, nullptr));
+  g_time_stream = nullptr;
+  CK(cudaStreamDestroy(stream));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -542,10 +600,11 @@ int main(int argc, char** argv) {
   cublasHandle_t h;
   CB(cublasCreate(&h));
   const Ceilings c = measure_ceilings(h, quick);
-  // MXLM_BENCH_SECTIONS: comma-separated subset of gemv, attention, moe (default all).
+  // MXLM_BENCH_SECTIONS: comma-separated subset of gemv, bf16, attention, moe (default all).
   const char* sections = std::getenv("MXLM_BENCH_SECTIONS");
   auto want = [&](const char* s) { return sections == nullptr || std::strstr(sections, s) != nullptr; };
   if (want("gemv")) bench_gemv(h, c, prop.multiProcessorCount, quick);
+  if (want("bf16")) bench_bf16_gemv(h, c, quick);
   if (want("attention")) bench_attention(c, quick);
   if (want("moe")) bench_moe(c, quick);
   cublasDestroy(h);

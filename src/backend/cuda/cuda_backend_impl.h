@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -24,6 +25,11 @@
 #include "mx/mxfp4.h"
 
 namespace mxlm::backend::cuda {
+
+inline bool bf16_gemv_enabled() {
+  const char* v = std::getenv("MXLM_CUDA_BF16_GEMV");
+  return v == nullptr || v[0] != '0';
+}
 
 inline void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) fail("CUDA error in {}: {}", what, cudaGetErrorString(e));
@@ -337,6 +343,14 @@ class CudaBackend final : public Backend {
         break;
       }
       case WeightFormat::BF16: {
+        // Decode-sized steps: our GEMV (weights prefetched under PDL, no conversion kernel); MXLM_CUDA_BF16_GEMV=0
+        // keeps cuBLAS (benchmark baseline).
+        if (bf16_gemv_enabled() && bf16_gemv_supports(n, k, static_cast<int>(m)) &&
+            reinterpret_cast<uintptr_t>(x) % 16 == 0) {
+          MXLM_CUDA_CHECK(launch_bf16_gemv(static_cast<const uint16_t*>(dw.data_), x, y, n, static_cast<int>(m), k,
+                                           true, stream_));
+          break;
+        }
         Block xb(pool_, m * static_cast<size_t>(k) * 2);
         MXLM_CUDA_CHECK(launch_f32_to_bf16(x, xb.as<uint16_t>(), m * static_cast<size_t>(k), stream_));
         gemm_bf16(static_cast<const uint16_t*>(dw.data_), xb.as<uint16_t>(), y, n, static_cast<int>(m), k);

@@ -34,16 +34,6 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kRowsPerCta = 16 * kWarps;
 
-__device__ __forceinline__ uint4 load_stream_v4(const void* p) {
-  uint4 v;
-  // volatile, like the MMA below: the compiler keeps all of a batch's weight loads ahead of its first MMA
-  // instead of sinking each load to its use (which left one chunk in flight per warp).
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const int src_bytes = valid ? 16 : 0;  // 0: zero-fill

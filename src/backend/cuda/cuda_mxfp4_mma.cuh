@@ -94,6 +94,16 @@ __device__ __forceinline__ void pair_x(const uint4& v, uint32_t out[4]) {
   out[3] = __byte_perm(v.y, v.w, 0x7632);
 }
 
+// A streaming 16-byte weight load. volatile, like the MMA below: the compiler keeps all of a batch's weight loads
+// ahead of its first MMA instead of sinking each load to its use (which left one chunk in flight per warp).
+__device__ __forceinline__ uint4 load_stream_v4(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
 __device__ __forceinline__ void mma_bf16(float d[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                          uint32_t b1) {
   asm volatile(

@@ -1,0 +1,110 @@
+// bf16-weight GEMV for decode-sized steps (1..kBf16GemvMaxTokens tokens): y = bf16(x) · Wᵀ with the weights read
+// straight into the registers that feed the tensor cores (a bf16 weight needs no decode, so each lane loads exactly
+// the A fragments it multiplies), the first batch of them before griddepcontrol.wait (Programmatic Dependent Launch:
+// the previous kernel still runs), the next batch while the current one is multiplied; the f32 activations are rounded
+// to bf16 as they are loaded (no conversion kernel in front). cuBLAS took ~10 us (split-K + its reduce kernel) for
+// the 6 MB projections of a MiniMax-M3 decode step and needed that conversion kernel before every GEMM.
+//
+// CTA = 8 warps on 16 weight rows; warp w takes K / 8 and adds its partials in shared memory in warp order
+// (deterministic). Within a 32-wide block of K, lane (g, t) loads 8 consecutive weights of rows g and g + 8 at
+// 8t .. 8t + 7 and the activations of token g at the same columns; the first MMA takes columns 8t .. 8t + 3 of every
+// lane, the second 8t + 4 .. 8t + 7 (a permutation of K inside the block, the same for both operands).
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "backend/cuda/cuda_device_math.cuh"
+#include "backend/cuda/cuda_kernels.h"
+#include "backend/cuda/cuda_launch.cuh"
+#include "backend/cuda/cuda_mxfp4_mma.cuh"
+
+namespace mxlm::backend::cuda {
+
+namespace {
+
+constexpr int kWarps = 8, kBatch = 4;  // 32-column blocks per lane per batch: 2 x 4 uint4 of weights in flight
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  return to_bf16_bits(lo) | (to_bf16_bits(hi) << 16);
+}
+
+__global__ void __launch_bounds__(kWarps * 32, 2)
+    bf16_gemv_kernel(const uint16_t* w, const float* x, float* y, int n, int m, int k) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int row0 = blockIdx.x * 16;
+  const int ra = min(row0 + g, n - 1), rb = min(row0 + g + 8, n - 1);  // rows past n load row n - 1, unused
+  const int kw = k / kWarps, blocks = kw / 32;
+  const size_t kbeg = static_cast<size_t>(warp) * kw + 8 * t;
+  const uint16_t* pa = w + static_cast<size_t>(ra) * k + kbeg;
+  const uint16_t* pb = w + static_cast<size_t>(rb) * k + kbeg;
+  uint4 cur_a[kBatch], cur_b[kBatch], nxt_a[kBatch], nxt_b[kBatch];
+  auto load = [&](uint4* a, uint4* b, int blk0) {
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int blk = min(blk0 + j, blocks - 1);  // past the slice: a repeat, not multiplied
+      a[j] = load_stream_v4(pa + blk * 32);
+      b[j] = load_stream_v4(pb + blk * 32);
+    }
+  };
+  load(cur_a, cur_b, 0);
+  pdl_wait();
+  pdl_launch_dependents();
+  const bool has_x = g < m;
+  const float* xr = x + static_cast<size_t>(has_x ? g : 0) * k + kbeg;
+  float acc0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, acc1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int blk0 = 0; blk0 < blocks; blk0 += kBatch) {
+    if (blk0 + kBatch < blocks) load(nxt_a, nxt_b, blk0 + kBatch);
+    float4 xlo[kBatch], xhi[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      xlo[j] = xhi[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (has_x && blk0 + j < blocks) {
+        xlo[j] = *reinterpret_cast<const float4*>(xr + (blk0 + j) * 32);
+        xhi[j] = *reinterpret_cast<const float4*>(xr + (blk0 + j) * 32 + 4);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      if (blk0 + j >= blocks) break;
+      mma_bf16(acc0, cur_a[j].x, cur_b[j].x, cur_a[j].y, cur_b[j].y, pack_bf16(xlo[j].x, xlo[j].y),
+               pack_bf16(xlo[j].z, xlo[j].w));
+      mma_bf16(acc1, cur_a[j].z, cur_b[j].z, cur_a[j].w, cur_b[j].w, pack_bf16(xhi[j].x, xhi[j].y),
+               pack_bf16(xhi[j].z, xhi[j].w));
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      cur_a[j] = nxt_a[j];
+      cur_b[j] = nxt_b[j];
+    }
+  }
+  // D: rows g, g + 8 x tokens 2t, 2t + 1.
+  __shared__ float part[kWarps][16][8];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) part[warp][g + (i >= 2 ? 8 : 0)][2 * t + (i & 1)] = acc0[i] + acc1[i];
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < 16 * m; idx += kWarps * 32) {
+    const int row = idx % 16, tok = idx / 16;
+    float s = 0.0f;
+#pragma unroll
+    for (int wi = 0; wi < kWarps; ++wi) s += part[wi][row][tok];
+    if (row0 + row < n) y[static_cast<size_t>(tok) * n + row0 + row] = s;
+  }
+}
+
+}  // namespace
+
+bool bf16_gemv_supports(int n, int k, int m) {
+  return n >= 1 && m >= 1 && m <= kBf16GemvMaxTokens && k >= 32 * kWarps && k % (32 * kWarps) == 0;
+}
+
+cudaError_t launch_bf16_gemv(const uint16_t* w, const float* x, float* y, int n, int m, int k, bool pdl,
+                             cudaStream_t stream) {
+  if (!bf16_gemv_supports(n, k, m) || reinterpret_cast<uintptr_t>(x) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(w) % 16 != 0)
+    return cudaErrorInvalidValue;
+  return launch_kernel(bf16_gemv_kernel, dim3(static_cast<unsigned>((n + 15) / 16)), dim3(kWarps * 32), 0, stream, pdl,
+                       w, x, y, n, m, k);
+}
+
+}  // namespace mxlm::backend::cuda
