@@ -5,12 +5,13 @@
 // to bf16 as they are loaded (no conversion kernel in front). cuBLAS took ~10 us (split-K + its reduce kernel) for
 // the 6 MB projections of a MiniMax-M3 decode step and needed that conversion kernel before every GEMM.
 //
-// CTA = 8 warps on 16 weight rows; warp w takes K / 8 and adds its partials in shared memory in warp order
-// (deterministic). Within a 32-wide block of K, lane (g, t) loads 8 consecutive weights of rows g and g + 8 at
-// 8t .. 8t + 7 and the activations of token g at the same columns; the first MMA takes columns 8t .. 8t + 3 of every
-// lane, the second 8t + 4 .. 8t + 7 (a permutation of K inside the block, the same for both operands).
+// CTA = 8 (or 16) warps on 16 weight rows; warp w takes its share of K and adds its partials in shared memory in warp
+// order (deterministic). Within a 32-wide block of K, lane (g, t) loads 8 consecutive weights of rows g and g + 8 at 8t
+// .. 8t + 7 and the activations of token g at the same columns; the first MMA takes columns 8t .. 8t + 3 of every lane,
+// the second 8t + 4 .. 8t + 7 (a permutation of K inside the block, the same for both operands).
 #include <cuda_bf16.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "backend/cuda/cuda_device_math.cuh"
@@ -22,19 +23,23 @@ namespace mxlm::backend::cuda {
 
 namespace {
 
-constexpr int kWarps = 8, kBatch = 4;  // 32-column blocks per lane per batch: 2 x 4 uint4 of weights in flight
+// Warps per CTA: 8, or 16 where the weight rows give fewer than two 8-warp CTAs per SM (the k / v projections: 32
+// CTAs for 512 rows), so that those few SMs hold twice the loads in flight. Blocks of 32 columns per lane per batch:
+// 2 x 4 uint4 of weights in flight.
+constexpr int kWarps = 8, kWideWarps = 16, kBatch = 4;
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return to_bf16_bits(lo) | (to_bf16_bits(hi) << 16);
 }
 
-__global__ void __launch_bounds__(kWarps * 32, 2)
+template <int W>
+__global__ void __launch_bounds__(W * 32, 16 / W)
     bf16_gemv_kernel(const uint16_t* w, const float* x, float* y, int n, int m, int k) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int row0 = blockIdx.x * 16;
   const int ra = min(row0 + g, n - 1), rb = min(row0 + g + 8, n - 1);  // rows past n load row n - 1, unused
-  const int kw = k / kWarps, blocks = kw / 32;
+  const int kw = k / W, blocks = kw / 32;
   const size_t kbeg = static_cast<size_t>(warp) * kw + 8 * t;
   const uint16_t* pa = w + static_cast<size_t>(ra) * k + kbeg;
   const uint16_t* pb = w + static_cast<size_t>(rb) * k + kbeg;
@@ -79,15 +84,15 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
     }
   }
   // D: rows g, g + 8 x tokens 2t, 2t + 1.
-  __shared__ float part[kWarps][16][8];
+  __shared__ float part[W][16][8];
 #pragma unroll
   for (int i = 0; i < 4; ++i) part[warp][g + (i >= 2 ? 8 : 0)][2 * t + (i & 1)] = acc0[i] + acc1[i];
   __syncthreads();
-  for (int idx = threadIdx.x; idx < 16 * m; idx += kWarps * 32) {
+  for (int idx = threadIdx.x; idx < 16 * m; idx += W * 32) {
     const int row = idx % 16, tok = idx / 16;
     float s = 0.0f;
 #pragma unroll
-    for (int wi = 0; wi < kWarps; ++wi) s += part[wi][row][tok];
+    for (int wi = 0; wi < W; ++wi) s += part[wi][row][tok];
     if (row0 + row < n) y[static_cast<size_t>(tok) * n + row0 + row] = s;
   }
 }
@@ -103,8 +108,21 @@ cudaError_t launch_bf16_gemv(const uint16_t* w, const float* x, float* y, int n,
   if (!bf16_gemv_supports(n, k, m) || reinterpret_cast<uintptr_t>(x) % 16 != 0 ||
       reinterpret_cast<uintptr_t>(w) % 16 != 0)
     return cudaErrorInvalidValue;
-  return launch_kernel(bf16_gemv_kernel, dim3(static_cast<unsigned>((n + 15) / 16)), dim3(kWarps * 32), 0, stream, pdl,
-                       w, x, y, n, m, k);
+  static std::atomic<int> sms_by_device[64] = {};  // tensor-parallel ranks launch from their own threads
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  int sms = sms_by_device[device & 63].load();
+  if (sms == 0) {
+    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (err != cudaSuccess) return err;
+    sms_by_device[device & 63].store(sms);
+  }
+  const unsigned ctas = static_cast<unsigned>((n + 15) / 16);
+  if (ctas < 2u * static_cast<unsigned>(sms) && k % (32 * kWideWarps) == 0)
+    return launch_kernel(bf16_gemv_kernel<kWideWarps>, dim3(ctas), dim3(kWideWarps * 32), 0, stream, pdl, w, x, y, n, m,
+                         k);
+  return launch_kernel(bf16_gemv_kernel<kWarps>, dim3(ctas), dim3(kWarps * 32), 0, stream, pdl, w, x, y, n, m, k);
 }
 
 }  // namespace mxlm::backend::cuda
