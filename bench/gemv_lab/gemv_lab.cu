@@ -968,6 +968,26 @@ std::vector<WeightSet> make_weight_sets(int n, int k, int sets, std::mt19937_64&
   }
   return ws;
 }
+// Device activations for up to 16 tokens of width k (QDQ'd bf16 values, as the GEMV's producers write them) and an
+// output for 16 x n, made and freed together.
+struct TokenBuffers {
+  uint16_t* x = nullptr;
+  float* y = nullptr;
+};
+TokenBuffers make_token_buffers(int n, int k, std::mt19937_64& rng) {
+  TokenBuffers b;
+  CK(cudaMalloc(&b.x, static_cast<size_t>(16) * k * 2));
+  CK(cudaMalloc(&b.y, static_cast<size_t>(16) * n * 4));
+  std::vector<uint16_t> hx(static_cast<size_t>(16) * k);
+  fill_qdq_activations(hx, rng);
+  CK(cudaMemcpy(b.x, hx.data(), hx.size() * 2, cudaMemcpyHostToDevice));
+  return b;
+}
+void free_token_buffers(TokenBuffers& b) {
+  CK(cudaFree(b.x));
+  CK(cudaFree(b.y));
+  b = TokenBuffers{};
+}
 void free_weight_sets(std::vector<WeightSet>& ws) {
   for (auto& s : ws) {
     CK(cudaFree(s.w));
@@ -1004,13 +1024,9 @@ int run_v4(bool quick, cudaStream_t stream, cublasHandle_t blas, double copy_gbs
   for (const Shape sh : {Shape{3072, 6144}, Shape{6144, 3072}}) {
     const size_t wbytes = static_cast<size_t>(sh.n) * sh.k / 2, sbytes = static_cast<size_t>(sh.n) * sh.k / 32;
     std::vector<WeightSet> ws = make_weight_sets(sh.n, sh.k, sets, rng, stream);
-    uint16_t* dx;
-    float* dy;
-    CK(cudaMalloc(&dx, static_cast<size_t>(16) * sh.k * 2));
-    CK(cudaMalloc(&dy, static_cast<size_t>(16) * sh.n * 4));
-    std::vector<uint16_t> hx(static_cast<size_t>(16) * sh.k);
-    fill_qdq_activations(hx, rng);
-    CK(cudaMemcpy(dx, hx.data(), hx.size() * 2, cudaMemcpyHostToDevice));
+    TokenBuffers tb = make_token_buffers(sh.n, sh.k, rng);
+    uint16_t* dx = tb.x;
+    float* dy = tb.y;
     CK(cudaStreamSynchronize(stream));
     const double bytes = static_cast<double>(wbytes + sbytes);
     std::printf("\n== N=%d K=%d: weight bytes %.2f MB, floor at copy bandwidth %.2f us (80 %%: %.2f us)\n", sh.n,
@@ -1027,8 +1043,7 @@ int run_v4(bool quick, cudaStream_t stream, cublasHandle_t blas, double copy_gbs
       }
     }
     free_weight_sets(ws);
-    CK(cudaFree(dx));
-    CK(cudaFree(dy));
+    free_token_buffers(tb);
   }
   return 0;
 }
@@ -1231,15 +1246,9 @@ int main(int argc, char** argv) {
   for (const Shape& sh : shapes) {
     const size_t wbytes = static_cast<size_t>(sh.n) * sh.k / 2, sbytes = static_cast<size_t>(sh.n) * sh.k / 32;
     std::vector<WeightSet> ws = make_weight_sets(sh.n, sh.k, sets, rng, stream);
-    uint16_t* dx;
-    float* dy;
-    CK(cudaMalloc(&dx, static_cast<size_t>(16) * sh.k * 2));
-    CK(cudaMalloc(&dy, static_cast<size_t>(16) * sh.n * 4));
-    {
-      std::vector<uint16_t> hx(static_cast<size_t>(16) * sh.k);
-      fill_qdq_activations(hx, rng);
-      CK(cudaMemcpy(dx, hx.data(), hx.size() * 2, cudaMemcpyHostToDevice));
-    }
+    TokenBuffers tb = make_token_buffers(sh.n, sh.k, rng);
+    uint16_t* dx = tb.x;
+    float* dy = tb.y;
     CK(cudaStreamSynchronize(stream));
     const double bytes = static_cast<double>(wbytes + sbytes);
     const double floor_us = bytes / (copy_gbs * 1e9) * 1e6;
@@ -1356,8 +1365,7 @@ int main(int argc, char** argv) {
         }
     }
     free_weight_sets(ws);
-    CK(cudaFree(dx));
-    CK(cudaFree(dy));
+    free_token_buffers(tb);
   }
   std::printf("\nchecks: %d, failures: %d\n", checks, failures);
   return failures == 0 ? 0 : 2;
