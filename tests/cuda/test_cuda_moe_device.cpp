@@ -184,9 +184,9 @@ void check_gemv2(int sms) {
             cudaMemset(gf.y, 0xff, static_cast<size_t>(m) * c.n * 4);
             cudaDeviceSynchronize();
             const float* dxf = d.put(xfs[gi]);
-          // A pageable cudaMemcpy may return before its DMA lands, and `stream` does not wait for the legacy stream.
-          cudaDeviceSynchronize();
-          e = cu::launch_mxfp4_gemv2(gf, c.n, c.k, plan, pdl, wsp, counters, stream, dxf);
+            // A pageable cudaMemcpy may return before its DMA lands, and `stream` does not wait for the legacy stream.
+            cudaDeviceSynchronize();
+            e = cu::launch_mxfp4_gemv2(gf, c.n, c.k, plan, pdl, wsp, counters, stream, dxf);
             if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
             if (e != cudaSuccess) {
               report(false, tag + " f32 input: " + cudaGetErrorString(e), 0, 0);
@@ -219,60 +219,62 @@ void check_gemv4() {
     int scale_lo = 118, scale_hi = 128;
   };
   // K <= 3072 runs on 4-warp CTAs by default (and 1024 / 1536 only there); "w8" forces 8 warps where they apply.
-  const std::vector<Case> cases = {{3072, 6144}, {6144, 3072}, {200, 2048}, {1000, 4096, 100, 150},
-                                   {77, 8192},   {16, 6144},   {33, 3072, 126, 140}, {700, 1536}, {50, 1024}};
+  const std::vector<Case> cases = {{3072, 6144},           {6144, 3072}, {200, 2048},
+                                   {1000, 4096, 100, 150}, {77, 8192},   {16, 6144},
+                                   {33, 3072, 126, 140},   {700, 1536},  {50, 1024}};
   for (const bool force8 : {false, true})
-  for (const auto& c : cases) {
-    if (force8 && c.k != 2048 && c.k != 3072) continue;
-    if (force8) setenv("MXLM_CUDA_GEMV4_WARPS", "8", 1);
-    DeviceAllocs d;
-    const Mx w = random_mx(c.n, c.k, c.scale_lo, c.scale_hi);
-    const auto xf = randn(static_cast<size_t>(kMaxM) * c.k);
-    const auto xb = to_bf16(xf);
-    const auto want = reference_gemv(w, xb, kMaxM);
-    auto* dw = d.put(w.packed);
-    auto* ds = d.put(w.scales);
-    auto* dx = d.put(xb);
-    auto* dxf = d.put(xf);
-    const size_t ylen = static_cast<size_t>(kMaxM + 1) * c.n;  // one row more than any m: must stay poison
-    auto* dy = d.get<float>(ylen);
-    const double tol = 2e-6 * std::sqrt(static_cast<double>(c.k));
-    for (int m : {1, 2, 3, 4, 5, 8, 13, 16}) {
-      const std::string tag = "gemv4 n=" + std::to_string(c.n) + " k=" + std::to_string(c.k) +
-                              " m=" + std::to_string(m) + (force8 ? " w8" : "");
-      if (!cu::mxfp4_gemv4_supports(c.k, m)) {
-        report(false, tag + " not supported", 0, 0);
-        continue;
-      }
-      std::vector<float> first;
-      for (int run = 0; run < 3; ++run) {  // 0, 1: bf16 input (with / without PDL), 2: f32 input
-        cudaMemset(dy, 0xff, ylen * 4);
-        cudaDeviceSynchronize();
-        cu::Mxfp4GemvGroup g{dw, ds, run < 2 ? dx : nullptr, dy, m, c.n};
-        const cudaError_t e = cu::launch_mxfp4_gemv4(g, c.n, c.k, run != 1, stream, run == 2 ? dxf : nullptr);
-        const cudaError_t e2 = cudaStreamSynchronize(stream);
-        if (e != cudaSuccess || e2 != cudaSuccess) {
-          report(false, tag + " launch: " + cudaGetErrorString(e != cudaSuccess ? e : e2), 0, 0);
-          break;
+    for (const auto& c : cases) {
+      if (force8 && c.k != 2048 && c.k != 3072) continue;
+      if (force8) setenv("MXLM_CUDA_GEMV4_WARPS", "8", 1);
+      DeviceAllocs d;
+      const Mx w = random_mx(c.n, c.k, c.scale_lo, c.scale_hi);
+      const auto xf = randn(static_cast<size_t>(kMaxM) * c.k);
+      const auto xb = to_bf16(xf);
+      const auto want = reference_gemv(w, xb, kMaxM);
+      auto* dw = d.put(w.packed);
+      auto* ds = d.put(w.scales);
+      auto* dx = d.put(xb);
+      auto* dxf = d.put(xf);
+      const size_t ylen = static_cast<size_t>(kMaxM + 1) * c.n;  // one row more than any m: must stay poison
+      auto* dy = d.get<float>(ylen);
+      const double tol = 2e-6 * std::sqrt(static_cast<double>(c.k));
+      for (int m : {1, 2, 3, 4, 5, 8, 13, 16}) {
+        const std::string tag = "gemv4 n=" + std::to_string(c.n) + " k=" + std::to_string(c.k) +
+                                " m=" + std::to_string(m) + (force8 ? " w8" : "");
+        if (!cu::mxfp4_gemv4_supports(c.k, m)) {
+          report(false, tag + " not supported", 0, 0);
+          continue;
         }
-        auto got = fetch(dy, ylen);
-        const bool tail_untouched = std::all_of(got.begin() + static_cast<std::ptrdiff_t>(m) * c.n, got.end(),
-                                                [](float v) { return std::bit_cast<uint32_t>(v) == 0xffffffffu; });
-        got.resize(static_cast<size_t>(m) * c.n);
-        if (run == 0) {
-          check_close(tag, got, std::vector<float>(want.begin(), want.begin() + static_cast<std::ptrdiff_t>(m) * c.n),
-                      tol);
-          report(tail_untouched, tag + " rows past m untouched", 0, 0);
-          first = got;
-        } else {
-          check_bits(tag + (run == 1 ? " without PDL == with PDL" : " f32 input == bf16 input"), got, first);
+        std::vector<float> first;
+        for (int run = 0; run < 3; ++run) {  // 0, 1: bf16 input (with / without PDL), 2: f32 input
+          cudaMemset(dy, 0xff, ylen * 4);
+          cudaDeviceSynchronize();
+          cu::Mxfp4GemvGroup g{dw, ds, run < 2 ? dx : nullptr, dy, m, c.n};
+          const cudaError_t e = cu::launch_mxfp4_gemv4(g, c.n, c.k, run != 1, stream, run == 2 ? dxf : nullptr);
+          const cudaError_t e2 = cudaStreamSynchronize(stream);
+          if (e != cudaSuccess || e2 != cudaSuccess) {
+            report(false, tag + " launch: " + cudaGetErrorString(e != cudaSuccess ? e : e2), 0, 0);
+            break;
+          }
+          auto got = fetch(dy, ylen);
+          const bool tail_untouched = std::all_of(got.begin() + static_cast<std::ptrdiff_t>(m) * c.n, got.end(),
+                                                  [](float v) { return std::bit_cast<uint32_t>(v) == 0xffffffffu; });
+          got.resize(static_cast<size_t>(m) * c.n);
+          if (run == 0) {
+            check_close(tag, got, std::vector<float>(want.begin(), want.begin() + static_cast<std::ptrdiff_t>(m) * c.n),
+                        tol);
+            report(tail_untouched, tag + " rows past m untouched", 0, 0);
+            first = got;
+          } else {
+            check_bits(tag + (run == 1 ? " without PDL == with PDL" : " f32 input == bf16 input"), got, first);
+          }
         }
       }
+      unsetenv("MXLM_CUDA_GEMV4_WARPS");
     }
-    unsetenv("MXLM_CUDA_GEMV4_WARPS");
-  }
-  // MoE form: two matrices per tile (gate / up), three experts, tiles of 1..16 rows, six slots of which four are used.
-  {
+  // MoE form: two matrices per tile (gate / up), three experts, six slots of which four are used; tiles of 1..16 rows
+  // (passes of 4), and tiles of 1..8 rows with max_m 8 (the direct form, one pass).
+  for (const int max_m : {16, 8}) {
     DeviceAllocs d;
     const int n = 520, k = 2048, experts = 3, rows = 25;
     std::vector<Mx> w[2];
@@ -283,7 +285,9 @@ void check_gemv4() {
         wp[mat].push_back(d.put(w[mat].back().packed));
         sp[mat].push_back(d.put(w[mat].back().scales));
       }
-    const std::vector<int32_t> tiles = {0, 0, 1, 2, 1, 5, 1, 6, 16, 0, 22, 3, 1, 0, 16, 2, 0, 16};  // last two unused
+    const std::vector<int32_t> tiles =
+        max_m == 16 ? std::vector<int32_t>{0, 0, 1, 2, 1, 5, 1, 6, 16, 0, 22, 3, 1, 0, 16, 2, 0, 16}  // last two unused
+                    : std::vector<int32_t>{0, 0, 1, 2, 1, 5, 1, 6, 8, 0, 14, 7, 1, 0, 8, 2, 0, 8};
     const auto xb = to_bf16(randn(static_cast<size_t>(rows) * k));
     cu::Mxfp4MoeTiles moe;
     moe.tiles = d.put(tiles);
@@ -299,9 +303,10 @@ void check_gemv4() {
     moe.mats = 2;
     moe.rows_max = rows;
     cudaDeviceSynchronize();
-    const cudaError_t e = cu::launch_mxfp4_moe_gemv4(moe, 6, 16, n, k, true, stream);
+    const cudaError_t e = cu::launch_mxfp4_moe_gemv4(moe, 6, max_m, n, k, true, stream);
     const cudaError_t e2 = cudaStreamSynchronize(stream);
-    report(e == cudaSuccess && e2 == cudaSuccess, "gemv4 moe launch", 0, 0);
+    const std::string form = "gemv4 moe max_m=" + std::to_string(max_m);
+    report(e == cudaSuccess && e2 == cudaSuccess, form + " launch", 0, 0);
     for (int mat = 0; mat < 2 && e == cudaSuccess; ++mat) {
       const auto got = fetch(moe.y[mat], static_cast<size_t>(rows) * n);
       std::vector<bool> written(rows, false);
@@ -310,7 +315,7 @@ void check_gemv4() {
         const std::vector<uint16_t> xt(xb.begin() + static_cast<std::ptrdiff_t>(r0) * k,
                                        xb.begin() + static_cast<std::ptrdiff_t>(r0 + m) * k);
         const auto want = reference_gemv(w[mat][static_cast<size_t>(ex)], xt, m);
-        check_close("gemv4 moe mat " + std::to_string(mat) + " tile " + std::to_string(tile) + " m=" + std::to_string(m),
+        check_close(form + " mat " + std::to_string(mat) + " tile " + std::to_string(tile) + " m=" + std::to_string(m),
                     std::vector<float>(got.begin() + static_cast<std::ptrdiff_t>(r0) * n,
                                        got.begin() + static_cast<std::ptrdiff_t>(r0 + m) * n),
                     want, 2e-6 * std::sqrt(static_cast<double>(k)));
@@ -321,7 +326,7 @@ void check_gemv4() {
         if (!written[static_cast<size_t>(r)])
           for (int i = 0; i < n; ++i)
             untouched = untouched && std::bit_cast<uint32_t>(got[static_cast<size_t>(r) * n + i]) == 0xffffffffu;
-      report(untouched, "gemv4 moe mat " + std::to_string(mat) + ": rows of no tile untouched", 0, 0);
+      report(untouched, form + " mat " + std::to_string(mat) + ": rows of no tile untouched", 0, 0);
     }
   }
   // Refused: 17 tokens, K not a supported multiple of 1024, neither activation pointer.
@@ -456,11 +461,19 @@ void check_moe_device(Backend& cpu, Backend& gpu, Backend& gpu_emu) {
     int first = 0, num_local = 0;  // num_local 0: all experts
   };
   const std::vector<Case> cases = {
-      {16, 4, 128, 64, 1, "random"},         {16, 4, 256, 128, 7, "random"}, {32, 4, 256, 96, 33, "skewed"},
-      {16, 4, 128, 64, 33, "same"},          {8, 2, 96, 160, 130, "random"}, {32, 4, 128, 64, 130, "same"},
-      {32, 4, 256, 128, 7, "random", 8, 16}, {8, 4, 64, 32, 300, "random"},  {128, 4, 128, 64, 33, "same"},
+      {16, 4, 128, 64, 1, "random"},
+      {16, 4, 256, 128, 7, "random"},
+      {32, 4, 256, 96, 33, "skewed"},
+      {16, 4, 128, 64, 33, "same"},
+      {8, 2, 96, 160, 130, "random"},
+      {32, 4, 128, 64, 130, "same"},
+      {32, 4, 256, 128, 7, "random", 8, 16},
+      {8, 4, 64, 32, 300, "random"},
+      {128, 4, 128, 64, 33, "same"},
       // shapes the version-4 GEMV takes (K = 2048, 3072: the default GEMV of device-routed steps there)
-      {16, 4, 2048, 3072, 1, "random"},      {16, 4, 3072, 2048, 33, "skewed"}, {8, 2, 2048, 2048, 130, "same"}};
+      {16, 4, 2048, 3072, 1, "random"},
+      {16, 4, 3072, 2048, 33, "skewed"},
+      {8, 2, 2048, 2048, 130, "same"}};
   for (const auto& c : cases) {
     const int num_local = c.num_local > 0 ? c.num_local : c.experts;
     const size_t T = static_cast<size_t>(c.tokens), H = static_cast<size_t>(c.hidden);

@@ -686,6 +686,10 @@ namespace {
 constexpr int kGemv4Warps = 8;
 constexpr int kGemv4SmallWarps = 4;
 constexpr int kGemv4PassTokens = 4;
+// The direct form: up to 8 tokens (one MMA n-tile) in one pass, bf16 activations loaded by each lane for its own
+// token straight from global memory a chunk ahead of its use, instead of staged in shared memory (8 staged tokens
+// would not fit beside the weights). Same math per chunk as the staged form.
+constexpr int kGemv4DirectTokens = 8;
 // Weight chunks per warp queued before griddepcontrol.wait. One launch (linear): all of them, the whole slice
 // prefetched while the previous kernel runs. The grouped MoE GEMVs run several waves of CTAs, where a CTA's
 // activations would land behind its whole slice: one chunk first, the rest after the activation loads are issued
@@ -718,16 +722,16 @@ __host__ __device__ constexpr int gemv4_x_stride() {
 // (min(largest m, kGemv4PassTokens)): at one token a CTA takes ~65 KB on K = 6144, so three share an SM (two
 // of this launch's and one of the next's under PDL); staging room for four would leave two.
 template <int W, int CH>
-__host__ __device__ constexpr int gemv4_smem_uint4(int pass_tokens) {
-  return W * (CH * 64 + CH * 4 + 16 * kGemv4PassTokens / 4 + pass_tokens * gemv4_x_stride<CH>());
+__host__ __device__ constexpr int gemv4_smem_uint4(int pass_tokens, int part_tokens = kGemv4PassTokens) {
+  return W * (CH * 64 + CH * 4 + 16 * part_tokens / 4 + pass_tokens * gemv4_x_stride<CH>());
 }
 
 // kOnePass: every problem of the launch has m <= pass_tokens (the loop over passes compiled away: 64 instead of
 // 72-80 registers).
-template <int W, int CH, int kMode, bool kOnePass>
+template <int W, int CH, int kMode, bool kOnePass, bool kDirect>
 __global__ void __launch_bounds__(W * 32, 24 / W)
     mxfp4_gemv4_kernel(Mxfp4GemvGroup single, Mxfp4MoeTiles moe, const float* x_f32, int n, int k, int pass_tokens) {
-  constexpr int XS = gemv4_x_stride<CH>(), PT = kGemv4PassTokens;
+  constexpr int XS = gemv4_x_stride<CH>(), PT = kDirect ? kGemv4DirectTokens : kGemv4PassTokens;
   constexpr bool kTriggerAfterX = CH >= 6;
   extern __shared__ __align__(128) uint4 smem4[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -770,6 +774,69 @@ __global__ void __launch_bounds__(W * 32, 24 / W)
   queue_chunks(0, pre);
   if (!kTriggerAfterX) pdl_launch_dependents();
   if (early) pdl_wait();  // the activations and the output belong to the previous kernel's world from here on
+
+  // acc += chunk c of this warp's weights (landed) x the paired activations xp of its lane's token.
+  auto chunk_math = [&](const int c, const uint32_t(&xp)[4][4], float(&acc)[2][4]) {
+    const uint4 a = wl[c * 64 + g * 4 + t];
+    const uint4 b = wl[c * 64 + (g + 8) * 4 + t];
+    const uint32_t sa = (sc[c * 16 + g] >> (8 * t)) & 0xffu;
+    const uint32_t sb = (sc[c * 16 + g + 8] >> (8 * t)) & 0xffu;
+    with_scale_path(scale_capped(sa) || scale_capped(sb), [&](auto capped_tag) {
+      dequant_block_pair<decltype(capped_tag)::value>(a, b, sa, sb, [&](int q, const uint32_t* pa, const uint32_t* pb) {
+        mma_word(acc[0], acc[1], pa, pb, xp[q]);
+      });
+    });
+  };
+  // y rows row0 .. row0 + 15, tokens tok0 .. tok0 + pm - 1 = the warps' partials added in warp order; the second
+  // barrier orders the partials' (and a staged pass's activations') reads before the next pass writes them.
+  auto store = [&](const float(&acc)[2][4], const int tok0, const int pm) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int tok = 2 * t + (i & 1), row = g + (i >= 2 ? 8 : 0);
+      if (tok < PT) part[(warp * 16 + row) * PT + tok] = acc[0][i] + acc[1][i];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < 16 * pm; idx += W * 32) {
+      const int row = idx % 16, tok = idx / 16;
+      float s = 0.0f;
+#pragma unroll
+      for (int w = 0; w < W; ++w) s += part[(w * 16 + row) * PT + tok];
+      if (row0 + row < n) p.y[static_cast<size_t>(tok0 + tok) * p.ldy + row0 + row] = s;
+    }
+    __syncthreads();
+  };
+
+  if constexpr (kDirect) {
+    if (p.m > kGemv4DirectTokens) __trap();
+    const bool has_x = g < p.m;
+    const uint16_t* xg = p.x + static_cast<size_t>(has_x ? g : 0) * k + static_cast<size_t>(c0) * 128 + t * 32;
+    auto load_x = [&](const int c, uint4(&v)[4]) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        v[q] = has_x ? *reinterpret_cast<const uint4*>(xg + c * 128 + q * 8) : make_uint4(0, 0, 0, 0);
+    };
+    uint4 xc[4], xn[4];
+    load_x(0, xc);
+    if (kTriggerAfterX) pdl_launch_dependents();
+    queue_chunks(pre, CH);
+    float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+      if (c + 1 < CH) load_x(c + 1, xn);
+      gemv4_wait_chunk<CH>(c);
+      __syncwarp();  // the scale words were copied by lanes t = 0, 1
+      uint32_t xp[4][4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) pair_x(xc[q], xp[q]);
+      chunk_math(c, xp, acc);
+      if (c + 1 < CH) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) xc[q] = xn[q];
+      }
+    }
+    store(acc, 0, p.m);
+    return;
+  }
 
   // One pass: the activations of tokens tok0 .. tok0 + pm - 1 (pm <= pass_tokens) times the weights in shared memory.
   auto pass = [&](const int tok0, const int pm, const bool first) {
@@ -832,30 +899,9 @@ __global__ void __launch_bounds__(W * 32, 24 / W)
         xp[q][2] = v.z;
         xp[q][3] = v.w;
       }
-      const uint4 a = wl[c * 64 + g * 4 + t];
-      const uint4 b = wl[c * 64 + (g + 8) * 4 + t];
-      const uint32_t sa = (sc[c * 16 + g] >> (8 * t)) & 0xffu;
-      const uint32_t sb = (sc[c * 16 + g + 8] >> (8 * t)) & 0xffu;
-      with_scale_path(scale_capped(sa) || scale_capped(sb), [&](auto capped_tag) {
-        dequant_block_pair<decltype(capped_tag)::value>(
-            a, b, sa, sb,
-            [&](int q, const uint32_t* pa, const uint32_t* pb) { mma_word(acc[0], acc[1], pa, pb, xp[q]); });
-      });
+      chunk_math(c, xp, acc);
     }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int tok = 2 * t + (i & 1), row = g + (i >= 2 ? 8 : 0);
-      if (tok < PT) part[(warp * 16 + row) * PT + tok] = acc[0][i] + acc[1][i];
-    }
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < 16 * pm; idx += W * 32) {
-      const int row = idx % 16, tok = idx / 16;
-      float s = 0.0f;
-#pragma unroll
-      for (int w = 0; w < W; ++w) s += part[(w * 16 + row) * PT + tok];
-      if (row0 + row < n) p.y[static_cast<size_t>(tok0 + tok) * p.ldy + row0 + row] = s;
-    }
-    __syncthreads();  // partials read before the next pass writes them; x read before it is restaged
+    store(acc, tok0, pm);
   };
   if constexpr (kOnePass) {
     if (p.m > pass_tokens) __trap();  // a tile above the launch's max_m would overrun the activation staging
@@ -865,7 +911,7 @@ __global__ void __launch_bounds__(W * 32, 24 / W)
   }
 }
 
-template <int W, int CH, int kMode, bool kOnePass>
+template <int W, int CH, int kMode, bool kOnePass, bool kDirect>
 cudaError_t launch_gemv4_t(const Mxfp4GemvGroup& single, const Mxfp4MoeTiles& moe, int num_z, int max_m,
                            const float* x_f32, int n, int k, bool pdl, cudaStream_t stream) {
   static std::atomic<uint64_t> devices_done{0};  // the shared-memory opt-in is per device
@@ -873,16 +919,17 @@ cudaError_t launch_gemv4_t(const Mxfp4GemvGroup& single, const Mxfp4MoeTiles& mo
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   const uint64_t bit = uint64_t{1} << (device & 63);
-  const int pass_tokens = std::min(max_m, kGemv4PassTokens);
-  const int smem = gemv4_smem_uint4<W, CH>(pass_tokens) * 16;
+  const int pass_tokens = kDirect ? 0 : std::min(max_m, kGemv4PassTokens);
+  const int part_tokens = kDirect ? kGemv4DirectTokens : kGemv4PassTokens;
+  const int smem = gemv4_smem_uint4<W, CH>(pass_tokens, part_tokens) * 16;
   if (!(devices_done.load() & bit)) {
-    err = cudaFuncSetAttribute(mxfp4_gemv4_kernel<W, CH, kMode, kOnePass>,
+    err = cudaFuncSetAttribute(mxfp4_gemv4_kernel<W, CH, kMode, kOnePass, kDirect>,
                                cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               gemv4_smem_uint4<W, CH>(kGemv4PassTokens) * 16);
+                               gemv4_smem_uint4<W, CH>(kDirect ? 0 : kGemv4PassTokens, part_tokens) * 16);
     if (err != cudaSuccess) return err;
     devices_done.fetch_or(bit);
   }
-  return launch_kernel(mxfp4_gemv4_kernel<W, CH, kMode, kOnePass>,
+  return launch_kernel(mxfp4_gemv4_kernel<W, CH, kMode, kOnePass, kDirect>,
                        dim3(static_cast<unsigned>((n + 15) / 16), static_cast<unsigned>(num_z)), dim3(W * 32),
                        static_cast<size_t>(smem), stream, pdl, single, moe, x_f32, n, k, pass_tokens);
 }
@@ -900,8 +947,8 @@ int gemv4_warps(int k) {
     if ((w == kGemv4Warps || w == kGemv4SmallWarps) && gemv4_chunks(k, w) != 0) return w;
   }
   return gemv4_chunks(k, kGemv4Warps) != 0 && k > 3072 ? kGemv4Warps
-         : gemv4_chunks(k, kGemv4SmallWarps) != 0     ? kGemv4SmallWarps
-                                                      : kGemv4Warps;
+         : gemv4_chunks(k, kGemv4SmallWarps) != 0      ? kGemv4SmallWarps
+                                                       : kGemv4Warps;
 }
 
 template <int kMode>
@@ -911,11 +958,16 @@ cudaError_t launch_gemv4(const Mxfp4GemvGroup& single, const Mxfp4MoeTiles& moe,
   const char* no_pdl = std::getenv("MXLM_CUDA_NO_PDL");
   if (no_pdl != nullptr && no_pdl[0] != '\0' && no_pdl[0] != '0') pdl = false;
   const int w = gemv4_warps(k);
+  // 5-8 tokens of bf16 activations: the direct form (one pass); MXLM_CUDA_GEMV4_DIRECT=0 keeps passes of 4.
+  const char* direct_env = std::getenv("MXLM_CUDA_GEMV4_DIRECT");
+  const bool direct = max_m > kGemv4PassTokens && max_m <= kGemv4DirectTokens && x_f32 == nullptr &&
+                      (direct_env == nullptr || direct_env[0] != '0');
   auto by_passes = [&](auto warps, auto ch) {
     constexpr int W = decltype(warps)::value, CH = decltype(ch)::value;
+    if (direct) return launch_gemv4_t<W, CH, kMode, true, true>(single, moe, num_z, max_m, x_f32, n, k, pdl, stream);
     return max_m <= kGemv4PassTokens
-               ? launch_gemv4_t<W, CH, kMode, true>(single, moe, num_z, max_m, x_f32, n, k, pdl, stream)
-               : launch_gemv4_t<W, CH, kMode, false>(single, moe, num_z, max_m, x_f32, n, k, pdl, stream);
+               ? launch_gemv4_t<W, CH, kMode, true, false>(single, moe, num_z, max_m, x_f32, n, k, pdl, stream)
+               : launch_gemv4_t<W, CH, kMode, false, false>(single, moe, num_z, max_m, x_f32, n, k, pdl, stream);
   };
   auto by_chunks = [&](auto warps) {
     constexpr int W = decltype(warps)::value;
