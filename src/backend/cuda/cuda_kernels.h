@@ -142,6 +142,9 @@ cudaError_t launch_mxfp4_moe_gemv1(const Mxfp4MoeTiles& moe, int max_tiles, int 
 // of 4 over the weights held in shared memory. For m <= 16 and k = 1024 * {2, 3, 4, 6, 8} (mxfp4_gemv4_supports);
 // activations bf16 (problem.x) or f32 (x_f32, rounded to bf16 while staged). y is written, not accumulated.
 bool mxfp4_gemv4_supports(int k, int m);
+// Version 4 multiplies up to this many rows of bf16 activations in one pass (bf16 problem.x or the MoE form; f32
+// activations and more rows run passes of 4).
+constexpr int kMxfp4Gemv4OnePassRows = 8;
 cudaError_t launch_mxfp4_gemv4(const Mxfp4GemvGroup& problem, int n, int k, bool pdl, cudaStream_t stream,
                                const float* x_f32 = nullptr);
 // Routed experts (the tile list of launch_moe_route, as launch_mxfp4_moe_gemv) by version 4; max_m: the most rows a

@@ -689,7 +689,7 @@ constexpr int kGemv4PassTokens = 4;
 // The direct form: up to 8 tokens (one MMA n-tile) in one pass, bf16 activations loaded by each lane for its own
 // token straight from global memory a chunk ahead of its use, instead of staged in shared memory (8 staged tokens
 // would not fit beside the weights). Same math per chunk as the staged form.
-constexpr int kGemv4DirectTokens = 8;
+constexpr int kGemv4DirectTokens = kMxfp4Gemv4OnePassRows;
 // Weight chunks per warp queued before griddepcontrol.wait. One launch (linear): all of them, the whole slice
 // prefetched while the previous kernel runs. The grouped MoE GEMVs run several waves of CTAs, where a CTA's
 // activations would land behind its whole slice: one chunk first, the rest after the activation loads are issued
