@@ -124,16 +124,16 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
     }
   };
 
-  // GEMV version per launch: 4 (one CTA per 16 rows of a tile's expert over the whole K, no K split, no memset) where
-  // a tile holds at most 8 rows (its one-pass forms: H100, session 5: T = 8 layer 0.404 -> 0.360 ms, T = 32 1.165 ->
-  // 1.139 ms), else 1 (the register-batch kernel with atomic K split into zeroed outputs, reading the tile list
-  // itself; version 4 repeats its math per 4 rows of 16-row tiles). MXLM_CUDA_MOE_GEMV="<gate/up>[<down>]" with 1, 2
-  // (version 2 over the tile list) or 4 overrides (e.g. "14": version 1 for gate/up, 4 for down).
+  // GEMV version per launch: 4 (one CTA per 16 rows of a tile's expert over the whole K, no K split, no memset) for
+  // steps of up to 32 tokens whose tiles hold at most 8 rows (its one-pass forms; H100, session 5: T = 8 layer 0.403
+  // -> 0.360 ms, T = 32 1.169 -> 1.141 ms, but T = 128 1.800 -> 1.907 ms), else 1 (the register-batch kernel with
+  // atomic K split into zeroed outputs, reading the tile list itself). MXLM_CUDA_MOE_GEMV="<gate/up>[<down>]" with
+  // 1, 2 (version 2 over the tile list) or 4 overrides (e.g. "14": version 1 for gate/up, 4 for down).
   // A tile holds at most min(tile rows, tokens) rows: a token picks a routed expert once, the shared expert once.
   const int v4_rows = std::min(max_m, static_cast<int>(tokens));
   const char* gemv_env = std::getenv("MXLM_CUDA_MOE_GEMV");
   const bool env_set = gemv_env != nullptr && gemv_env[0] != '\0';
-  const char gu_choice = env_set ? gemv_env[0] : (v4_rows <= kMxfp4Gemv4OnePassRows ? '4' : '1');
+  const char gu_choice = env_set ? gemv_env[0] : (v4_rows <= kMxfp4Gemv4OnePassRows && tokens <= 32 ? '4' : '1');
   const char dn_choice = env_set && gemv_env[1] != '\0' ? gemv_env[1] : gu_choice;
   const bool gu_v4 = gu_choice == '4' && mxfp4_gemv4_supports(hidden, v4_rows);
   const bool dn_v4 = dn_choice == '4' && mxfp4_gemv4_supports(inter, v4_rows);
