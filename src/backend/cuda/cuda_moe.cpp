@@ -21,6 +21,7 @@ namespace mxlm::backend::cuda {
 
 namespace {
 constexpr size_t kDeviceRoutingRows = 1024;
+constexpr size_t kMoeGemv4MaxTokens = 16;
 
 // MXLM_CUDA_MOE_HOST=1 forces the host-sorted path (benchmark baseline).
 bool moe_host_only() {
@@ -125,15 +126,16 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
   };
 
   // GEMV version per launch: 4 (one CTA per 16 rows of a tile's expert over the whole K, no K split, no memset) for
-  // steps of up to 32 tokens whose tiles hold at most 8 rows (its one-pass forms; H100, session 5: T = 8 layer 0.403
-  // -> 0.360 ms, T = 32 1.169 -> 1.141 ms, but T = 128 1.800 -> 1.907 ms), else 1 (the register-batch kernel with
-  // atomic K split into zeroed outputs, reading the tile list itself). MXLM_CUDA_MOE_GEMV="<gate/up>[<down>]" with
+  // steps of up to kMoeGemv4MaxTokens tokens whose tiles hold at most 8 rows (its one-pass forms; H100, session 5:
+  // T = 8 layer 0.403 -> 0.360 ms; at T = 32 1.141 vs 1.169 ms on random routing but a B = 32 decode step 2 % slower
+  // than on version 1, T = 128 1.907 vs 1.800 ms: its per-lane activation loads grow with the rows per tile), else 1
+  // (the register-batch kernel with atomic K split into zeroed outputs, reading the tile list itself). MXLM_CUDA_MOE_GEMV="<gate/up>[<down>]" with
   // 1, 2 (version 2 over the tile list) or 4 overrides (e.g. "14": version 1 for gate/up, 4 for down).
   // A tile holds at most min(tile rows, tokens) rows: a token picks a routed expert once, the shared expert once.
   const int v4_rows = std::min(max_m, static_cast<int>(tokens));
   const char* gemv_env = std::getenv("MXLM_CUDA_MOE_GEMV");
   const bool env_set = gemv_env != nullptr && gemv_env[0] != '\0';
-  const char gu_choice = env_set ? gemv_env[0] : (v4_rows <= kMxfp4Gemv4OnePassRows && tokens <= 32 ? '4' : '1');
+  const char gu_choice = env_set ? gemv_env[0] : (v4_rows <= kMxfp4Gemv4OnePassRows && tokens <= kMoeGemv4MaxTokens ? '4' : '1');
   const char dn_choice = env_set && gemv_env[1] != '\0' ? gemv_env[1] : gu_choice;
   const bool gu_v4 = gu_choice == '4' && mxfp4_gemv4_supports(hidden, v4_rows);
   const bool dn_v4 = dn_choice == '4' && mxfp4_gemv4_supports(inter, v4_rows);
