@@ -531,7 +531,7 @@ void bench_attention(const Ceilings& c, bool quick) {
 // bf16-weight GEMV for decode-sized steps (launch_bf16_gemv, f32 activations) against cuBLAS bf16 on the same
 // weights, with and without the f32 -> bf16 conversion kernel the cuBLAS path of linear() runs first. Shapes: a
 // MiniMax-M3 decode step's q / o projections, its k / v projection, and the lm_head. Weight sets rotated past L2.
-void bench_bf16_gemv(cublasHandle_t h, const Ceilings& c, bool quick) {
+void bench_bf16_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
   cudaStream_t stream;
   CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   CB(cublasSetStream(h, stream));
@@ -557,7 +557,7 @@ void bench_bf16_gemv(cublasHandle_t h, const Ceilings& c, bool quick) {
     const int inner = s.n > 100000 ? 4 : 32;
     for (int m : {1, 2, 4, 8}) {
       const double ours = graph_ms(
-          stream, [&](int i) { CK(cu::launch_bf16_gemv(ws[static_cast<size_t>(i % sets)], x, y, s.n, m, s.k, true, stream)); },
+          stream, [&](int i) { CK(cu::launch_bf16_gemv(ws[static_cast<size_t>(i % sets)], x, y, s.n, m, s.k, sms, true, stream)); },
           quick ? 5 : 15, inner);
       const double cublas = graph_ms(
           stream, [&](int i) { gemm_bf16(h, ws[static_cast<size_t>(i % sets)], xb, y, s.n, m, s.k); }, quick ? 5 : 15,
@@ -604,7 +604,7 @@ int main(int argc, char** argv) {
   const char* sections = std::getenv("MXLM_BENCH_SECTIONS");
   auto want = [&](const char* s) { return sections == nullptr || std::strstr(sections, s) != nullptr; };
   if (want("gemv")) bench_gemv(h, c, prop.multiProcessorCount, quick);
-  if (want("bf16")) bench_bf16_gemv(h, c, quick);
+  if (want("bf16")) bench_bf16_gemv(h, c, prop.multiProcessorCount, quick);
   if (want("attention")) bench_attention(c, quick);
   if (want("moe")) bench_moe(c, quick);
   cublasDestroy(h);

@@ -16,6 +16,7 @@
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_kernels.h"
 #include "core/dtype.h"
+#include "device_allocs.h"
 #include "gpu_check.h"
 #include "moe_tile_check.h"
 #include "mx/mxfp4.h"
@@ -25,33 +26,6 @@ namespace {
 using namespace mxlm;
 using namespace mxlm::gpucheck;
 namespace cu = mxlm::backend::cuda;
-
-struct DeviceAllocs {
-  std::vector<void*> ptrs;
-  ~DeviceAllocs() {
-    for (void* p : ptrs) cudaFree(p);
-  }
-  template <typename T>
-  T* get(size_t count) {
-    void* p = nullptr;
-    if (cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(T)) != cudaSuccess) return nullptr;
-    ptrs.push_back(p);
-    return static_cast<T*>(p);
-  }
-  template <typename T>
-  T* put(const std::vector<T>& v) {
-    T* p = get<T>(v.size());
-    cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice);
-    return p;
-  }
-};
-
-template <typename T>
-std::vector<T> fetch(const T* p, size_t n) {
-  std::vector<T> v(n);
-  cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost);
-  return v;
-}
 
 // Random f32 activations and their bf16 rounding (what the GEMV multiplies).
 std::vector<uint16_t> to_bf16(const std::vector<float>& f) {

@@ -15,6 +15,7 @@
 #include "backend/backend.h"
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_kernels.h"
+#include "device_allocs.h"
 #include "gpu_check.h"
 #include "moe_tile_check.h"
 
@@ -25,26 +26,6 @@ using namespace mxlm::gpucheck;
 namespace cu = mxlm::backend::cuda;
 
 constexpr backend::SwigluParams kSwiglu{1.702f, 7.0f};
-
-template <typename T>
-T* device_copy(const std::vector<T>& v) {
-  void* p = nullptr;
-  if (cudaMalloc(&p, std::max<size_t>(v.size(), 1) * sizeof(T)) != cudaSuccess) return nullptr;
-  cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice);
-  return static_cast<T*>(p);
-}
-template <typename T>
-T* device_alloc(size_t n) {
-  void* p = nullptr;
-  if (cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T)) != cudaSuccess) return nullptr;
-  return static_cast<T*>(p);
-}
-template <typename T>
-std::vector<T> fetch(const T* p, size_t n) {
-  std::vector<T> v(n);
-  cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost);
-  return v;
-}
 
 // Distinct experts per token: random, or every token on experts 0..k-1 ("same").
 std::vector<int32_t> make_ids(int tokens, int k, int experts, bool same) {
@@ -79,14 +60,15 @@ void check_route_shared() {
     const size_t T = static_cast<size_t>(c.tokens), rows_max = T * static_cast<size_t>(slots);
     const int max_tiles = cu::moe_max_tiles(T, slots, experts);
     const int tile_rows = cu::moe_tile_rows(T, slots, experts);
-    int32_t* dids = device_copy(ids);
-    float* dw = device_copy(w);
-    auto* offsets = device_alloc<int32_t>(static_cast<size_t>(experts) + 1);
-    auto* gather = device_alloc<int32_t>(rows_max);
-    auto* roww = device_alloc<float>(rows_max);
-    auto* combine = device_alloc<int32_t>(rows_max);
-    auto* tiles = device_alloc<int32_t>(static_cast<size_t>(max_tiles) * 3);
-    auto* counts = device_alloc<int32_t>(2);
+    DeviceAllocs d;
+    int32_t* dids = d.put(ids);
+    float* dw = d.put(w);
+    auto* offsets = d.get<int32_t>(static_cast<size_t>(experts) + 1);
+    auto* gather = d.get<int32_t>(rows_max);
+    auto* roww = d.get<float>(rows_max);
+    auto* combine = d.get<int32_t>(rows_max);
+    auto* tiles = d.get<int32_t>(static_cast<size_t>(max_tiles) * 3);
+    auto* counts = d.get<int32_t>(2);
     cudaError_t e = cu::launch_moe_route(dids, dw, T, c.k, c.first, c.num_local, offsets, gather, roww, combine, tiles,
                                          counts, nullptr, false, /*shared_expert=*/true);
     if (e == cudaSuccess) e = cudaDeviceSynchronize();
@@ -100,10 +82,6 @@ void check_route_shared() {
     const auto rw = fetch(roww, rows_max);
     const auto cb = fetch(combine, rows_max);
     const auto tl = fetch(tiles, static_cast<size_t>(max_tiles) * 3);
-    for (void* p :
-         {static_cast<void*>(dids), static_cast<void*>(dw), static_cast<void*>(offsets), static_cast<void*>(gather),
-          static_cast<void*>(roww), static_cast<void*>(combine), static_cast<void*>(tiles), static_cast<void*>(counts)})
-      cudaFree(p);
     int bad = 0;
     // Routed rows per local expert, from the ids.
     std::vector<std::vector<std::pair<int, float>>> want(static_cast<size_t>(experts));

@@ -348,7 +348,7 @@ class CudaBackend final : public Backend {
         if (bf16_gemv_enabled() && bf16_gemv_supports(n, k, static_cast<int>(m)) &&
             reinterpret_cast<uintptr_t>(x) % 16 == 0) {
           MXLM_CUDA_CHECK(launch_bf16_gemv(static_cast<const uint16_t*>(dw.data_), x, y, n, static_cast<int>(m), k,
-                                           true, stream_));
+                                           sms_, true, stream_));
           break;
         }
         Block xb(pool_, m * static_cast<size_t>(k) * 2);

@@ -11,7 +11,6 @@
 // the second 8t + 4 .. 8t + 7 (a permutation of K inside the block, the same for both operands).
 #include <cuda_bf16.h>
 
-#include <atomic>
 #include <cstdint>
 
 #include "backend/cuda/cuda_device_math.cuh"
@@ -27,10 +26,6 @@ namespace {
 // CTAs for 512 rows), so that those few SMs hold twice the loads in flight. Blocks of 32 columns per lane per batch:
 // 2 x 4 uint4 of weights in flight.
 constexpr int kWarps = 8, kWideWarps = 16, kBatch = 4;
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  return to_bf16_bits(lo) | (to_bf16_bits(hi) << 16);
-}
 
 template <int W>
 __global__ void __launch_bounds__(W * 32, 16 / W)
@@ -72,10 +67,10 @@ __global__ void __launch_bounds__(W * 32, 16 / W)
 #pragma unroll
     for (int j = 0; j < kBatch; ++j) {
       if (blk0 + j >= blocks) break;
-      mma_bf16(acc0, cur_a[j].x, cur_b[j].x, cur_a[j].y, cur_b[j].y, pack_bf16(xlo[j].x, xlo[j].y),
-               pack_bf16(xlo[j].z, xlo[j].w));
-      mma_bf16(acc1, cur_a[j].z, cur_b[j].z, cur_a[j].w, cur_b[j].w, pack_bf16(xhi[j].x, xhi[j].y),
-               pack_bf16(xhi[j].z, xhi[j].w));
+      mma_bf16(acc0, cur_a[j].x, cur_b[j].x, cur_a[j].y, cur_b[j].y, pack_bf16x2(xlo[j].x, xlo[j].y),
+               pack_bf16x2(xlo[j].z, xlo[j].w));
+      mma_bf16(acc1, cur_a[j].z, cur_b[j].z, cur_a[j].w, cur_b[j].w, pack_bf16x2(xhi[j].x, xhi[j].y),
+               pack_bf16x2(xhi[j].z, xhi[j].w));
     }
 #pragma unroll
     for (int j = 0; j < kBatch; ++j) {
@@ -103,21 +98,11 @@ bool bf16_gemv_supports(int n, int k, int m) {
   return n >= 1 && m >= 1 && m <= kBf16GemvMaxTokens && k >= 32 * kWarps && k % (32 * kWarps) == 0;
 }
 
-cudaError_t launch_bf16_gemv(const uint16_t* w, const float* x, float* y, int n, int m, int k, bool pdl,
+cudaError_t launch_bf16_gemv(const uint16_t* w, const float* x, float* y, int n, int m, int k, int sms, bool pdl,
                              cudaStream_t stream) {
   if (!bf16_gemv_supports(n, k, m) || reinterpret_cast<uintptr_t>(x) % 16 != 0 ||
       reinterpret_cast<uintptr_t>(w) % 16 != 0)
     return cudaErrorInvalidValue;
-  static std::atomic<int> sms_by_device[64] = {};  // tensor-parallel ranks launch from their own threads
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  int sms = sms_by_device[device & 63].load();
-  if (sms == 0) {
-    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    if (err != cudaSuccess) return err;
-    sms_by_device[device & 63].store(sms);
-  }
   const unsigned ctas = static_cast<unsigned>((n + 15) / 16);
   if (ctas < 2u * static_cast<unsigned>(sms) && k % (32 * kWideWarps) == 0)
     return launch_kernel(bf16_gemv_kernel<kWideWarps>, dim3(ctas), dim3(kWideWarps * 32), 0, stream, pdl, w, x, y, n, m,

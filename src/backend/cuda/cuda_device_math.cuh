@@ -15,6 +15,10 @@ __device__ __forceinline__ uint16_t to_bf16_bits(float v) {
   if (isnan(v)) return static_cast<uint16_t>((__float_as_uint(v) >> 16) | 0x0040u);
   return __bfloat16_as_ushort(__float2bfloat16_rn(v));
 }
+// Two floats as one bf16x2 register (lo in the low half), each rounded as to_bf16_bits.
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  return static_cast<uint32_t>(to_bf16_bits(lo)) | (static_cast<uint32_t>(to_bf16_bits(hi)) << 16);
+}
 
 // ---- MX QDQ of one 32-element block held one element per lane (the whole warp takes part).
 // Same function as mx::ref::qdq_block: "even" scale from the f32 bits of amax, y = x * 2^-e (exact), RNE onto

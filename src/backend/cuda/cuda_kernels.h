@@ -198,10 +198,10 @@ constexpr int kF32GemvMaxTokens = 8;
 cudaError_t launch_f32_gemv(const float* w, const float* x, float* y, int n, int m, int k, cudaStream_t stream);
 // y[m, n] = bf16(x[m, k]) · W[n, k]ᵀ for bf16 weights and 1..kBf16GemvMaxTokens tokens (cuda_bf16_gemv.cu): the
 // f32 activations rounded to bf16 (RNE, as launch_f32_to_bf16) as they are loaded, f32 sums, deterministic. k a
-// multiple of 256, x and w 16-byte aligned.
+// multiple of 256, x and w 16-byte aligned; sms = the device's multiprocessors (picks the CTA size).
 constexpr int kBf16GemvMaxTokens = 8;
 bool bf16_gemv_supports(int n, int k, int m);
-cudaError_t launch_bf16_gemv(const uint16_t* w, const float* x, float* y, int n, int m, int k, bool pdl,
+cudaError_t launch_bf16_gemv(const uint16_t* w, const float* x, float* y, int n, int m, int k, int sms, bool pdl,
                              cudaStream_t stream);
 // Router top-k on logits [tokens, experts]: s = sigmoid, choice = s + bias (bias may be null), top-k by choice
 // (ties: lower id), weights = s / Σ s * scale. k <= kRouterMaxTopK, experts <= kRouterMaxExperts.

@@ -129,13 +129,15 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
   // steps of up to kMoeGemv4MaxTokens tokens whose tiles hold at most 8 rows (its one-pass forms; H100, session 5:
   // T = 8 layer 0.403 -> 0.360 ms; at T = 32 1.141 vs 1.169 ms on random routing but a B = 32 decode step 2 % slower
   // than on version 1, T = 128 1.907 vs 1.800 ms: its per-lane activation loads grow with the rows per tile), else 1
-  // (the register-batch kernel with atomic K split into zeroed outputs, reading the tile list itself). MXLM_CUDA_MOE_GEMV="<gate/up>[<down>]" with
-  // 1, 2 (version 2 over the tile list) or 4 overrides (e.g. "14": version 1 for gate/up, 4 for down).
-  // A tile holds at most min(tile rows, tokens) rows: a token picks a routed expert once, the shared expert once.
+  // (the register-batch kernel with atomic K split into zeroed outputs, reading the tile list itself).
+  // MXLM_CUDA_MOE_GEMV="<gate/up>[<down>]" with 1, 2 (version 2 over the tile list) or 4 overrides (e.g. "14": version
+  // 1 for gate/up, 4 for down). A tile holds at most min(tile rows, tokens) rows: a token picks a routed expert once,
+  // the shared expert once.
   const int v4_rows = std::min(max_m, static_cast<int>(tokens));
   const char* gemv_env = std::getenv("MXLM_CUDA_MOE_GEMV");
   const bool env_set = gemv_env != nullptr && gemv_env[0] != '\0';
-  const char gu_choice = env_set ? gemv_env[0] : (v4_rows <= kMxfp4Gemv4OnePassRows && tokens <= kMoeGemv4MaxTokens ? '4' : '1');
+  const char gu_choice =
+      env_set ? gemv_env[0] : (v4_rows <= kMxfp4Gemv4OnePassRows && tokens <= kMoeGemv4MaxTokens ? '4' : '1');
   const char dn_choice = env_set && gemv_env[1] != '\0' ? gemv_env[1] : gu_choice;
   const bool gu_v4 = gu_choice == '4' && mxfp4_gemv4_supports(hidden, v4_rows);
   const bool dn_v4 = dn_choice == '4' && mxfp4_gemv4_supports(inter, v4_rows);
@@ -168,8 +170,7 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
   if (gu_v4) {
     MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv4(gu, max_tiles, v4_rows, inter, hidden, true, stream_));
   } else if (gu_v2) {
-    const Mxfp4GemvPlan plan1 =
-        mxfp4_gemv_plan(inter, hidden, max_tiles * 2, max_m, sms_, mxfp4_gemv_backend_config());
+    const Mxfp4GemvPlan plan1 = mxfp4_gemv_plan(inter, hidden, max_tiles * 2, max_m, sms_, mxfp4_gemv_backend_config());
     Block ws1(pool_, std::max<size_t>(mxfp4_gemv_workspace_floats(plan1, inter, 2 * rows_max), 1) * 4);
     MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv(gu, max_tiles, inter, hidden, plan1, true, ws1.as<float>(),
                                           gemv_counters(mxfp4_gemv_counters(plan1, max_tiles * 2)), stream_));

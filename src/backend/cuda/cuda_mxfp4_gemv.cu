@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <type_traits>
 
+#include "backend/cuda/cuda_device_math.cuh"
 #include "backend/cuda/cuda_kernels.h"
 #include "backend/cuda/cuda_mxfp4_mma.cuh"
 
@@ -224,11 +225,6 @@ __device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(gmem) : "memory");
 }
-// RNE; NaN keeps its sign and top payload bits, quiet (as core/dtype.h's f32_to_bf16 and launch_f32_to_bf16).
-__device__ __forceinline__ uint32_t bf16_bits(float v) {
-  if (isnan(v)) return (__float_as_uint(v) >> 16) | 0x0040u;
-  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-}
 constexpr int kStages = 4;  // cp.async commit groups per CTA slice (version 2)
 // Mxfp4GemvConfig::flags bits (version 2): see cuda_kernels.h.
 constexpr int kGemvRowCopies = 1, kGemvNoMath = 2, kGemvNoActivations = 4, kGemvStagedWait = 8;
@@ -354,10 +350,10 @@ __global__ void __launch_bounds__(W * 32)
         const float4* src = reinterpret_cast<const float4*>(x_f32 + static_cast<size_t>(tok) * k +
                                                             static_cast<size_t>(kb) * 32 + q * 8);
         const float4 lo = __ldcg(src), hi = __ldcg(src + 1);
-        v.x = bf16_bits(lo.x) | (bf16_bits(lo.y) << 16);
-        v.y = bf16_bits(lo.z) | (bf16_bits(lo.w) << 16);
-        v.z = bf16_bits(hi.x) | (bf16_bits(hi.y) << 16);
-        v.w = bf16_bits(hi.z) | (bf16_bits(hi.w) << 16);
+        v.x = pack_bf16x2(lo.x, lo.y);
+        v.y = pack_bf16x2(lo.z, lo.w);
+        v.z = pack_bf16x2(hi.x, hi.y);
+        v.w = pack_bf16x2(hi.z, hi.w);
       }
       xs[tok * xstride + ci * 16 + blk_in * 4 + (q ^ ((blk_in >> 1) & 1))] = v;
     }
@@ -856,8 +852,8 @@ __global__ void __launch_bounds__(W * 32, 24 / W)
             if (kMode == kSingle && x_f32 != nullptr) {
               const float4 lo = *reinterpret_cast<const float4*>(x_f32 + off);
               const float4 hi = *reinterpret_cast<const float4*>(x_f32 + off + 4);
-              v[j] = make_uint4(bf16_bits(lo.x) | (bf16_bits(lo.y) << 16), bf16_bits(lo.z) | (bf16_bits(lo.w) << 16),
-                                bf16_bits(hi.x) | (bf16_bits(hi.y) << 16), bf16_bits(hi.z) | (bf16_bits(hi.w) << 16));
+              v[j] = make_uint4(pack_bf16x2(lo.x, lo.y), pack_bf16x2(lo.z, lo.w), pack_bf16x2(hi.x, hi.y),
+                                pack_bf16x2(hi.z, hi.w));
             } else {
               v[j] = *reinterpret_cast<const uint4*>(p.x + off);
             }
