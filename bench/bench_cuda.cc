@@ -287,9 +287,8 @@ std::vector<int> moe_token_counts() {
 }
 
 // One full-size MoE layer through the backend (router + routed experts + shared expert), both MoE paths. The "MoE
-// layer" rows run moe_layer with the shared expert (native: on a second stream beside the routing); one row per T
-// fuses it into the routed launches, one runs it unfused as the model did before (8 ops after the routed experts),
-// the baselines of the same run.
+// layer" rows pass the shared expert to moe_experts (native: fused into the routed launches); one row per T runs it
+// unfused as the model did before (8 ops after the routed experts), the baseline of the same run.
 void bench_moe(const Ceilings& c, bool quick) {
   const int E = 128, K = 4, H = 6144, I = 3072;
   std::vector<std::unique_ptr<backend::Weight>> w1, w3, w2;
@@ -327,12 +326,11 @@ void bench_moe(const Ceilings& c, bool quick) {
       auto g = be->alloc(static_cast<size_t>(T) * I), u = be->alloc(static_cast<size_t>(T) * I);
       auto xq = be->alloc(hx.size()), aq = be->alloc(static_cast<size_t>(T) * I);
       float sink = 0;
-      // The layer as the model runs it: moe_layer with the shared expert (native: on a second stream beside the
-      // routing; MXLM_CUDA_MOE_SHARED=fused: inside the routed launches).
-      const backend::Backend::MoeRouter moe_router{router.get(), bias->f32(), K, 2.0f};
+      // The layer with the shared expert handed to moe_experts (fused where the backend can).
       auto layer_ops = [&]() {
-        be->moe_layer(x->f32(), static_cast<size_t>(T), moe_router, ids->i32(), wts->f32(), p1, p3, p2, 0,
-                      {1.702f, 7.0f}, true, &shared_expert, out->f32());
+        be->router(x->f32(), static_cast<size_t>(T), *router, bias->f32(), K, 2.0f, ids->i32(), wts->f32());
+        be->moe_experts(x->f32(), static_cast<size_t>(T), ids->i32(), wts->f32(), K, p1, p3, p2, 0, {1.702f, 7.0f},
+                        true, &shared_expert, out->f32());
       };
       // Baseline: the routed experts, then the shared expert as the model ran it before (QDQ before each MXFP4
       // linear).
@@ -386,10 +384,6 @@ void bench_moe(const Ceilings& c, bool quick) {
           if (gms == 0.0 || t < gms) gms = t;
           if (is_default) fused_default = t;
         }
-        setenv("MXLM_CUDA_MOE_SHARED", "fused", 1);  // the shared expert inside the routed launches (sharedfuse)
-        const double fused_ms = graph_ms(backend::cuda_stream(*be), [&](int) { layer_ops(); }, quick ? 5 : 10, 4);
-        unsetenv("MXLM_CUDA_MOE_SHARED");
-        row("MoE layer native T=%3d shared expert fused into the routed launches: %7.3f ms graph", T, fused_ms);
         for (const char* rows : {"8", "16"}) {  // GEMV tile rows forced
           setenv("MXLM_CUDA_MOE_TILE_ROWS", rows, 1);
           const double t = graph_ms(backend::cuda_stream(*be), [&](int) { layer_ops(); }, quick ? 5 : 10, 4);

@@ -180,22 +180,6 @@ class Backend {
                            std::span<const Weight* const> gate, std::span<const Weight* const> up,
                            std::span<const Weight* const> down, int first_expert, SwigluParams p, bool qdq_inputs,
                            const SharedExpert* shared, float* out) = 0;
-  // One MoE layer: router(x, router.w, router.bias, router.k, router.scale) into ids / weights, then moe_experts
-  // with those. One call, so that a backend can run what needs only x (the shared expert) while it routes (CUDA: on
-  // a second stream); the results are moe_experts'. The default makes exactly those two calls.
-  struct MoeRouter {
-    const Weight* w = nullptr;
-    const float* bias = nullptr;  // null: none
-    int k = 1;
-    float scale = 1.0f;
-  };
-  virtual void moe_layer(const float* x, size_t tokens, const MoeRouter& router, int32_t* ids, float* weights,
-                         std::span<const Weight* const> gate, std::span<const Weight* const> up,
-                         std::span<const Weight* const> down, int first_expert, SwigluParams p, bool qdq_inputs,
-                         const SharedExpert* shared, float* out) {
-    this->router(x, tokens, *router.w, router.bias, router.k, router.scale, ids, weights);
-    moe_experts(x, tokens, ids, weights, router.k, gate, up, down, first_expert, p, qdq_inputs, shared, out);
-  }
 
   // ---- paged attention. A cache layer is [num_pages, block_size, width] (width = kv_heads * head_dim for K and V,
   // index_dim for index-K) elements of cache_dtype(): f32 unless the backend was configured otherwise (the CUDA

@@ -252,14 +252,8 @@ void M3Model::moe(const Layer& layer, const float* x, size_t m, float* out) {
   Scratch s(backend_);
   int32_t* ids = s.i32(m * static_cast<size_t>(k));
   float* weights = s(m * static_cast<size_t>(k));
-  // The shared expert goes with the routed ones (out = routed + shared, added last): a backend may run it inside
-  // the routed experts' launches or beside the routing (CUDA native) instead of as the separate MLP + add it was.
-  const backend::SharedExpert shared{layer.dense.gate.get(), layer.dense.up.get(), layer.dense.down.get()};
-  const backend::Backend::MoeRouter router{layer.router.get(), layer.router_bias ? layer.router_bias->f32() : nullptr,
-                                           k, static_cast<float>(t.routed_scaling_factor)};
-  backend_.moe_layer(x, m, router, ids, weights, layer.w1_ptr, layer.w3_ptr, layer.w2_ptr, 0,
-                     {static_cast<float>(t.swiglu_alpha), static_cast<float>(t.swiglu_limit)}, layer.w1.front()->mxfp4(),
-                     layer.dense ? &shared : nullptr, out);
+  backend_.router(x, m, *layer.router, layer.router_bias ? layer.router_bias->f32() : nullptr, k,
+                  static_cast<float>(t.routed_scaling_factor), ids, weights);
   if (routing_observer_) {
     auto host = backend_.alloc(m * static_cast<size_t>(k));
     backend_.copy(reinterpret_cast<const float*>(ids), host->f32(), m * static_cast<size_t>(k));
@@ -267,6 +261,12 @@ void M3Model::moe(const Layer& layer, const float* x, size_t m, float* out) {
     backend_.download(*host, 0, reinterpret_cast<float*>(h.data()), h.size());
     routing_observer_(layer.index, h, k);
   }
+  // The shared expert goes with the routed ones (out = routed + shared, added last): a backend may run it inside
+  // the routed experts' launches (CUDA native) instead of as the separate MLP + add it was before.
+  const backend::SharedExpert shared{layer.dense.gate.get(), layer.dense.up.get(), layer.dense.down.get()};
+  backend_.moe_experts(x, m, ids, weights, k, layer.w1_ptr, layer.w3_ptr, layer.w2_ptr, 0,
+                       {static_cast<float>(t.swiglu_alpha), static_cast<float>(t.swiglu_limit)},
+                       layer.w1.front()->mxfp4(), layer.dense ? &shared : nullptr, out);
 }
 
 void M3Model::attention(const Layer& layer, const LayerCache& cache, const backend::AttentionBatch& batch,

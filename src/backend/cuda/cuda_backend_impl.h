@@ -206,12 +206,6 @@ class CudaBackend final : public Backend {
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
-    if (side_stream_) {
-      cudaStreamSynchronize(side_stream_);
-      cudaEventDestroy(side_fork_);
-      cudaEventDestroy(side_done_);
-      cudaStreamDestroy(side_stream_);
-    }
     cudaFreeHost(ring_);
     cublasDestroy(cublas_);
     cudaStreamDestroy(stream_);
@@ -426,10 +420,6 @@ class CudaBackend final : public Backend {
                    std::span<const Weight* const> gate, std::span<const Weight* const> up,
                    std::span<const Weight* const> down, int first_expert, SwigluParams p, bool qdq_inputs,
                    const SharedExpert* shared, float* out) override;
-  void moe_layer(const float* x, size_t tokens, const MoeRouter& router, int32_t* ids, float* weights,
-                 std::span<const Weight* const> gate, std::span<const Weight* const> up,
-                 std::span<const Weight* const> down, int first_expert, SwigluParams p, bool qdq_inputs,
-                 const SharedExpert* shared, float* out) override;
 
   // ---- attention
   DType cache_dtype() const override { return options_.kv_cache_dtype; }
@@ -611,44 +601,12 @@ class CudaBackend final : public Backend {
                                      std::span<const Weight* const> down, const SharedExpert* shared);
   // Whether moe_experts can run `shared` as one more expert of the device-routed launches (cuda_moe.cpp).
   bool shared_expert_fusable(std::span<const Weight* const> gate, const SharedExpert& shared, bool qdq_inputs) const;
-  // Whether a step of `tokens` x k routed rows over `experts` local experts (shared one included) routes on the device.
-  bool moe_routable_on_device(size_t tokens, int k, int experts) const;
-  // launch_moe_route's lists of one step, sized for tokens * slots rows.
-  struct MoeLists {
-    Block offsets, gather, row_w, combine, tiles, counts;
-    size_t tokens = 0;
-    int slots = 0, experts = 0, max_tiles = 0, max_m = 0;
-    size_t rows() const { return tokens * static_cast<size_t>(slots); }
-  };
-  MoeLists moe_route_lists(const int32_t* ids, const float* weights, size_t tokens, int k, int first_expert,
-                           int num_local, bool shared, cudaStream_t stream);
-  // Device arrays of per-expert weight pointers: gate, up, down data and their scales (views into an expert table).
-  struct MoeMats {
-    const uint8_t* const* w[3];
-    const uint8_t* const* scales[3];
-  };
-  // The experts' SwiGLU MLPs over the rows of `l` on `stream`: gather + QDQ, gate/up GEMV, SwiGLU + QDQ, down GEMV
-  // into y [l.rows(), hidden]. Its buffers go to `scratch`, which the caller keeps until the backend's stream is
-  // ordered after `stream`'s work.
-  void moe_mlp_on_device(const float* x, const MoeLists& l, const MoeMats& mats, int hidden, int inter, SwigluParams p,
-                         bool qdq_inputs, float* y, cudaStream_t stream, std::vector<Block>& scratch);
-  // A shared expert moe_layer runs on the second stream: the fused table it used, its output [tokens, hidden], and
-  // the event recorded after it.
-  struct ApartShared {
-    const uint8_t* const* table;
-    const float* y;
-    cudaEvent_t done;
-  };
   // The device-routed layer (false, having launched nothing, when the step does not fit it); with `shared`, the
-  // shared expert runs as local expert num_local of the same launches; with `apart`, its output is added by the
-  // combine (after waiting for it).
+  // shared expert runs as local expert num_local of the same launches.
   bool moe_experts_on_device(const float* x, size_t tokens, const int32_t* ids, const float* weights, int k,
                              std::span<const Weight* const> gate, std::span<const Weight* const> up,
                              std::span<const Weight* const> down, int first_expert, SwigluParams p, bool qdq_inputs,
-                             const SharedExpert* shared, const ApartShared* apart, float* out);
-  // moe_layer's second stream and its fork / join events (made on first use).
-  cudaStream_t side_stream_ = nullptr;
-  cudaEvent_t side_fork_ = nullptr, side_done_ = nullptr;
+                             const SharedExpert* shared, float* out);
   // The routed experts alone: device routing when it fits, else sorted on the host.
   void moe_routed(const float* x, size_t tokens, const int32_t* ids, const float* weights, int k,
                   std::span<const Weight* const> gate, std::span<const Weight* const> up,

@@ -63,10 +63,9 @@ __device__ __forceinline__ float swiglu(float gate, float up, float alpha, float
 
 // MoE combine for token blockIdx.y over the hidden columns this thread strides across: out[t] = Σ_j w[r] * y[r]
 // over the token's rows r = combine[t, j] (-1 = no row; rows listed in ascending expert order, the CPU backend's
-// summation order), then + shared_y[t] when the shared expert ran apart (null: none, or fused as the last row). The
-// plain and the PDL kernels both run this body.
+// summation order). The plain and the PDL kernels both run this body.
 __device__ __forceinline__ void moe_combine_token(const float* y, const int32_t* combine, const float* weights, int k,
-                                                  size_t hidden, const float* shared_y, float* out) {
+                                                  size_t hidden, float* out) {
   const size_t t = blockIdx.y;
   for (size_t c = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; c < hidden;
        c += static_cast<size_t>(gridDim.x) * blockDim.x) {
@@ -76,7 +75,6 @@ __device__ __forceinline__ void moe_combine_token(const float* y, const int32_t*
       if (r < 0) continue;
       acc += weights[r] * y[static_cast<size_t>(r) * hidden + c];
     }
-    if (shared_y != nullptr) acc += shared_y[t * hidden + c];
     out[t * hidden + c] = acc;
   }
 }

@@ -192,8 +192,8 @@ __global__ void dequant_kernel(const uint8_t* packed, const uint8_t* scales, siz
 }
 
 __global__ void moe_combine_kernel(const float* y, const int32_t* combine, const float* weights, int k, size_t hidden,
-                                   const float* shared_y, float* out) {
-  moe_combine_token(y, combine, weights, k, hidden, shared_y, out);
+                                   float* out) {
+  moe_combine_token(y, combine, weights, k, hidden, out);
 }
 
 // y[t, r] = Σ_k w[r, k] x[t, k] in f32 for a few tokens (m <= kF32GemvMaxTokens): one CTA per weight row, its
@@ -494,10 +494,10 @@ cudaError_t launch_dequant_mxfp4_f32(const uint8_t* packed, const uint8_t* scale
 }
 
 cudaError_t launch_moe_combine(const float* y, const int32_t* combine, const float* weights, size_t tokens, int k,
-                               size_t hidden, const float* shared_y, float* out, cudaStream_t stream) {
+                               size_t hidden, float* out, cudaStream_t stream) {
   if (tokens == 0) return cudaSuccess;
   const dim3 grid(blocks_for(hidden), static_cast<unsigned>(tokens));
-  moe_combine_kernel<<<grid, kThreads, 0, stream>>>(y, combine, weights, k, hidden, shared_y, out);
+  moe_combine_kernel<<<grid, kThreads, 0, stream>>>(y, combine, weights, k, hidden, out);
   return cudaGetLastError();
 }
 

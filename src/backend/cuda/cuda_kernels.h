@@ -169,8 +169,7 @@ cudaError_t launch_read_probe(const void* data, size_t bytes, unsigned* sink, in
 // With shared_expert (sharedfuse) a shared expert every token runs is local expert num_local (num_local + 1 <=
 // 1024): its rows come last (row offsets[num_local] + t is token t, weight 1), and each token's combine list has
 // k + 1 slots, the shared row in the last (after the routed rows and their -1s); gather / row_weight / combine then
-// hold tokens * (k + 1) entries, offsets num_local + 2. num_local = 0 with k = 0 (ids and weights unused) gives the
-// shared expert's lists alone: row t = token t, one combine slot per token.
+// hold tokens * (k + 1) entries, offsets num_local + 2.
 // Rows per GEMV tile (8 or 16: the GEMV variant with one or two token tiles) and the most tiles a step can have
 // (with a shared expert: k + 1 and num_local + 1).
 int moe_tile_rows(size_t tokens, int k, int num_local);
@@ -187,13 +186,12 @@ cudaError_t launch_moe_gather_qdq_bf16(const float* x, const int32_t* gather, co
 cudaError_t launch_moe_swiglu_qdq_bf16(const float* gate, const float* up, const int32_t* counts, size_t rows, size_t k,
                                        float alpha, float limit, bool qdq, uint16_t* out, cudaStream_t stream);
 cudaError_t launch_moe_combine_pdl(const float* y, const int32_t* combine, const float* weights, size_t tokens, int k,
-                                   size_t hidden, const float* shared_y, float* out, cudaStream_t stream);
+                                   size_t hidden, float* out, cudaStream_t stream);
 
 // ---- MoE helpers
-// out[t] = Σ_j weights[row] · y[row] over rows = combine[t, 0..k-1] (-1 = none), in that order, then + shared_y[t]
-// (shared_y [tokens, hidden] or null: the shared expert's output where it ran apart from the routed launches).
+// out[t] = Σ_j weights[row] · y[row] over rows = combine[t, 0..k-1] (-1 = none), in that order.
 cudaError_t launch_moe_combine(const float* y, const int32_t* combine, const float* weights, size_t tokens, int k,
-                               size_t hidden, const float* shared_y, float* out, cudaStream_t stream);
+                               size_t hidden, float* out, cudaStream_t stream);
 // y[m, n] = x[m, k] · W[n, k]ᵀ in f32 for 1..kF32GemvMaxTokens tokens (k % 4 == 0): the router and other small
 // f32 linears (cuBLAS sgemm reads these at a tenth of the bandwidth). Deterministic.
 constexpr int kF32GemvMaxTokens = 8;

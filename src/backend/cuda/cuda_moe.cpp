@@ -14,7 +14,6 @@
 // in each token's last slot, after the routed experts: out = routed + shared with the unfused summation order. Paths
 // that do not fuse it (host-sorted, emulation, float or odd-shaped shared experts) run it unfused afterwards.
 #include <cstdlib>
-#include <cstring>
 
 #include "backend/cuda/cuda_backend_impl.h"
 
@@ -73,89 +72,83 @@ bool CudaBackend::shared_expert_fusable(std::span<const Weight* const> gate, con
          shared.down->cols() == gate[0]->rows();
 }
 
-namespace {
-bool moe_pdl() {
+bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int32_t* ids, const float* weights, int k,
+                                        std::span<const Weight* const> gate, std::span<const Weight* const> up,
+                                        std::span<const Weight* const> down, int first_expert, SwigluParams p,
+                                        bool qdq_inputs, const SharedExpert* shared, float* out) {
+  const int num_local = static_cast<int>(gate.size());
+  // With a shared expert: one more local expert (num_local) and one more row per token (the last combine slot).
+  const int experts = num_local + (shared ? 1 : 0), slots = k + (shared ? 1 : 0);
+  // The routed rows decide (tokens take the same path fused or not); the buffers hold the shared rows too.
+  if (tokens * static_cast<size_t>(k) > kDeviceRoutingRows || experts > 1024) return false;
+  const size_t tk = tokens * static_cast<size_t>(slots);
+  const int hidden = static_cast<int>(gate[0]->cols()), inter = static_cast<int>(gate[0]->rows());
+  const size_t H = static_cast<size_t>(hidden), I = static_cast<size_t>(inter);
+  const int max_tiles = moe_max_tiles(tokens, slots, experts);
+  const uint8_t* const* table = expert_table(gate, up, down, shared);  // may synchronise (first call, new weights)
   // MXLM_CUDA_MOE_PLAIN=1: the small kernels without Programmatic Dependent Launch (cuda_kernels.cu's).
   const char* plain_env = std::getenv("MXLM_CUDA_MOE_PLAIN");
-  return plain_env == nullptr || plain_env[0] == '\0' || plain_env[0] == '0';
-}
-// MXLM_CUDA_MOE_GEMV="<gate/up>[<down>]" with 1, 2 or 4: the grouped GEMV versions, overriding the choice by size.
-const char* moe_gemv_override() {
-  const char* v = std::getenv("MXLM_CUDA_MOE_GEMV");
-  return v != nullptr && v[0] != '\0' ? v : nullptr;
-}
-}  // namespace
-
-bool CudaBackend::moe_routable_on_device(size_t tokens, int k, int experts) const {
-  return tokens * static_cast<size_t>(k) <= kDeviceRoutingRows && experts <= 1024;
-}
-
-CudaBackend::MoeLists CudaBackend::moe_route_lists(const int32_t* ids, const float* weights, size_t tokens, int k,
-                                                   int first_expert, int num_local, bool shared, cudaStream_t stream) {
-  MoeLists l;
-  l.tokens = tokens;
-  l.slots = k + (shared ? 1 : 0);
-  l.experts = num_local + (shared ? 1 : 0);
-  l.max_tiles = moe_max_tiles(tokens, l.slots, l.experts);
-  l.max_m = moe_tile_rows(tokens, l.slots, l.experts);
-  const size_t tk = l.rows();
-  l.offsets = Block(pool_, (static_cast<size_t>(l.experts) + 1) * 4);
-  l.gather = Block(pool_, tk * 4);
-  l.row_w = Block(pool_, tk * 4);
-  l.combine = Block(pool_, tk * 4);
-  l.tiles = Block(pool_, static_cast<size_t>(l.max_tiles) * 12);
-  l.counts = Block(pool_, 8);
-  MXLM_CUDA_CHECK(launch_moe_route(ids, weights, tokens, k, first_expert, num_local, l.offsets.as<int32_t>(),
-                                   l.gather.as<int32_t>(), l.row_w.as<float>(), l.combine.as<int32_t>(),
-                                   l.tiles.as<int32_t>(), l.counts.as<int32_t>(), stream, moe_pdl(), shared));
-  return l;
-}
-
-void CudaBackend::moe_mlp_on_device(const float* x, const MoeLists& l, const MoeMats& mats, int hidden, int inter,
-                                    SwigluParams p, bool qdq_inputs, float* y, cudaStream_t stream,
-                                    std::vector<Block>& scratch) {
-  const size_t tk = l.rows(), tokens = l.tokens;
-  const size_t H = static_cast<size_t>(hidden), I = static_cast<size_t>(inter);
-  const bool pdl = moe_pdl();
-  const int max_tiles = l.max_tiles, max_m = l.max_m, rows_max = static_cast<int>(tk);
-  const int32_t* counts = l.counts.as<int32_t>();
-  scratch.reserve(scratch.size() + 6);  // the references below stay valid
+  const bool pdl = plain_env == nullptr || plain_env[0] == '\0' || plain_env[0] == '0';
+  Block offsets(pool_, (static_cast<size_t>(experts) + 1) * 4), gather(pool_, tk * 4), row_w(pool_, tk * 4),
+      combine(pool_, tk * 4), tiles(pool_, static_cast<size_t>(max_tiles) * 12), counts(pool_, 8);
+  MXLM_CUDA_CHECK(launch_moe_route(ids, weights, tokens, k, first_expert, num_local, offsets.as<int32_t>(),
+                                   gather.as<int32_t>(), row_w.as<float>(), combine.as<int32_t>(), tiles.as<int32_t>(),
+                                   counts.as<int32_t>(), stream_, pdl, shared != nullptr));
   // Every buffer is sized for all tk rows; rows past the routed count hold token 0's row (gather pads with 0) or
-  // unused values and are read by no tile and no combine entry. Kept by the caller until `stream` is done with them
-  // in the stream order of the backend's stream.
-  Block& xs = scratch.emplace_back(pool_, tk * H * 2);
-  Block& g = scratch.emplace_back(pool_, tk * I * 4);
-  Block& u = scratch.emplace_back(pool_, tk * I * 4);
-  Block& act = scratch.emplace_back(pool_, tk * I * 2);
+  // unused values and are read by no tile and no combine entry.
+  Block xs(pool_, tk * H * 2), g(pool_, tk * I * 4), u(pool_, tk * I * 4), act(pool_, tk * I * 2), y(pool_, tk * H * 4);
   if (pdl) {
-    MXLM_CUDA_CHECK(launch_moe_gather_qdq_bf16(x, l.gather.as<int32_t>(), counts, tk, H, qdq_inputs, xs.as<uint16_t>(),
-                                               stream));
+    MXLM_CUDA_CHECK(launch_moe_gather_qdq_bf16(x, gather.as<int32_t>(), counts.as<int32_t>(), tk, H, qdq_inputs,
+                                               xs.as<uint16_t>(), stream_));
   } else {
-    MXLM_CUDA_CHECK(launch_gather_qdq_bf16(x, l.gather.as<int32_t>(), tk, H, qdq_inputs, xs.as<uint16_t>(), stream));
+    MXLM_CUDA_CHECK(launch_gather_qdq_bf16(x, gather.as<int32_t>(), tk, H, qdq_inputs, xs.as<uint16_t>(), stream_));
   }
+  const size_t n = static_cast<size_t>(experts);
+  const int max_m = moe_tile_rows(tokens, slots, experts);
+  const int rows_max = static_cast<int>(tk);
+  auto swiglu_qdq = [&] {
+    if (pdl) {
+      MXLM_CUDA_CHECK(launch_moe_swiglu_qdq_bf16(g.as<float>(), u.as<float>(), counts.as<int32_t>(), tk, I, p.alpha,
+                                                 p.limit, qdq_inputs, act.as<uint16_t>(), stream_));
+    } else {
+      MXLM_CUDA_CHECK(launch_swiglu_qdq_bf16(g.as<float>(), u.as<float>(), tk, I, p.alpha, p.limit, qdq_inputs,
+                                             act.as<uint16_t>(), stream_));
+    }
+  };
+  auto combine_rows = [&] {
+    if (pdl) {
+      MXLM_CUDA_CHECK(launch_moe_combine_pdl(y.as<float>(), combine.as<int32_t>(), row_w.as<float>(), tokens, slots, H,
+                                             out, stream_));
+    } else {
+      MXLM_CUDA_CHECK(
+          launch_moe_combine(y.as<float>(), combine.as<int32_t>(), row_w.as<float>(), tokens, slots, H, out, stream_));
+    }
+  };
 
   // GEMV version per launch: 4 (one CTA per 16 rows of a tile's expert over the whole K, no K split, no memset) for
   // steps of up to kMoeGemv4MaxTokens tokens whose tiles hold at most 8 rows (its one-pass forms; H100, session 5:
   // T = 8 layer 0.403 -> 0.360 ms; at T = 32 1.141 vs 1.169 ms on random routing but a B = 32 decode step 2 % slower
   // than on version 1, T = 128 1.907 vs 1.800 ms: its per-lane activation loads grow with the rows per tile), else 1
   // (the register-batch kernel with atomic K split into zeroed outputs, reading the tile list itself).
-  // moe_gemv_override(): "14" = version 1 for gate/up, 4 for down; 2 = version 2 over the tile list. A tile holds at
-  // most min(tile rows, tokens) rows: a token picks a routed expert once, the shared expert once.
+  // MXLM_CUDA_MOE_GEMV="<gate/up>[<down>]" with 1, 2 (version 2 over the tile list) or 4 overrides (e.g. "14": version
+  // 1 for gate/up, 4 for down). A tile holds at most min(tile rows, tokens) rows: a token picks a routed expert once,
+  // the shared expert once.
   const int v4_rows = std::min(max_m, static_cast<int>(tokens));
-  const char* forced = moe_gemv_override();
+  const char* gemv_env = std::getenv("MXLM_CUDA_MOE_GEMV");
+  const bool env_set = gemv_env != nullptr && gemv_env[0] != '\0';
   const char gu_choice =
-      forced ? forced[0] : (v4_rows <= kMxfp4Gemv4OnePassRows && tokens <= kMoeGemv4MaxTokens ? '4' : '1');
-  const char dn_choice = forced && forced[1] != '\0' ? forced[1] : gu_choice;
+      env_set ? gemv_env[0] : (v4_rows <= kMxfp4Gemv4OnePassRows && tokens <= kMoeGemv4MaxTokens ? '4' : '1');
+  const char dn_choice = env_set && gemv_env[1] != '\0' ? gemv_env[1] : gu_choice;
   const bool gu_v4 = gu_choice == '4' && mxfp4_gemv4_supports(hidden, v4_rows);
   const bool dn_v4 = dn_choice == '4' && mxfp4_gemv4_supports(inter, v4_rows);
   const bool gu_v2 = gu_choice == '2', dn_v2 = dn_choice == '2';
   Mxfp4MoeTiles gu;
-  gu.tiles = l.tiles.as<int32_t>();
-  gu.num_tiles = counts;
-  gu.w[0] = mats.w[0];
-  gu.w[1] = mats.w[1];
-  gu.scales[0] = mats.scales[0];
-  gu.scales[1] = mats.scales[1];
+  gu.tiles = tiles.as<int32_t>();
+  gu.num_tiles = counts.as<int32_t>();
+  gu.w[0] = table;
+  gu.w[1] = table + n;
+  gu.scales[0] = table + 3 * n;
+  gu.scales[1] = table + 4 * n;
   gu.x = xs.as<uint16_t>();
   gu.y[0] = g.as<float>();
   gu.y[1] = u.as<float>();
@@ -164,135 +157,46 @@ void CudaBackend::moe_mlp_on_device(const float* x, const MoeLists& l, const Moe
   gu.rows_max = rows_max;
   gu.tiles_ready = true;  // route ran before the gather, the gather right before this GEMV
   Mxfp4MoeTiles dn;
-  dn.tiles = l.tiles.as<int32_t>();
-  dn.num_tiles = counts;
-  dn.w[0] = mats.w[2];
-  dn.scales[0] = mats.scales[2];
+  dn.tiles = tiles.as<int32_t>();
+  dn.num_tiles = counts.as<int32_t>();
+  dn.w[0] = table + 2 * n;
+  dn.scales[0] = table + 5 * n;
   dn.x = act.as<uint16_t>();
-  dn.y[0] = y;
+  dn.y[0] = y.as<float>();
   dn.ldy = hidden;
   dn.mats = 1;
   dn.rows_max = rows_max;
   dn.tiles_ready = true;
   if (gu_v4) {
-    MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv4(gu, max_tiles, v4_rows, inter, hidden, true, stream));
+    MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv4(gu, max_tiles, v4_rows, inter, hidden, true, stream_));
   } else if (gu_v2) {
     const Mxfp4GemvPlan plan1 = mxfp4_gemv_plan(inter, hidden, max_tiles * 2, max_m, sms_, mxfp4_gemv_backend_config());
-    Block& ws1 = scratch.emplace_back(pool_, std::max<size_t>(mxfp4_gemv_workspace_floats(plan1, inter, 2 * rows_max), 1) * 4);
+    Block ws1(pool_, std::max<size_t>(mxfp4_gemv_workspace_floats(plan1, inter, 2 * rows_max), 1) * 4);
     MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv(gu, max_tiles, inter, hidden, plan1, true, ws1.as<float>(),
-                                          gemv_counters(mxfp4_gemv_counters(plan1, max_tiles * 2)), stream));
+                                          gemv_counters(mxfp4_gemv_counters(plan1, max_tiles * 2)), stream_));
   } else {
     const int split1 = mxfp4_gemv_k_split(inter, hidden, 2 * max_tiles, sms_);
     if (split1 > 1) {
-      MXLM_CUDA_CHECK(cudaMemsetAsync(g.as<void>(), 0, tk * I * 4, stream));
-      MXLM_CUDA_CHECK(cudaMemsetAsync(u.as<void>(), 0, tk * I * 4, stream));
+      MXLM_CUDA_CHECK(cudaMemsetAsync(g.as<void>(), 0, tk * I * 4, stream_));
+      MXLM_CUDA_CHECK(cudaMemsetAsync(u.as<void>(), 0, tk * I * 4, stream_));
     }
-    MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv1(gu, max_tiles, max_m, inter, hidden, split1, stream));
+    MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv1(gu, max_tiles, max_m, inter, hidden, split1, stream_));
   }
-  if (pdl) {
-    MXLM_CUDA_CHECK(launch_moe_swiglu_qdq_bf16(g.as<float>(), u.as<float>(), counts, tk, I, p.alpha, p.limit,
-                                               qdq_inputs, act.as<uint16_t>(), stream));
-  } else {
-    MXLM_CUDA_CHECK(launch_swiglu_qdq_bf16(g.as<float>(), u.as<float>(), tk, I, p.alpha, p.limit, qdq_inputs,
-                                           act.as<uint16_t>(), stream));
-  }
+  swiglu_qdq();
   if (dn_v4) {
-    MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv4(dn, max_tiles, v4_rows, hidden, inter, true, stream));
+    MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv4(dn, max_tiles, v4_rows, hidden, inter, true, stream_));
   } else if (dn_v2) {
     const Mxfp4GemvPlan plan2 = mxfp4_gemv_plan(hidden, inter, max_tiles, max_m, sms_, mxfp4_gemv_backend_config());
-    Block& ws2 = scratch.emplace_back(pool_, std::max<size_t>(mxfp4_gemv_workspace_floats(plan2, hidden, rows_max), 1) * 4);
+    Block ws2(pool_, std::max<size_t>(mxfp4_gemv_workspace_floats(plan2, hidden, rows_max), 1) * 4);
     MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv(dn, max_tiles, hidden, inter, plan2, true, ws2.as<float>(),
-                                          gemv_counters(mxfp4_gemv_counters(plan2, max_tiles)), stream));
+                                          gemv_counters(mxfp4_gemv_counters(plan2, max_tiles)), stream_));
   } else {
     const int split2 = mxfp4_gemv_k_split(hidden, inter, max_tiles, sms_);
-    if (split2 > 1) MXLM_CUDA_CHECK(cudaMemsetAsync(y, 0, tk * H * 4, stream));
-    MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv1(dn, max_tiles, max_m, hidden, inter, split2, stream));
+    if (split2 > 1) MXLM_CUDA_CHECK(cudaMemsetAsync(y.as<void>(), 0, tk * H * 4, stream_));
+    MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv1(dn, max_tiles, max_m, hidden, inter, split2, stream_));
   }
-}
-
-bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int32_t* ids, const float* weights, int k,
-                                        std::span<const Weight* const> gate, std::span<const Weight* const> up,
-                                        std::span<const Weight* const> down, int first_expert, SwigluParams p,
-                                        bool qdq_inputs, const SharedExpert* shared, const ApartShared* apart,
-                                        float* out) {
-  const int num_local = static_cast<int>(gate.size());
-  // With a fused shared expert: one more local expert (num_local) and one more row per token (the last combine slot).
-  // The routed rows decide (tokens take the same path fused or not); the buffers hold the shared rows too.
-  if (!moe_routable_on_device(tokens, k, num_local + (shared ? 1 : 0))) return false;
-  const int hidden = static_cast<int>(gate[0]->cols()), inter = static_cast<int>(gate[0]->rows());
-  // may synchronise (first call, new weights); the table of the fused layer (apart: the one moe_layer made)
-  const uint8_t* const* table = apart ? apart->table : expert_table(gate, up, down, shared);
-  const MoeLists l = moe_route_lists(ids, weights, tokens, k, first_expert, num_local, shared != nullptr, stream_);
-  const size_t n = static_cast<size_t>(num_local) + (shared || apart ? 1 : 0);  // the table's stride
-  const MoeMats mats{{table, table + n, table + 2 * n}, {table + 3 * n, table + 4 * n, table + 5 * n}};
-  Block y(pool_, l.rows() * static_cast<size_t>(hidden) * 4);
-  std::vector<Block> scratch;
-  moe_mlp_on_device(x, l, mats, hidden, inter, p, qdq_inputs, y.as<float>(), stream_, scratch);
-  const float* shared_y = nullptr;
-  if (apart) {  // the shared expert's output, from the second stream
-    MXLM_CUDA_CHECK(cudaStreamWaitEvent(stream_, apart->done, 0));
-    shared_y = apart->y;
-  }
-  const size_t H = static_cast<size_t>(hidden);
-  if (moe_pdl()) {
-    MXLM_CUDA_CHECK(launch_moe_combine_pdl(y.as<float>(), l.combine.as<int32_t>(), l.row_w.as<float>(), tokens, l.slots,
-                                           H, shared_y, out, stream_));
-  } else {
-    MXLM_CUDA_CHECK(launch_moe_combine(y.as<float>(), l.combine.as<int32_t>(), l.row_w.as<float>(), tokens, l.slots, H,
-                                       shared_y, out, stream_));
-  }
+  combine_rows();
   return true;
-}
-
-void CudaBackend::moe_layer(const float* x, size_t tokens, const MoeRouter& router_w, int32_t* ids, float* weights,
-                            std::span<const Weight* const> gate, std::span<const Weight* const> up,
-                            std::span<const Weight* const> down, int first_expert, SwigluParams p, bool qdq_inputs,
-                            const SharedExpert* shared, float* out) {
-  // The shared expert needs only x: on a second stream, forked before the router and joined before the combine, it
-  // streams its weights while the router, the routing lists and the gather run (a few small kernels that leave DRAM
-  // idle). MXLM_CUDA_MOE_SHARED=fused keeps it inside the routed launches instead (sharedfuse).
-  const char* mode = std::getenv("MXLM_CUDA_MOE_SHARED");
-  const bool apart_wanted = mode == nullptr || std::strcmp(mode, "fused") != 0;
-  const char* forced = moe_gemv_override();
-  // Version 2's split-K counters are one buffer for every launch: two streams must not share them.
-  const bool v2 = forced != nullptr && (forced[0] == '2' || forced[1] == '2');
-  const int num_local = static_cast<int>(gate.size());
-  if (!apart_wanted || v2 || tokens == 0 || !shared || gate.empty() || options_.moe_backend != MoeBackend::Native ||
-      moe_host_only() || !moe_routable_on_device(tokens, router_w.k, num_local + 1)) {
-    Backend::moe_layer(x, tokens, router_w, ids, weights, gate, up, down, first_expert, p, qdq_inputs, shared, out);
-    return;
-  }
-  check_shared_expert(*shared, static_cast<size_t>(gate[0]->cols()));
-  if (!shared_expert_fusable(gate, *shared, qdq_inputs)) {
-    Backend::moe_layer(x, tokens, router_w, ids, weights, gate, up, down, first_expert, p, qdq_inputs, shared, out);
-    return;
-  }
-  if (!side_stream_) {
-    MXLM_CUDA_CHECK(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking));
-    MXLM_CUDA_CHECK(cudaEventCreateWithFlags(&side_fork_, cudaEventDisableTiming));
-    MXLM_CUDA_CHECK(cudaEventCreateWithFlags(&side_done_, cudaEventDisableTiming));
-  }
-  const int hidden = static_cast<int>(gate[0]->cols()), inter = static_cast<int>(gate[0]->rows());
-  // The fused layout's table (shared expert at local index num_local): the routed launches read its first num_local
-  // entries, the shared expert's its last. Made before the fork: it may synchronise.
-  const uint8_t* const* table = expert_table(gate, up, down, shared);
-  const size_t n = static_cast<size_t>(num_local) + 1, s = static_cast<size_t>(num_local);
-  const MoeMats shared_mats{{table + s, table + n + s, table + 2 * n + s},
-                            {table + 3 * n + s, table + 4 * n + s, table + 5 * n + s}};
-  MXLM_CUDA_CHECK(cudaEventRecord(side_fork_, stream_));
-  MXLM_CUDA_CHECK(cudaStreamWaitEvent(side_stream_, side_fork_, 0));
-  // Everything the second stream uses lives until the end of this call, after the backend's stream waits for it:
-  // blocks released then are reused only behind that wait.
-  const MoeLists sl = moe_route_lists(nullptr, nullptr, tokens, 0, 0, 0, true, side_stream_);
-  Block shared_y(pool_, tokens * static_cast<size_t>(hidden) * 4);
-  std::vector<Block> side_scratch;
-  moe_mlp_on_device(x, sl, shared_mats, hidden, inter, p, qdq_inputs, shared_y.as<float>(), side_stream_, side_scratch);
-  MXLM_CUDA_CHECK(cudaEventRecord(side_done_, side_stream_));
-  router(x, tokens, *router_w.w, router_w.bias, router_w.k, router_w.scale, ids, weights);
-  const ApartShared apart{table, shared_y.as<float>(), side_done_};
-  if (!moe_experts_on_device(x, tokens, ids, weights, router_w.k, gate, up, down, first_expert, p, qdq_inputs, nullptr,
-                             &apart, out))
-    fail("MoE layer: the device-routed path refused a step it was chosen for");
 }
 
 void CudaBackend::moe_experts(const float* x, size_t tokens, const int32_t* ids, const float* weights, int k,
@@ -312,8 +216,7 @@ void CudaBackend::moe_experts(const float* x, size_t tokens, const int32_t* ids,
   // the step routes on the device; otherwise the routed experts, then the shared expert unfused.
   if (shared && options_.moe_backend == MoeBackend::Native && !moe_host_only() &&
       shared_expert_fusable(gate, *shared, qdq_inputs) &&
-      moe_experts_on_device(x, tokens, ids, weights, k, gate, up, down, first_expert, p, qdq_inputs, shared, nullptr,
-                            out))
+      moe_experts_on_device(x, tokens, ids, weights, k, gate, up, down, first_expert, p, qdq_inputs, shared, out))
     return;
   moe_routed(x, tokens, ids, weights, k, gate, up, down, first_expert, p, qdq_inputs, out);
   if (shared) add_shared_expert(x, tokens, static_cast<size_t>(gate[0]->cols()), *shared, p, out);
@@ -328,8 +231,7 @@ void CudaBackend::moe_routed(const float* x, size_t tokens, const int32_t* ids, 
   const int num_local = static_cast<int>(gate.size());
   const size_t tk = tokens * static_cast<size_t>(k);
   if (options_.moe_backend == MoeBackend::Native && gate[0]->mxfp4() && !moe_host_only() &&
-      moe_experts_on_device(x, tokens, ids, weights, k, gate, up, down, first_expert, p, qdq_inputs, nullptr, nullptr,
-                            out))
+      moe_experts_on_device(x, tokens, ids, weights, k, gate, up, down, first_expert, p, qdq_inputs, nullptr, out))
     return;
   // Routing decisions to the host to sort tokens by expert.
   std::vector<int32_t> h_ids(tk);
@@ -440,7 +342,7 @@ void CudaBackend::moe_routed(const float* x, size_t tokens, const int32_t* ids, 
     }
   }
   MXLM_CUDA_CHECK(
-      launch_moe_combine(y.as<float>(), d_combine.as<int32_t>(), d_w.as<float>(), tokens, k, hidden, nullptr, out, stream_));
+      launch_moe_combine(y.as<float>(), d_combine.as<int32_t>(), d_w.as<float>(), tokens, k, hidden, out, stream_));
 }
 
 }  // namespace mxlm::backend::cuda

@@ -52,9 +52,9 @@ __global__ void swiglu_qdq_bf16_kernel(const float* gate, const float* up, const
 }
 
 __global__ void combine_kernel(const float* y, const int32_t* combine, const float* weights, int k, size_t hidden,
-                               const float* shared_y, float* out) {
+                               float* out) {
   pdl_wait_then_release();
-  moe_combine_token(y, combine, weights, k, hidden, shared_y, out);
+  moe_combine_token(y, combine, weights, k, hidden, out);
 }
 
 // Version-1 GEMV problem lists from the tile list: gate/up [2 * max_tiles] and down [max_tiles]; entries past the
@@ -88,10 +88,10 @@ cudaError_t launch_moe_swiglu_qdq_bf16(const float* gate, const float* up, const
 }
 
 cudaError_t launch_moe_combine_pdl(const float* y, const int32_t* combine, const float* weights, size_t tokens, int k,
-                                   size_t hidden, const float* shared_y, float* out, cudaStream_t stream) {
+                                   size_t hidden, float* out, cudaStream_t stream) {
   if (tokens == 0) return cudaSuccess;
   return launch_pdl(combine_kernel, dim3(blocks_for(hidden), static_cast<unsigned>(tokens)), stream, y, combine,
-                    weights, k, hidden, shared_y, out);
+                    weights, k, hidden, out);
 }
 
 }  // namespace mxlm::backend::cuda

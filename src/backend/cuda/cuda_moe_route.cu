@@ -115,11 +115,7 @@ cudaError_t launch_moe_route(const int32_t* ids, const float* weights, size_t to
                              int32_t* tiles, int32_t* counts, cudaStream_t stream, bool pdl, bool shared_expert) {
   if (tokens == 0) return cudaSuccess;
   const int experts = num_local + (shared_expert ? 1 : 0), slots = k + (shared_expert ? 1 : 0);
-  // num_local = 0 and k = 0 (ids and weights unused): the lists of the shared expert alone, for a shared expert that
-  // runs apart from the routed launches (CudaBackend::moe_layer).
-  const bool shared_only = shared_expert && num_local == 0 && k == 0;
-  if ((!shared_only && (num_local < 1 || k < 1)) || experts > kRouteThreads ||
-      tokens * static_cast<size_t>(slots) > (1u << 30))
+  if (num_local < 1 || experts > kRouteThreads || k < 1 || tokens * static_cast<size_t>(slots) > (1u << 30))
     return cudaErrorInvalidValue;
   const int tile_rows = moe_tile_rows(tokens, slots, experts);
   return launch_kernel(moe_route_kernel, dim3(1), dim3(kRouteThreads), 0, stream, pdl, ids, weights,
