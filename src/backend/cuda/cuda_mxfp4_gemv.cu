@@ -709,17 +709,19 @@ __device__ __forceinline__ void gemv4_wait_chunk(int c) {  // commit group c of 
     }
   }
 }
+constexpr int kGemv4ScaleTable = 256 / 4;  // uint4 of the scale_first lookup
 template <int CH>
 __host__ __device__ constexpr int gemv4_x_stride() {
   return CH * 16 + 1;  // uint4 per staged token row; odd, so that token rows fall in different banks
 }
-// Shared memory (uint4 units): weights [W][CH][16 rows][4], scale words [W][CH][16] u32, partials
+// Shared memory (uint4 units): scale_first of every scale byte [256] u32 (a lookup: ~10 integer instructions per
+// block pair fewer than computing it), weights [W][CH][16 rows][4], scale words [W][CH][16] u32, partials
 // [W][16][kGemv4PassTokens] f32, activations [W][pass_tokens][x_stride]. Sized by the launch's pass_tokens
 // (min(largest m, kGemv4PassTokens)): at one token a CTA takes ~65 KB on K = 6144, so three share an SM (two
 // of this launch's and one of the next's under PDL); staging room for four would leave two.
 template <int W, int CH>
 __host__ __device__ constexpr int gemv4_smem_uint4(int pass_tokens, int part_tokens = kGemv4PassTokens) {
-  return W * (CH * 64 + CH * 4 + 16 * part_tokens / 4 + pass_tokens * gemv4_x_stride<CH>());
+  return kGemv4ScaleTable + W * (CH * 64 + CH * 4 + 16 * part_tokens / 4 + pass_tokens * gemv4_x_stride<CH>());
 }
 
 // kOnePass: every problem of the launch has m <= pass_tokens (the loop over passes compiled away: 64 instead of
@@ -729,7 +731,11 @@ __global__ void __launch_bounds__(W * 32, 24 / W)
     mxfp4_gemv4_kernel(Mxfp4GemvGroup single, Mxfp4MoeTiles moe, const float* x_f32, int n, int k, int pass_tokens) {
   constexpr int XS = gemv4_x_stride<CH>(), PT = kDirect ? kGemv4DirectTokens : kGemv4PassTokens;
   constexpr bool kTriggerAfterX = CH >= 6;
-  extern __shared__ __align__(128) uint4 smem4[];
+  extern __shared__ __align__(128) uint4 smem_all[];
+  uint32_t* const first_of = reinterpret_cast<uint32_t*>(smem_all);  // scale_first by scale byte
+  uint4* const smem4 = smem_all + kGemv4ScaleTable;
+  for (int s = threadIdx.x; s < 256; s += W * 32) first_of[s] = scale_first(static_cast<uint32_t>(s));
+  __syncthreads();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   // The MoE tile list may come from the previous kernel: read it after the wait unless it is older (tiles_ready).
@@ -775,12 +781,14 @@ __global__ void __launch_bounds__(W * 32, 24 / W)
   auto chunk_math = [&](const int c, const uint32_t(&xp)[4][4], float(&acc)[2][4]) {
     const uint4 a = wl[c * 64 + g * 4 + t];
     const uint4 b = wl[c * 64 + (g + 8) * 4 + t];
-    const uint32_t sa = (sc[c * 16 + g] >> (8 * t)) & 0xffu;
-    const uint32_t sb = (sc[c * 16 + g + 8] >> (8 * t)) & 0xffu;
+    const uint32_t sa = __byte_perm(sc[c * 16 + g], 0u, 0x4440u + t);  // byte t of the row's scale word
+    const uint32_t sb = __byte_perm(sc[c * 16 + g + 8], 0u, 0x4440u + t);
+    const uint32_t fa = first_of[sa], fb = first_of[sb];
     with_scale_path(scale_capped(sa) || scale_capped(sb), [&](auto capped_tag) {
-      dequant_block_pair<decltype(capped_tag)::value>(a, b, sa, sb, [&](int q, const uint32_t* pa, const uint32_t* pb) {
-        mma_word(acc[0], acc[1], pa, pb, xp[q]);
-      });
+      dequant_block_pair<decltype(capped_tag)::value>(a, b, sa, sb, fa, fb,
+                                                      [&](int q, const uint32_t* pa, const uint32_t* pb) {
+                                                        mma_word(acc[0], acc[1], pa, pb, xp[q]);
+                                                      });
     });
   };
   // y rows row0 .. row0 + 15, tokens tok0 .. tok0 + pm - 1 = the warps' partials added in warp order; the second
@@ -836,19 +844,22 @@ __global__ void __launch_bounds__(W * 32, 24 / W)
 
   // One pass: the activations of tokens tok0 .. tok0 + pm - 1 (pm <= pass_tokens) times the weights in shared memory.
   auto pass = [&](const int tok0, const int pm, const bool first) {
-    {  // the warp's chunks of this pass's tokens: all loads of a batch before its stores
-      const int items = pm * CH * 16;
-      constexpr int kBatch = 8;
+    {  // the warp's chunks of this pass's tokens: all loads of a batch before its stores. Items are uint4 (8
+       // activations) in token-major order; a batch slot that starts past the pass's items is skipped by a branch
+       // (one token fills CH / 2 of the 8 slots: predicated, the empty ones cost ~25 instructions each).
+      constexpr int kPerToken = CH * 16, kBatch = 8;
+      const int items = pm * kPerToken;
+      const size_t x0 = static_cast<size_t>(tok0) * k + static_cast<size_t>(c0) * 128;  // item 0's first element
       for (int base = 0; base < items; base += 32 * kBatch) {
         uint4 v[kBatch];
 #pragma unroll
         for (int j = 0; j < kBatch; ++j) {
-          const int idx = base + j * 32 + lane;
           v[j] = make_uint4(0, 0, 0, 0);
+          if (base + j * 32 >= items) continue;
+          const int idx = base + j * 32 + lane;
           if (idx < items) {
-            const int tok = tok0 + idx / (CH * 16), rem = idx % (CH * 16);
-            const size_t off =
-                static_cast<size_t>(tok) * k + static_cast<size_t>(c0) * 128 + static_cast<size_t>(rem) * 8;
+            const int tok = idx / kPerToken, rem = idx - tok * kPerToken;
+            const size_t off = x0 + static_cast<size_t>(tok * k + rem * 8);
             if (kMode == kSingle && x_f32 != nullptr) {
               const float4 lo = *reinterpret_cast<const float4*>(x_f32 + off);
               const float4 hi = *reinterpret_cast<const float4*>(x_f32 + off + 4);
@@ -865,10 +876,11 @@ __global__ void __launch_bounds__(W * 32, 24 / W)
         }
 #pragma unroll
         for (int j = 0; j < kBatch; ++j) {
+          if (base + j * 32 >= items) continue;
           const int idx = base + j * 32 + lane;
           if (idx < items) {
-            const int tok = idx / (CH * 16), rem = idx % (CH * 16);
-            const int c = rem / 16, u = rem % 16, b = u / 4, q = u % 4;
+            const int tok = idx / kPerToken, rem = idx - tok * kPerToken;
+            const int c = rem >> 4, b = (rem >> 2) & 3, q = rem & 3;
             uint32_t xp[4];
             pair_x(v[j], xp);
             xw[tok * XS + c * 16 + b * 4 + (q ^ ((b >> 1) & 1))] = make_uint4(xp[0], xp[1], xp[2], xp[3]);
@@ -879,7 +891,9 @@ __global__ void __launch_bounds__(W * 32, 24 / W)
     __syncwarp();
 
     float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-    const bool has_x = g < pm;
+    // Lanes of token columns past pm multiply the last token's activations: MMA columns are independent, and store()
+    // drops those columns (cheaper than zeroing the fragments every chunk).
+    const int x_row = min(g, pm - 1);
 #pragma unroll
     for (int c = 0; c < CH; ++c) {
       if (first) {
@@ -889,7 +903,7 @@ __global__ void __launch_bounds__(W * 32, 24 / W)
       uint32_t xp[4][4];
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        const uint4 v = has_x ? xw[g * XS + c * 16 + t * 4 + (q ^ ((t >> 1) & 1))] : make_uint4(0, 0, 0, 0);
+        const uint4 v = xw[x_row * XS + c * 16 + t * 4 + (q ^ ((t >> 1) & 1))];
         xp[q][0] = v.x;
         xp[q][1] = v.y;
         xp[q][2] = v.z;

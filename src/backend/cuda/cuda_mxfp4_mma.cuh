@@ -30,7 +30,7 @@ __device__ __forceinline__ uint32_t scale_first(uint32_t s) {
   const uint32_t bits = s == 255u ? 0x7fc0u : (s <= 128u ? (s + 126u) << 7 : 253u << 7);
   return bits | (bits << 16);
 }
-__device__ __forceinline__ bool scale_capped(uint32_t s) { return s > 128u && s != 255u; }
+__device__ __forceinline__ bool scale_capped(uint32_t s) { return s - 129u < 126u; }  // 129 .. 254
 __device__ __forceinline__ uint32_t scale_second(uint32_t s) {
   const uint32_t bits = scale_capped(s) ? s << 7 : 0x3f80u;
   return bits | (bits << 16);
@@ -62,9 +62,10 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
 
 // A lane's two MX blocks (16 bytes each: rows g and g + 8 of its MMA tile, scale bytes sa / sb), word by word: the
 // dequantized bf16x2 registers of both rows for word q go to use(q, pa, pb), the kernel's MMAs for that word.
+// fa / fb: scale_first of sa / sb, which the caller may have looked up (only the capped path reads sa / sb).
 template <bool kCapped, typename Use>
-__device__ __forceinline__ void dequant_block_pair(const uint4& a, const uint4& b, uint32_t sa, uint32_t sb, Use&& use) {
-  const uint32_t fa = scale_first(sa), fb = scale_first(sb);
+__device__ __forceinline__ void dequant_block_pair(const uint4& a, const uint4& b, uint32_t sa, uint32_t sb,
+                                                   uint32_t fa, uint32_t fb, Use&& use) {
   const uint32_t ca = kCapped ? scale_second(sa) : 0u, cb = kCapped ? scale_second(sb) : 0u;
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
@@ -73,6 +74,10 @@ __device__ __forceinline__ void dequant_block_pair(const uint4& a, const uint4& 
     dequant_word<kCapped>(word(b, q), fb, cb, pb);
     use(q, pa, pb);
   }
+}
+template <bool kCapped, typename Use>
+__device__ __forceinline__ void dequant_block_pair(const uint4& a, const uint4& b, uint32_t sa, uint32_t sb, Use&& use) {
+  dequant_block_pair<kCapped>(a, b, sa, sb, scale_first(sa), scale_first(sb), use);
 }
 
 // math(std::true_type) where any lane of the warp holds a scale byte that needs the second multiply (warp-uniform,
