@@ -1000,6 +1000,199 @@ cudaError_t launch_gemv4(const Mxfp4GemvGroup& single, const Mxfp4MoeTiles& moe,
                                : by_chunks(std::integral_constant<int, kGemv4Warps>{});
 }
 
+// Version 4's streaming MoE form (session 6): the CTAs that fit on the device at once (as many per SM as the
+// one-launch form: same warps, chunks and shared memory) walk contiguous ranges of the launch's (tile, matrix, row
+// block) items. Each warp keeps its CH chunk slots full: right after multiplying chunk c of one item it queues chunk
+// c of its next item into the same slot, so an SM holds about CH chunks per warp in flight all the time, where the
+// one-launch form's CTAs drain their queue and then hold their slot through their last chunks' math, teardown and
+// the next CTA's start. Same math and summation order as the one-launch form (bit-identical results); activations
+// staged per warp when the tile changes (tile-major item order: gate and up of a tile share them).
+template <int W, int CH>
+__global__ void __launch_bounds__(W * 32, 24 / W)
+    mxfp4_moe_gemv4s_kernel(Mxfp4MoeTiles moe, int n, int k, int pass_tokens) {
+  constexpr int XS = gemv4_x_stride<CH>(), PT = kGemv4PassTokens;
+  extern __shared__ __align__(128) uint4 smem_all[];
+  uint32_t* const first_of = reinterpret_cast<uint32_t*>(smem_all);
+  uint4* const smem4 = smem_all + kGemv4ScaleTable;
+  for (int s = threadIdx.x; s < 256; s += W * 32) first_of[s] = scale_first(static_cast<uint32_t>(s));
+  __syncthreads();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  if (!moe.tiles_ready) pdl_wait();
+  const int row_blocks = (n + 15) / 16;
+  const long total = static_cast<long>(*moe.num_tiles) * moe.mats * row_blocks;
+  const int begin = static_cast<int>(total * blockIdx.x / gridDim.x);
+  const int end = static_cast<int>(total * (blockIdx.x + 1) / gridDim.x);
+  if (begin >= end) {
+    if (moe.tiles_ready) pdl_wait();  // no CTA completes before the previous kernel has
+    return;
+  }
+  const int c0 = warp * CH;
+  const size_t row_bytes = static_cast<size_t>(k) / 2;
+  uint4* wl = smem4 + warp * CH * 64;
+  uint32_t* sc = reinterpret_cast<uint32_t*>(smem4 + W * CH * 64) + warp * CH * 16;
+  float* part = reinterpret_cast<float*>(smem4 + W * CH * 68);  // [2][W][16][PT]
+  uint4* xw = smem4 + W * CH * 68 + 2 * W * 16 * PT / 4 + warp * pass_tokens * XS;
+
+  struct Item {
+    const uint8_t* w;
+    const uint8_t* scales;
+    const uint16_t* x;
+    float* y;
+    int m, tile, row0;
+  };
+  auto item_at = [&](const int it) {
+    const int rb = it % row_blocks, z = it / row_blocks;
+    const int tile = z / moe.mats, mat = z - tile * moe.mats;
+    const int expert = moe.tiles[3 * tile], row = moe.tiles[3 * tile + 1];
+    const bool second = mat != 0;  // selects: a runtime index into the parameter arrays would go to local memory
+    const uint8_t* const* w = second ? moe.w[1] : moe.w[0];
+    const uint8_t* const* sc_table = second ? moe.scales[1] : moe.scales[0];
+    float* y = second ? moe.y[1] : moe.y[0];
+    return Item{w[expert],
+                sc_table[expert],
+                moe.x + static_cast<size_t>(row) * static_cast<size_t>(k),
+                y + static_cast<size_t>(row) * static_cast<size_t>(moe.ldy),
+                moe.tiles[3 * tile + 2],
+                tile,
+                rb * 16};
+  };
+  // Chunk c of an item's weights and scale words into slot c, as one commit group.
+  auto queue_chunk = [&](const Item& it, const int c) {
+    const int ra = it.row0 + g, rb = ra + 8, srow = t == 0 ? ra : rb;
+    if (ra < n) cp_async_16(wl + c * 64 + g * 4 + t, it.w + static_cast<size_t>(ra) * row_bytes + (c0 + c) * 64 + t * 16, true);
+    if (rb < n)
+      cp_async_16(wl + c * 64 + (g + 8) * 4 + t, it.w + static_cast<size_t>(rb) * row_bytes + (c0 + c) * 64 + t * 16,
+                  true);
+    if (t < 2 && srow < n) cp_async_4(sc + c * 16 + g + 8 * t, it.scales + static_cast<size_t>(srow) * (k / 32) + (c0 + c) * 4);
+    cp_async_commit();
+  };
+  Item cur = item_at(begin);
+#pragma unroll
+  for (int c = 0; c < CH; ++c) queue_chunk(cur, c);
+  pdl_launch_dependents();
+  if (moe.tiles_ready) pdl_wait();  // the activations and the outputs belong to the previous kernel's world now
+
+  int staged_tile = -1;
+  for (int it = begin; it < end; ++it) {
+    const bool has_next = it + 1 < end;
+    const Item next = has_next ? item_at(it + 1) : cur;
+    const int pm = cur.m;
+    if (pm > pass_tokens) __trap();  // a tile above the launch's max_m would overrun the activation staging
+    if (cur.tile != staged_tile) {  // this warp's chunks of the tile's activations, paired for the math
+      __syncwarp();  // the previous tile's activations are read
+      const int items = pm * CH * 16;
+      constexpr int kBatch = 4;  // loads of a batch before its stores
+      for (int base = 0; base < items; base += 32 * kBatch) {
+        uint4 v[kBatch];
+#pragma unroll
+        for (int j = 0; j < kBatch; ++j) {
+          const int idx = base + j * 32 + lane;
+          if (idx < items) {
+            const int tok = idx / (CH * 16), rem = idx - tok * (CH * 16);
+            v[j] = *reinterpret_cast<const uint4*>(cur.x + static_cast<size_t>(tok * k + c0 * 128 + rem * 8));
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kBatch; ++j) {
+          const int idx = base + j * 32 + lane;
+          if (idx < items) {
+            const int tok = idx / (CH * 16), rem = idx - tok * (CH * 16);
+            const int c = rem >> 4, b = (rem >> 2) & 3, q = rem & 3;
+            uint32_t xp[4];
+            pair_x(v[j], xp);
+            xw[tok * XS + c * 16 + b * 4 + (q ^ ((b >> 1) & 1))] = make_uint4(xp[0], xp[1], xp[2], xp[3]);
+          }
+        }
+      }
+      __syncwarp();
+      staged_tile = cur.tile;
+    }
+    float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    const int x_row = min(g, pm - 1);  // columns past pm: dropped below (as in the one-launch form)
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+      cp_async_wait_pending<CH - 1>();  // chunk c of this item: every later group is a later chunk or a refill
+      __syncwarp();                     // the scale words were copied by lanes t = 0, 1
+      uint32_t xp[4][4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const uint4 v = xw[x_row * XS + c * 16 + t * 4 + (q ^ ((t >> 1) & 1))];
+        xp[q][0] = v.x;
+        xp[q][1] = v.y;
+        xp[q][2] = v.z;
+        xp[q][3] = v.w;
+      }
+      const uint4 a = wl[c * 64 + g * 4 + t];
+      const uint4 b = wl[c * 64 + (g + 8) * 4 + t];
+      const uint32_t sa = __byte_perm(sc[c * 16 + g], 0u, 0x4440u + t);
+      const uint32_t sb = __byte_perm(sc[c * 16 + g + 8], 0u, 0x4440u + t);
+      __syncwarp();  // slot c is read: refill it
+      if (has_next) {
+        queue_chunk(next, c);
+      } else {
+        cp_async_commit();  // an empty group keeps "CH - 1 newer groups" true
+      }
+      const uint32_t fa = first_of[sa], fb = first_of[sb];
+      with_scale_path(scale_capped(sa) || scale_capped(sb), [&](auto capped_tag) {
+        dequant_block_pair<decltype(capped_tag)::value>(a, b, sa, sb, fa, fb,
+                                                        [&](int q, const uint32_t* pa, const uint32_t* pb) {
+                                                          mma_word(acc[0], acc[1], pa, pb, xp[q]);
+                                                        });
+      });
+    }
+    // The warps' partials added in warp order; two partial buffers, so one barrier per item orders both the writes
+    // before the sums and the sums before the buffer's next writes (two items later).
+    float* pb = part + (it & 1) * W * 16 * PT;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int tok = 2 * t + (i & 1), row = g + (i >= 2 ? 8 : 0);
+      if (tok < PT) pb[(warp * 16 + row) * PT + tok] = acc[0][i] + acc[1][i];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < 16 * pm; idx += W * 32) {
+      const int row = idx % 16, tok = idx / 16;
+      float sum = 0.0f;
+#pragma unroll
+      for (int w = 0; w < W; ++w) sum += pb[(w * 16 + row) * PT + tok];
+      if (cur.row0 + row < n) cur.y[static_cast<size_t>(tok) * moe.ldy + cur.row0 + row] = sum;
+    }
+    cur = next;
+  }
+  cp_async_wait_all();  // the trailing empty groups
+}
+
+template <int W, int CH>
+cudaError_t launch_gemv4s_t(const Mxfp4MoeTiles& moe, int max_m, int n, int k, bool pdl, cudaStream_t stream) {
+  struct Fit {
+    std::atomic<int> blocks{0};  // CTAs per SM at this launch's shared memory, per device (0: not yet known)
+  };
+  static Fit fit[64][kGemv4PassTokens + 1];
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const int pass_tokens = std::min(max_m, kGemv4PassTokens);
+  const int smem = (kGemv4ScaleTable + W * (CH * 68 + 2 * 16 * kGemv4PassTokens / 4 + pass_tokens * gemv4_x_stride<CH>())) * 16;
+  Fit& f = fit[device & 63][pass_tokens];
+  int per_sm = f.blocks.load();
+  int sms = 0;
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  if (per_sm == 0) {
+    err = cudaFuncSetAttribute(mxfp4_moe_gemv4s_kernel<W, CH>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               (kGemv4ScaleTable + W * (CH * 68 + 2 * 16 * kGemv4PassTokens / 4 +
+                                                        kGemv4PassTokens * gemv4_x_stride<CH>())) *
+                                   16);
+    if (err == cudaSuccess)
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, mxfp4_moe_gemv4s_kernel<W, CH>, W * 32, smem);
+    if (err != cudaSuccess) return err;
+    if (per_sm < 1) return cudaErrorInvalidConfiguration;
+    f.blocks.store(per_sm);
+  }
+  return launch_kernel(mxfp4_moe_gemv4s_kernel<W, CH>, dim3(static_cast<unsigned>(per_sm * sms)), dim3(W * 32),
+                       static_cast<size_t>(smem), stream, pdl, moe, n, k, pass_tokens);
+}
+
 }  // namespace
 
 bool mxfp4_gemv4_supports(int k, int m) {
@@ -1017,6 +1210,34 @@ cudaError_t launch_mxfp4_moe_gemv4(const Mxfp4MoeTiles& moe, int max_tiles, int 
                                    cudaStream_t stream) {
   if (moe.mats < 1 || moe.mats > 2 || !mxfp4_gemv4_supports(k, max_m) || moe.ldy < n) return cudaErrorInvalidValue;
   return launch_gemv4<kMoe>(Mxfp4GemvGroup{}, moe, max_tiles * moe.mats, max_m, nullptr, n, k, pdl, stream);
+}
+
+bool mxfp4_moe_gemv4s_supports(int k, int max_m) {
+  return max_m >= 1 && max_m <= kGemv4PassTokens && mxfp4_gemv4_supports(k, max_m);
+}
+
+cudaError_t launch_mxfp4_moe_gemv4s(const Mxfp4MoeTiles& moe, int max_m, int n, int k, bool pdl, cudaStream_t stream) {
+  if (moe.mats < 1 || moe.mats > 2 || !mxfp4_moe_gemv4s_supports(k, max_m) || moe.ldy < n || n < 1)
+    return cudaErrorInvalidValue;
+  auto by_chunks = [&](auto warps) {
+    constexpr int W = decltype(warps)::value;
+    switch (gemv4_chunks(k, W)) {
+      case 2:
+        return launch_gemv4s_t<W, 2>(moe, max_m, n, k, pdl, stream);
+      case 3:
+        return launch_gemv4s_t<W, 3>(moe, max_m, n, k, pdl, stream);
+      case 4:
+        return launch_gemv4s_t<W, 4>(moe, max_m, n, k, pdl, stream);
+      case 6:
+        return launch_gemv4s_t<W, 6>(moe, max_m, n, k, pdl, stream);
+      case 8:
+        return launch_gemv4s_t<W, 8>(moe, max_m, n, k, pdl, stream);
+      default:
+        return cudaErrorInvalidValue;
+    }
+  };
+  return gemv4_warps(k) == kGemv4SmallWarps ? by_chunks(std::integral_constant<int, kGemv4SmallWarps>{})
+                                            : by_chunks(std::integral_constant<int, kGemv4Warps>{});
 }
 
 }  // namespace mxlm::backend::cuda
