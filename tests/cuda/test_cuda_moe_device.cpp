@@ -296,7 +296,7 @@ void check_gemv4() {
     auto launch = [&](bool streaming) {
       for (int mat = 0; mat < 2; ++mat) cudaMemset(moe.y[mat], 0xff, static_cast<size_t>(rows) * n * 4);
       cudaDeviceSynchronize();
-      const cudaError_t e = streaming ? cu::launch_mxfp4_moe_gemv4s(moe, max_tiles, mc.max_m, n, k, true, stream)
+      const cudaError_t e = streaming ? cu::launch_mxfp4_moe_gemv4s(moe, mc.max_m, n, k, true, stream)
                                       : cu::launch_mxfp4_moe_gemv4(moe, max_tiles, mc.max_m, n, k, true, stream);
       const cudaError_t e2 = cudaStreamSynchronize(stream);
       report(e == cudaSuccess && e2 == cudaSuccess, form + (streaming ? " launch" : " one-launch form launch"), 0, 0);

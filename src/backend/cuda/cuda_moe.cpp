@@ -173,7 +173,7 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
   dn.rows_max = rows_max;
   dn.tiles_ready = true;
   if (gu_v4s) {
-    MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv4s(gu, max_tiles, v4_rows, inter, hidden, true, stream_));
+    MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv4s(gu, v4_rows, inter, hidden, true, stream_));
   } else if (gu_v4) {
     MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv4(gu, max_tiles, v4_rows, inter, hidden, true, stream_));
   } else if (gu_v2) {
@@ -191,7 +191,7 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
   }
   swiglu_qdq();
   if (dn_v4s) {
-    MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv4s(dn, max_tiles, v4_rows, hidden, inter, true, stream_));
+    MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv4s(dn, v4_rows, hidden, inter, true, stream_));
   } else if (dn_v4) {
     MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv4(dn, max_tiles, v4_rows, hidden, inter, true, stream_));
   } else if (dn_v2) {

@@ -1007,19 +1007,9 @@ cudaError_t launch_gemv4(const Mxfp4GemvGroup& single, const Mxfp4MoeTiles& moe,
 // one-launch form's CTAs drain their queue and then hold their slot through their last chunks' math, teardown and
 // the next CTA's start. Same math and summation order as the one-launch form (bit-identical results); activations
 // staged per warp when the tile changes (tile-major item order: gate and up of a tile share them).
-struct Gemv4sItem {  // one (tile, matrix, row block) of the streaming form, its pointers resolved
-  const uint8_t* w;
-  const uint8_t* scales;
-  const uint16_t* x;
-  float* y;
-  int m, tile, row0, pad;
-};
-constexpr int kGemv4sItemUint4 = sizeof(Gemv4sItem) / 16;
-static_assert(sizeof(Gemv4sItem) % 16 == 0);
-
 template <int W, int CH>
 __global__ void __launch_bounds__(W * 32, 24 / W)
-    mxfp4_moe_gemv4s_kernel(Mxfp4MoeTiles moe, int n, int k, int pass_tokens, int max_items) {
+    mxfp4_moe_gemv4s_kernel(Mxfp4MoeTiles moe, int n, int k, int pass_tokens) {
   constexpr int XS = gemv4_x_stride<CH>(), PT = kGemv4PassTokens;
   extern __shared__ __align__(128) uint4 smem_all[];
   uint32_t* const first_of = reinterpret_cast<uint32_t*>(smem_all);
@@ -1037,16 +1027,20 @@ __global__ void __launch_bounds__(W * 32, 24 / W)
     if (moe.tiles_ready) pdl_wait();  // no CTA completes before the previous kernel has
     return;
   }
-  if (end - begin > max_items) __trap();  // the launch sized the item table for fewer
   const int c0 = warp * CH;
   const size_t row_bytes = static_cast<size_t>(k) / 2;
   uint4* wl = smem4 + warp * CH * 64;
   uint32_t* sc = reinterpret_cast<uint32_t*>(smem4 + W * CH * 64) + warp * CH * 16;
   float* part = reinterpret_cast<float*>(smem4 + W * CH * 68);  // [2][W][16][PT]
-  Gemv4sItem* items = reinterpret_cast<Gemv4sItem*>(smem4 + W * CH * 68 + 2 * W * 16 * PT / 4);
-  uint4* xw = smem4 + W * CH * 68 + 2 * W * 16 * PT / 4 + max_items * kGemv4sItemUint4 + warp * pass_tokens * XS;
+  uint4* xw = smem4 + W * CH * 68 + 2 * W * 16 * PT / 4 + warp * pass_tokens * XS;
 
-  using Item = Gemv4sItem;
+  struct Item {
+    const uint8_t* w;
+    const uint8_t* scales;
+    const uint16_t* x;
+    float* y;
+    int m, tile, row0;
+  };
   auto item_at = [&](const int it) {
     const int rb = it % row_blocks, z = it / row_blocks;
     const int tile = z / moe.mats, mat = z - tile * moe.mats;
@@ -1061,13 +1055,8 @@ __global__ void __launch_bounds__(W * 32, 24 / W)
                 y + static_cast<size_t>(row) * static_cast<size_t>(moe.ldy),
                 moe.tiles[3 * tile + 2],
                 tile,
-                rb * 16,
-                0};
+                rb * 16};
   };
-  // Every item of the range resolved at once (the tile list, then the weight tables: two dependent loads that would
-  // otherwise stall each item's first refill).
-  for (int i = threadIdx.x; i < end - begin; i += W * 32) items[i] = item_at(begin + i);
-  __syncthreads();
   // Chunk c of an item's weights and scale words into slot c, as one commit group.
   auto queue_chunk = [&](const Item& it, const int c) {
     const int ra = it.row0 + g, rb = ra + 8, srow = t == 0 ? ra : rb;
@@ -1078,16 +1067,16 @@ __global__ void __launch_bounds__(W * 32, 24 / W)
     if (t < 2 && srow < n) cp_async_4(sc + c * 16 + g + 8 * t, it.scales + static_cast<size_t>(srow) * (k / 32) + (c0 + c) * 4);
     cp_async_commit();
   };
+  Item cur = item_at(begin);
 #pragma unroll
-  for (int c = 0; c < CH; ++c) queue_chunk(items[0], c);
+  for (int c = 0; c < CH; ++c) queue_chunk(cur, c);
   pdl_launch_dependents();
   if (moe.tiles_ready) pdl_wait();  // the activations and the outputs belong to the previous kernel's world now
 
   int staged_tile = -1;
   for (int it = begin; it < end; ++it) {
     const bool has_next = it + 1 < end;
-    const Item& cur = items[it - begin];
-    const Item& next = items[has_next ? it + 1 - begin : it - begin];
+    const Item next = has_next ? item_at(it + 1) : cur;
     const int pm = cur.m;
     if (pm > pass_tokens) __trap();  // a tile above the launch's max_m would overrun the activation staging
     if (cur.tile != staged_tile) {  // this warp's chunks of the tile's activations, paired for the math
@@ -1168,49 +1157,40 @@ __global__ void __launch_bounds__(W * 32, 24 / W)
       for (int w = 0; w < W; ++w) sum += pb[(w * 16 + row) * PT + tok];
       if (cur.row0 + row < n) cur.y[static_cast<size_t>(tok) * moe.ldy + cur.row0 + row] = sum;
     }
+    cur = next;
   }
   cp_async_wait_all();  // the trailing empty groups
 }
 
-// Shared memory of the streaming form (uint4): version 4's layout with two partial buffers and the item table.
 template <int W, int CH>
-constexpr int gemv4s_smem_uint4(int pass_tokens, int max_items) {
-  return kGemv4ScaleTable + W * (CH * 68 + 2 * 16 * kGemv4PassTokens / 4 + pass_tokens * gemv4_x_stride<CH>()) +
-         max_items * kGemv4sItemUint4;
-}
-
-template <int W, int CH>
-cudaError_t launch_gemv4s_t(const Mxfp4MoeTiles& moe, int max_tiles, int max_m, int n, int k, bool pdl,
-                            cudaStream_t stream) {
-  // The grid: as many CTAs as fit at once, counted (per device) with an item table of kPlanItems entries (1.5 KB:
-  // six 4-warp CTAs still fit an SM), the most a CTA may get; larger launches run the one-launch form (same bits).
-  constexpr int kPlanItems = 32;
-  static std::atomic<int> fit[64][kGemv4PassTokens + 1];
+cudaError_t launch_gemv4s_t(const Mxfp4MoeTiles& moe, int max_m, int n, int k, bool pdl, cudaStream_t stream) {
+  struct Fit {
+    std::atomic<int> blocks{0};  // CTAs per SM at this launch's shared memory, per device (0: not yet known)
+  };
+  static Fit fit[64][kGemv4PassTokens + 1];
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   const int pass_tokens = std::min(max_m, kGemv4PassTokens);
-  int per_sm = fit[device & 63][pass_tokens].load();
+  const int smem = (kGemv4ScaleTable + W * (CH * 68 + 2 * 16 * kGemv4PassTokens / 4 + pass_tokens * gemv4_x_stride<CH>())) * 16;
+  Fit& f = fit[device & 63][pass_tokens];
+  int per_sm = f.blocks.load();
   int sms = 0;
   err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
   if (per_sm == 0) {
     err = cudaFuncSetAttribute(mxfp4_moe_gemv4s_kernel<W, CH>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               gemv4s_smem_uint4<W, CH>(kGemv4PassTokens, kPlanItems) * 16);
+                               (kGemv4ScaleTable + W * (CH * 68 + 2 * 16 * kGemv4PassTokens / 4 +
+                                                        kGemv4PassTokens * gemv4_x_stride<CH>())) *
+                                   16);
     if (err == cudaSuccess)
-      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, mxfp4_moe_gemv4s_kernel<W, CH>, W * 32,
-                                                          gemv4s_smem_uint4<W, CH>(pass_tokens, kPlanItems) * 16);
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, mxfp4_moe_gemv4s_kernel<W, CH>, W * 32, smem);
     if (err != cudaSuccess) return err;
     if (per_sm < 1) return cudaErrorInvalidConfiguration;
-    fit[device & 63][pass_tokens].store(per_sm);
+    f.blocks.store(per_sm);
   }
-  const int grid = per_sm * sms;
-  const long max_total = static_cast<long>(max_tiles) * moe.mats * ((n + 15) / 16);
-  const int max_items = static_cast<int>((max_total + grid - 1) / grid);
-  if (max_items > kPlanItems) return launch_gemv4<kMoe>(Mxfp4GemvGroup{}, moe, max_tiles * moe.mats, max_m, nullptr, n, k, pdl, stream);
-  return launch_kernel(mxfp4_moe_gemv4s_kernel<W, CH>, dim3(static_cast<unsigned>(grid)), dim3(W * 32),
-                       static_cast<size_t>(gemv4s_smem_uint4<W, CH>(pass_tokens, max_items) * 16), stream, pdl, moe, n,
-                       k, pass_tokens, max_items);
+  return launch_kernel(mxfp4_moe_gemv4s_kernel<W, CH>, dim3(static_cast<unsigned>(per_sm * sms)), dim3(W * 32),
+                       static_cast<size_t>(smem), stream, pdl, moe, n, k, pass_tokens);
 }
 
 }  // namespace
@@ -1236,23 +1216,22 @@ bool mxfp4_moe_gemv4s_supports(int k, int max_m) {
   return max_m >= 1 && max_m <= kGemv4PassTokens && mxfp4_gemv4_supports(k, max_m);
 }
 
-cudaError_t launch_mxfp4_moe_gemv4s(const Mxfp4MoeTiles& moe, int max_tiles, int max_m, int n, int k, bool pdl,
-                                    cudaStream_t stream) {
+cudaError_t launch_mxfp4_moe_gemv4s(const Mxfp4MoeTiles& moe, int max_m, int n, int k, bool pdl, cudaStream_t stream) {
   if (moe.mats < 1 || moe.mats > 2 || !mxfp4_moe_gemv4s_supports(k, max_m) || moe.ldy < n || n < 1)
     return cudaErrorInvalidValue;
   auto by_chunks = [&](auto warps) {
     constexpr int W = decltype(warps)::value;
     switch (gemv4_chunks(k, W)) {
       case 2:
-        return launch_gemv4s_t<W, 2>(moe, max_tiles, max_m, n, k, pdl, stream);
+        return launch_gemv4s_t<W, 2>(moe, max_m, n, k, pdl, stream);
       case 3:
-        return launch_gemv4s_t<W, 3>(moe, max_tiles, max_m, n, k, pdl, stream);
+        return launch_gemv4s_t<W, 3>(moe, max_m, n, k, pdl, stream);
       case 4:
-        return launch_gemv4s_t<W, 4>(moe, max_tiles, max_m, n, k, pdl, stream);
+        return launch_gemv4s_t<W, 4>(moe, max_m, n, k, pdl, stream);
       case 6:
-        return launch_gemv4s_t<W, 6>(moe, max_tiles, max_m, n, k, pdl, stream);
+        return launch_gemv4s_t<W, 6>(moe, max_m, n, k, pdl, stream);
       case 8:
-        return launch_gemv4s_t<W, 8>(moe, max_tiles, max_m, n, k, pdl, stream);
+        return launch_gemv4s_t<W, 8>(moe, max_m, n, k, pdl, stream);
       default:
         return cudaErrorInvalidValue;
     }
