@@ -153,11 +153,6 @@ cudaError_t launch_mxfp4_gemv4(const Mxfp4GemvGroup& problem, int n, int k, bool
 // tile can hold (<= 16; sizes the activation staging).
 cudaError_t launch_mxfp4_moe_gemv4(const Mxfp4MoeTiles& moe, int max_tiles, int max_m, int n, int k, bool pdl,
                                    cudaStream_t stream);
-// The same by version 4's streaming form: the CTAs that fit at once walk the (tile, matrix, 16-row block) items,
-// each warp refilling a chunk slot with its next item's chunk as soon as it has multiplied it (bit-identical to
-// launch_mxfp4_moe_gemv4). max_m <= 4.
-bool mxfp4_moe_gemv4s_supports(int k, int max_m);
-cudaError_t launch_mxfp4_moe_gemv4s(const Mxfp4MoeTiles& moe, int max_m, int n, int k, bool pdl, cudaStream_t stream);
 
 // Benchmark ceiling: stream-read `bytes` (multiple of 16) once with 16-byte loads.
 cudaError_t launch_read_probe(const void* data, size_t bytes, unsigned* sink, int multiprocessors, cudaStream_t stream);

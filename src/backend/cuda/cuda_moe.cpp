@@ -130,22 +130,17 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
   // T = 8 layer 0.403 -> 0.360 ms; at T = 32 1.141 vs 1.169 ms on random routing but a B = 32 decode step 2 % slower
   // than on version 1, T = 128 1.907 vs 1.800 ms: its per-lane activation loads grow with the rows per tile), else 1
   // (the register-batch kernel with atomic K split into zeroed outputs, reading the tile list itself).
-  // Tiles of at most 4 rows take version 4's streaming form (5: a fixed grid whose warps keep their chunk slots
-  // refilled from item to item). MXLM_CUDA_MOE_GEMV="<gate/up>[<down>]" with 1, 2 (version 2 over the tile list), 4
-  // (version 4's one-launch form) or 5 overrides (e.g. "14": version 1 for gate/up, 4 for down). A tile holds at most
-  // min(tile rows, tokens) rows: a token picks a routed expert once, the shared expert once.
+  // MXLM_CUDA_MOE_GEMV="<gate/up>[<down>]" with 1, 2 (version 2 over the tile list) or 4 overrides (e.g. "14": version
+  // 1 for gate/up, 4 for down). A tile holds at most min(tile rows, tokens) rows: a token picks a routed expert once,
+  // the shared expert once.
   const int v4_rows = std::min(max_m, static_cast<int>(tokens));
   const char* gemv_env = std::getenv("MXLM_CUDA_MOE_GEMV");
   const bool env_set = gemv_env != nullptr && gemv_env[0] != '\0';
-  const char by_size = v4_rows <= kMxfp4Gemv4OnePassRows && tokens <= kMoeGemv4MaxTokens ? '4' : '1';
-  const char gu_choice = env_set ? gemv_env[0] : by_size;
+  const char gu_choice =
+      env_set ? gemv_env[0] : (v4_rows <= kMxfp4Gemv4OnePassRows && tokens <= kMoeGemv4MaxTokens ? '4' : '1');
   const char dn_choice = env_set && gemv_env[1] != '\0' ? gemv_env[1] : gu_choice;
-  // Version 4's streaming form (5) where it applies (tiles of at most 4 rows), unless version 4's one-launch form
-  // was asked for by name.
-  const bool gu_v4s = (gu_choice == '5' || (!env_set && gu_choice == '4')) && mxfp4_moe_gemv4s_supports(hidden, v4_rows);
-  const bool dn_v4s = (dn_choice == '5' || (!env_set && dn_choice == '4')) && mxfp4_moe_gemv4s_supports(inter, v4_rows);
-  const bool gu_v4 = (gu_choice == '4' || gu_choice == '5') && mxfp4_gemv4_supports(hidden, v4_rows);
-  const bool dn_v4 = (dn_choice == '4' || dn_choice == '5') && mxfp4_gemv4_supports(inter, v4_rows);
+  const bool gu_v4 = gu_choice == '4' && mxfp4_gemv4_supports(hidden, v4_rows);
+  const bool dn_v4 = dn_choice == '4' && mxfp4_gemv4_supports(inter, v4_rows);
   const bool gu_v2 = gu_choice == '2', dn_v2 = dn_choice == '2';
   Mxfp4MoeTiles gu;
   gu.tiles = tiles.as<int32_t>();
@@ -172,9 +167,7 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
   dn.mats = 1;
   dn.rows_max = rows_max;
   dn.tiles_ready = true;
-  if (gu_v4s) {
-    MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv4s(gu, v4_rows, inter, hidden, true, stream_));
-  } else if (gu_v4) {
+  if (gu_v4) {
     MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv4(gu, max_tiles, v4_rows, inter, hidden, true, stream_));
   } else if (gu_v2) {
     const Mxfp4GemvPlan plan1 = mxfp4_gemv_plan(inter, hidden, max_tiles * 2, max_m, sms_, mxfp4_gemv_backend_config());
@@ -190,9 +183,7 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
     MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv1(gu, max_tiles, max_m, inter, hidden, split1, stream_));
   }
   swiglu_qdq();
-  if (dn_v4s) {
-    MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv4s(dn, v4_rows, hidden, inter, true, stream_));
-  } else if (dn_v4) {
+  if (dn_v4) {
     MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv4(dn, max_tiles, v4_rows, hidden, inter, true, stream_));
   } else if (dn_v2) {
     const Mxfp4GemvPlan plan2 = mxfp4_gemv_plan(hidden, inter, max_tiles, max_m, sms_, mxfp4_gemv_backend_config());
