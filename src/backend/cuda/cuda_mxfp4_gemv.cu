@@ -891,24 +891,23 @@ __global__ void __launch_bounds__(W * 32, 24 / W)
     __syncwarp();
 
     float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-    // Lanes of token columns past pm keep zero fragments (set once): only the lanes of real tokens read shared memory.
-    const bool has_x = g < pm;
-    uint32_t xp[4][4] = {};
+    // Lanes of token columns past pm multiply the last token's activations: MMA columns are independent, and store()
+    // drops those columns (cheaper than zeroing the fragments every chunk).
+    const int x_row = min(g, pm - 1);
 #pragma unroll
     for (int c = 0; c < CH; ++c) {
       if (first) {
         gemv4_wait_chunk<CH>(c);
         __syncwarp();  // the scale words were copied by lanes t = 0, 1
       }
-      if (has_x) {
+      uint32_t xp[4][4];
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const uint4 v = xw[g * XS + c * 16 + t * 4 + (q ^ ((t >> 1) & 1))];
-          xp[q][0] = v.x;
-          xp[q][1] = v.y;
-          xp[q][2] = v.z;
-          xp[q][3] = v.w;
-        }
+      for (int q = 0; q < 4; ++q) {
+        const uint4 v = xw[x_row * XS + c * 16 + t * 4 + (q ^ ((t >> 1) & 1))];
+        xp[q][0] = v.x;
+        xp[q][1] = v.y;
+        xp[q][2] = v.z;
+        xp[q][3] = v.w;
       }
       chunk_math(c, xp, acc);
     }
