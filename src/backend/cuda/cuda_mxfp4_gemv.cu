@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "backend/cuda/cuda_device_math.cuh"
@@ -727,7 +728,7 @@ __host__ __device__ constexpr int gemv4_smem_uint4(int pass_tokens, int part_tok
 // kOnePass: every problem of the launch has m <= pass_tokens (the loop over passes compiled away: 64 instead of
 // 72-80 registers).
 template <int W, int CH, int kMode, bool kOnePass, bool kDirect>
-__global__ void __launch_bounds__(W * 32, 24 / W)
+__global__ void __launch_bounds__(W * 32, kDirect ? 32 / W : 24 / W)
     mxfp4_gemv4_kernel(Mxfp4GemvGroup single, Mxfp4MoeTiles moe, const float* x_f32, int n, int k, int pass_tokens) {
   constexpr int XS = gemv4_x_stride<CH>(), PT = kDirect ? kGemv4DirectTokens : kGemv4PassTokens;
   constexpr bool kTriggerAfterX = CH >= 6;
@@ -968,10 +969,13 @@ cudaError_t launch_gemv4(const Mxfp4GemvGroup& single, const Mxfp4MoeTiles& moe,
   const char* no_pdl = std::getenv("MXLM_CUDA_NO_PDL");
   if (no_pdl != nullptr && no_pdl[0] != '\0' && no_pdl[0] != '0') pdl = false;
   const int w = gemv4_warps(k);
-  // 5-8 tokens of bf16 activations: the direct form (one pass); MXLM_CUDA_GEMV4_DIRECT=0 keeps passes of 4.
+  // 5-8 tokens of bf16 activations: the direct form (one pass); MXLM_CUDA_GEMV4_DIRECT=0 keeps passes of 4, =all takes
+  // the direct form from one token on (benchmark comparison).
   const char* direct_env = std::getenv("MXLM_CUDA_GEMV4_DIRECT");
-  const bool direct = max_m > kGemv4PassTokens && max_m <= kGemv4DirectTokens && x_f32 == nullptr &&
-                      (direct_env == nullptr || direct_env[0] != '0');
+  const bool direct_off = direct_env != nullptr && direct_env[0] == '0';
+  const bool direct_all = direct_env != nullptr && std::strcmp(direct_env, "all") == 0;
+  const bool direct = max_m <= kGemv4DirectTokens && x_f32 == nullptr &&
+                      (max_m > kGemv4PassTokens ? !direct_off : direct_all);
   auto by_passes = [&](auto warps, auto ch) {
     constexpr int W = decltype(warps)::value, CH = decltype(ch)::value;
     if (direct) return launch_gemv4_t<W, CH, kMode, true, true>(single, moe, num_z, max_m, x_f32, n, k, pdl, stream);
