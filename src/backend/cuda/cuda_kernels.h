@@ -139,7 +139,7 @@ cudaError_t launch_mxfp4_moe_gemv1(const Mxfp4MoeTiles& moe, int max_tiles, int 
 
 // Version 4 (session 4): one CTA per 16 weight rows over the whole K (no K split across CTAs: no workspace, memset,
 // atomics; deterministic), weights and scales queued with cp.async before griddepcontrol.wait, PDL; tokens in passes
-// of 4 over the weights held in shared memory, or 5-8 rows of bf16 activations in one pass (each lane loading its
+// of 4 over the weights held in shared memory, or 3-8 rows of bf16 activations in one pass (each lane loading its
 // token's activations itself). 8 warps per CTA, 4 for K <= 3072. For m <= 16 and K / 512 or K / 1024 in {2, 3, 4,
 // 6, 8} (mxfp4_gemv4_supports); activations bf16 (problem.x) or f32 (x_f32, rounded to bf16 while staged). y is
 // written, not accumulated.

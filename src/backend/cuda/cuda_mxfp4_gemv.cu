@@ -22,7 +22,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "backend/cuda/cuda_device_math.cuh"
@@ -683,10 +682,11 @@ namespace {
 constexpr int kGemv4Warps = 8;
 constexpr int kGemv4SmallWarps = 4;
 constexpr int kGemv4PassTokens = 4;
-// The direct form: up to 8 tokens (one MMA n-tile) in one pass, bf16 activations loaded by each lane for its own
+// The direct form: 3 to 8 tokens (one MMA n-tile) in one pass, bf16 activations loaded by each lane for its own
 // token straight from global memory a chunk ahead of its use, instead of staged in shared memory (8 staged tokens
-// would not fit beside the weights). Same math per chunk as the staged form.
-constexpr int kGemv4DirectTokens = kMxfp4Gemv4OnePassRows;
+// would not fit beside the weights). Same math per chunk as the staged form; held to 64 registers, so that four
+// CTAs of 8 warps (56 KB of shared memory each, no staging) share an SM.
+constexpr int kGemv4DirectTokens = kMxfp4Gemv4OnePassRows, kGemv4DirectMinTokens = 3;
 // Weight chunks per warp queued before griddepcontrol.wait. One launch (linear): all of them, the whole slice
 // prefetched while the previous kernel runs. The grouped MoE GEMVs run several waves of CTAs, where a CTA's
 // activations would land behind its whole slice: one chunk first, the rest after the activation loads are issued
@@ -969,13 +969,12 @@ cudaError_t launch_gemv4(const Mxfp4GemvGroup& single, const Mxfp4MoeTiles& moe,
   const char* no_pdl = std::getenv("MXLM_CUDA_NO_PDL");
   if (no_pdl != nullptr && no_pdl[0] != '\0' && no_pdl[0] != '0') pdl = false;
   const int w = gemv4_warps(k);
-  // 5-8 tokens of bf16 activations: the direct form (one pass); MXLM_CUDA_GEMV4_DIRECT=0 keeps passes of 4, =all takes
-  // the direct form from one token on (benchmark comparison).
+  // 3-8 tokens of bf16 activations: the direct form (one pass, 4 CTAs of 8 warps per SM); MXLM_CUDA_GEMV4_DIRECT=0
+  // keeps passes of 4. H100 (session 6, same process): M = 4 6.81 / 6.63 us vs 7.19 / 7.15 us staged (3072 x 6144 /
+  // 6144 x 3072), MoE T = 4 0.213 vs 0.221 ms; M = 2 equal; M = 1 6.05 vs 5.60 us, MoE T = 1 0.090 vs 0.081 ms.
   const char* direct_env = std::getenv("MXLM_CUDA_GEMV4_DIRECT");
-  const bool direct_off = direct_env != nullptr && direct_env[0] == '0';
-  const bool direct_all = direct_env != nullptr && std::strcmp(direct_env, "all") == 0;
-  const bool direct = max_m <= kGemv4DirectTokens && x_f32 == nullptr &&
-                      (max_m > kGemv4PassTokens ? !direct_off : direct_all);
+  const bool direct = max_m >= kGemv4DirectMinTokens && max_m <= kGemv4DirectTokens && x_f32 == nullptr &&
+                      (direct_env == nullptr || direct_env[0] != '0');
   auto by_passes = [&](auto warps, auto ch) {
     constexpr int W = decltype(warps)::value, CH = decltype(ch)::value;
     if (direct) return launch_gemv4_t<W, CH, kMode, true, true>(single, moe, num_z, max_m, x_f32, n, k, pdl, stream);
