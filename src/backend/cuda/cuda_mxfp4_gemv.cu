@@ -725,8 +725,8 @@ __host__ __device__ constexpr int gemv4_smem_uint4(int pass_tokens, int part_tok
   return kGemv4ScaleTable + W * (CH * 64 + CH * 4 + 16 * part_tokens / 4 + pass_tokens * gemv4_x_stride<CH>());
 }
 
-// kOnePass: every problem of the launch has m <= pass_tokens (the loop over passes compiled away: 64 instead of
-// 72-80 registers).
+// kOnePass: every problem of the launch has m <= pass_tokens (the loop over passes compiled away). kDirect: held to
+// 64 registers (4 CTAs of 8 warps per SM); the staged forms use up to 80 (3 CTAs, as their shared memory allows).
 template <int W, int CH, int kMode, bool kOnePass, bool kDirect>
 __global__ void __launch_bounds__(W * 32, kDirect ? 32 / W : 24 / W)
     mxfp4_gemv4_kernel(Mxfp4GemvGroup single, Mxfp4MoeTiles moe, const float* x_f32, int n, int k, int pass_tokens) {
