@@ -181,8 +181,9 @@ void check_gemv2(int sms) {
   cudaStreamDestroy(stream);
 }
 
-// Version-4 kernel (one CTA per 16 rows over the whole K, tokens in passes of 4): every supported K, ragged n, 1..16
-// tokens, capped scale bytes, f32 input == bf16 input bit for bit, with and without PDL bit-identical, nothing written
+// Version-4 kernel (one CTA per 16 rows over the whole K; f32 input staged in passes of 4 tokens, bf16 input staged at
+// 1-2 tokens and direct at 3-8): every supported K, ragged n, 1..16 tokens, capped scale bytes, f32 input == bf16
+// input bit for bit (the staged and direct forms against each other at 3-8 tokens), with and without PDL bit-identical, nothing written
 // past m, unsupported shapes refused; and the MoE form over a hand-made tile list (tiles past the count untouched).
 void check_gemv4() {
   cudaStream_t stream = nullptr;

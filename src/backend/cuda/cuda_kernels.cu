@@ -52,8 +52,7 @@ __global__ void f16_to_f32_kernel(const uint16_t* x, float* out, size_t n) {
     out[i] = __half2float(__ushort_as_half(x[i]));
 }
 
-// One block per row; f32 sum of squares.
-// One CTA per row. Rows of up to kRmsNormCached elements per thread are read once (kept in registers for the scaling
+// One CTA per row; f32 sum of squares. Rows of up to kRmsNormCached elements per thread are read once (kept in registers for the scaling
 // pass; a decode step's norms are latency-bound: ncu H100, 6144 wide, 7 us per call with the second read).
 constexpr int kRmsNormCached = 16;
 __global__ void rms_norm_kernel(const float* x, const float* w, float* out, size_t dim, float eps, bool add_one) {

@@ -670,9 +670,11 @@ cudaError_t launch_mxfp4_moe_gemv(const Mxfp4MoeTiles& moe, int max_tiles, int n
 // holding two of them just holds a larger share of equal pieces. Every lane queues, with cp.async, exactly the
 // 16-byte MX blocks it multiplies plus (lanes t = 0, 1) the chunk's scale words, one commit group per chunk, before
 // griddepcontrol.wait where the problem is known by then: nothing that waits for memory stands before the trigger,
-// and the math of chunk c starts when chunk c has landed. The activations are staged per warp after the wait, four
-// tokens at a time (lanes of tokens past m feed zeros), pre-paired for the math (pair_x); more tokens run further
-// passes over the weights already in shared memory (the math repeats, the weight bytes are read once). Trigger
+// and the math of chunk c starts when chunk c has landed. The activations of 1-2 bf16 tokens (or of f32 input) are
+// staged per warp after the wait, four tokens at a time (lanes of token columns past m multiply the last token's,
+// columns that the store drops), pre-paired for the math (pair_x); more tokens run further passes over the weights
+// already in shared memory (the math repeats, the weight bytes are read once). 3-8 bf16 tokens take the direct form
+// (below): one pass, each lane loading its token's activations itself. Trigger
 // placement by K: with 6+ chunks per warp the next kernel's CTAs start after this CTA's first activation loads are
 // issued (their weight prefetch then queues behind them: 6.6 -> 5.8 µs on 3072 x 6144), otherwise at once.
 namespace {
