@@ -354,9 +354,7 @@ class CudaBackend final : public Backend {
           break;
       }
     }
-    const char* piece_kb = std::getenv("MXLM_CUDA_PREFETCH_PIECE_KB");  // benchmark sweep
-    const int kb = piece_kb != nullptr && piece_kb[0] != '\0' ? std::clamp(std::atoi(piece_kb), 1, 1024) : 16;
-    MXLM_CUDA_CHECK(launch_l2_prefetch(list, static_cast<uint32_t>(kb) << 10, stream_));
+    MXLM_CUDA_CHECK(launch_l2_prefetch(list, stream_));
   }
 
   void linear(const float* x, size_t m, const Weight& w, float* y) override {

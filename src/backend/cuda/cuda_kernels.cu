@@ -3,7 +3,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <algorithm>
 #include <cfloat>
 #include <cstdint>
 
@@ -518,44 +517,29 @@ cudaError_t launch_router_topk(const float* logits, const float* bias, size_t to
 }
 
 namespace {
-// One prefetch instruction per thread, over CTAs enough for the pieces: issued from one SM, 20 MB took ~80 us (H100;
-// the bulk-copy engine's queue), from many SMs the issue is quick.
-struct L2PrefetchPieces {
-  L2PrefetchList list;
-  uint32_t piece;
-  int first[L2PrefetchList::kMax + 1];  // first piece of each range
-};
+constexpr uint32_t kL2PrefetchPiece = 64u << 10;  // bytes per prefetch instruction
 
 // Issues the prefetches, lets the next kernel start, and ends only after the previous kernel did (pdl_wait), so that a
 // kernel waiting on this one still sees everything before it.
-__global__ void l2_prefetch_kernel(L2PrefetchPieces pieces) {
-  const int p = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
-  for (int r = 0; r < pieces.list.count; ++r) {
-    if (p < pieces.first[r] || p >= pieces.first[r + 1]) continue;
-    const size_t off = static_cast<size_t>(p - pieces.first[r]) * pieces.piece, left = pieces.list.bytes[r] - off;
-    l2_prefetch(static_cast<const uint8_t*>(pieces.list.ptr[r]) + off,
-                left < pieces.piece ? static_cast<uint32_t>(left) : pieces.piece);
+__global__ void l2_prefetch_kernel(L2PrefetchList list) {
+  for (int r = 0; r < list.count; ++r) {
+    const auto* base = static_cast<const uint8_t*>(list.ptr[r]);
+    const size_t bytes = list.bytes[r];
+    for (size_t off = static_cast<size_t>(threadIdx.x) * kL2PrefetchPiece; off < bytes;
+         off += static_cast<size_t>(blockDim.x) * kL2PrefetchPiece)
+      l2_prefetch(base + off, bytes - off < kL2PrefetchPiece ? static_cast<uint32_t>(bytes - off) : kL2PrefetchPiece);
   }
   pdl_launch_dependents();
   pdl_wait();
 }
 }  // namespace
 
-cudaError_t launch_l2_prefetch(const L2PrefetchList& list, uint32_t piece_bytes, cudaStream_t stream) {
+cudaError_t launch_l2_prefetch(const L2PrefetchList& list, cudaStream_t stream) {
   if (list.count < 1) return cudaSuccess;
-  if (list.count > L2PrefetchList::kMax || piece_bytes < 16 || piece_bytes % 16 != 0) return cudaErrorInvalidValue;
-  L2PrefetchPieces pieces{list, piece_bytes, {}};
-  size_t total = 0;
-  for (int r = 0; r < list.count; ++r) {
+  if (list.count > L2PrefetchList::kMax) return cudaErrorInvalidValue;
+  for (int r = 0; r < list.count; ++r)
     if (reinterpret_cast<uintptr_t>(list.ptr[r]) % 16 != 0 || list.bytes[r] % 16 != 0) return cudaErrorInvalidValue;
-    pieces.first[r] = static_cast<int>(total);
-    total += (list.bytes[r] + piece_bytes - 1) / piece_bytes;
-    if (total > (1u << 30)) return cudaErrorInvalidValue;
-  }
-  pieces.first[list.count] = static_cast<int>(total);
-  constexpr unsigned kThreadsPerCta = 128;
-  const auto ctas = static_cast<unsigned>((total + kThreadsPerCta - 1) / kThreadsPerCta);
-  return launch_kernel(l2_prefetch_kernel, dim3(std::max(ctas, 1u)), dim3(kThreadsPerCta), 0, stream, true, pieces);
+  return launch_kernel(l2_prefetch_kernel, dim3(1), dim3(128), 0, stream, true, list);
 }
 
 cudaError_t launch_embedding(const void* table, const uint8_t* scales, TableFormat format, int64_t rows, int64_t cols,

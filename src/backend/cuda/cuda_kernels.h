@@ -205,10 +205,9 @@ struct L2PrefetchList {
   size_t bytes[kMax] = {};
   int count = 0;
 };
-// Starts loading the ranges into L2 (cp.async.bulk.prefetch, one piece of piece_bytes per thread) and returns; a hint
-// that changes no result. One small kernel with PDL: it lets its successor start at once and completes after its
-// predecessor.
-cudaError_t launch_l2_prefetch(const L2PrefetchList& list, uint32_t piece_bytes, cudaStream_t stream);
+// Starts loading the ranges into L2 (cp.async.bulk.prefetch) and returns; a hint that changes no result. One small
+// kernel with PDL: it lets its successor start at once and completes after its predecessor.
+cudaError_t launch_l2_prefetch(const L2PrefetchList& list, cudaStream_t stream);
 cudaError_t launch_f32_gemv(const float* w, const float* x, float* y, int n, int m, int k, cudaStream_t stream);
 // y[m, n] = bf16(x[m, k]) · W[n, k]ᵀ for bf16 weights and 1..kBf16GemvMaxTokens tokens (cuda_bf16_gemv.cu): the
 // f32 activations rounded to bf16 (RNE, as launch_f32_to_bf16) as they are loaded, f32 sums, deterministic. k a
