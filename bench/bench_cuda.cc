@@ -326,11 +326,8 @@ void bench_moe(const Ceilings& c, bool quick) {
       auto g = be->alloc(static_cast<size_t>(T) * I), u = be->alloc(static_cast<size_t>(T) * I);
       auto xq = be->alloc(hx.size()), aq = be->alloc(static_cast<size_t>(T) * I);
       float sink = 0;
-      // The layer as M3Model runs it: the shared expert's gate / up prefetch hint, the router, the routed experts
-      // with the shared expert handed to moe_experts (fused where the backend can).
-      const backend::Weight* const shared_first[] = {sg.get(), su.get()};
+      // The layer with the shared expert handed to moe_experts (fused where the backend can).
       auto layer_ops = [&]() {
-        be->prefetch(shared_first);
         be->router(x->f32(), static_cast<size_t>(T), *router, bias->f32(), K, 2.0f, ids->i32(), wts->f32());
         be->moe_experts(x->f32(), static_cast<size_t>(T), ids->i32(), wts->f32(), K, p1, p3, p2, 0, {1.702f, 7.0f},
                         true, &shared_expert, out->f32());
@@ -400,19 +397,6 @@ void bench_moe(const Ceilings& c, bool quick) {
         unsetenv("MXLM_CUDA_GEMV4_WARPS");
         row("MoE layer native T=%3d routed GEMV default, version 4 with 8-warp CTAs at K <= 3072: %7.3f ms graph", T, w8);
         if (w8 < gms) gms = w8;
-        // The L2 look-ahead of version 4's grouped GEMVs (CTAs per SM ahead; 0 = off) and the shared expert's
-        // prefetch hint (MXLM_CUDA_PREFETCH=0 = ignored).
-        for (const char* ahead : {"0", "1", "2", "3", "4", "6"}) {
-          setenv("MXLM_CUDA_MOE_L2_AHEAD", ahead, 1);
-          const double t = graph_ms(backend::cuda_stream(*be), [&](int) { layer_ops(); }, quick ? 5 : 10, 4);
-          setenv("MXLM_CUDA_PREFETCH", "0", 1);
-          const double t_np = graph_ms(backend::cuda_stream(*be), [&](int) { layer_ops(); }, quick ? 5 : 10, 4);
-          unsetenv("MXLM_CUDA_PREFETCH");
-          row("MoE layer native T=%3d L2 look-ahead %s CTAs per SM: %7.3f ms graph, without the shared-expert "
-              "prefetch %7.3f ms",
-              T, ahead, t, t_np);
-        }
-        unsetenv("MXLM_CUDA_MOE_L2_AHEAD");
         setenv("MXLM_CUDA_MOE_PLAIN", "1", 1);  // the small MoE kernels without PDL
         const double plain = graph_ms(backend::cuda_stream(*be), [&](int) { layer_ops(); }, quick ? 5 : 10, 4);
         unsetenv("MXLM_CUDA_MOE_PLAIN");

@@ -151,9 +151,6 @@ class Backend {
   // ---- matrix products
   // y[m, w.rows] = x[m, w.cols] · wᵀ (f32 accumulation).
   virtual void linear(const float* x, size_t m, const Weight& w, float* y) = 0;
-  // A hint, no result: these weights are read soon (after ops that leave memory bandwidth idle); a backend with a
-  // cache may start loading them now. Default: nothing.
-  virtual void prefetch(std::span<const Weight* const> weights) { (void)weights; }
   // out[i] = table[ids[i] - row_offset] for ids inside [row_offset, row_offset + table.rows), else 0 (vocab-parallel).
   virtual void embedding(const Weight& table, std::span<const int32_t> ids, int64_t row_offset, float* out) = 0;
 

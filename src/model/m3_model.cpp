@@ -252,11 +252,6 @@ void M3Model::moe(const Layer& layer, const float* x, size_t m, float* out) {
   Scratch s(backend_);
   int32_t* ids = s.i32(m * static_cast<size_t>(k));
   float* weights = s(m * static_cast<size_t>(k));
-  // The shared expert's first matrices are known before the routing: the router's few bytes leave room to load them.
-  if (layer.dense) {
-    const backend::Weight* const soon[] = {layer.dense.gate.get(), layer.dense.up.get()};
-    backend_.prefetch(soon);
-  }
   backend_.router(x, m, *layer.router, layer.router_bias ? layer.router_bias->f32() : nullptr, k,
                   static_cast<float>(t.routed_scaling_factor), ids, weights);
   if (routing_observer_) {

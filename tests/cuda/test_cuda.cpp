@@ -306,53 +306,6 @@ void test_linear(Backend& cpu, Backend& gpu, Backend& gpu_emu) {
   }
 }
 
-// Backend::prefetch is a hint: weights of every format and shape (ragged scale bytes, a 1-row weight, repeats past
-// the range limit, an empty list) are accepted and a linear's bits do not change.
-void test_prefetch(Backend& gpu) {
-  struct Case {
-    backend::WeightFormat format;
-    int n, k;
-  };
-  std::vector<std::unique_ptr<backend::Weight>> owned;
-  std::vector<const backend::Weight*> all;
-  for (const Case& c : std::vector<Case>{{backend::WeightFormat::MXFP4, 3072, 6144},
-                                         {backend::WeightFormat::MXFP4, 3, 32},
-                                         {backend::WeightFormat::MXFP4, 1, 64},
-                                         {backend::WeightFormat::F32, 200, 96},
-                                         {backend::WeightFormat::BF16, 7, 40}}) {
-    const Mx m = random_mx(c.n, c.k);
-    const auto wf32 = randn(static_cast<size_t>(c.n) * c.k, 0.05f);
-    std::vector<uint16_t> wb(wf32.size());
-    for (size_t i = 0; i < wb.size(); ++i) wb[i] = f32_to_bf16(wf32[i]);
-    backend::WeightData wd{c.format, c.n, c.k, wf32.data(), nullptr};
-    if (c.format == backend::WeightFormat::MXFP4) wd = {c.format, c.n, c.k, m.packed.data(), m.scales.data()};
-    if (c.format == backend::WeightFormat::BF16) wd = {c.format, c.n, c.k, wb.data(), nullptr};
-    owned.push_back(gpu.upload_weight(wd));
-    const backend::Weight& w = *owned.back();
-    all.push_back(&w);
-    auto x = randn(static_cast<size_t>(2) * c.k);
-    if (c.format == backend::WeightFormat::MXFP4) mx::ref::qdq_f32(x.data(), x.size(), mx::ScaleRule::Even);
-    auto dx = up(gpu, x);
-    auto o = gpu.alloc(static_cast<size_t>(2) * c.n);
-    gpu.linear(dx->f32(), 2, w, o->f32());
-    const auto before = down(gpu, *o, static_cast<size_t>(2) * c.n);
-    const backend::Weight* const one[] = {&w};
-    gpu.prefetch(one);
-    gpu.linear(dx->f32(), 2, w, o->f32());
-    check_bits(std::string("prefetch ") + backend::weight_format_name(c.format) + " " + std::to_string(c.n) + "x" +
-                   std::to_string(c.k) + ": linear unchanged",
-               down(gpu, *o, static_cast<size_t>(2) * c.n), before);
-  }
-  for (int i = 0; i < 3; ++i) all.insert(all.end(), all.begin(), all.begin() + 5);  // 20 weights, ~38 ranges
-  all.push_back(nullptr);
-  gpu.prefetch(all);
-  gpu.prefetch({});
-  const cudaError_t err = cudaDeviceSynchronize();
-  report(err == cudaSuccess, std::string("prefetch of 21 entries (more ranges than one launch takes, a null) and of none: ") +
-                                 cudaGetErrorString(err),
-         0, 0);
-}
-
 void test_embedding(Backend& cpu, Backend& gpu) {
   const int rows = 300, cols = 96;
   Mx m = random_mx(rows, cols);
@@ -703,7 +656,6 @@ MXLM_GPU_CHECK(dequant) { test_dequant(); }
 MXLM_GPU_CHECK(gemv_kernel) { test_gemv_kernel(env.multiprocessors); }
 MXLM_GPU_CHECK(elementwise) { test_elementwise(env.cpu, env.gpu); }
 MXLM_GPU_CHECK(linear) { test_linear(env.cpu, env.gpu, env.gpu_emu); }
-MXLM_GPU_CHECK(prefetch) { test_prefetch(env.gpu); }
 MXLM_GPU_CHECK(embedding) { test_embedding(env.cpu, env.gpu); }
 MXLM_GPU_CHECK(router) { test_router(env.cpu, env.gpu); }
 MXLM_GPU_CHECK(moe) { test_moe(env.cpu, env.gpu, env.gpu_emu); }

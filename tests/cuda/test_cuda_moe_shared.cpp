@@ -40,8 +40,7 @@ std::vector<int32_t> make_ids(int tokens, int k, int experts, bool same) {
 }
 
 // launch_moe_route with the shared expert: routed lists as without it (rows, tiles, ascending combine slots), the
-// shared expert's rows last (token t at offsets[num_local] + t, weight 1.0) and in each token's last slot, its tiles
-// first.
+// shared expert's rows last (token t at offsets[num_local] + t, weight 1.0) and in each token's last slot.
 void check_route_shared() {
   struct Case {
     int tokens, k, experts, first, num_local;
@@ -110,10 +109,6 @@ void check_route_shared() {
     if (off[static_cast<size_t>(experts)] != rows || cnt[1] != rows) ++bad;
     // Tiles cover every row (shared ones included) exactly once, within one expert, at most tile_rows each.
     bad += tile_list_errors(tl, cnt[0], max_tiles, experts, tile_rows, off, rows);
-    // The shared expert's tiles first (its weights may be in L2 from Backend::prefetch before the routing).
-    const int shared_tiles = (c.tokens + tile_rows - 1) / tile_rows;
-    for (int i = 0; i < shared_tiles && i < cnt[0]; ++i)
-      if (tl[static_cast<size_t>(3 * i)] != c.num_local) ++bad;
     // Combine: k + 1 slots per token: its routed rows in ascending expert order, -1, and the shared row last.
     for (int t = 0; t < c.tokens; ++t) {
       std::vector<int> local;

@@ -324,39 +324,6 @@ class CudaBackend final : public Backend {
   }
 
   // ---- matrix products
-  // L2 prefetch of whole weights (one small kernel); MXLM_CUDA_PREFETCH=0 ignores the hint (benchmark baseline).
-  void prefetch(std::span<const Weight* const> weights) override {
-    const char* env = std::getenv("MXLM_CUDA_PREFETCH");
-    if (env != nullptr && env[0] == '0') return;
-    L2PrefetchList list;
-    auto add = [&](const void* p, size_t bytes) {
-      bytes -= bytes % 16;  // a hint: a ragged tail or an unaligned range may stay out
-      if (p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 != 0 || bytes == 0 || list.count == L2PrefetchList::kMax)
-        return;
-      list.ptr[list.count] = p;
-      list.bytes[list.count++] = bytes;
-    };
-    for (const Weight* w : weights) {
-      if (w == nullptr) continue;
-      const DeviceWeight& dw = dev(*w);
-      const size_t n = static_cast<size_t>(w->rows()) * static_cast<size_t>(w->cols());
-      switch (w->format()) {
-        case WeightFormat::MXFP4:
-          add(dw.data_, n / 2);
-          add(dw.scales_, n / 32);
-          break;
-        case WeightFormat::BF16:
-        case WeightFormat::F16:
-          add(dw.data_, n * 2);
-          break;
-        case WeightFormat::F32:
-          add(dw.data_, n * 4);
-          break;
-      }
-    }
-    MXLM_CUDA_CHECK(launch_l2_prefetch(list, stream_));
-  }
-
   void linear(const float* x, size_t m, const Weight& w, float* y) override {
     if (m == 0) return;
     const DeviceWeight& dw = dev(w);

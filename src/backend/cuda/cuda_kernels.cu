@@ -516,32 +516,6 @@ cudaError_t launch_router_topk(const float* logits, const float* bias, size_t to
                        logits, bias, tokens, experts, k, scale, ids, weights);
 }
 
-namespace {
-constexpr uint32_t kL2PrefetchPiece = 64u << 10;  // bytes per prefetch instruction
-
-// Issues the prefetches, lets the next kernel start, and ends only after the previous kernel did (pdl_wait), so that a
-// kernel waiting on this one still sees everything before it.
-__global__ void l2_prefetch_kernel(L2PrefetchList list) {
-  for (int r = 0; r < list.count; ++r) {
-    const auto* base = static_cast<const uint8_t*>(list.ptr[r]);
-    const size_t bytes = list.bytes[r];
-    for (size_t off = static_cast<size_t>(threadIdx.x) * kL2PrefetchPiece; off < bytes;
-         off += static_cast<size_t>(blockDim.x) * kL2PrefetchPiece)
-      l2_prefetch(base + off, bytes - off < kL2PrefetchPiece ? static_cast<uint32_t>(bytes - off) : kL2PrefetchPiece);
-  }
-  pdl_launch_dependents();
-  pdl_wait();
-}
-}  // namespace
-
-cudaError_t launch_l2_prefetch(const L2PrefetchList& list, cudaStream_t stream) {
-  if (list.count < 1) return cudaSuccess;
-  if (list.count > L2PrefetchList::kMax) return cudaErrorInvalidValue;
-  for (int r = 0; r < list.count; ++r)
-    if (reinterpret_cast<uintptr_t>(list.ptr[r]) % 16 != 0 || list.bytes[r] % 16 != 0) return cudaErrorInvalidValue;
-  return launch_kernel(l2_prefetch_kernel, dim3(1), dim3(128), 0, stream, true, list);
-}
-
 cudaError_t launch_embedding(const void* table, const uint8_t* scales, TableFormat format, int64_t rows, int64_t cols,
                              const int32_t* ids, size_t count, int64_t row_offset, float* out, cudaStream_t stream) {
   if (count == 0) return cudaSuccess;

@@ -130,9 +130,6 @@ struct Mxfp4MoeTiles {
   // this GEMV started (e.g. route, then gather, then this GEMV): the CTAs then read them and queue their weights
   // before griddepcontrol.wait, overlapping the previous kernel; false: they wait first.
   bool tiles_ready = false;
-  // Version 4 only: CTA i starts an L2 prefetch of the weights and scales of CTA i + l2_ahead (in launch order), so
-  // that the DRAM stream runs ahead of the CTAs resident at a time (0: off).
-  int l2_ahead = 0;
 };
 cudaError_t launch_mxfp4_moe_gemv(const Mxfp4MoeTiles& moe, int max_tiles, int n, int k, const Mxfp4GemvPlan& plan,
                                   bool pdl, float* workspace, int* counters, cudaStream_t stream);
@@ -198,16 +195,6 @@ cudaError_t launch_moe_combine(const float* y, const int32_t* combine, const flo
 // y[m, n] = x[m, k] · W[n, k]ᵀ in f32 for 1..kF32GemvMaxTokens tokens (k % 4 == 0): the router and other small
 // f32 linears (cuBLAS sgemm reads these at a tenth of the bandwidth). Deterministic.
 constexpr int kF32GemvMaxTokens = 8;
-// Byte ranges for launch_l2_prefetch (16-byte aligned starts, multiples of 16 bytes).
-struct L2PrefetchList {
-  static constexpr int kMax = 8;
-  const void* ptr[kMax] = {};
-  size_t bytes[kMax] = {};
-  int count = 0;
-};
-// Starts loading the ranges into L2 (cp.async.bulk.prefetch) and returns; a hint that changes no result. One small
-// kernel with PDL: it lets its successor start at once and completes after its predecessor.
-cudaError_t launch_l2_prefetch(const L2PrefetchList& list, cudaStream_t stream);
 cudaError_t launch_f32_gemv(const float* w, const float* x, float* y, int n, int m, int k, cudaStream_t stream);
 // y[m, n] = bf16(x[m, k]) · W[n, k]ᵀ for bf16 weights and 1..kBf16GemvMaxTokens tokens (cuda_bf16_gemv.cu): the
 // f32 activations rounded to bf16 (RNE, as launch_f32_to_bf16) as they are loaded, f32 sums, deterministic. k a

@@ -7,18 +7,10 @@
 
 #include <cuda_runtime.h>
 
-#include <cstdint>
-
 namespace mxlm::backend::cuda {
 
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;"); }
-
-// Starts loading bytes [p, p + bytes) into L2 and returns at once (the bulk-copy engine does the work; no SM
-// resources stay held). p 16-byte aligned, bytes a multiple of 16. A hint: nothing waits for it.
-__device__ __forceinline__ void l2_prefetch(const void* p, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-}
 
 template <typename... Params, typename... Args>
 cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool pdl,

@@ -13,7 +13,6 @@
 // and QDQ'd by the same gather, its tiles inside the same two grouped GEMVs, and its output added by the same combine
 // in each token's last slot, after the routed experts: out = routed + shared with the unfused summation order. Paths
 // that do not fuse it (host-sorted, emulation, float or odd-shaped shared experts) run it unfused afterwards.
-#include <algorithm>
 #include <cstdlib>
 
 #include "backend/cuda/cuda_backend_impl.h"
@@ -23,15 +22,6 @@ namespace mxlm::backend::cuda {
 namespace {
 constexpr size_t kDeviceRoutingRows = 1024;
 constexpr size_t kMoeGemv4MaxTokens = 16;
-
-// Version 4's L2 look-ahead (Mxfp4MoeTiles::l2_ahead) in CTAs: kMoeL2AheadPerSm per SM, or
-// MXLM_CUDA_MOE_L2_AHEAD per SM (0: off; benchmark sweep).
-constexpr int kMoeL2AheadPerSm = 2;
-int moe_l2_ahead(int sms) {
-  const char* v = std::getenv("MXLM_CUDA_MOE_L2_AHEAD");
-  const int per_sm = v != nullptr && v[0] != '\0' ? std::atoi(v) : kMoeL2AheadPerSm;
-  return std::clamp(per_sm, 0, 16) * sms;
-}
 
 // MXLM_CUDA_MOE_HOST=1 forces the host-sorted path (benchmark baseline).
 bool moe_host_only() {
@@ -166,7 +156,6 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
   gu.mats = 2;
   gu.rows_max = rows_max;
   gu.tiles_ready = true;  // route ran before the gather, the gather right before this GEMV
-  gu.l2_ahead = moe_l2_ahead(sms_);
   Mxfp4MoeTiles dn;
   dn.tiles = tiles.as<int32_t>();
   dn.num_tiles = counts.as<int32_t>();
@@ -178,7 +167,6 @@ bool CudaBackend::moe_experts_on_device(const float* x, size_t tokens, const int
   dn.mats = 1;
   dn.rows_max = rows_max;
   dn.tiles_ready = true;
-  dn.l2_ahead = gu.l2_ahead;
   if (gu_v4) {
     MXLM_CUDA_CHECK(launch_mxfp4_moe_gemv4(gu, max_tiles, v4_rows, inter, hidden, true, stream_));
   } else if (gu_v2) {

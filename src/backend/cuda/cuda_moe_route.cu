@@ -51,13 +51,6 @@ __global__ void __launch_bounds__(kRouteThreads)
   const int nt = (c + tile_rows - 1) / tile_rows;
   int tile0 = 0, ntiles = 0;
   Scan(scan_tmp).ExclusiveSum(nt, tile0, ntiles);
-  // The shared expert's tiles go first (the routed ones after them, in expert order): its weights are known before
-  // the routing, so they may already sit in L2 (Backend::prefetch) and should be read before the routed experts'
-  // stream evicts them. Tile order changes no result: each tile writes its own rows.
-  if (shared) {
-    const int shared_tiles = (tokens + tile_rows - 1) / tile_rows;
-    tile0 = tid == num_local ? 0 : tile0 + shared_tiles;
-  }
   if (tid < experts) offsets[tid] = row0;
   if (tid == 0) {
     offsets[experts] = rows;

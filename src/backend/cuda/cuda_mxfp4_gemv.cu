@@ -727,24 +727,6 @@ __host__ __device__ constexpr int gemv4_smem_uint4(int pass_tokens, int part_tok
   return kGemv4ScaleTable + W * (CH * 64 + CH * 4 + 16 * part_tokens / 4 + pass_tokens * gemv4_x_stride<CH>());
 }
 
-// The MoE form's look-ahead (Mxfp4MoeTiles::l2_ahead): the 16-row slice of CTA `ahead` places further in launch
-// order (x fastest, as CTAs are dispatched) into L2, rows and scales being contiguous. The resident CTAs hold only
-// their own slices in flight and none while they multiply; the prefetch keeps DRAM busy beyond them.
-__device__ __forceinline__ void moe_prefetch_ahead(const Mxfp4MoeTiles& moe, int n, int k, int ahead) {
-  const long long at = static_cast<long long>(blockIdx.y) * gridDim.x + blockIdx.x + ahead;
-  const int z = static_cast<int>(at / gridDim.x), row0 = static_cast<int>(at % gridDim.x) * 16;
-  if (z >= static_cast<int>(gridDim.y)) return;
-  const int tile = z / moe.mats;
-  if (tile >= *moe.num_tiles) return;
-  const int expert = moe.tiles[3 * tile];
-  const bool second = z - tile * moe.mats != 0;
-  const uint8_t* w = (second ? moe.w[1] : moe.w[0])[expert];
-  const uint8_t* sc = (second ? moe.scales[1] : moe.scales[0])[expert];
-  const uint32_t rows = static_cast<uint32_t>(min(16, n - row0));
-  l2_prefetch(w + static_cast<size_t>(row0) * (k / 2), rows * static_cast<uint32_t>(k / 2));
-  l2_prefetch(sc + static_cast<size_t>(row0) * (k / 32), rows * static_cast<uint32_t>(k / 32));
-}
-
 // kOnePass: every problem of the launch has m <= pass_tokens (the loop over passes compiled away). kDirect: held to
 // 64 registers (4 CTAs of 8 warps per SM); the staged forms use up to 80 (3 CTAs, as their shared memory allows).
 template <int W, int CH, int kMode, bool kOnePass, bool kDirect>
@@ -796,9 +778,6 @@ __global__ void __launch_bounds__(W * 32, kDirect ? 32 / W : 24 / W)
   const int pre = early ? gemv4_pre_chunks<kMode, CH>() : CH;
   queue_chunks(0, pre);
   if (!kTriggerAfterX) pdl_launch_dependents();
-  if constexpr (kMode == kMoe) {
-    if (moe.l2_ahead > 0 && warp == W - 1 && lane == 0) moe_prefetch_ahead(moe, n, k, moe.l2_ahead);
-  }
   if (early) pdl_wait();  // the activations and the output belong to the previous kernel's world from here on
 
   // acc += chunk c of this warp's weights (landed) x the paired activations xp of its lane's token.
