@@ -157,6 +157,21 @@ void bench_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
             n, k, m, pdl_ok ? 1 : 0, warps[0] != '\0' ? " 8-warp CTAs" : "", ms4 * 1e3, gbs4,
             100.0 * gbs4 / c.copy_gbs, bms / ms4, ms / ms4);
       }
+      // Diagnostic: version 4 on one weight set (10 MB, resident in L2 after the first call): how fast the kernel's SM
+      // side goes when DRAM is out of the way.
+      if (cu::mxfp4_gemv4_supports(k, m)) {
+        const double ms_l2 = graph_ms(
+            stream,
+            [&](int) {
+              const cu::Mxfp4GemvGroup one{wq[0], ws[0], x, y, m, n};
+              CK(cu::launch_mxfp4_gemv4(one, n, k, pdl_ok, stream));
+            },
+            quick ? 5 : 15, 64);
+        const double gbs_l2 = static_cast<double>(wbytes) / (ms_l2 * 1e-3) / 1e9;
+        row("GEMV4 N=%d K=%d M=%2d pdl=%d, weights resident in L2 (diagnostic): %6.2f us (graph), %5.0f GB/s = %3.0f%% "
+            "of DRAM copy",
+            n, k, m, pdl_ok ? 1 : 0, ms_l2 * 1e3, gbs_l2, 100.0 * gbs_l2 / c.copy_gbs);
+      }
       // Version 2 (cp.async slice, PDL, memset-free deterministic split-K): CTA size, CTAs per SM, PDL, variant
       // flags (1 row-contiguous copies, 8 math per landed group; diagnostics 2 no math, 4 no activations).
       double best = 1e30;
