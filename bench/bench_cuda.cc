@@ -138,8 +138,9 @@ void bench_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
           "%3.0f%% of copy; cuBLAS bf16 %6.2f us -> %.2fx",
           n, k, m, split, ms * 1e3, ms_stream * 1e3, gbs, 100.0 * gbs / c.copy_gbs, bms * 1e3, bms / ms);
       CK(cudaFree(dg));
-      // Version 4 (the backend's choice at these sizes), PDL; at K <= 3072 its default 4-warp CTAs and 8-warp ones.
-      for (const char* warps : {"", "8"}) {
+      // Version 4 (the backend's choice at these sizes), PDL; at K <= 3072 its default 8-warp CTAs and the 4-warp ones
+      // of the grouped MoE form.
+      for (const char* warps : {"", "4"}) {
         if (!cu::mxfp4_gemv4_supports(k, m) || (warps[0] != '\0' && k > 3072)) continue;
         if (warps[0] != '\0') setenv("MXLM_CUDA_GEMV4_WARPS", warps, 1);
         const double ms4 = graph_ms(
@@ -154,7 +155,7 @@ void bench_gemv(cublasHandle_t h, const Ceilings& c, int sms, bool quick) {
         const double gbs4 = static_cast<double>(wbytes) / (ms4 * 1e-3) / 1e9;
         row("GEMV4 N=%d K=%d M=%2d pdl=%d%s: %6.2f us (graph), %5.0f GB/s = %3.0f%% of copy (target 80%%); %.2fx cuBLAS "
             "bf16 (target 3x), %.2fx v1",
-            n, k, m, pdl_ok ? 1 : 0, warps[0] != '\0' ? " 8-warp CTAs" : "", ms4 * 1e3, gbs4,
+            n, k, m, pdl_ok ? 1 : 0, warps[0] != '\0' ? " 4-warp CTAs" : "", ms4 * 1e3, gbs4,
             100.0 * gbs4 / c.copy_gbs, bms / ms4, ms / ms4);
       }
       // Diagnostic: version 4 on one weight set (10 MB, resident in L2 after the first call): how fast the kernel's SM

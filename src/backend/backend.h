@@ -143,6 +143,20 @@ class Backend {
   // inv_freq[j] = theta^(-2j / rotary_dim), angle = position * inv_freq in f32.
   virtual void rope(float* x, std::span<const int32_t> positions, int heads, int head_dim, int rotary_dim,
                     float theta) = 0;
+  // Fusable pairs of the ops above, with the results of the pair (the defaults run it; a backend may run one kernel).
+  // The residual add and the norm after it: h = add(h, y), then out = rms_norm(h) over rows of dim.
+  virtual void add_rms_norm(float* h, const float* y, const float* w, float* out, size_t rows, size_t dim, float eps,
+                            bool add_one) {
+    add(h, y, h, rows * dim);
+    rms_norm(h, w, out, rows, dim, eps, add_one);
+  }
+  // Per-head norm and partial RoPE (q / k of attention and of the indexer): rms_norm of every [head_dim] row of x
+  // [tokens, heads, head_dim] with w [head_dim], then rope, in place.
+  virtual void rms_norm_rope(float* x, const float* w, std::span<const int32_t> positions, int heads, int head_dim,
+                             float eps, bool add_one, int rotary_dim, float theta) {
+    rms_norm(x, w, x, positions.size() * static_cast<size_t>(heads), static_cast<size_t>(head_dim), eps, add_one);
+    rope(x, positions, heads, head_dim, rotary_dim, theta);
+  }
   // SwiGLU-OAI: out = (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit).
   virtual void swiglu_oai(const float* gate, const float* up, float* out, size_t n, SwigluParams p) = 0;
   // MX emulation: quantize-dequantize rows of `k` (k % 32 == 0) in groups of 32, in place.

@@ -286,13 +286,14 @@ void M3Model::attention(const Layer& layer, const LayerCache& cache, const backe
   linear(x, T, *layer.k, k);
   linear(x, T, *layer.v, v);
   if (layer.q_norm) {
-    backend_.rms_norm(q, layer.q_norm->f32(), q, T * static_cast<size_t>(local_heads_), static_cast<size_t>(D), eps,
-                      t.gemma_norm);
-    backend_.rms_norm(k, layer.k_norm->f32(), k, T * static_cast<size_t>(local_kv_heads_), static_cast<size_t>(D), eps,
-                      t.gemma_norm);
+    backend_.rms_norm_rope(q, layer.q_norm->f32(), batch.positions, local_heads_, D, eps, t.gemma_norm, t.rotary_dim,
+                           theta);
+    backend_.rms_norm_rope(k, layer.k_norm->f32(), batch.positions, local_kv_heads_, D, eps, t.gemma_norm,
+                           t.rotary_dim, theta);
+  } else {
+    backend_.rope(q, batch.positions, local_heads_, D, t.rotary_dim, theta);
+    backend_.rope(k, batch.positions, local_kv_heads_, D, t.rotary_dim, theta);
   }
-  backend_.rope(q, batch.positions, local_heads_, D, t.rotary_dim, theta);
-  backend_.rope(k, batch.positions, local_kv_heads_, D, t.rotary_dim, theta);
   backend_.cache_write(k, kw, batch.slots, cache.k);
   backend_.cache_write(v, kw, batch.slots, cache.v);
   const backend::AttentionShape shape{local_heads_, local_kv_heads_, D, 1.0f / std::sqrt(static_cast<float>(D))};
@@ -305,13 +306,12 @@ void M3Model::attention(const Layer& layer, const LayerCache& cache, const backe
     float* ik = s(T * static_cast<size_t>(Di));
     linear(x, T, *layer.index_q, iq);
     linear(x, T, *layer.index_k, ik);
-    backend_.rms_norm(iq, layer.index_q_norm->f32(), iq, T * static_cast<size_t>(local_kv_heads_),
-                      static_cast<size_t>(Di), eps, t.gemma_norm);
-    backend_.rms_norm(ik, layer.index_k_norm->f32(), ik, T, static_cast<size_t>(Di), eps, t.gemma_norm);
     // The indexer shares the main attention's partial RoPE (transformers slices cos/sin to the index dim).
     const int index_rotary = std::min(t.rotary_dim, Di);
-    backend_.rope(iq, batch.positions, local_kv_heads_, Di, index_rotary, theta);
-    backend_.rope(ik, batch.positions, 1, Di, index_rotary, theta);
+    backend_.rms_norm_rope(iq, layer.index_q_norm->f32(), batch.positions, local_kv_heads_, Di, eps, t.gemma_norm,
+                           index_rotary, theta);
+    backend_.rms_norm_rope(ik, layer.index_k_norm->f32(), batch.positions, 1, Di, eps, t.gemma_norm, index_rotary,
+                           theta);
     backend_.cache_write(ik, static_cast<size_t>(Di), batch.slots, cache.index_k);
     const backend::IndexerShape ishape{local_kv_heads_, Di, sp.topk_blocks, sp.local_blocks, sp.init_blocks};
     int32_t* blocks = s.i32(T * static_cast<size_t>(local_kv_heads_) * static_cast<size_t>(sp.topk_blocks));
@@ -437,19 +437,24 @@ void M3Model::run_layers(const ForwardBatch& batch, std::span<const LayerCache> 
       backend_.copy(given->f32() + i * H, h + static_cast<size_t>(r) * H, H);
     }
   }
+  // Each residual add goes with the norm after it (Backend::add_rms_norm); the last layer's add stands alone (the final
+  // norm runs on the logit rows only).
+  if (!layers_.empty()) backend_.rms_norm(h, layers_.front()->input_norm->f32(), x, T, H, eps, t.gemma_norm);
   for (size_t i = 0; i < layers_.size(); ++i) {
     const Layer& layer = *layers_[i];
-    backend_.rms_norm(h, layer.input_norm->f32(), x, T, H, eps, t.gemma_norm);
     attention(layer, caches[i], ab, x, y);
-    backend_.add(h, y, h, T * H);
-    backend_.rms_norm(h, layer.post_norm->f32(), x, T, H, eps, t.gemma_norm);
+    backend_.add_rms_norm(h, y, layer.post_norm->f32(), x, T, H, eps, t.gemma_norm);
     if (layer.moe) {
       moe(layer, x, T, y);
     } else {
       mlp(layer.dense, x, T, y);
     }
     backend_.all_reduce_sum(y, T * H);
-    backend_.add(h, y, h, T * H);
+    if (i + 1 < layers_.size()) {
+      backend_.add_rms_norm(h, y, layers_[i + 1]->input_norm->f32(), x, T, H, eps, t.gemma_norm);
+    } else {
+      backend_.add(h, y, h, T * H);
+    }
   }
 
   const size_t R = batch.logit_rows.size();

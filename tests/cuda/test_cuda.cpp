@@ -267,6 +267,62 @@ void test_elementwise(Backend& cpu, Backend& gpu) {
   }
 }
 
+// The fused pairs (Backend::add_rms_norm, rms_norm_rope): one CUDA launch each, bit for bit the two launches they
+// replace (MXLM_CUDA_FUSED_NORMS=0 runs those), and against the CPU backend's two ops.
+void test_fused_norms(Backend& cpu, Backend& gpu) {
+  auto both_ways = [&](const std::string& what, const auto& op) {
+    const auto fused = op(gpu);
+    setenv("MXLM_CUDA_FUSED_NORMS", "0", 1);
+    const auto pair = op(gpu);
+    unsetenv("MXLM_CUDA_FUSED_NORMS");
+    check_bits(what + ": one launch == the two ops", fused, pair);
+    return fused;
+  };
+  for (auto [rows, dim] :
+       std::vector<std::pair<size_t, size_t>>{{1, 6144}, {7, 6144}, {33, 128}, {300, 96}, {2, 10000}}) {
+    const auto h0 = randn(rows * dim, 2.0f), y0 = randn(rows * dim, 2.0f), w = randn(dim, 0.2f);
+    const auto half = static_cast<std::ptrdiff_t>(rows * dim);
+    for (bool add_one : {false, true}) {
+      const std::string tag =
+          "add_rms_norm " + std::to_string(rows) + "x" + std::to_string(dim) + (add_one ? " (1+w)" : "");
+      // Both outputs: the updated residual h, then the normed rows.
+      auto op = [&](Backend& be) {
+        auto h = up(be, h0), y = up(be, y0), dw = be.upload_vector(w), o = be.alloc(rows * dim);
+        be.add_rms_norm(h->f32(), y->f32(), dw->f32(), o->f32(), rows, dim, 1e-6f, add_one);
+        auto got = down(be, *h, rows * dim);
+        const auto normed = down(be, *o, rows * dim);
+        got.insert(got.end(), normed.begin(), normed.end());
+        return got;
+      };
+      const auto got = both_ways(tag, op);
+      const auto want = op(cpu);
+      check_bits(tag + " residual vs CPU", std::vector<float>(got.begin(), got.begin() + half),
+                 std::vector<float>(want.begin(), want.begin() + half));
+      check_close(tag + " normed vs CPU", std::vector<float>(got.begin() + half, got.end()),
+                  std::vector<float>(want.begin() + half, want.end()), 2e-6);
+    }
+  }
+  for (auto [tokens, heads, hd, rot] : std::vector<std::array<int, 4>>{
+           {1, 64, 128, 64}, {17, 4, 128, 64}, {5, 3, 64, 64}, {9, 2, 32, 16}, {3, 5, 96, 48}, {2, 1, 128, 128},
+           {4, 2, 128, 0}, {1, 1, 512, 64}}) {
+    const auto x = randn(static_cast<size_t>(tokens * heads * hd), 2.0f), w = randn(static_cast<size_t>(hd), 0.2f);
+    std::vector<int32_t> pos(static_cast<size_t>(tokens));
+    std::uniform_int_distribution<int> p(0, 70000);
+    for (auto& v : pos) v = p(g_rng);
+    for (bool add_one : {false, true}) {
+      const std::string tag = "rms_norm_rope tokens=" + std::to_string(tokens) + " heads=" + std::to_string(heads) +
+                              " head_dim=" + std::to_string(hd) + " rot=" + std::to_string(rot) +
+                              (add_one ? " (1+w)" : "");
+      auto op = [&](Backend& be) {
+        auto dx = up(be, x), dw = be.upload_vector(w);
+        be.rms_norm_rope(dx->f32(), dw->f32(), pos, heads, hd, 1e-6f, add_one, rot, 5e6f);
+        return down(be, *dx, x.size());
+      };
+      check_close(tag + " vs CPU", both_ways(tag, op), op(cpu), 2e-5);
+    }
+  }
+}
+
 void test_linear(Backend& cpu, Backend& gpu, Backend& gpu_emu) {
   struct Case {
     int n, k;
@@ -655,6 +711,7 @@ MXLM_GPU_CHECK(qdq) { test_qdq(env.gpu); }
 MXLM_GPU_CHECK(dequant) { test_dequant(); }
 MXLM_GPU_CHECK(gemv_kernel) { test_gemv_kernel(env.multiprocessors); }
 MXLM_GPU_CHECK(elementwise) { test_elementwise(env.cpu, env.gpu); }
+MXLM_GPU_CHECK(fused_norms) { test_fused_norms(env.cpu, env.gpu); }
 MXLM_GPU_CHECK(linear) { test_linear(env.cpu, env.gpu, env.gpu_emu); }
 MXLM_GPU_CHECK(embedding) { test_embedding(env.cpu, env.gpu); }
 MXLM_GPU_CHECK(router) { test_router(env.cpu, env.gpu); }

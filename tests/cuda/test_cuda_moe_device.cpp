@@ -193,14 +193,15 @@ void check_gemv4() {
     int n, k;
     int scale_lo = 118, scale_hi = 128;
   };
-  // K <= 3072 runs on 4-warp CTAs by default (and 1024 / 1536 only there); "w8" forces 8 warps where they apply.
+  // One launch runs 8-warp CTAs where K gives them chunks (4-warp ones only at K = 1024 / 1536); "w4" forces the
+  // 4-warp CTAs that the grouped MoE form takes for K <= 3072.
   const std::vector<Case> cases = {{3072, 6144},           {6144, 3072}, {200, 2048},
                                    {1000, 4096, 100, 150}, {77, 8192},   {16, 6144},
                                    {33, 3072, 126, 140},   {700, 1536},  {50, 1024}};
-  for (const bool force8 : {false, true})
+  for (const bool force4 : {false, true})
     for (const auto& c : cases) {
-      if (force8 && c.k != 2048 && c.k != 3072) continue;
-      if (force8) setenv("MXLM_CUDA_GEMV4_WARPS", "8", 1);
+      if (force4 && c.k != 2048 && c.k != 3072) continue;
+      if (force4) setenv("MXLM_CUDA_GEMV4_WARPS", "4", 1);
       DeviceAllocs d;
       const Mx w = random_mx(c.n, c.k, c.scale_lo, c.scale_hi);
       const auto xf = randn(static_cast<size_t>(kMaxM) * c.k);
@@ -215,7 +216,7 @@ void check_gemv4() {
       const double tol = 2e-6 * std::sqrt(static_cast<double>(c.k));
       for (int m : {1, 2, 3, 4, 5, 8, 13, 16}) {
         const std::string tag = "gemv4 n=" + std::to_string(c.n) + " k=" + std::to_string(c.k) +
-                                " m=" + std::to_string(m) + (force8 ? " w8" : "");
+                                " m=" + std::to_string(m) + (force4 ? " w4" : "");
         if (!cu::mxfp4_gemv4_supports(c.k, m)) {
           report(false, tag + " not supported", 0, 0);
           continue;

@@ -295,25 +295,27 @@ class CudaBackend final : public Backend {
   }
   void rope(float* x, std::span<const int32_t> positions, int heads, int head_dim, int rotary_dim,
             float theta) override {
-    if (rotary_dim % 2 != 0 || rotary_dim > head_dim)
-      fail("rotary_dim {} invalid for head_dim {}", rotary_dim, head_dim);
-    if (positions.empty() || rotary_dim == 0) return;
-    const int half = rotary_dim / 2;
-    std::vector<float> inv_freq(static_cast<size_t>(half));
-    for (int j = 0; j < half; ++j)  // as the CPU backend (transformers): theta ** (2j / dim) in f32, reciprocal
-      inv_freq[static_cast<size_t>(j)] =
-          1.0f / std::pow(theta, static_cast<float>(2 * j) / static_cast<float>(rotary_dim));
-    // The table outlives the call (a captured step reads it at every replay): one per (theta, rotary_dim).
-    const uint64_t key = (uint64_t{std::bit_cast<uint32_t>(theta)} << 32) | static_cast<uint32_t>(rotary_dim);
-    auto f = inv_freq_.find(key);
-    if (f == inv_freq_.end()) f = inv_freq_.emplace(key, to_device(std::span<const float>(inv_freq))).first;
-    Block p;
-    const int32_t* pos = bound_positions(positions);
-    if (!pos) {
-      p = to_device(positions);
-      pos = p.as<int32_t>();
+    if (positions.empty() || rotary_dim == 0) {
+      check_rotary(rotary_dim, head_dim);
+      return;
     }
-    MXLM_CUDA_CHECK(launch_rope(x, pos, positions.size(), heads, head_dim, rotary_dim, f->second.as<float>(), stream_));
+    RopeInputs in = rope_inputs(positions, rotary_dim, head_dim, theta);
+    MXLM_CUDA_CHECK(launch_rope(x, in.positions, positions.size(), heads, head_dim, rotary_dim, in.inv_freq, stream_));
+  }
+  // One launch each (same bits as the two ops); MXLM_CUDA_FUSED_NORMS=0 runs the two ops (benchmark baseline).
+  void add_rms_norm(float* h, const float* y, const float* w, float* out, size_t rows, size_t dim, float eps,
+                    bool add_one) override {
+    if (!fused_norms()) return Backend::add_rms_norm(h, y, w, out, rows, dim, eps, add_one);
+    MXLM_CUDA_CHECK(launch_add_rms_norm(h, y, w, out, rows, dim, eps, add_one, stream_));
+  }
+  void rms_norm_rope(float* x, const float* w, std::span<const int32_t> positions, int heads, int head_dim, float eps,
+                     bool add_one, int rotary_dim, float theta) override {
+    if (!fused_norms() || positions.empty() || rotary_dim == 0)
+      return Backend::rms_norm_rope(x, w, positions, heads, head_dim, eps, add_one, rotary_dim, theta);
+    check_rotary(rotary_dim, head_dim);
+    RopeInputs in = rope_inputs(positions, rotary_dim, head_dim, theta);
+    MXLM_CUDA_CHECK(launch_rms_norm_rope(x, w, positions.size(), heads, head_dim, eps, add_one, in.positions,
+                                         rotary_dim, in.inv_freq, stream_));
   }
   void swiglu_oai(const float* gate, const float* up, float* out, size_t n, SwigluParams p) override {
     MXLM_CUDA_CHECK(launch_swiglu_oai(gate, up, out, n, p.alpha, p.limit, stream_));
@@ -495,6 +497,44 @@ class CudaBackend final : public Backend {
   void all_gather_cols(const float* x, size_t rows, size_t cols_per_rank, float* out) override;
 
  private:
+  static bool fused_norms() {
+    const char* env = std::getenv("MXLM_CUDA_FUSED_NORMS");
+    return env == nullptr || env[0] != '0';
+  }
+  static void check_rotary(int rotary_dim, int head_dim) {
+    if (rotary_dim % 2 != 0 || rotary_dim > head_dim || rotary_dim < 0)
+      fail("rotary_dim {} invalid for head_dim {}", rotary_dim, head_dim);
+  }
+  // RoPE's device inputs: the step's positions (bound ones when a step binding holds them, else uploaded into
+  // `upload`, which the caller keeps until the launch is queued) and the inv_freq table (one per (theta, rotary_dim),
+  // kept for the backend's life: a captured step reads it at every replay).
+  struct RopeInputs {
+    const int32_t* positions = nullptr;
+    const float* inv_freq = nullptr;
+    Block upload;
+  };
+  RopeInputs rope_inputs(std::span<const int32_t> positions, int rotary_dim, int head_dim, float theta) {
+    check_rotary(rotary_dim, head_dim);
+    const int half = rotary_dim / 2;
+    const uint64_t key = (uint64_t{std::bit_cast<uint32_t>(theta)} << 32) | static_cast<uint32_t>(rotary_dim);
+    auto f = inv_freq_.find(key);
+    if (f == inv_freq_.end()) {
+      std::vector<float> inv_freq(static_cast<size_t>(half));
+      for (int j = 0; j < half; ++j)  // as the CPU backend (transformers): theta ** (2j / dim) in f32, reciprocal
+        inv_freq[static_cast<size_t>(j)] =
+            1.0f / std::pow(theta, static_cast<float>(2 * j) / static_cast<float>(rotary_dim));
+      f = inv_freq_.emplace(key, to_device(std::span<const float>(inv_freq))).first;
+    }
+    RopeInputs in;
+    in.inv_freq = f->second.as<float>();
+    in.positions = bound_positions(positions);
+    if (!in.positions) {
+      in.upload = to_device(positions);
+      in.positions = in.upload.as<int32_t>();
+    }
+    return in;
+  }
+
   // Small host arrays (positions, block tables, routing lists, GEMV descriptors) go through a pinned staging ring,
   // so their copies are truly asynchronous (a pageable copy blocks the host for several microseconds). The ring
   // wraps after a stream synchronisation, when every earlier copy out of it has completed.

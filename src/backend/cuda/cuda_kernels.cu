@@ -54,23 +54,40 @@ __global__ void f16_to_f32_kernel(const uint16_t* x, float* out, size_t n) {
 
 // One CTA per row; f32 sum of squares. Rows of up to kRmsNormCached elements per thread are read once (kept in registers for the scaling
 // pass; a decode step's norms are latency-bound: ncu H100, 6144 wide, 7 us per call with the second read).
+// kAdd: the row is x + y first (the residual add, as add_kernel), written back to x. The plain, fused-add and
+// fused-RoPE kernels below all run this routine with the same thread count (rms_norm_threads), so they sum the squares
+// in the same order and produce the same bits.
 constexpr int kRmsNormCached = 16;
-__global__ void rms_norm_kernel(const float* x, const float* w, float* out, size_t dim, float eps, bool add_one) {
-  const float* xr = x + blockIdx.x * dim;
-  float* o = out + blockIdx.x * dim;
+__host__ __device__ constexpr int rms_norm_threads(size_t dim) { return dim >= 1024 ? 512 : (dim >= 256 ? 256 : 64); }
+
+template <bool kAdd>
+__device__ __forceinline__ void rms_norm_row(float* xr, const float* yr, const float* w, float* o, size_t dim,
+                                             float eps, bool add_one) {
   const bool cached = dim <= static_cast<size_t>(blockDim.x) * kRmsNormCached;
+  auto load = [&](size_t i) {
+    if constexpr (kAdd) {
+      const float v = xr[i] + yr[i];
+      xr[i] = v;
+      return v;
+    } else {
+      return xr[i];
+    }
+  };
   float v[kRmsNormCached];
   float s = 0.0f;
   if (cached) {
 #pragma unroll
     for (int j = 0; j < kRmsNormCached; ++j) {
       const size_t i = threadIdx.x + static_cast<size_t>(j) * blockDim.x;
-      v[j] = i < dim ? xr[i] : 0.0f;
+      v[j] = i < dim ? load(i) : 0.0f;
     }
 #pragma unroll
     for (int j = 0; j < kRmsNormCached; ++j) s += v[j] * v[j];
   } else {
-    for (size_t i = threadIdx.x; i < dim; i += blockDim.x) s += xr[i] * xr[i];
+    for (size_t i = threadIdx.x; i < dim; i += blockDim.x) {
+      const float a = load(i);
+      s += a * a;
+    }
   }
   __shared__ float part[32];
 #pragma unroll
@@ -94,6 +111,45 @@ __global__ void rms_norm_kernel(const float* x, const float* w, float* out, size
   } else {
     for (size_t i = threadIdx.x; i < dim; i += blockDim.x) o[i] = xr[i] * inv * (add_one ? 1.0f + w[i] : w[i]);
   }
+}
+
+__global__ void rms_norm_kernel(const float* x, const float* w, float* out, size_t dim, float eps, bool add_one) {
+  // In place (out == x) is allowed: a thread overwrites only elements that it alone reads, after reading them. The
+  // routine's row pointer is writable for the fused add; without it nothing is written through it.
+  rms_norm_row<false>(const_cast<float*>(x) + blockIdx.x * dim, nullptr, w, out + blockIdx.x * dim, dim, eps, add_one);
+}
+
+// h += y, then out = rms_norm(h): a layer's residual add and the norm after it in one launch. PDL: the next kernel
+// (a GEMV that queues its weights before its own wait) may start at once; this one waits for its predecessor.
+__global__ void add_rms_norm_kernel(float* h, const float* y, const float* w, float* out, size_t dim, float eps,
+                                    bool add_one) {
+  pdl_launch_dependents();
+  pdl_wait();
+  rms_norm_row<true>(h + blockIdx.x * dim, y + blockIdx.x * dim, w, out + blockIdx.x * dim, dim, eps, add_one);
+}
+
+// RoPE of one head row v[head_dim] in place, pairs (j, j + half) for j < half; the angle and rotation as rope_kernel.
+__device__ __forceinline__ void rope_row(float* v, float pos, int half, const float* inv_freq) {
+  for (int j = threadIdx.x; j < half; j += blockDim.x) {
+    float s, c;
+    sincosf(pos * inv_freq[j], &s, &c);
+    const float a = v[j], b = v[j + half];
+    v[j] = a * c - b * s;
+    v[j + half] = b * c + a * s;
+  }
+}
+
+// One CTA per (token, head) row of x [tokens, heads, head_dim]: rms_norm over head_dim, then RoPE on the first 2 * half
+// dims, in place (the q / k norm and the partial RoPE of attention and of the indexer). PDL as add_rms_norm_kernel.
+__global__ void rms_norm_rope_kernel(float* x, const float* w, int heads, size_t head_dim, float eps, bool add_one,
+                                     const int32_t* positions, int half, const float* inv_freq) {
+  pdl_launch_dependents();
+  pdl_wait();
+  float* row = x + blockIdx.x * head_dim;
+  rms_norm_row<false>(row, nullptr, w, row, head_dim, eps, add_one);
+  if (half == 0) return;
+  __syncthreads();  // the rotation pairs elements that other threads normalised
+  rope_row(row, static_cast<float>(positions[blockIdx.x / heads]), half, inv_freq);
 }
 
 // One block per token; threads over (head, j). Where the block is a multiple of half, a thread keeps one j for all
@@ -429,9 +485,26 @@ cudaError_t launch_f16_to_f32(const uint16_t* x, float* out, size_t n, cudaStrea
 cudaError_t launch_rms_norm(const float* x, const float* w, float* out, size_t rows, size_t dim, float eps,
                             bool add_one, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  const int threads = dim >= 1024 ? 512 : (dim >= 256 ? 256 : 64);
-  rms_norm_kernel<<<static_cast<unsigned>(rows), threads, 0, stream>>>(x, w, out, dim, eps, add_one);
+  rms_norm_kernel<<<static_cast<unsigned>(rows), rms_norm_threads(dim), 0, stream>>>(x, w, out, dim, eps, add_one);
   return cudaGetLastError();
+}
+
+cudaError_t launch_add_rms_norm(float* h, const float* y, const float* w, float* out, size_t rows, size_t dim,
+                                float eps, bool add_one, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  return launch_kernel(add_rms_norm_kernel, dim3(static_cast<unsigned>(rows)), dim3(rms_norm_threads(dim)), 0, stream,
+                       true, h, y, w, out, dim, eps, add_one);
+}
+
+cudaError_t launch_rms_norm_rope(float* x, const float* w, size_t tokens, int heads, int head_dim, float eps,
+                                 bool add_one, const int32_t* positions, int rotary_dim, const float* inv_freq,
+                                 cudaStream_t stream) {
+  if (tokens == 0 || heads == 0) return cudaSuccess;
+  if (rotary_dim % 2 != 0 || rotary_dim > head_dim) return cudaErrorInvalidValue;
+  const size_t dim = static_cast<size_t>(head_dim);
+  return launch_kernel(rms_norm_rope_kernel, dim3(static_cast<unsigned>(tokens * static_cast<size_t>(heads))),
+                       dim3(rms_norm_threads(dim)), 0, stream, true, x, w, heads, dim, eps, add_one, positions,
+                       rotary_dim / 2, inv_freq);
 }
 
 cudaError_t launch_rope(float* x, const int32_t* positions, size_t tokens, int heads, int head_dim, int rotary_dim,

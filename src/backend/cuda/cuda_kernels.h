@@ -24,6 +24,14 @@ cudaError_t launch_f16_to_f32(const uint16_t* x, float* out, size_t n, cudaStrea
 // out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * (add_one ? 1 + w : w).
 cudaError_t launch_rms_norm(const float* x, const float* w, float* out, size_t rows, size_t dim, float eps,
                             bool add_one, cudaStream_t stream);
+// h += y (as launch_add), then out = rms_norm(h) (the same bits as launch_rms_norm): one launch, with PDL.
+cudaError_t launch_add_rms_norm(float* h, const float* y, const float* w, float* out, size_t rows, size_t dim,
+                                float eps, bool add_one, cudaStream_t stream);
+// x [tokens, heads, head_dim] in place: launch_rms_norm of each head row with w [head_dim], then launch_rope (the same
+// bits as the two launches): one launch, with PDL.
+cudaError_t launch_rms_norm_rope(float* x, const float* w, size_t tokens, int heads, int head_dim, float eps,
+                                 bool add_one, const int32_t* positions, int rotary_dim, const float* inv_freq,
+                                 cudaStream_t stream);
 // NeoX RoPE on the first rotary_dim dims of each head; inv_freq [rotary_dim / 2] and positions [tokens] on device.
 cudaError_t launch_rope(float* x, const int32_t* positions, size_t tokens, int heads, int head_dim, int rotary_dim,
                         const float* inv_freq, cudaStream_t stream);

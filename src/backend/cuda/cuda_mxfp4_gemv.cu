@@ -679,8 +679,8 @@ cudaError_t launch_mxfp4_moe_gemv(const Mxfp4MoeTiles& moe, int max_tiles, int n
 // issued (their weight prefetch then queues behind them: 6.6 -> 5.8 µs on 3072 x 6144), otherwise at once.
 namespace {
 
-// Warps per CTA: 8, or 4 (twice the chunks per warp) for K <= 3072, where a CTA holds half the bytes: smaller CTAs
-// let more of them, hence more bytes in flight, share an SM (MXLM_CUDA_GEMV4_WARPS=4|8 forces one where it applies).
+// Warps per CTA: 8, or 4 (twice the chunks per warp; gemv4_warps says where), where a CTA holds half the bytes:
+// smaller CTAs let more of them share an SM (MXLM_CUDA_GEMV4_WARPS=4|8 forces one where it applies).
 constexpr int kGemv4Warps = 8;
 constexpr int kGemv4SmallWarps = 4;
 constexpr int kGemv4PassTokens = 4;
@@ -954,14 +954,16 @@ constexpr int gemv4_chunks(int k, int w) {
   return ch == 2 || ch == 3 || ch == 4 || ch == 6 || ch == 8 ? ch : 0;
 }
 
-int gemv4_warps(int k) {
+// The grouped MoE GEMVs take 4-warp CTAs for K <= 3072 (their many waves gain from more CTAs per SM: T = 1 layer
+// 0.081-0.082 vs 0.085 ms on 8 warps, session 5); one launch (linear) keeps 8 warps, faster at every M on 6144 x 3072
+// (H100, session 7, same process: M = 1 / 2 / 4 / 8 5.51 / 5.79 / 5.93 / 7.50 us vs 5.90 / 6.34 / 6.62 / 7.81 us).
+int gemv4_warps(int k, bool grouped) {
   if (const char* forced = std::getenv("MXLM_CUDA_GEMV4_WARPS"); forced != nullptr && forced[0] != '\0') {
     const int w = std::atoi(forced);
     if ((w == kGemv4Warps || w == kGemv4SmallWarps) && gemv4_chunks(k, w) != 0) return w;
   }
-  return gemv4_chunks(k, kGemv4Warps) != 0 && k > 3072 ? kGemv4Warps
-         : gemv4_chunks(k, kGemv4SmallWarps) != 0      ? kGemv4SmallWarps
-                                                       : kGemv4Warps;
+  const bool small = grouped && k <= 3072 && gemv4_chunks(k, kGemv4SmallWarps) != 0;
+  return small || gemv4_chunks(k, kGemv4Warps) == 0 ? kGemv4SmallWarps : kGemv4Warps;
 }
 
 template <int kMode>
@@ -970,7 +972,7 @@ cudaError_t launch_gemv4(const Mxfp4GemvGroup& single, const Mxfp4MoeTiles& moe,
   if (n == 0 || num_z == 0) return cudaSuccess;
   const char* no_pdl = std::getenv("MXLM_CUDA_NO_PDL");
   if (no_pdl != nullptr && no_pdl[0] != '\0' && no_pdl[0] != '0') pdl = false;
-  const int w = gemv4_warps(k);
+  const int w = gemv4_warps(k, kMode == kMoe);
   // 3-8 tokens of bf16 activations: the direct form (one pass, 4 CTAs of 8 warps per SM); MXLM_CUDA_GEMV4_DIRECT=0
   // keeps passes of 4. H100 (session 6, same process): M = 4 6.81 / 6.63 us vs 7.19 / 7.15 us staged (3072 x 6144 /
   // 6144 x 3072), MoE T = 4 0.213 vs 0.221 ms; M = 2 equal; M = 1 6.05 vs 5.60 us, MoE T = 1 0.090 vs 0.081 ms.
