@@ -165,6 +165,11 @@ class Backend {
   // ---- matrix products
   // y[m, w.rows] = x[m, w.cols] · wᵀ (f32 accumulation).
   virtual void linear(const float* x, size_t m, const Weight& w, float* y) = 0;
+  // ys[i] = linear(x, m, *ws[i]) for weights that read the same x (e.g. q / k / v): one linear each by default; a
+  // backend may run them as one launch (sums in an order of its choosing, as linear's).
+  virtual void linears(const float* x, size_t m, std::span<const Weight* const> ws, std::span<float* const> ys) {
+    for (size_t i = 0; i < ws.size(); ++i) linear(x, m, *ws[i], ys[i]);
+  }
   // out[i] = table[ids[i] - row_offset] for ids inside [row_offset, row_offset + table.rows), else 0 (vocab-parallel).
   virtual void embedding(const Weight& table, std::span<const int32_t> ids, int64_t row_offset, float* out) = 0;
 

@@ -234,13 +234,24 @@ void M3Model::linear(const float* x, size_t m, const Weight& w, float* y) {
   backend_.linear(tmp->f32(), m, w, y);
 }
 
+void M3Model::linears(const float* x, size_t m, std::initializer_list<const Weight*> ws, std::initializer_list<float*> ys) {
+  bool quantized = false;
+  for (const Weight* w : ws) quantized = quantized || w->mxfp4();
+  if (!quantized) {
+    backend_.linears(x, m, std::span<const Weight* const>(ws.begin(), ws.size()),
+                     std::span<float* const>(ys.begin(), ys.size()));
+    return;
+  }
+  auto y = ys.begin();
+  for (const Weight* w : ws) linear(x, m, *w, *y++);
+}
+
 void M3Model::mlp(const Mlp& f, const float* x, size_t m, float* out) {
   const size_t inter = static_cast<size_t>(f.gate->rows());
   Scratch s(backend_);
   float* g = s(m * inter);
   float* u = s(m * inter);
-  linear(x, m, *f.gate, g);
-  linear(x, m, *f.up, u);
+  linears(x, m, {f.gate.get(), f.up.get()}, {g, u});
   backend_.swiglu_oai(g, u, g, m * inter,
                       {static_cast<float>(config_.text.swiglu_alpha), static_cast<float>(config_.text.swiglu_limit)});
   linear(g, m, *f.down, out);
@@ -282,9 +293,16 @@ void M3Model::attention(const Layer& layer, const LayerCache& cache, const backe
   float* q = s(T * qw);
   float* k = s(T * kw);
   float* v = s(T * kw);
-  linear(x, T, *layer.q, q);
-  linear(x, T, *layer.k, k);
-  linear(x, T, *layer.v, v);
+  // The indexer's q / k read the same x: one call with the attention's (sparse layers).
+  const int Di = layer.sparse ? t.sparse.index_dim : 0;
+  float* iq = layer.sparse ? s(T * static_cast<size_t>(local_kv_heads_) * static_cast<size_t>(Di)) : nullptr;
+  float* ik = layer.sparse ? s(T * static_cast<size_t>(Di)) : nullptr;
+  if (layer.sparse) {
+    linears(x, T, {layer.q.get(), layer.k.get(), layer.v.get(), layer.index_q.get(), layer.index_k.get()},
+            {q, k, v, iq, ik});
+  } else {
+    linears(x, T, {layer.q.get(), layer.k.get(), layer.v.get()}, {q, k, v});
+  }
   if (layer.q_norm) {
     backend_.rms_norm_rope(q, layer.q_norm->f32(), batch.positions, local_heads_, D, eps, t.gemma_norm, t.rotary_dim,
                            theta);
@@ -300,12 +318,7 @@ void M3Model::attention(const Layer& layer, const LayerCache& cache, const backe
   float* attn = s(T * qw);
   if (layer.sparse) {
     const auto& sp = t.sparse;
-    const int Di = sp.index_dim;
     if (!cache.index_k) fail("sparse layer without an index-K cache");
-    float* iq = s(T * static_cast<size_t>(local_kv_heads_) * static_cast<size_t>(Di));
-    float* ik = s(T * static_cast<size_t>(Di));
-    linear(x, T, *layer.index_q, iq);
-    linear(x, T, *layer.index_k, ik);
     // The indexer shares the main attention's partial RoPE (transformers slices cos/sin to the index dim).
     const int index_rotary = std::min(t.rotary_dim, Di);
     backend_.rms_norm_rope(iq, layer.index_q_norm->f32(), batch.positions, local_kv_heads_, Di, eps, t.gemma_norm,

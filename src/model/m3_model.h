@@ -7,6 +7,7 @@
 
 #include <filesystem>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <optional>
 #include <span>
@@ -130,6 +131,9 @@ class M3Model {
   // qualify (run it eagerly).
   backend::Buffer* graph_step(const ForwardBatch& batch, std::span<const LayerCache> caches, bool greedy);
   void linear(const float* x, size_t m, const backend::Weight& w, float* y);
+  // linear() of each weight over the same x; one backend call (Backend::linears) when none needs the MXFP4 QDQ.
+  void linears(const float* x, size_t m, std::initializer_list<const backend::Weight*> ws,
+               std::initializer_list<float*> ys);
   void mlp(const Mlp& mlp, const float* x, size_t m, float* out);
   void attention(const Layer& layer, const LayerCache& cache, const backend::AttentionBatch& batch, const float* x,
                  float* out);

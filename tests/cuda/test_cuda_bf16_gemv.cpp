@@ -5,6 +5,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdlib>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -84,6 +85,137 @@ void check_kernel(int sms) {
   cudaStreamDestroy(stream);
 }
 
+// Groups (launch_bf16_gemv_group): a decode step's q / k / v / index q / index k over one x, at 8-warp CTAs (the
+// group fills the card) and at 16-warp ones (three small weights), each output against the double reference; a group
+// of one is launch_bf16_gemv bit for bit; outputs' tails untouched; refusals.
+void check_group(int sms) {
+  cudaStream_t stream = nullptr;
+  cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+  constexpr int kMaxM = cu::kBf16GemvMaxTokens;
+  struct Case {
+    int k;
+    std::vector<int> rows;
+  };
+  for (const Case& c : std::vector<Case>{{6144, {8192, 512, 512, 512, 128}}, {1024, {300, 17, 40}}}) {
+    const int k = c.k, count = static_cast<int>(c.rows.size());
+    DeviceAllocs d;
+    const auto x = randn(static_cast<size_t>(kMaxM) * k, 2.0f);
+    float* dx = d.put(x);
+    std::vector<std::vector<uint16_t>> w(static_cast<size_t>(count));
+    cu::Bf16GemvGroup group;
+    group.count = count;
+    for (int i = 0; i < count; ++i) {
+      const int n = c.rows[static_cast<size_t>(i)];
+      const auto wf = randn(static_cast<size_t>(n) * k, 0.05f);
+      auto& wi = w[static_cast<size_t>(i)];
+      wi.resize(wf.size());
+      for (size_t j = 0; j < wf.size(); ++j) wi[j] = f32_to_bf16(wf[j]);
+      group.w[i] = d.put(wi);
+      group.y[i] = d.get<float>(static_cast<size_t>(kMaxM + 1) * n);
+      group.n[i] = n;
+    }
+    for (int m : {1, 3, 8}) {
+      for (int i = 0; i < count; ++i)
+        cudaMemset(group.y[i], 0xff, static_cast<size_t>(kMaxM + 1) * c.rows[static_cast<size_t>(i)] * 4);
+      const cudaError_t e = cu::launch_bf16_gemv_group(group, dx, m, k, sms, true, stream);
+      const cudaError_t e2 = cudaStreamSynchronize(stream);
+      const std::string tag = "bf16 gemv group of " + std::to_string(count) + " k=" + std::to_string(k) +
+                              " m=" + std::to_string(m);
+      if (e != cudaSuccess || e2 != cudaSuccess) {
+        report(false, tag + " launch: " + cudaGetErrorString(e != cudaSuccess ? e : e2), 0, 0);
+        continue;
+      }
+      for (int i = 0; i < count; ++i) {
+        const int n = c.rows[static_cast<size_t>(i)];
+        const auto& wi = w[static_cast<size_t>(i)];
+        std::vector<float> want(static_cast<size_t>(m) * n);
+        for (int t = 0; t < m; ++t)
+          for (int r = 0; r < n; ++r) {
+            double s = 0;
+            for (int col = 0; col < k; ++col)
+              s += static_cast<double>(bf16_to_f32(wi[static_cast<size_t>(r) * k + col])) *
+                   bf16_to_f32(f32_to_bf16(x[static_cast<size_t>(t) * k + col]));
+            want[static_cast<size_t>(t) * n + r] = static_cast<float>(s);
+          }
+        auto got = fetch(group.y[i], static_cast<size_t>(kMaxM + 1) * n);
+        bool untouched = true;
+        for (size_t j = static_cast<size_t>(m) * n; j < got.size(); ++j)
+          untouched = untouched && std::bit_cast<uint32_t>(got[j]) == 0xffffffffu;
+        got.resize(static_cast<size_t>(m) * n);
+        const std::string wtag = tag + " weight " + std::to_string(i) + " (" + std::to_string(n) + " rows)";
+        check_close(wtag, got, want, 2e-6 * std::sqrt(static_cast<double>(k)));
+        report(untouched, wtag + " tokens past m untouched", 0, 0);
+      }
+      // The first weight alone: a group of one is the single launch.
+      cu::Bf16GemvGroup one;
+      one.w[0] = group.w[0];
+      one.y[0] = group.y[0];
+      one.n[0] = group.n[0];
+      one.count = 1;
+      (void)cu::launch_bf16_gemv_group(one, dx, m, k, sms, true, stream);
+      const auto grouped_one = fetch(group.y[0], static_cast<size_t>(m) * group.n[0]);
+      (void)cu::launch_bf16_gemv(group.w[0], dx, group.y[0], group.n[0], m, k, sms, true, stream);
+      check_bits(tag + ": a group of one == launch_bf16_gemv", grouped_one,
+                 fetch(group.y[0], static_cast<size_t>(m) * group.n[0]));
+    }
+    cu::Bf16GemvGroup bad = group;
+    bad.count = 0;
+    const bool none = cu::launch_bf16_gemv_group(bad, dx, 1, k, sms, true, stream) == cudaErrorInvalidValue;
+    bad.count = cu::kBf16GemvMaxGroup + 1;
+    const bool many = cu::launch_bf16_gemv_group(bad, dx, 1, k, sms, true, stream) == cudaErrorInvalidValue;
+    bad = group;
+    bad.y[count - 1] = nullptr;
+    const bool no_out = cu::launch_bf16_gemv_group(bad, dx, 1, k, sms, true, stream) == cudaErrorInvalidValue;
+    report(none && many && no_out, "bf16 gemv group k=" + std::to_string(k) + " refuses 0 / 7 weights and a null output",
+           0, 0);
+    (void)cudaGetLastError();
+  }
+  cudaStreamDestroy(stream);
+}
+
+// Backend::linears: the CUDA backend's grouped launch against one linear per weight (MXLM_CUDA_LINEAR_GROUPS=0) and the
+// CPU backend.
+void check_linears(Backend& cpu, Backend& gpu) {
+  const int k = 2048;
+  const std::vector<int> rows = {1024, 256, 256};
+  std::vector<std::vector<uint16_t>> w;
+  for (int n : rows) {
+    const auto wf = randn(static_cast<size_t>(n) * k, 0.05f);
+    w.emplace_back(wf.size());
+    for (size_t i = 0; i < wf.size(); ++i) w.back()[i] = f32_to_bf16(wf[i]);
+  }
+  for (int m : {1, 5, 8, 9}) {
+    const auto x = randn(static_cast<size_t>(m) * k);
+    auto run = [&](Backend& be) {
+      std::vector<std::unique_ptr<backend::Weight>> owned;
+      std::vector<const backend::Weight*> ws;
+      std::vector<std::unique_ptr<backend::Buffer>> outs;
+      std::vector<float*> ys;
+      for (size_t i = 0; i < rows.size(); ++i) {
+        owned.push_back(be.upload_weight({backend::WeightFormat::BF16, rows[i], k, w[i].data(), nullptr}));
+        ws.push_back(owned.back().get());
+        outs.push_back(be.alloc(static_cast<size_t>(m) * rows[i]));
+        ys.push_back(outs.back()->f32());
+      }
+      auto dx = up(be, x);
+      be.linears(dx->f32(), static_cast<size_t>(m), ws, ys);
+      std::vector<float> all;
+      for (size_t i = 0; i < rows.size(); ++i) {
+        const auto part = down(be, *outs[i], static_cast<size_t>(m) * rows[i]);
+        all.insert(all.end(), part.begin(), part.end());
+      }
+      return all;
+    };
+    const std::string tag = "linears bf16 x3 k=" + std::to_string(k) + " m=" + std::to_string(m);
+    const auto grouped = run(gpu);
+    setenv("MXLM_CUDA_LINEAR_GROUPS", "0", 1);
+    const auto each = run(gpu);
+    unsetenv("MXLM_CUDA_LINEAR_GROUPS");
+    check_close(tag + " grouped vs one linear each", grouped, each, 1e-5);
+    check_close(tag + " vs CPU", grouped, run(cpu), 1e-2);
+  }
+}
+
 // linear() with bf16 weights: the GEMV (default, up to 8 tokens) against the cuBLAS path (MXLM_CUDA_BF16_GEMV=0) and
 // the CPU backend; 9 tokens (cuBLAS either way) against the CPU only.
 void check_linear(Backend& cpu, Backend& gpu) {
@@ -119,7 +251,9 @@ void check_linear(Backend& cpu, Backend& gpu) {
 
 MXLM_GPU_CHECK(bf16_gemv) {
   check_kernel(env.multiprocessors);
+  check_group(env.multiprocessors);
   check_linear(env.cpu, env.gpu);
+  check_linears(env.cpu, env.gpu);
 }
 
 }  // namespace mxlm::gpucheck

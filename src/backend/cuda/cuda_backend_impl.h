@@ -326,6 +326,28 @@ class CudaBackend final : public Backend {
   }
 
   // ---- matrix products
+  // bf16 weights of a decode-sized step over one x: one grouped GEMV launch (MXLM_CUDA_BF16_GEMV=0,
+  // MXLM_CUDA_LINEAR_GROUPS=0 (benchmark baseline) or any other format / shape: one linear each).
+  void linears(const float* x, size_t m, std::span<const Weight* const> ws, std::span<float* const> ys) override {
+    if (ws.size() != ys.size()) fail("linears: {} weights for {} outputs", ws.size(), ys.size());
+    const char* groups_env = std::getenv("MXLM_CUDA_LINEAR_GROUPS");
+    bool grouped = ws.size() > 1 && ws.size() <= static_cast<size_t>(kBf16GemvMaxGroup) && bf16_gemv_enabled() &&
+                   (groups_env == nullptr || groups_env[0] != '0') && m >= 1 &&
+                   reinterpret_cast<uintptr_t>(x) % 16 == 0;
+    for (size_t i = 0; grouped && i < ws.size(); ++i)
+      grouped = ws[i]->format() == WeightFormat::BF16 && ws[i]->cols() == ws[0]->cols() &&
+                bf16_gemv_supports(static_cast<int>(ws[i]->rows()), static_cast<int>(ws[i]->cols()), static_cast<int>(m));
+    if (!grouped) return Backend::linears(x, m, ws, ys);
+    Bf16GemvGroup group;
+    for (size_t i = 0; i < ws.size(); ++i) {
+      group.w[group.count] = static_cast<const uint16_t*>(dev(*ws[i]).data_);
+      group.y[group.count] = ys[i];
+      group.n[group.count++] = static_cast<int>(ws[i]->rows());
+    }
+    MXLM_CUDA_CHECK(launch_bf16_gemv_group(group, x, static_cast<int>(m), static_cast<int>(ws[0]->cols()), sms_, true,
+                                           stream_));
+  }
+
   void linear(const float* x, size_t m, const Weight& w, float* y) override {
     if (m == 0) return;
     const DeviceWeight& dw = dev(w);

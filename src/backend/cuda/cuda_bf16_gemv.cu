@@ -27,12 +27,26 @@ namespace {
 // 2 x 4 uint4 of weights in flight.
 constexpr int kWarps = 8, kWideWarps = 16, kBatch = 4;
 
+// A group's weight for this CTA: the last problem whose first CTA is at or before it (selects over the parameter
+// arrays: a runtime index into them would copy them to local memory).
 template <int W>
 __global__ void __launch_bounds__(W * 32, 16 / W)
-    bf16_gemv_kernel(const uint16_t* w, const float* x, float* y, int n, int m, int k) {
+    bf16_gemv_kernel(Bf16GemvGroup group, const float* x, int m, int k) {
+  const uint16_t* w = group.w[0];
+  float* y = group.y[0];
+  int n = group.n[0], first = 0;
+#pragma unroll
+  for (int i = 1; i < kBf16GemvMaxGroup; ++i) {
+    if (i < group.count && static_cast<int>(blockIdx.x) >= group.first_cta[i]) {
+      w = group.w[i];
+      y = group.y[i];
+      n = group.n[i];
+      first = group.first_cta[i];
+    }
+  }
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  const int row0 = blockIdx.x * 16;
+  const int row0 = (static_cast<int>(blockIdx.x) - first) * 16;
   const int ra = min(row0 + g, n - 1), rb = min(row0 + g + 8, n - 1);  // rows past n load row n - 1, unused
   const int kw = k / W, blocks = kw / 32;
   const size_t kbeg = static_cast<size_t>(warp) * kw + 8 * t;
@@ -98,16 +112,31 @@ bool bf16_gemv_supports(int n, int k, int m) {
   return n >= 1 && m >= 1 && m <= kBf16GemvMaxTokens && k >= 32 * kWarps && k % (32 * kWarps) == 0;
 }
 
+cudaError_t launch_bf16_gemv_group(const Bf16GemvGroup& group, const float* x, int m, int k, int sms, bool pdl,
+                                   cudaStream_t stream) {
+  if (group.count < 1 || group.count > kBf16GemvMaxGroup || reinterpret_cast<uintptr_t>(x) % 16 != 0)
+    return cudaErrorInvalidValue;
+  Bf16GemvGroup g = group;
+  unsigned ctas = 0;
+  for (int i = 0; i < g.count; ++i) {
+    if (!bf16_gemv_supports(g.n[i], k, m) || reinterpret_cast<uintptr_t>(g.w[i]) % 16 != 0 || g.y[i] == nullptr)
+      return cudaErrorInvalidValue;
+    g.first_cta[i] = static_cast<int>(ctas);
+    ctas += static_cast<unsigned>((g.n[i] + 15) / 16);
+  }
+  if (ctas < 2u * static_cast<unsigned>(sms) && k % (32 * kWideWarps) == 0)
+    return launch_kernel(bf16_gemv_kernel<kWideWarps>, dim3(ctas), dim3(kWideWarps * 32), 0, stream, pdl, g, x, m, k);
+  return launch_kernel(bf16_gemv_kernel<kWarps>, dim3(ctas), dim3(kWarps * 32), 0, stream, pdl, g, x, m, k);
+}
+
 cudaError_t launch_bf16_gemv(const uint16_t* w, const float* x, float* y, int n, int m, int k, int sms, bool pdl,
                              cudaStream_t stream) {
-  if (!bf16_gemv_supports(n, k, m) || reinterpret_cast<uintptr_t>(x) % 16 != 0 ||
-      reinterpret_cast<uintptr_t>(w) % 16 != 0)
-    return cudaErrorInvalidValue;
-  const unsigned ctas = static_cast<unsigned>((n + 15) / 16);
-  if (ctas < 2u * static_cast<unsigned>(sms) && k % (32 * kWideWarps) == 0)
-    return launch_kernel(bf16_gemv_kernel<kWideWarps>, dim3(ctas), dim3(kWideWarps * 32), 0, stream, pdl, w, x, y, n, m,
-                         k);
-  return launch_kernel(bf16_gemv_kernel<kWarps>, dim3(ctas), dim3(kWarps * 32), 0, stream, pdl, w, x, y, n, m, k);
+  Bf16GemvGroup one;
+  one.w[0] = w;
+  one.y[0] = y;
+  one.n[0] = n;
+  one.count = 1;
+  return launch_bf16_gemv_group(one, x, m, k, sms, pdl, stream);
 }
 
 }  // namespace mxlm::backend::cuda

@@ -211,6 +211,19 @@ constexpr int kBf16GemvMaxTokens = 8;
 bool bf16_gemv_supports(int n, int k, int m);
 cudaError_t launch_bf16_gemv(const uint16_t* w, const float* x, float* y, int n, int m, int k, int sms, bool pdl,
                              cudaStream_t stream);
+// Up to kBf16GemvMaxGroup such GEMVs over the same x (same k and m) in one launch: y[i] = bf16(x) · W[i]ᵀ (the q / k /
+// v projections and the indexer's q / k of a decode step). The CTA size is the group's (by its total rows), so a
+// small weight's sums may be split over the warps differently from its launch alone (deterministic either way).
+constexpr int kBf16GemvMaxGroup = 6;
+struct Bf16GemvGroup {
+  const uint16_t* w[kBf16GemvMaxGroup] = {};
+  float* y[kBf16GemvMaxGroup] = {};
+  int n[kBf16GemvMaxGroup] = {};
+  int count = 0;
+  int first_cta[kBf16GemvMaxGroup] = {};  // set by the launcher
+};
+cudaError_t launch_bf16_gemv_group(const Bf16GemvGroup& group, const float* x, int m, int k, int sms, bool pdl,
+                                   cudaStream_t stream);
 // Router top-k on logits [tokens, experts]: s = sigmoid, choice = s + bias (bias may be null), top-k by choice
 // (ties: lower id), weights = s / Σ s * scale. k <= kRouterMaxTopK, experts <= kRouterMaxExperts.
 constexpr int kRouterMaxTopK = 16, kRouterMaxExperts = 1024;
