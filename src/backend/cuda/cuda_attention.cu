@@ -15,7 +15,6 @@
 #include <cstdint>
 
 #include "backend/cuda/cuda_kernels.h"
-#include "backend/cuda/cuda_launch.cuh"
 
 namespace mxlm::backend::cuda {
 
@@ -109,8 +108,6 @@ __global__ void __launch_bounds__(kAttnWarps * 32, 2)
                            float scale, const KV* __restrict__ k_cache, const KV* __restrict__ v_cache,
                            const int32_t* __restrict__ blocks, int topk, int keys_per_split, int splits,
                            float* __restrict__ ws) {
-  pdl_launch_dependents();  // PDL (cuda_launch.cuh): the next kernel's CTAs may start; this one waits for its input
-  pdl_wait();
   constexpr int QP = q_stride<NB>(), DP = kv_stride<NB, KV>();
   // The merge of the warps reuses the K/V stages.
   static_assert(2 * kStages * kTileKeys * DP * sizeof(KV) >= kAttnWarps * kMaxGroup * (8 * NB + 2) * sizeof(float));
@@ -300,8 +297,6 @@ __device__ __forceinline__ float block_reduce(float v, bool take_max, float* scr
 // lanes sums every 8th split's outputs (independent loads in flight), and the 8 partial sums are added.
 __global__ void __launch_bounds__(kMergeThreads) attention_merge_kernel(const float* ws, int splits, int head_dim,
                                                                         float* out) {
-  pdl_launch_dependents();
-  pdl_wait();
   extern __shared__ float msm[];  // [splits] weights, [8][head_dim] partial outputs, [8] reduction scratch
   float* weight = msm;
   float* partial = msm + splits;
@@ -352,8 +347,8 @@ cudaError_t launch_merge(const float* ws, size_t heads, int splits, int head_dim
       configured = true;
     }
   }
-  return launch_kernel(attention_merge_kernel, dim3(static_cast<unsigned>(heads)), dim3(kMergeThreads), smem, stream,
-                       true, ws, splits, head_dim, out);
+  attention_merge_kernel<<<static_cast<unsigned>(heads), kMergeThreads, smem, stream>>>(ws, splits, head_dim, out);
+  return cudaGetLastError();
 }
 
 // One CTA per (row, index head): block max scores into shared memory, forced blocks, then top-k by repeated
@@ -380,8 +375,6 @@ template <typename KV>
 __global__ void __launch_bounds__(kScoreThreads)
     index_scores_kernel(const float* __restrict__ iq, AttentionRows rows, int heads, int head_dim,
                         const KV* __restrict__ ik_cache, int per_cta, int stride, float* __restrict__ scores) {
-  pdl_launch_dependents();
-  pdl_wait();
   const int row = blockIdx.x, chunk = blockIdx.y;
   const int bs = rows.block_size, pos = rows.pos[row];
   const int visible = pos / bs + 1;
@@ -439,8 +432,6 @@ template <typename KV>
 __global__ void index_select_kernel(const float* iq, AttentionRows rows, int heads, int head_dim, int topk,
                                     int local_blocks, int init_blocks, const KV* ik_cache, const float* scores,
                                     int stride, int32_t* out) {
-  pdl_launch_dependents();
-  pdl_wait();
   const int row = blockIdx.x / heads, h = blockIdx.x % heads;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
   const int bs = rows.block_size;
@@ -552,15 +543,14 @@ cudaError_t launch_split(const float* q, const AttentionRows& rows, int num_head
     configured = true;
   }
   const dim3 grid(static_cast<unsigned>(rows.rows * num_kv_heads), static_cast<unsigned>(splits));
-  return launch_kernel(attention_split_kernel<NB, KV>, grid, dim3(kAttnWarps * 32), smem, stream, true, q, rows,
-                       num_heads, num_kv_heads, D, scale, static_cast<const KV*>(k_cache),
-                       static_cast<const KV*>(v_cache), blocks, topk, keys_per_split, splits, ws);
+  attention_split_kernel<NB, KV><<<grid, kAttnWarps * 32, smem, stream>>>(
+      q, rows, num_heads, num_kv_heads, D, scale, static_cast<const KV*>(k_cache), static_cast<const KV*>(v_cache),
+      blocks, topk, keys_per_split, splits, ws);
+  return cudaGetLastError();
 }
 
 __global__ void cache_write_bf16_kernel(const float* x, size_t width, const int64_t* slots, size_t count,
                                         uint16_t* cache) {
-  pdl_launch_dependents();
-  pdl_wait();
   const size_t n = count * width;
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
@@ -581,8 +571,6 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
     attention_simt_kernel(const float* q, AttentionRows rows, int num_heads, int num_kv_heads, int D, float scale,
                            const float* k_cache, const float* v_cache, const int32_t* blocks, int topk,
                            int units_per_split, int splits, float* ws) {
-  pdl_launch_dependents();
-  pdl_wait();
   const int row = blockIdx.x / num_kv_heads, kvh = blockIdx.x % num_kv_heads;
   const int split = blockIdx.y;
   const int G = num_heads / num_kv_heads;
@@ -757,8 +745,9 @@ cudaError_t launch_simt(const float* q, const AttentionRows& rows, int num_heads
     configured = true;
   }
   const dim3 grid(static_cast<unsigned>(rows.rows * num_kv_heads), static_cast<unsigned>(splits));
-  return launch_kernel(attention_simt_kernel<DPL>, grid, dim3(kSimtWarps * 32), smem, stream, true, q, rows, num_heads,
-                       num_kv_heads, D, scale, k_cache, v_cache, blocks, topk, units_per_split, splits, ws);
+  attention_simt_kernel<DPL><<<grid, kSimtWarps * 32, smem, stream>>>(
+      q, rows, num_heads, num_kv_heads, D, scale, k_cache, v_cache, blocks, topk, units_per_split, splits, ws);
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -839,8 +828,9 @@ cudaError_t launch_index_select_as(const float* iq, const AttentionRows& rows, i
     }
     const dim3 grid(static_cast<unsigned>(rows.rows),
                     static_cast<unsigned>((max_visible_blocks + per_cta - 1) / per_cta));
-    const cudaError_t e = launch_kernel(index_scores_kernel<KV>, grid, dim3(kScoreThreads), smem, stream, true, iq, rows,
-                                        heads, head_dim, ik, per_cta, max_visible_blocks, workspace);
+    index_scores_kernel<KV><<<grid, kScoreThreads, smem, stream>>>(iq, rows, heads, head_dim, ik, per_cta,
+                                                                    max_visible_blocks, workspace);
+    const cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   }
   const size_t smem = static_cast<size_t>(max_visible_blocks) * (sizeof(float) + 1) + 16;
@@ -851,9 +841,10 @@ cudaError_t launch_index_select_as(const float* iq, const AttentionRows& rows, i
     if (e != cudaSuccess) return e;
     configured = true;
   }
-  return launch_kernel(index_select_kernel<KV>, dim3(static_cast<unsigned>(rows.rows * heads)), dim3(256), smem,
-                       stream, true, iq, rows, heads, head_dim, topk, local_blocks, init_blocks, ik,
-                       split ? workspace : nullptr, max_visible_blocks, blocks);
+  index_select_kernel<KV><<<static_cast<unsigned>(rows.rows * heads), 256, smem, stream>>>(
+      iq, rows, heads, head_dim, topk, local_blocks, init_blocks, ik, split ? workspace : nullptr, max_visible_blocks,
+      blocks);
+  return cudaGetLastError();
 }
 
 size_t index_select_workspace_floats(int rows, int heads, int max_visible_blocks) {
@@ -879,7 +870,8 @@ cudaError_t launch_cache_write_bf16(const float* x, size_t width, const int64_t*
   const size_t n = count * width;
   if (n == 0) return cudaSuccess;
   const unsigned grid = static_cast<unsigned>(std::min<size_t>((n + 255) / 256, 4096));
-  return launch_kernel(cache_write_bf16_kernel, dim3(grid), dim3(256), 0, stream, true, x, width, slots, count, cache);
+  cache_write_bf16_kernel<<<grid, 256, 0, stream>>>(x, width, slots, count, cache);
+  return cudaGetLastError();
 }
 
 int attention_simt_splits(int units, int block_size) {

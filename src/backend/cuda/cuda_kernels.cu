@@ -114,8 +114,6 @@ __device__ __forceinline__ void rms_norm_row(float* xr, const float* yr, const f
 }
 
 __global__ void rms_norm_kernel(const float* x, const float* w, float* out, size_t dim, float eps, bool add_one) {
-  pdl_launch_dependents();
-  pdl_wait();
   // In place (out == x) is allowed: a thread overwrites only elements that it alone reads, after reading them. The
   // routine's row pointer is writable for the fused add; without it nothing is written through it.
   rms_norm_row<false>(const_cast<float*>(x) + blockIdx.x * dim, nullptr, w, out + blockIdx.x * dim, dim, eps, add_one);
@@ -395,8 +393,6 @@ __global__ void embedding_kernel(const void* table, const uint8_t* scales, int f
 }
 
 __global__ void cache_write_kernel(const float* x, size_t width, const int64_t* slots, float* cache) {
-  pdl_launch_dependents();
-  pdl_wait();
   const size_t i = blockIdx.y;
   if (slots[i] < 0) return;  // a padding row of a captured decode step: writes nowhere
   const size_t slot = static_cast<size_t>(slots[i]);
@@ -489,8 +485,8 @@ cudaError_t launch_f16_to_f32(const uint16_t* x, float* out, size_t n, cudaStrea
 cudaError_t launch_rms_norm(const float* x, const float* w, float* out, size_t rows, size_t dim, float eps,
                             bool add_one, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  return launch_kernel(rms_norm_kernel, dim3(static_cast<unsigned>(rows)), dim3(rms_norm_threads(dim)), 0, stream, true,
-                       x, w, out, dim, eps, add_one);
+  rms_norm_kernel<<<static_cast<unsigned>(rows), rms_norm_threads(dim), 0, stream>>>(x, w, out, dim, eps, add_one);
+  return cudaGetLastError();
 }
 
 cudaError_t launch_add_rms_norm(float* h, const float* y, const float* w, float* out, size_t rows, size_t dim,
@@ -606,7 +602,8 @@ cudaError_t launch_cache_write(const float* x, size_t width, const int64_t* slot
                                cudaStream_t stream) {
   if (count == 0) return cudaSuccess;
   const dim3 grid(blocks_for(width), static_cast<unsigned>(count));
-  return launch_kernel(cache_write_kernel, grid, dim3(kThreads), 0, stream, true, x, width, slots, cache);
+  cache_write_kernel<<<grid, kThreads, 0, stream>>>(x, width, slots, cache);
+  return cudaGetLastError();
 }
 
 }  // namespace mxlm::backend::cuda
