@@ -19,6 +19,29 @@ namespace {
 
 namespace cu = backend::cuda;
 
+// Weights of the bf16 GEMV checks: random, bf16-rounded.
+std::vector<uint16_t> random_bf16_weights(size_t count) {
+  const auto wf = randn(count, 0.05f);
+  std::vector<uint16_t> w(wf.size());
+  for (size_t i = 0; i < w.size(); ++i) w[i] = f32_to_bf16(wf[i]);
+  return w;
+}
+
+// The double reference: y[t * n + r] = Σ_c w[r, c] · bf16(x[t, c]) for tokens t < m (the GEMV rounds x to bf16).
+std::vector<float> reference_bf16_gemv(const std::vector<uint16_t>& w, const std::vector<float>& x, int n, int k,
+                                       int m) {
+  std::vector<float> y(static_cast<size_t>(m) * n);
+  for (int t = 0; t < m; ++t)
+    for (int r = 0; r < n; ++r) {
+      double s = 0;
+      for (int c = 0; c < k; ++c)
+        s += static_cast<double>(bf16_to_f32(w[static_cast<size_t>(r) * k + c])) *
+             bf16_to_f32(f32_to_bf16(x[static_cast<size_t>(t) * k + c]));
+      y[static_cast<size_t>(t) * n + r] = static_cast<float>(s);
+    }
+  return y;
+}
+
 void check_kernel(int sms) {
   cudaStream_t stream = nullptr;
   cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
@@ -27,24 +50,14 @@ void check_kernel(int sms) {
   const std::vector<std::pair<int, int>> shapes = {{8192, 6144}, {512, 6144}, {6144, 8192}, {17, 256},
                                                    {1, 512},     {520, 2048}, {100, 6400}};
   for (auto [n, k] : shapes) {
-    std::vector<uint16_t> w(static_cast<size_t>(n) * k);
-    const auto wf = randn(w.size(), 0.05f);
-    for (size_t i = 0; i < w.size(); ++i) w[i] = f32_to_bf16(wf[i]);
+    const auto w = random_bf16_weights(static_cast<size_t>(n) * k);
     const auto x = randn(static_cast<size_t>(kMaxM) * k, 2.0f);
     DeviceAllocs d;
     uint16_t* dw = d.put(w);
     float* dx = d.put(x);
     const size_t ylen = static_cast<size_t>(kMaxM + 1) * n;  // one token row more than any m: stays poison
     float* dy = d.get<float>(ylen);
-    std::vector<float> want_all(static_cast<size_t>(kMaxM) * n);  // token t of the reference: rows [t * n, t * n + n)
-    for (int t = 0; t < kMaxM; ++t)
-      for (int r = 0; r < n; ++r) {
-        double s = 0;
-        for (int c = 0; c < k; ++c)
-          s += static_cast<double>(bf16_to_f32(w[static_cast<size_t>(r) * k + c])) *
-               bf16_to_f32(f32_to_bf16(x[static_cast<size_t>(t) * k + c]));
-        want_all[static_cast<size_t>(t) * n + r] = static_cast<float>(s);
-      }
+    const auto want_all = reference_bf16_gemv(w, x, n, k, kMaxM);  // token t: rows [t * n, t * n + n)
     for (int m = 1; m <= kMaxM; ++m) {
       const std::string tag =
           "bf16 gemv n=" + std::to_string(n) + " k=" + std::to_string(k) + " m=" + std::to_string(m);
@@ -106,10 +119,8 @@ void check_group(int sms) {
     group.count = count;
     for (int i = 0; i < count; ++i) {
       const int n = c.rows[static_cast<size_t>(i)];
-      const auto wf = randn(static_cast<size_t>(n) * k, 0.05f);
       auto& wi = w[static_cast<size_t>(i)];
-      wi.resize(wf.size());
-      for (size_t j = 0; j < wf.size(); ++j) wi[j] = f32_to_bf16(wf[j]);
+      wi = random_bf16_weights(static_cast<size_t>(n) * k);
       group.w[i] = d.put(wi);
       group.y[i] = d.get<float>(static_cast<size_t>(kMaxM + 1) * n);
       group.n[i] = n;
@@ -127,16 +138,7 @@ void check_group(int sms) {
       }
       for (int i = 0; i < count; ++i) {
         const int n = c.rows[static_cast<size_t>(i)];
-        const auto& wi = w[static_cast<size_t>(i)];
-        std::vector<float> want(static_cast<size_t>(m) * n);
-        for (int t = 0; t < m; ++t)
-          for (int r = 0; r < n; ++r) {
-            double s = 0;
-            for (int col = 0; col < k; ++col)
-              s += static_cast<double>(bf16_to_f32(wi[static_cast<size_t>(r) * k + col])) *
-                   bf16_to_f32(f32_to_bf16(x[static_cast<size_t>(t) * k + col]));
-            want[static_cast<size_t>(t) * n + r] = static_cast<float>(s);
-          }
+        const auto want = reference_bf16_gemv(w[static_cast<size_t>(i)], x, n, k, m);
         auto got = fetch(group.y[i], static_cast<size_t>(kMaxM + 1) * n);
         bool untouched = true;
         for (size_t j = static_cast<size_t>(m) * n; j < got.size(); ++j)
@@ -179,11 +181,7 @@ void check_linears(Backend& cpu, Backend& gpu) {
   const int k = 2048;
   const std::vector<int> rows = {1024, 256, 256};
   std::vector<std::vector<uint16_t>> w;
-  for (int n : rows) {
-    const auto wf = randn(static_cast<size_t>(n) * k, 0.05f);
-    w.emplace_back(wf.size());
-    for (size_t i = 0; i < wf.size(); ++i) w.back()[i] = f32_to_bf16(wf[i]);
-  }
+  for (int n : rows) w.push_back(random_bf16_weights(static_cast<size_t>(n) * k));
   for (int m : {1, 5, 8, 9}) {
     const auto x = randn(static_cast<size_t>(m) * k);
     auto run = [&](Backend& be) {
@@ -220,9 +218,7 @@ void check_linears(Backend& cpu, Backend& gpu) {
 // the CPU backend; 9 tokens (cuBLAS either way) against the CPU only.
 void check_linear(Backend& cpu, Backend& gpu) {
   for (auto [n, k] : std::vector<std::pair<int, int>>{{512, 6144}, {300, 1024}}) {
-    const auto wf = randn(static_cast<size_t>(n) * k, 0.05f);
-    std::vector<uint16_t> w(wf.size());
-    for (size_t i = 0; i < w.size(); ++i) w[i] = f32_to_bf16(wf[i]);
+    const auto w = random_bf16_weights(static_cast<size_t>(n) * k);
     for (int m : {1, 3, 8, 9}) {
       const auto x = randn(static_cast<size_t>(m) * k);
       auto run = [&](Backend& be) {

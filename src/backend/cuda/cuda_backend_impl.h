@@ -295,11 +295,9 @@ class CudaBackend final : public Backend {
   }
   void rope(float* x, std::span<const int32_t> positions, int heads, int head_dim, int rotary_dim,
             float theta) override {
-    if (positions.empty() || rotary_dim == 0) {
-      check_rotary(rotary_dim, head_dim);
-      return;
-    }
-    RopeInputs in = rope_inputs(positions, rotary_dim, head_dim, theta);
+    check_rotary(rotary_dim, head_dim);
+    if (positions.empty() || rotary_dim == 0) return;
+    RopeInputs in = rope_inputs(positions, rotary_dim, theta);
     MXLM_CUDA_CHECK(launch_rope(x, in.positions, positions.size(), heads, head_dim, rotary_dim, in.inv_freq, stream_));
   }
   // One launch each (same bits as the two ops); MXLM_CUDA_FUSED_NORMS=0 runs the two ops (benchmark baseline).
@@ -313,7 +311,7 @@ class CudaBackend final : public Backend {
     if (!fused_norms() || positions.empty() || rotary_dim == 0)
       return Backend::rms_norm_rope(x, w, positions, heads, head_dim, eps, add_one, rotary_dim, theta);
     check_rotary(rotary_dim, head_dim);
-    RopeInputs in = rope_inputs(positions, rotary_dim, head_dim, theta);
+    RopeInputs in = rope_inputs(positions, rotary_dim, theta);
     MXLM_CUDA_CHECK(launch_rms_norm_rope(x, w, positions.size(), heads, head_dim, eps, add_one, in.positions,
                                          rotary_dim, in.inv_freq, stream_));
   }
@@ -535,8 +533,7 @@ class CudaBackend final : public Backend {
     const float* inv_freq = nullptr;
     Block upload;
   };
-  RopeInputs rope_inputs(std::span<const int32_t> positions, int rotary_dim, int head_dim, float theta) {
-    check_rotary(rotary_dim, head_dim);
+  RopeInputs rope_inputs(std::span<const int32_t> positions, int rotary_dim, float theta) {
     const int half = rotary_dim / 2;
     const uint64_t key = (uint64_t{std::bit_cast<uint32_t>(theta)} << 32) | static_cast<uint32_t>(rotary_dim);
     auto f = inv_freq_.find(key);

@@ -128,14 +128,19 @@ __global__ void add_rms_norm_kernel(float* h, const float* y, const float* w, fl
   rms_norm_row<true>(h + blockIdx.x * dim, y + blockIdx.x * dim, w, out + blockIdx.x * dim, dim, eps, add_one);
 }
 
-// RoPE of one head row v[head_dim] in place, pairs (j, j + half) for j < half; the angle and rotation as rope_kernel.
+// NeoX RoPE's rotation of the pair (v[j], v[j + half]) by the angle whose sine and cosine are s and c.
+__device__ __forceinline__ void rope_rotate(float* v, int j, int half, float s, float c) {
+  const float a = v[j], b = v[j + half];
+  v[j] = a * c - b * s;
+  v[j + half] = b * c + a * s;
+}
+
+// RoPE of one head row v[head_dim] in place, pairs (j, j + half) for j < half; angles as rope_kernel's.
 __device__ __forceinline__ void rope_row(float* v, float pos, int half, const float* inv_freq) {
   for (int j = threadIdx.x; j < half; j += blockDim.x) {
     float s, c;
     sincosf(pos * inv_freq[j], &s, &c);
-    const float a = v[j], b = v[j + half];
-    v[j] = a * c - b * s;
-    v[j + half] = b * c + a * s;
+    rope_rotate(v, j, half, s, c);
   }
 }
 
@@ -165,10 +170,8 @@ __global__ void rope_kernel(float* x, const int32_t* positions, int heads, int h
     const int h = i / half, j = i % half;
     float s = s_fixed, c = c_fixed;
     if (!fixed_j) sincosf(pos * inv_freq[j], &s, &c);
-    float* v = x + (t * static_cast<size_t>(heads) + static_cast<size_t>(h)) * static_cast<size_t>(head_dim);
-    const float a = v[j], b = v[j + half];
-    v[j] = a * c - b * s;
-    v[j + half] = b * c + a * s;
+    rope_rotate(x + (t * static_cast<size_t>(heads) + static_cast<size_t>(h)) * static_cast<size_t>(head_dim), j, half,
+                s, c);
   }
 }
 
