@@ -369,11 +369,8 @@ constexpr int kScoreThreads = 128;
 constexpr int kMaxIndexHeads = 8;
 
 // Block max scores of the lightning indexer, spread over the card: CTA (row, chunk) takes `per_cta` blocks of its
-// row and folds every key's score (all index heads at once: the index-K row is shared by the heads, so it is read
-// once) into per-(head, block) maxima in shared memory. Four lanes per key: lane (kk, p) of a warp takes key kk of the
-// warp's eight and the elements 16 i + 4 p .. 16 i + 4 p + 3 of the row, so the four lanes of a key read 64 contiguous
-// bytes (f32; 32 bf16) per load instead of each lane a 16-byte piece of its own row; the four partial sums are added
-// by two shuffles in a fixed order. scores: [rows, heads, stride].
+// row; each thread scores whole keys (all index heads at once: the index-K row is shared by the heads, so it is read
+// once) and folds them into per-(head, block) maxima in shared memory. scores: [rows, heads, stride].
 template <typename KV>
 __global__ void __launch_bounds__(kScoreThreads)
     index_scores_kernel(const float* __restrict__ iq, AttentionRows rows, int heads, int head_dim,
@@ -391,20 +388,15 @@ __global__ void __launch_bounds__(kScoreThreads)
     qs[i] = iq[static_cast<size_t>(row) * heads * head_dim + i];
   for (int i = threadIdx.x; i < heads * per_cta; i += blockDim.x) best[i] = ordered(-INFINITY);
   __syncthreads();
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, kk = lane >> 2, p = lane & 3;
-  const int kbeg = b0 * bs, kend = min(b1 * bs, pos + 1), nwarps = blockDim.x >> 5;
-  for (int key0 = kbeg + warp * 8; key0 < kend; key0 += nwarps * 8) {
-    const int key = key0 + kk;
-    const bool live = key < kend;
-    const int b = (live ? key : kbeg) / bs;
-    const KV* kr = ik_cache + (static_cast<size_t>(table[b]) * bs + static_cast<size_t>(live ? key % bs : 0)) * head_dim;
+  const int kend = min(b1 * bs, pos + 1);
+  for (int key = b0 * bs + threadIdx.x; key < kend; key += blockDim.x) {
+    const int b = key / bs;
+    const KV* kr = ik_cache + (static_cast<size_t>(table[b]) * bs + static_cast<size_t>(key % bs)) * head_dim;
     float acc[kMaxIndexHeads];
 #pragma unroll
     for (int h = 0; h < kMaxIndexHeads; ++h) acc[h] = 0.0f;
 #pragma unroll 8
-    for (int c0 = 0; c0 < head_dim; c0 += 16) {  // unrolled: eight loads of the key's quarter in flight
-      const int c = c0 + 4 * p;
-      if (!live || c >= head_dim) continue;
+    for (int c = 0; c < head_dim; c += 4) {  // unrolled: eight 16-byte loads of the row in flight
       float k4[4];
       if constexpr (sizeof(KV) == 4) {
         const float4 v = *reinterpret_cast<const float4*>(kr + c);
@@ -423,15 +415,8 @@ __global__ void __launch_bounds__(kScoreThreads)
       }
     }
 #pragma unroll
-    for (int h = 0; h < kMaxIndexHeads; ++h) {
-      if (h < heads) {  // all four lanes end with the same bits: (a + b) + (c + d) either way round
-        acc[h] += __shfl_xor_sync(0xffffffffu, acc[h], 1);
-        acc[h] += __shfl_xor_sync(0xffffffffu, acc[h], 2);
-      }
-    }
-#pragma unroll
     for (int h = 0; h < kMaxIndexHeads; ++h)
-      if (live && h < heads && (h & 3) == p && !isnan(acc[h])) atomicMax(&best[h * per_cta + (b - b0)], ordered(acc[h]));
+      if (h < heads && !isnan(acc[h])) atomicMax(&best[h * per_cta + (b - b0)], ordered(acc[h]));
   }
   __syncthreads();
   for (int i = threadIdx.x; i < heads * (b1 - b0); i += blockDim.x) {
