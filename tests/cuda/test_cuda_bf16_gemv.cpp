@@ -99,8 +99,9 @@ void check_kernel(int sms) {
 }
 
 // Groups (launch_bf16_gemv_group): a decode step's q / k / v / index q / index k over one x, at 8-warp CTAs (the
-// group fills the card) and at 16-warp ones (three small weights), each output against the double reference; a group
-// of one is launch_bf16_gemv bit for bit; outputs' tails untouched; refusals.
+// group fills the card) and at 16-warp ones (three small weights), each output against the double reference; a weight
+// whose own launch takes the group's CTA size gets the same bits alone (the group's CTA-to-weight mapping moves no
+// sum); outputs' tails untouched; refusals.
 void check_group(int sms) {
   cudaStream_t stream = nullptr;
   cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
@@ -108,8 +109,11 @@ void check_group(int sms) {
   struct Case {
     int k;
     std::vector<int> rows;
+    std::vector<int> same_cta_size;  // weights whose launch alone takes the group's CTA size
   };
-  for (const Case& c : std::vector<Case>{{6144, {8192, 512, 512, 512, 128}}, {1024, {300, 17, 40}}}) {
+  // 6144: the group (616 CTAs) and q alone (512) take 8 warps, k / v / index alone 16. 1024: 24 CTAs, all 16 warps.
+  for (const Case& c :
+       std::vector<Case>{{6144, {8192, 512, 512, 512, 128}, {0}}, {1024, {300, 17, 40}, {0, 1, 2}}}) {
     const int k = c.k, count = static_cast<int>(c.rows.size());
     DeviceAllocs d;
     const auto x = randn(static_cast<size_t>(kMaxM) * k, 2.0f);
@@ -136,6 +140,7 @@ void check_group(int sms) {
         report(false, tag + " launch: " + cudaGetErrorString(e != cudaSuccess ? e : e2), 0, 0);
         continue;
       }
+      std::vector<std::vector<float>> grouped(static_cast<size_t>(count));
       for (int i = 0; i < count; ++i) {
         const int n = c.rows[static_cast<size_t>(i)];
         const auto want = reference_bf16_gemv(w[static_cast<size_t>(i)], x, n, k, m);
@@ -147,18 +152,16 @@ void check_group(int sms) {
         const std::string wtag = tag + " weight " + std::to_string(i) + " (" + std::to_string(n) + " rows)";
         check_close(wtag, got, want, 2e-6 * std::sqrt(static_cast<double>(k)));
         report(untouched, wtag + " tokens past m untouched", 0, 0);
+        grouped[static_cast<size_t>(i)] = std::move(got);
       }
-      // The first weight alone: a group of one is the single launch.
-      cu::Bf16GemvGroup one;
-      one.w[0] = group.w[0];
-      one.y[0] = group.y[0];
-      one.n[0] = group.n[0];
-      one.count = 1;
-      (void)cu::launch_bf16_gemv_group(one, dx, m, k, sms, true, stream);
-      const auto grouped_one = fetch(group.y[0], static_cast<size_t>(m) * group.n[0]);
-      (void)cu::launch_bf16_gemv(group.w[0], dx, group.y[0], group.n[0], m, k, sms, true, stream);
-      check_bits(tag + ": a group of one == launch_bf16_gemv", grouped_one,
-                 fetch(group.y[0], static_cast<size_t>(m) * group.n[0]));
+      for (int i : c.same_cta_size) {
+        const int n = c.rows[static_cast<size_t>(i)];
+        const cudaError_t ea = cu::launch_bf16_gemv(group.w[i], dx, group.y[i], n, m, k, sms, true, stream);
+        const cudaError_t eb = cudaStreamSynchronize(stream);
+        report(ea == cudaSuccess && eb == cudaSuccess, tag + " weight " + std::to_string(i) + " alone: launch", 0, 0);
+        check_bits(tag + " weight " + std::to_string(i) + ": grouped == alone", grouped[static_cast<size_t>(i)],
+                   fetch(group.y[i], static_cast<size_t>(m) * n));
+      }
     }
     cu::Bf16GemvGroup bad = group;
     bad.count = 0;

@@ -308,10 +308,12 @@ class CudaBackend final : public Backend {
   }
   void rms_norm_rope(float* x, const float* w, std::span<const int32_t> positions, int heads, int head_dim, float eps,
                      bool add_one, int rotary_dim, float theta) override {
-    if (!fused_norms() || positions.empty() || rotary_dim == 0)
+    if (!fused_norms())
       return Backend::rms_norm_rope(x, w, positions, heads, head_dim, eps, add_one, rotary_dim, theta);
     check_rotary(rotary_dim, head_dim);
-    RopeInputs in = rope_inputs(positions, rotary_dim, theta);
+    if (positions.empty()) return;
+    // rotary_dim 0: the same kernel normalises only (it reads neither positions nor the table).
+    RopeInputs in = rotary_dim > 0 ? rope_inputs(positions, rotary_dim, theta) : RopeInputs{};
     MXLM_CUDA_CHECK(launch_rms_norm_rope(x, w, positions.size(), heads, head_dim, eps, add_one, in.positions,
                                          rotary_dim, in.inv_freq, stream_));
   }
@@ -330,8 +332,7 @@ class CudaBackend final : public Backend {
     if (ws.size() != ys.size()) fail("linears: {} weights for {} outputs", ws.size(), ys.size());
     const char* groups_env = std::getenv("MXLM_CUDA_LINEAR_GROUPS");
     bool grouped = ws.size() > 1 && ws.size() <= static_cast<size_t>(kBf16GemvMaxGroup) && bf16_gemv_enabled() &&
-                   (groups_env == nullptr || groups_env[0] != '0') && m >= 1 &&
-                   reinterpret_cast<uintptr_t>(x) % 16 == 0;
+                   (groups_env == nullptr || groups_env[0] != '0') && reinterpret_cast<uintptr_t>(x) % 16 == 0;
     for (size_t i = 0; grouped && i < ws.size(); ++i)
       grouped = ws[i]->format() == WeightFormat::BF16 && ws[i]->cols() == ws[0]->cols() &&
                 bf16_gemv_supports(static_cast<int>(ws[i]->rows()), static_cast<int>(ws[i]->cols()), static_cast<int>(m));
