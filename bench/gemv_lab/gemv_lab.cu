@@ -1010,6 +1010,8 @@ double cublas_time_us(cublasHandle_t blas, cudaStream_t stream, int calls, const
   });
 }
 
+#include "gemv5.cuh"
+
 // --v4: the backend's version 4 (src/backend/cuda/cuda_mxfp4_gemv.cu, compiled into this binary by run.sh) timed on
 // the expert shapes against the same-process copy ceiling and cuBLAS. Its checks are the GPU check gemv4_kernel
 // (tests/cuda); the variants measured on the way to it (bulk-copy weights, activations by TMA, split prefetch,
@@ -1101,6 +1103,8 @@ int main(int argc, char** argv) {
   std::printf("copy bandwidth (1 GiB D2D, read + write): %.0f GB/s\n", copy_gbs);
   for (int i = 1; i < argc; ++i)
     if (std::strcmp(argv[i], "--v4") == 0) return run_v4(quick, stream, blas, copy_gbs);
+  for (int i = 1; i < argc; ++i)
+    if (std::strcmp(argv[i], "--v5") == 0) return run_v5(quick, stream, blas, copy_gbs);
 
   std::vector<Variant> variants = {
       make_variant<1, 12, 1, 6, 0>("v3 cpas W12x1"), make_variant<2, 12, 1, 6, 0>("v3 cpas W12x1"),

@@ -3,6 +3,7 @@
 #   bench/gemv_lab/run.sh build   # -> build-lab/gemv_lab (carry build-lab to the device)
 #   bench/gemv_lab/run.sh run     # on the device: checks, then timings; log under $OUT (or build-lab/)
 #   bench/gemv_lab/run.sh run --quick --v4   # the backend's version 4 only (timings; its checks: gpu_check gemv4_kernel)
+#   bench/gemv_lab/run.sh run --quick --v5   # version 5 (wgmma FP8, not in the backend): its checks, then timings vs v4
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 case "${1:-all}" in
