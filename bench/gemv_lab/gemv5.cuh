@@ -410,24 +410,12 @@ inline int run_v5(bool quick, cudaStream_t stream, cublasHandle_t blas, double c
     }
     std::vector<uint16_t> hx(static_cast<size_t>(16) * cs.k);
     fill_qdq_activations(hx, rng);
-    uint8_t *dw, *ds;
-    uint16_t* dx;
-    float* dy;
-    double* dref;
-    CK(cudaMalloc(&dw, wbytes));
-    CK(cudaMalloc(&ds, sbytes));
-    CK(cudaMalloc(&dx, hx.size() * 2));
-    CK(cudaMalloc(&dy, static_cast<size_t>(16) * cs.n * 4));
-    CK(cudaMalloc(&dref, static_cast<size_t>(16) * cs.n * 8));
-    CK(cudaMemcpy(dw, hw.data(), wbytes, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(ds, hs.data(), sbytes, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(dx, hx.data(), hx.size() * 2, cudaMemcpyHostToDevice));
-    Gemv ref_p{dw, ds, dx, nullptr, 16, cs.n, cs.n, cs.k, nullptr, 0};
-    reference_kernel<<<dim3((cs.n + 127) / 128, 16), 128, 0, stream>>>(ref_p, dref);
-    CK(cudaGetLastError());
-    std::vector<double> ref(static_cast<size_t>(16) * cs.n);
-    CK(cudaStreamSynchronize(stream));
-    CK(cudaMemcpy(ref.data(), dref, ref.size() * 8, cudaMemcpyDeviceToHost));
+    const CheckProblem prob(hw, hs, hx, cs.n, cs.k, stream);
+    uint8_t* const dw = prob.w;
+    uint8_t* const ds = prob.s;
+    uint16_t* const dx = prob.x;
+    float* const dy = prob.y;
+    const std::vector<double>& ref = prob.ref;
     for (const int q : {8, 4}) {
       for (const int m : {1, 2, 3, 4, 5, 8})
       for (const int depth : {2, 3, 4})
@@ -484,11 +472,6 @@ inline int run_v5(bool quick, cudaStream_t stream, cublasHandle_t blas, double c
         std::printf("FAIL v5 determinism Q=%d n=%d k=%d\n", q, cs.n, cs.k);
       }
     }
-    CK(cudaFree(dw));
-    CK(cudaFree(ds));
-    CK(cudaFree(dx));
-    CK(cudaFree(dy));
-    CK(cudaFree(dref));
   }
   std::printf("v5 checks: %d, failures: %d\n", checks, failures);
 

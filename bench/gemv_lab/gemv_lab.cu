@@ -1010,6 +1010,43 @@ double cublas_time_us(cublasHandle_t blas, cudaStream_t stream, int calls, const
   });
 }
 
+// One correctness problem on the device: the weights, scales and 16 tokens of activations given, an output for 16
+// tokens, and the double reference of all 16 (on the host).
+struct CheckProblem {
+  uint8_t* w = nullptr;
+  uint8_t* s = nullptr;
+  uint16_t* x = nullptr;
+  float* y = nullptr;
+  std::vector<double> ref;
+  CheckProblem(const std::vector<uint8_t>& hw, const std::vector<uint8_t>& hs, const std::vector<uint16_t>& hx, int n,
+               int k, cudaStream_t stream) {
+    double* dref;
+    CK(cudaMalloc(&w, hw.size()));
+    CK(cudaMalloc(&s, hs.size()));
+    CK(cudaMalloc(&x, hx.size() * 2));
+    CK(cudaMalloc(&y, static_cast<size_t>(16) * n * 4));
+    CK(cudaMalloc(&dref, static_cast<size_t>(16) * n * 8));
+    CK(cudaMemcpy(w, hw.data(), hw.size(), cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(s, hs.data(), hs.size(), cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(x, hx.data(), hx.size() * 2, cudaMemcpyHostToDevice));
+    Gemv ref_p{w, s, x, nullptr, 16, n, n, k, nullptr, 0};
+    reference_kernel<<<dim3((n + 127) / 128, 16), 128, 0, stream>>>(ref_p, dref);
+    CK(cudaGetLastError());
+    ref.resize(static_cast<size_t>(16) * n);
+    CK(cudaStreamSynchronize(stream));
+    CK(cudaMemcpy(ref.data(), dref, ref.size() * 8, cudaMemcpyDeviceToHost));
+    CK(cudaFree(dref));
+  }
+  CheckProblem(const CheckProblem&) = delete;
+  CheckProblem& operator=(const CheckProblem&) = delete;
+  ~CheckProblem() {
+    cudaFree(w);
+    cudaFree(s);
+    cudaFree(x);
+    cudaFree(y);
+  }
+};
+
 #include "gemv5.cuh"
 
 // --v4: the backend's version 4 (src/backend/cuda/cuda_mxfp4_gemv.cu, compiled into this binary by run.sh) timed on
@@ -1165,24 +1202,12 @@ int main(int argc, char** argv) {
       for (auto& b : hs) b = static_cast<uint8_t>(scale_mode == 0 ? 118 + rng() % 7 : 100 + rng() % 51);
       std::vector<uint16_t> hx(static_cast<size_t>(16) * sh.k);
       fill_qdq_activations(hx, rng);
-      uint8_t *dw, *ds;
-      uint16_t* dx;
-      float* dy;
-      double* dref;
-      CK(cudaMalloc(&dw, wbytes));
-      CK(cudaMalloc(&ds, sbytes));
-      CK(cudaMalloc(&dx, hx.size() * 2));
-      CK(cudaMalloc(&dy, static_cast<size_t>(16) * sh.n * 4));
-      CK(cudaMalloc(&dref, static_cast<size_t>(16) * sh.n * 8));
-      CK(cudaMemcpy(dw, hw.data(), wbytes, cudaMemcpyHostToDevice));
-      CK(cudaMemcpy(ds, hs.data(), sbytes, cudaMemcpyHostToDevice));
-      CK(cudaMemcpy(dx, hx.data(), hx.size() * 2, cudaMemcpyHostToDevice));
-      Gemv ref_p{dw, ds, dx, nullptr, 16, sh.n, sh.n, sh.k, nullptr, 0};
-      reference_kernel<<<dim3((sh.n + 127) / 128, 16), 128, 0, stream>>>(ref_p, dref);
-      CK(cudaGetLastError());
-      std::vector<double> ref(static_cast<size_t>(16) * sh.n);
-      CK(cudaStreamSynchronize(stream));
-      CK(cudaMemcpy(ref.data(), dref, ref.size() * 8, cudaMemcpyDeviceToHost));
+      const CheckProblem prob(hw, hs, hx, sh.n, sh.k, stream);
+      uint8_t* const dw = prob.w;
+      uint8_t* const ds = prob.s;
+      uint16_t* const dx = prob.x;
+      float* const dy = prob.y;
+      const std::vector<double>& ref = prob.ref;
       for (int base = 0; base < num_bases; ++base) {
         for (int m : {1, 2, 5, 8, 9, 13, 16}) {
           const Variant& v = pick(2 * base, m);
@@ -1237,11 +1262,6 @@ int main(int argc, char** argv) {
           }
         }
       }
-      CK(cudaFree(dw));
-      CK(cudaFree(ds));
-      CK(cudaFree(dx));
-      CK(cudaFree(dy));
-      CK(cudaFree(dref));
     }
   }
   std::printf("checks: %d, failures: %d\n", checks, failures);
