@@ -157,6 +157,17 @@ class Backend {
     rms_norm(x, w, x, positions.size() * static_cast<size_t>(heads), static_cast<size_t>(head_dim), eps, add_one);
     rope(x, positions, heads, head_dim, rotary_dim, theta);
   }
+  // rms_norm_rope of tensors that share positions, head_dim and rotary_dim (q and k, and the indexer's where their
+  // dims match): one rms_norm_rope each by default; a backend may run them as one launch (same results).
+  struct HeadRows {
+    float* x;         // [tokens, heads, head_dim], in place
+    const float* w;   // [head_dim]
+    int heads;
+  };
+  virtual void rms_norm_ropes(std::span<const HeadRows> xs, std::span<const int32_t> positions, int head_dim,
+                              float eps, bool add_one, int rotary_dim, float theta) {
+    for (const HeadRows& r : xs) rms_norm_rope(r.x, r.w, positions, r.heads, head_dim, eps, add_one, rotary_dim, theta);
+  }
   // SwiGLU-OAI: out = (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit).
   virtual void swiglu_oai(const float* gate, const float* up, float* out, size_t n, SwigluParams p) = 0;
   // MX emulation: quantize-dequantize rows of `k` (k % 32 == 0) in groups of 32, in place.
@@ -208,6 +219,16 @@ class Backend {
   virtual DType cache_dtype() const { return DType::F32; }
   virtual std::unique_ptr<Buffer> alloc_cache(size_t elements) { return alloc(elements); }
   virtual void cache_write(const float* x, size_t width, std::span<const int64_t> slots, float* cache) = 0;
+  // cache_write of several tensors at the same slots (a layer's K, V and index K): one cache_write each by default; a
+  // backend may run them as one launch.
+  struct CacheRows {
+    const float* x;  // [slots, width]
+    size_t width;
+    float* cache;    // the cache layer's handle
+  };
+  virtual void cache_writes(std::span<const CacheRows> xs, std::span<const int64_t> slots) {
+    for (const CacheRows& r : xs) cache_write(r.x, r.width, slots, r.cache);
+  }
   // Causal attention of every new token over its sequence's cached keys 0..position (GQA). q, out: [tokens,
   // heads * head_dim].
   virtual void attention(const float* q, const AttentionBatch& batch, const AttentionShape& shape, const float* k_cache,

@@ -303,29 +303,35 @@ void M3Model::attention(const Layer& layer, const LayerCache& cache, const backe
   } else {
     linears(x, T, {layer.q.get(), layer.k.get(), layer.v.get()}, {q, k, v});
   }
+  // The per-head norms + RoPE of q / k and of the indexer's q / k, and the cache writes of K / V / index K: one call
+  // each where the shapes allow (Backend::rms_norm_ropes, cache_writes).
+  std::vector<backend::Backend::HeadRows> normed;
   if (layer.q_norm) {
-    backend_.rms_norm_rope(q, layer.q_norm->f32(), batch.positions, local_heads_, D, eps, t.gemma_norm, t.rotary_dim,
-                           theta);
-    backend_.rms_norm_rope(k, layer.k_norm->f32(), batch.positions, local_kv_heads_, D, eps, t.gemma_norm,
-                           t.rotary_dim, theta);
+    normed = {{q, layer.q_norm->f32(), local_heads_}, {k, layer.k_norm->f32(), local_kv_heads_}};
   } else {
     backend_.rope(q, batch.positions, local_heads_, D, t.rotary_dim, theta);
     backend_.rope(k, batch.positions, local_kv_heads_, D, t.rotary_dim, theta);
   }
-  backend_.cache_write(k, kw, batch.slots, cache.k);
-  backend_.cache_write(v, kw, batch.slots, cache.v);
+  std::vector<backend::Backend::CacheRows> written{{k, kw, cache.k}, {v, kw, cache.v}};
+  if (layer.sparse) {
+    if (!cache.index_k) fail("sparse layer without an index-K cache");
+    // The indexer shares the main attention's partial RoPE (transformers slices cos/sin to the index dim).
+    const int index_rotary = std::min(t.rotary_dim, Di);
+    const std::vector<backend::Backend::HeadRows> index_rows{{iq, layer.index_q_norm->f32(), local_kv_heads_},
+                                                             {ik, layer.index_k_norm->f32(), 1}};
+    if (!normed.empty() && Di == D && index_rotary == t.rotary_dim) {
+      normed.insert(normed.end(), index_rows.begin(), index_rows.end());
+    } else {
+      backend_.rms_norm_ropes(index_rows, batch.positions, Di, eps, t.gemma_norm, index_rotary, theta);
+    }
+    written.push_back({ik, static_cast<size_t>(Di), cache.index_k});
+  }
+  if (!normed.empty()) backend_.rms_norm_ropes(normed, batch.positions, D, eps, t.gemma_norm, t.rotary_dim, theta);
+  backend_.cache_writes(written, batch.slots);
   const backend::AttentionShape shape{local_heads_, local_kv_heads_, D, 1.0f / std::sqrt(static_cast<float>(D))};
   float* attn = s(T * qw);
   if (layer.sparse) {
     const auto& sp = t.sparse;
-    if (!cache.index_k) fail("sparse layer without an index-K cache");
-    // The indexer shares the main attention's partial RoPE (transformers slices cos/sin to the index dim).
-    const int index_rotary = std::min(t.rotary_dim, Di);
-    backend_.rms_norm_rope(iq, layer.index_q_norm->f32(), batch.positions, local_kv_heads_, Di, eps, t.gemma_norm,
-                           index_rotary, theta);
-    backend_.rms_norm_rope(ik, layer.index_k_norm->f32(), batch.positions, 1, Di, eps, t.gemma_norm, index_rotary,
-                           theta);
-    backend_.cache_write(ik, static_cast<size_t>(Di), batch.slots, cache.index_k);
     const backend::IndexerShape ishape{local_kv_heads_, Di, sp.topk_blocks, sp.local_blocks, sp.init_blocks};
     int32_t* blocks = s.i32(T * static_cast<size_t>(local_kv_heads_) * static_cast<size_t>(sp.topk_blocks));
     backend_.index_select(iq, batch, ishape, cache.index_k, blocks);

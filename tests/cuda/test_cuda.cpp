@@ -11,9 +11,11 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <functional>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "backend/backend.h"
@@ -320,6 +322,44 @@ void test_fused_norms(Backend& cpu, Backend& gpu) {
       };
       check_close(tag + " vs CPU", both_ways(tag, op), op(cpu), 2e-5);
     }
+  }
+  // rms_norm_ropes: tensors of one head size in one launch (q, k, the indexer's q, k; five take two launches), bit for
+  // bit one rms_norm_rope each, and against the CPU.
+  for (auto [tokens, hd, rot, heads] : std::vector<std::tuple<int, int, int, std::vector<int>>>{
+           {1, 128, 64, {64, 4, 4, 1}}, {5, 128, 64, {64, 4, 4, 1}}, {3, 64, 32, {3, 1, 2, 1, 2}}, {2, 32, 0, {2, 5}}}) {
+    std::vector<std::vector<float>> xs, ws;
+    for (int h : heads) {
+      xs.push_back(randn(static_cast<size_t>(tokens * h * hd), 2.0f));
+      ws.push_back(randn(static_cast<size_t>(hd), 0.2f));
+    }
+    std::vector<int32_t> pos(static_cast<size_t>(tokens));
+    std::uniform_int_distribution<int> p(0, 70000);
+    for (auto& v : pos) v = p(g_rng);
+    const std::string tag = "rms_norm_ropes of " + std::to_string(heads.size()) + " tensors, tokens=" +
+                            std::to_string(tokens) + " head_dim=" + std::to_string(hd) + " rot=" + std::to_string(rot);
+    auto run = [&](Backend& be, bool grouped) {
+      std::vector<std::unique_ptr<backend::Buffer>> dx, dw;
+      std::vector<Backend::HeadRows> rows;
+      for (size_t i = 0; i < heads.size(); ++i) {
+        dx.push_back(up(be, xs[i]));
+        dw.push_back(be.upload_vector(ws[i]));
+        rows.push_back({dx.back()->f32(), dw.back()->f32(), heads[i]});
+      }
+      if (grouped) {
+        be.rms_norm_ropes(rows, pos, hd, 1e-6f, false, rot, 5e6f);
+      } else {
+        for (const auto& r : rows) be.rms_norm_rope(r.x, r.w, pos, r.heads, hd, 1e-6f, false, rot, 5e6f);
+      }
+      std::vector<float> all;
+      for (size_t i = 0; i < heads.size(); ++i) {
+        const auto got = down(be, *dx[i], xs[i].size());
+        all.insert(all.end(), got.begin(), got.end());
+      }
+      return all;
+    };
+    const auto grouped = run(gpu, true);
+    check_bits(tag + ": one launch == one rms_norm_rope each", grouped, run(gpu, false));
+    check_close(tag + " vs CPU", grouped, run(cpu, true), 2e-5);
   }
 }
 

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <fstream>
+#include <memory>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -228,6 +229,67 @@ MXLM_GPU_CHECK(decode_attention_bf16_cache) {
 }
 
 // Greedy sampling on the device: the first index of the largest value, as std::max_element (the CPU sampler).
+// Backend::cache_writes: K, V and index K of a layer in one launch (more tensors than one launch takes: two), at
+// permuted slots with padding rows (slot -1: written nowhere), into f32 and bf16 caches: bit for bit one cache_write
+// per tensor, and the f32 cache equal to the CPU backend's.
+MXLM_GPU_CHECK(cache_writes) {
+  backend::CudaOptions bf16_options;
+  bf16_options.kv_cache_dtype = DType::BF16;
+  auto bf16_gpu = backend::make_cuda_backend(bf16_options);
+  const size_t slots = 96;
+  for (const std::vector<size_t>& widths :
+       std::vector<std::vector<size_t>>{{512, 512, 128}, {64, 8, 200, 64, 24}, {1}}) {
+    std::vector<int64_t> at(slots);
+    std::iota(at.begin(), at.end(), 0);
+    std::shuffle(at.begin(), at.end(), g_rng);
+    at.resize(37);
+    at[5] = -1;
+    at[36] = -1;
+    std::vector<std::vector<float>> xs, caches;
+    for (size_t w : widths) {
+      xs.push_back(randn(at.size() * w));
+      caches.push_back(randn(slots * w));  // f32 caches start from random contents, so unwritten slots are seen
+    }
+    const std::string what = "cache_writes of " + std::to_string(widths.size()) + " tensors";
+    // Returns each tensor's cache after the writes (bf16 caches as their values).
+    auto run = [&](Backend& be, bool grouped) {
+      const bool bf16 = be.cache_dtype() == DType::BF16;
+      std::vector<std::unique_ptr<backend::Buffer>> src, dst;
+      std::vector<Backend::CacheRows> rows;
+      for (size_t i = 0; i < widths.size(); ++i) {
+        src.push_back(up(be, xs[i]));
+        dst.push_back(bf16 ? be.alloc_cache(slots * widths[i]) : up(be, caches[i]));
+        rows.push_back({src.back()->f32(), widths[i], dst.back()->f32()});
+      }
+      if (grouped) {
+        be.cache_writes(rows, at);
+      } else {
+        for (const auto& r : rows) be.cache_write(r.x, r.width, at, r.cache);
+      }
+      std::vector<float> all;
+      for (size_t i = 0; i < widths.size(); ++i) {
+        const size_t n = slots * widths[i];
+        if (!bf16) {
+          const auto got = down(be, *dst[i], n);
+          all.insert(all.end(), got.begin(), got.end());
+          continue;
+        }
+        const auto raw = down(be, *dst[i], (n + 1) / 2);
+        for (size_t e = 0; e < n; ++e) {
+          uint16_t b;
+          std::memcpy(&b, reinterpret_cast<const char*>(raw.data()) + 2 * e, 2);
+          all.push_back(bf16_to_f32(b));
+        }
+      }
+      return all;
+    };
+    const auto f32_grouped = run(env.gpu, true);
+    check_bits(what + " (f32 cache) == one cache_write each", f32_grouped, run(env.gpu, false));
+    check_bits(what + " (f32 cache) vs CPU", f32_grouped, run(env.cpu, false));
+    check_bits(what + " (bf16 cache) == one cache_write each", run(*bf16_gpu, true), run(*bf16_gpu, false));
+  }
+}
+
 MXLM_GPU_CHECK(argmax_rows) {
   // Rows are spread over CTAs of 2048 columns: sizes around that split too.
   for (size_t cols : {size_t{1}, size_t{7}, size_t{1000}, size_t{2048}, size_t{2049}, size_t{6145}, size_t{200064}}) {

@@ -549,17 +549,6 @@ cudaError_t launch_split(const float* q, const AttentionRows& rows, int num_head
   return cudaGetLastError();
 }
 
-__global__ void cache_write_bf16_kernel(const float* x, size_t width, const int64_t* slots, size_t count,
-                                        uint16_t* cache) {
-  const size_t n = count * width;
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    const size_t r = i / width, c = i % width;
-    if (slots[r] < 0) continue;  // a padding row of a captured decode step: writes nowhere
-    cache[static_cast<size_t>(slots[r]) * width + c] = __bfloat16_as_ushort(__float2bfloat16_rn(x[i]));
-  }
-}
-
 // ---- The previous decode attention (SIMT f32 FMAs, one 128-key split per CTA), kept only as the baseline that
 // bench/bench_cuda_decode.cc measures the kernel above against in the same run.
 constexpr int kSimtWarps = 4;
@@ -863,15 +852,6 @@ cudaError_t launch_index_select(const float* iq, const AttentionRows& rows, int 
              : launch_index_select_as<float>(iq, rows, heads, head_dim, topk, local_blocks, init_blocks,
                                              max_visible_blocks, index_k_cache, workspace, multiprocessors, blocks,
                                              stream);
-}
-
-cudaError_t launch_cache_write_bf16(const float* x, size_t width, const int64_t* slots, size_t count, uint16_t* cache,
-                                    cudaStream_t stream) {
-  const size_t n = count * width;
-  if (n == 0) return cudaSuccess;
-  const unsigned grid = static_cast<unsigned>(std::min<size_t>((n + 255) / 256, 4096));
-  cache_write_bf16_kernel<<<grid, 256, 0, stream>>>(x, width, slots, count, cache);
-  return cudaGetLastError();
 }
 
 int attention_simt_splits(int units, int block_size) {

@@ -308,14 +308,31 @@ class CudaBackend final : public Backend {
   }
   void rms_norm_rope(float* x, const float* w, std::span<const int32_t> positions, int heads, int head_dim, float eps,
                      bool add_one, int rotary_dim, float theta) override {
-    if (!fused_norms())
-      return Backend::rms_norm_rope(x, w, positions, heads, head_dim, eps, add_one, rotary_dim, theta);
+    const HeadRows rows[] = {{x, w, heads}};
+    rms_norm_ropes(rows, positions, head_dim, eps, add_one, rotary_dim, theta);
+  }
+  void rms_norm_ropes(std::span<const HeadRows> xs, std::span<const int32_t> positions, int head_dim, float eps,
+                      bool add_one, int rotary_dim, float theta) override {
     check_rotary(rotary_dim, head_dim);
-    if (positions.empty()) return;
+    if (positions.empty() || xs.empty()) return;
+    if (!fused_norms()) {
+      for (const HeadRows& r : xs)
+        Backend::rms_norm_rope(r.x, r.w, positions, r.heads, head_dim, eps, add_one, rotary_dim, theta);
+      return;
+    }
     // rotary_dim 0: the same kernel normalises only (it reads neither positions nor the table).
     RopeInputs in = rotary_dim > 0 ? rope_inputs(positions, rotary_dim, theta) : RopeInputs{};
-    MXLM_CUDA_CHECK(launch_rms_norm_rope(x, w, positions.size(), heads, head_dim, eps, add_one, in.positions,
-                                         rotary_dim, in.inv_freq, stream_));
+    for (size_t first = 0; first < xs.size(); first += kMaxNormRopeTensors) {
+      NormRopeTensors t;
+      for (; t.count < kMaxNormRopeTensors && first + static_cast<size_t>(t.count) < xs.size(); ++t.count) {
+        const HeadRows& r = xs[first + static_cast<size_t>(t.count)];
+        t.x[t.count] = r.x;
+        t.w[t.count] = r.w;
+        t.heads[t.count] = r.heads;
+      }
+      MXLM_CUDA_CHECK(launch_rms_norm_ropes(t, positions.size(), head_dim, eps, add_one, in.positions, rotary_dim,
+                                            in.inv_freq, stream_));
+    }
   }
   void swiglu_oai(const float* gate, const float* up, float* out, size_t n, SwigluParams p) override {
     MXLM_CUDA_CHECK(launch_swiglu_oai(gate, up, out, n, p.alpha, p.limit, stream_));
@@ -451,19 +468,27 @@ class CudaBackend final : public Backend {
   }
 
   void cache_write(const float* x, size_t width, std::span<const int64_t> slots, float* cache) override {
-    if (slots.empty()) return;
+    const CacheRows rows[] = {{x, width, cache}};
+    cache_writes(rows, slots);
+  }
+  void cache_writes(std::span<const CacheRows> xs, std::span<const int64_t> slots) override {
+    if (slots.empty() || xs.empty()) return;
     Block s;
     const int64_t* dslots = bound_slots(slots);
     if (!dslots) {
       s = to_device(slots);
       dslots = s.as<int64_t>();
     }
-    if (cache_type() == CacheType::BF16) {
-      MXLM_CUDA_CHECK(
-          launch_cache_write_bf16(x, width, dslots, slots.size(), reinterpret_cast<uint16_t*>(cache), stream_));
-      return;
+    for (size_t first = 0; first < xs.size(); first += kMaxCacheWrites) {
+      CacheWrites w;
+      for (; w.count < kMaxCacheWrites && first + static_cast<size_t>(w.count) < xs.size(); ++w.count) {
+        const CacheRows& r = xs[first + static_cast<size_t>(w.count)];
+        w.x[w.count] = r.x;
+        w.width[w.count] = r.width;
+        w.cache[w.count] = r.cache;
+      }
+      MXLM_CUDA_CHECK(launch_cache_writes(w, dslots, slots.size(), cache_type(), stream_));
     }
-    MXLM_CUDA_CHECK(launch_cache_write(x, width, dslots, slots.size(), cache, stream_));
   }
 
   void attention(const float* q, const AttentionBatch& batch, const AttentionShape& shape, const float* k_cache,

@@ -27,11 +27,17 @@ cudaError_t launch_rms_norm(const float* x, const float* w, float* out, size_t r
 // h += y (as launch_add), then out = rms_norm(h) (the same bits as launch_rms_norm): one launch, with PDL.
 cudaError_t launch_add_rms_norm(float* h, const float* y, const float* w, float* out, size_t rows, size_t dim,
                                 float eps, bool add_one, cudaStream_t stream);
-// x [tokens, heads, head_dim] in place: launch_rms_norm of each head row with w [head_dim], then launch_rope (the same
-// bits as the two launches): one launch, with PDL.
-cudaError_t launch_rms_norm_rope(float* x, const float* w, size_t tokens, int heads, int head_dim, float eps,
-                                 bool add_one, const int32_t* positions, int rotary_dim, const float* inv_freq,
-                                 cudaStream_t stream);
+// Tensors x[i] [tokens, heads[i], head_dim] in place: launch_rms_norm of each head row with w[i] [head_dim], then
+// launch_rope (the same bits as the two launches), all tensors in one launch, with PDL (q / k and the indexer's).
+constexpr int kMaxNormRopeTensors = 4;
+struct NormRopeTensors {
+  float* x[kMaxNormRopeTensors] = {};
+  const float* w[kMaxNormRopeTensors] = {};
+  int heads[kMaxNormRopeTensors] = {};
+  int count = 0;
+};
+cudaError_t launch_rms_norm_ropes(const NormRopeTensors& t, size_t tokens, int head_dim, float eps, bool add_one,
+                                  const int32_t* positions, int rotary_dim, const float* inv_freq, cudaStream_t stream);
 // NeoX RoPE on the first rotary_dim dims of each head; inv_freq [rotary_dim / 2] and positions [tokens] on device.
 cudaError_t launch_rope(float* x, const int32_t* positions, size_t tokens, int heads, int head_dim, int rotary_dim,
                         const float* inv_freq, cudaStream_t stream);
@@ -240,9 +246,6 @@ cudaError_t launch_fill_random_f32(float* out, size_t n, uint64_t seed, float am
 enum class TableFormat : int { F32 = 0, BF16 = 1, MXFP4 = 2 };
 cudaError_t launch_embedding(const void* table, const uint8_t* scales, TableFormat format, int64_t rows, int64_t cols,
                              const int32_t* ids, size_t count, int64_t row_offset, float* out, cudaStream_t stream);
-// Rows whose slot is negative are skipped (padding rows of a captured decode step).
-cudaError_t launch_cache_write(const float* x, size_t width, const int64_t* slots, size_t count, float* cache,
-                               cudaStream_t stream);
 
 // ---- paged attention. Per row of the step: its position, the offset of its sequence's block table in
 // `tables`. Caches are [pages, block_size, kv_heads * head_dim] of f32 or bf16 (CacheType; bf16 as raw bits).
@@ -254,9 +257,18 @@ struct AttentionRows {
   int block_size = 0;
 };
 enum class CacheType { F32, BF16 };
-// cache[slots[i]] = bf16(x[i]) (round to nearest even) for rows of `width`: cache_write into a bf16 cache.
-cudaError_t launch_cache_write_bf16(const float* x, size_t width, const int64_t* slots, size_t count, uint16_t* cache,
-                                    cudaStream_t stream);
+// cache[i][slots[r]] = x[i][r] for rows r of width[i], tensors i < count in one launch (K, V and the index K of a
+// layer): f32 copies, or bf16 (round to nearest even) into a bf16 cache. Rows whose slot is negative are skipped
+// (padding rows of a captured decode step).
+constexpr int kMaxCacheWrites = 4;
+struct CacheWrites {
+  const float* x[kMaxCacheWrites] = {};
+  size_t width[kMaxCacheWrites] = {};
+  void* cache[kMaxCacheWrites] = {};
+  int count = 0;
+};
+cudaError_t launch_cache_writes(const CacheWrites& w, const int64_t* slots, size_t rows, CacheType type,
+                                cudaStream_t stream);
 // Dense causal (blocks == null) or block-sparse (blocks [rows, kv_heads, topk], -1 padded) GQA attention, split
 // over the key range (flash decoding) into splits = ceil(max_keys / keys_per_split) partial results merged by a
 // second kernel. `max_keys` is the most keys a row visits, in whole blocks (dense: (max_pos / block_size + 1) *
