@@ -203,7 +203,6 @@ class CudaBackend final : public Backend {
     MXLM_CUDA_CHECK(cudaHostAlloc(&ring, kRingBytes, cudaHostAllocDefault));
     ring_ = static_cast<char*>(ring);
     gemv_counters(1);  // allocated (and zeroed) now: the first user may run inside a CUDA graph capture
-    router_done();
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
@@ -453,15 +452,6 @@ class CudaBackend final : public Backend {
            experts, kRouterMaxTopK, kRouterMaxExperts);
     if (tokens == 0) return;
     Block logits(pool_, tokens * static_cast<size_t>(experts) * 4);
-    const int cols = static_cast<int>(w.cols());
-    if (fused_router() && w.format() == WeightFormat::F32 && cols % 4 == 0 &&
-        router_fusable(experts, static_cast<int>(tokens))) {
-      // A decode step's router: the GEMV and the top-k in one launch.
-      const RouterTopk topk{bias, k, scale, ids, weights, router_done()};
-      MXLM_CUDA_CHECK(launch_f32_gemv_topk(static_cast<const float*>(dev(w).data_), x, logits.as<float>(), experts,
-                                           static_cast<int>(tokens), cols, topk, stream_));
-      return;
-    }
     linear(x, tokens, w, logits.as<float>());
     MXLM_CUDA_CHECK(launch_router_topk(logits.as<float>(), bias, tokens, experts, k, scale, ids, weights, stream_));
   }
@@ -555,11 +545,6 @@ class CudaBackend final : public Backend {
  private:
   static bool fused_norms() {
     const char* env = std::getenv("MXLM_CUDA_FUSED_NORMS");
-    return env == nullptr || env[0] != '0';
-  }
-  // MXLM_CUDA_FUSED_ROUTER=0: the router's GEMV and top-k as two launches (benchmark baseline, GPU check).
-  static bool fused_router() {
-    const char* env = std::getenv("MXLM_CUDA_FUSED_ROUTER");
     return env == nullptr || env[0] != '0';
   }
   static void check_rotary(int rotary_dim, int head_dim) {
@@ -677,16 +662,6 @@ class CudaBackend final : public Backend {
     }
   };
   DeviceCounters counters_;
-  // The fused router's finished-CTA counter (zero between launches).
-  DeviceCounters router_done_;
-  unsigned* router_done() {
-    if (!router_done_.ptr) {
-      MXLM_CUDA_CHECK(cudaMalloc(&router_done_.ptr, sizeof(int)));
-      MXLM_CUDA_CHECK(cudaMemset(router_done_.ptr, 0, sizeof(int)));
-      router_done_.capacity = 1;
-    }
-    return reinterpret_cast<unsigned*>(router_done_.ptr);
-  }
   int* gemv_counters(size_t count) {
     if (count > counters_.capacity) {
       MXLM_CUDA_CHECK(cudaStreamSynchronize(stream_));

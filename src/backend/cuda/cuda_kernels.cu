@@ -268,58 +268,6 @@ __global__ void moe_combine_kernel(const float* y, const int32_t* combine, const
   moe_combine_token(y, combine, weights, k, hidden, out);
 }
 
-// Router top-k of one token's logits l [experts] by one warp: the sigmoid scores and their biased copies computed once
-// into `sig` (shared memory, 2 * experts floats), then k arg-max rounds over it, ties to the lower expert id (the CPU
-// backend's order). The logits are read past L1 (__ldcg): in the fused router they were written by other CTAs.
-__device__ __forceinline__ void router_topk_row(const float* l, const float* bias, int experts, int k, float scale,
-                                                int32_t* ids, float* weights, float* sig) {
-  const int lane = threadIdx.x & 31;
-  float* biased = sig + experts;
-  for (int e = lane; e < experts; e += 32) {
-    const float s = 1.0f / (1.0f + expf(-__ldcg(l + e)));
-    sig[e] = s;
-    biased[e] = bias ? s + bias[e] : s;
-  }
-  __syncwarp();
-  uint32_t taken = 0;  // bit j: this lane's j-th expert (lane + 32 j) was picked; experts <= 1024 (launcher)
-  float picked[kRouterMaxTopK];
-  int picked_id[kRouterMaxTopK];
-  float sum = 0.0f;
-  for (int j = 0; j < k; ++j) {
-    float best = -INFINITY;
-    int best_id = experts;
-    for (int e = lane, b = 0; e < experts; e += 32, ++b) {
-      if (taken & (1u << b)) continue;
-      const float c = biased[e];
-      if (best_id == experts || c > best || (c == best && e < best_id)) {
-        best = c;
-        best_id = e;
-      }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-      const int oi = __shfl_xor_sync(0xffffffffu, best_id, o);
-      if (oi != experts && (best_id == experts || ob > best || (ob == best && oi < best_id))) {
-        best = ob;
-        best_id = oi;
-      }
-    }
-    if ((best_id & 31) == lane) taken |= 1u << (best_id / 32);
-    const float s = sig[best_id];
-    if (j < kRouterMaxTopK) {
-      picked[j] = s;
-      picked_id[j] = best_id;
-    }
-    sum += s;
-  }
-  if (lane == 0)
-    for (int j = 0; j < k && j < kRouterMaxTopK; ++j) {
-      ids[j] = picked_id[j];
-      weights[j] = picked[j] / sum * scale;
-    }
-}
-
 // y[t, r] = Σ_k w[r, k] x[t, k] in f32 for a few tokens (m <= kF32GemvMaxTokens): one CTA per weight row, its
 // threads striding the row by float4 with all of a thread's weight loads issued before the first use, per-token
 // partial sums added over the CTA in a fixed order (deterministic). cuBLAS's sgemm took 13-20 µs for the router's
@@ -327,10 +275,8 @@ __device__ __forceinline__ void router_topk_row(const float* l, const float* bia
 // thread (the whole row up to k = 8192) are loaded before the wait, while the previous kernel (the norm that makes x)
 // still runs.
 constexpr int kF32GemvThreads = 256, kF32GemvUnroll = 8;
-// With topk.ids (the fused router), the CTA that finishes last (a counter after a fence) runs the top-k of every
-// token on the logits in y, one warp per token, and sets the counter back to zero.
 __global__ void __launch_bounds__(kF32GemvThreads)
-    f32_gemv_kernel(const float* w, const float* x, float* y, int n, int m, int k, RouterTopk topk) {
+    f32_gemv_kernel(const float* w, const float* x, float* y, int n, int m, int k) {
   const int row = blockIdx.x, tid = threadIdx.x;
   const int k4 = k / 4;
   const float4* wr = reinterpret_cast<const float4*>(w + static_cast<size_t>(row) * k);
@@ -378,32 +324,65 @@ __global__ void __launch_bounds__(kF32GemvThreads)
     for (int wi = 0; wi < kF32GemvThreads / 32; ++wi) s += part[wi][tid];
     y[static_cast<size_t>(tid) * n + row] = s;
   }
-  if (topk.ids == nullptr) return;
-  __shared__ bool last;
-  __threadfence();  // this CTA's logits reach L2 before its count
-  if (tid == 0) last = atomicAdd(topk.done, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  extern __shared__ float topk_smem[];  // per warp: sigmoid [experts], biased [experts]
-  if (warp < m)
-    router_topk_row(y + static_cast<size_t>(warp) * n, topk.bias, n, topk.k, topk.scale,
-                    topk.ids + static_cast<size_t>(warp) * topk.k, topk.weights + static_cast<size_t>(warp) * topk.k,
-                    topk_smem + static_cast<size_t>(warp) * 2 * static_cast<size_t>(n));
-  if (tid == 0) *topk.done = 0u;
 }
 
-// One warp per token. Launched with PDL (the logits come from the previous kernel).
+// One warp per token: the sigmoid scores and their biased copies computed once into shared memory (one pass over
+// the logits), then k arg-max rounds over shared memory, ties to the lower expert id (the CPU backend's order).
+// Launched with PDL (the logits come from the previous kernel).
 __global__ void router_topk_kernel(const float* logits, const float* bias, size_t tokens, int experts, int k,
                                    float scale, int32_t* ids, float* weights) {
   pdl_wait();
   pdl_launch_dependents();
   const size_t t = blockIdx.x * static_cast<size_t>(blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x & 31;
   if (t >= tokens) return;
   extern __shared__ float topk_smem[];  // per warp: sigmoid [experts], biased [experts]
-  router_topk_row(logits + t * static_cast<size_t>(experts), bias, experts, k, scale, ids + t * static_cast<size_t>(k),
-                  weights + t * static_cast<size_t>(k),
-                  topk_smem + static_cast<size_t>(threadIdx.x / 32) * 2 * static_cast<size_t>(experts));
+  float* sig = topk_smem + static_cast<size_t>(threadIdx.x / 32) * 2 * static_cast<size_t>(experts);
+  float* biased = sig + experts;
+  const float* l = logits + t * static_cast<size_t>(experts);
+  for (int e = lane; e < experts; e += 32) {
+    const float s = 1.0f / (1.0f + expf(-l[e]));
+    sig[e] = s;
+    biased[e] = bias ? s + bias[e] : s;
+  }
+  __syncwarp();
+  uint32_t taken = 0;  // bit j: this lane's j-th expert (lane + 32 j) was picked; experts <= 1024 (launcher)
+  float picked[kRouterMaxTopK];
+  int picked_id[kRouterMaxTopK];
+  float sum = 0.0f;
+  for (int j = 0; j < k; ++j) {
+    float best = -INFINITY;
+    int best_id = experts;
+    for (int e = lane, b = 0; e < experts; e += 32, ++b) {
+      if (taken & (1u << b)) continue;
+      const float c = biased[e];
+      if (best_id == experts || c > best || (c == best && e < best_id)) {
+        best = c;
+        best_id = e;
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, best_id, o);
+      if (oi != experts && (best_id == experts || ob > best || (ob == best && oi < best_id))) {
+        best = ob;
+        best_id = oi;
+      }
+    }
+    if ((best_id & 31) == lane) taken |= 1u << (best_id / 32);
+    const float s = sig[best_id];
+    if (j < kRouterMaxTopK) {
+      picked[j] = s;
+      picked_id[j] = best_id;
+    }
+    sum += s;
+  }
+  if (lane == 0)
+    for (int j = 0; j < k && j < kRouterMaxTopK; ++j) {
+      ids[t * static_cast<size_t>(k) + static_cast<size_t>(j)] = picked_id[j];
+      weights[t * static_cast<size_t>(k) + static_cast<size_t>(j)] = picked[j] / sum * scale;
+    }
 }
 
 __global__ void embedding_kernel(const void* table, const uint8_t* scales, int format, int64_t rows, int64_t cols,
@@ -624,24 +603,7 @@ cudaError_t launch_moe_combine(const float* y, const int32_t* combine, const flo
 cudaError_t launch_f32_gemv(const float* w, const float* x, float* y, int n, int m, int k, cudaStream_t stream) {
   if (m < 1 || m > kF32GemvMaxTokens || k % 4 != 0 || n < 1) return cudaErrorInvalidValue;
   return launch_kernel(f32_gemv_kernel, dim3(static_cast<unsigned>(n)), dim3(kF32GemvThreads), 0, stream, true, w, x, y,
-                       n, m, k, RouterTopk{});
-}
-
-namespace {
-size_t router_topk_smem(int experts, int m) { return static_cast<size_t>(m) * 2 * static_cast<size_t>(experts) * 4; }
-}  // namespace
-
-bool router_fusable(int experts, int m) {
-  return m >= 1 && m <= kF32GemvMaxTokens && experts <= kRouterMaxExperts && router_topk_smem(experts, m) <= 48 * 1024;
-}
-
-cudaError_t launch_f32_gemv_topk(const float* w, const float* x, float* logits, int n, int m, int k,
-                                 const RouterTopk& topk, cudaStream_t stream) {
-  if (k % 4 != 0 || n < topk.k || topk.k < 1 || topk.k > kRouterMaxTopK || !router_fusable(n, m) || topk.ids == nullptr ||
-      topk.weights == nullptr || topk.done == nullptr)
-    return cudaErrorInvalidValue;
-  return launch_kernel(f32_gemv_kernel, dim3(static_cast<unsigned>(n)), dim3(kF32GemvThreads), router_topk_smem(n, m),
-                       stream, true, w, x, logits, n, m, k, topk);
+                       n, m, k);
 }
 
 cudaError_t launch_router_topk(const float* logits, const float* bias, size_t tokens, int experts, int k, float scale,

@@ -235,20 +235,6 @@ cudaError_t launch_bf16_gemv_group(const Bf16GemvGroup& group, const float* x, i
 constexpr int kRouterMaxTopK = 16, kRouterMaxExperts = 1024;
 cudaError_t launch_router_topk(const float* logits, const float* bias, size_t tokens, int experts, int k, float scale,
                                int32_t* ids, float* weights, cudaStream_t stream);
-// The router of a decode step in one launch: launch_f32_gemv's logits [m, n] (n experts, m <= kF32GemvMaxTokens), then
-// launch_router_topk on them in the CTA that finishes last (same results as the two launches). `done` is a device
-// counter that is zero before and after the launch.
-struct RouterTopk {
-  const float* bias = nullptr;
-  int k = 0;
-  float scale = 1.0f;
-  int32_t* ids = nullptr;
-  float* weights = nullptr;
-  unsigned* done = nullptr;
-};
-bool router_fusable(int experts, int m);
-cudaError_t launch_f32_gemv_topk(const float* w, const float* x, float* logits, int n, int m, int k,
-                                 const RouterTopk& topk, cudaStream_t stream);
 
 // ---- random data generated on the device (benchmarks, dummy weights): bytes uniform in [lo, hi] from a counter
 // hash of (seed, index); bf16 values uniform in +-amp.
