@@ -218,6 +218,8 @@ class Backend {
   // cache_dtype() is F32 (cache_write converts).
   virtual DType cache_dtype() const { return DType::F32; }
   virtual std::unique_ptr<Buffer> alloc_cache(size_t elements) { return alloc(elements); }
+  // cache[slots[i]] = row i of x [slots, width]; rows whose slot is negative are skipped (padding rows of a captured
+  // decode step).
   virtual void cache_write(const float* x, size_t width, std::span<const int64_t> slots, float* cache) = 0;
   // cache_write of several tensors at the same slots (a layer's K, V and index K): one cache_write each by default; a
   // backend may run them as one launch.

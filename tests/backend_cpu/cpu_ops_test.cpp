@@ -136,6 +136,22 @@ TEST(CpuOps, PagedAttentionMatchesDenseCausalGqa) {
     }
 }
 
+TEST(CpuOps, CacheWritesSkipPaddingRowsAndMatchOneWriteEach) {
+  auto be = make_cpu_backend();
+  const std::vector<int64_t> slots{3, -1, 0, 5};
+  const auto k = randn(4 * 6, 7), ik = randn(4 * 2, 8);
+  std::vector<float> kc(8 * 6, -7.0f), ic(8 * 2, -7.0f);
+  const Backend::CacheRows rows[] = {{k.data(), 6, kc.data()}, {ik.data(), 2, ic.data()}};
+  be->cache_writes(rows, slots);
+  for (size_t slot = 0; slot < 8; ++slot) {
+    const auto row = std::find(slots.begin(), slots.end(), static_cast<int64_t>(slot));
+    for (size_t c = 0; c < 6; ++c)
+      EXPECT_EQ(kc[slot * 6 + c], row == slots.end() ? -7.0f : k[static_cast<size_t>(row - slots.begin()) * 6 + c]);
+    for (size_t c = 0; c < 2; ++c)
+      EXPECT_EQ(ic[slot * 2 + c], row == slots.end() ? -7.0f : ik[static_cast<size_t>(row - slots.begin()) * 2 + c]);
+  }
+}
+
 TEST(CpuOps, IndexerSelectsTopBlocksPerHeadWithForcedLocalBlock) {
   auto be = make_cpu_backend();
   const int n = 20, bs = 4, heads = 2, d = 4, topk = 3;

@@ -190,7 +190,7 @@ void CpuBackend::embedding(const Weight& table, std::span<const int32_t> ids, in
 
 void CpuBackend::cache_write(const float* x, size_t width, std::span<const int64_t> slots, float* cache) {
   for (size_t i = 0; i < slots.size(); ++i)
-    std::memcpy(cache + static_cast<size_t>(slots[i]) * width, x + i * width, width * sizeof(float));
+    if (slots[i] >= 0) std::memcpy(cache + static_cast<size_t>(slots[i]) * width, x + i * width, width * sizeof(float));
 }
 
 int CpuBackend::tp_size() const { return group_ ? group_->size() : 1; }
