@@ -15,7 +15,6 @@
 #include <cstdint>
 
 #include "backend/cuda/cuda_kernels.h"
-#include "backend/cuda/cuda_launch.cuh"
 
 namespace mxlm::backend::cuda {
 
@@ -295,11 +294,9 @@ __device__ __forceinline__ float block_reduce(float v, bool take_max, float* scr
 }
 
 // One CTA per (row, head): split weights exp(m_s - M) computed once into shared memory, then every group of 32
-// lanes sums every 8th split's outputs (independent loads in flight), and the 8 partial sums are added. The kernel
-// after it (the o projection's GEMV, launched with PDL) may start at once: it queues its weights before it waits.
+// lanes sums every 8th split's outputs (independent loads in flight), and the 8 partial sums are added.
 __global__ void __launch_bounds__(kMergeThreads) attention_merge_kernel(const float* ws, int splits, int head_dim,
                                                                         float* out) {
-  pdl_launch_dependents();
   extern __shared__ float msm[];  // [splits] weights, [8][head_dim] partial outputs, [8] reduction scratch
   float* weight = msm;
   float* partial = msm + splits;
