@@ -411,27 +411,22 @@ inline int run_v5(bool quick, cudaStream_t stream, cublasHandle_t blas, double c
     std::vector<uint16_t> hx(static_cast<size_t>(16) * cs.k);
     fill_qdq_activations(hx, rng);
     const CheckProblem prob(hw, hs, hx, cs.n, cs.k, stream);
-    uint8_t* const dw = prob.w;
-    uint8_t* const ds = prob.s;
-    uint16_t* const dx = prob.x;
-    float* const dy = prob.y;
-    const std::vector<double>& ref = prob.ref;
     for (const int q : {8, 4}) {
       for (const int m : {1, 2, 3, 4, 5, 8})
       for (const int depth : {2, 3, 4})
       for (const int flags : {0, v5::kImageFirst}) {
         v5::g_depth = depth;
-        CK(cudaMemsetAsync(dy, 0xff, static_cast<size_t>(16) * cs.n * 4, stream));
-        const v5::Params p{dw, ds, img, xs, dy, m, cs.n, cs.n, cs.k};
-        if (!run_q(q, p, dx, true, flags, true)) continue;
+        CK(cudaMemsetAsync(prob.y, 0xff, static_cast<size_t>(16) * cs.n * 4, stream));
+        const v5::Params p{prob.w, prob.s, img, xs, prob.y, m, cs.n, cs.n, cs.k};
+        if (!run_q(q, p, prob.x, true, flags, true)) continue;
         CK(cudaStreamSynchronize(stream));
         std::vector<float> y(static_cast<size_t>(16) * cs.n);
-        CK(cudaMemcpy(y.data(), dy, y.size() * 4, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(y.data(), prob.y, y.size() * 4, cudaMemcpyDeviceToHost));
         double max_err = 0, max_ref = 0;
         int bad = 0;
         for (int tok = 0; tok < m; ++tok)
           for (int row = 0; row < cs.n; ++row) {
-            const double r = ref[static_cast<size_t>(tok) * cs.n + row];
+            const double r = prob.ref[static_cast<size_t>(tok) * cs.n + row];
             const double o = y[static_cast<size_t>(tok) * cs.n + row];
             if (std::isnan(r)) {
               if (!std::isnan(o)) ++bad;
@@ -458,13 +453,13 @@ inline int run_v5(bool quick, cudaStream_t stream, cublasHandle_t blas, double c
         }
       }
       // run to run: the same bits
-      const v5::Params p{dw, ds, img, xs, dy, 8, cs.n, cs.n, cs.k};
+      const v5::Params p{prob.w, prob.s, img, xs, prob.y, 8, cs.n, cs.n, cs.k};
       std::vector<float> y1(static_cast<size_t>(8) * cs.n), y2(y1.size());
-      if (!run_q(q, p, dx, true, 0, true)) continue;
-      CK(cudaMemcpyAsync(y1.data(), dy, y1.size() * 4, cudaMemcpyDeviceToHost, stream));
+      if (!run_q(q, p, prob.x, true, 0, true)) continue;
+      CK(cudaMemcpyAsync(y1.data(), prob.y, y1.size() * 4, cudaMemcpyDeviceToHost, stream));
       CK(cudaStreamSynchronize(stream));
-      run_q(q, p, dx, true, 0, true);
-      CK(cudaMemcpyAsync(y2.data(), dy, y2.size() * 4, cudaMemcpyDeviceToHost, stream));
+      run_q(q, p, prob.x, true, 0, true);
+      CK(cudaMemcpyAsync(y2.data(), prob.y, y2.size() * 4, cudaMemcpyDeviceToHost, stream));
       CK(cudaStreamSynchronize(stream));
       ++checks;
       if (std::memcmp(y1.data(), y2.data(), y1.size() * 4) != 0) {

@@ -322,17 +322,16 @@ class CudaBackend final : public Backend {
     }
     // rotary_dim 0: the same kernel normalises only (it reads neither positions nor the table).
     RopeInputs in = rotary_dim > 0 ? rope_inputs(positions, rotary_dim, theta) : RopeInputs{};
-    for (size_t first = 0; first < xs.size(); first += kMaxNormRopeTensors) {
+    in_groups<kMaxNormRopeTensors>(xs, [&](std::span<const HeadRows> group) {
       NormRopeTensors t;
-      for (; t.count < kMaxNormRopeTensors && first + static_cast<size_t>(t.count) < xs.size(); ++t.count) {
-        const HeadRows& r = xs[first + static_cast<size_t>(t.count)];
+      for (const HeadRows& r : group) {
         t.x[t.count] = r.x;
         t.w[t.count] = r.w;
-        t.heads[t.count] = r.heads;
+        t.heads[t.count++] = r.heads;
       }
       MXLM_CUDA_CHECK(launch_rms_norm_ropes(t, positions.size(), head_dim, eps, add_one, in.positions, rotary_dim,
                                             in.inv_freq, stream_));
-    }
+    });
   }
   void swiglu_oai(const float* gate, const float* up, float* out, size_t n, SwigluParams p) override {
     MXLM_CUDA_CHECK(launch_swiglu_oai(gate, up, out, n, p.alpha, p.limit, stream_));
@@ -479,16 +478,15 @@ class CudaBackend final : public Backend {
       s = to_device(slots);
       dslots = s.as<int64_t>();
     }
-    for (size_t first = 0; first < xs.size(); first += kMaxCacheWrites) {
+    in_groups<kMaxCacheWrites>(xs, [&](std::span<const CacheRows> group) {
       CacheWrites w;
-      for (; w.count < kMaxCacheWrites && first + static_cast<size_t>(w.count) < xs.size(); ++w.count) {
-        const CacheRows& r = xs[first + static_cast<size_t>(w.count)];
+      for (const CacheRows& r : group) {
         w.x[w.count] = r.x;
         w.width[w.count] = r.width;
-        w.cache[w.count] = r.cache;
+        w.cache[w.count++] = r.cache;
       }
       MXLM_CUDA_CHECK(launch_cache_writes(w, dslots, slots.size(), cache_type(), stream_));
-    }
+    });
   }
 
   void attention(const float* q, const AttentionBatch& batch, const AttentionShape& shape, const float* k_cache,
@@ -543,6 +541,11 @@ class CudaBackend final : public Backend {
   void all_gather_cols(const float* x, size_t rows, size_t cols_per_rank, float* out) override;
 
  private:
+  // f(run) for consecutive runs of at most N items of xs: the grouped launches take a fixed number of tensors.
+  template <size_t N, typename T, typename F>
+  static void in_groups(std::span<const T> xs, F&& f) {
+    for (size_t first = 0; first < xs.size(); first += N) f(xs.subspan(first, std::min(N, xs.size() - first)));
+  }
   static bool fused_norms() {
     const char* env = std::getenv("MXLM_CUDA_FUSED_NORMS");
     return env == nullptr || env[0] != '0';
