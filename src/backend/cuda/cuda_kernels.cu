@@ -156,14 +156,21 @@ __device__ __forceinline__ void rope_row(float* v, float pos, int half, const fl
 
 // One CTA per (token, head) row of the tensors x[i] [tokens, heads[i], head_dim] (the rows of tensor 0, then of tensor
 // 1, ...): rms_norm over head_dim, then RoPE on the first 2 * half dims, in place (the q / k norm and the partial RoPE
-// of attention and of the indexer). PDL as add_rms_norm_kernel.
-__global__ void rms_norm_rope_kernel(NormRopeTensors t, size_t tokens, size_t head_dim, float eps, bool add_one,
-                                     const int32_t* positions, int half, const float* inv_freq) {
+// of attention and of the indexer). PDL as add_rms_norm_kernel. The tensor lists are __grid_constant__: indexed by the
+// CTA's tensor, they are read in place instead of copied to local memory.
+__global__ void rms_norm_rope_kernel(const __grid_constant__ NormRopeTensors t, size_t tokens, size_t head_dim,
+                                     float eps, bool add_one, const int32_t* positions, int half,
+                                     const float* inv_freq) {
   pdl_launch_dependents();
   pdl_wait();
-  size_t r = blockIdx.x;
+  size_t r = blockIdx.x;  // this CTA's row within tensor i
   int i = 0;
-  while (i + 1 < t.count && r >= tokens * static_cast<size_t>(t.heads[i])) r -= tokens * static_cast<size_t>(t.heads[i++]);
+  while (i + 1 < t.count) {
+    const size_t rows = tokens * static_cast<size_t>(t.heads[i]);
+    if (r < rows) break;
+    r -= rows;
+    ++i;
+  }
   float* row = t.x[i] + r * head_dim;
   rms_norm_row<false>(row, nullptr, t.w[i], row, head_dim, eps, add_one);
   if (half == 0) return;
@@ -409,9 +416,10 @@ __global__ void embedding_kernel(const void* table, const uint8_t* scales, int f
   }
 }
 
-// Grid: x over a row's columns, y over rows, z over the tensors.
+// Grid: x over a row's columns, y over rows, z over the tensors (the list __grid_constant__, as in
+// rms_norm_rope_kernel).
 template <CacheType kType>
-__global__ void cache_writes_kernel(CacheWrites w, const int64_t* slots) {
+__global__ void cache_writes_kernel(const __grid_constant__ CacheWrites w, const int64_t* slots) {
   const size_t r = blockIdx.y;
   const int i = static_cast<int>(blockIdx.z);
   if (slots[r] < 0) return;  // a padding row of a captured decode step: writes nowhere
@@ -523,7 +531,8 @@ cudaError_t launch_add_rms_norm(float* h, const float* y, const float* w, float*
 }
 
 cudaError_t launch_rms_norm_ropes(const NormRopeTensors& t, size_t tokens, int head_dim, float eps, bool add_one,
-                                  const int32_t* positions, int rotary_dim, const float* inv_freq, cudaStream_t stream) {
+                                  const int32_t* positions, int rotary_dim, const float* inv_freq,
+                                  cudaStream_t stream) {
   if (t.count < 1 || t.count > kMaxNormRopeTensors) return cudaErrorInvalidValue;
   if (rotary_dim % 2 != 0 || rotary_dim > head_dim) return cudaErrorInvalidValue;
   size_t rows = 0;
